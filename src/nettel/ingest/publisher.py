@@ -1,0 +1,238 @@
+"""Send events to Kafka through a bounded buffer that rides out broker outages.
+
+``publish`` never blocks and never raises: events go into a bounded buffer. A sender
+task drains it in batches; when the broker is down it keeps the events, reconnects
+with backoff (re-creating topics on a fresh broker), and sends them when it returns.
+When the buffer is full the oldest events are dropped, counted and logged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+from aiokafka import AIOKafkaProducer
+
+log = structlog.get_logger(__name__)
+
+Header = tuple[str, bytes]
+
+
+@dataclass(frozen=True, slots=True)
+class _Item:
+    seq: int
+    key: bytes
+    value: bytes
+    headers: tuple[Header, ...]
+
+
+class EventPublisher:
+    """At-least-once delivery of keyed records to one topic, buffered in memory.
+
+    ``headers`` are added to every record published after they are set (the embedded
+    broker's epoch goes there).
+    """
+
+    def __init__(
+        self,
+        bootstrap_servers: str,
+        topic: str,
+        *,
+        max_buffer: int = 100_000,
+        batch_size: int = 2000,
+        request_timeout_ms: int = 5000,
+        on_connect: Callable[[], Awaitable[None]] | None = None,
+        producer_factory: Callable[..., Any] = AIOKafkaProducer,
+    ) -> None:
+        self.bootstrap_servers = bootstrap_servers
+        self.topic = topic
+        self.max_buffer = max_buffer
+        self.batch_size = batch_size
+        self.request_timeout_ms = request_timeout_ms
+        self.on_connect = on_connect
+        self.producer_factory = producer_factory
+        self.headers: tuple[Header, ...] = ()
+        self.sent = 0
+        self.dropped = 0
+        self._buf: deque[_Item] = deque()
+        self._seq = itertools.count()
+        self._wake = asyncio.Event()
+        self._producer: Any = None
+        self._task: asyncio.Task[None] | None = None
+        self._closing = False
+        self._last_drop_log = 0.0
+        self._connected = False
+        self._down_logged = False
+
+    @property
+    def buffered(self) -> int:
+        """Events accepted and not yet acknowledged by the broker."""
+        return len(self._buf)
+
+    @property
+    def connected(self) -> bool:
+        """Whether the last send attempt reached the broker."""
+        return self._connected
+
+    def publish(self, key: bytes, value: bytes) -> None:
+        """Accept one record; drops the oldest buffered one if the buffer is full."""
+        if len(self._buf) >= self.max_buffer:
+            self._buf.popleft()
+            self.dropped += 1
+            now = time.monotonic()
+            if now - self._last_drop_log > 10:
+                self._last_drop_log = now
+                log.warning(
+                    "buffer_overflow",
+                    topic=self.topic,
+                    dropped_total=self.dropped,
+                    max_buffer=self.max_buffer,
+                )
+        self._buf.append(_Item(next(self._seq), key, value, self.headers))
+        self._wake.set()
+
+    async def start(self) -> None:
+        """Start the sender task (it connects in the background)."""
+        if self._task is None:
+            self._closing = False
+            self._task = asyncio.create_task(self._run(), name=f"publisher-{self.topic}")
+
+    async def stop(self, flush_timeout_s: float = 5.0) -> None:
+        """Try to send what is buffered within ``flush_timeout_s``, then close; safe twice."""
+        if self._task is None:
+            return
+        self._closing = True
+        self._wake.set()
+        try:
+            await asyncio.wait_for(asyncio.shield(self._task), flush_timeout_s)
+        except TimeoutError:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        self._task = None
+        await self._close_producer()
+        if self._buf:
+            log.warning("publisher_stopped_with_unsent", topic=self.topic, unsent=len(self._buf))
+
+    async def __aenter__(self) -> EventPublisher:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def _connect(self) -> bool:
+        producer = self.producer_factory(
+            bootstrap_servers=self.bootstrap_servers,
+            compression_type="zstd",
+            linger_ms=5,
+            request_timeout_ms=self.request_timeout_ms,
+            max_batch_size=1 << 20,
+        )
+        try:
+            await asyncio.wait_for(producer.start(), self.request_timeout_ms / 1000 * 2)
+            if self.on_connect is not None:
+                await self.on_connect()
+        except Exception as e:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(producer.stop(), 5)
+            if not self._down_logged:
+                log.warning(
+                    "broker_unreachable",
+                    bootstrap=self.bootstrap_servers,
+                    error=str(e),
+                    buffered=len(self._buf),
+                )
+                self._down_logged = True
+            self._connected = False
+            return False
+        self._producer = producer
+        self._down_logged = False
+        if not self._connected:
+            log.info("broker_connected", bootstrap=self.bootstrap_servers, buffered=len(self._buf))
+        self._connected = True
+        return True
+
+    async def _close_producer(self) -> None:
+        producer, self._producer = self._producer, None
+        if producer is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(producer.stop(), 5)
+
+    async def _run(self) -> None:
+        backoff = 0.2
+        while True:
+            if not self._buf:
+                if self._closing:
+                    return
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), 1.0)
+                continue
+            if self._producer is None and not await self._connect():
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+                continue
+            backoff = 0.2
+            if not await self._send_batch():
+                await self._close_producer()
+                self._connected = False
+                self._down_logged = False
+
+    async def _topic_present(self) -> bool:
+        """Whether the broker we talk to has our topic; creates it (``on_connect``) if not.
+
+        A fresh memory broker on the same address (a restart, a rotation) has no topics,
+        yet acknowledges records sent to them and keeps nothing: every batch is checked
+        before it is sent and after it is acknowledged.
+        """
+        metadata = await self._producer.client.fetch_all_metadata()
+        if self.topic in metadata.topics():
+            return True
+        log.warning("broker_lost_topic", topic=self.topic, bootstrap=self.bootstrap_servers)
+        if self.on_connect is not None:
+            await self.on_connect()
+        await self._producer.client.force_metadata_update()
+        return False
+
+    async def _send_batch(self) -> bool:
+        batch = list(itertools.islice(self._buf, self.batch_size))
+        ok: set[int] = set()
+        try:
+            if not await self._topic_present():
+                return True  # topic re-created: send on the next pass
+            futures = []
+            for it in batch:
+                fut = await self._producer.send(
+                    self.topic, value=it.value, key=it.key, headers=list(it.headers)
+                )
+                futures.append((it.seq, fut))
+            results = await asyncio.wait_for(
+                asyncio.gather(*(f for _, f in futures), return_exceptions=True),
+                self.request_timeout_ms / 1000 * 2,
+            )
+            ok = {
+                seq
+                for (seq, _), r in zip(futures, results, strict=True)
+                if not isinstance(r, BaseException)
+            }
+            if ok and not await self._topic_present():
+                ok = set()  # acknowledged by a broker that lost the topic: send again
+            failed = len(batch) - len(ok)
+        except Exception as e:
+            failed = len(batch)
+            log.warning("send_failed", topic=self.topic, error=repr(e), pending=len(self._buf))
+        if ok:
+            self._buf = deque(it for it in self._buf if it.seq not in ok)
+            self.sent += len(ok)
+        if failed:
+            log.warning("send_incomplete", topic=self.topic, failed=failed, buffered=len(self._buf))
+            return False
+        return True

@@ -1,0 +1,194 @@
+"""The sample loop: every interval, read every unit in parallel and turn readings into events.
+
+A unit whose reading is not back by the tick's deadline is skipped for that tick (its
+next delta covers the gap, so nothing is lost) and never delays the others. A unit
+that vanishes or errs is logged and skipped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import functools
+import time
+from collections.abc import Callable
+
+import structlog
+
+from nettel.errors import SampleError
+from nettel.ingest.counters import CounterTracker
+from nettel.ingest.sources import Reading, Source
+from nettel.ingest.units import Unit
+from nettel.models import StatEvent
+
+log = structlog.get_logger(__name__)
+
+#: A unit unseen for this long is forgotten (bounds memory under container churn).
+FORGET_AFTER_MS = 3_600_000
+
+
+def build_event(
+    unit: Unit, reading: Reading, host: str, interval_ms: int, reset: bool, deltas: Reading
+) -> StatEvent:
+    """The event for one unit's delta (``deltas.counters`` are the differences).
+
+    Examples
+    --------
+    >>> from nettel.ingest.procfs import InterfaceCounters
+    >>> u = Unit(identity="shop/api", container_id="c1", name="api-1", pid=7)
+    >>> r = Reading(ts_ms=5000, netns=1, counters=InterfaceCounters(rx_bytes=9), tcp=None,
+    ...             source="procfs")
+    >>> ev = build_event(u, r, "h", 5000, False, r)
+    >>> (ev.identity, ev.rx_bytes, ev.connections, ev.counter_reset)
+    ('shop/api', 9, None, False)
+    """
+    c = deltas.counters
+    return StatEvent(
+        ts_ms=reading.ts_ms,
+        host=host,
+        container_id=unit.container_id,
+        identity=unit.identity,
+        name=unit.name,
+        image=unit.image,
+        compose_project=unit.compose_project,
+        compose_service=unit.compose_service,
+        interval_ms=interval_ms,
+        rx_bytes=c.rx_bytes,
+        tx_bytes=c.tx_bytes,
+        rx_packets=c.rx_packets,
+        tx_packets=c.tx_packets,
+        rx_errors=c.rx_errors,
+        tx_errors=c.tx_errors,
+        rx_drops=c.rx_drops,
+        tx_drops=c.tx_drops,
+        connections=None if reading.tcp is None else reading.tcp.connections,
+        tcp=reading.tcp,
+        counter_reset=reset,
+        source=reading.source,
+    )
+
+
+class Sampler:
+    """Samples every unit of ``source`` each ``interval_s`` and hands events to ``emit``."""
+
+    def __init__(
+        self,
+        source: Source,
+        emit: Callable[[StatEvent], None],
+        *,
+        host: str,
+        interval_s: float,
+        deadline_fraction: float = 0.8,
+        max_workers: int = 16,
+    ) -> None:
+        self.source = source
+        self.emit = emit
+        self.host = host
+        self.interval_s = interval_s
+        self.deadline_fraction = deadline_fraction
+        self.max_workers = max_workers
+        self._tracker = CounterTracker()
+        self._last_seen_ms: dict[str, int] = {}
+        self._in_flight: set[str] = set()
+        self._pool = concurrent.futures.ThreadPoolExecutor(
+            max_workers=max_workers, thread_name_prefix="nettel-sample"
+        )
+        self.ticks = 0
+        self.events = 0
+        self.skipped = 0
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Tick until ``stop`` is set; ticks keep to the wall-clock grid, missed ones skipped."""
+        next_tick = time.monotonic()
+        while not stop.is_set():
+            await self.tick()
+            next_tick += self.interval_s
+            now = time.monotonic()
+            if next_tick < now:
+                missed = int((now - next_tick) // self.interval_s) + 1
+                log.warning("sample_ticks_missed", missed=missed)
+                next_tick += missed * self.interval_s
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=next_tick - now)
+
+    async def tick(self) -> list[StatEvent]:
+        """Sample every unit once; returns the events emitted."""
+        loop = asyncio.get_running_loop()
+        deadline = self.interval_s * self.deadline_fraction
+        try:
+            await asyncio.wait_for(loop.run_in_executor(self._pool, self.source.refresh), deadline)
+        except TimeoutError:
+            log.warning("inventory_refresh_slow", deadline_s=deadline)
+        units = [u for u in self.source.units() if u.identity not in self._in_flight]
+        futures: dict[asyncio.Future[Reading], Unit] = {}
+        for unit in units:
+            self._in_flight.add(unit.identity)
+            fut = loop.run_in_executor(self._pool, self.source.read, unit)
+            fut.add_done_callback(functools.partial(self._done, unit.identity))
+            futures[fut] = unit
+        events: list[StatEvent] = []
+        if futures:
+            done, pending = await asyncio.wait(futures, timeout=deadline)
+            for fut in pending:
+                self.skipped += 1
+                fut.add_done_callback(_swallow)
+                log.warning("sample_slow", container=futures[fut].identity, deadline_s=deadline)
+            for fut in done:
+                unit = futures[fut]
+                try:
+                    reading = fut.result()
+                except SampleError as e:
+                    self.skipped += 1
+                    log.info("sample_skipped", container=unit.identity, reason=str(e))
+                    continue
+                except Exception as e:  # a source bug must not stop the others
+                    self.skipped += 1
+                    log.error("sample_failed", container=unit.identity, error=repr(e))
+                    continue
+                ev = self._event(unit, reading)
+                if ev is not None:
+                    events.append(ev)
+        events.sort(key=lambda e: (e.identity, e.ts_ms))
+        for ev in events:
+            self.emit(ev)
+        self.events += len(events)
+        self.ticks += 1
+        self._forget_stale()
+        return events
+
+    def _done(self, identity: str, _fut: asyncio.Future[Reading]) -> None:
+        self._in_flight.discard(identity)
+
+    def _event(self, unit: Unit, reading: Reading) -> StatEvent | None:
+        self._last_seen_ms[unit.identity] = reading.ts_ms
+        delta = self._tracker.update(
+            unit.identity,
+            netns=reading.netns,
+            counters=reading.counters,
+            ts_ms=reading.ts_ms,
+            since_ms=unit.started_ms,
+        )
+        if delta is None:
+            return None
+        if delta.reset:
+            log.info("counter_reset", container=unit.identity, container_id=unit.container_id[:12])
+        deltas = Reading(reading.ts_ms, reading.netns, delta.counters, reading.tcp, reading.source)
+        return build_event(unit, reading, self.host, delta.interval_ms, delta.reset, deltas)
+
+    def _forget_stale(self) -> None:
+        if not self._last_seen_ms:
+            return
+        cutoff = time.time_ns() // 1_000_000 - FORGET_AFTER_MS
+        for ident in [k for k, v in self._last_seen_ms.items() if v < cutoff]:
+            del self._last_seen_ms[ident]
+            self._tracker.forget(ident)
+
+    def close(self) -> None:
+        """Stop the reader threads (waits for none); safe to call twice."""
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _swallow(fut: asyncio.Future[Reading]) -> None:
+    if not fut.cancelled():
+        fut.exception()
