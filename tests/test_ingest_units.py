@@ -79,6 +79,9 @@ class ScriptedSource:
     def units(self) -> list[Unit]:
         return list(self._units)
 
+    def reads_fast(self, unit: Unit) -> bool:
+        return self.behaviour.get(unit.identity) != "slow"
+
     def read(self, unit: Unit) -> Reading:
         how = self.behaviour.get(unit.identity, "ok")
         if how == "vanish":

@@ -13,13 +13,14 @@ import os
 import socket
 import subprocess
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
-from typing import IO
+from typing import IO, Protocol
 
 import structlog
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
+from nettel.broker_front import KafkaFront
 from nettel.errors import BrokerUnavailableError, NettelError
 
 log = structlog.get_logger(__name__)
@@ -87,10 +88,70 @@ def tansu_binary() -> str:
         ) from e
 
 
-class EmbeddedBroker:
-    """Tansu (memory storage) on ``127.0.0.1:port`` as a child process.
+def free_loopback_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
 
-    ``start`` waits until it answers Kafka requests; ``stop`` terminates it (safe twice).
+
+class _Tansu:
+    """One Tansu process on a private loopback port, advertising the public address."""
+
+    def __init__(self, binary: str, port: int, advertised: str, out: IO[bytes] | int) -> None:
+        self.port = port
+        args = [binary, "broker", "--listener-url", f"tcp://127.0.0.1:{port}"]
+        self.proc = subprocess.Popen(
+            [*args, "--advertised-listener-url", advertised, "--storage-engine", "memory://tansu/"],
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=out,
+            start_new_session=True,
+        )
+
+    async def wait_listening(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise BrokerUnavailableError(
+                    f"embedded broker exited at start (code {self.proc.returncode})"
+                )
+            if port_open("127.0.0.1", self.port, 0.2):
+                return
+            await asyncio.sleep(0.05)
+        raise BrokerUnavailableError(f"embedded broker did not listen within {timeout_s} s")
+
+    def create_topics(self, binary: str, topics: Mapping[str, int]) -> None:
+        """Create topics on this very process (clients would be sent to the public address)."""
+        for name, partitions in topics.items():
+            out = subprocess.run(
+                [binary, "topic", "create", name, "--partitions", str(partitions),
+                 "--broker", f"tcp://127.0.0.1:{self.port}"],
+                capture_output=True, text=True, timeout=30, check=False,
+            )  # fmt: skip
+            if out.returncode != 0 and "exist" not in (out.stdout + out.stderr).lower():
+                raise BrokerUnavailableError(f"creating {name} failed: {out.stderr.strip()}")
+
+    async def stop(self, timeout_s: float) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                await asyncio.wait_for(asyncio.to_thread(self.proc.wait), timeout_s)
+            except TimeoutError:
+                self.proc.kill()
+                await asyncio.to_thread(self.proc.wait)
+
+
+class EmbeddedBroker:
+    """Tansu (memory storage) as a child process, reached at ``127.0.0.1:port``.
+
+    Tansu listens on a private loopback port; a :class:`~nettel.broker_front.KafkaFront`
+    on the public port relays to it (mending the one response old librdkafka clients
+    such as Debian's kcat cannot read). :meth:`rotate` swaps in a fresh Tansu behind the
+    same address, which bounds memory: Tansu's memory store never forgets. Each broker
+    log started (at start and at every rotation) gets the next ``epoch``, carried in a
+    record header so consumers can tell a new log from an old one.
     """
 
     def __init__(
@@ -99,11 +160,17 @@ class EmbeddedBroker:
         *,
         host: str = "127.0.0.1",
         log_path: str | os.PathLike[str] | None = None,
+        epoch_path: str | os.PathLike[str] | None = None,
     ) -> None:
         self.host = host
         self.port = port
         self.log_path = log_path
-        self._proc: subprocess.Popen[bytes] | None = None
+        self.epoch_path = epoch_path
+        self.epoch = 0
+        self.rotations = 0
+        self._tansu: _Tansu | None = None
+        self._front: KafkaFront | None = None
+        self._binary = ""
         self._log_file: IO[bytes] | None = None
 
     @property
@@ -114,17 +181,45 @@ class EmbeddedBroker:
     @property
     def pid(self) -> int | None:
         """The broker's PID while it runs."""
-        return None if self._proc is None else self._proc.pid
+        return None if self._tansu is None else self._tansu.proc.pid
 
     def rss_bytes(self) -> int:
         """Resident memory of the broker process (0 when not running)."""
-        if self._proc is None:
-            return 0
-        return process_rss_bytes(self._proc.pid)
+        return 0 if self._tansu is None else process_rss_bytes(self._tansu.proc.pid)
 
-    async def start(self, timeout_s: float = 15.0) -> None:
+    def _out(self) -> IO[bytes] | int:
+        if self.log_path is not None and self._log_file is None:
+            Path(self.log_path).parent.mkdir(parents=True, exist_ok=True)
+            self._log_file = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
+        return self._log_file or subprocess.DEVNULL
+
+    def _next_epoch(self) -> int:
+        epoch = self.epoch + 1
+        if self.epoch_path is not None:
+            path = Path(self.epoch_path)
+            with contextlib.suppress(OSError, ValueError):
+                epoch = max(epoch, int(path.read_text().strip()) + 1)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(f"{epoch}\n")
+            tmp.replace(path)
+        return epoch
+
+    async def _spawn_ready(self, timeout_s: float, topics: Mapping[str, int]) -> _Tansu:
+        tansu = _Tansu(self._binary, free_loopback_port(), f"tcp://{self.bootstrap_servers}",
+                       self._out())  # fmt: skip
+        try:
+            await tansu.wait_listening(timeout_s)
+            if topics:
+                await asyncio.to_thread(tansu.create_topics, self._binary, topics)
+        except BaseException:
+            await tansu.stop(1.0)
+            raise
+        return tansu
+
+    async def start(self, timeout_s: float = 15.0, topics: Mapping[str, int] | None = None) -> None:
         """Spawn the broker and wait until it answers; raises :class:`BrokerUnavailableError`."""
-        if self._proc is not None and self._proc.poll() is None:
+        if self._tansu is not None:
             return
         if port_open(self.host, self.port):
             raise BrokerUnavailableError(
@@ -132,54 +227,55 @@ class EmbeddedBroker:
                 "set NETTEL_BROKER_PORT to a free port, or point KAFKA_BOOTSTRAP_SERVERS at it "
                 "if it is a Kafka broker"
             )
-        self._proc = self._spawn(tansu_binary())
+        self._binary = tansu_binary()
+        self._tansu = await self._spawn_ready(timeout_s, topics or {})
+        self._front = KafkaFront(self.host, self.port, ("127.0.0.1", self._tansu.port))
+        await self._front.start()
         deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self._proc.poll() is not None:
-                code = self._proc.returncode
-                self._proc = None
-                raise BrokerUnavailableError(f"embedded broker exited at start (code {code})")
-            if port_open(self.host, self.port, 0.2):
-                try:
-                    await ensure_topics(self.bootstrap_servers, {}, timeout_s=2.0)
-                except BrokerUnavailableError:
-                    await asyncio.sleep(0.1)
-                    continue
-                log.info("broker_started", bootstrap=self.bootstrap_servers, pid=self._proc.pid)
-                return
-            await asyncio.sleep(0.05)
-        await self.stop()
-        raise BrokerUnavailableError(f"embedded broker did not answer within {timeout_s} s")
+        while True:
+            try:
+                await ensure_topics(self.bootstrap_servers, {}, timeout_s=2.0)
+                break
+            except BrokerUnavailableError:
+                if time.monotonic() > deadline:
+                    await self.stop()
+                    raise
+                await asyncio.sleep(0.1)
+        self.epoch = self._next_epoch()
+        log.info("broker_started", bootstrap=self.bootstrap_servers, pid=self.pid,
+                 epoch=self.epoch)  # fmt: skip
 
-    def _spawn(self, binary: str) -> subprocess.Popen[bytes]:
-        url = f"tcp://{self.host}:{self.port}"
-        if self.log_path is not None:
-            Path(self.log_path).parent.mkdir(parents=True, exist_ok=True)
-            self._log_file = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
-        out = self._log_file or subprocess.DEVNULL
-        args = [binary, "broker", "--listener-url", url, "--advertised-listener-url", url]
-        return subprocess.Popen(
-            [*args, "--storage-engine", "memory://tansu/"],
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=out,
-            start_new_session=True,
-        )
+    async def rotate(self, topics: Mapping[str, int], timeout_s: float = 15.0) -> int:
+        """Replace the broker with a fresh, empty one (``topics`` created) at the same address.
+
+        Connections are cut and clients reconnect to the new broker; whatever the old
+        one held is gone, so call this only once every consumer has durably passed it.
+        Returns the new epoch.
+        """
+        if self._tansu is None or self._front is None:
+            raise BrokerUnavailableError("the embedded broker is not running")
+        old_rss = self.rss_bytes()
+        fresh = await self._spawn_ready(timeout_s, topics)
+        old, self._tansu = self._tansu, fresh
+        await self._front.switch(("127.0.0.1", fresh.port))
+        await old.stop(1.0)
+        self.epoch = self._next_epoch()
+        self.rotations += 1
+        log.info("broker_rotated", epoch=self.epoch, freed_rss_mb=old_rss >> 20, pid=self.pid)
+        return self.epoch
 
     async def stop(self, timeout_s: float = 1.0) -> None:
-        """Terminate the broker, kill it if it lingers; safe to call twice.
+        """Stop the front and the broker, killing it if it lingers; safe to call twice.
 
         Tansu waits for connected clients on SIGTERM while still accepting records into
         memory that dies with it, so the grace period is short.
         """
-        proc, self._proc = self._proc, None
-        if proc is not None and proc.poll() is None:
-            proc.terminate()
-            try:
-                await asyncio.wait_for(asyncio.to_thread(proc.wait), timeout_s)
-            except TimeoutError:
-                proc.kill()
-                await asyncio.to_thread(proc.wait)
+        front, self._front = self._front, None
+        tansu, self._tansu = self._tansu, None
+        if front is not None:
+            await front.stop()
+        if tansu is not None:
+            await tansu.stop(timeout_s)
             log.info("broker_stopped", bootstrap=self.bootstrap_servers)
         if self._log_file is not None:
             self._log_file.close()
@@ -191,6 +287,107 @@ class EmbeddedBroker:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
+
+
+EPOCH_HEADER = "nettel-epoch"
+
+
+class Producing(Protocol):
+    """What rotation needs of a producer: hold and resume sending, and its record headers."""
+
+    headers: tuple[tuple[str, bytes], ...]
+
+    async def pause(self) -> None: ...
+
+    def resume(self) -> None: ...
+
+
+def epoch_headers(epoch: int) -> tuple[tuple[str, bytes], ...]:
+    """Record headers that name the embedded broker's log epoch.
+
+    Examples
+    --------
+    >>> epoch_headers(3)
+    (('nettel-epoch', b'3'),)
+    """
+    return ((EPOCH_HEADER, str(epoch).encode()),)
+
+
+class BrokerRotation:
+    """Keeps the embedded broker's memory bounded by rotating it to a fresh one.
+
+    Every ``check_interval_s`` it reads the broker's RSS; past ``max_rss_bytes`` it
+    pauses the producers (events keep buffering in them), waits until ``drained()``
+    says every consumer has durably passed what the broker holds, swaps in a fresh
+    broker with the topics, tells the consumers (``on_rotated(epoch)``: read every
+    partition again from offset 0, a consumer's old positions mean nothing in the new
+    log), stamps the new epoch on the producers' records and resumes them. If consumers
+    stay behind until the broker reaches ``hard_limit_factor`` times the limit, it
+    rotates anyway and logs what it could not wait for.
+    """
+
+    def __init__(
+        self,
+        broker: EmbeddedBroker,
+        topics: Mapping[str, int],
+        producers: list[Producing],
+        *,
+        max_rss_bytes: int,
+        drained: Callable[[], Awaitable[bool]] | None = None,
+        on_rotated: list[Callable[[int], Awaitable[None]]] | None = None,
+        check_interval_s: float = 10.0,
+        drain_timeout_s: float = 60.0,
+        hard_limit_factor: float = 2.0,
+    ) -> None:
+        self.broker = broker
+        self.topics = dict(topics)
+        self.producers = producers
+        self.max_rss_bytes = max_rss_bytes
+        self.drained = drained
+        self.on_rotated = on_rotated or []
+        self.check_interval_s = check_interval_s
+        self.drain_timeout_s = drain_timeout_s
+        self.hard_limit_factor = hard_limit_factor
+        for p in producers:
+            p.headers = epoch_headers(broker.epoch)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Check and rotate until ``stop`` is set."""
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), self.check_interval_s)
+            if not stop.is_set() and self.broker.rss_bytes() > self.max_rss_bytes:
+                await self.rotate_when_drained()
+
+    async def _is_drained(self) -> bool:
+        return True if self.drained is None else await self.drained()
+
+    async def rotate_when_drained(self) -> bool:
+        """Pause producers, wait for consumers, rotate; returns whether it rotated."""
+        for p in self.producers:
+            await p.pause()
+        try:
+            deadline = time.monotonic() + self.drain_timeout_s
+            while not await self._is_drained():
+                if time.monotonic() > deadline:
+                    rss = self.broker.rss_bytes()
+                    if rss < self.max_rss_bytes * self.hard_limit_factor:
+                        log.warning("broker_rotation_waiting", reason="consumers behind",
+                                    rss_mb=rss >> 20)  # fmt: skip
+                        return False
+                    log.error("broker_rotation_forced", reason="consumers behind",
+                              rss_mb=rss >> 20)  # fmt: skip
+                    break
+                await asyncio.sleep(0.2)
+            epoch = await self.broker.rotate(self.topics)
+            for hook in self.on_rotated:
+                await hook(epoch)
+            for p in self.producers:
+                p.headers = epoch_headers(epoch)
+            return True
+        finally:
+            for p in self.producers:
+                p.resume()
 
 
 def process_rss_bytes(pid: int) -> int:

@@ -21,7 +21,13 @@ from typing import Any
 
 import structlog
 
-from nettel.broker import EmbeddedBroker, ensure_topics, port_open, tansu_binary
+from nettel.broker import (
+    BrokerRotation,
+    EmbeddedBroker,
+    ensure_topics,
+    port_open,
+    tansu_binary,
+)
 from nettel.config import Settings
 from nettel.errors import ConfigError, EngineUnavailableError, NettelError
 from nettel.ingest.publisher import EventPublisher
@@ -101,24 +107,20 @@ def topic_partitions(settings: Settings) -> dict[str, int]:
     )
 
 
-async def run_ingest(settings: Settings, bootstrap: str, stop: asyncio.Event) -> None:
-    """Ingest against ``bootstrap`` until ``stop``; topics are (re)created on each connect."""
+def make_ingest(settings: Settings, bootstrap: str, source: Source) -> IngestService:
+    """Ingest wired to ``bootstrap``; topics are (re)created on each connect."""
     topics = topic_partitions(settings)
 
     async def on_connect() -> None:
         await ensure_topics(bootstrap, topics)
 
-    source = await asyncio.to_thread(open_source, settings)
     publisher = EventPublisher(
-        bootstrap,
-        settings.topic_stats,
-        max_buffer=settings.buffer_max_events,
+        bootstrap, settings.topic_stats, max_buffer=settings.buffer_max_events,
         on_connect=on_connect,
-    )
-    service = IngestService(
+    )  # fmt: skip
+    return IngestService(
         source, publisher, host=settings.host_name, interval_s=settings.sample_interval_s
     )
-    await service.run(stop)
 
 
 def _install_signal_handlers(stop: asyncio.Event) -> None:
@@ -131,24 +133,37 @@ async def cmd_up(settings: Settings) -> int:
     """Run the whole service: the broker (embedded unless one is given) and ingest."""
     stop = asyncio.Event()
     _install_signal_handlers(stop)
+    topics = topic_partitions(settings)
     broker: EmbeddedBroker | None = None
     bootstrap = settings.kafka_bootstrap_servers
     if bootstrap is None:
-        log_path = None
+        log_path = epoch_path = None
         if "://" not in settings.data_dir:
             log_path = os.path.join(settings.data_dir, "logs", "broker.log")
-        broker = EmbeddedBroker(settings.broker_port, log_path=log_path)
-        await broker.start()
+            epoch_path = os.path.join(settings.data_dir, "broker-epoch")
+        broker = EmbeddedBroker(settings.broker_port, log_path=log_path, epoch_path=epoch_path)
+        await broker.start(topics=topics)
         bootstrap = broker.bootstrap_servers
-        log.info(
-            "embedded_broker",
-            bootstrap=bootstrap,
-            hint=f"kcat -b {bootstrap} -C -t {settings.topic_stats}",
-        )
+        log.info("embedded_broker", bootstrap=bootstrap,
+                 hint=f"kcat -b {bootstrap} -C -t {settings.topic_stats}")  # fmt: skip
+    tasks: list[asyncio.Task[None]] = []
     try:
-        await ensure_topics(bootstrap, topic_partitions(settings))
-        await run_ingest(settings, bootstrap, stop)
+        await ensure_topics(bootstrap, topics)
+        source = await asyncio.to_thread(open_source, settings)
+        ingest = make_ingest(settings, bootstrap, source)
+        if broker is not None:
+            # No consumer of nettel's own reads the broker yet, so nothing to wait for.
+            rotation = BrokerRotation(
+                broker, topics, [ingest.publisher],
+                max_rss_bytes=settings.broker_max_rss_mb << 20,
+            )  # fmt: skip
+            tasks.append(asyncio.create_task(rotation.run(stop)))
+        await ingest.run(stop)
     finally:
+        stop.set()
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         if broker is not None:
             await broker.stop()
     return 0
@@ -164,7 +179,8 @@ async def cmd_ingest(settings: Settings) -> int:
         )
     stop = asyncio.Event()
     _install_signal_handlers(stop)
-    await run_ingest(settings, settings.kafka_bootstrap_servers, stop)
+    source = await asyncio.to_thread(open_source, settings)
+    await make_ingest(settings, settings.kafka_bootstrap_servers, source).run(stop)
     return 0
 
 

@@ -22,6 +22,7 @@ Examples
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Container, Iterable
 from dataclasses import dataclass, fields
 
@@ -121,17 +122,60 @@ def parse_tcp_states(*texts: str) -> TcpStates:
 
 
 def _read(path: str) -> str:
-    with open(path, encoding="ascii", errors="replace") as f:
-        return f.read()
+    """One file of procfs in as few read() calls as possible.
+
+    ``/proc/<pid>/net/tcp`` walks the kernel's whole TCP hash table on every read()
+    call, whatever the namespace holds, so the usual read-until-empty costs two walks;
+    seq_file fills the buffer until the end, so a short read is the end.
+    """
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        size = 1 << 16
+        chunks = []
+        while True:
+            chunk = os.read(fd, size)
+            chunks.append(chunk)
+            if len(chunk) < size:
+                break
+            size = min(size * 4, 1 << 24)
+        return b"".join(chunks).decode("ascii", errors="replace")
+    finally:
+        os.close(fd)
+
+
+#: States that change only with a segment in or out, or a change of sockstat's counts.
+#: SYN_RECV, SYN_SENT, FIN_WAIT*, LAST_ACK, CLOSING can end on a timer with no packet.
+STABLE_STATES = frozenset({"established", "listen", "close_wait", "time_wait"})
+
+
+def parse_sockstat_tcp(sockstat: str, sockstat6: str) -> tuple[int, ...]:
+    """TCP counts (inuse, orphan, tw, alloc, inuse6) of a namespace's sockstat files.
+
+    Examples
+    --------
+    >>> parse_sockstat_tcp("sockets: used 9\\nTCP: inuse 4 orphan 0 tw 2 alloc 5 mem 1\\n",
+    ...                    "TCP6: inuse 1\\nUDP6: inuse 0\\n")
+    (4, 0, 2, 5, 1)
+    """
+    values: list[int] = []
+    for text, prefix in ((sockstat, "TCP:"), (sockstat6, "TCP6:")):
+        for line in text.splitlines():
+            if line.startswith(prefix):
+                parts = line.split()
+                pairs = dict(zip(parts[1::2], parts[2::2], strict=False))
+                keys = ("inuse", "orphan", "tw", "alloc") if prefix == "TCP:" else ("inuse",)
+                values.extend(int(pairs.get(k, 0)) for k in keys)
+    return tuple(values)
 
 
 @dataclass(frozen=True, slots=True)
 class NetnsReading:
-    """What one sample of a network namespace saw."""
+    """What one sample of a network namespace saw; ``tcp_walked`` if net/tcp was read."""
 
     netns_inode: int
     counters: dict[str, InterfaceCounters]
     tcp: TcpStates
+    tcp_walked: bool = True
 
 
 def netns_inode(pid: int, proc_root: str = "/proc") -> int:
@@ -139,17 +183,78 @@ def netns_inode(pid: int, proc_root: str = "/proc") -> int:
     return os.stat(f"{proc_root}/{pid}/ns/net").st_ino
 
 
+@dataclass(slots=True)
+class _TcpMemo:
+    signature: tuple[int, ...]
+    tcp: TcpStates
+    used_ns: int
+
+
+class NetnsReader:
+    """Reads namespaces' counters and TCP states, skipping the TCP table walk when it can.
+
+    The walk (``net/tcp`` + ``net/tcp6``) costs milliseconds of kernel time on hosts with
+    a large shared TCP hash table. It is skipped, and the last states reused, when the
+    namespace's packet counters (every interface, ``lo`` included) and its sockstat TCP
+    counts are unchanged and the last walk saw only :data:`STABLE_STATES`: then no state
+    can have changed. Safe for one reader thread per namespace at a time.
+    """
+
+    def __init__(self, proc_root: str = "/proc", *, forget_after_s: float = 3600.0) -> None:
+        self.proc_root = proc_root
+        self.forget_after_s = forget_after_s
+        self.walks = 0
+        self.skips = 0
+        self._memo: dict[int, _TcpMemo] = {}
+
+    def read(self, pid: int) -> NetnsReading:
+        """Read ``pid``'s namespace. Raises ``OSError`` if the process is gone.
+
+        The namespace inode is read before and after, so a reading that raced a restart
+        is refused rather than mixed.
+        """
+        base = f"{self.proc_root}/{pid}"
+        inode = netns_inode(pid, self.proc_root)
+        counters = parse_net_dev(_read(f"{base}/net/dev"))
+        packets = sum(c.rx_packets + c.tx_packets for c in counters.values())
+        signature = (packets, *parse_sockstat_tcp(
+            _read(f"{base}/net/sockstat"), _read(f"{base}/net/sockstat6")))  # fmt: skip
+        now = time.monotonic_ns()
+        memo = self._memo.get(inode)
+        if memo is not None and memo.signature == signature:
+            tcp, walked = memo.tcp, False
+            memo.used_ns = now
+            self.skips += 1
+        else:
+            tcp = parse_tcp_states(_read(f"{base}/net/tcp"), _read(f"{base}/net/tcp6"))
+            walked = True
+            self.walks += 1
+            stable = all(
+                getattr(tcp, name) == 0 for name in TCP_STATE_NAMES.values()
+                if name not in STABLE_STATES
+            )  # fmt: skip
+            if stable:
+                self._memo[inode] = _TcpMemo(signature, tcp, now)
+            else:
+                self._memo.pop(inode, None)
+        if netns_inode(pid, self.proc_root) != inode:
+            self._memo.pop(inode, None)
+            raise FileNotFoundError(f"{base}: network namespace changed while it was read")
+        self._evict(now)
+        return NetnsReading(netns_inode=inode, counters=counters, tcp=tcp, tcp_walked=walked)
+
+    def _evict(self, now_ns: int) -> None:
+        if len(self._memo) < 64:
+            return
+        cutoff = now_ns - int(self.forget_after_s * 1e9)
+        for inode in [k for k, m in list(self._memo.items()) if m.used_ns < cutoff]:
+            self._memo.pop(inode, None)
+
+
 def read_netns(pid: int, proc_root: str = "/proc") -> NetnsReading:
-    """Read counters and TCP states of ``pid``'s network namespace.
+    """Read counters and TCP states of ``pid``'s network namespace (always walks).
 
     Raises ``OSError`` (``FileNotFoundError``, ``ProcessLookupError``) when the process
-    is gone; the namespace inode is read before and after, so a reading that raced a
-    restart is refused rather than mixed.
+    is gone.
     """
-    base = f"{proc_root}/{pid}"
-    inode = netns_inode(pid, proc_root)
-    counters = parse_net_dev(_read(f"{base}/net/dev"))
-    tcp = parse_tcp_states(_read(f"{base}/net/tcp"), _read(f"{base}/net/tcp6"))
-    if netns_inode(pid, proc_root) != inode:
-        raise FileNotFoundError(f"{base}: network namespace changed while it was read")
-    return NetnsReading(netns_inode=inode, counters=counters, tcp=tcp)
+    return NetnsReader(proc_root).read(pid)

@@ -30,14 +30,13 @@ class _Item:
     seq: int
     key: bytes
     value: bytes
-    headers: tuple[Header, ...]
 
 
 class EventPublisher:
     """At-least-once delivery of keyed records to one topic, buffered in memory.
 
-    ``headers`` are added to every record published after they are set (the embedded
-    broker's epoch goes there).
+    ``headers`` are put on every record when it is sent (the embedded broker's epoch
+    goes there, so records buffered across a rotation carry the new one).
     """
 
     def __init__(
@@ -64,6 +63,9 @@ class EventPublisher:
         self._buf: deque[_Item] = deque()
         self._seq = itertools.count()
         self._wake = asyncio.Event()
+        self._running = asyncio.Event()
+        self._running.set()
+        self._sending = asyncio.Lock()
         self._producer: Any = None
         self._task: asyncio.Task[None] | None = None
         self._closing = False
@@ -95,7 +97,18 @@ class EventPublisher:
                     dropped_total=self.dropped,
                     max_buffer=self.max_buffer,
                 )
-        self._buf.append(_Item(next(self._seq), key, value, self.headers))
+        self._buf.append(_Item(next(self._seq), key, value))
+        self._wake.set()
+
+    async def pause(self) -> None:
+        """Hold sending (events keep buffering); returns once no batch is in flight."""
+        self._running.clear()
+        async with self._sending:
+            pass
+
+    def resume(self) -> None:
+        """Send again after :meth:`pause`."""
+        self._running.set()
         self._wake.set()
 
     async def start(self) -> None:
@@ -109,7 +122,7 @@ class EventPublisher:
         if self._task is None:
             return
         self._closing = True
-        self._wake.set()
+        self.resume()
         try:
             await asyncio.wait_for(asyncio.shield(self._task), flush_timeout_s)
         except TimeoutError:
@@ -181,7 +194,12 @@ class EventPublisher:
                 backoff = min(backoff * 2, 5.0)
                 continue
             backoff = 0.2
-            if not await self._send_batch():
+            await self._running.wait()
+            async with self._sending:
+                delivered = self._running.is_set() and await self._send_batch()
+            if not self._running.is_set():
+                continue
+            if not delivered:
                 await self._close_producer()
                 self._connected = False
                 self._down_logged = False
@@ -209,9 +227,10 @@ class EventPublisher:
             if not await self._topic_present():
                 return True  # topic re-created: send on the next pass
             futures = []
+            headers = list(self.headers)
             for it in batch:
                 fut = await self._producer.send(
-                    self.topic, value=it.value, key=it.key, headers=list(it.headers)
+                    self.topic, value=it.value, key=it.key, headers=headers
                 )
                 futures.append((it.seq, fut))
             results = await asyncio.wait_for(

@@ -80,7 +80,8 @@ class Sampler:
         host: str,
         interval_s: float,
         deadline_fraction: float = 0.8,
-        max_workers: int = 16,
+        max_workers: int = 8,
+        chunk_size: int = 32,
     ) -> None:
         self.source = source
         self.emit = emit
@@ -88,6 +89,7 @@ class Sampler:
         self.interval_s = interval_s
         self.deadline_fraction = deadline_fraction
         self.max_workers = max_workers
+        self.chunk_size = chunk_size
         self._tracker = CounterTracker()
         self._last_seen_ms: dict[str, int] = {}
         self._in_flight: set[str] = set()
@@ -113,7 +115,13 @@ class Sampler:
                 await asyncio.wait_for(stop.wait(), timeout=next_tick - now)
 
     async def tick(self) -> list[StatEvent]:
-        """Sample every unit once; returns the events emitted."""
+        """Sample every unit once; returns the events emitted.
+
+        Units read through procfs (a few file reads each, never waiting on anything
+        remote) are read in chunks of :attr:`chunk_size` per job; units that need the
+        engine's API get a job each, so a slow engine call delays nobody else. Jobs not
+        back by the deadline are skipped this tick; their units' next deltas cover it.
+        """
         loop = asyncio.get_running_loop()
         deadline = self.interval_s * self.deadline_fraction
         try:
@@ -121,34 +129,35 @@ class Sampler:
         except TimeoutError:
             log.warning("inventory_refresh_slow", deadline_s=deadline)
         units = [u for u in self.source.units() if u.identity not in self._in_flight]
-        futures: dict[asyncio.Future[Reading], Unit] = {}
-        for unit in units:
-            self._in_flight.add(unit.identity)
-            fut = loop.run_in_executor(self._pool, self.source.read, unit)
-            fut.add_done_callback(functools.partial(self._done, unit.identity))
-            futures[fut] = unit
+        fast = [u for u in units if self.source.reads_fast(u)]
+        jobs = [fast[i : i + self.chunk_size] for i in range(0, len(fast), self.chunk_size)]
+        jobs += [[u] for u in units if not self.source.reads_fast(u)]
+        futures: dict[asyncio.Future[list[Reading | Exception]], list[Unit]] = {}
+        for job in jobs:
+            self._in_flight.update(u.identity for u in job)
+            fut = loop.run_in_executor(self._pool, self._read_all, job)
+            fut.add_done_callback(functools.partial(self._done, [u.identity for u in job]))
+            futures[fut] = job
         events: list[StatEvent] = []
         if futures:
             done, pending = await asyncio.wait(futures, timeout=deadline)
             for fut in pending:
-                self.skipped += 1
+                self.skipped += len(futures[fut])
                 fut.add_done_callback(_swallow)
-                log.warning("sample_slow", container=futures[fut].identity, deadline_s=deadline)
+                names = [u.identity for u in futures[fut]][:10]
+                log.warning("sample_slow", containers=names, deadline_s=deadline)
             for fut in done:
-                unit = futures[fut]
-                try:
-                    reading = fut.result()
-                except SampleError as e:
-                    self.skipped += 1
-                    log.info("sample_skipped", container=unit.identity, reason=str(e))
-                    continue
-                except Exception as e:  # a source bug must not stop the others
-                    self.skipped += 1
-                    log.error("sample_failed", container=unit.identity, error=repr(e))
-                    continue
-                ev = self._event(unit, reading)
-                if ev is not None:
-                    events.append(ev)
+                for unit, result in zip(futures[fut], fut.result(), strict=True):
+                    if isinstance(result, SampleError):
+                        self.skipped += 1
+                        log.info("sample_skipped", container=unit.identity, reason=str(result))
+                    elif isinstance(result, Exception):  # a source bug must not stop the others
+                        self.skipped += 1
+                        log.error("sample_failed", container=unit.identity, error=repr(result))
+                    else:
+                        ev = self._event(unit, result)
+                        if ev is not None:
+                            events.append(ev)
         events.sort(key=lambda e: (e.identity, e.ts_ms))
         for ev in events:
             self.emit(ev)
@@ -157,8 +166,17 @@ class Sampler:
         self._forget_stale()
         return events
 
-    def _done(self, identity: str, _fut: asyncio.Future[Reading]) -> None:
-        self._in_flight.discard(identity)
+    def _read_all(self, units: list[Unit]) -> list[Reading | Exception]:
+        out: list[Reading | Exception] = []
+        for unit in units:
+            try:
+                out.append(self.source.read(unit))
+            except Exception as e:
+                out.append(e)
+        return out
+
+    def _done(self, identities: list[str], _fut: asyncio.Future[list[Reading | Exception]]) -> None:
+        self._in_flight.difference_update(identities)
 
     def _event(self, unit: Unit, reading: Reading) -> StatEvent | None:
         self._last_seen_ms[unit.identity] = reading.ts_ms
@@ -189,6 +207,6 @@ class Sampler:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 
-def _swallow(fut: asyncio.Future[Reading]) -> None:
+def _swallow(fut: asyncio.Future[list[Reading | Exception]]) -> None:
     if not fut.cancelled():
         fut.exception()

@@ -23,7 +23,7 @@ import docker.errors
 import structlog
 
 from nettel.errors import EngineUnavailableError, SampleError
-from nettel.ingest.procfs import InterfaceCounters, read_netns, select_interfaces
+from nettel.ingest.procfs import InterfaceCounters, NetnsReader, select_interfaces
 from nettel.ingest.units import COMPOSE_PROJECT, COMPOSE_SERVICE, Unit, stable_identity
 from nettel.models import TcpStates
 
@@ -55,6 +55,9 @@ class Source(Protocol):
     def read(self, unit: Unit) -> Reading:
         """Sample one unit; raises :class:`SampleError` when it cannot."""
 
+    def reads_fast(self, unit: Unit) -> bool:
+        """Whether reading ``unit`` is a few file reads (never waits on a remote API)."""
+
     def close(self) -> None:
         """Release connections and threads; safe to call twice."""
 
@@ -63,14 +66,14 @@ def _now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
-def read_procfs_unit(unit: Unit, proc_root: str, source: str = "procfs") -> Reading:
+def read_procfs_unit(unit: Unit, reader: NetnsReader, source: str = "procfs") -> Reading:
     """Sample ``unit`` through ``/proc/<pid>/net``; :class:`SampleError` if it vanished."""
     if unit.pid is None:
         raise SampleError(f"{unit.identity}: no process to read")
     try:
-        r = read_netns(unit.pid, proc_root)
+        r = reader.read(unit.pid)
     except OSError as e:
-        raise SampleError(f"{unit.identity}: {proc_root}/{unit.pid} unreadable: {e}") from e
+        raise SampleError(f"{unit.identity}: {reader.proc_root}/{unit.pid} unreadable: {e}") from e
     return Reading(
         ts_ms=_now_ms(),
         netns=r.netns_inode,
@@ -112,6 +115,7 @@ class EngineSource:
     ) -> None:
         self.base_url = base_url
         self.proc_root = proc_root
+        self.netns = NetnsReader(proc_root)
         self.inventory_interval_s = inventory_interval_s
         self._watch_start_ms = _now_ms()
         try:
@@ -194,10 +198,13 @@ class EngineSource:
             started_ms=started_ms if started_ms and started_ms > self._watch_start_ms else None,
         )
 
+    def reads_fast(self, unit: Unit) -> bool:
+        return unit.pid is not None and os.access(f"{self.proc_root}/{unit.pid}/net/dev", os.R_OK)
+
     def read(self, unit: Unit) -> Reading:
-        if unit.pid is not None and os.access(f"{self.proc_root}/{unit.pid}/net/dev", os.R_OK):
+        if self.reads_fast(unit):
             try:
-                return read_procfs_unit(unit, self.proc_root, source="engine+procfs")
+                return read_procfs_unit(unit, self.netns, source="engine+procfs")
             except SampleError:
                 self._dirty.set()
                 raise
@@ -274,6 +281,7 @@ class ProcfsSource:
     ) -> None:
         self.proc_root = proc_root
         self.sys_root = sys_root
+        self.netns = NetnsReader(proc_root)
         self.inventory_interval_s = inventory_interval_s
         self._units: list[Unit] = []
         self._seen: set[int] = set()
@@ -358,9 +366,12 @@ class ProcfsSource:
         except OSError:
             return str(pid)
 
+    def reads_fast(self, unit: Unit) -> bool:
+        return True
+
     def read(self, unit: Unit) -> Reading:
         try:
-            return read_procfs_unit(unit, self.proc_root)
+            return read_procfs_unit(unit, self.netns)
         except SampleError:
             self._dirty = True
             raise

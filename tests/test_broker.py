@@ -1,0 +1,138 @@
+"""The embedded broker: Debian's kcat reads it, and rotation bounds memory losing nothing."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from conftest import free_port, require, wait_for
+from nettel.broker import EPOCH_HEADER, BrokerRotation, EmbeddedBroker, ensure_topics
+from nettel.ingest.publisher import EventPublisher
+
+pytestmark = pytest.mark.broker
+
+TOPICS = {"nettel.stats": 3}
+
+
+async def test_debian_kcat_reads_what_nettel_publishes(broker: EmbeddedBroker) -> None:
+    require(shutil.which("kcat") is not None, "kcat is not installed (apt-get install kcat)")
+    publisher = EventPublisher(broker.bootstrap_servers, "other-topic")
+    await ensure_topics(broker.bootstrap_servers, {"other-topic": 2})
+    async with publisher:
+        for i in range(5):
+            publisher.publish(f"c{i}".encode(), f'{{"n": {i}}}'.encode())
+        await wait_for(lambda: publisher.sent == 5, 20, "5 records sent")
+    out = await asyncio.to_thread(
+        subprocess.run,
+        ["kcat", "-b", broker.bootstrap_servers, "-C", "-t", "other-topic", "-e", "-q",
+         "-f", "%k=%s\n"],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert sorted(out.stdout.splitlines()) == [f'c{i}={{"n": {i}}}' for i in range(5)]
+
+
+class EpochAwareReader:
+    """A consumer that follows the embedded broker across rotations.
+
+    A record whose epoch header is newer than the partition's means the broker was
+    replaced: the new log started empty, so the partition is read again from offset 0.
+    """
+
+    def __init__(self, bootstrap: str, topic: str, partitions: int) -> None:
+        self.consumer = AIOKafkaConsumer(
+            bootstrap_servers=bootstrap, enable_auto_commit=False, auto_offset_reset="earliest"
+        )
+        self.tps = [TopicPartition(topic, p) for p in range(partitions)]
+        self.epoch = dict.fromkeys(self.tps, 0)
+        self.values: list[bytes] = []
+        self.epochs_seen: set[int] = set()
+
+    async def rotated(self, epoch: int) -> None:
+        """The broker was replaced: every partition starts again at offset 0."""
+        for tp in self.tps:
+            self.consumer.seek(tp, 0)
+            self.epoch[tp] = epoch
+
+    async def run(self, stop: asyncio.Event) -> None:
+        await self.consumer.start()
+        self.consumer.assign(self.tps)
+        await self.consumer.seek_to_beginning(*self.tps)
+        try:
+            while not stop.is_set():
+                batch = await self.consumer.getmany(timeout_ms=200)
+                for tp, msgs in batch.items():
+                    for m in msgs:
+                        epoch = int(dict(m.headers)[EPOCH_HEADER])
+                        if epoch < self.epoch[tp]:
+                            continue  # fetched from the old log before the switch
+                        if epoch > self.epoch[tp]:
+                            first = self.epoch[tp] == 0
+                            self.epoch[tp] = epoch
+                            if not first and m.offset > 0:
+                                self.consumer.seek(tp, 0)
+                                break
+                        self.epochs_seen.add(epoch)
+                        self.values.append(m.value)
+        finally:
+            await self.consumer.stop()
+
+
+async def test_rotation_replaces_the_broker_and_loses_no_event(tmp_path: Path) -> None:
+    broker = EmbeddedBroker(free_port(), epoch_path=tmp_path / "epoch")
+    await broker.start(topics=TOPICS)
+    publisher = EventPublisher(broker.bootstrap_servers, "nettel.stats")
+    reader = EpochAwareReader(broker.bootstrap_servers, "nettel.stats", 3)
+    stop = asyncio.Event()
+
+    async def drained() -> bool:
+        return len(set(reader.values)) >= publisher.sent
+
+    rotation = BrokerRotation(
+        broker, TOPICS, [publisher], max_rss_bytes=1, drained=drained,
+        on_rotated=[reader.rotated], check_interval_s=0.5, drain_timeout_s=20,
+    )  # fmt: skip
+    first_epoch = broker.epoch
+    reader_task = asyncio.create_task(reader.run(stop))
+    rotation_task = asyncio.create_task(rotation.run(stop))
+    total = 3000
+    try:
+        await publisher.start()
+        for i in range(total):
+            publisher.publish(f"c{i % 17}".encode(), f"event-{i}".encode())
+            if i % 100 == 0:
+                await asyncio.sleep(0.05)
+        await wait_for(lambda: broker.rotations >= 2, 60, "two rotations")
+        await wait_for(lambda: publisher.buffered == 0, 60, "everything sent")
+        try:
+            await wait_for(lambda: len(set(reader.values)) >= total, 30, "everything read")
+        except AssertionError:
+            raise AssertionError(
+                f"read {len(set(reader.values))} of {total}, sent {publisher.sent}, "
+                f"rotations {broker.rotations}, epochs {reader.epoch}"
+            ) from None
+    finally:
+        stop.set()
+        await asyncio.gather(reader_task, rotation_task, return_exceptions=True)
+        await publisher.stop()
+        await broker.stop()
+    assert set(reader.values) == {f"event-{i}".encode() for i in range(total)}
+    assert publisher.dropped == 0
+    assert broker.epoch >= first_epoch + 2
+    assert len(reader.epochs_seen) >= 2
+    assert int((tmp_path / "epoch").read_text()) == broker.epoch
+
+
+async def test_a_second_start_gets_the_next_epoch(tmp_path: Path) -> None:
+    epochs = []
+    for _ in range(2):
+        b = EmbeddedBroker(free_port(), epoch_path=tmp_path / "epoch")
+        await b.start()
+        epochs.append(b.epoch)
+        await b.stop()
+    assert epochs[1] == epochs[0] + 1
