@@ -26,6 +26,16 @@ def kcat_lines(port: int, topic: str) -> list[str]:
     return out.stdout.splitlines() if out.returncode == 0 else []
 
 
+def spawn_up(**env_overrides: str) -> subprocess.Popen[str]:
+    """`nettel up` as a user starts it, with the embedded broker and JSON logs."""
+    env = dict(os.environ, NETTEL_LOG_FORMAT="json", **env_overrides)
+    env.pop("KAFKA_BOOTSTRAP_SERVERS", None)
+    return subprocess.Popen(
+        [str(Path(sys.executable).with_name("nettel")), "up"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_up_serves_events_to_kcat_and_stops_cleanly(
     engine: Engine, tmp_path: Path, sig: signal.Signals
@@ -33,13 +43,9 @@ def test_up_serves_events_to_kcat_and_stops_cleanly(
     require(shutil.which("kcat") is not None, "kcat is not installed (apt-get install kcat)")
     container = engine.run("sleep 3600")
     port = free_port()
-    env = dict(os.environ, DOCKER_HOST=engine.url, NETTEL_BROKER_PORT=str(port),
-               NETTEL_SAMPLE_INTERVAL_S="0.5", NETTEL_DATA_DIR=str(tmp_path / "data"),
-               NETTEL_LOG_FORMAT="json", NETTEL_PARTITIONS="4")  # fmt: skip
-    env.pop("KAFKA_BOOTSTRAP_SERVERS", None)
-    proc = subprocess.Popen(
-        [str(Path(sys.executable).with_name("nettel")), "up"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    proc = spawn_up(
+        DOCKER_HOST=engine.url, NETTEL_BROKER_PORT=str(port), NETTEL_SAMPLE_INTERVAL_S="0.5",
+        NETTEL_DATA_DIR=str(tmp_path / "data"), NETTEL_PARTITIONS="4",
     )  # fmt: skip
     try:
         lines: list[str] = []
@@ -79,13 +85,9 @@ def test_up_serves_events_to_kcat_and_stops_cleanly(
 
 def test_up_without_an_engine_says_so_in_one_line_and_uses_procfs(tmp_path: Path) -> None:
     port = free_port()
-    env = dict(os.environ, DOCKER_HOST="unix:///nonexistent.sock", NETTEL_BROKER_PORT=str(port),
-               NETTEL_SAMPLE_INTERVAL_S="0.5", NETTEL_DATA_DIR=str(tmp_path),
-               NETTEL_LOG_FORMAT="json")  # fmt: skip
-    env.pop("KAFKA_BOOTSTRAP_SERVERS", None)
-    proc = subprocess.Popen(
-        [str(Path(sys.executable).with_name("nettel")), "up"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    proc = spawn_up(
+        DOCKER_HOST="unix:///nonexistent.sock", NETTEL_BROKER_PORT=str(port),
+        NETTEL_SAMPLE_INTERVAL_S="0.5", NETTEL_DATA_DIR=str(tmp_path),
     )  # fmt: skip
     try:
         time.sleep(4)

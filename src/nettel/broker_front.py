@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import struct
+from collections.abc import Callable
 
 import structlog
 
@@ -131,9 +133,11 @@ class KafkaFront:
             pair = (writer, up_writer)
             self._conns.add(pair)
             pending: set[int] = set()
+            requests = functools.partial(self._note_api_versions, pending)
+            responses = functools.partial(self._mend_api_versions, pending)
             pumps = [
-                asyncio.create_task(self._requests(reader, up_writer, pending)),
-                asyncio.create_task(self._responses(up_reader, writer, pending)),
+                asyncio.create_task(self._relay(reader, up_writer, requests)),
+                asyncio.create_task(self._relay(up_reader, writer, responses)),
             ]
             try:
                 await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
@@ -153,32 +157,31 @@ class KafkaFront:
                     w.close()
 
     @staticmethod
-    async def _requests(
-        reader: asyncio.StreamReader, writer: asyncio.StreamWriter, pending: set[int]
+    async def _relay(
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        mend: Callable[[bytes], bytes],
     ) -> None:
+        """Copy length-prefixed Kafka frames from ``reader`` to ``writer``, through ``mend``."""
         with contextlib.suppress(asyncio.IncompleteReadError, OSError):
             while True:
                 head = await reader.readexactly(4)
-                body = await reader.readexactly(int.from_bytes(head, "big"))
-                api_key, version, correlation = struct.unpack_from(">hhi", body)
-                if api_key == API_VERSIONS and version >= 3:
-                    pending.add(correlation)
-                writer.write(head + body)
+                body = mend(await reader.readexactly(int.from_bytes(head, "big")))
+                writer.write(len(body).to_bytes(4, "big") + body)
                 await writer.drain()
 
     @staticmethod
-    async def _responses(
-        reader: asyncio.StreamReader, writer: asyncio.StreamWriter, pending: set[int]
-    ) -> None:
-        with contextlib.suppress(asyncio.IncompleteReadError, OSError):
-            while True:
-                head = await reader.readexactly(4)
-                body = await reader.readexactly(int.from_bytes(head, "big"))
-                if pending:
-                    (correlation,) = struct.unpack_from(">i", body)
-                    if correlation in pending:
-                        pending.discard(correlation)
-                        body = strip_api_versions_tags(body)
-                        head = len(body).to_bytes(4, "big")
-                writer.write(head + body)
-                await writer.drain()
+    def _note_api_versions(pending: set[int], body: bytes) -> bytes:
+        api_key, version, correlation = struct.unpack_from(">hhi", body)
+        if api_key == API_VERSIONS and version >= 3:
+            pending.add(correlation)
+        return body
+
+    @staticmethod
+    def _mend_api_versions(pending: set[int], body: bytes) -> bytes:
+        if pending:
+            (correlation,) = struct.unpack_from(">i", body)
+            if correlation in pending:
+                pending.discard(correlation)
+                return strip_api_versions_tags(body)
+        return body

@@ -148,22 +148,38 @@ def _read(path: str) -> str:
 STABLE_STATES = frozenset({"established", "listen", "close_wait", "time_wait"})
 
 
+def parse_snmp_tcp(snmp: str) -> tuple[int, ...]:
+    """The namespace's TCP MIB counters (``Tcp:`` lines of ``net/snmp``), IPv4 and IPv6.
+
+    Examples
+    --------
+    >>> parse_snmp_tcp("Ip: Forwarding\\nIp: 1\\nTcp: RtoAlgorithm InSegs\\nTcp: 1 42\\n")
+    (1, 42)
+    """
+    lines = [ln for ln in snmp.splitlines() if ln.startswith("Tcp:")]
+    return tuple(int(v) for v in lines[1].split()[1:]) if len(lines) >= 2 else ()
+
+
 def parse_sockstat_tcp(sockstat: str, sockstat6: str) -> tuple[int, ...]:
-    """TCP counts (inuse, orphan, tw, alloc, inuse6) of a namespace's sockstat files.
+    """The per-namespace TCP counts of a namespace's sockstat files: (inuse, tw, inuse6).
+
+    ``orphan``, ``alloc`` and ``mem`` are host-wide, so they are left out.
 
     Examples
     --------
     >>> parse_sockstat_tcp("sockets: used 9\\nTCP: inuse 4 orphan 0 tw 2 alloc 5 mem 1\\n",
     ...                    "TCP6: inuse 1\\nUDP6: inuse 0\\n")
-    (4, 0, 2, 5, 1)
+    (4, 2, 1)
     """
     values: list[int] = []
-    for text, prefix in ((sockstat, "TCP:"), (sockstat6, "TCP6:")):
+    for text, prefix, keys in (
+        (sockstat, "TCP:", ("inuse", "tw")),
+        (sockstat6, "TCP6:", ("inuse",)),
+    ):
         for line in text.splitlines():
             if line.startswith(prefix):
                 parts = line.split()
                 pairs = dict(zip(parts[1::2], parts[2::2], strict=False))
-                keys = ("inuse", "orphan", "tw", "alloc") if prefix == "TCP:" else ("inuse",)
                 values.extend(int(pairs.get(k, 0)) for k in keys)
     return tuple(values)
 
@@ -195,9 +211,10 @@ class NetnsReader:
 
     The walk (``net/tcp`` + ``net/tcp6``) costs milliseconds of kernel time on hosts with
     a large shared TCP hash table. It is skipped, and the last states reused, when the
-    namespace's packet counters (every interface, ``lo`` included) and its sockstat TCP
-    counts are unchanged and the last walk saw only :data:`STABLE_STATES`: then no state
-    can have changed. Safe for one reader thread per namespace at a time.
+    namespace's TCP MIB (segments in, out, retransmitted, resets, opens: ``net/snmp``)
+    and its sockstat TCP counts (in use, TIME_WAIT) are unchanged and the last walk saw
+    only :data:`STABLE_STATES`: then no segment moved and no timer ended a socket, so no
+    state can have changed. Safe for one reader thread per namespace at a time.
     """
 
     def __init__(self, proc_root: str = "/proc", *, forget_after_s: float = 3600.0) -> None:
@@ -216,9 +233,9 @@ class NetnsReader:
         base = f"{self.proc_root}/{pid}"
         inode = netns_inode(pid, self.proc_root)
         counters = parse_net_dev(_read(f"{base}/net/dev"))
-        packets = sum(c.rx_packets + c.tx_packets for c in counters.values())
-        signature = (packets, *parse_sockstat_tcp(
-            _read(f"{base}/net/sockstat"), _read(f"{base}/net/sockstat6")))  # fmt: skip
+        signature = parse_snmp_tcp(_read(f"{base}/net/snmp")) + parse_sockstat_tcp(
+            _read(f"{base}/net/sockstat"), _read(f"{base}/net/sockstat6")
+        )
         now = time.monotonic_ns()
         memo = self._memo.get(inode)
         if memo is not None and memo.signature == signature:

@@ -72,6 +72,7 @@ class EventPublisher:
         self._last_drop_log = 0.0
         self._connected = False
         self._down_logged = False
+        self._topic_seen = False
 
     @property
     def buffered(self) -> int:
@@ -171,6 +172,7 @@ class EventPublisher:
         if not self._connected:
             log.info("broker_connected", bootstrap=self.bootstrap_servers, buffered=len(self._buf))
         self._connected = True
+        self._topic_seen = False
         return True
 
     async def _close_producer(self) -> None:
@@ -209,7 +211,8 @@ class EventPublisher:
 
         A fresh memory broker on the same address (a restart, a rotation) has no topics,
         yet acknowledges records sent to them and keeps nothing: every batch is checked
-        before it is sent and after it is acknowledged.
+        after it is acknowledged (and sent again if the topic is gone), and before it is
+        sent unless the previous check found the topic.
         """
         metadata = await self._producer.client.fetch_all_metadata()
         if self.topic in metadata.topics():
@@ -224,7 +227,7 @@ class EventPublisher:
         batch = list(itertools.islice(self._buf, self.batch_size))
         ok: set[int] = set()
         try:
-            if not await self._topic_present():
+            if not self._topic_seen and not await self._topic_present():
                 return True  # topic re-created: send on the next pass
             futures = []
             headers = list(self.headers)
@@ -242,7 +245,8 @@ class EventPublisher:
                 for (seq, _), r in zip(futures, results, strict=True)
                 if not isinstance(r, BaseException)
             }
-            if ok and not await self._topic_present():
+            self._topic_seen = await self._topic_present()
+            if ok and not self._topic_seen:
                 ok = set()  # acknowledged by a broker that lost the topic: send again
             failed = len(batch) - len(ok)
         except Exception as e:
