@@ -77,11 +77,13 @@ def states(reader: NetnsReader, pid: int) -> dict[str, int]:
     return {k: v for k, v in msgspec.structs.asdict(tcp).items() if v}
 
 
+@pytest.mark.parametrize("netlink", [True, False], ids=["netlink", "procfs"])
 def test_states_follow_every_change_and_walks_are_skipped_only_when_still(
-    child: NetnsChild,
+    child: NetnsChild, netlink: bool
 ) -> None:
     pid = child.proc.pid
-    reader = NetnsReader()
+    reader = NetnsReader(netlink=netlink)
+    assert reader.method == ("netlink" if netlink else "procfs")
     assert states(reader, pid) == ss_tcp_states(pid) == {"listen": 1}
     walks = reader.walks
     assert states(reader, pid) == {"listen": 1}

@@ -16,6 +16,7 @@ True
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Final
 
 import msgspec
@@ -133,3 +134,125 @@ def decode_stat_events(data: list[bytes]) -> list[StatEvent]:
     2
     """
     return [_decoder.decode(d) for d in data]
+
+
+#: The counters every event carries as deltas, in the order tables store them.
+COUNTERS: Final = (
+    "rx_bytes", "tx_bytes", "rx_packets", "tx_packets",
+    "rx_errors", "tx_errors", "rx_drops", "tx_drops",
+)  # fmt: skip
+
+#: TCP states kept as per-window maxima.
+TCP_STATES: Final = tuple(TCP_STATE_NAMES.values())
+
+WINDOW_MS: Final = 60_000
+
+
+def window_start(ts_ms: int, size_ms: int = WINDOW_MS) -> int:
+    """Start of the window that holds ``ts_ms``.
+
+    Examples
+    --------
+    >>> window_start(125_000), window_start(59_999), window_start(60_000)
+    (120000, 0, 60000)
+    """
+    return ts_ms - ts_ms % size_ms
+
+
+@dataclass
+class WindowAggregate:
+    """One container's traffic over one window, as the ``minute`` table stores it.
+
+    Per counter: the sum of deltas and the min and max of the per-sample rate (per
+    second). The mean rate is ``sum / (interval_ms / 1000)``: sums, counts, min and max
+    roll up exactly to hours and days, means and percentiles would not.
+    """
+
+    identity: str
+    window_start_ms: int
+    window_ms: int
+    host: str
+    container_id: str
+    name: str
+    image: str
+    compose_project: str
+    compose_service: str
+    samples: int = 0
+    interval_ms: int = 0
+    resets: int = 0
+    sums: dict[str, int] = field(default_factory=lambda: dict.fromkeys(COUNTERS, 0))
+    rate_min: dict[str, float] = field(default_factory=dict)
+    rate_max: dict[str, float] = field(default_factory=dict)
+    connections_last: int | None = None
+    connections_max: int | None = None
+    tcp_max: dict[str, int] = field(default_factory=dict)
+    _last_ts_ms: int = -1
+
+    @classmethod
+    def first(cls, ev: StatEvent, size_ms: int = WINDOW_MS) -> WindowAggregate:
+        """An empty window for ``ev``'s container and time."""
+        return cls(
+            identity=ev.identity, window_start_ms=window_start(ev.ts_ms, size_ms),
+            window_ms=size_ms, host=ev.host, container_id=ev.container_id, name=ev.name,
+            image=ev.image, compose_project=ev.compose_project,
+            compose_service=ev.compose_service,
+        )  # fmt: skip
+
+    def add(self, ev: StatEvent) -> None:
+        """Fold one sample in.
+
+        Examples
+        --------
+        >>> ev = StatEvent(ts_ms=65_000, host="h", container_id="c", identity="web",
+        ...                name="web", interval_ms=5000, rx_bytes=500, connections=3)
+        >>> w = WindowAggregate.first(ev)
+        >>> w.add(ev); w.add(StatEvent(ts_ms=70_000, host="h", container_id="c",
+        ...     identity="web", name="web", interval_ms=5000, rx_bytes=1500, connections=1))
+        >>> w.samples, w.sums["rx_bytes"], w.rate_min["rx_bytes"], w.rate_max["rx_bytes"]
+        (2, 2000, 100.0, 300.0)
+        >>> w.connections_last, w.connections_max, w.mean_rate("rx_bytes")
+        (1, 3, 200.0)
+        """
+        self.samples += 1
+        self.interval_ms += ev.interval_ms
+        self.resets += ev.counter_reset
+        seconds = ev.interval_ms / 1000
+        for name in COUNTERS:
+            value: int = getattr(ev, name)
+            self.sums[name] += value
+            if seconds > 0:
+                rate = value / seconds
+                if name not in self.rate_min or rate < self.rate_min[name]:
+                    self.rate_min[name] = rate
+                if name not in self.rate_max or rate > self.rate_max[name]:
+                    self.rate_max[name] = rate
+        if ev.connections is not None:
+            if ev.ts_ms >= self._last_ts_ms:
+                self.connections_last = ev.connections
+            self.connections_max = max(self.connections_max or 0, ev.connections)
+        if ev.tcp is not None:
+            for state in TCP_STATES:
+                self.tcp_max[state] = max(self.tcp_max.get(state, 0), getattr(ev.tcp, state))
+        if ev.ts_ms >= self._last_ts_ms:
+            self._last_ts_ms = ev.ts_ms
+            self.container_id, self.name, self.image = ev.container_id, ev.name, ev.image
+
+    def mean_rate(self, counter: str) -> float:
+        """Time-weighted mean rate per second of ``counter`` over the window's samples."""
+        return self.sums[counter] / (self.interval_ms / 1000) if self.interval_ms else 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class ReplayPoint:
+    """What a durable write of one partition stores so that a restart replays exactly.
+
+    ``resume_offset``: the earliest offset a window not yet written needs;
+    ``event_time_ms``: the partition's event time just before that offset (-1: none);
+    ``next_offset``: the first offset not yet processed at the write;
+    ``written_through_ms``: the partition's event time at the write (-1: none).
+    """
+
+    resume_offset: int
+    event_time_ms: int
+    next_offset: int
+    written_through_ms: int

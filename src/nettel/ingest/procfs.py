@@ -26,6 +26,7 @@ import time
 from collections.abc import Container, Iterable
 from dataclasses import dataclass, fields
 
+from nettel.ingest.sockdiag import SockDiag
 from nettel.models import TCP_STATE_NAMES, TcpStates
 
 
@@ -209,20 +210,69 @@ class _TcpMemo:
 class NetnsReader:
     """Reads namespaces' counters and TCP states, skipping the TCP table walk when it can.
 
-    The walk (``net/tcp`` + ``net/tcp6``) costs milliseconds of kernel time on hosts with
-    a large shared TCP hash table. It is skipped, and the last states reused, when the
-    namespace's TCP MIB (segments in, out, retransmitted, resets, opens: ``net/snmp``)
-    and its sockstat TCP counts (in use, TIME_WAIT) are unchanged and the last walk saw
-    only :data:`STABLE_STATES`: then no segment moved and no timer ended a socket, so no
-    state can have changed. Safe for one reader thread per namespace at a time.
+    States come from ``net/tcp`` + ``net/tcp6`` or, when this process may enter the
+    namespace (root) and it is cheaper there, one netlink inet_diag dump; either walks
+    the kernel's TCP hash table, which costs milliseconds on hosts with a large shared
+    one. The
+    walk is skipped, and the last states reused, when the namespace's TCP MIB (segments
+    in, out, retransmitted, resets, opens: ``net/snmp``) and its sockstat TCP counts (in
+    use, TIME_WAIT) are unchanged and the last walk saw only :data:`STABLE_STATES`: then
+    no segment moved and no timer ended a socket, so no state can have changed. Safe for
+    one reader thread per namespace at a time.
     """
 
-    def __init__(self, proc_root: str = "/proc", *, forget_after_s: float = 3600.0) -> None:
+    def __init__(
+        self, proc_root: str = "/proc", *, forget_after_s: float = 3600.0, netlink: bool = True
+    ) -> None:
         self.proc_root = proc_root
         self.forget_after_s = forget_after_s
         self.walks = 0
         self.skips = 0
         self._memo: dict[int, _TcpMemo] = {}
+        self._methods: dict[int, str] = {}
+        self._diag = SockDiag(f"{proc_root}/self/ns/net") if netlink else None
+        if self._diag is not None and not self._diag.usable:
+            self._diag = None
+
+    @property
+    def method(self) -> str:
+        """How TCP states can be counted: ``netlink`` (inet_diag, if allowed) or ``procfs``."""
+        return "netlink" if self._diag is not None else "procfs"
+
+    def _walk_procfs(self, base: str) -> TcpStates:
+        return parse_tcp_states(_read(f"{base}/net/tcp"), _read(f"{base}/net/tcp6"))
+
+    def _walk_netlink(self, base: str) -> TcpStates:
+        assert self._diag is not None
+        return self._diag.states(f"{base}/ns/net")
+
+    def _walk(self, base: str, inode: int) -> TcpStates:
+        """Count states the cheaper way for this namespace, timing both on its first walk.
+
+        netlink wins by far where namespaces share a large TCP hash table (one binary
+        walk for IPv4 and IPv6 instead of two text ones); procfs wins where each
+        namespace has a small table of its own (no setns, no socket).
+        """
+        if self._diag is None:
+            return self._walk_procfs(base)
+        method = self._methods.get(inode)
+        try:
+            if method == "netlink":
+                return self._walk_netlink(base)
+            if method == "procfs":
+                return self._walk_procfs(base)
+            t0 = time.thread_time_ns()
+            via_netlink = self._walk_netlink(base)
+            t1 = time.thread_time_ns()
+            via_procfs = self._walk_procfs(base)
+            t2 = time.thread_time_ns()
+            if len(self._methods) > 4096:
+                self._methods.clear()  # bounded: namespaces come and go
+            self._methods[inode] = "netlink" if t1 - t0 < t2 - t1 else "procfs"
+            return via_netlink if via_netlink == via_procfs else self._walk_procfs(base)
+        except PermissionError:
+            self._diag = None  # not allowed after all: procfs from now on
+            return self._walk_procfs(base)
 
     def read(self, pid: int) -> NetnsReading:
         """Read ``pid``'s namespace. Raises ``OSError`` if the process is gone.
@@ -243,7 +293,7 @@ class NetnsReader:
             memo.used_ns = now
             self.skips += 1
         else:
-            tcp = parse_tcp_states(_read(f"{base}/net/tcp"), _read(f"{base}/net/tcp6"))
+            tcp = self._walk(base, inode)
             walked = True
             self.walks += 1
             stable = all(
@@ -269,9 +319,9 @@ class NetnsReader:
 
 
 def read_netns(pid: int, proc_root: str = "/proc") -> NetnsReading:
-    """Read counters and TCP states of ``pid``'s network namespace (always walks).
+    """Read counters and TCP states of ``pid``'s network namespace (always walks, procfs).
 
     Raises ``OSError`` (``FileNotFoundError``, ``ProcessLookupError``) when the process
     is gone.
     """
-    return NetnsReader(proc_root).read(pid)
+    return NetnsReader(proc_root, netlink=False).read(pid)

@@ -1,0 +1,175 @@
+"""The ``minute`` table: one row per container per closed window, exactly once.
+
+Rows are written with the stream's :class:`~nettel.stream.windows.ReplayPoint` of every
+partition they came from, as Delta app transactions in the same commit: the store and
+the consumed position cannot disagree, whatever crashes. A restart reads the points
+back (:meth:`MinuteTable.replay_points`) and resumes from them, not from Kafka's
+committed offsets.
+
+Layout (DESIGN.md, Delta notes): partitioned by ``date``; rows sorted by (container,
+time); zstd 3; integer and timestamp columns DELTA_BINARY_PACKED without dictionary;
+ids as strings; timestamps timezone-aware UTC.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import polars as pl
+from deltalake import (
+    ColumnProperties,
+    CommitProperties,
+    DeltaTable,
+    Transaction,
+    WriterProperties,
+)
+from deltalake.exceptions import TableNotFoundError
+
+from nettel.models import COUNTERS, TCP_STATES, ReplayPoint, WindowAggregate
+
+#: The replay point's fields, each stored as one app transaction per partition.
+POINT_FIELDS = ("resume_offset", "event_time_ms", "next_offset", "written_through_ms")
+
+TABLE_CONFIGURATION = {
+    "delta.checkpointInterval": "100",
+    "delta.logRetentionDuration": "interval 2 days",
+    "delta.deletedFileRetentionDuration": "interval 6 hours",
+    "delta.dataSkippingStatsColumns": "container,ts,date",
+}
+
+
+def minute_schema() -> dict[str, pl.DataType]:
+    """Columns of the ``minute`` table, in order."""
+    schema: dict[str, pl.DataType] = {
+        "date": pl.String(),
+        "container": pl.String(),
+        "ts": pl.Datetime("us", "UTC"),  # Delta stores timestamps in microseconds
+        "window_ms": pl.Int64(),
+        "host": pl.String(),
+        "container_id": pl.String(),
+        "name": pl.String(),
+        "image": pl.String(),
+        "compose_project": pl.String(),
+        "compose_service": pl.String(),
+        "samples": pl.Int64(),
+        "interval_ms": pl.Int64(),
+        "resets": pl.Int64(),
+    }
+    for c in COUNTERS:
+        schema[c] = pl.Int64()
+        schema[f"{c}_rate_min"] = pl.Float64()
+        schema[f"{c}_rate_max"] = pl.Float64()
+    schema["connections_last"] = pl.Int64()
+    schema["connections_max"] = pl.Int64()
+    for state in TCP_STATES:
+        schema[f"tcp_{state}_max"] = pl.Int64()
+    return schema
+
+
+def writer_properties(schema: Mapping[str, pl.DataType]) -> WriterProperties:
+    """zstd 3; integers and timestamps DELTA_BINARY_PACKED without dictionary."""
+    delta = ColumnProperties(dictionary_enabled=False, encoding="DELTA_BINARY_PACKED")
+    return WriterProperties(
+        compression="ZSTD",
+        compression_level=3,
+        column_properties={
+            name: delta for name, t in schema.items() if t.is_integer() or t == pl.Datetime
+        },
+    )
+
+
+def rows_frame(rows: Sequence[WindowAggregate]) -> pl.DataFrame:
+    """A ``minute`` frame from window aggregates, sorted by (container, ts)."""
+    schema = minute_schema()
+    cols: dict[str, list[Any]] = {k: [] for k in schema}
+    for r in rows:
+        start = dt.datetime.fromtimestamp(r.window_start_ms / 1000, tz=dt.UTC)
+        cols["date"].append(start.strftime("%Y-%m-%d"))
+        cols["container"].append(r.identity)
+        cols["ts"].append(start)
+        for k in ("window_ms", "host", "container_id", "name", "image", "compose_project",
+                  "compose_service", "samples", "interval_ms", "resets",
+                  "connections_last", "connections_max"):  # fmt: skip
+            cols[k].append(getattr(r, k))
+        for c in COUNTERS:
+            cols[c].append(r.sums[c])
+            cols[f"{c}_rate_min"].append(r.rate_min.get(c))
+            cols[f"{c}_rate_max"].append(r.rate_max.get(c))
+        for state in TCP_STATES:
+            cols[f"tcp_{state}_max"].append(r.tcp_max.get(state))
+    return pl.DataFrame(cols, schema=schema).sort("container", "ts")
+
+
+@dataclass(frozen=True, slots=True)
+class PartitionPoint:
+    """A partition and the point to store for it."""
+
+    topic: str
+    partition: int
+    point: ReplayPoint
+
+
+class MinuteTable:
+    """The ``minute`` Delta table under ``uri`` (a path or an ``s3://`` URI)."""
+
+    def __init__(self, uri: str, *, storage_options: dict[str, str] | None = None) -> None:
+        self.uri = uri
+        self.storage_options = storage_options
+        self._schema = minute_schema()
+        self._props = writer_properties(self._schema)
+
+    @staticmethod
+    def app_id(writer: str, topic: str, partition: int, epoch: int, field: str) -> str:
+        """The app transaction id of one field of one partition's point.
+
+        Examples
+        --------
+        >>> MinuteTable.app_id("nettel-stream", "nettel.stats", 3, 1, "next_offset")
+        'nettel-stream/nettel.stats/3/e1/next_offset'
+        """
+        return f"{writer}/{topic}/{partition}/e{epoch}/{field}"
+
+    def append(self, rows: Sequence[WindowAggregate], points: Sequence[PartitionPoint], *,
+               writer: str, epoch: int) -> None:  # fmt: skip
+        """Append ``rows`` and record ``points`` in one commit (rows may be empty)."""
+        txns = [
+            Transaction(self.app_id(writer, p.topic, p.partition, epoch, f), getattr(p.point, f))
+            for p in points
+            for f in POINT_FIELDS
+        ]
+        frame = rows_frame(rows)
+        frame.write_delta(
+            self.uri,
+            mode="append",
+            storage_options=self.storage_options,
+            delta_write_options={
+                "partition_by": ["date"],
+                "configuration": TABLE_CONFIGURATION,
+                "writer_properties": self._props,
+                "commit_properties": CommitProperties(app_transactions=txns),
+            },
+        )
+
+    def replay_points(self, writer: str, topic: str, partitions: Sequence[int], *,
+                      epoch: int) -> dict[int, ReplayPoint]:  # fmt: skip
+        """The stored point of each partition that has one."""
+        try:
+            table = DeltaTable(self.uri, storage_options=self.storage_options)
+        except TableNotFoundError:
+            return {}
+        out: dict[int, ReplayPoint] = {}
+        for p in partitions:
+            values = [
+                table.transaction_version(self.app_id(writer, topic, p, epoch, f))
+                for f in POINT_FIELDS
+            ]
+            if all(v is not None for v in values):
+                out[p] = ReplayPoint(*(int(v) for v in values if v is not None))
+        return out
+
+    def scan(self) -> pl.LazyFrame:
+        """A fresh lazy scan of the table (build one per query: it does not see later commits)."""
+        return pl.scan_delta(self.uri, storage_options=self.storage_options)
