@@ -118,6 +118,7 @@ async def measure(url: str, n: int, ticks: int, interval_s: float) -> dict[str, 
         "tick_wall_ms_p50": round(tick_walls[len(tick_walls) // 2] * 1000, 2),
         "tick_wall_ms_max": round(tick_walls[-1] * 1000, 2),
         "interval_s": interval_s,
+        "tcp_states_via": source.netns.method + " or procfs, the cheaper per namespace",
         "tcp_table_walks": source.netns.walks,
         "tcp_table_walks_skipped": source.netns.skips,
     }

@@ -33,6 +33,8 @@ from nettel.errors import ConfigError, EngineUnavailableError, NettelError
 from nettel.ingest.publisher import EventPublisher
 from nettel.ingest.service import IngestService
 from nettel.ingest.sources import EngineSource, ProcfsSource, Source
+from nettel.store.minute import MinuteTable
+from nettel.stream.worker import StreamWorker
 
 log = structlog.get_logger("nettel")
 
@@ -238,6 +240,23 @@ def check_data_dir(data_dir: str) -> Check:
     return ("data dir", True, f"{Path(data_dir).resolve()} writable", "")
 
 
+async def cmd_stream(settings: Settings) -> int:
+    """Run the stream worker alone against ``KAFKA_BOOTSTRAP_SERVERS``."""
+    if settings.kafka_bootstrap_servers is None:
+        raise ConfigError("KAFKA_BOOTSTRAP_SERVERS", None, "host:port of a running broker")
+    stop = asyncio.Event()
+    _install_signal_handlers(stop)
+    await ensure_topics(settings.kafka_bootstrap_servers, topic_partitions(settings))
+    table = MinuteTable(settings.data_dir.rstrip("/") + "/minute")
+    worker = StreamWorker(
+        settings.kafka_bootstrap_servers, table, topic=settings.topic_stats,
+        dlq_topic=settings.topic_dlq, grace_ms=round(settings.window_grace_s * 1000),
+        flush_interval_s=settings.flush_interval_s,
+    )  # fmt: skip
+    await worker.run(stop)
+    return 0
+
+
 async def doctor_checks(settings: Settings) -> list[tuple[str, bool, str, str]]:
     """(check, ok, what was found, how to fix) for engine, /proc, broker and data dir."""
     rows: list[tuple[str, bool, str, str]] = []
@@ -346,12 +365,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub.add_parser("ingest", parents=[common], help="run ingest alone against a broker")
     sub.add_parser(
+        "stream", parents=[common], help="run the stream worker (minute windows) against a broker"
+    )
+    sub.add_parser(
         "doctor", parents=[common], help="check engine, /proc, broker and data dir; say how to fix"
     )
     return parser
 
 
-COMMANDS = {"up": cmd_up, "ingest": cmd_ingest, "doctor": cmd_doctor}
+COMMANDS = {"up": cmd_up, "ingest": cmd_ingest, "stream": cmd_stream, "doctor": cmd_doctor}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -86,6 +86,12 @@ class Settings:
         "embedded broker memory (MiB) past which it is rotated to a fresh one",
     )
     data_dir: str = _field("./nettel-data", "NETTEL_DATA_DIR", "data dir (path or s3:// URI)")
+    window_grace_s: float = _field(
+        30.0, "NETTEL_WINDOW_GRACE_S", "seconds a minute window waits for late samples"
+    )
+    flush_interval_s: float = _field(
+        30.0, "NETTEL_FLUSH_INTERVAL_S", "seconds between the stream worker's table commits"
+    )
     log_level: LogLevel = _field("info", "NETTEL_LOG_LEVEL", "debug, info, warning or error")
     log_format: LogFormat = _field(
         "auto", "NETTEL_LOG_FORMAT", "auto (console on a terminal, else JSON), json or console"
@@ -206,6 +212,8 @@ _PARSERS: dict[str, tuple[Callable[[str], Any], str]] = {
     "partitions": (int, "a whole number from 1 to 1000"),
     "broker_port": (int, "a TCP port from 1 to 65535"),
     "broker_max_rss_mb": (int, "a whole number of MiB >= 32"),
+    "window_grace_s": (float, "a number of seconds in [0, 3600]"),
+    "flush_interval_s": (float, "a number of seconds in (0, 3600]"),
 }
 
 

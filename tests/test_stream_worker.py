@@ -1,0 +1,139 @@
+"""The stream worker end to end: a real broker, the worker, a real Delta table on disk."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from conftest import consume_all, wait_for
+from nettel.broker import EmbeddedBroker, ensure_topics
+from nettel.ingest.publisher import EventPublisher
+from nettel.models import COUNTERS, StatEvent, TcpStates, encode_stat_event, window_start
+from nettel.store.minute import MinuteTable
+from nettel.stream.worker import StreamWorker
+
+pytestmark = pytest.mark.broker
+
+TOPICS = {"nettel.stats": 4, "nettel.stats.dlq": 1}
+INTERVAL_MS = 5000
+
+
+def simulated(containers: int, hours: float, start_ms: int, seed: int = 1) -> list[StatEvent]:
+    """Samples every 5 s per container, with a daily-ish shape, noise and restarts."""
+    rng = random.Random(seed)
+    out = []
+    for step in range(int(hours * 3600_000 // INTERVAL_MS)):
+        ts = start_ms + step * INTERVAL_MS
+        for c in range(containers):
+            base = 1000 * (c + 1) * (2 if (ts // 3600_000) % 24 in range(8, 20) else 1)
+            rx = int(base * rng.uniform(0.5, 1.5))
+            out.append(StatEvent(
+                ts_ms=ts + rng.randint(0, 40), host="sim", container_id=f"id{c}",
+                identity=f"svc{c}", name=f"svc{c}", interval_ms=INTERVAL_MS, rx_bytes=rx,
+                tx_bytes=rx // 3, rx_packets=rx // 700, tx_packets=rx // 1400,
+                rx_errors=int(rng.random() < 0.01), connections=c % 7,
+                tcp=TcpStates(established=c % 7, time_wait=rng.randint(0, 3)),
+                counter_reset=rng.random() < 0.001,
+            ))  # fmt: skip
+    return out
+
+
+async def publish(bootstrap: str, events: list[StatEvent], extra: tuple[bytes, ...] = ()) -> None:
+    publisher = EventPublisher(bootstrap, "nettel.stats")
+    async with publisher:
+        for ev in events:
+            publisher.publish(ev.identity.encode(), encode_stat_event(ev))
+        for raw in extra:
+            publisher.publish(b"bad", raw)
+        await wait_for(lambda: publisher.sent >= len(events) + len(extra), 120, "all sent")
+
+
+def expected_windows(events: list[StatEvent], before_ms: int) -> dict[tuple[str, int], list[int]]:
+    acc: dict[tuple[str, int], list[int]] = defaultdict(lambda: [0] * (len(COUNTERS) + 1))
+    for ev in events:
+        start = window_start(ev.ts_ms)
+        if start < before_ms:
+            a = acc[(ev.identity, start)]
+            for i, c in enumerate(COUNTERS):
+                a[i] += getattr(ev, c)
+            a[-1] += 1
+    return dict(acc)
+
+
+def table_windows(table: MinuteTable, before_ms: int) -> dict[tuple[str, int], list[int]]:
+    import polars as pl
+
+    frame = (
+        table.scan()
+        .with_columns(start=pl.col("ts").dt.epoch("ms"))
+        .filter(pl.col("start") < before_ms)
+        .group_by("container", "start")
+        .agg([pl.col(c).sum() for c in COUNTERS] + [pl.col("samples").sum()])
+        .collect()
+    )
+    return {(r[0], r[1]): list(r[2:]) for r in frame.iter_rows()}
+
+
+async def run_worker(
+    bootstrap: str, table: MinuteTable, until: Callable[[StreamWorker], bool]
+) -> StreamWorker:
+    worker = StreamWorker(bootstrap, table, flush_interval_s=1.0)
+    stop = asyncio.Event()
+    task = asyncio.create_task(worker.run(stop))
+    try:
+        await wait_for(lambda: until(worker), 120, "the worker to catch up")
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 60)
+    return worker
+
+
+async def test_minute_sums_equal_the_produced_events_exactly(
+    broker: EmbeddedBroker, tmp_path: Path
+) -> None:
+    start = (time.time_ns() // 1_000_000 - 4 * 3600_000) // 3600_000 * 3600_000
+    events = simulated(20, 3 + 2 / 60, start)
+    cutoff = start + 3 * 3600_000  # every partition's event time passes this + grace
+    bad = (b"{not json", b'{"ts_ms": "soon"}', encode_stat_event(StatEvent(
+        ts_ms=start, host="h", container_id="x", identity="x", name="x", interval_ms=5000,
+        rx_bytes=-5)))  # fmt: skip
+    await ensure_topics(broker.bootstrap_servers, TOPICS)
+    await publish(broker.bootstrap_servers, events, bad)
+    table = MinuteTable(str(tmp_path / "minute"))
+    worker = await run_worker(
+        broker.bootstrap_servers, table,
+        lambda w: w.stats.consumed >= len(events) + len(bad) and w.stats.flushes >= 2,
+    )  # fmt: skip
+    assert table_windows(table, cutoff) == expected_windows(events, cutoff)
+    assert worker.stats.dead_lettered == 3
+    dlq = await consume_all(broker.bootstrap_servers, "nettel.stats.dlq")
+    reasons = sorted(dict(m.headers)["nettel-error"].decode()[:20] for m in dlq)
+    assert len(reasons) == 3
+    assert any("negative" in r for r in reasons)
+
+
+async def test_a_restarted_worker_resumes_from_the_store_and_counts_nothing_twice(
+    broker: EmbeddedBroker, tmp_path: Path
+) -> None:
+    start = (time.time_ns() // 1_000_000 - 4 * 3600_000) // 3600_000 * 3600_000
+    events = simulated(8, 1 + 2 / 60, start, seed=2)
+    cutoff = start + 3600_000
+    await ensure_topics(broker.bootstrap_servers, TOPICS)
+    half = len(events) // 2
+    await publish(broker.bootstrap_servers, events[:half])
+    table = MinuteTable(str(tmp_path / "minute"))
+    await run_worker(broker.bootstrap_servers, table,
+                     lambda w: w.stats.consumed >= half and w.stats.flushes >= 1)  # fmt: skip
+    await publish(broker.bootstrap_servers, events[half:])
+    # a new worker in the same group: resumes from the table's replay points
+    await run_worker(
+        broker.bootstrap_servers, table,
+        lambda w: w.stats.flushes >= 2 and w.stats.consumed >= len(events) - half,
+    )  # fmt: skip
+    assert table_windows(table, cutoff) == expected_windows(events, cutoff)
