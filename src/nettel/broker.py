@@ -228,20 +228,23 @@ class EmbeddedBroker:
                 "if it is a Kafka broker"
             )
         self._binary = tansu_binary()
-        self._tansu = await self._spawn_ready(timeout_s, topics or {})
-        self._front = KafkaFront(self.host, self.port, ("127.0.0.1", self._tansu.port))
-        await self._front.start()
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                await ensure_topics(self.bootstrap_servers, {}, timeout_s=2.0)
-                break
-            except BrokerUnavailableError:
-                if time.monotonic() > deadline:
-                    await self.stop()
-                    raise
-                await asyncio.sleep(0.1)
-        self.epoch = self._next_epoch()
+        try:
+            self._tansu = await self._spawn_ready(timeout_s, topics or {})
+            self._front = KafkaFront(self.host, self.port, ("127.0.0.1", self._tansu.port))
+            await self._front.start()
+            deadline = time.monotonic() + timeout_s
+            while True:
+                try:
+                    await ensure_topics(self.bootstrap_servers, {}, timeout_s=2.0)
+                    break
+                except BrokerUnavailableError:
+                    if time.monotonic() > deadline:
+                        raise
+                    await asyncio.sleep(0.1)
+            self.epoch = self._next_epoch()
+        except BaseException:
+            await self.stop()
+            raise
         log.info("broker_started", bootstrap=self.bootstrap_servers, pid=self.pid,
                  epoch=self.epoch)  # fmt: skip
 

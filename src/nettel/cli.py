@@ -41,6 +41,16 @@ log = structlog.get_logger("nettel")
 DEFAULT_ENGINE_SOCKETS = ("unix:///var/run/docker.sock", "unix:///run/podman/podman.sock")
 
 
+class _Stderr:
+    """Whatever ``sys.stderr`` is when a line is written (it may be replaced meanwhile)."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
 def configure_logging(level: str, fmt: str) -> None:
     """Configure structlog (and stdlib logging of libraries) to write to stderr only."""
     json_out = fmt == "json" or (fmt == "auto" and not sys.stderr.isatty())
@@ -57,7 +67,7 @@ def configure_logging(level: str, fmt: str) -> None:
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=structlog.PrintLoggerFactory(file=_Stderr()),  # type: ignore[arg-type]
         cache_logger_on_first_use=False,
     )
     logging.basicConfig(stream=sys.stderr, level=max(numeric, logging.WARNING), force=True)
