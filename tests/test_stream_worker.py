@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import time
 from collections import defaultdict
@@ -136,4 +137,37 @@ async def test_a_restarted_worker_resumes_from_the_store_and_counts_nothing_twic
         broker.bootstrap_servers, table,
         lambda w: w.stats.flushes >= 2 and w.stats.consumed >= len(events) - half,
     )  # fmt: skip
+    assert table_windows(table, cutoff) == expected_windows(events, cutoff)
+
+
+async def test_two_workers_split_the_partitions_and_one_takes_over_when_the_other_dies(
+    broker: EmbeddedBroker, tmp_path: Path
+) -> None:
+    start = (time.time_ns() // 1_000_000 - 4 * 3600_000) // 3600_000 * 3600_000
+    events = simulated(12, 1 + 2 / 60, start, seed=4)
+    cutoff = start + 3600_000
+    await ensure_topics(broker.bootstrap_servers, TOPICS)
+    table = MinuteTable(str(tmp_path / "minute"))
+    first = StreamWorker(broker.bootstrap_servers, table, flush_interval_s=0.5)
+    second = StreamWorker(broker.bootstrap_servers, table, flush_interval_s=0.5)
+    stop_first, stop_second = asyncio.Event(), asyncio.Event()
+    tasks = [asyncio.create_task(first.run(stop_first)),
+             asyncio.create_task(second.run(stop_second))]  # fmt: skip
+    try:
+        await wait_for(lambda: first.assigned and second.assigned, 60, "both workers assigned")
+        assert sorted(first.assigned + second.assigned) == [0, 1, 2, 3]
+        assert not set(first.assigned) & set(second.assigned)
+        await publish(broker.bootstrap_servers, events[: len(events) // 2])
+        await wait_for(lambda: first.stats.flushes >= 2 and second.stats.flushes >= 2, 60,
+                       "both writing")  # fmt: skip
+        tasks[0].cancel()  # cancelled mid-batch; hard deaths: test_stream_crash.py
+        with contextlib.suppress(asyncio.CancelledError):
+            await tasks[0]
+        await publish(broker.bootstrap_servers, events[len(events) // 2 :])
+        await wait_for(lambda: second.assigned == [0, 1, 2, 3], 90, "the takeover")
+        await wait_for(lambda: table_windows(table, cutoff) == expected_windows(events, cutoff),
+                       90, "the table to match")  # fmt: skip
+    finally:
+        stop_second.set()
+        await asyncio.gather(*tasks[1:], return_exceptions=True)
     assert table_windows(table, cutoff) == expected_windows(events, cutoff)

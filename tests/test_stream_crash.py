@@ -1,0 +1,80 @@
+"""`nettel stream` killed with SIGKILL at random points and restarted: the table ends exact."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from nettel.broker import EmbeddedBroker, ensure_topics
+from nettel.store.minute import MinuteTable
+from test_stream_worker import TOPICS, expected_windows, publish, simulated, table_windows
+
+pytestmark = pytest.mark.broker
+
+
+def spawn_stream(bootstrap: str, data_dir: Path) -> subprocess.Popen[bytes]:
+    env = dict(
+        os.environ, KAFKA_BOOTSTRAP_SERVERS=bootstrap, NETTEL_DATA_DIR=str(data_dir),
+        NETTEL_FLUSH_INTERVAL_S="0.3", NETTEL_PARTITIONS="4", NETTEL_LOG_FORMAT="json",
+    )  # fmt: skip
+    return subprocess.Popen([str(Path(sys.executable).with_name("nettel")), "stream"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+
+
+async def test_sigkill_at_random_points_changes_nothing(
+    broker: EmbeddedBroker, tmp_path: Path
+) -> None:
+    start = (time.time_ns() // 1_000_000 - 4 * 3600_000) // 3600_000 * 3600_000
+    events = simulated(10, 2 + 2 / 60, start, seed=3)
+    cutoff = start + 2 * 3600_000
+    expected = expected_windows(events, cutoff)
+    await ensure_topics(broker.bootstrap_servers, TOPICS)
+    table = MinuteTable(str(tmp_path / "minute"))
+    rng = random.Random(11)
+    kills = 0
+    # the events arrive in three parts while the worker is being killed
+    parts = [events[: len(events) // 3], events[len(events) // 3 : 2 * len(events) // 3],
+             events[2 * len(events) // 3 :]]  # fmt: skip
+    proc = spawn_stream(broker.bootstrap_servers, tmp_path)
+    try:
+        for i in range(6):
+            if i < len(parts):
+                await publish(broker.bootstrap_servers, parts[i])
+            await asyncio.sleep(rng.uniform(1.0, 4.0))
+            if i < 5:
+                proc.send_signal(signal.SIGKILL)
+                proc.wait()
+                kills += 1
+                proc = spawn_stream(broker.bootstrap_servers, tmp_path)
+        deadline = time.monotonic() + 150
+        got: dict[tuple[str, int], list[int]] = {}
+        while time.monotonic() < deadline:
+            if (tmp_path / "minute").exists():
+                got = table_windows(table, cutoff)
+                if got == expected:
+                    break
+            await asyncio.sleep(1.0)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    assert kills == 5
+    missing = {k for k in expected if k not in got}
+    wrong = {k: (got[k], v) for k, v in expected.items() if k in got and got[k] != v}
+    extra = {k for k in got if k not in expected}
+    assert not missing, f"{len(missing)} windows missing"
+    assert not wrong, list(wrong.items())[:3]
+    assert not extra, extra
+    # after a clean stop everything is still exact
+    assert table_windows(table, cutoff) == expected
