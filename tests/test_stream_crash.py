@@ -15,7 +15,15 @@ import pytest
 
 from nettel.broker import EmbeddedBroker, ensure_topics
 from nettel.store.minute import MinuteTable
-from test_stream_worker import TOPICS, expected_windows, publish, simulated, table_windows
+from nettel.store.rollup import DAY_MS, HOUR_MS
+from test_stream_worker import (
+    TOPICS,
+    expected_windows,
+    publish,
+    rollups,
+    simulated,
+    table_windows,
+)
 
 pytestmark = pytest.mark.broker
 
@@ -24,6 +32,7 @@ def spawn_stream(bootstrap: str, data_dir: Path) -> subprocess.Popen[bytes]:
     env = dict(
         os.environ, KAFKA_BOOTSTRAP_SERVERS=bootstrap, NETTEL_DATA_DIR=str(data_dir),
         NETTEL_FLUSH_INTERVAL_S="0.3", NETTEL_PARTITIONS="4", NETTEL_LOG_FORMAT="json",
+        NETTEL_ROLLUP_INTERVAL_S="0",
     )  # fmt: skip
     return subprocess.Popen([str(Path(sys.executable).with_name("nettel")), "stream"], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
@@ -76,5 +85,8 @@ async def test_sigkill_at_random_points_changes_nothing(
     assert not missing, f"{len(missing)} windows missing"
     assert not wrong, list(wrong.items())[:3]
     assert not extra, extra
-    # after a clean stop everything is still exact
+    # after a clean stop everything is still exact, and the rollups are too
     assert table_windows(table, cutoff) == expected
+    hour, day = rollups(table)
+    assert table_windows(hour, cutoff, HOUR_MS) == expected_windows(events, cutoff, HOUR_MS)
+    assert table_windows(day, 2**62, DAY_MS) == table_windows(table, 2**62, DAY_MS)

@@ -17,6 +17,7 @@ from nettel.broker import EmbeddedBroker, ensure_topics
 from nettel.ingest.publisher import EventPublisher
 from nettel.models import COUNTERS, StatEvent, TcpStates, encode_stat_event, window_start
 from nettel.store.minute import MinuteTable
+from nettel.store.rollup import DAY_MS, HOUR_MS, RollupTable
 from nettel.stream.worker import StreamWorker
 
 pytestmark = pytest.mark.broker
@@ -55,10 +56,12 @@ async def publish(bootstrap: str, events: list[StatEvent], extra: tuple[bytes, .
         await wait_for(lambda: publisher.sent >= len(events) + len(extra), 120, "all sent")
 
 
-def expected_windows(events: list[StatEvent], before_ms: int) -> dict[tuple[str, int], list[int]]:
+def expected_windows(
+    events: list[StatEvent], before_ms: int, period_ms: int = 60_000
+) -> dict[tuple[str, int], list[int]]:
     acc: dict[tuple[str, int], list[int]] = defaultdict(lambda: [0] * (len(COUNTERS) + 1))
     for ev in events:
-        start = window_start(ev.ts_ms)
+        start = window_start(ev.ts_ms, period_ms)
         if start < before_ms:
             a = acc[(ev.identity, start)]
             for i, c in enumerate(COUNTERS):
@@ -67,12 +70,15 @@ def expected_windows(events: list[StatEvent], before_ms: int) -> dict[tuple[str,
     return dict(acc)
 
 
-def table_windows(table: MinuteTable, before_ms: int) -> dict[tuple[str, int], list[int]]:
+def table_windows(
+    table: MinuteTable, before_ms: int, period_ms: int = 60_000
+) -> dict[tuple[str, int], list[int]]:
+    """Rows of a window table added up per (container, period), as readers do."""
     import polars as pl
 
     frame = (
         table.scan()
-        .with_columns(start=pl.col("ts").dt.epoch("ms"))
+        .with_columns(start=pl.col("ts").dt.epoch("ms") // period_ms * period_ms)
         .filter(pl.col("start") < before_ms)
         .group_by("container", "start")
         .agg([pl.col(c).sum() for c in COUNTERS] + [pl.col("samples").sum()])
@@ -81,10 +87,16 @@ def table_windows(table: MinuteTable, before_ms: int) -> dict[tuple[str, int], l
     return {(r[0], r[1]): list(r[2:]) for r in frame.iter_rows()}
 
 
+def rollups(table: MinuteTable) -> tuple[RollupTable, RollupTable]:
+    base = table.uri.rsplit("/", 1)[0]
+    hour = RollupTable(f"{base}/hour", table, HOUR_MS)
+    return hour, RollupTable(f"{base}/day", hour, DAY_MS)
+
+
 async def run_worker(
     bootstrap: str, table: MinuteTable, until: Callable[[StreamWorker], bool]
 ) -> StreamWorker:
-    worker = StreamWorker(bootstrap, table, flush_interval_s=1.0)
+    worker = StreamWorker(bootstrap, table, flush_interval_s=1.0, rollups=rollups(table))
     stop = asyncio.Event()
     task = asyncio.create_task(worker.run(stop))
     try:
@@ -112,6 +124,10 @@ async def test_minute_sums_equal_the_produced_events_exactly(
         lambda w: w.stats.consumed >= len(events) + len(bad) and w.stats.flushes >= 2,
     )  # fmt: skip
     assert table_windows(table, cutoff) == expected_windows(events, cutoff)
+    hour, day = rollups(table)
+    assert table_windows(hour, cutoff, HOUR_MS) == expected_windows(events, cutoff, HOUR_MS)
+    # the day is not over: the day table holds exactly what the minute table holds so far
+    assert table_windows(day, 2**62, DAY_MS) == table_windows(table, 2**62, DAY_MS)
     assert worker.stats.dead_lettered == 3
     dlq = await consume_all(broker.bootstrap_servers, "nettel.stats.dlq")
     reasons = sorted(dict(m.headers)["nettel-error"].decode()[:20] for m in dlq)

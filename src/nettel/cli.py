@@ -34,6 +34,7 @@ from nettel.ingest.publisher import EventPublisher
 from nettel.ingest.service import IngestService
 from nettel.ingest.sources import EngineSource, ProcfsSource, Source
 from nettel.store.minute import MinuteTable
+from nettel.store.rollup import DAY_MS, HOUR_MS, RollupTable
 from nettel.stream.worker import StreamWorker
 
 log = structlog.get_logger("nettel")
@@ -257,11 +258,15 @@ async def cmd_stream(settings: Settings) -> int:
     stop = asyncio.Event()
     _install_signal_handlers(stop)
     await ensure_topics(settings.kafka_bootstrap_servers, topic_partitions(settings))
-    table = MinuteTable(settings.data_dir.rstrip("/") + "/minute")
+    base = settings.data_dir.rstrip("/")
+    minute = MinuteTable(f"{base}/minute")
+    hour = RollupTable(f"{base}/hour", minute, HOUR_MS)
+    day = RollupTable(f"{base}/day", hour, DAY_MS)
     worker = StreamWorker(
-        settings.kafka_bootstrap_servers, table, topic=settings.topic_stats,
+        settings.kafka_bootstrap_servers, minute, topic=settings.topic_stats,
         dlq_topic=settings.topic_dlq, grace_ms=round(settings.window_grace_s * 1000),
-        flush_interval_s=settings.flush_interval_s,
+        flush_interval_s=settings.flush_interval_s, rollups=[hour, day],
+        rollup_interval_s=settings.rollup_interval_s,
     )  # fmt: skip
     await worker.run(stop)
     return 0

@@ -92,6 +92,9 @@ class Settings:
     flush_interval_s: float = _field(
         30.0, "NETTEL_FLUSH_INTERVAL_S", "seconds between the stream worker's table commits"
     )
+    rollup_interval_s: float = _field(
+        300.0, "NETTEL_ROLLUP_INTERVAL_S", "seconds between rolls of minute rows into hour and day"
+    )
     log_level: LogLevel = _field("info", "NETTEL_LOG_LEVEL", "debug, info, warning or error")
     log_format: LogFormat = _field(
         "auto", "NETTEL_LOG_FORMAT", "auto (console on a terminal, else JSON), json or console"
@@ -214,6 +217,7 @@ _PARSERS: dict[str, tuple[Callable[[str], Any], str]] = {
     "broker_max_rss_mb": (int, "a whole number of MiB >= 32"),
     "window_grace_s": (float, "a number of seconds in [0, 3600]"),
     "flush_interval_s": (float, "a number of seconds in (0, 3600]"),
+    "rollup_interval_s": (float, "a number of seconds in [0, 86400]"),
 }
 
 

@@ -186,6 +186,7 @@ class WindowAggregate:
     connections_last: int | None = None
     connections_max: int | None = None
     tcp_max: dict[str, int] = field(default_factory=dict)
+    partition: int = -1
     _last_ts_ms: int = -1
 
     @classmethod

@@ -37,7 +37,8 @@ TABLE_CONFIGURATION = {
     "delta.checkpointInterval": "100",
     "delta.logRetentionDuration": "interval 2 days",
     "delta.deletedFileRetentionDuration": "interval 6 hours",
-    "delta.dataSkippingStatsColumns": "container,ts,date",
+    "delta.dataSkippingStatsColumns": "container,ts,date,partition",
+    "delta.enableChangeDataFeed": "true",
 }
 
 
@@ -46,6 +47,7 @@ def minute_schema() -> dict[str, pl.DataType]:
     schema: dict[str, pl.DataType] = {
         "date": pl.String(),
         "container": pl.String(),
+        "partition": pl.Int64(),
         "ts": pl.Datetime("us", "UTC"),  # Delta stores timestamps in microseconds
         "window_ms": pl.Int64(),
         "host": pl.String(),
@@ -90,8 +92,8 @@ def rows_frame(rows: Sequence[WindowAggregate]) -> pl.DataFrame:
         cols["date"].append(start.strftime("%Y-%m-%d"))
         cols["container"].append(r.identity)
         cols["ts"].append(start)
-        for k in ("window_ms", "host", "container_id", "name", "image", "compose_project",
-                  "compose_service", "samples", "interval_ms", "resets",
+        for k in ("partition", "window_ms", "host", "container_id", "name", "image",
+                  "compose_project", "compose_service", "samples", "interval_ms", "resets",
                   "connections_last", "connections_max"):  # fmt: skip
             cols[k].append(getattr(r, k))
         for c in COUNTERS:
@@ -113,7 +115,10 @@ class PartitionPoint:
 
 
 class MinuteTable:
-    """The ``minute`` Delta table under ``uri`` (a path or an ``s3://`` URI)."""
+    """The ``minute`` Delta table under ``uri`` (a path or an ``s3://`` URI).
+
+    ``hour`` and ``day`` (:mod:`nettel.store.rollup`) share its layout and schema.
+    """
 
     def __init__(self, uri: str, *, storage_options: dict[str, str] | None = None) -> None:
         self.uri = uri
@@ -140,7 +145,10 @@ class MinuteTable:
             for p in points
             for f in POINT_FIELDS
         ]
-        frame = rows_frame(rows)
+        self.append_frame(rows_frame(rows), txns)
+
+    def append_frame(self, frame: pl.DataFrame, txns: Sequence[Transaction]) -> None:
+        """Append ``frame`` (this table's schema) with ``txns`` in one commit."""
         frame.write_delta(
             self.uri,
             mode="append",
@@ -149,7 +157,7 @@ class MinuteTable:
                 "partition_by": ["date"],
                 "configuration": TABLE_CONFIGURATION,
                 "writer_properties": self._props,
-                "commit_properties": CommitProperties(app_transactions=txns),
+                "commit_properties": CommitProperties(app_transactions=list(txns)),
             },
         )
 

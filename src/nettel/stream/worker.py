@@ -4,7 +4,9 @@ It consumes ``nettel.stats`` in the consumer group ``nettel-stream``, validates 
 event (invalid ones go to the dead-letter topic with the reason in a header, counted),
 folds valid ones into each partition's event-time windows, and every
 ``flush_interval_s`` writes the closed windows together with every partition's
-:class:`~nettel.models.ReplayPoint` in one Delta commit. On assignment it resumes each
+:class:`~nettel.models.ReplayPoint` in one Delta commit; then, at most every
+``rollup_interval_s``, rolls its partitions' new minute rows into ``hour`` and those
+into ``day`` (:mod:`nettel.store.rollup`). On assignment it resumes each
 partition from the point stored in the table, never from Kafka's committed offsets, so
 a crash or a rebalance neither loses a window nor counts one twice. Kafka offsets are
 committed too, after the write, for lag tools only.
@@ -15,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +27,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListen
 
 from nettel.models import COUNTERS, StatEvent, decode_stat_event
 from nettel.store.minute import MinuteTable, PartitionPoint
+from nettel.store.rollup import RollupTable
 from nettel.stream.windows import PartitionWindows
 
 log = structlog.get_logger(__name__)
@@ -102,6 +105,8 @@ class StreamWorker:
         flush_interval_s: float = 30.0,
         epoch: int = 0,
         max_records: int = 50_000,
+        rollups: Sequence[RollupTable] = (),
+        rollup_interval_s: float = 0.0,
     ) -> None:
         self.bootstrap_servers = bootstrap_servers
         self.table = table
@@ -112,6 +117,9 @@ class StreamWorker:
         self.flush_interval_s = flush_interval_s
         self.epoch = epoch
         self.max_records = max_records
+        self.rollups = list(rollups)
+        self.rollup_interval_s = rollup_interval_s
+        self._next_roll = 0.0
         self.stats = WorkerStats()
         self._windows: dict[int, PartitionWindows] = {}
         self._consumer: Any = None
@@ -141,7 +149,10 @@ class StreamWorker:
             rows = []
             points = []
             for partition, pw in self._windows.items():
-                rows.extend(pw.close_ready())
+                closed = pw.close_ready()
+                for row in closed:
+                    row.partition = partition
+                rows.extend(closed)
                 point = pw.replay_point()
                 if point is not None:
                     points.append(PartitionPoint(self.topic, partition, point))
@@ -152,11 +163,19 @@ class StreamWorker:
             )
             self.stats.windows_written += len(rows)
             self.stats.flushes += 1
+            if time.monotonic() >= self._next_roll:
+                await asyncio.to_thread(self._roll, [p.partition for p in points])
+                self._next_roll = time.monotonic() + self.rollup_interval_s
             self.stats.late = sum(pw.late for pw in self._windows.values())
             with contextlib.suppress(Exception):  # for lag tools only; the store is the truth
                 await self._consumer.commit(
                     {TopicPartition(self.topic, p.partition): p.point.next_offset for p in points}
                 )
+
+    def _roll(self, partitions: list[int]) -> None:
+        for table in self.rollups:  # hour from minute, then day from hour
+            for p in partitions:
+                table.roll(p, writer=self.group, topic=self.topic, epoch=self.epoch)
 
     async def _dead_letter(self, record: Any, reason: str) -> None:
         self.stats.dead_lettered += 1

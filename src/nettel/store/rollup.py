@@ -1,0 +1,111 @@
+"""``hour`` and ``day`` tables rolled from the finer table's change data feed.
+
+A roll of one partition reads every row the finer table (``minute`` for ``hour``,
+``hour`` for ``day``) gained since the version consumed last time, aggregates them per
+container and period, and appends the result with the newly consumed version as an
+app transaction in the same commit. So every finer row — a late partial included —
+reaches the coarser table exactly once, whatever crashes: rows of one period may come
+in several partial rows, which readers add up (sums and counts add, mins take the
+min, maxes the max, ``connections_last`` the latest). Compaction may merge them.
+"""
+
+from __future__ import annotations
+
+import polars as pl
+from deltalake import DeltaTable, Transaction
+from deltalake.exceptions import TableNotFoundError
+
+from nettel.models import COUNTERS, TCP_STATES
+from nettel.store.minute import MinuteTable, minute_schema
+
+HOUR_MS = 3_600_000
+DAY_MS = 86_400_000
+IDENTITY = ("host", "container_id", "name", "image", "compose_project", "compose_service")
+
+
+def rollup_frame(frame: pl.DataFrame, period_ms: int) -> pl.DataFrame:
+    """Rows of ``frame`` (window-table schema) aggregated per container, partition, period.
+
+    Examples
+    --------
+    >>> import datetime as dt
+    >>> schema = minute_schema()
+    >>> t = [dt.datetime(2026, 11, 26, 10, m, tzinfo=dt.UTC) for m in (0, 1, 59)]
+    >>> rows = pl.DataFrame({"container": ["a"] * 3, "partition": [0] * 3, "ts": t,
+    ...                      "rx_bytes": [1, 2, 3], "rx_bytes_rate_max": [1.0, 9.0, 2.0],
+    ...                      "connections_last": [5, 6, 7]}).with_columns(
+    ...     [pl.lit(None).cast(d).alias(c) for c, d in schema.items()
+    ...      if c not in ("container", "partition", "ts", "rx_bytes", "rx_bytes_rate_max",
+    ...                   "connections_last")]).select(list(schema))
+    >>> out = rollup_frame(rows, 3_600_000)
+    >>> out.select("ts", "rx_bytes", "rx_bytes_rate_max", "connections_last").row(0)[1:]
+    (6, 9.0, 7)
+    """
+    schema = minute_schema()
+    sums = ["samples", "interval_ms", "resets", *COUNTERS]
+    period = (pl.col("ts").dt.epoch("ms") // period_ms) * period_ms
+    out = (
+        frame.sort("ts")
+        .with_columns(_period=period)
+        .group_by("container", "partition", "_period", maintain_order=True)
+        .agg(
+            [pl.col(c).sum() for c in sums]
+            + [pl.col(f"{c}_rate_min").min() for c in COUNTERS]
+            + [pl.col(f"{c}_rate_max").max() for c in COUNTERS]
+            + [pl.col("connections_max").max(), pl.col("connections_last").drop_nulls().last()]
+            + [pl.col(f"tcp_{s}_max").max() for s in TCP_STATES]
+            + [pl.col(c).drop_nulls().last() for c in IDENTITY]
+        )
+        .with_columns(
+            ts=pl.from_epoch("_period", time_unit="ms").dt.replace_time_zone("UTC"),
+            window_ms=pl.lit(period_ms, dtype=pl.Int64),
+        )
+        .with_columns(date=pl.col("ts").dt.strftime("%Y-%m-%d"))
+    )
+    return out.select([pl.col(c).cast(t) for c, t in schema.items()])
+
+
+class RollupTable(MinuteTable):
+    """A coarser table (``hour``, ``day``) rolled from ``source``'s change data feed."""
+
+    def __init__(self, uri: str, source: MinuteTable, period_ms: int, *,
+                 storage_options: dict[str, str] | None = None) -> None:  # fmt: skip
+        super().__init__(uri, storage_options=storage_options)
+        self.source = source
+        self.period_ms = period_ms
+
+    def consumed_version(self, writer: str, topic: str, partition: int, epoch: int) -> int:
+        """The source version this table has rolled through for ``partition`` (-1: none)."""
+        try:
+            table = DeltaTable(self.uri, storage_options=self.storage_options)
+        except TableNotFoundError:
+            return -1
+        v = table.transaction_version(self.app_id(writer, topic, partition, epoch, "source"))
+        return -1 if v is None else int(v)
+
+    def roll(self, partition: int, *, writer: str, topic: str, epoch: int) -> int:
+        """Roll what ``source`` gained for ``partition``; returns the rows appended."""
+        try:
+            src = DeltaTable(self.source.uri, storage_options=self.source.storage_options)
+        except TableNotFoundError:
+            return 0
+        latest = src.version()
+        done = self.consumed_version(writer, topic, partition, epoch)
+        if latest <= done:
+            return 0
+        cdf = src.load_cdf(
+            starting_version=done + 1, ending_version=latest, predicate=f"partition = {partition}"
+        )
+        changes = pl.DataFrame(pl.from_arrow(cdf))
+        if changes.width == 1 and changes.dtypes[0] == pl.Struct:
+            changes = changes.unnest(changes.columns[0])
+        if changes.height:
+            changes = changes.filter(pl.col("_change_type") == "insert")
+        rows = (
+            rollup_frame(changes.select(list(minute_schema())), self.period_ms)
+            if changes.height
+            else pl.DataFrame(schema=minute_schema())
+        )
+        txn = Transaction(self.app_id(writer, topic, partition, epoch, "source"), latest)
+        self.append_frame(rows.sort("container", "ts"), [txn])
+        return rows.height
