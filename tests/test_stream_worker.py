@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import random
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -15,7 +14,8 @@ import pytest
 from conftest import consume_all, wait_for
 from nettel.broker import EmbeddedBroker, ensure_topics
 from nettel.ingest.publisher import EventPublisher
-from nettel.models import COUNTERS, StatEvent, TcpStates, encode_stat_event, window_start
+from nettel.ingest.simulate import TrafficSimulator
+from nettel.models import COUNTERS, StatEvent, encode_stat_event, window_start
 from nettel.store.minute import MinuteTable
 from nettel.store.rollup import DAY_MS, HOUR_MS, RollupTable
 from nettel.stream.worker import StreamWorker
@@ -27,23 +27,9 @@ INTERVAL_MS = 5000
 
 
 def simulated(containers: int, hours: float, start_ms: int, seed: int = 1) -> list[StatEvent]:
-    """Samples every 5 s per container, with a daily-ish shape, noise and restarts."""
-    rng = random.Random(seed)
-    out = []
-    for step in range(int(hours * 3600_000 // INTERVAL_MS)):
-        ts = start_ms + step * INTERVAL_MS
-        for c in range(containers):
-            base = 1000 * (c + 1) * (2 if (ts // 3600_000) % 24 in range(8, 20) else 1)
-            rx = int(base * rng.uniform(0.5, 1.5))
-            out.append(StatEvent(
-                ts_ms=ts + rng.randint(0, 40), host="sim", container_id=f"id{c}",
-                identity=f"svc{c}", name=f"svc{c}", interval_ms=INTERVAL_MS, rx_bytes=rx,
-                tx_bytes=rx // 3, rx_packets=rx // 700, tx_packets=rx // 1400,
-                rx_errors=int(rng.random() < 0.01), connections=c % 7,
-                tcp=TcpStates(established=c % 7, time_wait=rng.randint(0, 3)),
-                counter_reset=rng.random() < 0.001,
-            ))  # fmt: skip
-    return out
+    """`nettel simulate`'s traffic: daily shape, noise, bursts, restarts."""
+    sim = TrafficSimulator(containers, seed=seed, restart_probability=0.001)
+    return list(sim.events(start_ms, round(hours * 3_600_000)))
 
 
 async def publish(bootstrap: str, events: list[StatEvent], extra: tuple[bytes, ...] = ()) -> None:

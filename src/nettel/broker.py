@@ -54,7 +54,8 @@ async def ensure_topics(
             log.info("topics_created", topics=created, bootstrap=bootstrap_servers)
         return created
     except (OSError, TimeoutError) as e:
-        raise BrokerUnavailableError(f"broker at {bootstrap_servers} did not answer: {e}") from e
+        why = str(e) or f"no answer within {timeout_s} s"
+        raise BrokerUnavailableError(f"broker at {bootstrap_servers} did not answer: {why}") from e
     except Exception as e:
         if type(e).__module__.startswith("aiokafka"):
             raise BrokerUnavailableError(

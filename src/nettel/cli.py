@@ -10,11 +10,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import signal
 import sys
 import tempfile
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -32,7 +34,9 @@ from nettel.config import Settings
 from nettel.errors import ConfigError, EngineUnavailableError, NettelError
 from nettel.ingest.publisher import EventPublisher
 from nettel.ingest.service import IngestService
+from nettel.ingest.simulate import TrafficSimulator
 from nettel.ingest.sources import EngineSource, ProcfsSource, Source
+from nettel.models import encode_stat_event
 from nettel.store.minute import MinuteTable
 from nettel.store.rollup import DAY_MS, HOUR_MS, RollupTable
 from nettel.stream.worker import StreamWorker
@@ -272,6 +276,39 @@ async def cmd_stream(settings: Settings) -> int:
     return 0
 
 
+async def cmd_simulate(settings: Settings, args: argparse.Namespace) -> int:
+    """Publish simulated traffic (and write its ground truth) to ``KAFKA_BOOTSTRAP_SERVERS``."""
+    if settings.kafka_bootstrap_servers is None:
+        raise ConfigError("KAFKA_BOOTSTRAP_SERVERS", None, "host:port of a running broker")
+    bootstrap = settings.kafka_bootstrap_servers
+    await ensure_topics(bootstrap, topic_partitions(settings))
+    sim = TrafficSimulator(args.containers, seed=args.seed, interval_ms=settings.sample_interval_ms)
+    duration_ms = round(args.hours * 3_600_000)
+    start_ms = args.start_ms if args.start_ms is not None else (
+        time.time_ns() // 1_000_000 - duration_ms)  # fmt: skip
+    spikes = sim.spikes(args.spikes, start_ms, duration_ms, seed=args.seed + 1)
+    if args.truth:
+        lines = "".join(json.dumps(spike.to_json()) + "\n" for spike in spikes)
+        await asyncio.to_thread(Path(args.truth).write_text, lines, encoding="utf-8")
+    publisher = EventPublisher(bootstrap, settings.topic_stats, max_buffer=1_000_000)
+    sent = 0
+    started = time.monotonic()
+    async with publisher:
+        for ev in sim.events(start_ms, duration_ms, spikes):
+            publisher.publish(ev.identity.encode(), encode_stat_event(ev))
+            sent += 1
+            if args.rate > 0 and sent % 100 == 0:
+                ahead = sent / args.rate - (time.monotonic() - started)
+                if ahead > 0:
+                    await asyncio.sleep(ahead)
+            if publisher.buffered > 200_000:
+                await publisher.drained(100_000)
+        await publisher.drained(0)
+    log.info("simulated", events=sent, containers=args.containers, spikes=len(spikes),
+             truth=args.truth, seconds=round(time.monotonic() - started, 1))  # fmt: skip
+    return 0
+
+
 async def doctor_checks(settings: Settings) -> list[tuple[str, bool, str, str]]:
     """(check, ok, what was found, how to fix) for engine, /proc, broker and data dir."""
     rows: list[tuple[str, bool, str, str]] = []
@@ -382,6 +419,18 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser(
         "stream", parents=[common], help="run the stream worker (minute windows) against a broker"
     )
+    sim = sub.add_parser(
+        "simulate", parents=[common], help="publish realistic simulated traffic with spikes"
+    )
+    sim.add_argument("--containers", type=int, default=20, help="simulated containers")
+    sim.add_argument("--hours", type=float, default=3.0, help="simulated time span")
+    sim.add_argument("--start-ms", dest="start_ms", type=int, default=None,
+                     help="first sample (epoch ms); default: now minus the span")  # fmt: skip
+    sim.add_argument("--rate", type=float, default=0.0,
+                     help="events per second to publish at (0: as fast as possible)")  # fmt: skip
+    sim.add_argument("--spikes", type=int, default=5, help="spikes to inject")
+    sim.add_argument("--truth", default=None, help="write the spikes (JSON lines) here")
+    sim.add_argument("--seed", type=int, default=1)
     sub.add_parser(
         "doctor", parents=[common], help="check engine, /proc, broker and data dir; say how to fix"
     )
@@ -389,12 +438,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 COMMANDS = {"up": cmd_up, "ingest": cmd_ingest, "stream": cmd_stream, "doctor": cmd_doctor}
+SIM_ARGS = ("containers", "hours", "start_ms", "rate", "spikes", "truth", "seed")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``nettel`` command."""
     args = build_parser().parse_args(argv)
-    overrides = {k: v for k, v in vars(args).items() if k != "command"}
+    overrides = {k: v for k, v in vars(args).items() if k != "command" and k not in SIM_ARGS}
     try:
         settings = Settings.from_env(**overrides)
     except ConfigError as e:
@@ -404,6 +454,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     level = "warning" if args.command == "doctor" and settings.log_level == "info" else None
     configure_logging(level or settings.log_level, settings.log_format)
     try:
+        if args.command == "simulate":
+            return asyncio.run(cmd_simulate(settings, args))
         return asyncio.run(COMMANDS[args.command](settings))
     except NettelError as e:
         log.error("fatal", error=str(e), retriable=e.retriable)

@@ -101,6 +101,12 @@ class EventPublisher:
         self._buf.append(_Item(next(self._seq), key, value))
         self._wake.set()
 
+    async def drained(self, at_most: int = 0) -> None:
+        """Wait until at most ``at_most`` events are buffered (backpressure for bulk senders)."""
+        while len(self._buf) > at_most:
+            self._wake.set()
+            await asyncio.sleep(0.01)
+
     async def pause(self) -> None:
         """Hold sending (events keep buffering); returns once no batch is in flight."""
         self._running.clear()
