@@ -129,9 +129,14 @@ class Sampler:
         except TimeoutError:
             log.warning("inventory_refresh_slow", deadline_s=deadline)
         units = [u for u in self.source.units() if u.identity not in self._in_flight]
-        fast = [u for u in units if self.source.reads_fast(u)]
-        jobs = [fast[i : i + self.chunk_size] for i in range(0, len(fast), self.chunk_size)]
-        jobs += [[u] for u in units if not self.source.reads_fast(u)]
+        fast: list[Unit] = []
+        jobs: list[list[Unit]] = []
+        for u in units:
+            if self.source.reads_fast(u):
+                fast.append(u)
+            else:
+                jobs.append([u])  # an engine API call: a job of its own
+        jobs += [fast[i : i + self.chunk_size] for i in range(0, len(fast), self.chunk_size)]
         futures: dict[asyncio.Future[list[Reading | Exception]], list[Unit]] = {}
         for job in jobs:
             self._in_flight.update(u.identity for u in job)

@@ -1,0 +1,105 @@
+"""Stream worker throughput and the minute table's bytes per stored value.
+
+Publishes a simulated span of traffic (`nettel simulate`'s generator) to the embedded
+broker first, then runs one stream worker (consume + decode + validate + window +
+Delta flush, rollups on) in this process until it has consumed everything, and reports
+events per second of wall time and of this process's CPU. The embedded broker's front
+runs in this process too, relaying every fetch: the figures are pessimistic for that.
+Bytes per stored value: the minute table's Parquet bytes over rows x value columns.
+
+    python bench/stream.py [--containers 100] [--hours 12]
+
+Writes bench/results/stream.json. Query latency is not measured yet (no query API).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from nettel.broker import EmbeddedBroker, free_loopback_port
+from nettel.ingest.publisher import EventPublisher
+from nettel.ingest.simulate import TrafficSimulator
+from nettel.models import encode_stat_event
+from nettel.store.minute import MinuteTable, minute_schema
+from nettel.store.rollup import DAY_MS, HOUR_MS, RollupTable
+from nettel.stream.worker import StreamWorker
+
+sys.path.insert(0, os.path.dirname(__file__))
+from common import write_result
+
+
+def parquet_bytes(folder: str) -> int:
+    return sum(f.stat().st_size for f in Path(folder).rglob("*.parquet"))
+
+
+def cpu_s() -> float:
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
+
+
+async def run(containers: int, hours: float) -> dict[str, Any]:
+    broker = EmbeddedBroker(free_loopback_port())
+    await broker.start(topics={"nettel.stats": 12, "nettel.stats.dlq": 1})
+    sim = TrafficSimulator(containers, seed=3)
+    start_ms = time.time_ns() // 1_000_000 - int((hours + 1) * HOUR_MS)
+    total = 0
+    publisher = EventPublisher(broker.bootstrap_servers, "nettel.stats", max_buffer=2_000_000)
+    async with publisher:
+        for ev in sim.events(start_ms, int(hours * HOUR_MS)):
+            publisher.publish(ev.identity.encode(), encode_stat_event(ev))
+            total += 1
+            if publisher.buffered > 200_000:
+                await publisher.drained(50_000)
+        await publisher.drained(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        minute = MinuteTable(f"{tmp}/minute")
+        hour = RollupTable(f"{tmp}/hour", minute, HOUR_MS)
+        day = RollupTable(f"{tmp}/day", hour, DAY_MS)
+        worker = StreamWorker(broker.bootstrap_servers, minute, flush_interval_s=5.0,
+                              rollups=[hour, day], rollup_interval_s=30.0)  # fmt: skip
+        stop = asyncio.Event()
+        c0, t0 = cpu_s(), time.monotonic()
+        task = asyncio.create_task(worker.run(stop))
+        while worker.stats.consumed < total:  # noqa: ASYNC110 - a bench polls
+            await asyncio.sleep(0.1)
+        stop.set()
+        await task  # the final flush (and roll) included
+        wall, cpu = time.monotonic() - t0, cpu_s() - c0
+        rows = minute.scan().select("samples").collect()
+        parquet = parquet_bytes(f"{tmp}/minute")
+        value_columns = len(minute_schema()) - 2  # all but date (partition) and container
+    await broker.stop()
+    return {
+        "containers": containers,
+        "simulated_hours": hours,
+        "events": total,
+        "wall_s": round(wall, 2),
+        "events_per_s_wall": round(total / wall),
+        "events_per_s_cpu": round(total / cpu),
+        "minute_rows": rows.height,
+        "minute_parquet_bytes": parquet,
+        "bytes_per_stored_value": round(parquet / max(rows.height * value_columns, 1), 3),
+        "flushes": worker.stats.flushes,
+        "target_events_per_s": 250_000,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--containers", type=int, default=100)
+    ap.add_argument("--hours", type=float, default=12.0)
+    args = ap.parse_args()
+    figures = asyncio.run(run(args.containers, args.hours))
+    write_result("stream", figures, "python bench/stream.py " + " ".join(sys.argv[1:]))
+
+
+if __name__ == "__main__":
+    main()
