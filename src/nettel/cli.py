@@ -37,6 +37,7 @@ from nettel.ingest.service import IngestService
 from nettel.ingest.simulate import TrafficSimulator
 from nettel.ingest.sources import EngineSource, ProcfsSource, Source
 from nettel.models import encode_stat_event
+from nettel.store.maintenance import maintain_table
 from nettel.store.minute import MinuteTable
 from nettel.store.rollup import DAY_MS, HOUR_MS, RollupTable
 from nettel.stream.worker import StreamWorker
@@ -309,6 +310,39 @@ async def cmd_simulate(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def _progress(done: int, total: int, what: str) -> None:
+    line = f"[{'#' * (20 * done // total):<20}] {done}/{total} {what}"
+    if sys.stderr.isatty():
+        print("\r" + line.ljust(78), end="" if done < total else "\n", file=sys.stderr, flush=True)
+    else:
+        print(line, file=sys.stderr, flush=True)
+
+
+async def cmd_store_maintain(settings: Settings) -> int:
+    """Retention, compaction and vacuum of minute, hour and day, with a progress bar."""
+    base = settings.data_dir.rstrip("/")
+    plan = [("minute", settings.retention_minute_days), ("hour", settings.retention_hour_days),
+            ("day", settings.retention_day_days)]  # fmt: skip
+    steps = 3 * len(plan)
+    done = 0
+    for name, days in plan:
+
+        def step(message: str) -> None:
+            nonlocal done
+            done = min(done + 1, steps)
+            _progress(done, steps, message)
+
+        report = await asyncio.to_thread(
+            maintain_table, f"{base}/{name}", name, retention_days=days or None, progress=step
+        )
+        done = 3 * (plan.index((name, days)) + 1)
+        _progress(done, steps, f"{name}: done")
+        log.info("store_maintained", table=name, partitions_deleted=report.partitions_deleted,
+                 files_before=report.files_before, files_after=report.files_after,
+                 files_vacuumed=report.files_vacuumed)  # fmt: skip
+    return 0
+
+
 async def doctor_checks(settings: Settings) -> list[tuple[str, bool, str, str]]:
     """(check, ok, what was found, how to fix) for engine, /proc, broker and data dir."""
     rows: list[tuple[str, bool, str, str]] = []
@@ -419,6 +453,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser(
         "stream", parents=[common], help="run the stream worker (minute windows) against a broker"
     )
+    store = sub.add_parser("store", help="operate on the data dir's tables")
+    store_sub = store.add_subparsers(dest="store_command", required=True, metavar="ACTION")
+    store_sub.add_parser("maintain", parents=[common],
+                         help="retention, compaction and vacuum of minute/hour/day")  # fmt: skip
     sim = sub.add_parser(
         "simulate", parents=[common], help="publish realistic simulated traffic with spikes"
     )
@@ -444,7 +482,8 @@ SIM_ARGS = ("containers", "hours", "start_ms", "rate", "spikes", "truth", "seed"
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``nettel`` command."""
     args = build_parser().parse_args(argv)
-    overrides = {k: v for k, v in vars(args).items() if k != "command" and k not in SIM_ARGS}
+    skip = {"command", "store_command", *SIM_ARGS}
+    overrides = {k: v for k, v in vars(args).items() if k not in skip}
     try:
         settings = Settings.from_env(**overrides)
     except ConfigError as e:
@@ -456,6 +495,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "simulate":
             return asyncio.run(cmd_simulate(settings, args))
+        if args.command == "store":
+            return asyncio.run(cmd_store_maintain(settings))
         return asyncio.run(COMMANDS[args.command](settings))
     except NettelError as e:
         log.error("fatal", error=str(e), retriable=e.retriable)

@@ -92,6 +92,15 @@ class Settings:
     flush_interval_s: float = _field(
         30.0, "NETTEL_FLUSH_INTERVAL_S", "seconds between the stream worker's table commits"
     )
+    retention_minute_days: int = _field(
+        14, "NETTEL_RETENTION_MINUTE_DAYS", "days the minute table keeps (0: forever)"
+    )
+    retention_hour_days: int = _field(
+        400, "NETTEL_RETENTION_HOUR_DAYS", "days the hour table keeps (0: forever)"
+    )
+    retention_day_days: int = _field(
+        0, "NETTEL_RETENTION_DAY_DAYS", "days the day table keeps (0: forever)"
+    )
     rollup_interval_s: float = _field(
         300.0, "NETTEL_ROLLUP_INTERVAL_S", "seconds between rolls of minute rows into hour and day"
     )
@@ -218,6 +227,9 @@ _PARSERS: dict[str, tuple[Callable[[str], Any], str]] = {
     "window_grace_s": (float, "a number of seconds in [0, 3600]"),
     "flush_interval_s": (float, "a number of seconds in (0, 3600]"),
     "rollup_interval_s": (float, "a number of seconds in [0, 86400]"),
+    "retention_minute_days": (int, "a whole number of days >= 0 (0: forever)"),
+    "retention_hour_days": (int, "a whole number of days >= 0 (0: forever)"),
+    "retention_day_days": (int, "a whole number of days >= 0 (0: forever)"),
 }
 
 
