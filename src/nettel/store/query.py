@@ -29,7 +29,7 @@ from deltalake.exceptions import TableNotFoundError
 
 from nettel.models import COUNTERS, TCP_STATES
 from nettel.store.minute import MinuteTable, minute_schema
-from nettel.store.rollup import DAY_MS, HOUR_MS, RollupTable
+from nettel.store.rollup import DAY_MS, HOUR_MS, RollupTable, inserted_rows
 
 MINUTE_MS = 60_000
 Table = Literal["minute", "hour", "day"]
@@ -107,20 +107,9 @@ class TrafficQuery:
             done = coarse.consumed_version(self.writer, self.topic, p, self.epoch)
             if done >= latest:
                 continue
-            cdf = src.load_cdf(starting_version=done + 1, ending_version=latest,
-                               predicate=f"partition = {p}")  # fmt: skip
-            changes = pl.DataFrame(pl.from_arrow(cdf))
-            if changes.width == 1 and changes.dtypes[0] == pl.Struct:
-                changes = changes.unnest(changes.columns[0])
-            if not changes.height:
-                continue
-            start_us, end_us = start_ms * 1000, end_ms * 1000
+            changes = inserted_rows(src, done + 1, latest, p)
             ts_us = pl.col("ts").dt.epoch("us")
-            frames.append(
-                changes.filter((pl.col("_change_type") == "insert")
-                               & (ts_us >= start_us) & (ts_us < end_us))
-                .select([pl.col(c).cast(t) for c, t in minute_schema().items()])
-            )  # fmt: skip
+            frames.append(changes.filter((ts_us >= start_ms * 1000) & (ts_us < end_ms * 1000)))
         return pl.concat(frames) if frames else pl.DataFrame(schema=minute_schema())
 
     def rows(self, start_ms: int, end_ms: int) -> pl.DataFrame:

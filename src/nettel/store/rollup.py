@@ -65,6 +65,25 @@ def rollup_frame(frame: pl.DataFrame, period_ms: int) -> pl.DataFrame:
     return out.select([pl.col(c).cast(t) for c, t in schema.items()])
 
 
+def inserted_rows(
+    table: DeltaTable, first_version: int, last_version: int, partition: int
+) -> pl.DataFrame:
+    """Rows inserted into ``table`` for ``partition`` in versions [first, last] (its CDF).
+
+    Compaction (no data change) and retention deletes add no inserted rows.
+    """
+    cdf = table.load_cdf(starting_version=first_version, ending_version=last_version,
+                         predicate=f"partition = {partition}")  # fmt: skip
+    changes = pl.DataFrame(pl.from_arrow(cdf))
+    if changes.width == 1 and changes.dtypes[0] == pl.Struct:
+        changes = changes.unnest(changes.columns[0])
+    if not changes.height:
+        return pl.DataFrame(schema=minute_schema())
+    return changes.filter(pl.col("_change_type") == "insert").select(
+        [pl.col(c).cast(t) for c, t in minute_schema().items()]
+    )
+
+
 class RollupTable(MinuteTable):
     """A coarser table (``hour``, ``day``) rolled from ``source``'s change data feed."""
 
@@ -93,16 +112,9 @@ class RollupTable(MinuteTable):
         done = self.consumed_version(writer, topic, partition, epoch)
         if latest <= done:
             return 0
-        cdf = src.load_cdf(
-            starting_version=done + 1, ending_version=latest, predicate=f"partition = {partition}"
-        )
-        changes = pl.DataFrame(pl.from_arrow(cdf))
-        if changes.width == 1 and changes.dtypes[0] == pl.Struct:
-            changes = changes.unnest(changes.columns[0])
-        if changes.height:
-            changes = changes.filter(pl.col("_change_type") == "insert")
+        changes = inserted_rows(src, done + 1, latest, partition)
         rows = (
-            rollup_frame(changes.select(list(minute_schema())), self.period_ms)
+            rollup_frame(changes, self.period_ms)
             if changes.height
             else pl.DataFrame(schema=minute_schema())
         )
