@@ -19,6 +19,7 @@ NETTEL_SOURCE='cgroups' is not valid: expected one of auto, engine, procfs
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import socket
 from collections.abc import Callable, Mapping
@@ -110,42 +111,9 @@ class Settings:
     )
 
     def __post_init__(self) -> None:
-        _check(
-            self.sample_interval_s > 0 and self.sample_interval_s <= 3600,
-            "sample_interval_s",
-            self.sample_interval_s,
-            "a number of seconds in (0, 3600]",
-        )
-        _check(
-            self.inventory_interval_s > 0,
-            "inventory_interval_s",
-            self.inventory_interval_s,
-            "a number of seconds > 0",
-        )
-        _check(
-            1 <= self.buffer_max_events <= 10_000_000,
-            "buffer_max_events",
-            self.buffer_max_events,
-            "a whole number from 1 to 10000000",
-        )
-        _check(
-            1 <= self.partitions <= 1000,
-            "partitions",
-            self.partitions,
-            "a whole number from 1 to 1000",
-        )
-        _check(
-            1 <= self.broker_port <= 65535,
-            "broker_port",
-            self.broker_port,
-            "a TCP port from 1 to 65535",
-        )
-        _check(
-            self.broker_max_rss_mb >= 32,
-            "broker_max_rss_mb",
-            self.broker_max_rss_mb,
-            "a whole number of MiB >= 32",
-        )
+        for name, number in _NUMBERS.items():
+            value = getattr(self, name)
+            _check(number.admits(value), name, value, number.allowed)
         for name in ("topic_stats", "topic_alerts", "topic_dlq"):
             value = getattr(self, name)
             _check(
@@ -217,19 +185,37 @@ class Settings:
 
 _LITERALS: dict[str, Any] = {"source": Source, "log_format": LogFormat, "log_level": LogLevel}
 
-_PARSERS: dict[str, tuple[Callable[[str], Any], str]] = {
-    "sample_interval_s": (float, "a number of seconds in (0, 3600]"),
-    "inventory_interval_s": (float, "a number of seconds > 0"),
-    "buffer_max_events": (int, "a whole number from 1 to 10000000"),
-    "partitions": (int, "a whole number from 1 to 1000"),
-    "broker_port": (int, "a TCP port from 1 to 65535"),
-    "broker_max_rss_mb": (int, "a whole number of MiB >= 32"),
-    "window_grace_s": (float, "a number of seconds in [0, 3600]"),
-    "flush_interval_s": (float, "a number of seconds in (0, 3600]"),
-    "rollup_interval_s": (float, "a number of seconds in [0, 86400]"),
-    "retention_minute_days": (int, "a whole number of days >= 0 (0: forever)"),
-    "retention_hour_days": (int, "a whole number of days >= 0 (0: forever)"),
-    "retention_day_days": (int, "a whole number of days >= 0 (0: forever)"),
+
+@dataclass(frozen=True, slots=True)
+class _Number:
+    """How a numeric setting is parsed and which values it admits (one place for both)."""
+
+    parse: Callable[[str], Any]
+    low: float
+    high: float
+    allowed: str
+    low_open: bool = False
+
+    def admits(self, value: float) -> bool:
+        above = value > self.low if self.low_open else value >= self.low
+        return above and value <= self.high
+
+
+_SECONDS_1H = "a number of seconds in (0, 3600]"
+_DAYS = "a whole number of days >= 0 (0: forever)"
+_NUMBERS: dict[str, _Number] = {
+    "sample_interval_s": _Number(float, 0, 3600, _SECONDS_1H, low_open=True),
+    "inventory_interval_s": _Number(float, 0, math.inf, "a number of seconds > 0", low_open=True),
+    "buffer_max_events": _Number(int, 1, 10_000_000, "a whole number from 1 to 10000000"),
+    "partitions": _Number(int, 1, 1000, "a whole number from 1 to 1000"),
+    "broker_port": _Number(int, 1, 65535, "a TCP port from 1 to 65535"),
+    "broker_max_rss_mb": _Number(int, 32, math.inf, "a whole number of MiB >= 32"),
+    "window_grace_s": _Number(float, 0, 3600, "a number of seconds in [0, 3600]"),
+    "flush_interval_s": _Number(float, 0, 3600, _SECONDS_1H, low_open=True),
+    "rollup_interval_s": _Number(float, 0, 86400, "a number of seconds in [0, 86400]"),
+    "retention_minute_days": _Number(int, 0, math.inf, _DAYS),
+    "retention_hour_days": _Number(int, 0, math.inf, _DAYS),
+    "retention_day_days": _Number(int, 0, math.inf, _DAYS),
 }
 
 
@@ -242,13 +228,13 @@ def _env_name(field_name: str) -> str:
 
 
 def _parse(name: str, env: str, raw: str) -> Any:
-    if name not in _PARSERS:
+    number = _NUMBERS.get(name)
+    if number is None:
         return raw.strip()
-    parser, allowed = _PARSERS[name]
     try:
-        return parser(raw.strip())
+        return number.parse(raw.strip())
     except ValueError:
-        raise ConfigError(env, raw, allowed) from None
+        raise ConfigError(env, raw, number.allowed) from None
 
 
 def _check(ok: bool, name: str, value: object, allowed: str) -> None:
