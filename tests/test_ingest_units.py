@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
+import time
 
 import pytest
 from hypothesis import given
@@ -71,7 +71,6 @@ class ScriptedSource:
         self._units = units
         self.behaviour = behaviour
         self.values: dict[str, int] = {}
-        self.release = asyncio.Event()
 
     def refresh(self) -> None:
         return None
@@ -89,14 +88,10 @@ class ScriptedSource:
         if how == "bug":
             raise RuntimeError("source bug")
         if how == "slow":
-            import time
-
             time.sleep(1.0)
         self.values[unit.identity] = self.values.get(unit.identity, 0) + 100
         v = self.values[unit.identity]
-        import time as _t
-
-        return Reading(_t.time_ns() // 10**6, 1, InterfaceCounters(rx_bytes=v), None, "scripted")
+        return Reading(time.time_ns() // 10**6, 1, InterfaceCounters(rx_bytes=v), None, "scripted")
 
     def close(self) -> None:
         return None

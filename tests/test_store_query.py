@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 import asyncio
-import time
 from pathlib import Path
 
 import pytest
 
 from conftest import wait_for
-from nettel.broker import EmbeddedBroker, ensure_topics
+from nettel.broker import EmbeddedBroker
 from nettel.models import COUNTERS, StatEvent, window_start
 from nettel.store.minute import MinuteTable
 from nettel.store.query import TrafficQuery, split_range
 from nettel.stream.worker import StreamWorker
-from test_stream_worker import TOPICS, publish, rollups, simulated
+from test_stream_worker import publish, rollups, scenario
 
 pytestmark = pytest.mark.broker
 
@@ -47,10 +46,7 @@ async def run(bootstrap: str, table: MinuteTable, consumed: int, rollup_interval
 async def test_totals_are_exact_from_coarse_tables_even_when_rollups_lag(
     broker: EmbeddedBroker, tmp_path: Path
 ) -> None:
-    start = (time.time_ns() // 1_000_000 - 60 * HOUR) // HOUR * HOUR
-    events = simulated(3, 50 + 2 / 60, start, seed=6)
-    cutoff = start + 50 * HOUR  # windows before this are closed on every partition
-    await ensure_topics(broker.bootstrap_servers, TOPICS)
+    events, start, cutoff = await scenario(broker.bootstrap_servers, 3, 50, seed=6)
     table = MinuteTable(str(tmp_path / "minute"))
     half = len(events) // 2
     await publish(broker.bootstrap_servers, events[:half])

@@ -93,27 +93,41 @@ async def run_worker(
     return worker
 
 
+async def scenario(
+    bootstrap: str, containers: int, hours: int, seed: int
+) -> tuple[list[StatEvent], int, int]:
+    """Simulated traffic starting on an hour, hours ago, plus 2 minutes so that every
+    partition's event time passes the last hour's end + grace; topics created.
+    Returns (events, start, cutoff): every window before the cutoff is closed."""
+    start = (time.time_ns() // 1_000_000 - (hours + 1) * HOUR_MS) // HOUR_MS * HOUR_MS
+    events = simulated(containers, hours + 2 / 60, start, seed=seed)
+    await ensure_topics(bootstrap, TOPICS)
+    return events, start, start + hours * HOUR_MS
+
+
+def assert_exact(table: MinuteTable, events: list[StatEvent], cutoff: int) -> None:
+    """minute and hour equal the events before the cutoff; day equals minute so far."""
+    assert table_windows(table, cutoff) == expected_windows(events, cutoff)
+    hour, day = rollups(table)
+    assert table_windows(hour, cutoff, HOUR_MS) == expected_windows(events, cutoff, HOUR_MS)
+    # the day is not over: the day table holds exactly what the minute table holds so far
+    assert table_windows(day, 2**62, DAY_MS) == table_windows(table, 2**62, DAY_MS)
+
+
 async def test_minute_sums_equal_the_produced_events_exactly(
     broker: EmbeddedBroker, tmp_path: Path
 ) -> None:
-    start = (time.time_ns() // 1_000_000 - 4 * 3600_000) // 3600_000 * 3600_000
-    events = simulated(20, 3 + 2 / 60, start)
-    cutoff = start + 3 * 3600_000  # every partition's event time passes this + grace
+    events, start, cutoff = await scenario(broker.bootstrap_servers, 20, 3, seed=1)
     bad = (b"{not json", b'{"ts_ms": "soon"}', encode_stat_event(StatEvent(
         ts_ms=start, host="h", container_id="x", identity="x", name="x", interval_ms=5000,
         rx_bytes=-5)))  # fmt: skip
-    await ensure_topics(broker.bootstrap_servers, TOPICS)
     await publish(broker.bootstrap_servers, events, bad)
     table = MinuteTable(str(tmp_path / "minute"))
     worker = await run_worker(
         broker.bootstrap_servers, table,
         lambda w: w.stats.consumed >= len(events) + len(bad) and w.stats.flushes >= 2,
     )  # fmt: skip
-    assert table_windows(table, cutoff) == expected_windows(events, cutoff)
-    hour, day = rollups(table)
-    assert table_windows(hour, cutoff, HOUR_MS) == expected_windows(events, cutoff, HOUR_MS)
-    # the day is not over: the day table holds exactly what the minute table holds so far
-    assert table_windows(day, 2**62, DAY_MS) == table_windows(table, 2**62, DAY_MS)
+    assert_exact(table, events, cutoff)
     assert worker.stats.dead_lettered == 3
     dlq = await consume_all(broker.bootstrap_servers, "nettel.stats.dlq")
     reasons = sorted(dict(m.headers)["nettel-error"].decode()[:20] for m in dlq)
@@ -124,10 +138,7 @@ async def test_minute_sums_equal_the_produced_events_exactly(
 async def test_a_restarted_worker_resumes_from_the_store_and_counts_nothing_twice(
     broker: EmbeddedBroker, tmp_path: Path
 ) -> None:
-    start = (time.time_ns() // 1_000_000 - 4 * 3600_000) // 3600_000 * 3600_000
-    events = simulated(8, 1 + 2 / 60, start, seed=2)
-    cutoff = start + 3600_000
-    await ensure_topics(broker.bootstrap_servers, TOPICS)
+    events, _, cutoff = await scenario(broker.bootstrap_servers, 8, 1, seed=2)
     half = len(events) // 2
     await publish(broker.bootstrap_servers, events[:half])
     table = MinuteTable(str(tmp_path / "minute"))
@@ -139,19 +150,19 @@ async def test_a_restarted_worker_resumes_from_the_store_and_counts_nothing_twic
         broker.bootstrap_servers, table,
         lambda w: w.stats.flushes >= 2 and w.stats.consumed >= len(events) - half,
     )  # fmt: skip
-    assert table_windows(table, cutoff) == expected_windows(events, cutoff)
+    assert_exact(table, events, cutoff)
 
 
 async def test_two_workers_split_the_partitions_and_one_takes_over_when_the_other_dies(
     broker: EmbeddedBroker, tmp_path: Path
 ) -> None:
-    start = (time.time_ns() // 1_000_000 - 4 * 3600_000) // 3600_000 * 3600_000
-    events = simulated(12, 1 + 2 / 60, start, seed=4)
-    cutoff = start + 3600_000
-    await ensure_topics(broker.bootstrap_servers, TOPICS)
+    events, _, cutoff = await scenario(broker.bootstrap_servers, 12, 1, seed=4)
     table = MinuteTable(str(tmp_path / "minute"))
-    first = StreamWorker(broker.bootstrap_servers, table, flush_interval_s=0.5)
-    second = StreamWorker(broker.bootstrap_servers, table, flush_interval_s=0.5)
+    # each worker rolls the partitions it owns into the shared hour and day tables
+    first = StreamWorker(broker.bootstrap_servers, table, flush_interval_s=0.5,
+                         rollups=rollups(table))  # fmt: skip
+    second = StreamWorker(broker.bootstrap_servers, table, flush_interval_s=0.5,
+                          rollups=rollups(table))  # fmt: skip
     stop_first, stop_second = asyncio.Event(), asyncio.Event()
     tasks = [asyncio.create_task(first.run(stop_first)),
              asyncio.create_task(second.run(stop_second))]  # fmt: skip
@@ -172,4 +183,4 @@ async def test_two_workers_split_the_partitions_and_one_takes_over_when_the_othe
     finally:
         stop_second.set()
         await asyncio.gather(*tasks[1:], return_exceptions=True)
-    assert table_windows(table, cutoff) == expected_windows(events, cutoff)
+    assert_exact(table, events, cutoff)

@@ -316,12 +316,3 @@ class NetnsReader:
         cutoff = now_ns - int(self.forget_after_s * 1e9)
         for inode in [k for k, m in list(self._memo.items()) if m.used_ns < cutoff]:
             self._memo.pop(inode, None)
-
-
-def read_netns(pid: int, proc_root: str = "/proc") -> NetnsReading:
-    """Read counters and TCP states of ``pid``'s network namespace (always walks, procfs).
-
-    Raises ``OSError`` (``FileNotFoundError``, ``ProcessLookupError``) when the process
-    is gone.
-    """
-    return NetnsReader(proc_root, netlink=False).read(pid)

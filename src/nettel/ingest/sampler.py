@@ -17,7 +17,7 @@ from collections.abc import Callable
 import structlog
 
 from nettel.errors import SampleError
-from nettel.ingest.counters import CounterTracker
+from nettel.ingest.counters import CounterDelta, CounterTracker
 from nettel.ingest.sources import Reading, Source
 from nettel.ingest.units import Unit
 from nettel.models import StatEvent
@@ -28,22 +28,21 @@ log = structlog.get_logger(__name__)
 FORGET_AFTER_MS = 3_600_000
 
 
-def build_event(
-    unit: Unit, reading: Reading, host: str, interval_ms: int, reset: bool, deltas: Reading
-) -> StatEvent:
-    """The event for one unit's delta (``deltas.counters`` are the differences).
+def build_event(unit: Unit, reading: Reading, delta: CounterDelta, host: str) -> StatEvent:
+    """The event for one unit: ``delta``'s counters, ``reading``'s time and sockets.
 
     Examples
     --------
     >>> from nettel.ingest.procfs import InterfaceCounters
     >>> u = Unit(identity="shop/api", container_id="c1", name="api-1", pid=7)
-    >>> r = Reading(ts_ms=5000, netns=1, counters=InterfaceCounters(rx_bytes=9), tcp=None,
+    >>> r = Reading(ts_ms=5000, netns=1, counters=InterfaceCounters(rx_bytes=109), tcp=None,
     ...             source="procfs")
-    >>> ev = build_event(u, r, "h", 5000, False, r)
-    >>> (ev.identity, ev.rx_bytes, ev.connections, ev.counter_reset)
-    ('shop/api', 9, None, False)
+    >>> d = CounterDelta(InterfaceCounters(rx_bytes=9), interval_ms=5000, reset=False)
+    >>> ev = build_event(u, r, d, "h")
+    >>> (ev.identity, ev.rx_bytes, ev.interval_ms, ev.connections, ev.counter_reset)
+    ('shop/api', 9, 5000, None, False)
     """
-    c = deltas.counters
+    c = delta.counters
     return StatEvent(
         ts_ms=reading.ts_ms,
         host=host,
@@ -53,7 +52,7 @@ def build_event(
         image=unit.image,
         compose_project=unit.compose_project,
         compose_service=unit.compose_service,
-        interval_ms=interval_ms,
+        interval_ms=delta.interval_ms,
         rx_bytes=c.rx_bytes,
         tx_bytes=c.tx_bytes,
         rx_packets=c.rx_packets,
@@ -64,7 +63,7 @@ def build_event(
         tx_drops=c.tx_drops,
         connections=None if reading.tcp is None else reading.tcp.connections,
         tcp=reading.tcp,
-        counter_reset=reset,
+        counter_reset=delta.reset,
         source=reading.source,
     )
 
@@ -196,8 +195,7 @@ class Sampler:
             return None
         if delta.reset:
             log.info("counter_reset", container=unit.identity, container_id=unit.container_id[:12])
-        deltas = Reading(reading.ts_ms, reading.netns, delta.counters, reading.tcp, reading.source)
-        return build_event(unit, reading, self.host, delta.interval_ms, delta.reset, deltas)
+        return build_event(unit, reading, delta, self.host)
 
     def _forget_stale(self) -> None:
         if not self._last_seen_ms:
