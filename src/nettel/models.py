@@ -165,7 +165,9 @@ class WindowAggregate:
 
     Per counter: the sum of deltas and the min and max of the per-sample rate (per
     second). The mean rate is ``sum / (interval_ms / 1000)``: sums, counts, min and max
-    roll up exactly to hours and days, means and percentiles would not.
+    roll up exactly to hours and days, means and percentiles would not. Connections
+    (a gauge): last, max, min, and the sum and count of the samples that had it, so
+    the mean is ``connections_sum / connections_samples`` at any resolution.
     """
 
     identity: str
@@ -185,6 +187,9 @@ class WindowAggregate:
     rate_max: dict[str, float] = field(default_factory=dict)
     connections_last: int | None = None
     connections_max: int | None = None
+    connections_min: int | None = None
+    connections_sum: int = 0
+    connections_samples: int = 0
     tcp_max: dict[str, int] = field(default_factory=dict)
     partition: int = -1
     _last_ts_ms: int = -1
@@ -211,8 +216,10 @@ class WindowAggregate:
         ...     identity="web", name="web", interval_ms=5000, rx_bytes=1500, connections=1))
         >>> w.samples, w.sums["rx_bytes"], w.rate_min["rx_bytes"], w.rate_max["rx_bytes"]
         (2, 2000, 100.0, 300.0)
-        >>> w.connections_last, w.connections_max, w.mean_rate("rx_bytes")
-        (1, 3, 200.0)
+        >>> w.connections_last, w.connections_max, w.connections_min, w.mean_rate("rx_bytes")
+        (1, 3, 1, 200.0)
+        >>> w.connections_sum, w.connections_samples
+        (4, 2)
         """
         self.samples += 1
         self.interval_ms += ev.interval_ms
@@ -231,6 +238,10 @@ class WindowAggregate:
             if ev.ts_ms >= self._last_ts_ms:
                 self.connections_last = ev.connections
             self.connections_max = max(self.connections_max or 0, ev.connections)
+            if self.connections_min is None or ev.connections < self.connections_min:
+                self.connections_min = ev.connections
+            self.connections_sum += ev.connections
+            self.connections_samples += 1
         if ev.tcp is not None:
             for state in TCP_STATES:
                 self.tcp_max[state] = max(self.tcp_max.get(state, 0), getattr(ev.tcp, state))

@@ -66,6 +66,9 @@ def minute_schema() -> dict[str, pl.DataType]:
         schema[f"{c}_rate_max"] = pl.Float64()
     schema["connections_last"] = pl.Int64()
     schema["connections_max"] = pl.Int64()
+    schema["connections_min"] = pl.Int64()
+    schema["connections_sum"] = pl.Int64()
+    schema["connections_samples"] = pl.Int64()
     for state in TCP_STATES:
         schema[f"tcp_{state}_max"] = pl.Int64()
     return schema
@@ -94,7 +97,8 @@ def rows_frame(rows: Sequence[WindowAggregate]) -> pl.DataFrame:
         cols["ts"].append(start)
         for k in ("partition", "window_ms", "host", "container_id", "name", "image",
                   "compose_project", "compose_service", "samples", "interval_ms", "resets",
-                  "connections_last", "connections_max"):  # fmt: skip
+                  "connections_last", "connections_max", "connections_min",
+                  "connections_sum", "connections_samples"):  # fmt: skip
             cols[k].append(getattr(r, k))
         for c in COUNTERS:
             cols[c].append(r.sums[c])

@@ -42,7 +42,8 @@ def rollup_frame(frame: pl.DataFrame, period_ms: int) -> pl.DataFrame:
     (6, 9.0, 7)
     """
     schema = minute_schema()
-    sums = ["samples", "interval_ms", "resets", *COUNTERS]
+    sums = ["samples", "interval_ms", "resets", *COUNTERS, "connections_sum",
+            "connections_samples"]  # fmt: skip
     period = (pl.col("ts").dt.epoch("ms") // period_ms) * period_ms
     out = (
         frame.sort("ts")
@@ -52,7 +53,8 @@ def rollup_frame(frame: pl.DataFrame, period_ms: int) -> pl.DataFrame:
             [pl.col(c).sum() for c in sums]
             + [pl.col(f"{c}_rate_min").min() for c in COUNTERS]
             + [pl.col(f"{c}_rate_max").max() for c in COUNTERS]
-            + [pl.col("connections_max").max(), pl.col("connections_last").drop_nulls().last()]
+            + [pl.col("connections_max").max(), pl.col("connections_min").min()]
+            + [pl.col("connections_last").drop_nulls().last()]
             + [pl.col(f"tcp_{s}_max").max() for s in TCP_STATES]
             + [pl.col(c).drop_nulls().last() for c in IDENTITY]
         )
