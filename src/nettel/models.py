@@ -142,6 +142,18 @@ COUNTERS: Final = (
     "rx_errors", "tx_errors", "rx_drops", "tx_drops",
 )  # fmt: skip
 
+#: Both directions together: metrics whose rate extremes windows keep too (their sums
+#: are the sums of their parts).
+TOTALS: Final = {
+    "bytes": ("rx_bytes", "tx_bytes"),
+    "packets": ("rx_packets", "tx_packets"),
+    "errors": ("rx_errors", "tx_errors"),
+    "drops": ("rx_drops", "tx_drops"),
+}
+
+#: Every metric with a sum and per-second rate extremes: the counters, then the totals.
+RATE_METRICS: Final = (*COUNTERS, *TOTALS)
+
 #: TCP states kept as per-window maxima.
 TCP_STATES: Final = tuple(TCP_STATE_NAMES.values())
 
@@ -164,8 +176,9 @@ class WindowAggregate:
     """One container's traffic over one window, as the ``minute`` table stores it.
 
     Per counter: the sum of deltas and the min and max of the per-sample rate (per
-    second). The mean rate is ``sum / (interval_ms / 1000)``: sums, counts, min and max
-    roll up exactly to hours and days, means and percentiles would not. Connections
+    second); per total of both directions (:data:`TOTALS`), the rate extremes too. The
+    mean rate is ``sum / (interval_ms / 1000)``: sums, counts, min and max roll up
+    exactly to hours and days, means and percentiles would not. Connections
     (a gauge): last, max, min, and the sum and count of the samples that had it, so
     the mean is ``connections_sum / connections_samples`` at any resolution.
     """
@@ -225,9 +238,13 @@ class WindowAggregate:
         self.interval_ms += ev.interval_ms
         self.resets += ev.counter_reset
         seconds = ev.interval_ms / 1000
-        for name in COUNTERS:
-            value: int = getattr(ev, name)
-            self.sums[name] += value
+        for name in RATE_METRICS:
+            parts = TOTALS.get(name)
+            if parts is None:
+                value: int = getattr(ev, name)
+                self.sums[name] += value
+            else:
+                value = getattr(ev, parts[0]) + getattr(ev, parts[1])
             if seconds > 0:
                 rate = value / seconds
                 if name not in self.rate_min or rate < self.rate_min[name]:

@@ -28,7 +28,7 @@ from deltalake import (
 )
 from deltalake.exceptions import TableNotFoundError
 
-from nettel.models import COUNTERS, TCP_STATES, ReplayPoint, WindowAggregate
+from nettel.models import COUNTERS, TCP_STATES, TOTALS, ReplayPoint, WindowAggregate
 
 #: The replay point's fields, each stored as one app transaction per partition.
 POINT_FIELDS = ("resume_offset", "event_time_ms", "next_offset", "written_through_ms")
@@ -64,6 +64,9 @@ def minute_schema() -> dict[str, pl.DataType]:
         schema[c] = pl.Int64()
         schema[f"{c}_rate_min"] = pl.Float64()
         schema[f"{c}_rate_max"] = pl.Float64()
+    for t in TOTALS:
+        schema[f"{t}_rate_min"] = pl.Float64()
+        schema[f"{t}_rate_max"] = pl.Float64()
     schema["connections_last"] = pl.Int64()
     schema["connections_max"] = pl.Int64()
     schema["connections_min"] = pl.Int64()
@@ -104,6 +107,9 @@ def rows_frame(rows: Sequence[WindowAggregate]) -> pl.DataFrame:
             cols[c].append(r.sums[c])
             cols[f"{c}_rate_min"].append(r.rate_min.get(c))
             cols[f"{c}_rate_max"].append(r.rate_max.get(c))
+        for t in TOTALS:
+            cols[f"{t}_rate_min"].append(r.rate_min.get(t))
+            cols[f"{t}_rate_max"].append(r.rate_max.get(t))
         for state in TCP_STATES:
             cols[f"tcp_{state}_max"].append(r.tcp_max.get(state))
     return pl.DataFrame(cols, schema=schema).sort("container", "ts")

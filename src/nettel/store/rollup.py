@@ -15,7 +15,7 @@ import polars as pl
 from deltalake import DeltaTable, Transaction
 from deltalake.exceptions import TableNotFoundError
 
-from nettel.models import COUNTERS, TCP_STATES
+from nettel.models import COUNTERS, RATE_METRICS, TCP_STATES
 from nettel.store.minute import MinuteTable, minute_schema
 
 HOUR_MS = 3_600_000
@@ -51,8 +51,8 @@ def rollup_frame(frame: pl.DataFrame, period_ms: int) -> pl.DataFrame:
         .group_by("container", "partition", "_period", maintain_order=True)
         .agg(
             [pl.col(c).sum() for c in sums]
-            + [pl.col(f"{c}_rate_min").min() for c in COUNTERS]
-            + [pl.col(f"{c}_rate_max").max() for c in COUNTERS]
+            + [pl.col(f"{c}_rate_min").min() for c in RATE_METRICS]
+            + [pl.col(f"{c}_rate_max").max() for c in RATE_METRICS]
             + [pl.col("connections_max").max(), pl.col("connections_min").min()]
             + [pl.col("connections_last").drop_nulls().last()]
             + [pl.col(f"tcp_{s}_max").max() for s in TCP_STATES]
