@@ -32,7 +32,7 @@ def fill(table: MinuteTable, days_back: int, commits: int, t0: int = T0) -> None
             for r in rows:
                 r.partition = 0
             point = ReplayPoint(c, -1, c + 1, -1)
-            table.append(rows, [PartitionPoint("nettel.stats", 0, point)], writer="w", epoch=0)
+            table.append(rows, [PartitionPoint("nettel.stats", 0, point)], writer="w")
 
 
 def totals(uri: str, since: str) -> dict[str, int]:
@@ -47,7 +47,7 @@ def test_retention_compaction_vacuum_keep_every_answer(tmp_path: Path) -> None:
     minute = MinuteTable(str(tmp_path / "minute"))
     fill(minute, days_back=20, commits=4)
     hour = RollupTable(str(tmp_path / "hour"), minute, HOUR_MS)
-    hour.roll(0, writer="w", topic="nettel.stats", epoch=0)
+    hour.roll(0, writer="w", topic="nettel.stats")
     keep_from = (TODAY - dt.timedelta(days=14)).isoformat()
     before = totals(minute.uri, keep_from)
     hour_before = totals(hour.uri, "0000")
@@ -73,7 +73,7 @@ def test_retention_compaction_vacuum_keep_every_answer(tmp_path: Path) -> None:
     assert all(a == before for a in answers), "a query during maintenance saw a partial state"
     assert len(DeltaTable(minute.uri).file_uris()) < files_before
     # the rollup reads the change data feed: compaction must not look like new rows
-    hour.roll(0, writer="w", topic="nettel.stats", epoch=0)
+    hour.roll(0, writer="w", topic="nettel.stats")
     assert totals(hour.uri, "0000") == hour_before
 
 

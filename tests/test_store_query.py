@@ -69,8 +69,8 @@ async def test_totals_are_exact_from_coarse_tables_even_when_rollups_lag(
     # once the rollups catch up, a long range reads far fewer rows than minute holds
     hour, day = rollups(table)
     for p in range(4):
-        hour.roll(p, writer="nettel-stream", topic="nettel.stats", epoch=0)
-        day.roll(p, writer="nettel-stream", topic="nettel.stats", epoch=0)
+        hour.roll(p, writer="nettel-stream", topic="nettel.stats")
+        day.roll(p, writer="nettel-stream", topic="nettel.stats")
     caught_up = query.rows(start, cutoff).height
     assert caught_up < lagging
     assert caught_up < table.scan().collect().height / 10

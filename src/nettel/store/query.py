@@ -104,7 +104,7 @@ class TrafficQuery:
         latest = src.version()
         frames = []
         for p in range(self.partitions):
-            done = coarse.consumed_version(self.writer, self.topic, p, self.epoch)
+            done = coarse.consumed_version(self.writer, self.topic, p)
             if done >= latest:
                 continue
             changes = inserted_rows(src, done + 1, latest, p)

@@ -95,23 +95,27 @@ class RollupTable(MinuteTable):
         self.source = source
         self.period_ms = period_ms
 
-    def consumed_version(self, writer: str, topic: str, partition: int, epoch: int) -> int:
-        """The source version this table has rolled through for ``partition`` (-1: none)."""
+    def consumed_version(self, writer: str, topic: str, partition: int) -> int:
+        """The source version this table has rolled through for ``partition`` (-1: none).
+
+        It counts versions of the source table, not broker offsets: it does not change
+        with the broker's epoch (a rotation must not roll the source again from 0).
+        """
         try:
             table = DeltaTable(self.uri, storage_options=self.storage_options)
         except TableNotFoundError:
             return -1
-        v = table.transaction_version(self.app_id(writer, topic, partition, epoch, "source"))
+        v = table.transaction_version(self.app_id(writer, topic, partition, 0, "source"))
         return -1 if v is None else int(v)
 
-    def roll(self, partition: int, *, writer: str, topic: str, epoch: int) -> int:
+    def roll(self, partition: int, *, writer: str, topic: str) -> int:
         """Roll what ``source`` gained for ``partition``; returns the rows appended."""
         try:
             src = DeltaTable(self.source.uri, storage_options=self.source.storage_options)
         except TableNotFoundError:
             return 0
         latest = src.version()
-        done = self.consumed_version(writer, topic, partition, epoch)
+        done = self.consumed_version(writer, topic, partition)
         if latest <= done:
             return 0
         changes = inserted_rows(src, done + 1, latest, partition)
@@ -120,6 +124,6 @@ class RollupTable(MinuteTable):
             if changes.height
             else pl.DataFrame(schema=minute_schema())
         )
-        txn = Transaction(self.app_id(writer, topic, partition, epoch, "source"), latest)
+        txn = Transaction(self.app_id(writer, topic, partition, 0, "source"), latest)
         self.append_frame(rows.sort("container", "ts"), [txn])
         return rows.height

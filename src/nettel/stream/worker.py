@@ -175,7 +175,7 @@ class StreamWorker:
     def _roll(self, partitions: list[int]) -> None:
         for table in self.rollups:  # hour from minute, then day from hour
             for p in partitions:
-                table.roll(p, writer=self.group, topic=self.topic, epoch=self.epoch)
+                table.roll(p, writer=self.group, topic=self.topic)
 
     async def _dead_letter(self, record: Any, reason: str) -> None:
         self.stats.dead_lettered += 1
