@@ -32,7 +32,7 @@ def fill(table: MinuteTable, days_back: int, commits: int, t0: int = T0) -> None
             for r in rows:
                 r.partition = 0
             point = ReplayPoint(c, -1, c + 1, -1)
-            table.append(rows, [PartitionPoint("nettel.stats", 0, point)], writer="w")
+            table.append(rows, [PartitionPoint("nettel.stats", 0, point)], writer="w", epoch=0)
 
 
 def totals(uri: str, since: str) -> dict[str, int]:
