@@ -3,15 +3,26 @@
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
+from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from conftest import wait_for
 from nettel.broker import EmbeddedBroker
-from nettel.models import COUNTERS, StatEvent, window_start
+from nettel.errors import QueryError
+from nettel.models import COUNTERS, TOTALS, StatEvent, window_start
 from nettel.store.minute import MinuteTable
-from nettel.store.query import TrafficQuery, split_range
+from nettel.store.query import (
+    AGGREGATIONS,
+    RESOLUTIONS,
+    Aggregation,
+    TrafficQuery,
+    bucket_start,
+    split_range,
+)
 from nettel.stream.worker import StreamWorker
 from test_stream_worker import publish, rollups, scenario
 
@@ -28,6 +39,114 @@ def expected(events: list[StatEvent], start: int, end: int) -> dict[str, dict[st
             for c in COUNTERS:
                 acc[c] += getattr(e, c)
     return out
+
+
+def metric_value(e: StatEvent, metric: str) -> int | None:
+    if metric == "connections":
+        return e.connections
+    return sum(int(getattr(e, c)) for c in TOTALS.get(metric, (metric,)))
+
+
+Expected = dict[tuple[str, int], float | int | None]
+
+
+def expected_series(events: list[StatEvent], start: int, end: int, bucket: Callable[[int], int],
+                    metric: str, agg: Aggregation) -> Expected:  # fmt: skip
+    """Each container's value per bucket, computed from the events alone."""
+    acc: dict[tuple[str, int], list[StatEvent]] = defaultdict(list)
+    for e in events:
+        if start <= window_start(e.ts_ms) < end:
+            acc[(e.identity, bucket(window_start(e.ts_ms)))].append(e)
+    out: Expected = {}
+    for key, evs in acc.items():
+        vals = [(metric_value(e, metric), e.interval_ms) for e in evs]
+        if metric == "connections":
+            have = [v for v, _ in vals if v is not None]
+            if agg in ("sum", "avg"):
+                out[key] = sum(have) / len(have) if have else None
+            else:
+                out[key] = (max if agg == "max" else min)(have) if have else None
+        elif agg == "sum":
+            out[key] = sum(v or 0 for v, _ in vals)
+        elif agg == "avg":
+            out[key] = sum(v or 0 for v, _ in vals) / (sum(i for _, i in vals) / 1000)
+        else:
+            rates = [(v or 0) / (i / 1000) for v, i in vals if i > 0]
+            out[key] = (max if agg == "max" else min)(rates)
+    return out
+
+
+def month_start(ms: int) -> int:
+    d = dt.datetime.fromtimestamp(ms / 1000, dt.UTC)
+    return int(dt.datetime(d.year, d.month, 1, tzinfo=dt.UTC).timestamp() * 1000)
+
+
+BUCKETS: dict[str, Callable[[int], int]] = {
+    "minute": lambda t: t,
+    "hour": lambda t: bucket_start(t, HOUR),
+    "day": lambda t: bucket_start(t, 24 * HOUR),
+    "week": lambda t: bucket_start(t, 7 * 24 * HOUR),
+    "month": month_start,
+}
+
+
+def check_answers(query: TrafficQuery, events: list[StatEvent], start: int, end: int) -> None:
+    """Series at every resolution, stats, top-N and a bounded series equal the events'."""
+    metrics = ["bytes", "rx_bytes", "tx_packets", "errors", "connections"]
+    for res in RESOLUTIONS:
+        for agg in AGGREGATIONS:
+            frame = query.series(start, end, resolution=res, aggregation=agg, metrics=metrics)
+            for m in metrics:
+                got = {(r["container"], r["ts_ms"]): r[m] for r in frame.iter_rows(named=True)}
+                assert got == expected_series(events, start, end, BUCKETS[res], m, agg), (
+                    res,
+                    agg,
+                    m,
+                )
+    whole = lambda t: 0  # noqa: E731
+    for agg in AGGREGATIONS:
+        want = expected_series(events, start, end, whole, "bytes", agg)
+        got_stats = {
+            s.container: s.values["bytes"] for s in query.stats(start, end, aggregation=agg)
+        }
+        assert got_stats == {c: v for (c, _), v in want.items()}, agg
+    sums = {
+        c: v for (c, _), v in expected_series(events, start, end, whole, "tx_bytes", "sum").items()
+    }
+    top = query.top(start, end, metric="tx_bytes", n=2)
+    order = sorted(sums, key=lambda c: (-(sums[c] or 0), c))[:2]
+    assert [t.container for t in top] == order
+    assert [t.value for t in top] == [sums[c] for c in order]
+    assert [t.share for t in top] == [
+        (sums[c] or 0) / sum(v or 0 for v in sums.values()) for c in order
+    ]
+    container = order[0]
+    series = query.timeseries(container, start, end, metric="bytes", max_points=10)
+    assert 0 < len(series.ts_ms) <= 10
+    assert series.bucket_ms is not None
+    size = series.bucket_ms
+    want = expected_series(events, start, end, lambda t: bucket_start(t, size), "bytes", "sum")
+    assert dict(zip(series.ts_ms, series.values, strict=True)) == {
+        t: v for (c, t), v in want.items() if c == container
+    }
+
+
+def test_bad_questions_name_the_valid_choices(tmp_path: Path) -> None:
+    query = TrafficQuery(str(tmp_path), partitions=1)
+    with pytest.raises(QueryError, match="expected one of minute, hour, day, week, month"):
+        query.series(0, HOUR, resolution="year")  # type: ignore[arg-type]
+    with pytest.raises(QueryError, match="unknown metric 'bytez': expected one of rx_bytes"):
+        query.top(0, HOUR, metric="bytez")
+    with pytest.raises(QueryError, match="expected one of sum, avg, max, min"):
+        query.stats(0, HOUR, aggregation="p99")  # type: ignore[arg-type]
+    with pytest.raises(QueryError, match="TCP states 'sum': expected one of max"):
+        query.top(0, HOUR, metric="tcp_syn_recv")
+    with pytest.raises(QueryError, match="a start before the end"):
+        query.stats(HOUR, 0)
+    with pytest.raises(QueryError, match="at least 25 for this range"):
+        query.timeseries("web", 0, 2 * 366 * 24 * HOUR, max_points=3)
+    assert query.stats(0, HOUR) == []  # no table yet: nothing, not an error
+    assert query.top(0, HOUR, metric="tcp_syn_recv", aggregation="max") == []
 
 
 async def run(bootstrap: str, table: MinuteTable, consumed: int, rollup_interval_s: float) -> None:
@@ -65,6 +184,7 @@ async def test_totals_are_exact_from_coarse_tables_even_when_rollups_lag(
         assert any(t == "day" for t, _, _ in split_range(s, e)) or e - s < 48 * HOUR
         got = {t.container: t.sums for t in query.totals(s, e)}
         assert got == expected(events, s, e), (s - start, e - start)
+    check_answers(query, events, start + 7 * 60_000, cutoff)
     lagging = query.rows(start, cutoff).height
     # once the rollups catch up, a long range reads far fewer rows than minute holds
     hour, day = rollups(table)
@@ -76,3 +196,4 @@ async def test_totals_are_exact_from_coarse_tables_even_when_rollups_lag(
     assert caught_up < table.scan().collect().height / 10
     got = {t.container: t.sums for t in query.totals(start, cutoff)}
     assert got == expected(events, start, cutoff)
+    check_answers(query, events, start, cutoff - 60_000)

@@ -52,3 +52,19 @@ class SampleError(NettelError):
     """One unit could not be sampled this tick (its process vanished, the engine erred)."""
 
     retriable = True
+
+
+class QueryError(NettelError, ValueError):
+    """A query asked for something the store cannot answer; the message names what can.
+
+    Examples
+    --------
+    >>> str(QueryError("metric", "bytez", ["bytes", "packets"]))
+    "unknown metric 'bytez': expected one of bytes, packets"
+    """
+
+    def __init__(self, what: str, value: object, choices: list[str] | tuple[str, ...]) -> None:
+        self.what = what
+        self.value = value
+        self.choices = list(choices)
+        super().__init__(f"unknown {what} {value!r}: expected one of {', '.join(self.choices)}")

@@ -19,6 +19,7 @@ Examples
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -27,20 +28,28 @@ import polars as pl
 from deltalake import DeltaTable
 from deltalake.exceptions import TableNotFoundError
 
-from nettel.models import COUNTERS, TCP_STATES
+from nettel.errors import QueryError
+from nettel.models import COUNTERS, RATE_METRICS, TCP_STATES, TOTALS
 from nettel.store.minute import MinuteTable, minute_schema
-from nettel.store.rollup import DAY_MS, HOUR_MS, RollupTable, inserted_rows
+from nettel.store.rollup import DAY_MS, HOUR_MS, IDENTITY, RollupTable, inserted_rows
 
 MINUTE_MS = 60_000
 Table = Literal["minute", "hour", "day"]
 
 
-def split_range(start_ms: int, end_ms: int) -> list[tuple[Table, int, int]]:
-    """Cut [start, end) into minute edges, whole hours and whole days, in time order."""
+def split_range(
+    start_ms: int, end_ms: int, coarsest: Table = "day"
+) -> list[tuple[Table, int, int]]:
+    """Cut [start, end) into minute edges, whole hours and whole days, in time order.
+
+    ``coarsest`` caps the tables used (``hour``: no days; ``minute``: minutes only).
+    """
     start_ms -= start_ms % MINUTE_MS
     end_ms -= end_ms % MINUTE_MS
     if end_ms <= start_ms:
         return []
+    if coarsest == "minute":
+        return [("minute", start_ms, end_ms)]
     h0 = -(-start_ms // HOUR_MS) * HOUR_MS
     h1 = end_ms // HOUR_MS * HOUR_MS
     if h1 <= h0:
@@ -48,12 +57,164 @@ def split_range(start_ms: int, end_ms: int) -> list[tuple[Table, int, int]]:
     d0 = -(-h0 // DAY_MS) * DAY_MS
     d1 = h1 // DAY_MS * DAY_MS
     parts: list[tuple[Table, int, int]] = [("minute", start_ms, h0)]
-    if d1 > d0:
+    if d1 > d0 and coarsest == "day":
         parts += [("hour", h0, d0), ("day", d0, d1), ("hour", d1, h1)]
     else:
         parts.append(("hour", h0, h1))
     parts.append(("minute", h1, end_ms))
     return [(t, s, e) for t, s, e in parts if e > s]
+
+
+Resolution = Literal["minute", "hour", "day", "week", "month"]
+Aggregation = Literal["sum", "avg", "max", "min"]
+RESOLUTIONS: tuple[Resolution, ...] = ("minute", "hour", "day", "week", "month")
+AGGREGATIONS: tuple[Aggregation, ...] = ("sum", "avg", "max", "min")
+#: What a series, a stat or a top-N can be about: counters and both-direction totals
+#: (sum: bytes/packets/...; avg, max, min: per second), then connections (a gauge: sum
+#: and avg give its mean), then TCP states (kept as maxima only).
+METRICS: tuple[str, ...] = (*RATE_METRICS, "connections", *(f"tcp_{s}" for s in TCP_STATES))
+WEEK_MS = 7 * DAY_MS
+_MONDAY_MS = 4 * DAY_MS  # 1970-01-01 was a Thursday
+_FIXED_MS: dict[str, int] = {"minute": MINUTE_MS, "hour": HOUR_MS, "day": DAY_MS, "week": WEEK_MS}
+#: Buckets a downsampled series may use, finest first (month buckets are calendar months).
+SERIES_BUCKETS_MS = (MINUTE_MS, 5 * MINUTE_MS, 15 * MINUTE_MS, HOUR_MS, 6 * HOUR_MS, DAY_MS,
+                     WEEK_MS)  # fmt: skip
+
+
+def check_choice(what: str, value: object, choices: Sequence[str]) -> None:
+    """Raise :class:`QueryError` naming the valid choices unless ``value`` is one.
+
+    Examples
+    --------
+    >>> check_choice("aggregation", "sum", AGGREGATIONS)
+    >>> check_choice("aggregation", "median", AGGREGATIONS)
+    Traceback (most recent call last):
+    ...
+    nettel.errors.QueryError: unknown aggregation 'median': expected one of sum, avg, max, min
+    """
+    if value not in choices:
+        raise QueryError(what, value, tuple(choices))
+
+
+def bucket_start(ts_ms: int, bucket_ms: int) -> int:
+    """Start of the bucket holding ``ts_ms``; weeks start on Monday 00:00 UTC.
+
+    Examples
+    --------
+    >>> bucket_start(HOUR_MS + 5, HOUR_MS)
+    3600000
+    >>> import datetime as dt
+    >>> t = int(dt.datetime(2026, 11, 26, 15, tzinfo=dt.UTC).timestamp() * 1000)  # Thursday
+    >>> dt.datetime.fromtimestamp(bucket_start(t, WEEK_MS) / 1000, dt.UTC).strftime("%a %d")
+    'Mon 23'
+    """
+    offset = _MONDAY_MS if bucket_ms % WEEK_MS == 0 else 0
+    return (ts_ms - offset) // bucket_ms * bucket_ms + offset
+
+
+def _source_table(bucket_ms: int | None) -> Table:
+    """The coarsest table whose rows each fall in one bucket."""
+    if bucket_ms is None or bucket_ms % DAY_MS == 0:
+        return "day"
+    return "hour" if bucket_ms % HOUR_MS == 0 else "minute"
+
+
+def _grouped(frame: pl.DataFrame, keys: Sequence[str]) -> pl.DataFrame:
+    """Add up window rows per ``keys``: sums add, extremes take extremes."""
+    sums = ["samples", "interval_ms", *COUNTERS, "connections_sum", "connections_samples"]
+    return frame.group_by(list(keys)).agg(
+        [pl.col(c).sum() for c in sums]
+        + [pl.col(f"{m}_rate_min").min() for m in RATE_METRICS]
+        + [pl.col(f"{m}_rate_max").max() for m in RATE_METRICS]
+        + [pl.col("connections_min").min(), pl.col("connections_max").max()]
+        + [pl.col(f"tcp_{s}_max").max() for s in TCP_STATES]
+        + [pl.col("ts").min().alias("_first"), (pl.col("ts").dt.epoch("ms")
+           + pl.col("window_ms")).max().alias("_through_ms")]
+        + [pl.col(c).sort_by("ts").drop_nulls().last() for c in IDENTITY]
+    )  # fmt: skip
+
+
+def metric_expr(metric: str, aggregation: Aggregation) -> pl.Expr:
+    """The value of ``metric`` under ``aggregation`` over grouped rows (see :data:`METRICS`)."""
+    check_choice("aggregation", aggregation, AGGREGATIONS)
+    check_choice("metric", metric, METRICS)
+    if metric.startswith("tcp_"):
+        if aggregation != "max":
+            raise QueryError("aggregation for TCP states", aggregation, ["max"])
+        return pl.col(f"{metric}_max")
+    if metric == "connections":
+        if aggregation in ("max", "min"):
+            return pl.col(f"connections_{aggregation}")
+        n = pl.col("connections_samples")
+        return pl.when(n > 0).then(pl.col("connections_sum") / n).otherwise(None)
+    if aggregation in ("max", "min"):
+        return pl.col(f"{metric}_rate_{aggregation}")
+    parts = TOTALS.get(metric, (metric,))
+    total = pl.sum_horizontal([pl.col(c) for c in parts])
+    if aggregation == "sum":
+        return total
+    seconds = pl.col("interval_ms") / 1000
+    return pl.when(seconds > 0).then(total / seconds).otherwise(None)
+
+
+@dataclass(frozen=True, slots=True)
+class ContainerStats:
+    """One container over a range: every metric under one aggregation.
+
+    ``values`` maps every metric of :data:`METRICS` but the TCP states to its value
+    (``None``: no sample had it); ``tcp_max`` holds the TCP states' maxima.
+    ``through_ms`` is the end of the last window with data.
+    """
+
+    container: str
+    name: str
+    image: str
+    container_id: str
+    compose_project: str
+    compose_service: str
+    host: str
+    aggregation: Aggregation
+    samples: int
+    seconds: float
+    first_ms: int
+    through_ms: int
+    values: dict[str, float | int | None]
+    tcp_max: dict[str, int | None]
+
+
+@dataclass(frozen=True, slots=True)
+class TopEntry:
+    """One container's place in a top-N: its value and its share of all containers' total."""
+
+    container: str
+    value: float | int
+    share: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class Series:
+    """One container's downsampled series: bucket starts and values, with a summary."""
+
+    container: str
+    metric: str
+    aggregation: Aggregation
+    bucket_ms: int | None  # None: calendar months
+    ts_ms: list[int]
+    values: list[float | int | None]
+
+    def summary(self) -> dict[str, float | None]:
+        """min, max, avg and p95 (nearest rank) of the points that have a value.
+
+        Examples
+        --------
+        >>> Series("web", "bytes", "sum", 60_000, [0, 60_000, 120_000], [1, None, 3]).summary()
+        {'min': 1.0, 'max': 3.0, 'avg': 2.0, 'p95': 3.0}
+        """
+        xs = sorted(float(v) for v in self.values if v is not None)
+        if not xs:
+            return {"min": None, "max": None, "avg": None, "p95": None}
+        rank = max(1, -(-95 * len(xs) // 100))
+        return {"min": xs[0], "max": xs[-1], "avg": sum(xs) / len(xs), "p95": xs[rank - 1]}
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,10 +231,14 @@ class ContainerTotals:
 
 
 class TrafficQuery:
-    """Reads ``minute``, ``hour`` and ``day`` under ``data_dir`` (never writes)."""
+    """Reads ``minute``, ``hour`` and ``day`` under ``data_dir`` (never writes).
+
+    Every answer is exact: equal to adding up every window row of the range, whatever
+    the rollups' lag. Ranges are cut at whole minutes.
+    """
 
     def __init__(self, data_dir: str, *, partitions: int, writer: str = "nettel-stream",
-                 topic: str = "nettel.stats", epoch: int = 0,
+                 topic: str = "nettel.stats",
                  storage_options: dict[str, str] | None = None) -> None:  # fmt: skip
         base = data_dir.rstrip("/")
         self.minute = MinuteTable(f"{base}/minute", storage_options=storage_options)
@@ -84,38 +249,60 @@ class TrafficQuery:
         self.partitions = partitions
         self.writer = writer
         self.topic = topic
-        self.epoch = epoch
+        self._tables: dict[str, DeltaTable] = {}
+
+    def _table(self, table: MinuteTable) -> DeltaTable | None:
+        """The table's latest snapshot (loaded once, then updated incrementally)."""
+        cached = self._tables.get(table.uri)
+        try:
+            if cached is None:
+                cached = DeltaTable(table.uri, storage_options=table.storage_options)
+                self._tables[table.uri] = cached
+            else:
+                cached.update_incremental()
+        except (TableNotFoundError, FileNotFoundError, OSError):
+            self._tables.pop(table.uri, None)
+            return None
+        return cached
 
     def _scan(self, table: MinuteTable, start_ms: int, end_ms: int) -> pl.DataFrame:
-        try:
-            frame = table.scan()
-        except (TableNotFoundError, FileNotFoundError, OSError):
+        snapshot = self._table(table)
+        if snapshot is None:
             return pl.DataFrame(schema=minute_schema())
         lo = pl.lit(start_ms * 1000).cast(pl.Datetime("us", "UTC"))
         hi = pl.lit(end_ms * 1000).cast(pl.Datetime("us", "UTC"))
-        return frame.filter((pl.col("ts") >= lo) & (pl.col("ts") < hi)).collect()
+        d0, d1 = (dt.datetime.fromtimestamp(t / 1000, dt.UTC).strftime("%Y-%m-%d")
+                  for t in (start_ms, end_ms - 1))  # fmt: skip
+        return (
+            pl.scan_delta(snapshot)
+            .filter(pl.col("date").is_between(pl.lit(d0), pl.lit(d1)))
+            .filter((pl.col("ts") >= lo) & (pl.col("ts") < hi))
+            .collect()
+        )
 
     def _unrolled(self, coarse: RollupTable, start_ms: int, end_ms: int) -> pl.DataFrame:
         """Rows the finer table gained since ``coarse`` last consumed it, in the range."""
-        try:
-            src = DeltaTable(coarse.source.uri, storage_options=coarse.source.storage_options)
-        except TableNotFoundError:
+        src = self._table(coarse.source)
+        if src is None:
             return pl.DataFrame(schema=minute_schema())
         latest = src.version()
+        done = self._table(coarse)
         frames = []
         for p in range(self.partitions):
-            done = coarse.consumed_version(self.writer, self.topic, p)
-            if done >= latest:
+            app = coarse.app_id(self.writer, self.topic, p, 0, "source")
+            v = None if done is None else done.transaction_version(app)
+            consumed = -1 if v is None else int(v)
+            if consumed >= latest:
                 continue
-            changes = inserted_rows(src, done + 1, latest, p)
+            changes = inserted_rows(src, consumed + 1, latest, p)
             ts_us = pl.col("ts").dt.epoch("us")
             frames.append(changes.filter((ts_us >= start_ms * 1000) & (ts_us < end_ms * 1000)))
         return pl.concat(frames) if frames else pl.DataFrame(schema=minute_schema())
 
-    def rows(self, start_ms: int, end_ms: int) -> pl.DataFrame:
-        """Every row needed to answer [start, end) exactly, from the coarsest tables."""
+    def rows(self, start_ms: int, end_ms: int, coarsest: Table = "day") -> pl.DataFrame:
+        """Every row needed to answer [start, end) exactly, from tables up to ``coarsest``."""
         parts = []
-        for table, s, e in split_range(start_ms, end_ms):
+        for table, s, e in split_range(start_ms, end_ms, coarsest):
             if table == "minute":
                 parts.append(self._scan(self.minute, s, e))
             elif table == "hour":
@@ -125,30 +312,115 @@ class TrafficQuery:
                           self._unrolled(self.hour, s, e)]  # fmt: skip
         return pl.concat(parts) if parts else pl.DataFrame(schema=minute_schema())
 
+    def _rows_of(self, start_ms: int, end_ms: int, containers: Sequence[str] | None,
+                 coarsest: Table = "day") -> pl.DataFrame:  # fmt: skip
+        if end_ms <= start_ms:
+            raise QueryError("range", f"[{start_ms}, {end_ms})", ["a start before the end"])
+        frame = self.rows(start_ms, end_ms, coarsest)
+        if containers is not None:
+            frame = frame.filter(pl.col("container").is_in(list(containers)))
+        return frame
+
+    def stats(self, start_ms: int, end_ms: int, *, aggregation: Aggregation = "sum",
+              containers: Sequence[str] | None = None) -> list[ContainerStats]:  # fmt: skip
+        """Every container (or those named) over [start, end), sorted by container."""
+        metrics = [m for m in METRICS if not m.startswith("tcp_")]
+        exprs = [metric_expr(m, aggregation).alias(f"v_{m}") for m in metrics]
+        grouped = _grouped(self._rows_of(start_ms, end_ms, containers), ["container"])
+        out = []
+        for r in grouped.with_columns(exprs).sort("container").iter_rows(named=True):
+            out.append(ContainerStats(
+                container=r["container"], name=r["name"] or "", image=r["image"] or "",
+                container_id=r["container_id"] or "", compose_project=r["compose_project"] or "",
+                compose_service=r["compose_service"] or "", host=r["host"] or "",
+                aggregation=aggregation, samples=r["samples"], seconds=r["interval_ms"] / 1000,
+                first_ms=int(r["_first"].timestamp() * 1000), through_ms=r["_through_ms"],
+                values={m: r[f"v_{m}"] for m in metrics},
+                tcp_max={s: r[f"tcp_{s}_max"] for s in TCP_STATES},
+            ))  # fmt: skip
+        return out
+
+    def top(self, start_ms: int, end_ms: int, *, metric: str = "bytes", n: int = 10,
+            aggregation: Aggregation = "sum", largest: bool = True) -> list[TopEntry]:  # fmt: skip
+        """The ``n`` containers with the largest (or smallest) ``metric`` over the range.
+
+        ``share`` is the container's part of all containers' total for sums and mean
+        rates (they add up across containers), ``None`` for maxima and minima.
+        """
+        if n < 1:
+            raise QueryError("n", n, ["a whole number >= 1"])
+        expr = metric_expr(metric, aggregation)
+        grouped = _grouped(self._rows_of(start_ms, end_ms, None), ["container"])
+        ranked = grouped.select("container", expr.alias("value")).drop_nulls("value")
+        total = ranked["value"].sum() if aggregation in ("sum", "avg") else None
+        ranked = ranked.sort(["value", "container"], descending=[largest, False]).head(n)
+        return [
+            TopEntry(r["container"], r["value"], None if not total else r["value"] / total)
+            for r in ranked.iter_rows(named=True)
+        ]
+
+    def series(self, start_ms: int, end_ms: int, *, resolution: Resolution,
+               aggregation: Aggregation = "sum", metrics: Sequence[str] = ("bytes",),
+               containers: Sequence[str] | None = None) -> pl.DataFrame:  # fmt: skip
+        """Per container and bucket of ``resolution``: ``container``, ``ts_ms``, metrics.
+
+        Buckets are minutes, hours, days, weeks (from Monday 00:00 UTC) or calendar
+        months, UTC; the first and last may be cut by the range.
+        """
+        check_choice("resolution", resolution, RESOLUTIONS)
+        return self._bucketed(start_ms, end_ms, _FIXED_MS.get(resolution), aggregation,
+                              metrics, containers)  # fmt: skip
+
+    def _bucketed(self, start_ms: int, end_ms: int, bucket_ms: int | None,
+                  aggregation: Aggregation, metrics: Sequence[str],
+                  containers: Sequence[str] | None) -> pl.DataFrame:  # fmt: skip
+        exprs = [metric_expr(m, aggregation).alias(m) for m in metrics]
+        frame = self._rows_of(start_ms, end_ms, containers, _source_table(bucket_ms))
+        if bucket_ms is None:
+            bucket = pl.col("ts").dt.truncate("1mo").dt.epoch("ms")
+        else:
+            offset = _MONDAY_MS if bucket_ms % WEEK_MS == 0 else 0
+            t = pl.col("ts").dt.epoch("ms") - offset
+            bucket = t // bucket_ms * bucket_ms + offset
+        grouped = _grouped(frame.with_columns(ts_ms=bucket), ["container", "ts_ms"])
+        return grouped.select("container", "ts_ms", *exprs).sort("container", "ts_ms")
+
+    def timeseries(self, container: str, start_ms: int, end_ms: int, *, metric: str = "bytes",
+                   aggregation: Aggregation = "sum", max_points: int = 60) -> Series:  # fmt: skip
+        """``container``'s series over the range in at most ``max_points`` buckets.
+
+        The bucket is the finest of :data:`SERIES_BUCKETS_MS`, then calendar months,
+        that fits; buckets without data are left out.
+        """
+        if max_points < 1:
+            raise QueryError("max_points", max_points, ["a whole number >= 1"])
+        bucket_ms: int | None = None
+        for b in SERIES_BUCKETS_MS:
+            if (bucket_start(end_ms - 1, b) - bucket_start(start_ms, b)) // b + 1 <= max_points:
+                bucket_ms = b
+                break
+        else:
+            first, last = (dt.datetime.fromtimestamp(t / 1000, dt.UTC) for t in (start_ms, end_ms))
+            months = (last.year - first.year) * 12 + last.month - first.month + 1
+            if months > max_points:
+                raise QueryError("max_points", max_points, [f"at least {months} for this range"])
+        frame = self._bucketed(start_ms, end_ms, bucket_ms, aggregation, [metric], [container])
+        return Series(container, metric, aggregation, bucket_ms, frame["ts_ms"].to_list(),
+                      frame[metric].to_list())  # fmt: skip
+
     def totals(self, start_ms: int, end_ms: int,
                containers: Sequence[str] | None = None) -> list[ContainerTotals]:  # fmt: skip
         """Per container over [start, end) (whole minutes), sorted by container."""
-        frame = self.rows(start_ms, end_ms)
-        if containers is not None:
-            frame = frame.filter(pl.col("container").is_in(list(containers)))
-        agg = (
-            frame.group_by("container")
-            .agg(
-                [pl.col("samples").sum(), pl.col("interval_ms").sum()]
-                + [pl.col(c).sum() for c in COUNTERS]
-                + [pl.col(f"{c}_rate_max").max() for c in COUNTERS]
-                + [pl.col("connections_max").max()]
-                + [pl.col(f"tcp_{s}_max").max() for s in TCP_STATES]
-            )
-            .sort("container")
-        )
-        out = []
-        for r in agg.iter_rows(named=True):
-            out.append(ContainerTotals(
-                container=r["container"], samples=r["samples"], interval_ms=r["interval_ms"],
+        grouped = _grouped(self._rows_of(start_ms, end_ms, containers), ["container"])
+        return [
+            ContainerTotals(
+                container=r["container"],
+                samples=r["samples"],
+                interval_ms=r["interval_ms"],
                 sums={c: r[c] for c in COUNTERS},
                 rate_max={c: r[f"{c}_rate_max"] for c in COUNTERS},
                 connections_max=r["connections_max"],
                 tcp_max={s: r[f"tcp_{s}_max"] for s in TCP_STATES},
-            ))  # fmt: skip
-        return out
+            )
+            for r in grouped.sort("container").iter_rows(named=True)
+        ]
