@@ -1,0 +1,362 @@
+"""What the MCP tools answer, as typed results, from the store's query API only.
+
+Kept apart from the server wiring so the answers can be tested without a transport.
+Every tool's timeframe is the last hour, day, week or month (30 days) up to now, cut
+at whole minutes; the newest minute or two are not in the store yet (a window is
+written once it closes). Containers are named by identity, container name, compose
+service or a container-id prefix; a name that matches nothing raises with the closest
+known names, one that matches several raises with the matches.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import difflib
+import time
+from collections.abc import Callable, Sequence
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, Field, model_serializer
+
+from nettel.errors import NettelError
+from nettel.store.query import Aggregation, ContainerStats, TrafficQuery
+
+Timeframe = Literal["hour", "day", "week", "month"]
+TIMEFRAME_MS: dict[str, int] = {
+    "hour": 3_600_000, "day": 86_400_000, "week": 7 * 86_400_000, "month": 30 * 86_400_000,
+}  # fmt: skip
+Metric = Literal[
+    "bytes", "bytes_sent", "bytes_received", "packets", "packets_sent", "packets_received",
+    "errors", "drops", "connections",
+    "tcp_established", "tcp_syn_recv", "tcp_time_wait", "tcp_close_wait",
+]  # fmt: skip
+#: Tool metric name -> the store's metric name.
+STORE_METRIC: dict[str, str] = {
+    "bytes": "bytes", "bytes_sent": "tx_bytes", "bytes_received": "rx_bytes",
+    "packets": "packets", "packets_sent": "tx_packets", "packets_received": "rx_packets",
+    "errors": "errors", "drops": "drops", "connections": "connections",
+    "tcp_established": "tcp_established", "tcp_syn_recv": "tcp_syn_recv",
+    "tcp_time_wait": "tcp_time_wait", "tcp_close_wait": "tcp_close_wait",
+}  # fmt: skip
+ALL = "*"
+MAX_ENTRIES = 100
+ACTIVE_WITHIN_MS = 3 * 60_000
+
+
+class ToolInputError(NettelError, ValueError):
+    """A tool argument nettel cannot answer; the message says what would be valid."""
+
+
+def window(timeframe: str, now_ms: int) -> tuple[int, int]:
+    """[start, end) of the last ``timeframe`` up to ``now_ms``, at whole minutes.
+
+    Examples
+    --------
+    >>> window("hour", 7_230_500)
+    (3600000, 7200000)
+    >>> window("year", 0)  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    nettel.mcp.tools.ToolInputError: unknown timeframe 'year': expected one of hour, day, ...
+    """
+    if timeframe not in TIMEFRAME_MS:
+        raise ToolInputError(
+            f"unknown timeframe {timeframe!r}: expected one of {', '.join(TIMEFRAME_MS)}"
+        )
+    end = now_ms - now_ms % 60_000
+    return end - TIMEFRAME_MS[timeframe], end
+
+
+def iso(ms: int) -> str:
+    """UTC ISO 8601 time of ``ms``.
+
+    Examples
+    --------
+    >>> iso(0)
+    '1970-01-01T00:00:00Z'
+    """
+    return dt.datetime.fromtimestamp(ms / 1000, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _drop_none(model: BaseModel, handler: Callable[[Any], dict[str, Any]]) -> dict[str, Any]:
+    return {k: v for k, v in handler(model).items() if v is not None}
+
+
+class StatsData(BaseModel):
+    """One container's (or all containers') traffic under one aggregation."""
+
+    bytes_sent: float | None = Field(description="tx bytes (sum: total; avg/max/min: per second)")
+    bytes_received: float | None = Field(description="rx bytes (sum: total; else per second)")
+    connections: float | None = Field(
+        description="open TCP connections (a gauge: sum and avg give the mean; max, min)"
+    )
+    errors: float | None = Field(description="rx + tx errors (sum: total; else per second)")
+    packets_sent: float | None = Field(description="tx packets (sum: total; else per second)")
+    packets_received: float | None = Field(description="rx packets (sum: total; else per second)")
+    drops: float | None = Field(description="rx + tx dropped packets (sum: total; else per second)")
+
+
+class NetworkStats(BaseModel):
+    """``{"container", "timeframe", "data"}``; for every container together, ``container``
+    is ``"*"`` and ``containers`` lists each one (at most 100, the busiest first)."""
+
+    container: str = Field(description='the container, or "*" for all containers together')
+    timeframe: Timeframe
+    data: StatsData
+    containers: list[NetworkStats] | None = Field(
+        default=None, description="with no container named: one entry per container"
+    )
+    omitted: int | None = Field(default=None, description="containers left out of the list")
+
+    @model_serializer(mode="wrap")
+    def _serialize(self, handler: Callable[[Any], dict[str, Any]]) -> dict[str, Any]:
+        return _drop_none(self, handler)
+
+
+class ContainerInfo(BaseModel):
+    """A container nettel has seen, with its current rates."""
+
+    container: str = Field(description="stable identity: compose project/service[/n] or name")
+    name: str
+    image: str
+    compose_service: str
+    container_id: str
+    host: str
+    state: Literal["active", "inactive"] = Field(description="active: data in the last 3 minutes")
+    first_seen: str
+    last_seen: str
+    rx_bytes_per_s: float | None = Field(description="mean over the last 5 minutes with data")
+    tx_bytes_per_s: float | None = Field(description="mean over the last 5 minutes with data")
+    connections: float | None = Field(description="mean open connections, last 5 minutes")
+
+
+class ContainerList(BaseModel):
+    """Containers seen over the store's retention, most recently seen first."""
+
+    containers: list[ContainerInfo]
+    omitted: int = Field(description="containers left out (the list holds at most 100)")
+
+
+class TopEntryOut(BaseModel):
+    """One container in a top-N."""
+
+    container: str
+    value: float
+    share: float | None = Field(description="part of all containers' total (sum/avg only)")
+
+
+class TopConsumers(BaseModel):
+    """The containers with the most (or least) of a metric over a timeframe."""
+
+    timeframe: Timeframe
+    metric: Metric
+    aggregation: Aggregation
+    unit: str
+    total: float | None = Field(description="all containers together (sum/avg only)")
+    top: list[TopEntryOut]
+
+
+class Point(BaseModel):
+    """One bucket of a series."""
+
+    ts: str = Field(description="bucket start, UTC")
+    value: float | None
+
+
+class TrafficSeries(BaseModel):
+    """A downsampled series with its summary."""
+
+    container: str
+    timeframe: Timeframe
+    metric: Metric
+    aggregation: Aggregation
+    unit: str
+    bucket_seconds: int | None = Field(description="bucket size (None: calendar months)")
+    points: list[Point]
+    summary: dict[str, float | None] = Field(description="min, max, avg, p95 of the points")
+
+
+def unit_of(metric: str, aggregation: str) -> str:
+    """The unit of a metric's value under an aggregation.
+
+    Examples
+    --------
+    >>> unit_of("bytes_sent", "sum"), unit_of("bytes", "max"), unit_of("connections", "sum")
+    ('bytes', 'bytes/s', 'connections')
+    """
+    if metric == "connections" or metric.startswith("tcp_"):
+        return "connections" if metric == "connections" else "sockets"
+    base = "bytes" if metric.startswith("bytes") else "packets"
+    if metric in ("errors", "drops"):
+        base = metric
+    return base if aggregation == "sum" else f"{base}/s"
+
+
+def _combine(values: Sequence[float | int | None], aggregation: str) -> float | None:
+    """All containers' value from each one's: sum and avg add up, max and min take extremes.
+
+    Examples
+    --------
+    >>> _combine([1, None, 2.5], "sum"), _combine([1, 3], "max"), _combine([None], "min")
+    (3.5, 3.0, None)
+    """
+    have = [float(v) for v in values if v is not None]
+    if not have:
+        return None
+    if aggregation in ("sum", "avg"):
+        return sum(have)
+    return max(have) if aggregation == "max" else min(have)
+
+
+def together(rows: Sequence[ContainerStats], aggregation: str) -> StatsData:
+    """Every container together: sums and mean rates add up; max and min are the
+    extremes among containers (the busiest container's peak, not the peak of the total)."""
+    fields = {"bytes_sent": "tx_bytes", "bytes_received": "rx_bytes",
+              "connections": "connections", "errors": "errors", "packets_sent": "tx_packets",
+              "packets_received": "rx_packets", "drops": "drops"}  # fmt: skip
+    return StatsData.model_validate(
+        {f: _combine([r.values[m] for r in rows], aggregation) for f, m in fields.items()}
+    )
+
+
+def _data(s: ContainerStats) -> StatsData:
+    v = s.values
+    return StatsData(
+        bytes_sent=v["tx_bytes"], bytes_received=v["rx_bytes"], connections=v["connections"],
+        errors=v["errors"], packets_sent=v["tx_packets"], packets_received=v["rx_packets"],
+        drops=v["drops"],
+    )  # fmt: skip
+
+
+class TelemetryTools:
+    """The answers behind the MCP tools, over one long-lived :class:`TrafficQuery`."""
+
+    def __init__(self, query: TrafficQuery, *, clock: Callable[[], float] = time.time) -> None:
+        self.query = query
+        self.clock = clock
+
+    def now_ms(self) -> int:
+        """Now, in ms since the epoch."""
+        return int(self.clock() * 1000)
+
+    def _known(self) -> list[ContainerStats]:
+        return self.query.stats(0, self.now_ms() + 60_000)
+
+    def resolve(self, name: str) -> str:
+        """The identity of the container ``name`` designates (see the module docstring)."""
+        name = name.strip()
+        if not name:
+            raise ToolInputError("container is empty: name one (see list_containers)")
+        known = self._known()
+        for match in (
+            lambda s: s.container == name,
+            lambda s: name in (s.name, s.compose_service),
+            lambda s: len(name) >= 4 and s.container_id.startswith(name),
+        ):
+            found = sorted({s.container for s in known if match(s)})
+            if len(found) == 1:
+                return found[0]
+            if len(found) > 1:
+                raise ToolInputError(
+                    f"container {name!r} matches several: {', '.join(found[:10])}; name one"
+                )
+        names = sorted({s.container for s in known} | {s.name for s in known if s.name})
+        close = difflib.get_close_matches(name, names, n=5, cutoff=0.3)
+        hint = f"closest known: {', '.join(close)}" if close else "no container is close"
+        if not names:
+            hint = "no container has data yet"
+        raise ToolInputError(f"unknown container {name!r}: {hint} (see list_containers)")
+
+    def network_stats(self, container: str | None, timeframe: Timeframe,
+                      aggregation: Aggregation) -> NetworkStats:  # fmt: skip
+        """``get_network_stats``."""
+        start, end = window(timeframe, self.now_ms())
+        if container is not None:
+            identity = self.resolve(container)
+            rows = self.query.stats(start, end, aggregation=aggregation, containers=[identity])
+            empty = StatsData.model_validate(dict.fromkeys(StatsData.model_fields))
+            return NetworkStats(container=identity, timeframe=timeframe,
+                                data=_data(rows[0]) if rows else empty)  # fmt: skip
+        rows = self.query.stats(start, end, aggregation=aggregation)
+        busiest = sorted(rows, key=lambda s: (-(s.values["bytes"] or 0), s.container))
+        entries = [
+            NetworkStats(container=s.container, timeframe=timeframe, data=_data(s))
+            for s in busiest[:MAX_ENTRIES]
+        ]
+        return NetworkStats(
+            container=ALL, timeframe=timeframe, data=together(rows, aggregation),
+            containers=entries, omitted=max(0, len(rows) - MAX_ENTRIES) or None,
+        )  # fmt: skip
+
+    def list_containers(self) -> ContainerList:
+        """``list_containers``."""
+        now = self.now_ms()
+        known = sorted(self._known(), key=lambda s: (-s.through_ms, s.container))
+        shown = known[:MAX_ENTRIES]
+        recent = {s.container: s for s in self.query.stats(
+            now - now % 60_000 - 5 * 60_000 - ACTIVE_WITHIN_MS, now + 60_000,
+            aggregation="avg", containers=[s.container for s in shown],
+        )} if shown else {}  # fmt: skip
+        out = []
+        for s in shown:
+            r = recent.get(s.container)
+            out.append(ContainerInfo(
+                container=s.container, name=s.name, image=s.image,
+                compose_service=s.compose_service, container_id=s.container_id, host=s.host,
+                state="active" if s.through_ms >= now - ACTIVE_WITHIN_MS else "inactive",
+                first_seen=iso(s.first_ms), last_seen=iso(s.through_ms),
+                rx_bytes_per_s=r.values["rx_bytes"] if r else None,
+                tx_bytes_per_s=r.values["tx_bytes"] if r else None,
+                connections=r.values["connections"] if r else None,
+            ))  # fmt: skip
+        return ContainerList(containers=out, omitted=len(known) - len(shown))
+
+    def top_consumers(self, timeframe: Timeframe, metric: Metric, aggregation: Aggregation,
+                      largest: bool, limit: int) -> TopConsumers:  # fmt: skip
+        """``get_top_consumers``."""
+        _check_metric(metric)
+        start, end = window(timeframe, self.now_ms())
+        store_metric = STORE_METRIC[metric]
+        top = self.query.top(start, end, metric=store_metric, n=limit, aggregation=aggregation,
+                             largest=largest)  # fmt: skip
+        total = None
+        if aggregation in ("sum", "avg") and not metric.startswith("tcp_"):
+            rows = self.query.stats(start, end, aggregation=aggregation)
+            total = _combine([s.values[store_metric] for s in rows], aggregation)
+        return TopConsumers(
+            timeframe=timeframe, metric=metric, aggregation=aggregation,
+            unit=unit_of(metric, aggregation), total=total,
+            top=[TopEntryOut(container=t.container, value=t.value, share=t.share) for t in top],
+        )  # fmt: skip
+
+    def timeseries(self, container: str, timeframe: Timeframe, metric: Metric,
+                   aggregation: Aggregation, max_points: int) -> TrafficSeries:  # fmt: skip
+        """``get_traffic_timeseries``."""
+        _check_metric(metric)
+        identity = self.resolve(container)
+        start, end = window(timeframe, self.now_ms())
+        series = self.query.timeseries(identity, start, end, metric=STORE_METRIC[metric],
+                                       aggregation=aggregation, max_points=max_points)  # fmt: skip
+        return TrafficSeries(
+            container=identity, timeframe=timeframe, metric=metric, aggregation=aggregation,
+            unit=unit_of(metric, aggregation),
+            bucket_seconds=None if series.bucket_ms is None else series.bucket_ms // 1000,
+            points=[Point(ts=iso(t), value=v) for t, v in zip(series.ts_ms, series.values,
+                                                               strict=True)],
+            summary=series.summary(),
+        )  # fmt: skip
+
+
+def _check_metric(metric: str) -> None:
+    if metric not in STORE_METRIC:
+        raise ToolInputError(
+            f"unknown metric {metric!r}: expected one of {', '.join(STORE_METRIC)}"
+        )
+
+
+def known_names(stats: Sequence[ContainerStats]) -> list[str]:
+    """Identities of ``stats``, sorted."""
+    return sorted(s.container for s in stats)
+
+
+Limit = Annotated[int, Field(ge=1, le=50, description="how many containers, 1 to 50")]
