@@ -1,0 +1,502 @@
+"""One metric's normal traffic, learned online: a River anomaly detector.
+
+:class:`TrafficBaseline` scores how far a value lies outside everything this metric has
+done so far, at several time scales, and outside what it usually does at this time of
+day and week. The evidence that matters on bursty traffic (and on NAB) is not a distance
+from a mean but novelty: a level never reached before, a moving average never reached
+before, a value this hour has never had. So the score is the size of that excess as a
+fraction of the metric's whole range: 0 for anything already seen, about 1 for a jump
+the size of the range. A repeat of a detection right after it scores 0 unless it is at
+least ``refire_ratio`` times larger.
+
+:class:`LearningGuard` wraps any detector so that it does not learn from what it flags
+(like ``river.anomaly.ThresholdFilter``), and gives up protecting after
+``max_protected_run`` flagged points in a row so that a lasting new level is learned.
+
+``x`` is ``{"value": float, "ts_ms": int}`` and may carry ``"counter_reset": True``: such
+a point (a restart, re-created interface) scores 0 and is not learned.
+
+Examples
+--------
+>>> model = TrafficBaseline(warmup=10)
+>>> day = 86_400_000
+>>> for i in range(200):
+...     model.learn_one({"value": 100.0 + (i % 7), "ts_ms": i * 60_000})
+>>> model.score_one({"value": 104.0, "ts_ms": 200 * 60_000})
+0.0
+>>> model.score_one({"value": 2_000.0, "ts_ms": 200 * 60_000}) > 0.5
+True
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from array import array
+from collections.abc import Hashable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, Final
+
+from river.base import AnomalyDetector, AnomalyFilter
+
+MINUTE_MS: Final = 60_000
+HOUR_MS: Final = 3_600_000
+DAY_MS: Final = 24 * HOUR_MS
+WEEK_MS: Final = 7 * DAY_MS
+#: 1970-01-01 was a Thursday: shifting by 3 days puts slot 0 of a week on Monday 00:00 UTC.
+MONDAY_OFFSET_MS: Final = 3 * DAY_MS
+
+#: What River detectors take: a dict of features.
+Features = dict[Hashable, Any]
+
+#: Hour of day and hour of week: a metric is unusual for its time if it is for both.
+DEFAULT_SEASONS: Final = ((DAY_MS, HOUR_MS), (WEEK_MS, HOUR_MS))
+
+
+def slot_of(ts_ms: int, period_ms: int, slot_ms: int) -> int:
+    """Index of the slot of ``ts_ms`` in its period (slot 0 of a week: Monday 00:00 UTC).
+
+    Examples
+    --------
+    >>> slot_of(0, WEEK_MS, HOUR_MS)  # Thursday 1970-01-01 00:00 UTC
+    72
+    >>> slot_of(5 * HOUR_MS + 1, DAY_MS, HOUR_MS)
+    5
+    """
+    return ((ts_ms + MONDAY_OFFSET_MS) % period_ms) // slot_ms
+
+
+@dataclass(frozen=True, slots=True)
+class Band:
+    """What a metric usually does in one time slot: ``expected`` within ``low``..``high``.
+
+    ``basis`` says what it was learned from: ``"week"`` (this hour on this weekday),
+    ``"day"`` (this hour of the day), ``"recent"`` (the last day or so), ``""`` (nothing).
+    """
+
+    low: float
+    expected: float
+    high: float
+    basis: str
+
+    @property
+    def seen(self) -> bool:
+        """Whether the band comes from this time slot."""
+        return self.basis in ("week", "day")
+
+
+class _Season:
+    """Per-slot robust level (EW mean and mean absolute deviation, float32) of one period."""
+
+    __slots__ = ("count", "hi", "lo", "mean", "period_ms", "residuals", "slot_ms", "spread")
+
+    def __init__(self, period_ms: int, slot_ms: int) -> None:
+        n = max(1, period_ms // slot_ms)
+        self.period_ms = period_ms
+        self.slot_ms = slot_ms
+        self.mean = array("f", [math.nan]) * n
+        self.spread = array("f", [0.0]) * n
+        self.count = array("I", [0]) * n
+        self.lo = math.inf  # extremes of the residuals seen against seen slots
+        self.hi = -math.inf
+        self.residuals = 0
+
+    def __getstate__(self) -> tuple[Any, ...]:
+        return tuple(getattr(self, k) for k in self.__slots__)
+
+    def __setstate__(self, state: tuple[Any, ...]) -> None:
+        for k, v in zip(self.__slots__, state, strict=True):
+            setattr(self, k, v)
+
+
+class TrafficBaseline(AnomalyDetector):
+    """Novelty of one metric's level, at several scales and for its time slot.
+
+    Parameters
+    ----------
+    scales
+        Moving-average lengths (in samples) whose values are checked against the
+        extremes that moving average ever had.
+    seasons
+        ``(period_ms, slot_ms)`` pairs: hour of day and hour of week by default.
+    seasonal_smoothing
+        Samples averaged before comparing with the slot's level.
+    seasonal_rate
+        How much one visit of a slot moves its level (an exponential weight per visit).
+    seasonal_weight
+        Weight of the seasonal evidence against the global one.
+    seasonal_warmup
+        Residuals to see before the seasonal evidence scores.
+    seasonal_width
+        A value is unusual for its slot when it is further from the slot's level than
+        this many times the slot's mean absolute deviation (slots seen three times at
+        least); ``None``: further than any residual seen in any slot.
+    rest
+        Samples after a detection during which a repeat must beat it ``refire_ratio``
+        times to score.
+    refire_ratio
+        See ``rest``.
+    warmup
+        Samples learned before any score (score 0 meanwhile).
+
+    Examples
+    --------
+    A nightly backup that happens every night is normal; the same burst at noon is not.
+    (``last_raw`` is the evidence, which lasts as long as the anomaly; the score fires
+    once and then only for a point at least ``refire_ratio`` times stronger.)
+
+    >>> m = TrafficBaseline(seasons=((DAY_MS, HOUR_MS),), seasonal_width=4.0, warmup=0)
+    >>> def rate(ts, odd=()):
+    ...     hour = (ts % DAY_MS) // HOUR_MS
+    ...     return 5_000.0 if hour == 2 or hour in odd else 100.0 + (ts // 60_000) % 5
+    >>> for ts in range(0, 10 * DAY_MS, 5 * 60_000):
+    ...     m.learn_one({"value": rate(ts), "ts_ms": ts})
+    >>> evidence = {}
+    >>> for ts in range(10 * DAY_MS, 11 * DAY_MS, 5 * 60_000):
+    ...     _ = m.score_learn({"value": rate(ts, odd=(12,)), "ts_ms": ts}, learn_below=0.05)
+    ...     hour = (ts % DAY_MS) // HOUR_MS
+    ...     evidence[hour] = max(evidence.get(hour, 0.0), m.last_raw)
+    >>> evidence[2], evidence[12] > 0.3
+    (0.0, True)
+    >>> m.band(12 * HOUR_MS).high < 1_000 < m.band(2 * HOUR_MS).expected
+    True
+    """
+
+    def __init__(
+        self,
+        scales: Sequence[int] = (1, 6, 24),
+        seasons: Sequence[tuple[int, int]] = DEFAULT_SEASONS,
+        seasonal_smoothing: int = 12,
+        seasonal_rate: float = 0.3,
+        seasonal_weight: float = 0.5,
+        seasonal_warmup: int = 288,
+        seasonal_width: float | None = None,
+        rest: int = 25,
+        refire_ratio: float = 2.0,
+        warmup: int = 60,
+    ) -> None:
+        self.scales = tuple(scales)
+        self.seasons = tuple(seasons)
+        self.seasonal_smoothing = seasonal_smoothing
+        self.seasonal_rate = seasonal_rate
+        self.seasonal_weight = seasonal_weight
+        self.seasonal_warmup = seasonal_warmup
+        self.seasonal_width = seasonal_width
+        self.rest = rest
+        self.refire_ratio = refire_ratio
+        self.warmup = warmup
+        self._depth = max((*self.scales, seasonal_smoothing, 1))
+        self._ring = array("d", [0.0]) * self._depth  # last values, newest at _pos
+        self._pos = -1
+        self._n = 0  # values learned
+        self._filled = 0  # values in the ring (a prior or a warm start has none)
+        self._lo = math.inf  # the metric's own extremes: the unit of every excess
+        self._hi = -math.inf
+        self._scale_lo = array("d", [math.inf]) * len(self.scales)
+        self._scale_hi = array("d", [-math.inf]) * len(self.scales)
+        self._seasons = [_Season(p, s) for p, s in self.seasons]
+        self._recent = array("f", [0.0]) * max(rest, 1)  # raw scores, for the rest period
+        self._recent_pos = 0
+        self._last_ts_ms: int | None = None
+        self._last_raw = 0.0
+        self._dt_ms = 0.0  # typical sampling interval
+        self._mean = math.nan  # recent level and spread, the band's fallback
+        self._spread = 0.0
+
+    # -- the River contract -------------------------------------------------------------
+
+    def learn_one(self, x: Features) -> None:
+        """Learn one point (a counter reset is skipped)."""
+        self.score_learn(x, learn_below=math.inf)
+
+    def score_one(self, x: Features) -> float:
+        """Anomaly score of one point: 0 for what was seen, ~1 for a range-sized jump."""
+        if x.get("counter_reset") or self._n < max(self.warmup, 1):
+            return 0.0
+        return self._suppressed(self._raw(float(x["value"]), int(x["ts_ms"])))
+
+    def score_learn(self, x: Features, learn_below: float = math.inf) -> float:
+        """Score ``x``, then learn it if its score is below ``learn_below``; one pass.
+
+        Examples
+        --------
+        >>> m = TrafficBaseline(warmup=3)
+        >>> [round(m.score_learn({"value": v, "ts_ms": i}, learn_below=1.0), 3)
+        ...  for i, v in enumerate([1, 2, 1, 2, 9, 9])]
+        [0.0, 0.0, 0.0, 0.0, 7.0, 0.0]
+        >>> m.last_raw, m.n_learned
+        (7.0, 4)
+        """
+        if x.get("counter_reset"):
+            return 0.0
+        value = float(x["value"])
+        ts_ms = int(x["ts_ms"])
+        raw = self._raw(value, ts_ms) if self._n else 0.0
+        warm = self._n >= max(self.warmup, 1)
+        score = self._suppressed(raw) if warm else 0.0
+        self._last_raw = raw if warm else 0.0
+        self._remember(raw)
+        # Flagged means the evidence itself, not the de-duplicated score: a burst's later
+        # samples are not learned either.
+        if self._last_raw < learn_below:
+            self._learn(value, ts_ms)
+        self._push(value, ts_ms)
+        return score
+
+    # -- scoring ------------------------------------------------------------------------
+
+    def _moving(self, value: float, k: int) -> float | None:
+        """Mean of the last ``k`` values with ``value`` appended, if there are that many."""
+        if self._filled + 1 < k:
+            return None
+        total = value
+        depth = self._depth
+        for j in range(k - 1):
+            total += self._ring[(self._pos - j) % depth]
+        return total / k
+
+    def _raw(self, value: float, ts_ms: int) -> float:
+        span = self._hi - self._lo
+        if not span > 0:
+            return 0.0 if value == self._hi or self._n == 0 else 1.0
+        raw = 0.0
+        for i, k in enumerate(self.scales):
+            v = self._moving(value, k)
+            if v is None or self._scale_hi[i] < self._scale_lo[i]:
+                continue
+            if v > self._scale_hi[i]:
+                raw = max(raw, (v - self._scale_hi[i]) / span)
+            elif v < self._scale_lo[i]:
+                raw = max(raw, (self._scale_lo[i] - v) / span)
+        seasonal = self._seasonal_excess(value, ts_ms, span)
+        if seasonal is not None:
+            raw = max(raw, self.seasonal_weight * seasonal)
+        return min(raw, 1e3)
+
+    def _seasonal_excess(self, value: float, ts_ms: int, span: float) -> float | None:
+        v = self._moving(value, self.seasonal_smoothing)
+        if v is None:
+            return None
+        least: float | None = None
+        width = self.seasonal_width
+        for s in self._seasons:
+            i = slot_of(ts_ms, s.period_ms, s.slot_ms)
+            level = s.mean[i]
+            if math.isnan(level) or s.residuals < self.seasonal_warmup:
+                continue
+            d = v - level
+            if width is None:
+                excess = (d - s.hi) / span if d > s.hi else (s.lo - d) / span if d < s.lo else 0.0
+            elif s.count[i] * (self._dt_ms or s.slot_ms) < 3 * s.slot_ms:
+                continue  # fewer than three visits of this slot: its spread is not known yet
+            else:
+                excess = max(0.0, abs(d) - width * s.spread[i]) / span
+            least = excess if least is None else min(least, excess)
+        return least
+
+    def _suppressed(self, raw: float) -> float:
+        if raw <= 0.0:
+            return 0.0
+        if self.rest > 0 and self.refire_ratio * max(self._recent) >= raw:
+            return 0.0
+        return raw
+
+    def _remember(self, raw: float) -> None:
+        if self.rest > 0:
+            self._recent[self._recent_pos] = min(raw, 1e30)
+            self._recent_pos = (self._recent_pos + 1) % self.rest
+
+    # -- learning -----------------------------------------------------------------------
+
+    def _learn(self, value: float, ts_ms: int) -> None:
+        for i, k in enumerate(self.scales):
+            v = self._moving(value, k)
+            if v is not None:
+                self._scale_lo[i] = min(self._scale_lo[i], v)
+                self._scale_hi[i] = max(self._scale_hi[i], v)
+        self._lo = min(self._lo, value)
+        self._hi = max(self._hi, value)
+        smooth = self._moving(value, self.seasonal_smoothing)
+        if smooth is not None:
+            self._learn_seasons(smooth, ts_ms)
+        self._n += 1
+
+    def _push(self, value: float, ts_ms: int) -> None:
+        """The input window moves on whether or not the point was learned."""
+        if self._last_ts_ms is not None and ts_ms > self._last_ts_ms:
+            dt = float(ts_ms - self._last_ts_ms)
+            if self._dt_ms == 0:
+                self._dt_ms = dt
+            elif dt < 4 * self._dt_ms:  # a gap (nettel or the container was down) is no rate
+                self._dt_ms += 0.05 * (dt - self._dt_ms)
+        self._last_ts_ms = ts_ms
+        self._pos = (self._pos + 1) % self._depth
+        self._ring[self._pos] = value
+        self._filled = min(self._filled + 1, self._depth)
+
+    def _learn_seasons(self, v: float, ts_ms: int) -> None:
+        dt = self._dt_ms or float(self.seasons[0][1] if self.seasons else MINUTE_MS)
+        # Recent level: an exponential mean over about a day of samples.
+        a = min(1.0, dt / DAY_MS)
+        if math.isnan(self._mean):
+            self._mean = v
+        else:
+            self._spread += a * (abs(v - self._mean) - self._spread)
+            self._mean += a * (v - self._mean)
+        for s in self._seasons:
+            i = slot_of(ts_ms, s.period_ms, s.slot_ms)
+            level = s.mean[i]
+            s.count[i] = min(s.count[i] + 1, 0xFFFFFFFF)
+            if math.isnan(level):
+                s.mean[i] = v
+                continue
+            d = v - level
+            s.residuals += 1
+            s.lo = min(s.lo, d)
+            s.hi = max(s.hi, d)
+            # One visit of the slot (slot_ms of samples) moves the level by seasonal_rate.
+            # Until then (a slot's first visit), its level is the plain mean of its samples.
+            r = min(1.0, max(self.seasonal_rate * dt / s.slot_ms, 1.0 / s.count[i]))
+            s.mean[i] = level + r * d
+            s.spread[i] = s.spread[i] + r * (abs(d) - s.spread[i])
+
+    # -- what it knows ------------------------------------------------------------------
+
+    @property
+    def last_raw(self) -> float:
+        """The evidence of the last :meth:`score_learn` before de-duplication: it stays high
+        for as long as an anomaly lasts, where the score fires once."""
+        return self._last_raw
+
+    @property
+    def n_learned(self) -> int:
+        """Points learned so far."""
+        return self._n
+
+    def band(self, ts_ms: int, width: float = 3.0) -> Band:
+        """Expected value and band at ``ts_ms``'s slot (the finest seen season, else recent).
+
+        Examples
+        --------
+        >>> m = TrafficBaseline()
+        >>> m.band(0).seen
+        False
+        """
+        for s in sorted(self._seasons, key=lambda s: -s.period_ms):
+            i = slot_of(ts_ms, s.period_ms, s.slot_ms)
+            level = float(s.mean[i])
+            if not math.isnan(level):
+                spread = max(float(s.spread[i]), self._spread * 0.25)
+                basis = (
+                    "week" if s.period_ms == WEEK_MS else "day" if s.period_ms == DAY_MS else "slot"
+                )
+                return Band(max(0.0, level - width * spread), level, level + width * spread,
+                            basis)  # fmt: skip
+        if math.isnan(self._mean):
+            return Band(0.0, 0.0, 0.0, "")
+        return Band(max(0.0, self._mean - width * self._spread), self._mean,
+                    self._mean + width * self._spread, "recent")  # fmt: skip
+
+    def warm_start(self, rows: Iterable[tuple[int, float, float, float]]) -> None:
+        """Start warm from stored rollups: ``(slot_start_ms, mean, low, high)`` rows in time
+        order (e.g. the ``hour`` table's mean rate, ``rate_min`` and ``rate_max``).
+
+        Examples
+        --------
+        >>> m = TrafficBaseline(warmup=5)
+        >>> m.warm_start([(h * HOUR_MS, 100.0, 80.0, 130.0) for h in range(24 * 8)])
+        >>> m.score_one({"value": 120.0, "ts_ms": 24 * 8 * HOUR_MS})
+        0.0
+        >>> m.score_one({"value": 900.0, "ts_ms": 24 * 8 * HOUR_MS}) > 1
+        True
+        >>> round(m.band(0).expected)
+        100
+        """
+        for start_ms, mean, low, high in rows:
+            self._lo = min(self._lo, low)
+            self._hi = max(self._hi, high)
+            for i in range(len(self.scales)):
+                self._scale_lo[i] = min(self._scale_lo[i], low)
+                self._scale_hi[i] = max(self._scale_hi[i], high)
+            saved = self._dt_ms
+            for s in self._seasons:
+                if s.residuals < self.seasonal_warmup:
+                    s.residuals = self.seasonal_warmup
+            self._dt_ms = float(min(s.slot_ms for s in self._seasons) if self._seasons else HOUR_MS)
+            self._learn_seasons(mean, start_ms)
+            for s in self._seasons:
+                s.lo = min(s.lo, low - mean)
+                s.hi = max(s.hi, high - mean)
+            self._dt_ms = saved
+            self._n = max(self._n, self.warmup)
+
+    def prior(self) -> TrafficBaseline:
+        """A copy of what this model learned, to start a new container of the same image or
+        service warm (its recent values and detections are not carried over).
+
+        Examples
+        --------
+        >>> old = TrafficBaseline(warmup=2)
+        >>> for i in range(50):
+        ...     old.learn_one({"value": 10.0 + i % 3, "ts_ms": i * 5000})
+        >>> new = old.prior()
+        >>> usual, odd = {"value": 11.0, "ts_ms": 0}, {"value": 99.0, "ts_ms": 0}
+        >>> new.score_one(usual), new.score_one(odd) > 1
+        (0.0, True)
+        """
+        twin = copy.deepcopy(self)
+        twin._recent = array("f", [0.0]) * max(self.rest, 1)
+        twin._last_ts_ms = None
+        twin._filled = 0
+        return twin
+
+
+class LearningGuard(AnomalyFilter):
+    """Do not learn from what is flagged: points scoring ``threshold`` or more are skipped,
+    unless ``max_protected_run`` of them came in a row (then the new level is learned).
+
+    Examples
+    --------
+    >>> g = LearningGuard(TrafficBaseline(warmup=3, rest=0), threshold=0.5)
+    >>> for i, v in enumerate([1, 2, 1, 2, 50]):
+    ...     g.learn_one({"value": v, "ts_ms": i})
+    >>> g.anomaly_detector.n_learned  # the 50 was flagged, not learned
+    4
+    """
+
+    def __init__(
+        self,
+        anomaly_detector: AnomalyDetector,
+        threshold: float,
+        max_protected_run: int = 12,
+        protect_anomaly_detector: bool = True,
+    ) -> None:
+        super().__init__(anomaly_detector, protect_anomaly_detector)
+        self.threshold = threshold
+        self.max_protected_run = max_protected_run
+        self._run = 0
+
+    def classify(self, score: float) -> bool:
+        """Whether ``score`` is flagged."""
+        return score >= self.threshold
+
+    def learn_one(self, x: Features) -> None:
+        """Learn ``x`` unless it is flagged (and the flagged run is still short)."""
+        self.score_learn(x)
+
+    def score_learn(self, x: Features) -> float:
+        """Score ``x`` and learn it unless flagged; one pass where the detector allows."""
+        limit = self.threshold if self._protecting() else math.inf
+        det = self.anomaly_detector
+        if isinstance(det, TrafficBaseline):
+            score = det.score_learn(x, learn_below=limit)
+            self._run = self._run + 1 if self.classify(det.last_raw) else 0
+            return score
+        score = det.score_one(x)
+        if score < limit:
+            det.learn_one(x)
+        self._run = self._run + 1 if self.classify(score) else 0
+        return score
+
+    def _protecting(self) -> bool:
+        return self.protect_anomaly_detector and self._run < self.max_protected_run

@@ -1,0 +1,134 @@
+"""All containers' detectors, rules and alert lifecycles: events in, alerts out.
+
+:class:`FleetDetector` is what a worker drives (it does no I/O): :meth:`~FleetDetector.
+process` takes one :class:`~nettel.models.StatEvent` and returns the alerts to publish.
+A container seen for the first time starts from a prior: the learned state of another
+container of the same compose service, else of the same image. The whole object pickles,
+so a worker checkpoints it with the offsets it has consumed.
+
+Examples
+--------
+>>> from nettel.models import StatEvent
+>>> fleet = FleetDetector()
+>>> def ev(ts, rx, reset=False):
+...     return StatEvent(ts_ms=ts, host="h", container_id="c1", identity="shop/web",
+...                      name="web", image="nginx", interval_ms=5000, rx_bytes=rx,
+...                      counter_reset=reset)
+>>> alerts = []
+>>> for i in range(400):
+...     alerts += fleet.process(ev(i * 5000, 500_000 + (i % 7) * 10_000))
+>>> alerts += fleet.process(ev(400 * 5000, 50_000_000, reset=True))  # a restart: no spike
+>>> alerts
+[]
+>>> burst = [a for i in range(401, 405) for a in fleet.process(ev(i * 5000, 20_000_000))]
+>>> [(a.status, a.metric, a.severity) for a in burst][:1]
+[('open', 'rx_bytes', 'critical')]
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Sequence
+from typing import Final
+
+from nettel.detect.alerts import Alert, AlertTracker, Signal, related_moves
+from nettel.detect.baseline import HOUR_MS, Band
+from nettel.detect.container import ContainerDetector, event_features
+from nettel.detect.rules import Rule, RuleSet
+from nettel.models import StatEvent
+
+RESTART_MEMORY_MS: Final = HOUR_MS
+
+
+class FleetDetector:
+    """Per-container detectors, custom rules and the alert lifecycle over them.
+
+    Parameters
+    ----------
+    template
+        The container detector cloned for each new container without a prior.
+    tracker
+        The lifecycle of model alerts.
+    rules
+        Custom rules; their alerts open when the condition holds and resolve when it
+        stops (each rule's ``cooldown`` applies after that).
+    """
+
+    def __init__(
+        self,
+        template: ContainerDetector | None = None,
+        tracker: AlertTracker | None = None,
+        rules: Sequence[Rule] = (),
+    ) -> None:
+        self.template = template or ContainerDetector()
+        self.tracker = tracker or AlertTracker()
+        self.rules = RuleSet(rules)
+        self._rule_trackers = {
+            r.name: AlertTracker(
+                open_at=1.0, close_at=1.0, resolve_after=1, cooldown_ms=r.cooldown_ms
+            )
+            for r in rules
+        }
+        self._containers: dict[str, ContainerDetector] = {}
+        self._groups: dict[str, str] = {}  # "service:<p>/<s>" or "image:<i>" -> identity
+        self._restarts: dict[str, deque[int]] = {}
+
+    def detector(self, identity: str) -> ContainerDetector | None:
+        """The container's detector, if it was seen."""
+        return self._containers.get(identity)
+
+    @property
+    def identities(self) -> list[str]:
+        """Containers seen so far."""
+        return list(self._containers)
+
+    def _detector_for(self, ev: StatEvent) -> ContainerDetector:
+        det = self._containers.get(ev.identity)
+        if det is not None:
+            return det
+        keys = []
+        if ev.compose_service:
+            keys.append(f"service:{ev.compose_project}/{ev.compose_service}")
+        if ev.image:
+            keys.append(f"image:{ev.image}")
+        prior = next((self._containers[self._groups[k]] for k in keys if k in self._groups), None)
+        det = prior.prior() if prior is not None else self.template.clone()
+        self._containers[ev.identity] = det
+        for k in keys:
+            self._groups.setdefault(k, ev.identity)
+        return det
+
+    def process(self, ev: StatEvent) -> list[Alert]:
+        """Score and learn one event; the alerts it opens, grows or resolves."""
+        det = self._detector_for(ev)
+        restarts = self._restarts.setdefault(ev.identity, deque())
+        if ev.counter_reset:
+            restarts.append(ev.ts_ms)
+        while restarts and restarts[0] < ev.ts_ms - RESTART_MEMORY_MS:
+            restarts.popleft()
+        out: list[Alert] = []
+        scores = det.update(event_features(ev))
+        if scores:
+            moves = [(m, s.value, s.band.expected) for m, s in scores.items()]
+            for metric, s in scores.items():
+                related = (
+                    related_moves(moves, metric) if s.evidence >= self.tracker.close_at else {}
+                )
+                alert = self.tracker.observe(
+                    Signal(ev.identity, metric, ev.ts_ms, s.evidence, s.value, s.band,
+                           host=ev.host, container_id=ev.container_id, related=related,
+                           restarts=len(restarts))
+                )  # fmt: skip
+                if alert is not None:
+                    out.append(alert)
+        for hit in self.rules.evaluate(ev):
+            tracker = self._rule_trackers[hit.rule.name]
+            alert = tracker.observe(
+                Signal(ev.identity, hit.rule.metric, ev.ts_ms, 1.0 if hit.holds else 0.0,
+                       hit.value, Band(0.0, 0.0, 0.0, ""), rule=hit.rule.name,
+                       limit=hit.rule.describe_limit(), host=ev.host,
+                       container_id=ev.container_id, restarts=len(restarts))
+            )  # fmt: skip
+            if alert is not None:
+                out.append(alert)
+        return out
