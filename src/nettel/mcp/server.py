@@ -13,6 +13,8 @@ bodies are capped and each client address is rate limited (429 past the limit).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hmac
 import ipaddress
 import json
@@ -285,16 +287,33 @@ def http_app(server: MCPServer[Any], options: HttpOptions) -> ASGIApp:
     return _Guard(app, options)
 
 
-async def serve_http(server: MCPServer[Any], options: HttpOptions) -> None:
-    """Serve over streamable HTTP until cancelled."""
+async def serve_http(server: MCPServer[Any], options: HttpOptions,
+                     stop: asyncio.Event | None = None) -> None:  # fmt: skip
+    """Serve over streamable HTTP until ``stop`` is set (or cancelled); the caller owns
+    the signals (uvicorn's own handlers are left out)."""
     import uvicorn
 
     app = http_app(server, options)
     config = uvicorn.Config(app, host=options.host, port=options.port, log_level="warning",
                             lifespan="on", access_log=False)  # fmt: skip
+    uv = uvicorn.Server(config)
+    uv.capture_signals = contextlib.nullcontext  # type: ignore[method-assign,assignment]
     log.info("mcp_http_listening", url=f"http://{options.host}:{options.port}/mcp",
              token=options.token is not None)  # fmt: skip
-    await uvicorn.Server(config).serve()
+    serving = asyncio.create_task(uv.serve())
+    try:
+        if stop is None:
+            await serving
+            return
+        waiting = asyncio.create_task(stop.wait())
+        await asyncio.wait({serving, waiting}, return_when=asyncio.FIRST_COMPLETED)
+        waiting.cancel()
+        uv.should_exit = True
+        await serving
+    finally:
+        if not serving.done():
+            uv.should_exit = True
+            await asyncio.wait_for(asyncio.shield(serving), 5)
 
 
 async def serve_stdio(server: MCPServer[Any]) -> None:

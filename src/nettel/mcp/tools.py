@@ -4,8 +4,8 @@ Kept apart from the server wiring so the answers can be tested without a transpo
 Every tool's timeframe is the last hour, day, week or month (30 days) up to now, cut
 at whole minutes; the newest minute or two are not in the store yet (a window is
 written once it closes). Containers are named by identity, container name, compose
-service or a container-id prefix; a name that matches nothing raises with the closest
-known names, one that matches several raises with the matches.
+service or project, or a container-id prefix (4+ characters); a name that matches
+nothing raises with the closest known names, one that matches several with the matches.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Annotated, Any, Literal
 
+import polars as pl
 from pydantic import BaseModel, Field, model_serializer
 
 from nettel.errors import NettelError
@@ -39,6 +40,7 @@ STORE_METRIC: dict[str, str] = {
     "tcp_time_wait": "tcp_time_wait", "tcp_close_wait": "tcp_close_wait",
 }  # fmt: skip
 ALL = "*"
+DAY_MS = 86_400_000
 MAX_ENTRIES = 100
 ACTIVE_WITHIN_MS = 3 * 60_000
 
@@ -250,7 +252,7 @@ class TelemetryTools:
         known = self._known()
         for match in (
             lambda s: s.container == name,
-            lambda s: name in (s.name, s.compose_service),
+            lambda s: name in (s.name, s.compose_service, s.compose_project),
             lambda s: len(name) >= 4 and s.container_id.startswith(name),
         ):
             found = sorted({s.container for s in known if match(s)})
@@ -297,19 +299,39 @@ class TelemetryTools:
             now - now % 60_000 - 5 * 60_000 - ACTIVE_WITHIN_MS, now + 60_000,
             aggregation="avg", containers=[s.container for s in shown],
         )} if shown else {}  # fmt: skip
+        first, last = self._seen(shown, now)
         out = []
         for s in shown:
             r = recent.get(s.container)
             out.append(ContainerInfo(
                 container=s.container, name=s.name, image=s.image,
                 compose_service=s.compose_service, container_id=s.container_id, host=s.host,
-                state="active" if s.through_ms >= now - ACTIVE_WITHIN_MS else "inactive",
-                first_seen=iso(s.first_ms), last_seen=iso(s.through_ms),
+                state="active" if last[s.container] >= now - ACTIVE_WITHIN_MS else "inactive",
+                first_seen=iso(first[s.container]), last_seen=iso(last[s.container]),
                 rx_bytes_per_s=r.values["rx_bytes"] if r else None,
                 tx_bytes_per_s=r.values["tx_bytes"] if r else None,
                 connections=r.values["connections"] if r else None,
             ))  # fmt: skip
         return ContainerList(containers=out, omitted=len(known) - len(shown))
+
+    def _seen(self, stats: Sequence[ContainerStats], now_ms: int
+              ) -> tuple[dict[str, int], dict[str, int]]:  # fmt: skip
+        """First and last minute with data per container: long ranges are answered from
+        day rows, so the first and last days are read again at minute resolution."""
+        first = {s.container: s.first_ms for s in stats}
+        last = {s.container: s.through_ms for s in stats}
+        for edge, is_last in ((first, False), (last, True)):
+            days: dict[int, list[str]] = {}
+            for c, t in edge.items():
+                days.setdefault((t - is_last) // DAY_MS * DAY_MS, []).append(c)
+            for day, names in days.items():
+                frame = self.query.series(day, min(day + DAY_MS, now_ms + 60_000),
+                                          resolution="minute", containers=names)  # fmt: skip
+                ts = frame.group_by("container").agg(
+                    (pl.col("ts_ms").max() + 60_000) if is_last else pl.col("ts_ms").min()
+                )
+                edge.update(zip(ts["container"].to_list(), ts["ts_ms"].to_list(), strict=True))
+        return first, last
 
     def top_consumers(self, timeframe: Timeframe, metric: Metric, aggregation: Aggregation,
                       largest: bool, limit: int) -> TopConsumers:  # fmt: skip

