@@ -131,6 +131,9 @@ class TrafficBaseline(AnomalyDetector):
         A value is unusual for its slot when it is further from the slot's level than
         this many times the slot's mean absolute deviation (slots seen three times at
         least); ``None``: further than any residual seen in any slot.
+    seasonal_relative
+        With ``seasonal_width``: measure the seasonal excess in units of the slot's own
+        level (2 = three times what this hour usually does) rather than of the range.
     rest
         Samples after a detection during which a repeat must beat it ``refire_ratio``
         times to score.
@@ -171,6 +174,7 @@ class TrafficBaseline(AnomalyDetector):
         seasonal_weight: float = 0.5,
         seasonal_warmup: int = 288,
         seasonal_width: float | None = None,
+        seasonal_relative: bool = False,
         rest: int = 25,
         refire_ratio: float = 2.0,
         warmup: int = 60,
@@ -182,6 +186,7 @@ class TrafficBaseline(AnomalyDetector):
         self.seasonal_weight = seasonal_weight
         self.seasonal_warmup = seasonal_warmup
         self.seasonal_width = seasonal_width
+        self.seasonal_relative = seasonal_relative
         self.rest = rest
         self.refire_ratio = refire_ratio
         self.warmup = warmup
@@ -290,7 +295,11 @@ class TrafficBaseline(AnomalyDetector):
             elif s.count[i] * (self._dt_ms or s.slot_ms) < 3 * s.slot_ms:
                 continue  # fewer than three visits of this slot: its spread is not known yet
             else:
-                excess = max(0.0, abs(d) - width * s.spread[i]) / span
+                allowed = width * s.spread[i]
+                # Relative to the slot's own level (x times what this hour does), or to
+                # the metric's whole range like the other evidence.
+                unit = max(abs(level), allowed, 1e-9) if self.seasonal_relative else span
+                excess = max(0.0, abs(d) - allowed) / unit
             least = excess if least is None else min(least, excess)
         return least
 
@@ -497,6 +506,11 @@ class LearningGuard(AnomalyFilter):
             det.learn_one(x)
         self._run = self._run + 1 if self.classify(score) else 0
         return score
+
+    @property
+    def n_learned(self) -> int:
+        """Points the wrapped detector learned (when it counts them), else -1."""
+        return int(getattr(self.anomaly_detector, "n_learned", -1))
 
     def _protecting(self) -> bool:
         return self.protect_anomaly_detector and self._run < self.max_protected_run

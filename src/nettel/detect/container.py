@@ -90,7 +90,8 @@ class MetricScore:
 
 def service_baseline() -> TrafficBaseline:
     """The per-metric baseline the service uses for 5-second samples: hour of day and
-    hour of week, a slot's usual spread as its band, one minute of smoothing.
+    hour of week, a slot's usual spread as its band, one minute of smoothing, and the
+    seasonal evidence in multiples of what the hour usually does.
 
     Examples
     --------
@@ -98,7 +99,11 @@ def service_baseline() -> TrafficBaseline:
     True
     """
     return TrafficBaseline(
-        seasons=((DAY_MS, HOUR_MS), (WEEK_MS, HOUR_MS)), seasonal_width=4.0, warmup=60
+        seasons=((DAY_MS, HOUR_MS), (WEEK_MS, HOUR_MS)),
+        seasonal_width=4.0,
+        seasonal_relative=True,
+        seasonal_weight=1.0,
+        warmup=60,
     )
 
 
@@ -223,6 +228,11 @@ class ContainerDetector(AnomalyDetector):
         168
         """
         return [self.band(metric, week_start_ms + h * HOUR_MS + HOUR_MS // 2) for h in range(168)]
+
+    @property
+    def n_learned(self) -> int:
+        """Metric points learned so far, over all metrics."""
+        return sum(m.n_learned for m in self._models.values())
 
     @property
     def metrics(self) -> list[str]:

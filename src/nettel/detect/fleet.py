@@ -109,7 +109,12 @@ class FleetDetector:
         out: list[Alert] = []
         scores = det.update(event_features(ev))
         if scores:
-            moves = [(m, s.value, s.band.expected) for m, s in scores.items()]
+            floor = det.min_volume
+            moves = [
+                (m, s.value, s.band.expected)
+                for m, s in scores.items()
+                if max(s.value, s.band.expected) >= floor.get(m, 0.0)
+            ]
             for metric, s in scores.items():
                 related = (
                     related_moves(moves, metric) if s.evidence >= self.tracker.close_at else {}
