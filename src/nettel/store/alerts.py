@@ -1,0 +1,230 @@
+"""The detector's tables: ``alerts`` (every alert version), ``alert_feedback`` and
+``detect_state`` (each partition's pickled models with the offset they have consumed).
+
+``alerts`` gets one row per published alert version (open, update, resolved), written
+with each source partition's next offset as a Delta app transaction in the same commit,
+so a detector that restarts from an older checkpoint and regenerates the same alerts
+(same ids) writes none of them twice. Readers take the latest version per id
+(:meth:`AlertTable.latest`). ``detect_state`` holds one row per partition, replaced in
+one commit at each checkpoint. ``alert_feedback`` is the one table the MCP server
+writes (``mark_alert``); the detector reads it to widen bands.
+
+Rows are plain mappings (the :class:`~nettel.detect.alerts.Alert` record's fields): the
+store does not import the detector.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import polars as pl
+from deltalake import CommitProperties, DeltaTable, Transaction
+from deltalake.exceptions import TableNotFoundError
+
+from nettel.store.minute import writer_properties
+
+_TS = pl.Datetime("us", "UTC")
+
+
+def alerts_schema() -> dict[str, pl.DataType]:
+    """Columns of the ``alerts`` table, in order.
+
+    Examples
+    --------
+    >>> list(alerts_schema())[:5]
+    ['date', 'id', 'status', 'container', 'metric']
+    """
+    return {
+        "date": pl.String(), "id": pl.String(), "status": pl.String(),
+        "container": pl.String(), "metric": pl.String(), "rule": pl.String(),
+        "host": pl.String(), "container_id": pl.String(), "started": _TS, "updated": _TS,
+        "resolved": _TS, "observed": pl.Float64(), "peak": pl.Float64(),
+        "expected": pl.Float64(), "band_low": pl.Float64(), "band_high": pl.Float64(),
+        "band_basis": pl.String(), "score": pl.Float64(), "severity": pl.String(),
+        "related": pl.String(), "restarts": pl.Int64(), "explanation": pl.String(),
+        "partition": pl.Int64(), "offset": pl.Int64(),
+    }  # fmt: skip
+
+
+def _ts(ms: int | None) -> dt.datetime | None:
+    return None if ms is None else dt.datetime.fromtimestamp(ms / 1000, dt.UTC)
+
+
+def alert_rows_frame(rows: Sequence[Mapping[str, Any]]) -> pl.DataFrame:
+    """An ``alerts`` frame from alert fields plus ``partition`` and ``offset``."""
+    schema = alerts_schema()
+    cols: dict[str, list[Any]] = {k: [] for k in schema}
+    for r in rows:
+        updated = _ts(r["updated_ms"])
+        assert updated is not None
+        cols["date"].append(updated.strftime("%Y-%m-%d"))
+        cols["container"].append(r["identity"])
+        cols["started"].append(_ts(r["started_ms"]))
+        cols["updated"].append(updated)
+        cols["resolved"].append(_ts(r.get("resolved_ms")))
+        cols["related"].append(json.dumps(r.get("related") or {}, sort_keys=True))
+        for k in ("id", "status", "metric", "rule", "host", "container_id", "observed", "peak",
+                  "expected", "band_low", "band_high", "band_basis", "score", "severity",
+                  "restarts", "explanation", "partition", "offset"):  # fmt: skip
+            cols[k].append(r.get(k))
+    return pl.DataFrame(cols, schema=schema)
+
+
+class AlertTable:
+    """The ``alerts`` Delta table under ``uri``."""
+
+    def __init__(self, uri: str, *, storage_options: dict[str, str] | None = None) -> None:
+        self.uri = uri
+        self.storage_options = storage_options
+        self._props = writer_properties(alerts_schema())
+
+    @staticmethod
+    def app_id(writer: str, topic: str, partition: int, epoch: int) -> str:
+        """The app transaction id holding a partition's next offset.
+
+        Examples
+        --------
+        >>> AlertTable.app_id("nettel-detect", "nettel.stats", 2, 1)
+        'nettel-detect/nettel.stats/2/e1/alerts_next_offset'
+        """
+        return f"{writer}/{topic}/{partition}/e{epoch}/alerts_next_offset"
+
+    def written_through(self, writer: str, topic: str, partition: int, epoch: int) -> int:
+        """The next source offset of ``partition`` whose alerts are not written (0: none)."""
+        try:
+            table = DeltaTable(self.uri, storage_options=self.storage_options)
+        except TableNotFoundError:
+            return 0
+        v = table.transaction_version(self.app_id(writer, topic, partition, epoch))
+        return 0 if v is None else int(v)
+
+    def append(self, rows: Sequence[Mapping[str, Any]], points: Mapping[int, int], *,
+               writer: str, topic: str, epoch: int) -> None:  # fmt: skip
+        """Append ``rows`` and each partition's next offset in one commit."""
+        txns = [Transaction(self.app_id(writer, topic, p, epoch), o) for p, o in points.items()]
+        alert_rows_frame(rows).write_delta(
+            self.uri, mode="append", storage_options=self.storage_options,
+            delta_write_options={
+                "partition_by": ["date"], "writer_properties": self._props,
+                "commit_properties": CommitProperties(app_transactions=txns),
+            },
+        )  # fmt: skip
+
+    def latest(self, since_ms: int | None = None) -> pl.DataFrame:
+        """The latest version of every alert (updated at or after ``since_ms``), newest first."""
+        try:
+            snapshot = DeltaTable(self.uri, storage_options=self.storage_options)
+        except TableNotFoundError:
+            return pl.DataFrame(schema=alerts_schema())
+        frame = pl.scan_delta(snapshot)
+        if since_ms is not None:
+            lo = _ts(since_ms - 7 * 86_400_000)  # an alert updated since started before
+            frame = frame.filter(pl.col("started") >= pl.lit(lo))
+        rank = pl.col("status").replace_strict({"open": 0, "update": 1, "resolved": 2},
+                                               default=1, return_dtype=pl.Int64)  # fmt: skip
+        out = (
+            frame.with_columns(_rank=rank)
+            .sort("id", "updated", "_rank")
+            .group_by("id", maintain_order=True)
+            .last()
+            .drop("_rank")
+        )
+        if since_ms is not None:
+            out = out.filter(pl.col("updated") >= pl.lit(_ts(since_ms)))
+        return out.sort("updated", "id", descending=[True, False]).collect()
+
+
+def feedback_schema() -> dict[str, pl.DataType]:
+    """Columns of ``alert_feedback``."""
+    return {"id": pl.String(), "verdict": pl.String(), "note": pl.String(), "ts": _TS,
+            "container": pl.String(), "metric": pl.String(), "started": _TS}  # fmt: skip
+
+
+class FeedbackTable:
+    """``alert_feedback``: verdicts on alerts, appended by ``mark_alert``."""
+
+    def __init__(self, uri: str, *, storage_options: dict[str, str] | None = None) -> None:
+        self.uri = uri
+        self.storage_options = storage_options
+
+    def append(self, alert_id: str, verdict: str, note: str, *, container: str, metric: str,
+               started_ms: int, now_ms: int) -> None:  # fmt: skip
+        """Record one verdict."""
+        pl.DataFrame(
+            {"id": [alert_id], "verdict": [verdict], "note": [note], "ts": [_ts(now_ms)],
+             "container": [container], "metric": [metric], "started": [_ts(started_ms)]},
+            schema=feedback_schema(),
+        ).write_delta(self.uri, mode="append", storage_options=self.storage_options)  # fmt: skip
+
+    def version(self) -> int:
+        """The table's latest version (-1: no table)."""
+        try:
+            return DeltaTable(self.uri, storage_options=self.storage_options).version()
+        except TableNotFoundError:
+            return -1
+
+    def rows(self) -> pl.DataFrame:
+        """Every verdict, oldest first."""
+        try:
+            return pl.read_delta(self.uri, storage_options=self.storage_options).sort("ts")
+        except (TableNotFoundError, FileNotFoundError, OSError):
+            return pl.DataFrame(schema=feedback_schema())
+
+
+@dataclass(frozen=True, slots=True)
+class DetectState:
+    """One partition's checkpoint: models, where to resume, and where alerts were."""
+
+    partition: int
+    epoch: int
+    next_offset: int
+    alerts_offset: int
+    feedback_version: int
+    blob: bytes
+
+
+class DetectStateTable:
+    """``detect_state``: one row per partition, replaced at every checkpoint."""
+
+    def __init__(self, uri: str, *, storage_options: dict[str, str] | None = None) -> None:
+        self.uri = uri
+        self.storage_options = storage_options
+
+    def save(self, states: Sequence[DetectState]) -> None:
+        """Replace the rows of ``states``' partitions in one commit."""
+        if not states:
+            return
+        frame = pl.DataFrame(
+            {"partition": [s.partition for s in states], "epoch": [s.epoch for s in states],
+             "next_offset": [s.next_offset for s in states],
+             "alerts_offset": [s.alerts_offset for s in states],
+             "feedback_version": [s.feedback_version for s in states],
+             "blob": [s.blob for s in states]},
+            schema={"partition": pl.Int64(), "epoch": pl.Int64(), "next_offset": pl.Int64(),
+                    "alerts_offset": pl.Int64(), "feedback_version": pl.Int64(),
+                    "blob": pl.Binary()},
+        )  # fmt: skip
+        parts = ", ".join(str(s.partition) for s in states)
+        try:
+            DeltaTable(self.uri, storage_options=self.storage_options)
+            exists = True
+        except TableNotFoundError:
+            exists = False
+        frame.write_delta(
+            self.uri, mode="overwrite" if exists else "append",
+            storage_options=self.storage_options,
+            delta_write_options={"predicate": f"partition IN ({parts})"} if exists else None,
+        )  # fmt: skip
+
+    def load(self, partitions: Sequence[int]) -> dict[int, DetectState]:
+        """The stored state of each partition that has one."""
+        try:
+            frame = pl.read_delta(self.uri, storage_options=self.storage_options)
+        except (TableNotFoundError, FileNotFoundError, OSError):
+            return {}
+        frame = frame.filter(pl.col("partition").is_in(list(partitions)))
+        return {r["partition"]: DetectState(**r) for r in frame.iter_rows(named=True)}
