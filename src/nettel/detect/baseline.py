@@ -192,6 +192,11 @@ class TrafficBaseline(AnomalyDetector):
         self.warmup = warmup
         self._depth = max((*self.scales, seasonal_smoothing, 1))
         self._ring = array("d", [0.0]) * self._depth  # last values, newest at _pos
+        # Running sums of the last k - 1 values, one per window length k in use.
+        self._ks = sorted({*self.scales, seasonal_smoothing})
+        self._tails = array("d", [0.0]) * len(self._ks)
+        self._scale_at = [self._ks.index(k) for k in self.scales]
+        self._smooth_at = self._ks.index(seasonal_smoothing)
         self._pos = -1
         self._n = 0  # values learned
         self._filled = 0  # values in the ring (a prior or a warm start has none)
@@ -200,6 +205,7 @@ class TrafficBaseline(AnomalyDetector):
         self._scale_lo = array("d", [math.inf]) * len(self.scales)
         self._scale_hi = array("d", [-math.inf]) * len(self.scales)
         self._seasons = [_Season(p, s) for p, s in self.seasons]
+        self._by_period = sorted(self._seasons, key=lambda s: -s.period_ms)  # for bands
         self._recent = array("f", [0.0]) * max(rest, 1)  # raw scores, for the rest period
         self._recent_pos = 0
         self._last_ts_ms: int | None = None
@@ -218,7 +224,8 @@ class TrafficBaseline(AnomalyDetector):
         """Anomaly score of one point: 0 for what was seen, ~1 for a range-sized jump."""
         if x.get("counter_reset") or self._n < max(self.warmup, 1):
             return 0.0
-        return self._suppressed(self._raw(float(x["value"]), int(x["ts_ms"])))
+        value = float(x["value"])
+        return self._suppressed(self._raw(value, int(x["ts_ms"]), self._averages(value)))
 
     def score_learn(self, x: Features, learn_below: float = math.inf) -> float:
         """Score ``x``, then learn it if its score is below ``learn_below``; one pass.
@@ -234,9 +241,12 @@ class TrafficBaseline(AnomalyDetector):
         """
         if x.get("counter_reset"):
             return 0.0
-        value = float(x["value"])
-        ts_ms = int(x["ts_ms"])
-        raw = self._raw(value, ts_ms) if self._n else 0.0
+        return self.score_learn_value(float(x["value"]), int(x["ts_ms"]), learn_below)
+
+    def score_learn_value(self, value: float, ts_ms: int, learn_below: float = math.inf) -> float:
+        """:meth:`score_learn` without the dict (the caller skips counter resets)."""
+        averages = self._averages(value)
+        raw = self._raw(value, ts_ms, averages) if self._n else 0.0
         warm = self._n >= max(self.warmup, 1)
         score = self._suppressed(raw) if warm else 0.0
         self._last_raw = raw if warm else 0.0
@@ -244,42 +254,41 @@ class TrafficBaseline(AnomalyDetector):
         # Flagged means the evidence itself, not the de-duplicated score: a burst's later
         # samples are not learned either.
         if self._last_raw < learn_below:
-            self._learn(value, ts_ms)
+            self._learn(value, ts_ms, averages)
         self._push(value, ts_ms)
         return score
 
     # -- scoring ------------------------------------------------------------------------
 
-    def _moving(self, value: float, k: int) -> float | None:
-        """Mean of the last ``k`` values with ``value`` appended, if there are that many."""
-        if self._filled + 1 < k:
-            return None
-        total = value
-        depth = self._depth
-        for j in range(k - 1):
-            total += self._ring[(self._pos - j) % depth]
-        return total / k
+    def _averages(self, value: float) -> list[float | None]:
+        """Mean of the last k values with ``value`` appended, for every k in use (None
+        where there are fewer than k values yet)."""
+        have = self._filled + 1
+        tails = self._tails
+        return [(tails[j] + value) / k if have >= k else None for j, k in enumerate(self._ks)]
 
-    def _raw(self, value: float, ts_ms: int) -> float:
+    def _raw(self, value: float, ts_ms: int, averages: list[float | None]) -> float:
         span = self._hi - self._lo
         if not span > 0:
             return 0.0 if value == self._hi or self._n == 0 else 1.0
         raw = 0.0
-        for i, k in enumerate(self.scales):
-            v = self._moving(value, k)
-            if v is None or self._scale_hi[i] < self._scale_lo[i]:
+        lows, highs = self._scale_lo, self._scale_hi
+        for i, j in enumerate(self._scale_at):
+            v = averages[j]
+            if v is None:
                 continue
-            if v > self._scale_hi[i]:
-                raw = max(raw, (v - self._scale_hi[i]) / span)
-            elif v < self._scale_lo[i]:
-                raw = max(raw, (self._scale_lo[i] - v) / span)
-        seasonal = self._seasonal_excess(value, ts_ms, span)
-        if seasonal is not None:
-            raw = max(raw, self.seasonal_weight * seasonal)
+            if v > highs[i]:
+                if highs[i] >= lows[i]:
+                    raw = max(raw, (v - highs[i]) / span)
+            elif v < lows[i]:
+                raw = max(raw, (lows[i] - v) / span)
+        if self._seasons:
+            seasonal = self._seasonal_excess(averages[self._smooth_at], ts_ms, span)
+            if seasonal is not None:
+                raw = max(raw, self.seasonal_weight * seasonal)
         return min(raw, 1e3)
 
-    def _seasonal_excess(self, value: float, ts_ms: int, span: float) -> float | None:
-        v = self._moving(value, self.seasonal_smoothing)
+    def _seasonal_excess(self, v: float | None, ts_ms: int, span: float) -> float | None:
         if v is None:
             return None
         least: float | None = None
@@ -317,15 +326,20 @@ class TrafficBaseline(AnomalyDetector):
 
     # -- learning -----------------------------------------------------------------------
 
-    def _learn(self, value: float, ts_ms: int) -> None:
-        for i, k in enumerate(self.scales):
-            v = self._moving(value, k)
+    def _learn(self, value: float, ts_ms: int, averages: list[float | None]) -> None:
+        lows, highs = self._scale_lo, self._scale_hi
+        for i, j in enumerate(self._scale_at):
+            v = averages[j]
             if v is not None:
-                self._scale_lo[i] = min(self._scale_lo[i], v)
-                self._scale_hi[i] = max(self._scale_hi[i], v)
-        self._lo = min(self._lo, value)
-        self._hi = max(self._hi, value)
-        smooth = self._moving(value, self.seasonal_smoothing)
+                if v < lows[i]:
+                    lows[i] = v
+                if v > highs[i]:
+                    highs[i] = v
+        if value < self._lo:
+            self._lo = value
+        if value > self._hi:
+            self._hi = value
+        smooth = averages[self._smooth_at]
         if smooth is not None:
             self._learn_seasons(smooth, ts_ms)
         self._n += 1
@@ -339,9 +353,23 @@ class TrafficBaseline(AnomalyDetector):
             elif dt < 4 * self._dt_ms:  # a gap (nettel or the container was down) is no rate
                 self._dt_ms += 0.05 * (dt - self._dt_ms)
         self._last_ts_ms = ts_ms
-        self._pos = (self._pos + 1) % self._depth
-        self._ring[self._pos] = value
-        self._filled = min(self._filled + 1, self._depth)
+        depth, ring, tails = self._depth, self._ring, self._tails
+        for j, k in enumerate(self._ks):
+            if k > 1:
+                tail = tails[j] + value
+                if self._filled >= k - 1:
+                    tail -= ring[(self._pos - (k - 2)) % depth]
+                tails[j] = tail
+        self._pos = (self._pos + 1) % depth
+        ring[self._pos] = value
+        self._filled = min(self._filled + 1, depth)
+        if self._pos == 0:  # once per turn of the ring, sum afresh (no drift)
+            self._resum()
+
+    def _resum(self) -> None:
+        for j, k in enumerate(self._ks):
+            n = min(self._filled, k - 1)
+            self._tails[j] = sum(self._ring[(self._pos - i) % self._depth] for i in range(n))
 
     def _learn_seasons(self, v: float, ts_ms: int) -> None:
         dt = self._dt_ms or float(self.seasons[0][1] if self.seasons else MINUTE_MS)
@@ -352,22 +380,32 @@ class TrafficBaseline(AnomalyDetector):
         else:
             self._spread += a * (abs(v - self._mean) - self._spread)
             self._mean += a * (v - self._mean)
+        shifted = ts_ms + MONDAY_OFFSET_MS
         for s in self._seasons:
-            i = slot_of(ts_ms, s.period_ms, s.slot_ms)
+            i = (shifted % s.period_ms) // s.slot_ms
             level = s.mean[i]
-            s.count[i] = min(s.count[i] + 1, 0xFFFFFFFF)
-            if math.isnan(level):
+            count = s.count[i]
+            if count < 0xFFFFFFFF:
+                count += 1
+                s.count[i] = count
+            if level != level:  # NaN: the slot's first sample
                 s.mean[i] = v
                 continue
             d = v - level
             s.residuals += 1
-            s.lo = min(s.lo, d)
-            s.hi = max(s.hi, d)
+            if d < s.lo:
+                s.lo = d
+            if d > s.hi:
+                s.hi = d
             # One visit of the slot (slot_ms of samples) moves the level by seasonal_rate.
             # Until then (a slot's first visit), its level is the plain mean of its samples.
-            r = min(1.0, max(self.seasonal_rate * dt / s.slot_ms, 1.0 / s.count[i]))
+            r = self.seasonal_rate * dt / s.slot_ms
+            if r < 1.0 / count:
+                r = 1.0 / count
+            if r > 1.0:
+                r = 1.0
             s.mean[i] = level + r * d
-            s.spread[i] = s.spread[i] + r * (abs(d) - s.spread[i])
+            s.spread[i] += r * ((d if d >= 0 else -d) - s.spread[i])
 
     # -- what it knows ------------------------------------------------------------------
 
@@ -391,8 +429,9 @@ class TrafficBaseline(AnomalyDetector):
         >>> m.band(0).seen
         False
         """
-        for s in sorted(self._seasons, key=lambda s: -s.period_ms):
-            i = slot_of(ts_ms, s.period_ms, s.slot_ms)
+        shifted = ts_ms + MONDAY_OFFSET_MS
+        for s in self._by_period:
+            i = (shifted % s.period_ms) // s.slot_ms
             level = float(s.mean[i])
             if not math.isnan(level):
                 spread = max(float(s.spread[i]), self._spread * 0.25)
@@ -457,6 +496,7 @@ class TrafficBaseline(AnomalyDetector):
         twin._recent = array("f", [0.0]) * max(self.rest, 1)
         twin._last_ts_ms = None
         twin._filled = 0
+        twin._tails = array("d", [0.0]) * len(twin._ks)
         return twin
 
 

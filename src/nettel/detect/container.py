@@ -199,7 +199,7 @@ class ContainerDetector(AnomalyDetector):
             protect = self._runs[metric] < self.max_protected_run
             limit = self.threshold if protect else math.inf
             band = model.band(ts_ms)
-            score = model.score_learn({"value": value, "ts_ms": ts_ms}, learn_below=limit)
+            score = model.score_learn_value(value, ts_ms, learn_below=limit)
             evidence = model.last_raw
             self._runs[metric] = self._runs[metric] + 1 if evidence >= self.threshold else 0
             out[metric] = self._guarded(metric, value, score, evidence, band)
