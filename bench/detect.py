@@ -24,6 +24,7 @@ import tracemalloc
 from collections.abc import Sequence
 
 from bench.common import write_result
+
 from nettel.detect.container import ContainerDetector, event_features
 from nettel.detect.fleet import FleetDetector
 from nettel.ingest.simulate import TrafficSimulator
