@@ -17,7 +17,8 @@ import signal
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ import structlog
 from nettel.broker import (
     BrokerRotation,
     EmbeddedBroker,
+    Producing,
     ensure_topics,
     port_open,
     tansu_binary,
@@ -37,9 +39,10 @@ from nettel.ingest.service import IngestService
 from nettel.ingest.simulate import TrafficSimulator
 from nettel.ingest.sources import EngineSource, ProcfsSource, Source
 from nettel.models import encode_stat_event
-from nettel.store.maintenance import maintain_table
-from nettel.store.minute import MinuteTable
+from nettel.store.maintenance import MaintenanceReport, maintain_table
+from nettel.store.minute import MinuteTable, writer_properties
 from nettel.store.rollup import DAY_MS, HOUR_MS, RollupTable
+from nettel.store.samples import SamplesTable, samples_schema
 from nettel.stream.worker import StreamWorker
 
 log = structlog.get_logger("nettel")
@@ -147,8 +150,161 @@ def _install_signal_handlers(stop: asyncio.Event) -> None:
         loop.add_signal_handler(sig, stop.set)
 
 
+@dataclass
+class Role:
+    """One part of ``nettel up``: a coroutine run until its stop event is set.
+
+    Roles stop in ``stage`` order (lower first, each stage waited for before the
+    next): producers (0) before the consumers that must read all they produced (1),
+    the rest (2) last. A consumer of the embedded broker gives ``drained`` and
+    ``on_rotated`` (see :class:`~nettel.broker.BrokerRotation`); a producer to it gives
+    ``producer``, paused while the broker is rotated.
+    """
+
+    name: str
+    run: Callable[[asyncio.Event], Coroutine[Any, Any, None]]
+    stage: int = 1
+    producer: Producing | None = None
+    drained: Callable[[], Awaitable[bool]] | None = None
+    on_rotated: Callable[[int], Awaitable[None]] | None = None
+
+
+async def run_roles(roles: Sequence[Role], stop: asyncio.Event) -> None:
+    """Run ``roles`` until ``stop`` (or until one ends), then stop them stage by stage.
+
+    Re-raises the first error a role ended with.
+    """
+    stages = sorted({r.stage for r in roles})
+    stage_stop = {stage: asyncio.Event() for stage in stages}
+    tasks = [asyncio.create_task(r.run(stage_stop[r.stage]), name=r.name) for r in roles]
+    log.info("up_running", roles=[r.name for r in roles])
+    waiter = asyncio.create_task(stop.wait())
+    try:
+        await asyncio.wait([waiter, *tasks], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        waiter.cancel()
+        for stage in stages:
+            stage_stop[stage].set()
+            await asyncio.wait([t for t, r in zip(tasks, roles, strict=True) if r.stage == stage])
+    errors = [e for t in tasks if not t.cancelled() and (e := t.exception()) is not None]
+    if errors:
+        raise errors[0]
+
+
+def table_uri(settings: Settings, name: str) -> str:
+    """Where table ``name`` lives under the data dir.
+
+    Examples
+    --------
+    >>> table_uri(Settings.from_env({"NETTEL_DATA_DIR": "s3://b/nettel/"}), "minute")
+    's3://b/nettel/minute'
+    """
+    return f"{settings.data_dir.rstrip('/')}/{name}"
+
+
+def make_stream(
+    settings: Settings, bootstrap: str, *, epoch: int = 0, seal_on_stop: bool = False
+) -> StreamWorker:
+    """The stream worker writing ``samples``, ``minute`` and rolling ``hour``, ``day``."""
+    minute = MinuteTable(table_uri(settings, "minute"))
+    hour = RollupTable(table_uri(settings, "hour"), minute, HOUR_MS)
+    day = RollupTable(table_uri(settings, "day"), hour, DAY_MS)
+    return StreamWorker(
+        bootstrap, minute, topic=settings.topic_stats,
+        dlq_topic=settings.topic_dlq, grace_ms=round(settings.window_grace_s * 1000),
+        flush_interval_s=settings.flush_interval_s, rollups=[hour, day],
+        rollup_interval_s=settings.rollup_interval_s, epoch=epoch,
+        samples=SamplesTable(table_uri(settings, "samples")), seal_on_stop=seal_on_stop,
+    )  # fmt: skip
+
+
+def maintenance_plan(settings: Settings) -> list[tuple[str, int]]:
+    """(table, retention days; 0: forever) for every table maintenance looks after."""
+    return [("samples", settings.retention_samples_days),
+            ("minute", settings.retention_minute_days),
+            ("hour", settings.retention_hour_days),
+            ("day", settings.retention_day_days)]  # fmt: skip
+
+
+def maintain_one(
+    settings: Settings, name: str, days: int, progress: Callable[[str], None] | None = None
+) -> MaintenanceReport:
+    """Retention, compaction and vacuum of one table (blocking: run it in a thread)."""
+    props = writer_properties(samples_schema()) if name == "samples" else None
+    return maintain_table(table_uri(settings, name), name, retention_days=days or None,
+                          progress=progress, writer_props=props)  # fmt: skip
+
+
+def _log_maintained(report: MaintenanceReport, seconds: float) -> None:
+    log.info("store_maintained", table=report.table, partitions_deleted=report.partitions_deleted,
+             files_before=report.files_before, files_after=report.files_after,
+             files_vacuumed=report.files_vacuumed, seconds=round(seconds, 2))  # fmt: skip
+
+
+async def maintain_on_schedule(settings: Settings, stop: asyncio.Event) -> None:
+    """A maintenance pass over every table each ``maintenance_interval_s`` until ``stop``.
+
+    Each table's pass runs in a thread, so the loop (ingest, stream) keeps going; a
+    failed pass is logged and tried again next time.
+    """
+    while True:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), settings.maintenance_interval_s)
+        if stop.is_set():
+            return
+        for name, days in maintenance_plan(settings):
+            if stop.is_set():
+                return
+            started = time.monotonic()
+            try:
+                report = await asyncio.to_thread(maintain_one, settings, name, days)
+            except Exception as e:
+                log.error("store_maintenance_failed", table=name, error=repr(e),
+                          retry_in_s=settings.maintenance_interval_s)  # fmt: skip
+                continue
+            _log_maintained(report, time.monotonic() - started)
+
+
+async def up_roles(settings: Settings, bootstrap: str, broker: EmbeddedBroker | None) -> list[Role]:
+    """The roles ``nettel up`` runs against ``bootstrap`` (add new ones here)."""
+    source = await asyncio.to_thread(open_source, settings)
+    ingest = make_ingest(settings, bootstrap, source)
+    # the embedded broker's log dies with it: the worker writes its open windows first
+    stream = make_stream(settings, bootstrap, epoch=0 if broker is None else broker.epoch,
+                         seal_on_stop=broker is not None)  # fmt: skip
+
+    async def maintain(stop: asyncio.Event) -> None:
+        await maintain_on_schedule(settings, stop)
+
+    return [
+        Role("ingest", ingest.run, stage=0, producer=ingest.publisher),
+        Role("stream", stream.run, stage=1, drained=stream.drained, on_rotated=stream.rotated),
+        Role("maintenance", maintain, stage=2),
+    ]
+
+
+def rotation_role(settings: Settings, broker: EmbeddedBroker, roles: Sequence[Role]) -> Role:
+    """Bounds the embedded broker's memory; waits for every consumer role, pauses producers."""
+    consumers = [r.drained for r in roles if r.drained is not None]
+
+    async def drained() -> bool:
+        answers = [await ask() for ask in consumers]  # ask each: the first ask starts a barrier
+        return all(answers)
+
+    rotation = BrokerRotation(
+        broker, topic_partitions(settings), [r.producer for r in roles if r.producer],
+        max_rss_bytes=settings.broker_max_rss_mb << 20, drained=drained,
+        on_rotated=[r.on_rotated for r in roles if r.on_rotated is not None],
+    )  # fmt: skip
+    return Role("broker-rotation", rotation.run, stage=0)
+
+
 async def cmd_up(settings: Settings) -> int:
-    """Run the whole service: the broker (embedded unless one is given) and ingest."""
+    """Run the whole service: the broker (embedded unless one is given) and every role.
+
+    Roles (:func:`up_roles`): ingest, the stream worker (windows and samples into the
+    store), scheduled store maintenance; with the embedded broker, its rotation too.
+    """
     stop = asyncio.Event()
     _install_signal_handlers(stop)
     topics = topic_partitions(settings)
@@ -164,24 +320,13 @@ async def cmd_up(settings: Settings) -> int:
         bootstrap = broker.bootstrap_servers
         log.info("embedded_broker", bootstrap=bootstrap,
                  hint=f"kcat -b {bootstrap} -C -t {settings.topic_stats}")  # fmt: skip
-    tasks: list[asyncio.Task[None]] = []
     try:
         await ensure_topics(bootstrap, topics)
-        source = await asyncio.to_thread(open_source, settings)
-        ingest = make_ingest(settings, bootstrap, source)
+        roles = await up_roles(settings, bootstrap, broker)
         if broker is not None:
-            # No consumer of nettel's own reads the broker yet, so nothing to wait for.
-            rotation = BrokerRotation(
-                broker, topics, [ingest.publisher],
-                max_rss_bytes=settings.broker_max_rss_mb << 20,
-            )  # fmt: skip
-            tasks.append(asyncio.create_task(rotation.run(stop)))
-        await ingest.run(stop)
+            roles.append(rotation_role(settings, broker, roles))
+        await run_roles(roles, stop)
     finally:
-        stop.set()
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
         if broker is not None:
             await broker.stop()
     return 0
@@ -263,17 +408,7 @@ async def cmd_stream(settings: Settings) -> int:
     stop = asyncio.Event()
     _install_signal_handlers(stop)
     await ensure_topics(settings.kafka_bootstrap_servers, topic_partitions(settings))
-    base = settings.data_dir.rstrip("/")
-    minute = MinuteTable(f"{base}/minute")
-    hour = RollupTable(f"{base}/hour", minute, HOUR_MS)
-    day = RollupTable(f"{base}/day", hour, DAY_MS)
-    worker = StreamWorker(
-        settings.kafka_bootstrap_servers, minute, topic=settings.topic_stats,
-        dlq_topic=settings.topic_dlq, grace_ms=round(settings.window_grace_s * 1000),
-        flush_interval_s=settings.flush_interval_s, rollups=[hour, day],
-        rollup_interval_s=settings.rollup_interval_s,
-    )  # fmt: skip
-    await worker.run(stop)
+    await make_stream(settings, settings.kafka_bootstrap_servers).run(stop)
     return 0
 
 
@@ -319,27 +454,22 @@ def _progress(done: int, total: int, what: str) -> None:
 
 
 async def cmd_store_maintain(settings: Settings) -> int:
-    """Retention, compaction and vacuum of minute, hour and day, with a progress bar."""
-    base = settings.data_dir.rstrip("/")
-    plan = [("minute", settings.retention_minute_days), ("hour", settings.retention_hour_days),
-            ("day", settings.retention_day_days)]  # fmt: skip
+    """Retention, compaction and vacuum of samples, minute, hour and day, with a progress bar."""
+    plan = maintenance_plan(settings)
     steps = 3 * len(plan)
     done = 0
-    for name, days in plan:
+    for i, (name, days) in enumerate(plan):
 
         def step(message: str) -> None:
             nonlocal done
             done = min(done + 1, steps)
             _progress(done, steps, message)
 
-        report = await asyncio.to_thread(
-            maintain_table, f"{base}/{name}", name, retention_days=days or None, progress=step
-        )
-        done = 3 * (plan.index((name, days)) + 1)
+        started = time.monotonic()
+        report = await asyncio.to_thread(maintain_one, settings, name, days, step)
+        done = 3 * (i + 1)
         _progress(done, steps, f"{name}: done")
-        log.info("store_maintained", table=name, partitions_deleted=report.partitions_deleted,
-                 files_before=report.files_before, files_after=report.files_after,
-                 files_vacuumed=report.files_vacuumed)  # fmt: skip
+        _log_maintained(report, time.monotonic() - started)
     return 0
 
 
@@ -447,16 +577,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     sub.add_parser(
-        "up", parents=[common], help="run the whole service (embedded broker unless one is given)"
+        "up",
+        parents=[common],
+        help="run the whole service: ingest, stream worker, store maintenance "
+        "(embedded broker unless one is given)",
     )
     sub.add_parser("ingest", parents=[common], help="run ingest alone against a broker")
     sub.add_parser(
-        "stream", parents=[common], help="run the stream worker (minute windows) against a broker"
+        "stream",
+        parents=[common],
+        help="run the stream worker (samples, minute windows, rollups) against a broker",
     )
     store = sub.add_parser("store", help="operate on the data dir's tables")
     store_sub = store.add_subparsers(dest="store_command", required=True, metavar="ACTION")
     store_sub.add_parser("maintain", parents=[common],
-                         help="retention, compaction and vacuum of minute/hour/day")  # fmt: skip
+                         help="retention, compaction and vacuum of every table")  # fmt: skip
     sim = sub.add_parser(
         "simulate", parents=[common], help="publish realistic simulated traffic with spikes"
     )

@@ -93,6 +93,9 @@ class Settings:
     flush_interval_s: float = _field(
         30.0, "NETTEL_FLUSH_INTERVAL_S", "seconds between the stream worker's table commits"
     )
+    retention_samples_days: int = _field(
+        2, "NETTEL_RETENTION_SAMPLES_DAYS", "days the samples table (raw events) keeps (0: forever)"
+    )
     retention_minute_days: int = _field(
         14, "NETTEL_RETENTION_MINUTE_DAYS", "days the minute table keeps (0: forever)"
     )
@@ -104,6 +107,11 @@ class Settings:
     )
     rollup_interval_s: float = _field(
         300.0, "NETTEL_ROLLUP_INTERVAL_S", "seconds between rolls of minute rows into hour and day"
+    )
+    maintenance_interval_s: float = _field(
+        3600.0,
+        "NETTEL_MAINTENANCE_INTERVAL_S",
+        "seconds between `nettel up`'s store maintenance passes (retention, compaction, vacuum)",
     )
     log_level: LogLevel = _field("info", "NETTEL_LOG_LEVEL", "debug, info, warning or error")
     log_format: LogFormat = _field(
@@ -213,9 +221,13 @@ _NUMBERS: dict[str, _Number] = {
     "window_grace_s": _Number(float, 0, 3600, "a number of seconds in [0, 3600]"),
     "flush_interval_s": _Number(float, 0, 3600, _SECONDS_1H, low_open=True),
     "rollup_interval_s": _Number(float, 0, 86400, "a number of seconds in [0, 86400]"),
+    "retention_samples_days": _Number(int, 0, math.inf, _DAYS),
     "retention_minute_days": _Number(int, 0, math.inf, _DAYS),
     "retention_hour_days": _Number(int, 0, math.inf, _DAYS),
     "retention_day_days": _Number(int, 0, math.inf, _DAYS),
+    "maintenance_interval_s": _Number(
+        float, 0, 7 * 86400, "a number of seconds in (0, 604800]", low_open=True
+    ),
 }
 
 

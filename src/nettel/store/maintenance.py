@@ -1,4 +1,4 @@
-"""Retention, compaction and vacuum of the window tables.
+"""Retention, compaction and vacuum of the store's tables (``samples`` and the windows).
 
 One pass per table: delete whole ``date`` partitions older than the table's retention
 (metadata-only), compact the small files of the remaining partitions with the table's
@@ -14,13 +14,15 @@ import datetime as dt
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from deltalake import DeltaTable
+from deltalake import DeltaTable, WriterProperties
 from deltalake.exceptions import TableNotFoundError
 
 from nettel.store.minute import minute_schema, writer_properties
 
 #: Default retention per table in days (None: forever), as in the issue.
-DEFAULT_RETENTION_DAYS: Mapping[str, int | None] = {"minute": 14, "hour": 400, "day": None}
+DEFAULT_RETENTION_DAYS: Mapping[str, int | None] = {
+    "samples": 2, "minute": 14, "hour": 400, "day": None,
+}  # fmt: skip
 
 
 @dataclass
@@ -43,8 +45,13 @@ def maintain_table(
     vacuum_retention_hours: int = 6,
     storage_options: dict[str, str] | None = None,
     progress: Callable[[str], None] | None = None,
+    writer_props: WriterProperties | None = None,
 ) -> MaintenanceReport:
-    """Apply retention, compaction and vacuum to the table at ``uri``."""
+    """Apply retention, compaction and vacuum to the table at ``uri``.
+
+    ``writer_props``: the table's own (compaction rewrites files with them); default:
+    the window tables' (``minute``, ``hour``, ``day``).
+    """
     report = MaintenanceReport(table=name)
     say = progress or (lambda _msg: None)
     try:
@@ -63,7 +70,7 @@ def maintain_table(
             table.delete(f"date = '{date}'")
         report.partitions_deleted = len(expired)
     say(f"{name}: compacting")
-    table.optimize.compact(writer_properties=writer_properties(minute_schema()))
+    table.optimize.compact(writer_properties=writer_props or writer_properties(minute_schema()))
     say(f"{name}: vacuuming")
     removed = table.vacuum(
         retention_hours=vacuum_retention_hours, dry_run=False, enforce_retention_duration=False

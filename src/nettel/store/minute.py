@@ -14,11 +14,13 @@ ids as strings; timestamps timezone-aware UTC.
 from __future__ import annotations
 
 import datetime as dt
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import polars as pl
+import structlog
 from deltalake import (
     ColumnProperties,
     CommitProperties,
@@ -26,9 +28,11 @@ from deltalake import (
     Transaction,
     WriterProperties,
 )
-from deltalake.exceptions import TableNotFoundError
+from deltalake.exceptions import CommitFailedError, TableNotFoundError
 
 from nettel.models import COUNTERS, TCP_STATES, TOTALS, ReplayPoint, WindowAggregate
+
+log = structlog.get_logger(__name__)
 
 #: The replay point's fields, each stored as one app transaction per partition.
 POINT_FIELDS = ("resume_offset", "event_time_ms", "next_offset", "written_through_ms")
@@ -157,19 +161,33 @@ class MinuteTable:
         ]
         self.append_frame(rows_frame(rows), txns)
 
-    def append_frame(self, frame: pl.DataFrame, txns: Sequence[Transaction]) -> None:
-        """Append ``frame`` (this table's schema) with ``txns`` in one commit."""
-        frame.write_delta(
-            self.uri,
-            mode="append",
-            storage_options=self.storage_options,
-            delta_write_options={
-                "partition_by": ["date"],
-                "configuration": TABLE_CONFIGURATION,
-                "writer_properties": self._props,
-                "commit_properties": CommitProperties(app_transactions=list(txns)),
-            },
-        )
+    def append_frame(self, frame: pl.DataFrame, txns: Sequence[Transaction], *,
+                     attempts: int = 5) -> None:  # fmt: skip
+        """Append ``frame`` (this table's schema) with ``txns`` in one commit.
+
+        A retention delete committing meanwhile makes the commit fail (nothing is
+        written then): the whole write is tried again, up to ``attempts`` times.
+        """
+        for attempt in range(1, attempts + 1):
+            try:
+                frame.write_delta(
+                    self.uri,
+                    mode="append",
+                    storage_options=self.storage_options,
+                    delta_write_options={
+                        "partition_by": ["date"],
+                        "configuration": TABLE_CONFIGURATION,
+                        "writer_properties": self._props,
+                        "commit_properties": CommitProperties(app_transactions=list(txns)),
+                    },
+                )
+                return
+            except CommitFailedError as e:
+                if attempt == attempts:
+                    raise
+                log.warning("table_commit_conflict", table=self.uri, attempt=attempt,
+                            error=str(e)[:200])  # fmt: skip
+                time.sleep(0.05 * attempt)
 
     def replay_points(self, writer: str, topic: str, partitions: Sequence[int], *,
                       epoch: int) -> dict[int, ReplayPoint]:  # fmt: skip

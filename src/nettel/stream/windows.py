@@ -111,6 +111,30 @@ class PartitionWindows:
             self._ready.append(self._open.pop(k).agg)
         self._earliest_start = min((k[1] for k in self._open), default=None)
 
+    def seal(self) -> None:
+        """Close every open window now, as a partial row, whatever the event time.
+
+        Before the log the windows were read from goes away (the embedded broker's
+        rotation or shutdown), what they hold must be written: the rows are partial
+        (later samples of the same window make another row, and readers add rows of a
+        window up), and the :meth:`replay_point` taken after :meth:`close_ready` then
+        has nothing pending, so its ``resume_offset`` is the next offset.
+
+        Examples
+        --------
+        >>> pw = PartitionWindows(grace_ms=30_000)
+        >>> ev = lambda ts: StatEvent(ts_ms=ts, host="h", container_id="c", identity="web",
+        ...                           name="web", interval_ms=5000, rx_bytes=1)
+        >>> pw.add(ev(10_000), 0); pw.seal(); pw.add(ev(20_000), 1); pw.seal()
+        >>> [(w.window_start_ms, w.samples) for w in pw.close_ready()]
+        [(0, 1), (0, 1)]
+        >>> pw.replay_point().resume_offset, pw.open_windows()
+        (2, 0)
+        """
+        for k in sorted(self._open, key=lambda k: (k[1], k[0])):
+            self._ready.append(self._open.pop(k).agg)
+        self._earliest_start = None
+
     def close_ready(self) -> list[WindowAggregate]:
         """Remove and return the closed windows, then the late partials."""
         out, self._ready = self._ready, []

@@ -1,0 +1,152 @@
+"""The ``samples`` table: every valid event as it arrived, exactly once, kept briefly.
+
+The stream worker buffers each partition's events with their offsets and, at every
+flush, appends the ones past the partition's stored point together with the new point
+(the next offset to write) as Delta app transactions in the same commit — its own
+points, apart from the ``minute`` table's, since the two tables are separate commits.
+A restart reads the points back and skips every event at or below them: a replay of
+the same events adds nothing, a crash between the two tables' commits loses nothing.
+
+Layout as ``minute`` (DESIGN.md, Delta notes): partitioned by ``date``; rows sorted by
+(container, ts); zstd 3; integers and timestamps DELTA_BINARY_PACKED without
+dictionary; ids as strings; timestamps timezone-aware UTC. Retention is short
+(``NETTEL_RETENTION_SAMPLES_DAYS``, default 2): the windows keep the long history.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import polars as pl
+from deltalake import DeltaTable, Transaction
+from deltalake.exceptions import TableNotFoundError
+
+from nettel.models import COUNTERS, TCP_STATES, StatEvent
+from nettel.store.minute import MinuteTable, writer_properties
+
+#: The one field of a partition's point in this table.
+NEXT_OFFSET = "samples_next_offset"
+
+
+def samples_schema() -> dict[str, pl.DataType]:
+    """Columns of the ``samples`` table, in order.
+
+    Examples
+    --------
+    >>> list(samples_schema())[:4]
+    ['date', 'container', 'partition', 'ts']
+    """
+    schema: dict[str, pl.DataType] = {
+        "date": pl.String(),
+        "container": pl.String(),
+        "partition": pl.Int64(),
+        "ts": pl.Datetime("us", "UTC"),  # Delta stores microseconds
+        "host": pl.String(),
+        "container_id": pl.String(),
+        "name": pl.String(),
+        "image": pl.String(),
+        "compose_project": pl.String(),
+        "compose_service": pl.String(),
+        "interval_ms": pl.Int64(),
+        "counter_reset": pl.Boolean(),
+        "source": pl.String(),
+    }
+    for c in COUNTERS:
+        schema[c] = pl.Int64()
+    schema["connections"] = pl.Int64()
+    for state in TCP_STATES:
+        schema[f"tcp_{state}"] = pl.Int64()
+    return schema
+
+
+@dataclass(frozen=True, slots=True)
+class PartitionSamples:
+    """One partition's events to append, and the offset the table then holds them up to.
+
+    ``events`` are (offset, event) pairs; the table writes those at or past its stored
+    point and stores ``next_offset``.
+    """
+
+    topic: str
+    partition: int
+    events: Sequence[tuple[int, StatEvent]]
+    next_offset: int
+
+
+def samples_frame(events: Sequence[tuple[int, StatEvent]]) -> pl.DataFrame:
+    """A ``samples`` frame from (partition, event) pairs, sorted by (container, ts).
+
+    Examples
+    --------
+    >>> ev = StatEvent(ts_ms=1_795_651_200_000, host="h", container_id="c", identity="web",
+    ...                name="web", interval_ms=5000, rx_bytes=7)
+    >>> samples_frame([(3, ev)]).select("date", "container", "partition", "rx_bytes").row(0)
+    ('2026-11-26', 'web', 3, 7)
+    """
+    schema = samples_schema()
+    evs = [ev for _, ev in events]
+    cols: dict[str, list[Any]] = {
+        "date": [None] * len(evs),
+        "container": [ev.identity for ev in evs],
+        "partition": [p for p, _ in events],
+        "ts": [ev.ts_ms * 1000 for ev in evs],
+    }
+    for k in ("host", "container_id", "name", "image", "compose_project", "compose_service",
+              "interval_ms", "counter_reset", "source", *COUNTERS, "connections"):  # fmt: skip
+        cols[k] = [getattr(ev, k) for ev in evs]
+    for state in TCP_STATES:
+        cols[f"tcp_{state}"] = [None if ev.tcp is None else getattr(ev.tcp, state) for ev in evs]
+    raw = {**schema, "ts": pl.Int64()}
+    return (
+        pl.DataFrame(cols, schema=raw)
+        .with_columns(pl.col("ts").cast(pl.Datetime("us", "UTC")))
+        .with_columns(date=pl.col("ts").dt.strftime("%Y-%m-%d"))
+        .sort("container", "ts")
+    )
+
+
+class SamplesTable(MinuteTable):
+    """The ``samples`` Delta table under ``uri`` (a path or an ``s3://`` URI)."""
+
+    def __init__(self, uri: str, *, storage_options: dict[str, str] | None = None) -> None:
+        super().__init__(uri, storage_options=storage_options)
+        self._schema = samples_schema()
+        self._props = writer_properties(self._schema)
+
+    def stored_offsets(self, writer: str, topic: str, partitions: Sequence[int], *,
+                       epoch: int) -> dict[int, int]:  # fmt: skip
+        """The next offset to write of each partition that has one."""
+        try:
+            table = DeltaTable(self.uri, storage_options=self.storage_options)
+        except TableNotFoundError:
+            return {}
+        out: dict[int, int] = {}
+        for p in partitions:
+            v = table.transaction_version(self.app_id(writer, topic, p, epoch, NEXT_OFFSET))
+            if v is not None:
+                out[p] = int(v)
+        return out
+
+    def append_samples(self, parts: Sequence[PartitionSamples], *, writer: str,
+                       epoch: int) -> int:  # fmt: skip
+        """Append each partition's events past its stored point, and the new points, in
+        one commit; returns the rows written. Parts whose point would not move are left
+        out, and nothing is committed when no point moves.
+        """
+        stored = self.stored_offsets(writer, parts[0].topic if parts else "",
+                                     [p.partition for p in parts], epoch=epoch)  # fmt: skip
+        rows: list[tuple[int, StatEvent]] = []
+        txns = []
+        for part in parts:
+            done = stored.get(part.partition, 0)
+            if part.next_offset <= done:
+                continue  # already written (a replay): nothing to add
+            rows.extend((part.partition, ev) for off, ev in part.events if off >= done)
+            app = self.app_id(writer, part.topic, part.partition, epoch, NEXT_OFFSET)
+            txns.append(Transaction(app, part.next_offset))
+        if not txns:
+            return 0
+        self.append_frame(samples_frame(rows), txns)
+        return len(rows)
