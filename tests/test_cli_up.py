@@ -1,4 +1,5 @@
-"""`nettel up` as a user runs it: a real process, the embedded broker, real containers."""
+"""`nettel up` as a user runs it: a real process, the embedded broker, real containers,
+the stream worker filling the tables and maintenance on its schedule."""
 
 from __future__ import annotations
 
@@ -10,10 +11,13 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import IO
 
+import polars as pl
 import pytest
 
 from conftest import Engine, free_port, require
+from nettel.models import COUNTERS, WINDOW_MS, decode_stat_event
 
 pytestmark = [pytest.mark.engine, pytest.mark.broker]
 
@@ -26,14 +30,27 @@ def kcat_lines(port: int, topic: str) -> list[str]:
     return out.stdout.splitlines() if out.returncode == 0 else []
 
 
-def spawn_up(**env_overrides: str) -> subprocess.Popen[str]:
+def spawn_up(
+    stderr: IO[str] | int = subprocess.PIPE, **env_overrides: str
+) -> subprocess.Popen[str]:
     """`nettel up` as a user starts it, with the embedded broker and JSON logs."""
     env = dict(os.environ, NETTEL_LOG_FORMAT="json", **env_overrides)
     env.pop("KAFKA_BOOTSTRAP_SERVERS", None)
     return subprocess.Popen(
         [str(Path(sys.executable).with_name("nettel")), "up"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=env, stdout=subprocess.PIPE, stderr=stderr, text=True,
     )  # fmt: skip
+
+
+def wait_for_log(proc: subprocess.Popen[str], path: Path, event: str, timeout_s: float) -> None:
+    """Wait until `nettel up` (logging JSON to ``path``) logged ``event``."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, path.read_text()[-3000:]
+        if f'"event": "{event}"' in path.read_text():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"no {event} within {timeout_s} s: {path.read_text()[-3000:]}")
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
@@ -75,6 +92,8 @@ def test_up_serves_events_to_kcat_and_stops_cleanly(
     events = [r["event"] for r in records]
     assert "broker_started" in events
     assert "ingest_stopped" in events
+    assert "stream_started" in events, "`nettel up` runs the stream worker too"
+    assert events.index("ingest_stopped") < events.index("stream_stopped"), "producers first"
     assert events[-1] == "broker_stopped"
     stopped = next(r for r in records if r["event"] == "ingest_stopped")
     assert stopped["unsent"] == 0
@@ -85,17 +104,22 @@ def test_up_serves_events_to_kcat_and_stops_cleanly(
 
 def test_up_without_an_engine_says_so_in_one_line_and_uses_procfs(tmp_path: Path) -> None:
     port = free_port()
-    proc = spawn_up(
-        DOCKER_HOST="unix:///nonexistent.sock", NETTEL_BROKER_PORT=str(port),
-        NETTEL_SAMPLE_INTERVAL_S="0.5", NETTEL_DATA_DIR=str(tmp_path),
-    )  # fmt: skip
-    try:
-        time.sleep(4)
-        proc.send_signal(signal.SIGTERM)
-        _out, err = proc.communicate(timeout=15)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    log_path = tmp_path / "up.log"
+    with log_path.open("w") as log_file:
+        proc = spawn_up(
+            log_file, DOCKER_HOST="unix:///nonexistent.sock", NETTEL_BROKER_PORT=str(port),
+            NETTEL_SAMPLE_INTERVAL_S="0.5", NETTEL_DATA_DIR=str(tmp_path / "data"),
+        )  # fmt: skip
+        try:
+            wait_for_log(proc, log_path, "ingest_started", 60)
+            time.sleep(2)  # a few samples
+            proc.send_signal(signal.SIGTERM)
+            proc.communicate(timeout=15)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+    err = log_path.read_text()
     assert proc.returncode == 0, err[-2000:]
     records = [json.loads(line) for line in err.splitlines() if line.startswith("{")]
     fallback = [r for r in records if r["event"] == "no_engine_using_procfs"]
@@ -105,3 +129,84 @@ def test_up_without_an_engine_says_so_in_one_line_and_uses_procfs(tmp_path: Path
     assert started["source"] == "procfs"
     stopped = next(r for r in records if r["event"] == "ingest_stopped")
     assert stopped["sent"] > 0, "the host's own namespace at least must be sampled"
+
+
+def windows_of(frame: pl.DataFrame) -> dict[tuple[str, int], list[int]]:
+    """(container, window start ms) -> counter sums and sample count, rows added up."""
+    agg = (
+        frame.with_columns(start=pl.col("ts").dt.epoch("ms") // WINDOW_MS * WINDOW_MS)
+        .group_by("container", "start")
+        .agg([pl.col(c).sum() for c in COUNTERS] + [pl.len().alias("n")])
+    )
+    return {(r[0], r[1]): list(r[2:]) for r in agg.iter_rows()}
+
+
+def minute_windows(data: Path) -> dict[tuple[str, int], list[int]]:
+    """The minute table's windows, rows of a window added up (samples as the count)."""
+    if not (data / "minute" / "_delta_log").exists():
+        return {}
+    frame = pl.scan_delta(str(data / "minute")).collect()
+    agg = (
+        frame.with_columns(start=pl.col("ts").dt.epoch("ms"))
+        .group_by("container", "start")
+        .agg([pl.col(c).sum() for c in COUNTERS] + [pl.col("samples").sum().alias("n")])
+    )
+    return {(r[0], r[1]): list(r[2:]) for r in agg.iter_rows()}
+
+
+def test_up_fills_the_tables_from_real_traffic_exactly(engine: Engine, tmp_path: Path) -> None:
+    """While `nettel up` runs, closed minute windows of real containers' traffic equal
+    the events on the topic; after a stop every event is in the tables (samples = minute)."""
+    require(shutil.which("kcat") is not None, "kcat is not installed (apt-get install kcat)")
+    server = engine.run("mkdir -p /www && dd if=/dev/zero of=/www/f bs=1000 count=200 "
+                        "2>/dev/null && httpd -f -p 8080 -h /www")  # fmt: skip
+    client = engine.run(f"while true; do wget -q -O /dev/null http://{engine.ip(server)}:8080/f;"
+                        " sleep 0.3; done")  # fmt: skip
+    port = free_port()
+    data = tmp_path / "data"
+    log_file = (tmp_path / "up.log").open("w")  # a pipe nobody reads could fill and block it
+    proc = spawn_up(
+        log_file, DOCKER_HOST=engine.url, NETTEL_BROKER_PORT=str(port),
+        NETTEL_SAMPLE_INTERVAL_S="0.5",
+        NETTEL_DATA_DIR=str(data), NETTEL_PARTITIONS="4", NETTEL_WINDOW_GRACE_S="5",
+        NETTEL_FLUSH_INTERVAL_S="1", NETTEL_ROLLUP_INTERVAL_S="0",
+        NETTEL_MAINTENANCE_INTERVAL_S="5",
+    )  # fmt: skip
+    try:
+        # a window closes once event time passes its minute's end plus the grace
+        deadline = time.monotonic() + 100
+        table: dict[tuple[str, int], list[int]] = {}
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, (tmp_path / "up.log").read_text()[-3000:]
+            table = minute_windows(data)  # read first: its windows' events are on the topic
+            if any(k[0] == client.name and v[0] > 0 for k, v in table.items()):
+                break
+            time.sleep(1)
+        assert any(k[0] == client.name for k in table), "no minute row for the client"
+        lines = kcat_lines(port, "nettel.stats")
+        events = [decode_stat_event(line.split("\t", 1)[1].encode()) for line in lines]
+        topic = windows_of(pl.DataFrame({
+            "container": [e.identity for e in events],
+            "ts": pl.Series([e.ts_ms * 1000 for e in events]).cast(pl.Datetime("us", "UTC")),
+            **{c: [getattr(e, c) for e in events] for c in COUNTERS},
+        }))  # fmt: skip
+        assert table == {k: topic.get(k) for k in table}, "closed windows equal the topic's events"
+        assert table[next(k for k in table if k[0] == client.name)][0] > 0, "traffic counted"
+        time.sleep(6)  # one maintenance pass
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+        log_file.close()
+    err = (tmp_path / "up.log").read_text()
+    assert proc.returncode == 0, err[-3000:]
+    records = [json.loads(line) for line in err.splitlines() if line.startswith("{")]
+    assert not [r for r in records if r["level"] == "error"]
+    maintained = {r["table"] for r in records if r["event"] == "store_maintained"}
+    assert maintained == {"samples", "minute", "hour", "day"}
+    # stopped: the open windows were sealed, so samples and minute hold every event
+    samples = pl.scan_delta(str(data / "samples")).collect()
+    assert samples.height >= len(events)
+    assert windows_of(samples) == minute_windows(data)
