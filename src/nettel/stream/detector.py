@@ -1,0 +1,298 @@
+"""The detector worker: every event scored, alerts on ``nettel.alerts`` and in ``alerts``.
+
+It consumes ``nettel.stats`` in the group ``nettel-detect``. Each assigned partition has
+its own :class:`~nettel.detect.fleet.FleetDetector` (its containers' models, rules and
+alert lifecycles). Alerts are published as they happen (key: the container; partition:
+the source partition, so one worker owns both), and every ``checkpoint_interval_s`` the
+worker writes, per partition: the new alert versions to the ``alerts`` table with the
+next source offset (one commit, app transaction), then the pickled detector with that
+offset and the alerts topic's position (``detect_state``).
+
+A restart (or a rebalance) restores each partition's detector from its checkpoint and
+reads again from its offset: the models replay the same events into the same state, so
+they neither forget their baselines nor raise new alerts for old events. The alerts
+they regenerate have the ids they had; those already on the topic (read back from the
+checkpointed position) are not published again, those already in the table (its app
+transaction) not written again.
+
+Feedback (``mark_alert``: false positive) is read from ``alert_feedback`` at each
+checkpoint and widens that container's band for that metric and time slot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import pickle
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+import structlog
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
+
+from nettel.detect.alerts import Alert, encode_alert
+from nettel.detect.fleet import FleetDetector
+from nettel.models import decode_stat_event
+from nettel.store.alerts import AlertTable, DetectState, DetectStateTable, FeedbackTable
+from nettel.stream.worker import validate
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass
+class DetectStats:
+    """Counts a detector keeps, for logs and tests."""
+
+    consumed: int = 0
+    invalid: int = 0
+    alerts_published: int = 0
+    alerts_suppressed: int = 0
+    checkpoints: int = 0
+
+
+@dataclass
+class _Partition:
+    fleet: FleetDetector
+    next_offset: int
+    alerts_offset: int
+    published: set[tuple[str, str, int]] = field(default_factory=set)
+    pending: list[dict[str, Any]] = field(default_factory=list)
+
+
+class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
+    def __init__(self, worker: DetectWorker) -> None:
+        self.worker = worker
+
+    async def on_partitions_revoked(self, revoked: Iterable[TopicPartition]) -> None:
+        await self.worker._checkpoint([tp.partition for tp in revoked])
+        for tp in revoked:
+            self.worker._parts.pop(tp.partition, None)
+
+    async def on_partitions_assigned(self, assigned: Iterable[TopicPartition]) -> None:
+        await self.worker._resume(list(assigned))
+
+
+class DetectWorker:
+    """One member of the ``nettel-detect`` group (any number may run)."""
+
+    def __init__(
+        self,
+        bootstrap_servers: str,
+        data_dir: str,
+        *,
+        topic: str = "nettel.stats",
+        alerts_topic: str = "nettel.alerts",
+        group: str = "nettel-detect",
+        checkpoint_interval_s: float = 30.0,
+        epoch: int = 0,
+        fleet_factory: Callable[[], FleetDetector] = FleetDetector,
+        storage_options: dict[str, str] | None = None,
+    ) -> None:
+        base = data_dir.rstrip("/")
+        self.bootstrap_servers = bootstrap_servers
+        self.topic = topic
+        self.alerts_topic = alerts_topic
+        self.group = group
+        self.checkpoint_interval_s = checkpoint_interval_s
+        self.epoch = epoch
+        self.fleet_factory = fleet_factory
+        self.alerts = AlertTable(f"{base}/alerts", storage_options=storage_options)
+        self.state = DetectStateTable(f"{base}/detect_state", storage_options=storage_options)
+        self.feedback = FeedbackTable(f"{base}/alert_feedback", storage_options=storage_options)
+        self.stats = DetectStats()
+        self._parts: dict[int, _Partition] = {}
+        self._consumer: Any = None
+        self._producer: Any = None
+        self._lock = asyncio.Lock()
+        self._feedback_version = -1
+
+    @property
+    def assigned(self) -> list[int]:
+        """Partitions this worker owns now."""
+        return sorted(self._parts)
+
+    def fleet(self, partition: int) -> FleetDetector | None:
+        """The detector of ``partition``, if this worker owns it."""
+        part = self._parts.get(partition)
+        return None if part is None else part.fleet
+
+    async def _published_since(self, partition: int, offset: int) -> tuple[set[Any], int]:
+        """Alert versions already on the alerts topic's partition from ``offset`` on."""
+        reader = AIOKafkaConsumer(bootstrap_servers=self.bootstrap_servers,
+                                  enable_auto_commit=False)  # fmt: skip
+        await reader.start()
+        seen: set[tuple[str, str, int]] = set()
+        end = offset
+        try:
+            tp = TopicPartition(self.alerts_topic, partition)
+            reader.assign([tp])
+            reader.seek(tp, offset)
+            idle_until = time.monotonic() + 1.0
+            while time.monotonic() < idle_until:
+                batch = await reader.getmany(tp, timeout_ms=200)
+                for record in batch.get(tp, []):
+                    idle_until = time.monotonic() + 1.0
+                    end = record.offset + 1
+                    with contextlib.suppress(msgspec.DecodeError, msgspec.ValidationError):
+                        a = msgspec.json.decode(record.value, type=Alert)
+                        seen.add((a.id, a.status, a.updated_ms))
+        finally:
+            await reader.stop()
+        return seen, end
+
+    async def _resume(self, tps: list[TopicPartition]) -> None:
+        partitions = [tp.partition for tp in tps]
+        stored = await asyncio.to_thread(self.state.load, partitions)
+        for tp in tps:
+            s = stored.get(tp.partition)
+            if s is not None:
+                fleet = pickle.loads(s.blob)
+                offset = s.next_offset if s.epoch == self.epoch else 0
+                alerts_offset = s.alerts_offset if s.epoch == self.epoch else 0
+            else:
+                fleet, offset, alerts_offset = self.fleet_factory(), 0, 0
+            published, alerts_end = await self._published_since(tp.partition, alerts_offset)
+            self._parts[tp.partition] = _Partition(fleet, offset, alerts_end, published)
+            self._consumer.seek(tp, offset)
+        log.info("detect_partitions_assigned", group=self.group, partitions=partitions,
+                 resumed={p: s.next_offset for p, s in stored.items()})  # fmt: skip
+
+    async def _publish(self, partition: int, offset: int, alerts: Sequence[Alert]) -> None:
+        part = self._parts[partition]
+        for a in alerts:
+            row = msgspec.structs.asdict(a) | {"partition": partition, "offset": offset}
+            part.pending.append(row)
+            key = (a.id, a.status, a.updated_ms)
+            if key in part.published:
+                self.stats.alerts_suppressed += 1
+                continue
+            meta = await self._producer.send_and_wait(
+                self.alerts_topic, encode_alert(a), key=a.identity.encode(), partition=partition
+            )
+            part.alerts_offset = max(part.alerts_offset, meta.offset + 1)
+            self.stats.alerts_published += 1
+            log.info("alert", id=a.id, status=a.status, container=a.identity, metric=a.metric,
+                     severity=a.severity, explanation=a.explanation)  # fmt: skip
+
+    async def _apply_feedback(self) -> None:
+        version = await asyncio.to_thread(self.feedback.version)
+        if version <= self._feedback_version:
+            return
+        rows = await asyncio.to_thread(self.feedback.rows)
+        for r in rows.iter_rows(named=True):
+            if r["verdict"] != "false_positive":
+                continue
+            for part in self._parts.values():
+                det = part.fleet.detector(r["container"])
+                if det is not None:
+                    widen = getattr(det, "widen", None)
+                    if widen is not None:
+                        widen(r["metric"], int(r["started"].timestamp() * 1000))
+        self._feedback_version = version
+
+    async def _checkpoint(self, partitions: Sequence[int] | None = None) -> None:
+        async with self._lock:
+            parts = {p: self._parts[p] for p in (partitions or list(self._parts))
+                     if p in self._parts}  # fmt: skip
+            if not parts:
+                return
+            await self._apply_feedback()
+            done = await asyncio.to_thread(self._write_alert_rows, parts)
+            states = [
+                DetectState(
+                    p,
+                    self.epoch,
+                    part.next_offset,
+                    part.alerts_offset,
+                    self._feedback_version,
+                    pickle.dumps(part.fleet),
+                )
+                for p, part in parts.items()
+            ]
+            await asyncio.to_thread(self.state.save, states)
+            for p in done:
+                parts[p].pending.clear()
+            self.stats.checkpoints += 1
+
+    def _write_alert_rows(self, parts: dict[int, _Partition]) -> list[int]:
+        rows: list[dict[str, Any]] = []
+        points: dict[int, int] = {}
+        for p, part in parts.items():
+            through = self.alerts.written_through(self.group, self.topic, p, self.epoch)
+            rows += [r for r in part.pending if r["offset"] >= through]
+            points[p] = part.next_offset
+        self.alerts.append(rows, points, writer=self.group, topic=self.topic, epoch=self.epoch)
+        return list(parts)
+
+    async def drained(self) -> bool:
+        """Checkpoint, then whether every owned partition has been read to its end (the
+        embedded broker's rotation waits for this before it replaces the log)."""
+        if self._consumer is None:
+            return True
+        await self._checkpoint()
+        for p, part in self._parts.items():
+            high = self._consumer.highwater(TopicPartition(self.topic, p))
+            if high is None or part.next_offset < high:
+                return False
+        return True
+
+    async def rotated(self, epoch: int) -> None:
+        """The embedded broker was replaced: keep the models, read the new log from 0."""
+        async with self._lock:
+            old, self.epoch = self.epoch, epoch
+            for p, part in self._parts.items():
+                part.next_offset = part.alerts_offset = 0
+                part.published.clear()
+                part.pending.clear()
+                self._consumer.seek(TopicPartition(self.topic, p), 0)
+        log.info("detect_rotated", old_epoch=old, epoch=epoch)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Consume, score and alert until ``stop``; checkpoints before returning."""
+        self._consumer = AIOKafkaConsumer(
+            bootstrap_servers=self.bootstrap_servers, group_id=self.group,
+            enable_auto_commit=False, auto_offset_reset="earliest",
+        )  # fmt: skip
+        self._producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap_servers, acks="all")
+        await self._producer.start()
+        await self._consumer.start()
+        self._consumer.subscribe([self.topic], listener=_Rebalance(self))
+        log.info("detect_started", group=self.group, topic=self.topic)
+        next_checkpoint = time.monotonic() + self.checkpoint_interval_s
+        try:
+            while not stop.is_set():
+                batch = await self._consumer.getmany(timeout_ms=200, max_records=10_000)
+                for tp, records in batch.items():
+                    if tp.partition not in self._parts:
+                        continue
+                    for record in records:
+                        part = self._parts.get(tp.partition)
+                        if part is None or record.offset < part.next_offset:
+                            continue
+                        self.stats.consumed += 1
+                        part.next_offset = record.offset + 1
+                        try:
+                            ev = decode_stat_event(record.value)
+                        except (msgspec.ValidationError, msgspec.DecodeError):
+                            self.stats.invalid += 1  # the stream worker dead-letters it
+                            continue
+                        if validate(ev, time.time_ns() // 1_000_000) is not None:
+                            self.stats.invalid += 1
+                            continue
+                        alerts = part.fleet.process(ev)
+                        if alerts:
+                            await self._publish(tp.partition, record.offset, alerts)
+                if time.monotonic() >= next_checkpoint:
+                    await self._checkpoint()
+                    next_checkpoint = time.monotonic() + self.checkpoint_interval_s
+            await self._checkpoint()
+        finally:
+            with contextlib.suppress(Exception):
+                await self._consumer.stop()
+            with contextlib.suppress(Exception):
+                await self._producer.stop()
+            log.info("detect_stopped", consumed=self.stats.consumed,
+                     alerts=self.stats.alerts_published)  # fmt: skip
