@@ -46,6 +46,10 @@ WEEK_MS: Final = 7 * DAY_MS
 #: 1970-01-01 was a Thursday: shifting by 3 days puts slot 0 of a week on Monday 00:00 UTC.
 MONDAY_OFFSET_MS: Final = 3 * DAY_MS
 
+#: Points learned before flags count as events that can recur (the range is still being
+#: learned before that).
+RECURRING_AFTER: Final = 100
+
 #: What River detectors take: a dict of features.
 Features = dict[Hashable, Any]
 
@@ -88,7 +92,9 @@ class Band:
 class _Season:
     """Per-slot robust level (EW mean and mean absolute deviation, float32) of one period."""
 
-    __slots__ = ("count", "hi", "lo", "mean", "period_ms", "residuals", "slot_ms", "spread")
+    __slots__ = (
+        "count", "flagged", "hi", "lo", "mean", "period_ms", "residuals", "slot_ms", "spread",
+    )  # fmt: skip
 
     def __init__(self, period_ms: int, slot_ms: int) -> None:
         n = max(1, period_ms // slot_ms)
@@ -97,6 +103,7 @@ class _Season:
         self.mean = array("f", [math.nan]) * n
         self.spread = array("f", [0.0]) * n
         self.count = array("I", [0]) * n
+        self.flagged = array("i", [-1]) * n  # period number of the slot's last flag
         self.lo = math.inf  # extremes of the residuals seen against seen slots
         self.hi = -math.inf
         self.residuals = 0
@@ -141,6 +148,10 @@ class TrafficBaseline(AnomalyDetector):
         See ``rest``.
     warmup
         Samples learned before any score (score 0 meanwhile).
+    learn_recurring
+        Whether a point that :meth:`score_learn` would not learn (its evidence reaches
+        ``learn_below``) is learned all the same when one was flagged at the same time
+        of a previous period (its slot or a neighbour): what recurs daily is normal.
 
     Examples
     --------
@@ -178,6 +189,7 @@ class TrafficBaseline(AnomalyDetector):
         rest: int = 25,
         refire_ratio: float = 2.0,
         warmup: int = 60,
+        learn_recurring: bool = True,
     ) -> None:
         self.scales = tuple(scales)
         self.seasons = tuple(seasons)
@@ -190,6 +202,7 @@ class TrafficBaseline(AnomalyDetector):
         self.rest = rest
         self.refire_ratio = refire_ratio
         self.warmup = warmup
+        self.learn_recurring = learn_recurring
         self._depth = max((*self.scales, seasonal_smoothing, 1))
         self._ring = array("d", [0.0]) * self._depth  # last values, newest at _pos
         # Running sums of the last k - 1 values, one per window length k in use.
@@ -253,7 +266,7 @@ class TrafficBaseline(AnomalyDetector):
         self._remember(raw)
         # Flagged means the evidence itself, not the de-duplicated score: a burst's later
         # samples are not learned either.
-        if self._last_raw < learn_below:
+        if self._last_raw < learn_below or self._recurring_flag(ts_ms):
             self._learn(value, ts_ms, averages)
         self._push(value, ts_ms)
         return score
@@ -318,6 +331,23 @@ class TrafficBaseline(AnomalyDetector):
         if self.rest > 0 and self.refire_ratio * max(self._recent) >= raw:
             return 0.0
         return raw
+
+    def _recurring_flag(self, ts_ms: int) -> bool:
+        """Whether a point flagged now was flagged at this time of a previous period too
+        (this slot or a neighbour): a recurring event (a nightly job) is learned, not
+        protected against. Marks the slot either way."""
+        if not self.learn_recurring or self._n < RECURRING_AFTER:
+            return False  # what is flagged while the range is still being learned is no event
+        shifted = ts_ms + MONDAY_OFFSET_MS
+        seen = False
+        for s in self._seasons:
+            n = len(s.flagged)
+            i = (shifted % s.period_ms) // s.slot_ms
+            period = shifted // s.period_ms
+            if n > 2 and any(0 <= s.flagged[j % n] < period for j in (i - 1, i, i + 1)):
+                seen = True
+            s.flagged[i] = period
+        return seen
 
     def _remember(self, raw: float) -> None:
         if self.rest > 0:
