@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install and start a real container engine for the tests: Podman with its
 # Docker-compatible API socket, plus a locally built busybox image (no
-# registry can be reached). Idempotent; needs root. See DESIGN.md recipes.
+# registry can be reached), and Debian's chromium for the HTML report test.
+# Idempotent; needs root. See DESIGN.md recipes.
 set -euo pipefail
 
 SOCK_DIR=/run/podman
@@ -18,6 +19,8 @@ command -v ss >/dev/null || need+=(iproute2)
 command -v curl >/dev/null || need+=(curl)
 command -v nsenter >/dev/null || need+=(util-linux)
 command -v unshare >/dev/null || need+=(util-linux)
+# headless browser for the HTML report test (tests/test_report.py)
+command -v chromium >/dev/null || need+=(chromium)
 if [ ${#need[@]} -gt 0 ]; then
   apt-get update -qq
   mapfile -t need < <(printf '%s\n' "${need[@]}" | sort -u)
