@@ -1,0 +1,97 @@
+"""The ``reports`` table: one row per report day, its JSON and Markdown.
+
+A day written again replaces its row (overwrite with a ``date`` predicate), so a
+re-run of the same day leaves one row. Readers get the latest row of a day.
+
+Examples
+--------
+>>> import tempfile
+>>> t = ReportsTable(tempfile.mkdtemp() + "/reports")
+>>> t.read("2026-11-25") is None
+True
+>>> t.write("2026-11-25", "UTC", 1, "ok", b'{"a": 1}', "# r")
+>>> t.write("2026-11-25", "UTC", 2, "ok", b'{"a": 2}', "# r")
+>>> t.read("2026-11-25")
+b'{"a": 2}'
+>>> t.dates()
+['2026-11-25']
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import polars as pl
+from deltalake import DeltaTable
+from deltalake.exceptions import TableNotFoundError
+
+
+def reports_schema() -> dict[str, pl.DataType]:
+    """Columns of the ``reports`` table, in order."""
+    return {
+        "date": pl.String(),
+        "timezone": pl.String(),
+        "generated": pl.Datetime("us", "UTC"),
+        "status": pl.String(),
+        "json": pl.String(),
+        "markdown": pl.String(),
+    }
+
+
+class ReportsTable:
+    """Daily reports under ``uri`` (a Delta table, created on first write)."""
+
+    def __init__(self, uri: str, *, storage_options: dict[str, str] | None = None) -> None:
+        self.uri = uri
+        self.storage_options = storage_options
+
+    def write(
+        self,
+        date: str,
+        timezone: str,
+        generated_ms: int,
+        status: str,
+        report_json: bytes,
+        markdown: str,
+    ) -> None:
+        """Store the report of ``date`` (``YYYY-MM-DD``), replacing an earlier one."""
+        dt.date.fromisoformat(date)  # a date, nothing else, goes into the predicate
+        frame = pl.DataFrame(
+            {
+                "date": [date],
+                "timezone": [timezone],
+                "generated": [dt.datetime.fromtimestamp(generated_ms / 1000, dt.UTC)],
+                "status": [status],
+                "json": [report_json.decode()],
+                "markdown": [markdown],
+            },
+            schema=reports_schema(),
+        )
+        exists = self._table() is not None
+        frame.write_delta(
+            self.uri,
+            mode="overwrite" if exists else "error",
+            storage_options=self.storage_options,
+            delta_write_options={"predicate": f"date = '{date}'"} if exists else None,
+        )
+
+    def _table(self) -> DeltaTable | None:
+        try:
+            return DeltaTable(self.uri, storage_options=self.storage_options)
+        except (TableNotFoundError, FileNotFoundError):
+            return None
+
+    def _frame(self) -> pl.DataFrame:
+        table = self._table()
+        if table is None:
+            return pl.DataFrame(schema=reports_schema())
+        return pl.read_delta(table)
+
+    def read(self, date: str) -> bytes | None:
+        """The JSON of ``date``'s report, or None when there is none."""
+        rows = self._frame().filter(pl.col("date") == date).sort("generated")
+        return rows["json"][-1].encode() if rows.height else None
+
+    def dates(self) -> list[str]:
+        """Days that have a report, oldest first."""
+        return sorted(self._frame()["date"].unique().to_list())
