@@ -1,1 +1,37 @@
-"""nettel.report."""
+"""Daily reports: figures from the store's queries, charts, forecasts, three formats.
+
+- :func:`build_daily_report` (:mod:`nettel.report.daily`): the figures of one day;
+- :func:`forecast_hourly` (:mod:`nettel.report.forecast`): River Holt-Winters forecasts;
+- :func:`render_markdown`, :func:`render_html` (:mod:`nettel.report.render`), JSON with
+  :func:`encode_report`;
+- :func:`daily_report` (:mod:`nettel.report.publish`): build, write the files under
+  ``<data dir>/reports/`` and the ``reports`` table row (what ``nettel report`` runs).
+"""
+
+from nettel.report.daily import (
+    DailyReport,
+    Prices,
+    build_daily_report,
+    decode_report,
+    encode_report,
+)
+from nettel.report.forecast import HourlyForecast, forecast_hourly
+from nettel.report.publish import FORMATS, Published, daily_report, write_report_files, yesterday
+from nettel.report.render import render_html, render_markdown
+
+__all__ = [
+    "FORMATS",
+    "DailyReport",
+    "HourlyForecast",
+    "Prices",
+    "Published",
+    "build_daily_report",
+    "daily_report",
+    "decode_report",
+    "encode_report",
+    "forecast_hourly",
+    "render_html",
+    "render_markdown",
+    "write_report_files",
+    "yesterday",
+]

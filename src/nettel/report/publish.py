@@ -1,0 +1,201 @@
+"""Where reports go: files under ``<data dir>/reports/`` and the ``reports`` table.
+
+:func:`daily_report` is what ``nettel report`` and ``nettel up``'s midnight job call:
+build the day's report from the settings' store, write ``<date>.json``, ``.md`` and
+``.html`` under ``<data dir>/reports/`` (each written aside, then renamed) and the
+``reports`` table row, and return the report and its rendering in the format asked.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final, Literal
+from zoneinfo import ZoneInfo
+
+from nettel.config import Settings
+from nettel.errors import QueryError
+from nettel.report.daily import (
+    DEFAULT_PRICES,
+    AlertRecord,
+    DailyReport,
+    Prices,
+    build_daily_report,
+    encode_report,
+)
+from nettel.report.render import render_html, render_markdown
+from nettel.store.query import TrafficQuery
+from nettel.store.reports import ReportsTable
+
+Format = Literal["md", "html", "json"]
+FORMATS: Final[tuple[Format, ...]] = ("md", "html", "json")
+
+
+def render(report: DailyReport, fmt: Format) -> bytes:
+    """The report in ``fmt`` (``md``, ``html`` or ``json``) as UTF-8 bytes."""
+    if fmt == "json":
+        return encode_report(report)
+    if fmt == "md":
+        return render_markdown(report).encode()
+    if fmt == "html":
+        return render_html(report).encode()
+    raise QueryError("format", fmt, FORMATS)
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def write_report_files(report: DailyReport, data_dir: str | os.PathLike[str]) -> dict[str, Path]:
+    """Write ``<data_dir>/reports/<date>.{json,md,html}``; returns the paths by format.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> from nettel.report.daily import decode_report
+    >>> d = tempfile.mkdtemp()
+    >>> paths = write_report_files(EXAMPLE, d)
+    >>> sorted(paths), paths["json"].name
+    (['html', 'json', 'md'], '2026-11-25.json')
+    >>> decode_report(paths["json"].read_bytes()) == EXAMPLE
+    True
+    """
+    folder = Path(data_dir) / "reports"
+    folder.mkdir(parents=True, exist_ok=True)
+    out: dict[str, Path] = {}
+    for fmt in FORMATS:
+        path = folder / f"{report.date}.{fmt}"
+        _write_atomic(path, render(report, fmt))
+        out[fmt] = path
+    return out
+
+
+def write_report_table(
+    report: DailyReport, data_dir: str, storage_options: dict[str, str] | None = None
+) -> None:
+    """Store the report as its day's row of the ``reports`` table under ``data_dir``."""
+    table = ReportsTable(f"{data_dir.rstrip('/')}/reports_table", storage_options=storage_options)
+    table.write(
+        report.date,
+        report.timezone,
+        report.generated_ms,
+        report.status,
+        encode_report(report),
+        render_markdown(report),
+    )
+
+
+def yesterday(tz: str = "UTC", now: dt.datetime | None = None) -> dt.date:
+    """The calendar day before today in ``tz``.
+
+    Examples
+    --------
+    >>> yesterday("UTC", dt.datetime(2026, 11, 26, 0, 5, tzinfo=dt.UTC))
+    datetime.date(2026, 11, 25)
+    """
+    now = now or dt.datetime.now(dt.UTC)
+    return now.astimezone(ZoneInfo(tz)).date() - dt.timedelta(days=1)
+
+
+@dataclass(frozen=True, slots=True)
+class Published:
+    """A built report, its rendering in the format asked, and the files written."""
+
+    report: DailyReport
+    rendered: bytes
+    files: dict[str, Path]
+
+
+def daily_report(
+    settings: Settings,
+    day: dt.date | None = None,
+    *,
+    fmt: Format = "md",
+    out: str | os.PathLike[str] | None = None,
+    tz: str = "UTC",
+    prices: Prices = DEFAULT_PRICES,
+    budget_bytes_per_day: float | None = None,
+    budgets: Mapping[str, float] | None = None,
+    alerts: Sequence[AlertRecord] | None = None,
+    write: bool = True,
+) -> Published:
+    """Build ``day``'s report (default: yesterday in ``tz``) from ``settings``' store.
+
+    With ``write``, the three files and the table row are written under the data dir
+    (a local path; an ``s3://`` data dir gets the table row only). ``out``: also write
+    the ``fmt`` rendering there.
+    """
+    if fmt not in FORMATS:
+        raise QueryError("format", fmt, FORMATS)
+    day = day or yesterday(tz)
+    query = TrafficQuery(
+        settings.data_dir, partitions=settings.partitions, topic=settings.topic_stats
+    )
+    report = build_daily_report(
+        query,
+        day,
+        tz=tz,
+        prices=prices,
+        alerts=alerts,
+        budget_bytes_per_day=budget_bytes_per_day,
+        budgets=budgets,
+    )
+    files: dict[str, Path] = {}
+    if write:
+        if "://" not in settings.data_dir:
+            files = write_report_files(report, settings.data_dir)
+        write_report_table(report, settings.data_dir)
+    rendered = render(report, fmt)
+    if out is not None:
+        path = Path(out)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _write_atomic(path, rendered)
+        files["out"] = path
+    return Published(report, rendered, files)
+
+
+def _example() -> DailyReport:
+    """A small fixed report for doctests."""
+    from nettel.report.daily import Anomalies, Cost, Forecast, Totals
+
+    return DailyReport(
+        date="2026-11-25",
+        timezone="UTC",
+        start_ms=0,
+        end_ms=1,
+        generated_ms=0,
+        status="no_data",
+        notes=["no traffic"],
+        definitions={},
+        totals=Totals(
+            containers=0, bytes_in=0, bytes_out=0, bytes=0, packets=0, errors=0, drops=0, cost=0.0
+        ),
+        top=[],
+        containers=[],
+        new_containers=[],
+        disappeared_containers=[],
+        hot_spots=[],
+        hourly=[],
+        peak_hours=[],
+        trend=[],
+        cost=Cost(currency="USD", egress_per_gb=0.09, ingress_per_gb=0.0, total=0.0),
+        anomalies=Anomalies(available=False, note="no anomaly detection data", items=[]),
+        forecast=Forecast(
+            horizon_days=7,
+            level=0.95,
+            containers=[],
+            not_forecast=[],
+            budget_bytes_per_day=None,
+            budgets={},
+            breaches=[],
+            capacity="no traffic budget set: no capacity check",
+        ),
+    )
+
+
+EXAMPLE: Final = _example()

