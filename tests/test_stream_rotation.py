@@ -18,13 +18,13 @@ import pytest
 from conftest import free_port, wait_for
 from nettel.broker import BrokerRotation, EmbeddedBroker
 from nettel.ingest.publisher import EventPublisher
-from nettel.models import encode_stat_event
+from nettel.models import StatEvent, encode_stat_event
 from nettel.store.minute import MinuteTable
 from nettel.store.rollup import DAY_MS, HOUR_MS
 from nettel.store.samples import SamplesTable
 from nettel.stream.worker import StreamWorker
 from test_store_samples import sample_rows, table_sample_rows
-from test_stream_worker import expected_windows, rollups, simulated, table_windows
+from test_stream_worker import expected_windows, publish, rollups, simulated, table_windows
 
 pytestmark = pytest.mark.broker
 
@@ -102,3 +102,42 @@ async def test_rotations_mid_run_lose_nothing_and_double_nothing(tmp_path: Path)
     assert rows.height > rows.unique().height, "the seals wrote partial rows of open windows"
     assert table_sample_rows(samples) == sample_rows(events)
     assert worker.stats.samples_written == len(events)
+
+
+async def run_up_like(tmp_path: Path, events: list[StatEvent]) -> StreamWorker:
+    """One `nettel up` life on the embedded broker without an epoch file (as on S3):
+    a fresh broker (epoch 1 again), the events published, read, and sealed at the stop."""
+    broker = EmbeddedBroker(free_port())
+    await broker.start(topics=TOPICS)
+    table = MinuteTable(str(tmp_path / "minute"))
+    worker = StreamWorker(
+        broker.bootstrap_servers, table, flush_interval_s=1.0, rollups=rollups(table),
+        epoch=broker.epoch, samples=SamplesTable(str(tmp_path / "samples")),
+        seal_on_stop=True, fresh_log=True,
+    )  # fmt: skip
+    stop = asyncio.Event()
+    task = asyncio.create_task(worker.run(stop))
+    try:
+        await publish(broker.bootstrap_servers, events)
+        await wait_for(lambda: worker.stats.consumed >= len(events), 60, "the worker to read")
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 60)
+        await broker.stop()
+    assert broker.epoch == 1
+    return worker
+
+
+async def test_a_reused_epoch_number_does_not_skip_the_new_logs_events(tmp_path: Path) -> None:
+    """Points an earlier life stored under the same epoch number mean nothing in a new log."""
+    start = (time.time_ns() // 1_000_000 - 3 * HOUR_MS) // HOUR_MS * HOUR_MS
+    events = simulated(6, 0.5, start, seed=9)
+    first, second = events[: len(events) * 2 // 3], events[len(events) * 2 // 3 :]
+    await run_up_like(tmp_path, first)
+    worker = await run_up_like(tmp_path, second)  # offsets from 0 again, below the old points
+    assert worker.stats.samples_written == len(second)
+    table = MinuteTable(str(tmp_path / "minute"))
+    assert table_windows(table, ALL) == expected_windows(events, ALL)
+    hour, _ = rollups(table)
+    assert table_windows(hour, ALL, HOUR_MS) == expected_windows(events, ALL, HOUR_MS)
+    assert table_sample_rows(SamplesTable(str(tmp_path / "samples"))) == sample_rows(events)

@@ -203,9 +203,12 @@ def table_uri(settings: Settings, name: str) -> str:
 
 
 def make_stream(
-    settings: Settings, bootstrap: str, *, epoch: int = 0, seal_on_stop: bool = False
+    settings: Settings, bootstrap: str, *, epoch: int = 0, embedded: bool = False
 ) -> StreamWorker:
-    """The stream worker writing ``samples``, ``minute`` and rolling ``hour``, ``day``."""
+    """The stream worker writing ``samples``, ``minute`` and rolling ``hour``, ``day``.
+
+    ``embedded``: it reads the embedded broker, whose log begins and ends with the process.
+    """
     minute = MinuteTable(table_uri(settings, "minute"))
     hour = RollupTable(table_uri(settings, "hour"), minute, HOUR_MS)
     day = RollupTable(table_uri(settings, "day"), hour, DAY_MS)
@@ -214,7 +217,8 @@ def make_stream(
         dlq_topic=settings.topic_dlq, grace_ms=round(settings.window_grace_s * 1000),
         flush_interval_s=settings.flush_interval_s, rollups=[hour, day],
         rollup_interval_s=settings.rollup_interval_s, epoch=epoch,
-        samples=SamplesTable(table_uri(settings, "samples")), seal_on_stop=seal_on_stop,
+        samples=SamplesTable(table_uri(settings, "samples")), seal_on_stop=embedded,
+        fresh_log=embedded,
     )  # fmt: skip
 
 
@@ -271,7 +275,7 @@ async def up_roles(settings: Settings, bootstrap: str, broker: EmbeddedBroker | 
     ingest = make_ingest(settings, bootstrap, source)
     # the embedded broker's log dies with it: the worker writes its open windows first
     stream = make_stream(settings, bootstrap, epoch=0 if broker is None else broker.epoch,
-                         seal_on_stop=broker is not None)  # fmt: skip
+                         embedded=broker is not None)  # fmt: skip
 
     async def maintain(stop: asyncio.Event) -> None:
         await maintain_on_schedule(settings, stop)

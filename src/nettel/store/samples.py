@@ -15,7 +15,7 @@ dictionary; ids as strings; timestamps timezone-aware UTC. Retention is short
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -129,14 +129,18 @@ class SamplesTable(MinuteTable):
                 out[p] = int(v)
         return out
 
-    def append_samples(self, parts: Sequence[PartitionSamples], *, writer: str,
-                       epoch: int) -> int:  # fmt: skip
+    def append_samples(self, parts: Sequence[PartitionSamples], *, writer: str, epoch: int,
+                       stored: Mapping[int, int] | None = None) -> int:  # fmt: skip
         """Append each partition's events past its stored point, and the new points, in
         one commit; returns the rows written. Parts whose point would not move are left
         out, and nothing is committed when no point moves.
+
+        ``stored``: the points as the caller knows them (a worker that read them at
+        assignment, or knows them stale); default: read from the table.
         """
-        stored = self.stored_offsets(writer, parts[0].topic if parts else "",
-                                     [p.partition for p in parts], epoch=epoch)  # fmt: skip
+        if stored is None:
+            stored = self.stored_offsets(writer, parts[0].topic if parts else "",
+                                         [p.partition for p in parts], epoch=epoch)  # fmt: skip
         rows: list[tuple[int, StatEvent]] = []
         txns = []
         for part in parts:

@@ -144,7 +144,11 @@ class StreamWorker:
     log epoch (0 for an external broker); records stamped with an older one are from a
     log already replaced and are skipped. ``seal_on_stop``: the log dies with the
     process (the embedded broker), so on stop read it to the end and write the open
-    windows as partial rows (for at most ``seal_timeout_s``).
+    windows as partial rows (for at most ``seal_timeout_s``). ``fresh_log``: the log
+    began empty with this worker (the embedded broker again), so points stored for its
+    epoch before this worker wrote any belong to an earlier log that had the same epoch
+    number (a data dir on S3 keeps no epoch file) and are ignored; the same holds for
+    the log of every epoch :meth:`rotated` announces.
     """
 
     def __init__(
@@ -164,6 +168,7 @@ class StreamWorker:
         samples: SamplesTable | None = None,
         seal_on_stop: bool = False,
         seal_timeout_s: float = 10.0,
+        fresh_log: bool = False,
     ) -> None:
         self.bootstrap_servers = bootstrap_servers
         self.table = table
@@ -186,6 +191,8 @@ class StreamWorker:
         self._samples_buf: dict[int, list[tuple[int, StatEvent]]] = {}
         self._samples_done: dict[int, int] = {}  # next offset the samples table lacks
         self._barrier: _Barrier | None = None
+        self._fresh_epochs = {epoch} if fresh_log else set()  # logs that began with us
+        self._written_epochs: set[int] = set()  # epochs this worker has written points in
         self._consumer: Any = None
         self._dlq: Any = None
         self._flush_lock = asyncio.Lock()
@@ -199,10 +206,21 @@ class StreamWorker:
         for state in (self._windows, self._positions, self._samples_buf, self._samples_done):
             state.pop(partition, None)
 
+    def _stale_points(self) -> bool:
+        """Whether points stored for the current epoch are an earlier log's."""
+        return self.epoch in self._fresh_epochs and self.epoch not in self._written_epochs
+
     def _stored(self, partitions: list[int]) -> tuple[dict[int, ReplayPoint], dict[int, int]]:
         points = self.table.replay_points(self.group, self.topic, partitions, epoch=self.epoch)
         done = {} if self.samples is None else self.samples.stored_offsets(
             self.group, self.topic, partitions, epoch=self.epoch)  # fmt: skip
+        if self._stale_points():
+            if points or done:
+                log.warning("stream_stale_points_ignored", epoch=self.epoch,
+                            partitions=sorted({*points, *done}),
+                            reason="the log began with this worker: an earlier log had "
+                            "the same epoch number")  # fmt: skip
+            return {}, {}
         return points, done
 
     async def _resume(self, tps: list[TopicPartition]) -> None:
@@ -245,10 +263,15 @@ class StreamWorker:
                 buf = self._samples_buf.get(partition, [])
                 parts.append(PartitionSamples(self.topic, partition, buf, position))
         if parts and self.samples is not None:
+            # the table's points are re-read at the write (narrowing any overlap with a
+            # previous owner) unless they are an earlier log's (see ``fresh_log``)
+            stale = self._stale_points()
             written = await asyncio.to_thread(
-                self.samples.append_samples, parts, writer=self.group, epoch=self.epoch
-            )
+                self.samples.append_samples, parts, writer=self.group, epoch=self.epoch,
+                stored=dict(self._samples_done) if stale else None,
+            )  # fmt: skip
             self.stats.samples_written += written
+            self._written_epochs.add(self.epoch)
             for part in parts:
                 self._samples_done[part.partition] = part.next_offset
                 self._samples_buf[part.partition] = []
@@ -257,6 +280,7 @@ class StreamWorker:
         await asyncio.to_thread(
             self.table.append, rows, points, writer=self.group, epoch=self.epoch
         )
+        self._written_epochs.add(self.epoch)
         self.stats.windows_written += len(rows)
         self.stats.flushes += 1
         self.stats.seals += seal
@@ -265,9 +289,9 @@ class StreamWorker:
             self._next_roll = time.monotonic() + self.rollup_interval_s
         self.stats.late = sum(pw.late for pw in self._windows.values())
         with contextlib.suppress(Exception):  # for lag tools only; the store is the truth
-            await self._consumer.commit(
-                {TopicPartition(self.topic, p.partition): p.point.next_offset for p in points}
-            )
+            offsets = {TopicPartition(self.topic, p.partition): p.point.next_offset for p in points}
+            # bounded: a broker being replaced must not hold the flush lock for long
+            await asyncio.wait_for(self._consumer.commit(offsets), 5.0)
 
     async def drained(self) -> bool:
         """Whether everything the broker holds is durably written (the rotation barrier).
@@ -298,17 +322,15 @@ class StreamWorker:
                 log.warning("stream_rotated_unsealed", epoch=self.epoch, new_epoch=epoch)
                 await self._flush_locked(seal=True)
             old, self.epoch, self._barrier = self.epoch, epoch, None
+            self._fresh_epochs.add(epoch)  # the new log is empty: nothing in it is written
             partitions = list(self._windows)
-            points, done = await asyncio.to_thread(self._stored, partitions)
             for p in partitions:
-                point = points.get(p)  # none, unless this epoch number was used before
-                self._windows[p] = PartitionWindows(self.grace_ms, replay=point)
-                offset = 0 if point is None else point.resume_offset
-                self._positions[p] = offset
+                self._windows[p] = PartitionWindows(self.grace_ms)
+                self._positions[p] = 0
                 self._samples_buf[p] = []
-                self._samples_done[p] = done.get(p, 0)
+                self._samples_done[p] = 0
                 with contextlib.suppress(Exception):  # not assigned any more: resumed later
-                    self._consumer.seek(TopicPartition(self.topic, p), offset)
+                    self._consumer.seek(TopicPartition(self.topic, p), 0)
             log.info("stream_rotated", old_epoch=old, epoch=epoch, partitions=partitions)
 
     def _caught_up(self, barrier: _Barrier) -> bool:
