@@ -23,12 +23,13 @@ from pathlib import Path
 
 import pytest
 from matplotlib.image import imread
+from structlog.testing import capture_logs
 
 from conftest import free_port, require, wait_for
 from nettel.broker import EmbeddedBroker, ensure_topics
 from nettel.config import Settings
 from nettel.detect.alerts import Alert, Status
-from nettel.errors import BrokerUnavailableError
+from nettel.errors import BrokerUnavailableError, QueryError
 from nettel.ingest.simulate import TrafficSimulator
 from nettel.models import StatEvent
 from nettel.report import (
@@ -37,9 +38,12 @@ from nettel.report import (
     daily_report,
     decode_report,
     encode_report,
+    forecast_container,
     forecast_hourly,
+    load_report,
     render_html,
     render_markdown,
+    report_on_schedule,
 )
 from nettel.report.daily import day_bounds_ms
 from nettel.store.minute import MinuteTable
@@ -554,3 +558,49 @@ def test_a_7_day_forecast_of_simulated_weekly_traffic_is_within_15_percent() -> 
             got, want = sum(f.values[d * 24 : d * 24 + 24]), sum(actual[d * 24 : d * 24 + 24])
             assert abs(got - want) / want < 0.15, (c, d)
     assert weekly >= 3, "the simulated traffic should show a clear weekly cycle"
+
+
+@pytest.mark.broker
+async def test_the_schedule_writes_yesterdays_report_once_and_it_can_be_read_back(
+    stores: dict[str, Store],
+) -> None:
+    s = stores["main"]
+    settings = Settings.from_env({"NETTEL_DATA_DIR": s.data_dir,
+                                  "NETTEL_PARTITIONS": str(PARTITIONS)})  # fmt: skip
+    stop = asyncio.Event()
+    with capture_logs() as logs:
+        task = asyncio.create_task(report_on_schedule(settings, stop, after_midnight_s=0))
+        await wait_for(lambda: any(e["event"] == "report_written" for e in logs), 60,
+                       "the scheduled report")  # fmt: skip
+        await asyncio.sleep(0.5)
+        stop.set()
+        await asyncio.wait_for(task, 10)
+    written = [e for e in logs if e["event"] == "report_written"]
+    assert [e["date"] for e in written] == [s.day.isoformat()]
+    assert (Path(s.data_dir) / "reports" / f"{s.day}.html").exists()
+    stored = await asyncio.to_thread(load_report, s.data_dir, s.day)
+    assert stored is not None
+    fresh = await asyncio.to_thread(build_daily_report, query(s), s.day)
+    assert (stored.totals, stored.top) == (fresh.totals, fresh.top)
+    assert await asyncio.to_thread(load_report, s.data_dir, s.day - dt.timedelta(days=3)) is None
+
+
+@pytest.mark.broker
+def test_one_containers_forecast_from_the_store_matches_the_reports(
+    stores: dict[str, Store],
+) -> None:
+    s = stores["main"]
+    report = build_daily_report(query(s), s.day)
+    _, end = day_bounds_ms(s.day)
+    f = forecast_container(query(s), "sim/svc-1", horizon_hours=48, now_ms=end + 59_000)
+    assert f is not None
+    assert f.start_ms == end
+    assert f.model == "HoltWinters(seasonality=24)"
+    same = next(c for c in report.forecast.containers if c.container == "sim/svc-1")
+    assert f.values == same.hourly[:48]
+    rx = forecast_container(query(s), "sim/svc-1", metric="rx_bytes", horizon_hours=24, now_ms=end)
+    assert rx is not None
+    assert 0 < sum(rx.values) < sum(f.values[:24])
+    assert forecast_container(query(s), "sim/svc-5", now_ms=end) is None  # 11 hours of history
+    with pytest.raises(QueryError, match="unknown metric 'connections'"):
+        forecast_container(query(s), "sim/svc-1", metric="connections")

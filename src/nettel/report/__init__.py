@@ -5,7 +5,10 @@
 - :func:`render_markdown`, :func:`render_html` (:mod:`nettel.report.render`), JSON with
   :func:`encode_report`;
 - :func:`daily_report` (:mod:`nettel.report.publish`): build, write the files under
-  ``<data dir>/reports/`` and the ``reports`` table row (what ``nettel report`` runs).
+  ``<data dir>/reports/`` and the ``reports`` table row (what ``nettel report`` runs);
+  :func:`report_on_schedule`: yesterday's report after each midnight (``nettel up``);
+  :func:`load_report`: a stored report; :func:`forecast_container`: one container's
+  forecast from the store (MCP ``forecast_traffic``).
 """
 
 from nettel.report.daily import (
@@ -15,8 +18,16 @@ from nettel.report.daily import (
     decode_report,
     encode_report,
 )
-from nettel.report.forecast import HourlyForecast, forecast_hourly
-from nettel.report.publish import FORMATS, Published, daily_report, write_report_files, yesterday
+from nettel.report.forecast import HourlyForecast, forecast_container, forecast_hourly
+from nettel.report.publish import (
+    FORMATS,
+    Published,
+    daily_report,
+    load_report,
+    report_on_schedule,
+    write_report_files,
+    yesterday,
+)
 from nettel.report.render import render_html, render_markdown
 
 __all__ = [
@@ -29,9 +40,12 @@ __all__ = [
     "daily_report",
     "decode_report",
     "encode_report",
+    "forecast_container",
     "forecast_hourly",
+    "load_report",
     "render_html",
     "render_markdown",
+    "report_on_schedule",
     "write_report_files",
     "yesterday",
 ]

@@ -41,7 +41,7 @@ import msgspec
 import polars as pl
 
 from nettel.errors import QueryError
-from nettel.report.forecast import HOUR_MS, WEEKLY_MIN_HOURS, forecast_hourly
+from nettel.report.forecast import HOUR_MS, WEEKLY_MIN_HOURS, forecast_hourly, hourly_values
 from nettel.store.query import ContainerStats, TrafficQuery
 
 SCHEMA_VERSION: Final = 1
@@ -471,8 +471,8 @@ def _forecasts(
     zone = ZoneInfo(tz)
     out = []
     for c in containers:
-        mine = history.filter(pl.col("container") == c)
-        if not mine.height:
+        first, values = hourly_values(history.filter(pl.col("container") == c), "bytes", end_ms)
+        if not values:
             out.append(
                 ContainerForecast(
                     container=c,
@@ -485,10 +485,6 @@ def _forecasts(
                 )
             )
             continue
-        first = int(mine["ts_ms"].min())  # type: ignore[arg-type]
-        first -= first % HOUR_MS
-        hours = {int(t): float(v or 0) for t, v in zip(mine["ts_ms"], mine["bytes"], strict=True)}
-        values = [hours.get(t, 0.0) for t in range(first, end_ms, HOUR_MS)]
         f = forecast_hourly(values, first, horizon_hours=horizon_hours, level=level)
         if f is None:
             out.append(

@@ -29,13 +29,17 @@ True
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
+import polars as pl
 from river import time_series
 
 from nettel.errors import QueryError
+from nettel.models import RATE_METRICS
+from nettel.store.query import TrafficQuery, check_choice
 
 HOUR_MS: Final = 3_600_000
 WEEK_HOURS: Final = 168
@@ -136,3 +140,41 @@ def forecast_hourly(
         history_hours=n,
         calibration_points=len(errors),
     )
+
+
+def hourly_values(frame: pl.DataFrame, column: str, end_ms: int) -> tuple[int, list[float]]:
+    """One container's hourly rows (``ts_ms``, ``column``) as a gapless series up to
+    ``end_ms``: (first hour, values), hours without rows as 0.
+
+    Examples
+    --------
+    >>> f = pl.DataFrame({"ts_ms": [0, 2 * HOUR_MS], "bytes": [5, 7]})
+    >>> hourly_values(f, "bytes", 4 * HOUR_MS)
+    (0, [5.0, 0.0, 7.0, 0.0])
+    """
+    if not frame.height:
+        return end_ms, []
+    first = int(frame["ts_ms"].min())  # type: ignore[arg-type]
+    first -= first % HOUR_MS
+    hours = {int(t): float(v or 0) for t, v in zip(frame["ts_ms"], frame[column], strict=True)}
+    return first, [hours.get(t, 0.0) for t in range(first, end_ms, HOUR_MS)]
+
+
+def forecast_container(query: TrafficQuery, container: str, *, metric: str = "bytes",
+                       horizon_hours: int = 168, history_days: int = 28,
+                       now_ms: int | None = None,
+                       level: float = 0.95) -> HourlyForecast | None:  # fmt: skip
+    """``container``'s ``metric`` (a counter or total: bytes, rx_bytes, packets, errors, ...)
+    per hour for the ``horizon_hours`` after the last whole hour before ``now_ms``, from up
+    to ``history_days`` of its hourly history (what the MCP tool ``forecast_traffic``
+    answers). ``None``: under three days of history.
+    """
+    check_choice("metric", metric, RATE_METRICS)
+    if not 1 <= history_days <= 400:
+        raise QueryError("history_days", history_days, ["1..400"])
+    now_ms = time.time_ns() // 1_000_000 if now_ms is None else now_ms
+    end = now_ms - now_ms % HOUR_MS
+    frame = query.series(end - history_days * 24 * HOUR_MS, end, resolution="hour",
+                         metrics=(metric,), containers=[container])  # fmt: skip
+    first, values = hourly_values(frame, metric, end)
+    return forecast_hourly(values, first, horizon_hours=horizon_hours, level=level)

@@ -8,13 +8,18 @@ build the day's report from the settings' store, write ``<date>.json``, ``.md`` 
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import datetime as dt
 import os
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final, Literal
 from zoneinfo import ZoneInfo
+
+import structlog
 
 from nettel.config import Settings
 from nettel.errors import QueryError
@@ -24,11 +29,14 @@ from nettel.report.daily import (
     DailyReport,
     Prices,
     build_daily_report,
+    decode_report,
     encode_report,
 )
 from nettel.report.render import render_html, render_markdown
 from nettel.store.query import TrafficQuery
 from nettel.store.reports import ReportsTable
+
+log = structlog.get_logger(__name__)
 
 Format = Literal["md", "html", "json"]
 FORMATS: Final[tuple[Format, ...]] = ("md", "html", "json")
@@ -75,11 +83,25 @@ def write_report_files(report: DailyReport, data_dir: str | os.PathLike[str]) ->
     return out
 
 
+def reports_table(data_dir: str, storage_options: dict[str, str] | None = None) -> ReportsTable:
+    """The ``reports`` table under ``data_dir`` (beside the ``reports/`` folder of files)."""
+    return ReportsTable(f"{data_dir.rstrip('/')}/reports_table", storage_options=storage_options)
+
+
+def load_report(data_dir: str, day: dt.date) -> DailyReport | None:
+    """``day``'s stored report (``reports`` table), or None when none was written.
+
+    What ``get_daily_report(date)`` and ``nettel://reports/daily/{date}`` serve.
+    """
+    data = reports_table(data_dir).read(day.isoformat())
+    return None if data is None else decode_report(data)
+
+
 def write_report_table(
     report: DailyReport, data_dir: str, storage_options: dict[str, str] | None = None
 ) -> None:
     """Store the report as its day's row of the ``reports`` table under ``data_dir``."""
-    table = ReportsTable(f"{data_dir.rstrip('/')}/reports_table", storage_options=storage_options)
+    table = reports_table(data_dir, storage_options)
     table.write(
         report.date,
         report.timezone,
@@ -157,6 +179,70 @@ def daily_report(
         _write_atomic(path, rendered)
         files["out"] = path
     return Published(report, rendered, files)
+
+
+def _next_run(now_s: float, tz: str, after_midnight_s: float) -> float:
+    """The next local midnight + ``after_midnight_s`` after ``now_s`` (epoch seconds).
+
+    Examples
+    --------
+    >>> t = dt.datetime(2026, 11, 26, 0, 5, tzinfo=dt.UTC).timestamp()
+    >>> dt.datetime.fromtimestamp(_next_run(t, "UTC", 600), dt.UTC).isoformat()
+    '2026-11-26T00:10:00+00:00'
+    >>> dt.datetime.fromtimestamp(_next_run(t + 600, "UTC", 600), dt.UTC).isoformat()
+    '2026-11-27T00:10:00+00:00'
+    """
+    zone = ZoneInfo(tz)
+    today = dt.datetime.fromtimestamp(now_s, zone).date()
+    for day in (today, today + dt.timedelta(days=1)):
+        at = dt.datetime.combine(day, dt.time(0), tzinfo=zone).timestamp() + after_midnight_s
+        if at > now_s:
+            return at
+    return now_s + 86_400.0
+
+
+async def report_on_schedule(
+    settings: Settings,
+    stop: asyncio.Event,
+    *,
+    tz: str = "UTC",
+    after_midnight_s: float = 600.0,
+    retry_s: float = 300.0,
+    clock: Callable[[], float] = time.time,
+    prices: Prices = DEFAULT_PRICES,
+    budget_bytes_per_day: float | None = None,
+) -> None:
+    """Write yesterday's report ``after_midnight_s`` after each local midnight, until ``stop``.
+
+    Started after that time with yesterday's report missing (nettel was down), it writes
+    it at once. The report is built in a thread, so the event loop keeps going; a
+    failure is logged and tried again ``retry_s`` later.
+    """
+    while not stop.is_set():
+        now = clock()
+        day = yesterday(tz, dt.datetime.fromtimestamp(now, dt.UTC))
+        wait = _next_run(now, tz, after_midnight_s) - now
+        ready = _next_run(now - 86_400.0, tz, after_midnight_s) <= now
+        done_days = await asyncio.to_thread(reports_table(settings.data_dir).dates)
+        if ready and day.isoformat() not in done_days:
+            started = time.monotonic()
+            try:
+                done = await asyncio.to_thread(
+                    daily_report, settings, day, tz=tz, prices=prices,
+                    budget_bytes_per_day=budget_bytes_per_day,
+                )  # fmt: skip
+            except Exception as e:
+                log.error("report_failed", date=day.isoformat(), error=repr(e), retry_in_s=retry_s)
+                wait = min(wait, retry_s)
+            else:
+                log.info(
+                    "report_written", date=day.isoformat(), status=done.report.status,
+                    containers=done.report.totals.containers,
+                    files=[str(p) for p in done.files.values()],
+                    seconds=round(time.monotonic() - started, 2),
+                )  # fmt: skip
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), max(wait, 0.0))
 
 
 def _example() -> DailyReport:
