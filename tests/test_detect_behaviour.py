@@ -142,3 +142,18 @@ def test_baseline_skips_counter_reset_points() -> None:
     m.learn_one({"value": 1e9, "ts_ms": 11, "counter_reset": True})
     assert m.n_learned == 10
     assert m.score_one({"value": 10.0, "ts_ms": 12}) == 0.0
+
+
+def test_false_positive_feedback_widens_that_slot_only() -> None:
+    det = ContainerDetector()
+    for ev in quiet_simulator(seed=3).events(MONDAY_MS, 8 * DAY_MS):
+        det.learn_one(event_features(ev))
+    at = MONDAY_MS + 8 * DAY_MS + 3 * HOUR_MS
+    band = det.band("rx_bytes", at)
+    odd = 10 * band.high
+    assert det.score_metrics({"ts_ms": at, "rx_bytes": odd})["rx_bytes"].score > 1.0
+    det.false_positive("rx_bytes", at, odd)
+    assert det.band("rx_bytes", at).high >= odd
+    assert det.score_metrics({"ts_ms": at, "rx_bytes": odd})["rx_bytes"].score == 0.0
+    other_hour = at + 12 * HOUR_MS
+    assert det.band("rx_bytes", other_hour).high < odd

@@ -7,11 +7,19 @@ from a mean but novelty: a level never reached before, a moving average never re
 before, a value this hour has never had. So the score is the size of that excess as a
 fraction of the metric's whole range: 0 for anything already seen, about 1 for a jump
 the size of the range. A repeat of a detection right after it scores 0 unless it is at
-least ``refire_ratio`` times larger.
+least ``refire_ratio`` times larger (:attr:`TrafficBaseline.last_raw` keeps the evidence
+for as long as it lasts, for alert lifecycles). A seasonal slot's level and spread give
+the expected band at any hour (:meth:`TrafficBaseline.band`).
+
+The statistics are River's in spirit (running extremes, exponentially weighted means
+and absolute deviations per slot) but stored in compact typed arrays: a container has
+eleven of these models, and its whole state must stay small to checkpoint.
 
 :class:`LearningGuard` wraps any detector so that it does not learn from what it flags
 (like ``river.anomaly.ThresholdFilter``), and gives up protecting after
 ``max_protected_run`` flagged points in a row so that a lasting new level is learned.
+:meth:`TrafficBaseline.score_learn` also learns a flagged point when one was flagged at
+the same time of a previous day or week: what recurs (a nightly job) is normal.
 
 ``x`` is ``{"value": float, "ts_ms": int}`` and may carry ``"counter_reset": True``: such
 a point (a restart, re-created interface) scores 0 and is not learned.
@@ -19,7 +27,6 @@ a point (a restart, re-created interface) scores 0 and is not learned.
 Examples
 --------
 >>> model = TrafficBaseline(warmup=10)
->>> day = 86_400_000
 >>> for i in range(200):
 ...     model.learn_one({"value": 100.0 + (i % 7), "ts_ms": i * 60_000})
 >>> model.score_one({"value": 104.0, "ts_ms": 200 * 60_000})
@@ -102,8 +109,8 @@ class _Season:
         self.slot_ms = slot_ms
         self.mean = array("f", [math.nan]) * n
         self.spread = array("f", [0.0]) * n
-        self.count = array("I", [0]) * n
-        self.flagged = array("i", [-1]) * n  # period number of the slot's last flag
+        self.count = array("H", [0]) * n  # samples seen (saturates at 65535)
+        self.flagged = array("H", [0]) * n  # 1 + period number of the slot's last flag
         self.lo = math.inf  # extremes of the residuals seen against seen slots
         self.hi = -math.inf
         self.residuals = 0
@@ -343,10 +350,10 @@ class TrafficBaseline(AnomalyDetector):
         for s in self._seasons:
             n = len(s.flagged)
             i = (shifted % s.period_ms) // s.slot_ms
-            period = shifted // s.period_ms
-            if n > 2 and any(0 <= s.flagged[j % n] < period for j in (i - 1, i, i + 1)):
+            mark = min(shifted // s.period_ms, 0xFFFE) + 1
+            if n > 2 and any(0 < s.flagged[j % n] < mark for j in (i - 1, i, i + 1)):
                 seen = True
-            s.flagged[i] = period
+            s.flagged[i] = mark
         return seen
 
     def _remember(self, raw: float) -> None:
@@ -415,7 +422,7 @@ class TrafficBaseline(AnomalyDetector):
             i = (shifted % s.period_ms) // s.slot_ms
             level = s.mean[i]
             count = s.count[i]
-            if count < 0xFFFFFFFF:
+            if count < 0xFFFF:
                 count += 1
                 s.count[i] = count
             if level != level:  # NaN: the slot's first sample
@@ -429,7 +436,7 @@ class TrafficBaseline(AnomalyDetector):
                 s.hi = d
             # One visit of the slot (slot_ms of samples) moves the level by seasonal_rate.
             # Until then (a slot's first visit), its level is the plain mean of its samples.
-            r = self.seasonal_rate * dt / s.slot_ms
+            r = self.seasonal_rate * min(dt, s.slot_ms) / s.slot_ms
             if r < 1.0 / count:
                 r = 1.0 / count
             if r > 1.0:
@@ -450,8 +457,10 @@ class TrafficBaseline(AnomalyDetector):
         """Points learned so far."""
         return self._n
 
-    def band(self, ts_ms: int, width: float = 3.0) -> Band:
-        """Expected value and band at ``ts_ms``'s slot (the finest seen season, else recent).
+    def band(self, ts_ms: int, width: float | None = None) -> Band:
+        """Expected value and band at ``ts_ms``'s slot: the longest period's slot that was
+        seen (hour of the week, else of the day), else the recent level; ``width`` times the
+        slot's mean absolute deviation either side (``seasonal_width``, else 3, by default).
 
         Examples
         --------
@@ -459,6 +468,7 @@ class TrafficBaseline(AnomalyDetector):
         >>> m.band(0).seen
         False
         """
+        width = width or self.seasonal_width or 3.0
         shifted = ts_ms + MONDAY_OFFSET_MS
         for s in self._by_period:
             i = (shifted % s.period_ms) // s.slot_ms
@@ -507,6 +517,36 @@ class TrafficBaseline(AnomalyDetector):
                 s.hi = max(s.hi, high - mean)
             self._dt_ms = saved
             self._n = max(self._n, self.warmup)
+
+    def accept(self, value: float, ts_ms: int) -> None:
+        """Feedback: ``value`` at ``ts_ms`` was normal (an alert marked false positive).
+        It is learned, and its slot's band widened so that it falls inside.
+
+        Examples
+        --------
+        >>> m = TrafficBaseline(seasons=((DAY_MS, HOUR_MS),), seasonal_width=3.0, warmup=2)
+        >>> for i in range(100):
+        ...     m.learn_one({"value": 10.0 + i % 2, "ts_ms": i * 60_000})
+        >>> m.score_one({"value": 50.0, "ts_ms": 100 * 60_000}) > 0
+        True
+        >>> m.accept(50.0, 100 * 60_000)
+        >>> m.score_one({"value": 50.0, "ts_ms": 100 * 60_000}), m.band(100 * 60_000).high >= 50
+        (0.0, True)
+        """
+        for i in range(len(self.scales)):
+            self._scale_lo[i] = min(self._scale_lo[i], value)
+            self._scale_hi[i] = max(self._scale_hi[i], value)
+        self._lo, self._hi = min(self._lo, value), max(self._hi, value)
+        shifted = ts_ms + MONDAY_OFFSET_MS
+        width = self.seasonal_width or 3.0
+        for s in self._seasons:
+            i = (shifted % s.period_ms) // s.slot_ms
+            level = float(s.mean[i])
+            if level != level:
+                s.mean[i] = level = value
+            d = value - level
+            s.lo, s.hi = min(s.lo, d), max(s.hi, d)
+            s.spread[i] = max(float(s.spread[i]), abs(d) / width)
 
     def prior(self) -> TrafficBaseline:
         """A copy of what this model learned, to start a new container of the same image or

@@ -243,6 +243,11 @@ class ContainerDetector(AnomalyDetector):
         """Seed ``metric`` from stored hourly rollups ``(hour_start_ms, mean, low, high)``."""
         self._model(metric).warm_start(rows)
 
+    def false_positive(self, metric: str, ts_ms: int, value: float) -> None:
+        """Feedback on an alert: ``value`` of ``metric`` at ``ts_ms`` was normal; the band
+        of that metric at that hour widens to hold it."""
+        self._model(metric).accept(value, ts_ms)
+
     def prior(self) -> ContainerDetector:
         """What this container learned, to start a new container of the same image or
         compose service warm.
