@@ -439,7 +439,15 @@ def test_no_data_single_container_and_mid_day_appearance_give_valid_reports(
         {"NETTEL_DATA_DIR": one.data_dir, "NETTEL_PARTITIONS": str(PARTITIONS)}
     )
     out = tmp_path / "r.json"
-    published = daily_report(settings, one.day, fmt="json", out=out)
+    asked: list[tuple[int, int]] = []
+
+    def no_alerts(start_ms: int, end_ms: int) -> list[Alert]:
+        asked.append((start_ms, end_ms))
+        return []
+
+    published = daily_report(settings, one.day, fmt="json", out=out, alert_source=no_alerts)
+    assert asked == [day_bounds_ms(one.day)]
+    assert published.report.anomalies.note == "no anomalies during the day"
     folder = Path(one.data_dir) / "reports"
     assert sorted(p.name for p in folder.iterdir()) == [
         f"{one.day}.{x}" for x in ("html", "json", "md")

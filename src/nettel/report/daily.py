@@ -529,6 +529,18 @@ def _forecasts(
     return out
 
 
+def _names(names: Sequence[str], limit: int = 10) -> str:
+    """Names joined, the first ``limit`` of them.
+
+    Examples
+    --------
+    >>> _names(["a", "b", "c"], limit=2), _names(["a"])
+    ('a, b and 1 more', 'a')
+    """
+    shown = ", ".join(names[:limit])
+    return shown if len(names) <= limit else f"{shown} and {len(names) - limit} more"
+
+
 def _capacity(
     forecasts: Sequence[ContainerForecast], budget: float | None, budgets: Mapping[str, float]
 ) -> tuple[list[BudgetBreach], str]:
@@ -558,9 +570,9 @@ def _capacity(
         return [], "no container is forecast to exceed its traffic budget"
     parts = []
     if over:
-        parts.append("forecast over budget: " + ", ".join(over))
+        parts.append("forecast over budget: " + _names(over))
     if risk:
-        parts.append("may exceed budget (interval's upper bound): " + ", ".join(risk))
+        parts.append("may exceed budget (interval's upper bound): " + _names(risk))
     return breaches, "; ".join(parts)
 
 

@@ -29,6 +29,7 @@ from nettel.report.daily import (
     DailyReport,
     Prices,
     build_daily_report,
+    day_bounds_ms,
     decode_report,
     encode_report,
 )
@@ -37,6 +38,9 @@ from nettel.store.query import TrafficQuery
 from nettel.store.reports import ReportsTable
 
 log = structlog.get_logger(__name__)
+
+#: Alert records of [start_ms, end_ms): what the report lists as the day's anomalies.
+AlertSource = Callable[[int, int], Sequence[AlertRecord]]
 
 Format = Literal["md", "html", "json"]
 FORMATS: Final[tuple[Format, ...]] = ("md", "html", "json")
@@ -143,10 +147,14 @@ def daily_report(
     prices: Prices = DEFAULT_PRICES,
     budget_bytes_per_day: float | None = None,
     budgets: Mapping[str, float] | None = None,
-    alerts: Sequence[AlertRecord] | None = None,
+    alert_source: AlertSource | None = None,
     write: bool = True,
 ) -> Published:
     """Build ``day``'s report (default: yesterday in ``tz``) from ``settings``' store.
+
+    ``alert_source(start_ms, end_ms)`` gives the alert records of the day (for instance
+    read from the ``alerts`` table); without one the report says it has no anomaly
+    detection data.
 
     With ``write``, the three files and the table row are written under the data dir
     (a local path; an ``s3://`` data dir gets the table row only). ``out``: also write
@@ -155,6 +163,7 @@ def daily_report(
     if fmt not in FORMATS:
         raise QueryError("format", fmt, FORMATS)
     day = day or yesterday(tz)
+    alerts = None if alert_source is None else alert_source(*day_bounds_ms(day, tz))
     query = TrafficQuery(
         settings.data_dir, partitions=settings.partitions, topic=settings.topic_stats
     )
@@ -211,6 +220,7 @@ async def report_on_schedule(
     clock: Callable[[], float] = time.time,
     prices: Prices = DEFAULT_PRICES,
     budget_bytes_per_day: float | None = None,
+    alert_source: AlertSource | None = None,
 ) -> None:
     """Write yesterday's report ``after_midnight_s`` after each local midnight, until ``stop``.
 
@@ -229,7 +239,7 @@ async def report_on_schedule(
             try:
                 done = await asyncio.to_thread(
                     daily_report, settings, day, tz=tz, prices=prices,
-                    budget_bytes_per_day=budget_bytes_per_day,
+                    budget_bytes_per_day=budget_bytes_per_day, alert_source=alert_source,
                 )  # fmt: skip
             except Exception as e:
                 log.error("report_failed", date=day.isoformat(), error=repr(e), retry_in_s=retry_s)

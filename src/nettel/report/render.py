@@ -24,6 +24,8 @@ from nettel.report.charts import day_traffic_png, forecast_png, human_bytes, top
 from nettel.report.daily import DailyReport
 
 _BLOCKS = "▁▂▃▄▅▆▇█"
+#: Rows of the containers table in Markdown and HTML (the JSON lists every container).
+MAX_ROWS = 25
 
 
 def sparkline(values: Sequence[float]) -> str:
@@ -120,7 +122,7 @@ def _tables(r: DailyReport) -> dict[str, Table]:
                     c.peak_hour or "-",
                     _money(c.cost, cur),
                 ]
-                for c in r.containers
+                for c in r.containers[:MAX_ROWS]
             ],
         ),
         "changes": (
@@ -176,6 +178,9 @@ def _tables(r: DailyReport) -> dict[str, Table]:
             ],
         ),
     }
+    if len(r.containers) > MAX_ROWS:
+        more = len(r.containers) - MAX_ROWS
+        out["containers"][1].append([f"... and {more} more (in the JSON report)"] + [""] * 7)
     days = [d.date for f in r.forecast.containers for d in f.days][: r.forecast.horizon_days]
     out["forecast"] = (
         ["container", "model", *days],
@@ -220,7 +225,7 @@ _SECTIONS: list[tuple[str, str, str]] = [
 
 
 def _intro(r: DailyReport) -> list[str]:
-    lines = [f"Day {r.date} ({r.timezone}), generated {_when(r.generated_ms, 'UTC')} UTC."]
+    lines = [f"Day {r.date} ({r.timezone}), generated {_when(r.generated_ms, 'UTC')} UTC.", ""]
     lines += [f"- {n}" for n in r.notes]
     return lines
 
