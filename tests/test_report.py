@@ -612,3 +612,18 @@ def test_one_containers_forecast_from_the_store_matches_the_reports(
     assert forecast_container(query(s), "sim/svc-5", now_ms=end) is None  # 11 hours of history
     with pytest.raises(QueryError, match="unknown metric 'connections'"):
         forecast_container(query(s), "sim/svc-1", metric="connections")
+
+
+def test_a_data_dir_without_tables_gives_a_valid_no_data_report(tmp_path: Path) -> None:
+    day = dt.date(2026, 11, 25)
+    report = build_daily_report(TrafficQuery(str(tmp_path), partitions=PARTITIONS), day)
+    assert report.status == "no_data"
+    assert report.notes == [
+        "no traffic was recorded on 2026-11-25 (UTC): no container was seen that day"
+    ]
+    assert (report.totals.containers, report.forecast.containers, report.hourly) == (0, [], [])
+    assert decode_report(encode_report(report)) == report
+    page = render_html(report)
+    assert page.count("nothing to draw") == 4
+    assert "<img" not in page
+    assert "_no traffic on this day_" in render_markdown(report)

@@ -76,6 +76,7 @@ def write_report_files(report: DailyReport, data_dir: str | os.PathLike[str]) ->
     (['html', 'json', 'md'], '2026-11-25.json')
     >>> decode_report(paths["json"].read_bytes()) == EXAMPLE
     True
+    >>> import shutil; shutil.rmtree(d)
     """
     folder = Path(data_dir) / "reports"
     folder.mkdir(parents=True, exist_ok=True)

@@ -6,7 +6,8 @@ re-run of the same day leaves one row. Readers get the latest row of a day.
 Examples
 --------
 >>> import tempfile
->>> t = ReportsTable(tempfile.mkdtemp() + "/reports")
+>>> d = tempfile.mkdtemp()
+>>> t = ReportsTable(d + "/reports")
 >>> t.read("2026-11-25") is None
 True
 >>> t.write("2026-11-25", "UTC", 1, "ok", b'{"a": 1}', "# r")
@@ -15,6 +16,7 @@ True
 b'{"a": 2}'
 >>> t.dates()
 ['2026-11-25']
+>>> import shutil; shutil.rmtree(d)
 """
 
 from __future__ import annotations
