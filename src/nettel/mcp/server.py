@@ -33,6 +33,9 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from nettel.errors import ConfigError, NettelError
 from nettel.mcp.tools import (
+    AlertDetail,
+    AlertList,
+    Baseline,
     ContainerList,
     Limit,
     Metric,
@@ -41,6 +44,7 @@ from nettel.mcp.tools import (
     Timeframe,
     TopConsumers,
     TrafficSeries,
+    Verdict,
 )
 from nettel.store.query import Aggregation
 
@@ -140,6 +144,79 @@ def build_server(tools: TelemetryTools) -> MCPServer[Any]:
         return await _answer(
             lambda: tools.timeseries(container, timeframe, metric, aggregation, max_points)
         )
+
+    @server.tool()
+    async def get_anomalies(
+        container: Annotated[str | None, Field(description="only this container")] = None,
+        since: Annotated[
+            str | None,
+            Field(description="ISO date/time (UTC) or a duration back: 30m, 24h, 7d"),
+        ] = "24h",
+        severity: Annotated[
+            Literal["info", "warning", "critical"] | None,
+            Field(description="at least this severity"),
+        ] = None,
+        status: Annotated[
+            Literal["open", "resolved", "any"], Field(description="open, resolved or any")
+        ] = "any",
+        limit: Annotated[int, Field(ge=1, le=100, description="at most this many, 1-100")] = 20,
+    ) -> AlertList:
+        """Spike alerts (the detector's and custom rules'), newest first: container,
+        metric, observed vs expected band, severity, one-line explanation, status and any
+        verdict. Use explain_anomaly for the traffic around one."""
+        return await _answer(lambda: tools.anomalies(container, since, severity, status, limit))
+
+    @server.tool()
+    async def explain_anomaly(
+        alert_id: Annotated[str, Field(description="an id from get_anomalies")],
+    ) -> AlertDetail:
+        """One alert in full: explanation, baseline band and its basis, related metrics
+        that moved with it, restarts, and the metric's traffic from 30 minutes before it
+        started to 30 minutes after it ended (per-bucket peaks)."""
+        return await _answer(lambda: tools.explain(alert_id))
+
+    @server.tool()
+    async def get_baseline(
+        container: ContainerArg,
+        metric: Annotated[
+            Literal[
+                "rx_bytes",
+                "tx_bytes",
+                "rx_packets",
+                "tx_packets",
+                "errors",
+                "drops",
+                "connections",
+                "syn_recv",
+                "time_wait",
+                "close_wait",
+                "established",
+            ],
+            Field(description="a metric the detector watches"),
+        ] = "tx_bytes",
+    ) -> Baseline:
+        """What the detector expects of a container's metric for each of the 168 hours of
+        a week (UTC, from Monday 00:00): low, expected, high, and what it learned it from."""
+        return await _answer(lambda: tools.baseline(container, metric))
+
+    @server.tool()
+    async def mark_alert(
+        alert_id: Annotated[str, Field(description="an id from get_anomalies")],
+        verdict: Annotated[
+            Literal["false_positive", "confirmed"],
+            Field(description="false_positive widens that band; confirmed keeps it"),
+        ],
+        note: Annotated[str, Field(max_length=500, description="why (optional)")] = "",
+    ) -> Verdict:
+        """Feedback to the detector on one alert (the only tool that writes): a false
+        positive widens that container's band for that metric and hour of the week."""
+        return await _answer(lambda: tools.mark(alert_id, verdict, note))
+
+    @server.resource("nettel://alerts/open", mime_type="application/json")
+    async def open_alerts_resource() -> str:
+        """Alerts open now."""
+        result = await _answer(lambda: tools.anomalies(None, None, None, "open", 100))
+        return json.dumps(result.model_dump(mode="json"))
 
     @server.resource("nettel://containers", mime_type="application/json")
     async def containers_resource() -> str:

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import datetime as dt
 import difflib
+import json
+import pickle
 import time
 from collections.abc import Callable, Sequence
 from typing import Annotated, Any, Literal
@@ -20,6 +22,7 @@ import polars as pl
 from pydantic import BaseModel, Field, model_serializer
 
 from nettel.errors import NettelError
+from nettel.store.alerts import AlertTable, DetectStateTable, FeedbackTable
 from nettel.store.query import Aggregation, ContainerStats, TrafficQuery
 
 Timeframe = Literal["hour", "day", "week", "month"]
@@ -178,6 +181,84 @@ class TrafficSeries(BaseModel):
     summary: dict[str, float | None] = Field(description="min, max, avg, p95 of the points")
 
 
+Severity = Literal["info", "warning", "critical"]
+#: The detector's metric names -> the store's (traffic around an alert).
+DETECT_METRIC: dict[str, str] = {
+    "rx_bytes": "rx_bytes", "tx_bytes": "tx_bytes", "rx_packets": "rx_packets",
+    "tx_packets": "tx_packets", "errors": "errors", "drops": "drops",
+    "connections": "connections", "syn_recv": "tcp_syn_recv", "time_wait": "tcp_time_wait",
+    "close_wait": "tcp_close_wait", "established": "tcp_established",
+}  # fmt: skip
+
+
+class AlertOut(BaseModel):
+    """One alert: what moved, how far from its band, since when, and why."""
+
+    id: str
+    container: str
+    metric: str
+    rule: str = Field(description="the custom rule's name; empty for the model's alerts")
+    status: Literal["open", "resolved"]
+    severity: Severity
+    started: str
+    updated: str
+    resolved: str | None
+    observed: float = Field(description="latest value (per second for rates)")
+    peak: float
+    expected: float
+    band_low: float
+    band_high: float
+    band_basis: str = Field(description="week: this hour on this weekday; day: this hour")
+    score: float
+    related: dict[str, float] = Field(description="other metrics that moved: x expected")
+    restarts: int = Field(description="container restarts in the hour before")
+    explanation: str
+    verdict: str | None = Field(description="false_positive or confirmed, if marked")
+
+
+class AlertList(BaseModel):
+    """Alerts, newest first."""
+
+    alerts: list[AlertOut]
+    omitted: int = Field(description="matching alerts left out by the limit")
+
+
+class AlertDetail(BaseModel):
+    """One alert with the traffic around it."""
+
+    alert: AlertOut
+    traffic: TrafficSeries | None = Field(description="the metric from 30 min before to after")
+
+
+class HourBand(BaseModel):
+    """Expected band of one hour of the week."""
+
+    hour_of_week: int = Field(description="0 = Monday 00:00-01:00 UTC")
+    low: float
+    expected: float
+    high: float
+    basis: str
+
+
+class Baseline(BaseModel):
+    """What a container's metric usually does, hour by hour over a week (UTC)."""
+
+    container: str
+    metric: str
+    unit: str
+    learned_samples: int
+    hours: list[HourBand]
+
+
+class Verdict(BaseModel):
+    """The feedback recorded for an alert."""
+
+    id: str
+    verdict: Literal["false_positive", "confirmed"]
+    note: str
+    effect: str
+
+
 def unit_of(metric: str, aggregation: str) -> str:
     """The unit of a metric's value under an aggregation.
 
@@ -233,9 +314,28 @@ def _data(s: ContainerStats) -> StatsData:
 class TelemetryTools:
     """The answers behind the MCP tools, over one long-lived :class:`TrafficQuery`."""
 
-    def __init__(self, query: TrafficQuery, *, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, query: TrafficQuery, *, clock: Callable[[], float] = time.time,
+                 alerts: AlertTable | None = None, feedback: FeedbackTable | None = None,
+                 state: DetectStateTable | None = None) -> None:  # fmt: skip
         self.query = query
         self.clock = clock
+        self.alerts = alerts
+        self.feedback = feedback
+        self.state = state
+        self._fleets: tuple[int, list[Any]] | None = None
+
+    @classmethod
+    def for_data_dir(cls, data_dir: str, *, partitions: int, topic: str = "nettel.stats",
+                     storage_options: dict[str, str] | None = None) -> TelemetryTools:  # fmt: skip
+        """Tools over every table under ``data_dir``."""
+        base = data_dir.rstrip("/")
+        opts = storage_options
+        return cls(
+            TrafficQuery(base, partitions=partitions, topic=topic, storage_options=opts),
+            alerts=AlertTable(f"{base}/alerts", storage_options=opts),
+            feedback=FeedbackTable(f"{base}/alert_feedback", storage_options=opts),
+            state=DetectStateTable(f"{base}/detect_state", storage_options=opts),
+        )  # fmt: skip
 
     def now_ms(self) -> int:
         """Now, in ms since the epoch."""
@@ -367,6 +467,177 @@ class TelemetryTools:
                                                                strict=True)],
             summary=series.summary(),
         )  # fmt: skip
+
+    # ---- alerts -------------------------------------------------------------
+
+    def _verdicts(self) -> dict[str, str]:
+        if self.feedback is None:
+            return {}
+        rows = self.feedback.rows()
+        return dict(zip(rows["id"].to_list(), rows["verdict"].to_list(), strict=True))
+
+    def _alert_rows(self, since_ms: int | None = None) -> list[dict[str, Any]]:
+        if self.alerts is None:
+            return []
+        return list(self.alerts.latest(since_ms).iter_rows(named=True))
+
+    @staticmethod
+    def _alert_out(r: dict[str, Any], verdicts: dict[str, str]) -> AlertOut:
+        def ms(t: Any) -> int:
+            return int(t.timestamp() * 1000)
+
+        return AlertOut(
+            id=r["id"], container=r["container"], metric=r["metric"], rule=r["rule"] or "",
+            status="resolved" if r["status"] == "resolved" else "open",
+            severity=r["severity"], started=iso(ms(r["started"])),
+            updated=iso(ms(r["updated"])),
+            resolved=None if r["resolved"] is None else iso(ms(r["resolved"])),
+            observed=r["observed"], peak=r["peak"], expected=r["expected"],
+            band_low=r["band_low"], band_high=r["band_high"], band_basis=r["band_basis"] or "",
+            score=r["score"], related=json.loads(r["related"] or "{}"),
+            restarts=r["restarts"] or 0, explanation=r["explanation"],
+            verdict=verdicts.get(r["id"]),
+        )  # fmt: skip
+
+    def anomalies(self, container: str | None, since: str | None, severity: str | None,
+                  status: str, limit: int) -> AlertList:  # fmt: skip
+        """``get_anomalies``."""
+        since_ms = parse_since(since, self.now_ms())
+        identity = self.resolve(container) if container else None
+        order = {"info": 0, "warning": 1, "critical": 2}
+        verdicts = self._verdicts()
+        out = []
+        for r in self._alert_rows(since_ms):
+            a = self._alert_out(r, verdicts)
+            if identity is not None and a.container != identity:
+                continue
+            if severity is not None and order[a.severity] < order[severity]:
+                continue
+            if status != "any" and a.status != status:
+                continue
+            out.append(a)
+        return AlertList(alerts=out[:limit], omitted=max(0, len(out) - limit))
+
+    def _alert(self, alert_id: str) -> dict[str, Any]:
+        alert_id = alert_id.strip()
+        rows = [r for r in self._alert_rows() if r["id"] == alert_id]
+        if not rows:
+            raise ToolInputError(
+                f"unknown alert id {alert_id!r}: ids come from get_anomalies (20 hex digits)"
+            )
+        return rows[0]
+
+    def explain(self, alert_id: str) -> AlertDetail:
+        """``explain_anomaly``."""
+        r = self._alert(alert_id)
+        a = self._alert_out(r, self._verdicts())
+        start = int(r["started"].timestamp() * 1000) - 30 * 60_000
+        end_at = r["resolved"] or r["updated"]
+        end = min(int(end_at.timestamp() * 1000) + 30 * 60_000, self.now_ms() + 60_000)
+        metric = DETECT_METRIC.get(r["metric"])
+        traffic = None
+        if metric is not None and end > start:
+            series = self.query.timeseries(r["container"], start, end, metric=metric,
+                                           aggregation="max", max_points=60)  # fmt: skip
+            traffic = TrafficSeries(
+                container=r["container"], timeframe="hour", metric=_tool_metric(metric),
+                aggregation="max", unit=unit_of(_tool_metric(metric), "max"),
+                bucket_seconds=None if series.bucket_ms is None else series.bucket_ms // 1000,
+                points=[Point(ts=iso(t), value=v) for t, v in zip(series.ts_ms, series.values,
+                                                                   strict=True)],
+                summary=series.summary(),
+            )  # fmt: skip
+        return AlertDetail(alert=a, traffic=traffic)
+
+    def mark(self, alert_id: str, verdict: str, note: str) -> Verdict:
+        """``mark_alert``: the only write."""
+        if verdict not in ("false_positive", "confirmed"):
+            raise ToolInputError(
+                f"unknown verdict {verdict!r}: expected one of false_positive, confirmed"
+            )
+        if self.feedback is None:
+            raise ToolInputError("this server has no feedback table")
+        r = self._alert(alert_id)
+        self.feedback.append(r["id"], verdict, note[:500], container=r["container"],
+                             metric=r["metric"], started_ms=int(r["started"].timestamp() * 1000),
+                             peak=r["peak"], now_ms=self.now_ms())  # fmt: skip
+        effect = (
+            f"the detector will widen {r['container']}'s {r['metric']} band for that hour "
+            "of the week at its next checkpoint"
+            if verdict == "false_positive"
+            else "recorded; the alert stands"
+        )
+        return Verdict(id=r["id"], verdict=verdict, note=note[:500], effect=effect)  # type: ignore[arg-type]
+
+    def _detectors(self) -> list[Any]:
+        """Every partition's fleet detector from the latest checkpoints (cached per version)."""
+        if self.state is None:
+            return []
+        version = self.state.version()
+        if self._fleets is None or self._fleets[0] != version:
+            states = self.state.load(range(10_000))
+            self._fleets = (version, [pickle.loads(s.blob) for s in states.values()])
+        return self._fleets[1]
+
+    def baseline(self, container: str, metric: str) -> Baseline:
+        """``get_baseline``."""
+        if metric not in DETECT_METRIC:
+            raise ToolInputError(
+                f"unknown metric {metric!r}: expected one of {', '.join(DETECT_METRIC)}"
+            )
+        identity = self.resolve(container)
+        det = next((d for f in self._detectors() if (d := f.detector(identity)) is not None), None)
+        if det is None:
+            raise ToolInputError(
+                f"no baseline for {identity!r} yet: the detector has not checkpointed it "
+                "(is `nettel detect` or `nettel up` running?)"
+            )
+        bands = det.weekly_bands(metric)
+        unit = "connections" if metric in ("connections",) else (
+            "sockets" if metric in ("syn_recv", "time_wait", "close_wait", "established")
+            else f"{metric}/s")  # fmt: skip
+        return Baseline(
+            container=identity, metric=metric, unit=unit, learned_samples=det.n_learned,
+            hours=[HourBand(hour_of_week=h, low=b.low, expected=b.expected, high=b.high,
+                            basis=b.basis) for h, b in enumerate(bands)],
+        )  # fmt: skip
+
+
+def _tool_metric(store_metric: str) -> Any:
+    return next((k for k, v in STORE_METRIC.items() if v == store_metric), store_metric)
+
+
+def parse_since(since: str | None, now_ms: int) -> int | None:
+    """``since`` as epoch ms: an ISO date/time (UTC unless it says) or a duration back
+    from now (``30m``, ``24h``, ``7d``); None: no bound.
+
+    Examples
+    --------
+    >>> parse_since("2h", 10 * 3_600_000)
+    28800000
+    >>> parse_since("1970-01-02", 0)
+    86400000
+    >>> parse_since("yesterday", 0)  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    nettel.mcp.tools.ToolInputError: since 'yesterday' is not a time: expected ...
+    """
+    if since is None or not since.strip():
+        return None
+    text = since.strip()
+    units = {"m": 60_000, "h": 3_600_000, "d": 86_400_000}
+    if text[-1:] in units and text[:-1].isdigit():
+        return now_ms - int(text[:-1]) * units[text[-1]]
+    try:
+        t = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise ToolInputError(
+            f"since {since!r} is not a time: expected an ISO date or time "
+            "(2026-11-26, 2026-11-26T14:00:00Z) or a duration like 30m, 24h, 7d"
+        ) from None
+    if t.tzinfo is None:
+        t = t.replace(tzinfo=dt.UTC)
+    return int(t.timestamp() * 1000)
 
 
 def _check_metric(metric: str) -> None:

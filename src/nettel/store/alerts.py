@@ -141,7 +141,8 @@ class AlertTable:
 def feedback_schema() -> dict[str, pl.DataType]:
     """Columns of ``alert_feedback``."""
     return {"id": pl.String(), "verdict": pl.String(), "note": pl.String(), "ts": _TS,
-            "container": pl.String(), "metric": pl.String(), "started": _TS}  # fmt: skip
+            "container": pl.String(), "metric": pl.String(), "started": _TS,
+            "peak": pl.Float64()}  # fmt: skip
 
 
 class FeedbackTable:
@@ -152,11 +153,12 @@ class FeedbackTable:
         self.storage_options = storage_options
 
     def append(self, alert_id: str, verdict: str, note: str, *, container: str, metric: str,
-               started_ms: int, now_ms: int) -> None:  # fmt: skip
+               started_ms: int, peak: float, now_ms: int) -> None:  # fmt: skip
         """Record one verdict."""
         pl.DataFrame(
             {"id": [alert_id], "verdict": [verdict], "note": [note], "ts": [_ts(now_ms)],
-             "container": [container], "metric": [metric], "started": [_ts(started_ms)]},
+             "container": [container], "metric": [metric], "started": [_ts(started_ms)],
+             "peak": [peak]},
             schema=feedback_schema(),
         ).write_delta(self.uri, mode="append", storage_options=self.storage_options)  # fmt: skip
 
@@ -220,11 +222,18 @@ class DetectStateTable:
             delta_write_options={"predicate": f"partition IN ({parts})"} if exists else None,
         )  # fmt: skip
 
+    def version(self) -> int:
+        """The table's latest version (-1: no table)."""
+        try:
+            return DeltaTable(self.uri, storage_options=self.storage_options).version()
+        except TableNotFoundError:
+            return -1
+
     def load(self, partitions: Sequence[int]) -> dict[int, DetectState]:
         """The stored state of each partition that has one."""
         try:
             frame = pl.read_delta(self.uri, storage_options=self.storage_options)
         except (TableNotFoundError, FileNotFoundError, OSError):
             return {}
-        frame = frame.filter(pl.col("partition").is_in(list(partitions)))
+        frame = frame.filter(pl.col("partition").is_in(pl.Series(list(partitions), dtype=pl.Int64)))
         return {r["partition"]: DetectState(**r) for r in frame.iter_rows(named=True)}

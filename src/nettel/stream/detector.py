@@ -190,7 +190,7 @@ class DetectWorker:
                 if det is not None:
                     widen = getattr(det, "widen", None)
                     if widen is not None:
-                        widen(r["metric"], int(r["started"].timestamp() * 1000))
+                        widen(r["metric"], int(r["started"].timestamp() * 1000), r["peak"])
         self._feedback_version = version
 
     async def _checkpoint(self, partitions: Sequence[int] | None = None) -> None:
