@@ -84,3 +84,24 @@ def test_alert_json_round_trip_and_explanation() -> None:
     assert "started 00:58" in rx.explanation
     assert rx.related["connections"] > 10
     assert decode_alert(encode_alert(rx)) == rx
+
+
+def test_a_checkpointed_fleet_resumes_exactly() -> None:
+    """Pickle mid-run (what a worker checkpoints with its offsets), resume: same alerts."""
+    import pickle
+
+    from nettel.ingest.simulate import TrafficSimulator
+
+    sim = TrafficSimulator(4, seed=8, restart_probability=0.002)
+    start = 1_795_392_000_000
+    spikes = sim.spikes(3, start + 3_600_000, 3_600_000, factor=30.0)
+    events = list(sim.events(start, 2 * 3_600_000, spikes))
+    half = len(events) // 2
+    fleet = FleetDetector()
+    for ev in events[:half]:
+        fleet.process(ev)
+    resumed = pickle.loads(pickle.dumps(fleet))
+    straight = [a for ev in events[half:] for a in fleet.process(ev)]
+    again = [a for ev in events[half:] for a in resumed.process(ev)]
+    assert straight == again
+    assert {a.identity for a in straight if a.status == "open"} >= {s.identity for s in spikes}
