@@ -8,12 +8,15 @@ from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
 
+import polars as pl
 import pytest
+from deltalake import DeltaTable
 
 from conftest import wait_for
 from nettel.broker import EmbeddedBroker
 from nettel.errors import QueryError
 from nettel.models import COUNTERS, TOTALS, StatEvent, window_start
+from nettel.store.maintenance import maintain_table, rewrite_partitions
 from nettel.store.minute import MinuteTable
 from nettel.store.query import (
     AGGREGATIONS,
@@ -23,7 +26,9 @@ from nettel.store.query import (
     bucket_start,
     split_range,
 )
+from nettel.store.rollup import RollupTable
 from nettel.stream.worker import StreamWorker
+from test_store_minute import window
 from test_stream_worker import publish, rollups, scenario
 
 pytestmark = pytest.mark.broker
@@ -197,3 +202,65 @@ async def test_totals_are_exact_from_coarse_tables_even_when_rollups_lag(
     got = {t.container: t.sums for t in query.totals(start, cutoff)}
     assert got == expected(events, start, cutoff)
     check_answers(query, events, start, cutoff - 60_000)
+    # maintenance rewrites every partition (rollups' partial rows merged): a long-lived
+    # query (its caches) and a fresh one still answer exactly, from fewer rows
+    for name in ("minute", "hour", "day"):
+        report = maintain_table(str(tmp_path / name), name, retention_days=None)
+        assert report.partitions_rewritten > 0, name
+    for q in (query, TrafficQuery(str(tmp_path), partitions=4)):
+        assert {t.container: t.sums for t in q.totals(start, cutoff)} == expected(
+            events, start, cutoff
+        )
+        check_answers(q, events, start + 7 * 60_000, cutoff - 60_000)
+    assert query.rows(start, cutoff).height < caught_up
+
+
+def test_a_rewrite_keeps_rows_appended_meanwhile_and_a_warm_query_stays_exact(
+    tmp_path: Path,
+) -> None:
+    """Maintenance's rewrite replaces exactly the files it read; a long-lived query
+    (snapshot, file-list and small-file caches) follows appends, rolls and rewrites."""
+    day = 1_795_651_200_000  # 2026-11-26T00:00Z
+    minute = MinuteTable(str(tmp_path / "minute"))
+    hour = RollupTable(str(tmp_path / "hour"), minute, HOUR)
+    daily = RollupTable(str(tmp_path / "day"), hour, 24 * HOUR)
+    want: dict[str, int] = defaultdict(int)
+
+    def append(first_minute: int, minutes: int) -> None:
+        rows = []
+        for m in range(first_minute, first_minute + minutes):
+            for c in ("web", "api"):
+                rows.append(window(c, day + m * 60_000, 10 * m + len(c)))
+                want[c] += 10 * m + len(c)
+        for r in rows:
+            r.partition = 0
+        minute.append(rows, [], writer="w", epoch=0)
+
+    def roll() -> None:
+        for t in (hour, daily):
+            t.roll(0, writer="nettel-stream", topic="nettel.stats")
+
+    query = TrafficQuery(str(tmp_path), partitions=1)
+
+    def check() -> None:
+        for q in (query, TrafficQuery(str(tmp_path), partitions=1)):
+            got = {t.container: t.sums["rx_bytes"] for t in q.totals(day, day + 48 * HOUR)}
+            assert got == want
+
+    for k in range(6):  # minutes 0..179 in 30-minute commits, rolled after every other
+        append(30 * k, 30)
+        if k % 2:
+            roll()
+        check()
+    stale = DeltaTable(minute.uri)  # the snapshot a rewrite starts from
+    append(180, 5)  # appended after it: not in the rewrite, must stay
+    assert rewrite_partitions(stale, minute.uri, "minute") == 1
+    check()
+    roll()
+    for name, table in (("hour", hour), ("day", daily)):
+        assert rewrite_partitions(DeltaTable(table.uri), table.uri, name) == 1
+    assert pl.scan_delta(daily.uri).select(pl.len()).collect().item() == 2  # merged partials
+    append(185, 3)  # unrolled again
+    check()
+    files = len(DeltaTable(minute.uri).file_uris())
+    assert files == 3, files  # the rewritten file, the one appended meanwhile, the last

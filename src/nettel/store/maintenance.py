@@ -11,13 +11,31 @@ change data feed the rollups read), retention removes only expired days.
 from __future__ import annotations
 
 import datetime as dt
+import json
+import os
+import shutil
+import time
+import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from urllib.parse import unquote
 
+import polars as pl
 from deltalake import DeltaTable, WriterProperties
-from deltalake.exceptions import TableNotFoundError
+from deltalake.exceptions import CommitFailedError, TableNotFoundError
+from deltalake.transaction import AddAction, RemoveAction
 
 from nettel.store.minute import minute_schema, writer_properties
+from nettel.store.rollup import DAY_MS, HOUR_MS, rollup_frame
+
+#: Window tables whose partitions maintenance rewrites into one ordered file, and the
+#: period their partial rows are merged to (None: rows kept as they are).
+LAYOUT_TABLES: Mapping[str, int | None] = {"minute": None, "hour": HOUR_MS, "day": DAY_MS}
+#: File-name prefix of a partition's rewritten file (one per partition after a rewrite).
+LAYOUT_PREFIX = "sorted-"
+#: Rows are ordered by (hour, container, ts): row groups of about this many rows then
+#: cover a few hours each, so a range's edges read a row group, not the whole day.
+ROW_GROUP_ROWS = 32_768
 
 #: Default retention per table in days (None: forever), as in the issue.
 DEFAULT_RETENTION_DAYS: Mapping[str, int | None] = {
@@ -34,6 +52,7 @@ class MaintenanceReport:
     files_before: int = 0
     files_after: int = 0
     files_vacuumed: int = 0
+    partitions_rewritten: int = 0
 
 
 def maintain_table(
@@ -70,6 +89,8 @@ def maintain_table(
             table.delete(f"date = '{date}'")
         report.partitions_deleted = len(expired)
     say(f"{name}: compacting")
+    if name in LAYOUT_TABLES and ("://" not in uri or uri.startswith("file://")):
+        report.partitions_rewritten = rewrite_partitions(table, uri.removeprefix("file://"), name)
     table.optimize.compact(writer_properties=writer_props or writer_properties(minute_schema()))
     say(f"{name}: vacuuming")
     removed = table.vacuum(
@@ -78,3 +99,91 @@ def maintain_table(
     report.files_vacuumed = len(removed)
     report.files_after = len(DeltaTable(uri, storage_options=storage_options).file_uris())
     return report
+
+
+def _stats(frame: pl.DataFrame) -> str:
+    """Delta file statistics for the columns queries skip files by."""
+    cols = ("container", "partition", "ts")
+
+    def value(v: object) -> object:
+        if isinstance(v, dt.datetime):
+            return v.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+        return v
+
+    return json.dumps({
+        "numRecords": frame.height,
+        "minValues": {c: value(frame[c].min()) for c in cols},
+        "maxValues": {c: value(frame[c].max()) for c in cols},
+        "nullCount": {c: frame[c].null_count() for c in cols},
+    })  # fmt: skip
+
+
+def rewrite_partitions(table: DeltaTable, path: str, name: str) -> int:
+    """Rewrite each ``date`` partition of a local window table into one ordered file;
+    returns the partitions rewritten.
+
+    Rows go in (hour, container, ts) order with row groups of :data:`ROW_GROUP_ROWS`:
+    sorted by container within each hour (runs that compress as well as the DESIGN's
+    (container, ts) order) while a time range reads only the row groups of its hours.
+    Rollup tables (``hour``, ``day``) also merge the partial rows their rolls leave
+    (one per roll: a day holds 288 per container) into one row per container,
+    partition and period: readers add them up, so no answer changes.
+
+    The new file replaces the old ones in one ``dataChange=false`` commit, like
+    compaction: invisible to the change data feed that rollups and queries read, and
+    to readers (vacuum keeps the old files for snapshots that still list them). Files
+    appended meanwhile are not in the commit and stay. A partition that already is
+    one rewritten file is left alone.
+    """
+    period_ms = LAYOUT_TABLES[name]
+    files = pl.DataFrame(table.get_add_actions(flatten=True))
+    if not files.height:
+        return 0
+    props = writer_properties(minute_schema())
+    props.max_row_group_size = ROW_GROUP_ROWS
+    done = 0
+    for (date,), group in files.group_by("partition.date", maintain_order=True):
+        paths = group["path"].to_list()
+        if date is None or (
+            len(paths) == 1 and paths[0].rsplit("/", 1)[-1].startswith(LAYOUT_PREFIX)
+        ):
+            continue  # fmt: skip
+        # exactly the files the commit removes (not the newest snapshot: it may hold more)
+        rows = (
+            pl.scan_parquet([f"{path}/{unquote(p)}" for p in paths], hive_partitioning=True,
+                            hive_schema={"date": pl.String()})
+            .select(list(minute_schema())).collect()
+        )  # fmt: skip
+        if period_ms is not None:
+            rows = rollup_frame(rows, period_ms)
+        hour = pl.col("ts").dt.truncate("1h")
+        rows = rows.sort(hour, "container", "ts")
+        staging = f"{path}/_nettel_rewrite_{uuid.uuid4().hex}"
+        rel = f"date={date}/{LAYOUT_PREFIX}{uuid.uuid4().hex}.parquet"
+        try:
+            rows.write_delta(staging, mode="overwrite", delta_write_options={
+                "partition_by": ["date"], "writer_properties": props})  # fmt: skip
+            written = DeltaTable(staging).file_uris()
+            if len(written) != 1:
+                continue
+            os.replace(written[0].removeprefix("file://"), f"{path}/{rel}")
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        now_ms = time.time_ns() // 1_000_000
+        add = AddAction(rel, os.path.getsize(f"{path}/{rel}"), {"date": date}, now_ms, False,
+                        _stats(rows))  # fmt: skip
+        removes = [RemoveAction(p, False, now_ms, size, {"date": date})
+                   for p, size in group.select("path", "size_bytes").iter_rows()]  # fmt: skip
+        try:
+            table.create_write_transaction(
+                [add, *removes], mode="append", schema=table.schema(), partition_by=["date"]
+            )
+        except CommitFailedError:
+            os.remove(f"{path}/{rel}")  # a concurrent change: tried again next pass
+            continue
+        except BaseException:
+            os.remove(f"{path}/{rel}")
+            raise
+        table.update_incremental()
+        done += 1
+    return done

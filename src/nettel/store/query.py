@@ -20,9 +20,11 @@ Examples
 from __future__ import annotations
 
 import datetime as dt
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
+from urllib.parse import unquote
 
 import polars as pl
 from deltalake import DeltaTable
@@ -31,7 +33,7 @@ from deltalake.exceptions import TableNotFoundError
 from nettel.errors import QueryError
 from nettel.models import COUNTERS, RATE_METRICS, TCP_STATES, TOTALS
 from nettel.store.minute import MinuteTable, minute_schema
-from nettel.store.rollup import DAY_MS, HOUR_MS, IDENTITY, RollupTable, inserted_rows
+from nettel.store.rollup import DAY_MS, HOUR_MS, IDENTITY, RollupTable
 
 MINUTE_MS = 60_000
 Table = Literal["minute", "hour", "day"]
@@ -64,6 +66,11 @@ def split_range(
     parts.append(("minute", h1, end_ms))
     return [(t, s, e) for t, s, e in parts if e > s]
 
+
+#: Files of at most this many rows are kept in memory once read (see ``_small_files``),
+#: the most recently used up to this many rows in all (~600 bytes a row).
+SMALL_FILE_ROWS = 20_000
+SMALL_CACHE_ROWS = 300_000
 
 Resolution = Literal["minute", "hour", "day", "week", "month"]
 Aggregation = Literal["sum", "avg", "max", "min"]
@@ -119,19 +126,40 @@ def _source_table(bucket_ms: int | None) -> Table:
     return "hour" if bucket_ms % HOUR_MS == 0 else "minute"
 
 
-def _grouped(frame: pl.DataFrame, keys: Sequence[str]) -> pl.DataFrame:
-    """Add up window rows per ``keys``: sums add, extremes take extremes."""
-    sums = ["samples", "interval_ms", *COUNTERS, "connections_sum", "connections_samples"]
-    return frame.group_by(list(keys)).agg(
-        [pl.col(c).sum() for c in sums]
-        + [pl.col(f"{m}_rate_min").min() for m in RATE_METRICS]
-        + [pl.col(f"{m}_rate_max").max() for m in RATE_METRICS]
-        + [pl.col("connections_min").min(), pl.col("connections_max").max()]
-        + [pl.col(f"tcp_{s}_max").max() for s in TCP_STATES]
-        + [pl.col("ts").min().alias("_first"), (pl.col("ts").dt.epoch("ms")
-           + pl.col("window_ms")).max().alias("_through_ms")]
-        + [pl.col(c).sort_by("ts").drop_nulls().last() for c in IDENTITY]
-    )  # fmt: skip
+#: Columns that add up across rows of one container and period.
+_SUMS = ("samples", "interval_ms", *COUNTERS, "connections_sum", "connections_samples")
+
+
+def _aggregations(needed: Sequence[str] | None) -> list[pl.Expr]:
+    """How rows of one group combine, for the ``needed`` columns (None: all of them)."""
+    aggs: dict[str, pl.Expr] = {c: pl.col(c).sum() for c in _SUMS}
+    aggs |= {f"{m}_rate_min": pl.col(f"{m}_rate_min").min() for m in RATE_METRICS}
+    aggs |= {f"{m}_rate_max": pl.col(f"{m}_rate_max").max() for m in RATE_METRICS}
+    aggs |= {"connections_min": pl.col("connections_min").min(),
+             "connections_max": pl.col("connections_max").max()}  # fmt: skip
+    aggs |= {f"tcp_{s}_max": pl.col(f"tcp_{s}_max").max() for s in TCP_STATES}
+    if needed is None:
+        return [
+            *aggs.values(),
+            pl.col("ts").min().alias("_first"),
+            (pl.col("ts").dt.epoch("ms") + pl.col("window_ms")).max().alias("_through_ms"),
+            *(pl.col(c).sort_by("ts").drop_nulls().last() for c in IDENTITY),
+        ]
+    return [aggs[c] for c in dict.fromkeys(needed)]
+
+
+def _grouped(frame: pl.LazyFrame, keys: Sequence[str],
+             needed: Sequence[str] | None = None) -> pl.LazyFrame:  # fmt: skip
+    """Add up window rows per ``keys``: sums add, extremes take extremes.
+
+    ``needed``: only these value columns (None: every one, the identity and the span).
+    """
+    return frame.group_by(list(keys)).agg(_aggregations(needed))
+
+
+def _needed(exprs: Sequence[pl.Expr]) -> list[str]:
+    """The table columns ``exprs`` (over grouped rows) read."""
+    return [c for e in exprs for c in e.meta.root_names()]
 
 
 def metric_expr(metric: str, aggregation: Aggregation) -> pl.Expr:
@@ -155,6 +183,67 @@ def metric_expr(metric: str, aggregation: Aggregation) -> pl.Expr:
         return total
     seconds = pl.col("interval_ms") / 1000
     return pl.when(seconds > 0).then(total / seconds).otherwise(None)
+
+
+def _in_ranges(ranges: Sequence[tuple[int, int]]) -> pl.Expr:
+    """Rows whose ``ts`` falls in one of the [start, end) ranges (ms)."""
+    ts = pl.col("ts")
+    out = pl.lit(False)
+    for s, e in ranges:
+        lo, hi = (pl.lit(t * 1000).cast(pl.Datetime("us", "UTC")) for t in (s, e))
+        out = out | ((ts >= lo) & (ts < hi))
+    return out
+
+
+def _dates_in(ranges: Sequence[tuple[int, int]]) -> pl.Expr:
+    """Rows of the ``date`` partitions the ranges touch (prunes whole partitions)."""
+    out = pl.lit(False)
+    for s, e in ranges:
+        d0, d1 = (dt.datetime.fromtimestamp(t / 1000, dt.UTC).strftime("%Y-%m-%d")
+                  for t in (s, e - 1))  # fmt: skip
+        out = out | pl.col("date").is_between(pl.lit(d0), pl.lit(d1))
+    return out
+
+
+def _may_have_moved(uri: str, version: int) -> bool:
+    """Whether the table may have commits after ``version``.
+
+    On a local path, commit ``version + 1`` exists exactly when there is one (a cheap
+    check instead of listing the log); elsewhere the log is asked.
+    """
+    if "://" in uri and not uri.startswith("file://"):
+        return True
+    path = uri.removeprefix("file://")
+    return os.path.exists(f"{path}/_delta_log/{version + 1:020d}.json")
+
+
+def _empty_changes() -> pl.DataFrame:
+    return pl.DataFrame(schema={**minute_schema(), "_commit_version": pl.Int64()})
+
+
+def inserted_changes(table: DeltaTable, first_version: int, last_version: int) -> pl.DataFrame:
+    """Rows inserted into ``table`` in versions [first, last], with ``_commit_version``.
+
+    Every partition at once; compaction and merges (no data change) add none.
+    """
+    cdf = table.load_cdf(starting_version=first_version, ending_version=last_version)
+    changes = pl.DataFrame(pl.from_arrow(cdf))
+    if changes.width == 1 and changes.dtypes[0] == pl.Struct:
+        changes = changes.unnest(changes.columns[0])
+    if not changes.height:
+        return _empty_changes()
+    return changes.filter(pl.col("_change_type") == "insert").select(
+        [pl.col(c).cast(t) for c, t in _empty_changes().schema.items()]
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class _Pending:
+    """Inserted rows of a source table's versions (low, high], kept between queries."""
+
+    low: int
+    high: int
+    rows: pl.DataFrame
 
 
 @dataclass(frozen=True, slots=True)
@@ -250,6 +339,10 @@ class TrafficQuery:
         self.writer = writer
         self.topic = topic
         self._tables: dict[str, DeltaTable] = {}
+        self._consumed: dict[str, tuple[int, dict[int, int]]] = {}
+        self._pending: dict[str, _Pending] = {}
+        self._files: dict[str, tuple[int, pl.DataFrame]] = {}
+        self._small: dict[str, pl.DataFrame] = {}
 
     def _table(self, table: MinuteTable) -> DeltaTable | None:
         """The table's latest snapshot (loaded once, then updated incrementally)."""
@@ -258,68 +351,196 @@ class TrafficQuery:
             if cached is None:
                 cached = DeltaTable(table.uri, storage_options=table.storage_options)
                 self._tables[table.uri] = cached
-            else:
+            elif _may_have_moved(table.uri, cached.version()):
                 cached.update_incremental()
         except (TableNotFoundError, FileNotFoundError, OSError):
             self._tables.pop(table.uri, None)
             return None
         return cached
 
-    def _scan(self, table: MinuteTable, start_ms: int, end_ms: int) -> pl.DataFrame:
-        snapshot = self._table(table)
-        if snapshot is None:
-            return pl.DataFrame(schema=minute_schema())
-        lo = pl.lit(start_ms * 1000).cast(pl.Datetime("us", "UTC"))
-        hi = pl.lit(end_ms * 1000).cast(pl.Datetime("us", "UTC"))
-        d0, d1 = (dt.datetime.fromtimestamp(t / 1000, dt.UTC).strftime("%Y-%m-%d")
-                  for t in (start_ms, end_ms - 1))  # fmt: skip
-        return (
-            pl.scan_delta(snapshot)
-            .filter(pl.col("date").is_between(pl.lit(d0), pl.lit(d1)))
-            .filter((pl.col("ts") >= lo) & (pl.col("ts") < hi))
-            .collect()
-        )
+    def _scan(self, table: MinuteTable, snap: DeltaTable,
+              ranges: Sequence[tuple[int, int]]) -> pl.LazyFrame:  # fmt: skip
+        """The snapshot's rows in ``ranges``, reading only the files that can hold some.
 
-    def _unrolled(self, coarse: RollupTable, start_ms: int, end_ms: int) -> pl.DataFrame:
-        """Rows the finer table gained since ``coarse`` last consumed it, in the range."""
-        src = self._table(coarse.source)
-        if src is None:
-            return pl.DataFrame(schema=minute_schema())
-        latest = src.version()
-        done = self._table(coarse)
-        frames = []
-        for p in range(self.partitions):
-            app = coarse.app_id(self.writer, self.topic, p, 0, "source")
-            v = None if done is None else done.transaction_version(app)
-            consumed = -1 if v is None else int(v)
-            if consumed >= latest:
-                continue
-            changes = inserted_rows(src, consumed + 1, latest, p)
-            ts_us = pl.col("ts").dt.epoch("us")
-            frames.append(changes.filter((ts_us >= start_ms * 1000) & (ts_us < end_ms * 1000)))
+        The snapshot's file list and ``ts`` statistics (its add actions, read once per
+        version) pick the files, as ``pl.scan_delta`` does, but without building the
+        statistics of every file at every query; Polars then skips row groups by ``ts``.
+        """
+        rows = _in_ranges(ranges)
+        files = self._file_list(table, snap)
+        if files is None:  # a table feature the plain file list cannot express
+            return pl.scan_delta(snap).filter(_dates_in(ranges)).filter(rows)
+        keep = pl.lit(False)
+        for s, e in ranges:
+            lo, hi = (pl.lit(t * 1000).cast(pl.Datetime("us", "UTC")) for t in (s - 1, e))
+            keep = keep | ((pl.col("ts_min") < hi) & (pl.col("ts_max") >= lo))
+        keep = (keep | pl.col("ts_min").is_null() | pl.col("ts_max").is_null()) & _dates_in(ranges)
+        chosen = files.filter(keep)
+        small = pl.col("records").is_not_null() & (pl.col("records") <= SMALL_FILE_ROWS)
+        big = chosen.filter(~small)["path"].to_list()
+        parts = [self._small_files(table, chosen.filter(small)["path"].to_list()).lazy()]
+        if big:
+            parts.append(self._read(table, big).lazy())
+        return pl.concat(parts).filter(rows)
+
+    def _read(self, table: MinuteTable, paths: list[str]) -> pl.LazyFrame:
+        """Parquet files of the table, in its schema (``date`` from the path)."""
+        scan = pl.scan_parquet(paths, hive_partitioning=True, hive_schema={"date": pl.String()},
+                               storage_options=table.storage_options)  # fmt: skip
+        return scan.select(list(minute_schema()))
+
+    def _small_files(self, table: MinuteTable, paths: list[str]) -> pl.DataFrame:
+        """The rows of small files (the last flushes and rolls), kept in memory.
+
+        Data files never change, and the worker adds a few small ones every minute
+        until maintenance rewrites them: opening each at every query would cost more
+        than reading the rest. Files gone from the table are dropped from the cache.
+        """
+        missing = [p for p in paths if p not in self._small]
+        if missing:
+            fresh = (pl.scan_parquet(missing, hive_partitioning=True,
+                                     hive_schema={"date": pl.String()},
+                                     storage_options=table.storage_options,
+                                     include_file_paths="_path")
+                     .select([*minute_schema(), "_path"]).collect())  # fmt: skip
+            for (path,), rows in fresh.partition_by("_path", as_dict=True).items():
+                self._small[str(path)] = rows.drop("_path")
+            for p in missing:  # a file without rows, or a path spelled otherwise
+                if p not in self._small:
+                    self._small[p] = self._read(table, [p]).collect()
+        frames = [self._small.pop(p) for p in paths]
+        self._small.update(zip(paths, frames, strict=True))  # most recently used last
+        held = sum(rows.height for rows in self._small.values())
+        for p in list(self._small):
+            if held <= SMALL_CACHE_ROWS:
+                break
+            held -= self._small.pop(p).height
         return pl.concat(frames) if frames else pl.DataFrame(schema=minute_schema())
 
-    def rows(self, start_ms: int, end_ms: int, coarsest: Table = "day") -> pl.DataFrame:
-        """Every row needed to answer [start, end) exactly, from tables up to ``coarsest``."""
-        parts = []
-        for table, s, e in split_range(start_ms, end_ms, coarsest):
-            if table == "minute":
-                parts.append(self._scan(self.minute, s, e))
-            elif table == "hour":
-                parts += [self._scan(self.hour, s, e), self._unrolled(self.hour, s, e)]
-            else:
-                parts += [self._scan(self.day, s, e), self._unrolled(self.day, s, e),
-                          self._unrolled(self.hour, s, e)]  # fmt: skip
-        return pl.concat(parts) if parts else pl.DataFrame(schema=minute_schema())
+    def _file_list(self, table: MinuteTable, snap: DeltaTable) -> pl.DataFrame | None:
+        """The snapshot's data files: ``path``, ``date``, ``ts_min``, ``ts_max`` (cached)."""
+        cached = self._files.get(table.uri)
+        if cached is not None and cached[0] == snap.version():
+            return cached[1]
+        protocol = snap.protocol()
+        if protocol.min_reader_version > 1 or protocol.reader_features:
+            return None
+        root = snap.table_uri.removeprefix("file://").rstrip("/")
+        actions = pl.DataFrame(snap.get_add_actions(flatten=True))
+        files = actions.select(
+            path=pl.lit(root + "/") + pl.col("path").map_elements(unquote, return_dtype=pl.String),
+            date=pl.col("partition.date"),
+            ts_min=pl.col("min.ts"),
+            ts_max=pl.col("max.ts"),
+            records=pl.col("num_records"),
+        ) if actions.height else pl.DataFrame(schema={"path": pl.String(), "date": pl.String(),
+               "ts_min": pl.Datetime("us", "UTC"), "ts_max": pl.Datetime("us", "UTC"),
+               "records": pl.Int64()})  # fmt: skip
+        self._files[table.uri] = (snap.version(), files)
+        live = {p for _, f in self._files.values() for p in f["path"]}
+        self._small = {p: rows for p, rows in self._small.items() if p in live}
+        return files
 
-    def _rows_of(self, start_ms: int, end_ms: int, containers: Sequence[str] | None,
-                 coarsest: Table = "day") -> pl.DataFrame:  # fmt: skip
-        if end_ms <= start_ms:
-            raise QueryError("range", f"[{start_ms}, {end_ms})", ["a start before the end"])
-        frame = self.rows(start_ms, end_ms, coarsest)
+    def _snapshots(self) -> dict[str, DeltaTable | None]:
+        """Every table's latest snapshot, coarsest first.
+
+        In that order, what a coarse snapshot records as consumed never runs ahead of
+        the finer snapshot read after it: the finer table's change feed up to its
+        snapshot holds every row the coarse one has not rolled.
+        """
+        return {t.uri: self._table(t) for t in (self.day, self.hour, self.minute)}
+
+    def _consumed_versions(self, coarse: RollupTable, snapshot: DeltaTable) -> dict[int, int]:
+        """The source version ``coarse`` has rolled through, per partition (-1: none)."""
+        version = snapshot.version()
+        cached = self._consumed.get(coarse.uri)
+        if cached is not None and cached[0] == version:
+            return cached[1]
+        out = {}
+        for p in range(self.partitions):
+            v = snapshot.transaction_version(coarse.app_id(self.writer, self.topic, p, 0,
+                                                           "source"))  # fmt: skip
+            out[p] = -1 if v is None else int(v)
+        self._consumed[coarse.uri] = (version, out)
+        return out
+
+    def _unrolled(self, coarse: RollupTable, snaps: dict[str, DeltaTable | None]) -> pl.DataFrame:
+        """Rows the finer table gained since ``coarse`` last consumed them (every partition).
+
+        The finer table's change feed is read once for every partition (from the
+        least consumed version on) and kept: the next query reads only newer versions.
+        """
+        src = snaps[coarse.source.uri]
+        if src is None:
+            return pl.DataFrame(schema=minute_schema())
+        done = snaps[coarse.uri]
+        consumed = (dict.fromkeys(range(self.partitions), -1) if done is None
+                    else self._consumed_versions(coarse, done))  # fmt: skip
+        latest = src.version()
+        low = min(consumed.values(), default=latest)
+        if low >= latest:
+            return pl.DataFrame(schema=minute_schema())
+        pending = self._pending.get(coarse.uri)
+        if pending is None or pending.low > low or pending.high > latest:
+            pending = _Pending(low, low, _empty_changes())
+        if pending.high < latest:
+            fresh = inserted_changes(src, pending.high + 1, latest)
+            pending = _Pending(pending.low, latest, pl.concat([pending.rows, fresh]))
+        if pending.low < low:
+            pending = _Pending(low, pending.high,
+                               pending.rows.filter(pl.col("_commit_version") > low))  # fmt: skip
+        self._pending[coarse.uri] = pending
+        # partitions beyond ``self.partitions`` are not read (as the rollups do not roll them)
+        done_at = pl.col("partition").replace_strict(consumed, default=latest,
+                                                     return_dtype=pl.Int64)  # fmt: skip
+        return pending.rows.filter(pl.col("_commit_version") > done_at).drop("_commit_version")
+
+    def _lazy_rows(self, start_ms: int, end_ms: int, coarsest: Table = "day",
+                   containers: Sequence[str] | None = None,
+                   columns: Sequence[str] | None = None) -> pl.LazyFrame:  # fmt: skip
+        """Every row needed to answer [start, end) exactly, as one lazy frame.
+
+        One scan per table (its parts' ranges together), so Polars reads only
+        ``columns`` of the files and row groups the ranges and dates can touch.
+        """
+        cols = list(minute_schema()) if columns is None else list(dict.fromkeys(columns))
+        ranges: dict[Table, list[tuple[int, int]]] = {"minute": [], "hour": [], "day": []}
+        for name, s, e in split_range(start_ms, end_ms, coarsest):
+            ranges[name].append((s, e))
+        snaps = self._snapshots()
+        parts: list[pl.LazyFrame] = []
+        unrolled: list[tuple[RollupTable, list[tuple[int, int]]]] = []
+        if ranges["hour"] or ranges["day"]:
+            unrolled.append((self.hour, ranges["hour"] + ranges["day"]))
+        if ranges["day"]:
+            unrolled.append((self.day, ranges["day"]))
+        tables: list[tuple[MinuteTable, Table]] = [(self.minute, "minute"), (self.hour, "hour"),
+                                                   (self.day, "day")]  # fmt: skip
+        for table, name in tables:
+            snap = snaps[table.uri]
+            if snap is not None and ranges[name]:
+                parts.append(self._scan(table, snap, ranges[name]).select(cols))
+        for coarse, spans in unrolled:
+            rows = self._unrolled(coarse, snaps)
+            if rows.height:
+                parts.append(rows.lazy().filter(_in_ranges(spans)).select(cols))
+        if not parts:
+            return pl.LazyFrame(schema={c: minute_schema()[c] for c in cols})
+        frame = pl.concat(parts)
         if containers is not None:
             frame = frame.filter(pl.col("container").is_in(list(containers)))
         return frame
+
+    def rows(self, start_ms: int, end_ms: int, coarsest: Table = "day") -> pl.DataFrame:
+        """Every row needed to answer [start, end) exactly, from tables up to ``coarsest``."""
+        return self._lazy_rows(start_ms, end_ms, coarsest).collect()
+
+    def _rows_of(self, start_ms: int, end_ms: int, containers: Sequence[str] | None,
+                 coarsest: Table = "day",
+                 columns: Sequence[str] | None = None) -> pl.LazyFrame:  # fmt: skip
+        if end_ms <= start_ms:
+            raise QueryError("range", f"[{start_ms}, {end_ms})", ["a start before the end"])
+        return self._lazy_rows(start_ms, end_ms, coarsest, containers, columns)
 
     def stats(self, start_ms: int, end_ms: int, *, aggregation: Aggregation = "sum",
               containers: Sequence[str] | None = None) -> list[ContainerStats]:  # fmt: skip
@@ -328,7 +549,7 @@ class TrafficQuery:
         exprs = [metric_expr(m, aggregation).alias(f"v_{m}") for m in metrics]
         grouped = _grouped(self._rows_of(start_ms, end_ms, containers), ["container"])
         out = []
-        for r in grouped.with_columns(exprs).sort("container").iter_rows(named=True):
+        for r in grouped.with_columns(exprs).sort("container").collect().iter_rows(named=True):
             out.append(ContainerStats(
                 container=r["container"], name=r["name"] or "", image=r["image"] or "",
                 container_id=r["container_id"] or "", compose_project=r["compose_project"] or "",
@@ -350,8 +571,10 @@ class TrafficQuery:
         if n < 1:
             raise QueryError("n", n, ["a whole number >= 1"])
         expr = metric_expr(metric, aggregation)
-        grouped = _grouped(self._rows_of(start_ms, end_ms, None), ["container"])
-        ranked = grouped.select("container", expr.alias("value")).drop_nulls("value")
+        needed = _needed([expr])
+        rows = self._rows_of(start_ms, end_ms, None, columns=["container", "ts", *needed])
+        grouped = _grouped(rows, ["container"], needed)
+        ranked = grouped.select("container", expr.alias("value")).drop_nulls("value").collect()
         total = ranked["value"].sum() if aggregation in ("sum", "avg") else None
         ranked = ranked.sort(["value", "container"], descending=[largest, False]).head(n)
         return [
@@ -375,15 +598,17 @@ class TrafficQuery:
                   aggregation: Aggregation, metrics: Sequence[str],
                   containers: Sequence[str] | None) -> pl.DataFrame:  # fmt: skip
         exprs = [metric_expr(m, aggregation).alias(m) for m in metrics]
-        frame = self._rows_of(start_ms, end_ms, containers, _source_table(bucket_ms))
+        needed = _needed(exprs)
+        frame = self._rows_of(start_ms, end_ms, containers, _source_table(bucket_ms),
+                              ["container", "ts", *needed])  # fmt: skip
         if bucket_ms is None:
             bucket = pl.col("ts").dt.truncate("1mo").dt.epoch("ms")
         else:
             offset = _MONDAY_MS if bucket_ms % WEEK_MS == 0 else 0
             t = pl.col("ts").dt.epoch("ms") - offset
             bucket = t // bucket_ms * bucket_ms + offset
-        grouped = _grouped(frame.with_columns(ts_ms=bucket), ["container", "ts_ms"])
-        return grouped.select("container", "ts_ms", *exprs).sort("container", "ts_ms")
+        grouped = _grouped(frame.with_columns(ts_ms=bucket), ["container", "ts_ms"], needed)
+        return grouped.select("container", "ts_ms", *exprs).sort("container", "ts_ms").collect()
 
     def timeseries(self, container: str, start_ms: int, end_ms: int, *, metric: str = "bytes",
                    aggregation: Aggregation = "sum", max_points: int = 60) -> Series:  # fmt: skip
@@ -422,5 +647,5 @@ class TrafficQuery:
                 connections_max=r["connections_max"],
                 tcp_max={s: r[f"tcp_{s}_max"] for s in TCP_STATES},
             )
-            for r in grouped.sort("container").iter_rows(named=True)
+            for r in grouped.sort("container").collect().iter_rows(named=True)
         ]
