@@ -320,6 +320,10 @@ class AlertTracker:
             a, status="resolved", updated_ms=s.ts_ms, resolved_ms=s.ts_ms, observed=s.observed
         )
 
+    def is_open(self, identity: str, metric: str, rule: str = "") -> bool:
+        """Whether an alert is open for that signal."""
+        return (identity, metric, rule) in self._open
+
     def open_alerts(self) -> list[Alert]:
         """The alerts open now."""
         return [o.alert for o in self._open.values()]

@@ -453,6 +453,11 @@ class TrafficBaseline(AnomalyDetector):
         return self._last_raw
 
     @property
+    def highest(self) -> float:
+        """The highest value learned (-inf before any)."""
+        return self._hi
+
+    @property
     def n_learned(self) -> int:
         """Points learned so far."""
         return self._n

@@ -22,7 +22,6 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 from typing import Final
 
 from river.base import AnomalyDetector
@@ -77,15 +76,34 @@ def event_features(ev: StatEvent) -> Features:
     return x
 
 
-@dataclass(frozen=True, slots=True)
 class MetricScore:
-    """One metric of one event: its value, anomaly score, lasting evidence and band."""
+    """One metric of one event: its value, anomaly score, lasting evidence and band (the
+    band is computed when first asked for: most points never need it)."""
 
-    metric: str
-    value: float
-    score: float
-    evidence: float
-    band: Band
+    __slots__ = ("_band", "_model", "_ts_ms", "evidence", "metric", "score", "value")
+
+    def __init__(self, metric: str, value: float, score: float, evidence: float,
+                 band: Band | None = None, model: TrafficBaseline | None = None,
+                 ts_ms: int = 0) -> None:  # fmt: skip
+        self.metric = metric
+        self.value = value
+        self.score = score
+        self.evidence = evidence
+        self._band = band
+        self._model = model
+        self._ts_ms = ts_ms
+
+    @property
+    def band(self) -> Band:
+        """What the metric usually does at this hour."""
+        if self._band is None:
+            model = self._model
+            self._band = model.band(self._ts_ms) if model else Band(0.0, 0.0, 0.0, "")
+        return self._band
+
+    def __repr__(self) -> str:
+        return (f"MetricScore({self.metric!r}, value={self.value}, score={self.score}, "
+                f"evidence={self.evidence})")  # fmt: skip
 
 
 def service_baseline() -> TrafficBaseline:
@@ -198,11 +216,16 @@ class ContainerDetector(AnomalyDetector):
             model = self._model(metric)
             protect = self._runs[metric] < self.max_protected_run
             limit = self.threshold if protect else math.inf
-            band = model.band(ts_ms)
+            # The band the value is judged against, before it is learned (when needed).
+            floor = self.min_volume.get(metric, 0.0)
+            # Below the floor, and never above it (no band needed) or not expected above it.
+            quiet = value < floor and (model.highest < floor or model.band(ts_ms).expected < floor)
             score = model.score_learn_value(value, ts_ms, learn_below=limit)
             evidence = model.last_raw
             self._runs[metric] = self._runs[metric] + 1 if evidence >= self.threshold else 0
-            out[metric] = self._guarded(metric, value, score, evidence, band)
+            if quiet:
+                score = evidence = 0.0
+            out[metric] = MetricScore(metric, value, score, evidence, None, model, ts_ms)
         return out
 
     def _guarded(

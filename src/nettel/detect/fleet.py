@@ -108,19 +108,23 @@ class FleetDetector:
             restarts.popleft()
         out: list[Alert] = []
         scores = det.update(event_features(ev))
-        if scores:
+        tracker = self.tracker
+        # Most samples of most metrics are unremarkable and have no open alert: skip them.
+        live = [
+            s for s in scores.values()
+            if s.evidence >= tracker.close_at or tracker.is_open(ev.identity, s.metric)
+        ]  # fmt: skip
+        if live:
             floor = det.min_volume
             moves = [
                 (m, s.value, s.band.expected)
                 for m, s in scores.items()
                 if max(s.value, s.band.expected) >= floor.get(m, 0.0)
             ]
-            for metric, s in scores.items():
-                related = (
-                    related_moves(moves, metric) if s.evidence >= self.tracker.close_at else {}
-                )
-                alert = self.tracker.observe(
-                    Signal(ev.identity, metric, ev.ts_ms, s.evidence, s.value, s.band,
+            for s in live:
+                related = related_moves(moves, s.metric) if s.evidence >= tracker.close_at else {}
+                alert = tracker.observe(
+                    Signal(ev.identity, s.metric, ev.ts_ms, s.evidence, s.value, s.band,
                            host=ev.host, container_id=ev.container_id, related=related,
                            restarts=len(restarts))
                 )  # fmt: skip
