@@ -130,17 +130,17 @@ class SamplesTable(MinuteTable):
         return out
 
     def append_samples(self, parts: Sequence[PartitionSamples], *, writer: str, epoch: int,
-                       stored: Mapping[int, int] | None = None) -> int:  # fmt: skip
+                       known: Mapping[int, int] | None = None) -> int:  # fmt: skip
         """Append each partition's events past its stored point, and the new points, in
         one commit; returns the rows written. Parts whose point would not move are left
         out, and nothing is committed when no point moves.
 
-        ``stored``: the points as the caller knows them (a worker that read them at
-        assignment, or knows them stale); default: read from the table.
+        ``known``: points to use instead of the stored ones, for partitions whose
+        stored point the caller knows to be stale (an earlier log's).
         """
-        if stored is None:
-            stored = self.stored_offsets(writer, parts[0].topic if parts else "",
-                                         [p.partition for p in parts], epoch=epoch)  # fmt: skip
+        stored = self.stored_offsets(writer, parts[0].topic if parts else "",
+                                     [p.partition for p in parts], epoch=epoch)  # fmt: skip
+        stored.update(known or {})
         rows: list[tuple[int, StatEvent]] = []
         txns = []
         for part in parts:

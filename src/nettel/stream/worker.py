@@ -192,7 +192,8 @@ class StreamWorker:
         self._samples_done: dict[int, int] = {}  # next offset the samples table lacks
         self._barrier: _Barrier | None = None
         self._fresh_epochs = {epoch} if fresh_log else set()  # logs that began with us
-        self._written_epochs: set[int] = set()  # epochs this worker has written points in
+        # (epoch, partition) this worker has stored points for, per table
+        self._written: dict[str, set[tuple[int, int]]] = {"minute": set(), "samples": set()}
         self._consumer: Any = None
         self._dlq: Any = None
         self._flush_lock = asyncio.Lock()
@@ -206,21 +207,23 @@ class StreamWorker:
         for state in (self._windows, self._positions, self._samples_buf, self._samples_done):
             state.pop(partition, None)
 
-    def _stale_points(self) -> bool:
-        """Whether points stored for the current epoch are an earlier log's."""
-        return self.epoch in self._fresh_epochs and self.epoch not in self._written_epochs
+    def _stale(self, table: str, partition: int) -> bool:
+        """Whether ``table``'s point for ``partition`` in this epoch is an earlier log's."""
+        return (self.epoch in self._fresh_epochs
+                and (self.epoch, partition) not in self._written[table])  # fmt: skip
 
     def _stored(self, partitions: list[int]) -> tuple[dict[int, ReplayPoint], dict[int, int]]:
         points = self.table.replay_points(self.group, self.topic, partitions, epoch=self.epoch)
         done = {} if self.samples is None else self.samples.stored_offsets(
             self.group, self.topic, partitions, epoch=self.epoch)  # fmt: skip
-        if self._stale_points():
-            if points or done:
-                log.warning("stream_stale_points_ignored", epoch=self.epoch,
-                            partitions=sorted({*points, *done}),
-                            reason="the log began with this worker: an earlier log had "
-                            "the same epoch number")  # fmt: skip
-            return {}, {}
+        stale = sorted({p for p in points if self._stale("minute", p)}
+                       | {p for p in done if self._stale("samples", p)})  # fmt: skip
+        if stale:
+            log.warning("stream_stale_points_ignored", epoch=self.epoch, partitions=stale,
+                        reason="the log began with this worker: an earlier log had the "
+                        "same epoch number")  # fmt: skip
+        points = {p: v for p, v in points.items() if not self._stale("minute", p)}
+        done = {p: v for p, v in done.items() if not self._stale("samples", p)}
         return points, done
 
     async def _resume(self, tps: list[TopicPartition]) -> None:
@@ -264,15 +267,16 @@ class StreamWorker:
                 parts.append(PartitionSamples(self.topic, partition, buf, position))
         if parts and self.samples is not None:
             # the table's points are re-read at the write (narrowing any overlap with a
-            # previous owner) unless they are an earlier log's (see ``fresh_log``)
-            stale = self._stale_points()
+            # previous owner) but for those of an earlier log (see ``fresh_log``)
+            known = {p.partition: self._samples_done.get(p.partition, 0) for p in parts
+                     if self._stale("samples", p.partition)}  # fmt: skip
             written = await asyncio.to_thread(
                 self.samples.append_samples, parts, writer=self.group, epoch=self.epoch,
-                stored=dict(self._samples_done) if stale else None,
+                known=known,
             )  # fmt: skip
             self.stats.samples_written += written
-            self._written_epochs.add(self.epoch)
             for part in parts:
+                self._written["samples"].add((self.epoch, part.partition))
                 self._samples_done[part.partition] = part.next_offset
                 self._samples_buf[part.partition] = []
         if not points:
@@ -280,7 +284,7 @@ class StreamWorker:
         await asyncio.to_thread(
             self.table.append, rows, points, writer=self.group, epoch=self.epoch
         )
-        self._written_epochs.add(self.epoch)
+        self._written["minute"].update((self.epoch, p.partition) for p in points)
         self.stats.windows_written += len(rows)
         self.stats.flushes += 1
         self.stats.seals += seal
