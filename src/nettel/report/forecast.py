@@ -5,6 +5,11 @@ The model is :class:`river.time_series.HoltWinters`, multiplicative, with a week
 daily season (24 hours) from three days on; shorter histories get no forecast. Values
 are shifted by one byte so an idle hour never divides by zero.
 
+A value more than :data:`OUTLIER_FACTOR` times above (or below) the model's one-step
+forecast is learned as that forecast unless it lasts :data:`OUTLIER_HOURS` hours, so a
+one-off spike does not recur in every forecast season while a lasting change is
+learned; the interval still counts every value.
+
 The interval comes from the model's own errors: while it learns the history, it
 forecasts up to a week ahead from an origin every 6 hours, and the quantiles of
 ``log((actual + 1) / (forecast + 1))`` over those forecasts give the multiplicative
@@ -49,6 +54,10 @@ WEEKLY_MIN_HOURS: Final = 21 * DAY_HOURS
 DAILY_MIN_HOURS: Final = 3 * DAY_HOURS
 #: Hours between the origins the interval is calibrated from.
 CALIBRATION_STEP_HOURS: Final = 6
+#: A value this many times above or below the one-step forecast is an outlier; one that
+#: lasts this many hours in a row is a change the model learns (module docstring).
+OUTLIER_FACTOR: Final = 2.0
+OUTLIER_HOURS: Final = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,12 +120,23 @@ def forecast_hourly(
     model = _model(season)
     errors: list[float] = []
     initialized = False
+    run = 0  # outlying values in a row
     for t, v in enumerate(values):
         if t >= 2 * season and t % CALIBRATION_STEP_HOURS == 0 and t < n - 1:
             ahead = min(horizon_hours, n - t)
             for h, f in enumerate(model.forecast(ahead)):
                 errors.append(math.log((values[t + h] + 1) / (max(f, 1.0))))
-        model.learn_one(float(v) + 1)
+        y = float(v) + 1
+        if initialized:
+            # a one-off spike would otherwise become part of the season and recur in every
+            # forecast: a value OUTLIER_FACTOR away from the model's expectation is learned
+            # as that expectation, unless it lasts OUTLIER_HOURS (then it is a change)
+            expected = max(model.forecast(1)[0], 1.0)
+            outlying = not expected / OUTLIER_FACTOR <= y <= expected * OUTLIER_FACTOR
+            run = run + 1 if outlying else 0
+            if outlying and run < OUTLIER_HOURS:
+                y = expected
+        model.learn_one(y)
         if model._initialized and not initialized:
             # River starts the trend at the mean step over the first season: a season that
             # starts low and ends high would read as growth for weeks. Start it flat.

@@ -34,13 +34,61 @@ from nettel.report.daily import (
     encode_report,
 )
 from nettel.report.render import render_html, render_markdown
+from nettel.store.alerts import AlertTable
 from nettel.store.query import TrafficQuery
 from nettel.store.reports import ReportsTable
 
 log = structlog.get_logger(__name__)
 
-#: Alert records of [start_ms, end_ms): what the report lists as the day's anomalies.
-AlertSource = Callable[[int, int], Sequence[AlertRecord]]
+#: Alert records for [start_ms, end_ms) (the report keeps those open during it); None:
+#: no anomaly detection data.
+AlertSource = Callable[[int, int], Sequence[AlertRecord] | None]
+
+
+@dataclass(frozen=True, slots=True)
+class StoredAlert:
+    """An alert's latest version as the ``alerts`` table holds it (an :class:`AlertRecord`)."""
+
+    id: str
+    status: str
+    identity: str
+    metric: str
+    started_ms: int
+    updated_ms: int
+    resolved_ms: int | None
+    severity: str
+    explanation: str
+
+
+def _ms(t: dt.datetime) -> int:
+    return int(t.timestamp() * 1000)
+
+
+def stored_alerts(data_dir: str, storage_options: dict[str, str] | None = None) -> AlertSource:
+    """An alert source reading the detector's ``alerts`` table under ``data_dir``.
+
+    A local data dir without that table (no detector ever ran) gives None: the report
+    then says it has no anomaly detection data, not that there were no anomalies.
+    """
+    table = AlertTable(f"{data_dir.rstrip('/')}/alerts", storage_options=storage_options)
+
+    def source(start_ms: int, end_ms: int) -> list[StoredAlert] | None:
+        if "://" not in table.uri and not (Path(table.uri) / "_delta_log").is_dir():
+            return None
+        out = []
+        for r in table.latest().iter_rows(named=True):
+            started = _ms(r["started"])
+            resolved = None if r["resolved"] is None else _ms(r["resolved"])
+            if started < end_ms and (resolved is None or resolved >= start_ms):
+                out.append(StoredAlert(
+                    id=r["id"], status=r["status"], identity=r["container"], metric=r["metric"],
+                    started_ms=started, updated_ms=_ms(r["updated"]), resolved_ms=resolved,
+                    severity=r["severity"], explanation=r["explanation"],
+                ))  # fmt: skip
+        return out
+
+    return source
+
 
 Format = Literal["md", "html", "json"]
 FORMATS: Final[tuple[Format, ...]] = ("md", "html", "json")
@@ -153,9 +201,8 @@ def daily_report(
 ) -> Published:
     """Build ``day``'s report (default: yesterday in ``tz``) from ``settings``' store.
 
-    ``alert_source(start_ms, end_ms)`` gives the alert records of the day (for instance
-    read from the ``alerts`` table); without one the report says it has no anomaly
-    detection data.
+    ``alert_source(start_ms, end_ms)`` gives the alert records of the day; by default
+    they are read from the detector's ``alerts`` table (:func:`stored_alerts`).
 
     With ``write``, the three files and the table row are written under the data dir
     (a local path; an ``s3://`` data dir gets the table row only). ``out``: also write
@@ -164,7 +211,8 @@ def daily_report(
     if fmt not in FORMATS:
         raise QueryError("format", fmt, FORMATS)
     day = day or yesterday(tz)
-    alerts = None if alert_source is None else alert_source(*day_bounds_ms(day, tz))
+    source = stored_alerts(settings.data_dir) if alert_source is None else alert_source
+    alerts = source(*day_bounds_ms(day, tz))
     query = TrafficQuery(
         settings.data_dir, partitions=settings.partitions, topic=settings.topic_stats
     )
