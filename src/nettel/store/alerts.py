@@ -235,5 +235,6 @@ class DetectStateTable:
             frame = pl.read_delta(self.uri, storage_options=self.storage_options)
         except (TableNotFoundError, FileNotFoundError, OSError):
             return {}
-        frame = frame.filter(pl.col("partition").is_in(pl.Series(list(partitions), dtype=pl.Int64)))
-        return {r["partition"]: DetectState(**r) for r in frame.iter_rows(named=True)}
+        wanted = set(partitions)
+        return {r["partition"]: DetectState(**r) for r in frame.iter_rows(named=True)
+                if r["partition"] in wanted}  # fmt: skip

@@ -58,7 +58,8 @@ class _Partition:
     fleet: FleetDetector
     next_offset: int
     alerts_offset: int
-    published: set[tuple[str, str, int]] = field(default_factory=set)
+    #: alert versions found on the topic at resume, with their offsets there
+    published: dict[tuple[str, str, int], int] = field(default_factory=dict)
     pending: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -119,29 +120,36 @@ class DetectWorker:
         part = self._parts.get(partition)
         return None if part is None else part.fleet
 
-    async def _published_since(self, partition: int, offset: int) -> tuple[set[Any], int]:
+    async def _published_since(self, partition: int, offset: int) -> dict[Any, int]:
         """Alert versions already on the alerts topic's partition from ``offset`` on."""
         reader = AIOKafkaConsumer(bootstrap_servers=self.bootstrap_servers,
                                   enable_auto_commit=False)  # fmt: skip
         await reader.start()
-        seen: set[tuple[str, str, int]] = set()
+        seen: dict[tuple[str, str, int], int] = {}
         end = offset
         try:
             tp = TopicPartition(self.alerts_topic, partition)
             reader.assign([tp])
             reader.seek(tp, offset)
-            idle_until = time.monotonic() + 1.0
-            while time.monotonic() < idle_until:
+            # read to the high watermark the fetches report (at most 30 s)
+            deadline = time.monotonic() + 30.0
+            while time.monotonic() < deadline:
                 batch = await reader.getmany(tp, timeout_ms=200)
                 for record in batch.get(tp, []):
-                    idle_until = time.monotonic() + 1.0
                     end = record.offset + 1
                     with contextlib.suppress(msgspec.DecodeError, msgspec.ValidationError):
                         a = msgspec.json.decode(record.value, type=Alert)
-                        seen.add((a.id, a.status, a.updated_ms))
+                        seen[(a.id, a.status, a.updated_ms)] = record.offset
+                high = reader.highwater(tp)
+                if high is not None and await reader.position(tp) >= high:
+                    break
+            else:
+                log.warning("alerts_topic_not_read_to_end", partition=partition, offset=end)
         finally:
             await reader.stop()
-        return seen, end
+        log.info("detect_alerts_read_back", partition=partition, offset=offset, end=end,
+                 versions=len(seen))  # fmt: skip
+        return seen
 
     async def _resume(self, tps: list[TopicPartition]) -> None:
         partitions = [tp.partition for tp in tps]
@@ -154,8 +162,10 @@ class DetectWorker:
                 alerts_offset = s.alerts_offset if s.epoch == self.epoch else 0
             else:
                 fleet, offset, alerts_offset = self.fleet_factory(), 0, 0
-            published, alerts_end = await self._published_since(tp.partition, alerts_offset)
-            self._parts[tp.partition] = _Partition(fleet, offset, alerts_end, published)
+            # the checkpoint's alerts offset: alerts of every event from its offset on are
+            # at or after it; those already there are not published again (below)
+            published = await self._published_since(tp.partition, alerts_offset)
+            self._parts[tp.partition] = _Partition(fleet, offset, alerts_offset, published)
             self._consumer.seek(tp, offset)
         log.info("detect_partitions_assigned", group=self.group, partitions=partitions,
                  resumed={p: s.next_offset for p, s in stored.items()})  # fmt: skip
@@ -166,7 +176,9 @@ class DetectWorker:
             row = msgspec.structs.asdict(a) | {"partition": partition, "offset": offset}
             part.pending.append(row)
             key = (a.id, a.status, a.updated_ms)
-            if key in part.published:
+            at = part.published.pop(key, None)
+            if at is not None:  # published before a restart: regenerated, not sent again
+                part.alerts_offset = max(part.alerts_offset, at + 1)
                 self.stats.alerts_suppressed += 1
                 continue
             meta = await self._producer.send_and_wait(
@@ -188,9 +200,8 @@ class DetectWorker:
             for part in self._parts.values():
                 det = part.fleet.detector(r["container"])
                 if det is not None:
-                    widen = getattr(det, "widen", None)
-                    if widen is not None:
-                        widen(r["metric"], int(r["started"].timestamp() * 1000), r["peak"])
+                    det.false_positive(r["metric"], int(r["started"].timestamp() * 1000),
+                                       r["peak"])  # fmt: skip
         self._feedback_version = version
 
     async def _checkpoint(self, partitions: Sequence[int] | None = None) -> None:
