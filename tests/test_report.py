@@ -660,6 +660,12 @@ def test_a_data_dir_without_tables_gives_a_valid_no_data_report(tmp_path: Path) 
     assert page.count("nothing to draw") == 4
     assert "<img" not in page
     assert "_no traffic on this day_" in render_markdown(report)
+    with pytest.raises(QueryError, match="unknown time zone 'Mars/Olympus'"):
+        build_daily_report(
+            TrafficQuery(str(tmp_path), partitions=PARTITIONS), day, tz="Mars/Olympus"
+        )
+    with pytest.raises(QueryError, match="unknown forecast_days 9"):
+        build_daily_report(TrafficQuery(str(tmp_path), partitions=PARTITIONS), day, forecast_days=9)
 
 
 def test_a_one_off_spike_in_the_history_does_not_recur_in_the_forecast() -> None:

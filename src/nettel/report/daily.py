@@ -35,7 +35,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final, Literal, Protocol
-from zoneinfo import ZoneInfo
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import msgspec
 import polars as pl
@@ -299,9 +299,27 @@ def change_pct(value: float, before: float) -> float | None:
     return None if not before else 100.0 * (value - before) / before
 
 
+def time_zone(tz: str) -> ZoneInfo:
+    """The IANA time zone ``tz``; a :class:`QueryError` saying what is valid otherwise.
+
+    Examples
+    --------
+    >>> time_zone("Europe/Berlin").key
+    'Europe/Berlin'
+    >>> time_zone("Mars/Olympus")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    nettel.errors.QueryError: unknown time zone 'Mars/Olympus': expected one of an IANA name...
+    """
+    try:
+        return ZoneInfo(tz)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise QueryError("time zone", tz, ["an IANA name such as UTC or Europe/Berlin"]) from None
+
+
 def day_bounds_ms(day: dt.date, tz: str = "UTC") -> tuple[int, int]:
     """[start, end) of the calendar ``day`` in ``tz``, in UTC epoch milliseconds."""
-    zone = ZoneInfo(tz)
+    zone = time_zone(tz)
     start = dt.datetime.combine(day, dt.time(0), tzinfo=zone)
     end = dt.datetime.combine(day + dt.timedelta(days=1), dt.time(0), tzinfo=zone)
     return int(start.timestamp() * 1000), int(end.timestamp() * 1000)
@@ -468,7 +486,7 @@ def _forecasts(
     """Forecast each container's next days from its hourly history ending at ``end_ms``."""
     horizon_end = day_bounds_ms(day + dt.timedelta(days=horizon_days), tz)[1]
     horizon_hours = -(-(horizon_end - end_ms) // HOUR_MS)
-    zone = ZoneInfo(tz)
+    zone = time_zone(tz)
     out = []
     for c in containers:
         first, values = hourly_values(history.filter(pl.col("container") == c), "bytes", end_ms)
@@ -602,7 +620,7 @@ def build_daily_report(
         raise QueryError("forecast_days", forecast_days, ["1..7"])
     if top_n < 1:
         raise QueryError("top_n", top_n, ["a whole number >= 1"])
-    zone = ZoneInfo(tz)
+    zone = time_zone(tz)
     budgets = dict(budgets or {})
     start, end = day_bounds_ms(day, tz)
     prev_start, _ = day_bounds_ms(day - dt.timedelta(days=1), tz)

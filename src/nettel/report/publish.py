@@ -17,7 +17,6 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final, Literal
-from zoneinfo import ZoneInfo
 
 import structlog
 
@@ -32,6 +31,7 @@ from nettel.report.daily import (
     day_bounds_ms,
     decode_report,
     encode_report,
+    time_zone,
 )
 from nettel.report.render import render_html, render_markdown
 from nettel.store.alerts import AlertTable
@@ -174,7 +174,7 @@ def yesterday(tz: str = "UTC", now: dt.datetime | None = None) -> dt.date:
     datetime.date(2026, 11, 25)
     """
     now = now or dt.datetime.now(dt.UTC)
-    return now.astimezone(ZoneInfo(tz)).date() - dt.timedelta(days=1)
+    return now.astimezone(time_zone(tz)).date() - dt.timedelta(days=1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -250,7 +250,7 @@ def _next_run(now_s: float, tz: str, after_midnight_s: float) -> float:
     >>> dt.datetime.fromtimestamp(_next_run(t + 600, "UTC", 600), dt.UTC).isoformat()
     '2026-11-27T00:10:00+00:00'
     """
-    zone = ZoneInfo(tz)
+    zone = time_zone(tz)
     today = dt.datetime.fromtimestamp(now_s, zone).date()
     for day in (today, today + dt.timedelta(days=1)):
         at = dt.datetime.combine(day, dt.time(0), tzinfo=zone).timestamp() + after_midnight_s
