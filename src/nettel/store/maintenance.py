@@ -3,8 +3,11 @@
 One pass per table: delete whole ``date`` partitions older than the table's retention
 (metadata-only), compact the small files of the remaining partitions with the table's
 writer properties, and vacuum files no longer referenced, keeping a retention window so
-that readers on an older snapshot never lose a file under them. None of it changes what
-a reader sees: compaction is ``dataChange=false`` (invisible to readers and to the
+that readers on an older snapshot never lose a file under them. On local disk the
+window tables' partitions are compacted by a rewrite into one file each, in time order
+with hour-sized row groups and the rollups' partial rows merged
+(:func:`rewrite_partitions`): what keeps queries fast. None of it changes what a reader
+sees: compaction and rewrites are ``dataChange=false`` (invisible to readers and to the
 change data feed the rollups read), retention removes only expired days.
 """
 
