@@ -206,37 +206,43 @@ class DetectWorker:
 
     async def _checkpoint(self, partitions: Sequence[int] | None = None) -> None:
         async with self._lock:
-            parts = {p: self._parts[p] for p in (partitions or list(self._parts))
-                     if p in self._parts}  # fmt: skip
-            if not parts:
-                return
-            await self._apply_feedback()
-            done = await asyncio.to_thread(self._write_alert_rows, parts)
-            states = [
-                DetectState(
-                    p,
-                    self.epoch,
-                    part.next_offset,
-                    part.alerts_offset,
-                    self._feedback_version,
-                    pickle.dumps(part.fleet),
-                )
-                for p, part in parts.items()
-            ]
-            await asyncio.to_thread(self.state.save, states)
-            for p in done:
-                parts[p].pending.clear()
-            self.stats.checkpoints += 1
+            await self._checkpoint_locked(partitions)
 
-    def _write_alert_rows(self, parts: dict[int, _Partition]) -> list[int]:
+    async def _checkpoint_locked(self, partitions: Sequence[int] | None = None) -> None:
+        """Write alerts and states. The caller holds the lock, which the run loop holds
+        while it handles a batch: the cut falls between events, never inside one."""
+        parts = {p: self._parts[p] for p in (partitions or list(self._parts))
+                 if p in self._parts}  # fmt: skip
+        if not parts:
+            return
+        await self._apply_feedback()
+        # one consistent cut, taken between two events (the loop runs on meanwhile)
+        cut = {p: (list(part.pending), part.next_offset) for p, part in parts.items()}
+        states = [
+            DetectState(
+                p,
+                self.epoch,
+                part.next_offset,
+                part.alerts_offset,
+                self._feedback_version,
+                pickle.dumps(part.fleet),
+            )
+            for p, part in parts.items()
+        ]
+        await asyncio.to_thread(self._write_alert_rows, cut)
+        await asyncio.to_thread(self.state.save, states)
+        for p, (rows, _) in cut.items():
+            del parts[p].pending[: len(rows)]
+        self.stats.checkpoints += 1
+
+    def _write_alert_rows(self, cut: dict[int, tuple[list[dict[str, Any]], int]]) -> None:
+        """Alert rows not yet in the table, with each partition's next offset, one commit."""
         rows: list[dict[str, Any]] = []
-        points: dict[int, int] = {}
-        for p, part in parts.items():
+        for p, (pending, _) in cut.items():
             through = self.alerts.written_through(self.group, self.topic, p, self.epoch)
-            rows += [r for r in part.pending if r["offset"] >= through]
-            points[p] = part.next_offset
+            rows += [r for r in pending if r["offset"] >= through]
+        points = {p: next_offset for p, (_, next_offset) in cut.items()}
         self.alerts.append(rows, points, writer=self.group, topic=self.topic, epoch=self.epoch)
-        return list(parts)
 
     async def drained(self) -> bool:
         """Checkpoint, then whether every owned partition has been read to its end (the
@@ -276,29 +282,11 @@ class DetectWorker:
         try:
             while not stop.is_set():
                 batch = await self._consumer.getmany(timeout_ms=200, max_records=10_000)
-                for tp, records in batch.items():
-                    if tp.partition not in self._parts:
-                        continue
-                    for record in records:
-                        part = self._parts.get(tp.partition)
-                        if part is None or record.offset < part.next_offset:
-                            continue
-                        self.stats.consumed += 1
-                        part.next_offset = record.offset + 1
-                        try:
-                            ev = decode_stat_event(record.value)
-                        except (msgspec.ValidationError, msgspec.DecodeError):
-                            self.stats.invalid += 1  # the stream worker dead-letters it
-                            continue
-                        if validate(ev, time.time_ns() // 1_000_000) is not None:
-                            self.stats.invalid += 1
-                            continue
-                        alerts = part.fleet.process(ev)
-                        if alerts:
-                            await self._publish(tp.partition, record.offset, alerts)
-                if time.monotonic() >= next_checkpoint:
-                    await self._checkpoint()
-                    next_checkpoint = time.monotonic() + self.checkpoint_interval_s
+                async with self._lock:  # no checkpoint or rotation in the middle of a batch
+                    await self._handle(batch)
+                    if time.monotonic() >= next_checkpoint:
+                        await self._checkpoint_locked()
+                        next_checkpoint = time.monotonic() + self.checkpoint_interval_s
             await self._checkpoint()
         finally:
             with contextlib.suppress(Exception):
@@ -307,3 +295,26 @@ class DetectWorker:
                 await self._producer.stop()
             log.info("detect_stopped", consumed=self.stats.consumed,
                      alerts=self.stats.alerts_published)  # fmt: skip
+
+    async def _handle(self, batch: dict[Any, list[Any]]) -> None:
+        """Score every record of ``batch`` and publish the alerts, event by event."""
+        for tp, records in batch.items():
+            if tp.partition not in self._parts:
+                continue
+            for record in records:
+                part = self._parts.get(tp.partition)
+                if part is None or record.offset < part.next_offset:
+                    continue
+                self.stats.consumed += 1
+                part.next_offset = record.offset + 1
+                try:
+                    ev = decode_stat_event(record.value)
+                except (msgspec.ValidationError, msgspec.DecodeError):
+                    self.stats.invalid += 1  # the stream worker dead-letters it
+                    continue
+                if validate(ev, time.time_ns() // 1_000_000) is not None:
+                    self.stats.invalid += 1
+                    continue
+                alerts = part.fleet.process(ev)
+                if alerts:
+                    await self._publish(tp.partition, record.offset, alerts)
