@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import structlog
+from mcp.server import MCPServer
 
 from nettel.broker import (
     BrokerRotation,
@@ -38,6 +39,8 @@ from nettel.ingest.publisher import EventPublisher
 from nettel.ingest.service import IngestService
 from nettel.ingest.simulate import TrafficSimulator
 from nettel.ingest.sources import EngineSource, ProcfsSource, Source
+from nettel.mcp.server import HttpOptions, build_server, serve_http, serve_stdio
+from nettel.mcp.tools import TelemetryTools
 from nettel.models import encode_stat_event
 from nettel.store.maintenance import MaintenanceReport, maintain_table
 from nettel.store.minute import MinuteTable, writer_properties
@@ -416,6 +419,34 @@ async def cmd_stream(settings: Settings) -> int:
     return 0
 
 
+def mcp_server(settings: Settings) -> MCPServer[Any]:
+    """The MCP server over the data dir's tables."""
+    return build_server(TelemetryTools.for_data_dir(
+        settings.data_dir, partitions=settings.partitions, topic=settings.topic_stats))  # fmt: skip
+
+
+def mcp_http_options(settings: Settings) -> HttpOptions:
+    """Where and for whom the MCP HTTP endpoint listens (checked before it starts)."""
+    options = HttpOptions(host=settings.mcp_host, port=settings.mcp_port,
+                          token=settings.mcp_token,
+                          rate_per_minute=settings.mcp_rate_per_minute)  # fmt: skip
+    options.check()
+    return options
+
+
+async def cmd_mcp(settings: Settings, http: bool) -> int:
+    """Serve the MCP tools over stdio (default) or streamable HTTP."""
+    server = mcp_server(settings)
+    if not http:
+        await serve_stdio(server)
+        return 0
+    options = mcp_http_options(settings)
+    stop = asyncio.Event()
+    _install_signal_handlers(stop)
+    await serve_http(server, options, stop)
+    return 0
+
+
 async def cmd_simulate(settings: Settings, args: argparse.Namespace) -> int:
     """Publish simulated traffic (and write its ground truth) to ``KAFKA_BOOTSTRAP_SERVERS``."""
     if settings.kafka_bootstrap_servers is None:
@@ -608,6 +639,15 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--spikes", type=int, default=5, help="spikes to inject")
     sim.add_argument("--truth", default=None, help="write the spikes (JSON lines) here")
     sim.add_argument("--seed", type=int, default=1)
+    mcp = sub.add_parser(
+        "mcp", parents=[common],
+        help="serve the MCP tools (network-telemetry) over stdio, or HTTP with --http",
+    )  # fmt: skip
+    mcp.add_argument("--http", action="store_true",
+                     help="streamable HTTP on NETTEL_MCP_HOST:NETTEL_MCP_PORT/mcp")  # fmt: skip
+    mcp.add_argument("--host", dest="mcp_host", help="HTTP bind address (env NETTEL_MCP_HOST)")
+    mcp.add_argument("--port", dest="mcp_port", type=int,
+                     help="HTTP port (env NETTEL_MCP_PORT)")  # fmt: skip
     sub.add_parser(
         "doctor", parents=[common], help="check engine, /proc, broker and data dir; say how to fix"
     )
@@ -621,7 +661,7 @@ SIM_ARGS = ("containers", "hours", "start_ms", "rate", "spikes", "truth", "seed"
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``nettel`` command."""
     args = build_parser().parse_args(argv)
-    skip = {"command", "store_command", *SIM_ARGS}
+    skip = {"command", "store_command", "http", *SIM_ARGS}
     overrides = {k: v for k, v in vars(args).items() if k not in skip}
     try:
         settings = Settings.from_env(**overrides)
@@ -634,6 +674,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "simulate":
             return asyncio.run(cmd_simulate(settings, args))
+        if args.command == "mcp":
+            return asyncio.run(cmd_mcp(settings, args.http))
         if args.command == "store":
             return asyncio.run(cmd_store_maintain(settings))
         return asyncio.run(COMMANDS[args.command](settings))

@@ -113,6 +113,18 @@ class Settings:
         "NETTEL_MAINTENANCE_INTERVAL_S",
         "seconds between `nettel up`'s store maintenance passes (retention, compaction, vacuum)",
     )
+    mcp_host: str = _field(
+        "127.0.0.1", "NETTEL_MCP_HOST",
+        "address of the MCP HTTP endpoint (`nettel mcp --http`, `nettel up`); "
+        "beyond loopback it needs NETTEL_MCP_TOKEN",
+    )  # fmt: skip
+    mcp_port: int = _field(8765, "NETTEL_MCP_PORT", "port of the MCP streamable HTTP endpoint /mcp")
+    mcp_token: str | None = _field(
+        None, "NETTEL_MCP_TOKEN", "bearer token MCP HTTP clients must send (needed beyond loopback)"
+    )
+    mcp_rate_per_minute: int = _field(
+        600, "NETTEL_MCP_RATE_PER_MINUTE", "MCP HTTP requests per minute per client address"
+    )
     log_level: LogLevel = _field("info", "NETTEL_LOG_LEVEL", "debug, info, warning or error")
     log_format: LogFormat = _field(
         "auto", "NETTEL_LOG_FORMAT", "auto (console on a terminal, else JSON), json or console"
@@ -225,6 +237,8 @@ _NUMBERS: dict[str, _Number] = {
     "retention_minute_days": _Number(int, 0, math.inf, _DAYS),
     "retention_hour_days": _Number(int, 0, math.inf, _DAYS),
     "retention_day_days": _Number(int, 0, math.inf, _DAYS),
+    "mcp_port": _Number(int, 1, 65535, "a TCP port from 1 to 65535"),
+    "mcp_rate_per_minute": _Number(int, 1, 1_000_000, "a whole number from 1 to 1000000"),
     "maintenance_interval_s": _Number(
         float, 0, 7 * 86400, "a number of seconds in (0, 604800]", low_open=True
     ),
