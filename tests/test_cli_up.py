@@ -34,7 +34,8 @@ def spawn_up(
     stderr: IO[str] | int = subprocess.PIPE, **env_overrides: str
 ) -> subprocess.Popen[str]:
     """`nettel up` as a user starts it, with the embedded broker and JSON logs."""
-    env = dict(os.environ, NETTEL_LOG_FORMAT="json", **env_overrides)
+    env = dict(os.environ, NETTEL_LOG_FORMAT="json", NETTEL_MCP_PORT=str(free_port()))
+    env.update(env_overrides)
     env.pop("KAFKA_BOOTSTRAP_SERVERS", None)
     return subprocess.Popen(
         [str(Path(sys.executable).with_name("nettel")), "up"],

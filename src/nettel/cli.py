@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import datetime as dt
 import json
 import logging
 import os
@@ -34,6 +35,8 @@ from nettel.broker import (
     tansu_binary,
 )
 from nettel.config import Settings
+from nettel.detect.fleet import FleetDetector
+from nettel.detect.rules import Rule, load_rules
 from nettel.errors import ConfigError, EngineUnavailableError, NettelError
 from nettel.ingest.publisher import EventPublisher
 from nettel.ingest.service import IngestService
@@ -42,10 +45,12 @@ from nettel.ingest.sources import EngineSource, ProcfsSource, Source
 from nettel.mcp.server import HttpOptions, build_server, serve_http, serve_stdio
 from nettel.mcp.tools import TelemetryTools
 from nettel.models import encode_stat_event
+from nettel.report import Prices, daily_report, report_on_schedule
 from nettel.store.maintenance import MaintenanceReport, maintain_table
 from nettel.store.minute import MinuteTable, writer_properties
 from nettel.store.rollup import DAY_MS, HOUR_MS, RollupTable
 from nettel.store.samples import SamplesTable, samples_schema
+from nettel.stream.detector import DetectWorker
 from nettel.stream.worker import StreamWorker
 
 log = structlog.get_logger("nettel")
@@ -280,14 +285,60 @@ async def up_roles(settings: Settings, bootstrap: str, broker: EmbeddedBroker | 
     stream = make_stream(settings, bootstrap, epoch=0 if broker is None else broker.epoch,
                          embedded=broker is not None)  # fmt: skip
 
+    detect = make_detect(settings, bootstrap, epoch=0 if broker is None else broker.epoch)
+    server = mcp_server(settings)
+    mcp_options = mcp_http_options(settings)
+
     async def maintain(stop: asyncio.Event) -> None:
         await maintain_on_schedule(settings, stop)
+
+    async def serve_mcp(stop: asyncio.Event) -> None:
+        await serve_http(server, mcp_options, stop)
+
+    async def reports(stop: asyncio.Event) -> None:
+        await report_on_schedule(settings, stop, tz=settings.report_tz,
+                                 prices=report_prices(settings),
+                                 budget_bytes_per_day=report_budget(settings))  # fmt: skip
 
     return [
         Role("ingest", ingest.run, stage=0, producer=ingest.publisher),
         Role("stream", stream.run, stage=1, drained=stream.drained, on_rotated=stream.rotated),
+        Role("detect", detect.run, stage=1, drained=detect.drained, on_rotated=detect.rotated),
         Role("maintenance", maintain, stage=2),
+        Role("mcp", serve_mcp, stage=2),
+        Role("reports", reports, stage=2),
     ]
+
+
+def load_rules_checked(settings: Settings) -> list[Rule]:
+    """The custom rules of ``NETTEL_RULES_FILE`` (none when unset); a bad file stops nettel."""
+    return [] if settings.rules_file is None else load_rules(settings.rules_file)
+
+
+def make_detect(settings: Settings, bootstrap: str, *, epoch: int = 0) -> DetectWorker:
+    """The detector worker with the configured rules."""
+    rules = load_rules_checked(settings)
+
+    def fleet() -> FleetDetector:
+        return FleetDetector(rules=rules)
+
+    return DetectWorker(
+        bootstrap, settings.data_dir, topic=settings.topic_stats,
+        alerts_topic=settings.topic_alerts, checkpoint_interval_s=settings.detect_checkpoint_s,
+        epoch=epoch, fleet_factory=fleet,
+    )  # fmt: skip
+
+
+def report_prices(settings: Settings) -> Prices:
+    """Transfer prices from the settings."""
+    return Prices(egress_per_gb=settings.price_egress_per_gb,
+                  ingress_per_gb=settings.price_ingress_per_gb)  # fmt: skip
+
+
+def report_budget(settings: Settings) -> float | None:
+    """The daily traffic budget in bytes (None: no capacity check)."""
+    gb = settings.traffic_budget_gb_per_day
+    return gb * 1e9 if gb > 0 else None
 
 
 def rotation_role(settings: Settings, broker: EmbeddedBroker, roles: Sequence[Role]) -> Role:
@@ -416,6 +467,41 @@ async def cmd_stream(settings: Settings) -> int:
     _install_signal_handlers(stop)
     await ensure_topics(settings.kafka_bootstrap_servers, topic_partitions(settings))
     await make_stream(settings, settings.kafka_bootstrap_servers).run(stop)
+    return 0
+
+
+async def cmd_detect(settings: Settings) -> int:
+    """Run the detector alone against ``KAFKA_BOOTSTRAP_SERVERS``."""
+    if settings.kafka_bootstrap_servers is None:
+        raise ConfigError("KAFKA_BOOTSTRAP_SERVERS", None, "host:port of a running broker")
+    detect = make_detect(settings, settings.kafka_bootstrap_servers)
+    stop = asyncio.Event()
+    _install_signal_handlers(stop)
+    await ensure_topics(settings.kafka_bootstrap_servers, topic_partitions(settings))
+    await detect.run(stop)
+    return 0
+
+
+def cmd_rules_check(path: str) -> int:
+    """Validate a rules file: print its rules, or every problem with its line."""
+    rules = load_rules(path)
+    for r in rules:
+        print(f"{r.name}: {r.describe_limit()}")
+    print(f"{path}: {len(rules)} rule(s), valid")
+    return 0
+
+
+async def cmd_report(settings: Settings, args: argparse.Namespace) -> int:
+    """Build a day's report, write it under the data dir; print it or write it to --out."""
+    done = await asyncio.to_thread(
+        daily_report, settings, args.report_date, fmt=args.report_format, out=args.report_out,
+        tz=args.report_tz or settings.report_tz, prices=report_prices(settings),
+        budget_bytes_per_day=report_budget(settings),
+    )  # fmt: skip
+    if args.report_out is None:
+        sys.stdout.write(done.rendered.decode())
+    else:
+        print(done.files["out"])
     return 0
 
 
@@ -639,6 +725,22 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--spikes", type=int, default=5, help="spikes to inject")
     sim.add_argument("--truth", default=None, help="write the spikes (JSON lines) here")
     sim.add_argument("--seed", type=int, default=1)
+    sub.add_parser("detect", parents=[common],
+                   help="run the detector (models, rules, alerts) against a broker")  # fmt: skip
+    rules = sub.add_parser("rules", help="custom alert rules")
+    rules_sub = rules.add_subparsers(dest="rules_command", required=True, metavar="ACTION")
+    check = rules_sub.add_parser("check", help="validate a rules file (TOML)")
+    check.add_argument("rules_path", metavar="FILE")
+    rep = sub.add_parser("report", parents=[common],
+                         help="a day's traffic report (default: yesterday)")  # fmt: skip
+    rep.add_argument("--date", dest="report_date", type=dt.date.fromisoformat, default=None,
+                     help="YYYY-MM-DD")  # fmt: skip
+    rep.add_argument("--format", dest="report_format", choices=["md", "html", "json"],
+                     default="md")  # fmt: skip
+    rep.add_argument("--out", dest="report_out", default=None,
+                     help="write it here (default: print it)")  # fmt: skip
+    rep.add_argument("--tz", dest="report_tz", default=None,
+                     help="time zone of the day (env NETTEL_REPORT_TZ)")  # fmt: skip
     mcp = sub.add_parser(
         "mcp", parents=[common],
         help="serve the MCP tools (network-telemetry) over stdio, or HTTP with --http",
@@ -654,26 +756,39 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-COMMANDS = {"up": cmd_up, "ingest": cmd_ingest, "stream": cmd_stream, "doctor": cmd_doctor}
+COMMANDS = {"up": cmd_up, "ingest": cmd_ingest, "stream": cmd_stream, "detect": cmd_detect,
+            "doctor": cmd_doctor}  # fmt: skip
+REPORT_ARGS = ("report_date", "report_format", "report_out", "report_tz")
 SIM_ARGS = ("containers", "hours", "start_ms", "rate", "spikes", "truth", "seed")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``nettel`` command."""
     args = build_parser().parse_args(argv)
-    skip = {"command", "store_command", "http", *SIM_ARGS}
+    skip = {"command", "store_command", "http", "rules_command", "rules_path", *SIM_ARGS,
+            *REPORT_ARGS}  # fmt: skip
     overrides = {k: v for k, v in vars(args).items() if k not in skip}
     try:
         settings = Settings.from_env(**overrides)
     except ConfigError as e:
         print(f"nettel: {e}", file=sys.stderr)
         return 2
+    if args.command in ("up", "detect") and settings.rules_file is not None:
+        try:  # a bad rules file stops nettel before anything starts
+            load_rules_checked(settings)
+        except NettelError as e:
+            print(f"nettel: {e}", file=sys.stderr)
+            return 2
     # doctor prints its own report; its probes' routine logs would only clutter it
     level = "warning" if args.command == "doctor" and settings.log_level == "info" else None
     configure_logging(level or settings.log_level, settings.log_format)
     try:
         if args.command == "simulate":
             return asyncio.run(cmd_simulate(settings, args))
+        if args.command == "report":
+            return asyncio.run(cmd_report(settings, args))
+        if args.command == "rules":
+            return cmd_rules_check(args.rules_path)
         if args.command == "mcp":
             return asyncio.run(cmd_mcp(settings, args.http))
         if args.command == "store":

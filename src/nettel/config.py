@@ -125,6 +125,23 @@ class Settings:
     mcp_rate_per_minute: int = _field(
         600, "NETTEL_MCP_RATE_PER_MINUTE", "MCP HTTP requests per minute per client address"
     )
+    rules_file: str | None = _field(
+        None, "NETTEL_RULES_FILE", "TOML file of custom alert rules (checked at start)"
+    )
+    detect_checkpoint_s: float = _field(
+        30.0, "NETTEL_DETECT_CHECKPOINT_S", "seconds between the detector's checkpoints"
+    )
+    report_tz: str = _field("UTC", "NETTEL_REPORT_TZ", "time zone of the daily report's day")
+    price_egress_per_gb: float = _field(
+        0.09, "NETTEL_PRICE_EGRESS_PER_GB", "data-transfer price per GB sent (report cost)"
+    )
+    price_ingress_per_gb: float = _field(
+        0.0, "NETTEL_PRICE_INGRESS_PER_GB", "data-transfer price per GB received (report cost)"
+    )
+    traffic_budget_gb_per_day: float = _field(
+        0.0, "NETTEL_TRAFFIC_BUDGET_GB_PER_DAY",
+        "daily traffic per container past which the forecast flags it (0: no check)",
+    )  # fmt: skip
     log_level: LogLevel = _field("info", "NETTEL_LOG_LEVEL", "debug, info, warning or error")
     log_format: LogFormat = _field(
         "auto", "NETTEL_LOG_FORMAT", "auto (console on a terminal, else JSON), json or console"
@@ -238,6 +255,10 @@ _NUMBERS: dict[str, _Number] = {
     "retention_hour_days": _Number(int, 0, math.inf, _DAYS),
     "retention_day_days": _Number(int, 0, math.inf, _DAYS),
     "mcp_port": _Number(int, 1, 65535, "a TCP port from 1 to 65535"),
+    "detect_checkpoint_s": _Number(float, 0, 3600, _SECONDS_1H, low_open=True),
+    "price_egress_per_gb": _Number(float, 0, 1e6, "a price per GB >= 0"),
+    "price_ingress_per_gb": _Number(float, 0, 1e6, "a price per GB >= 0"),
+    "traffic_budget_gb_per_day": _Number(float, 0, math.inf, "a number of GB >= 0 (0: none)"),
     "mcp_rate_per_minute": _Number(int, 1, 1_000_000, "a whole number from 1 to 1000000"),
     "maintenance_interval_s": _Number(
         float, 0, 7 * 86400, "a number of seconds in (0, 604800]", low_open=True

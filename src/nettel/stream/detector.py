@@ -120,52 +120,60 @@ class DetectWorker:
         part = self._parts.get(partition)
         return None if part is None else part.fleet
 
-    async def _published_since(self, partition: int, offset: int) -> dict[Any, int]:
-        """Alert versions already on the alerts topic's partition from ``offset`` on."""
+    async def _published_since(self, offsets: dict[int, int]) -> dict[int, dict[Any, int]]:
+        """Alert versions already on each alerts partition from its offset on (with the
+        offset of each), read with one plain consumer up to the high watermarks."""
+        seen: dict[int, dict[tuple[str, str, int], int]] = {p: {} for p in offsets}
+        if not offsets:
+            return seen
         reader = AIOKafkaConsumer(bootstrap_servers=self.bootstrap_servers,
                                   enable_auto_commit=False)  # fmt: skip
         await reader.start()
-        seen: dict[tuple[str, str, int], int] = {}
-        end = offset
         try:
-            tp = TopicPartition(self.alerts_topic, partition)
-            reader.assign([tp])
-            reader.seek(tp, offset)
-            # read to the high watermark the fetches report (at most 30 s)
+            tps = {p: TopicPartition(self.alerts_topic, p) for p in offsets}
+            reader.assign(list(tps.values()))
+            for p, tp in tps.items():
+                reader.seek(tp, offsets[p])
+            pending = set(tps)
             deadline = time.monotonic() + 30.0
-            while time.monotonic() < deadline:
-                batch = await reader.getmany(tp, timeout_ms=200)
-                for record in batch.get(tp, []):
-                    end = record.offset + 1
-                    with contextlib.suppress(msgspec.DecodeError, msgspec.ValidationError):
-                        a = msgspec.json.decode(record.value, type=Alert)
-                        seen[(a.id, a.status, a.updated_ms)] = record.offset
-                high = reader.highwater(tp)
-                if high is not None and await reader.position(tp) >= high:
-                    break
-            else:
-                log.warning("alerts_topic_not_read_to_end", partition=partition, offset=end)
+            while pending and time.monotonic() < deadline:
+                batch = await reader.getmany(timeout_ms=200)
+                for tp, records in batch.items():
+                    for record in records:
+                        with contextlib.suppress(msgspec.DecodeError, msgspec.ValidationError):
+                            a = msgspec.json.decode(record.value, type=Alert)
+                            seen[tp.partition][(a.id, a.status, a.updated_ms)] = record.offset
+                for p in list(pending):
+                    high = reader.highwater(tps[p])
+                    if high is not None and await reader.position(tps[p]) >= high:
+                        pending.discard(p)
+            if pending:
+                log.warning("alerts_topic_not_read_to_end", partitions=sorted(pending))
         finally:
             await reader.stop()
-        log.info("detect_alerts_read_back", partition=partition, offset=offset, end=end,
-                 versions=len(seen))  # fmt: skip
+        log.info("detect_alerts_read_back", partitions=len(offsets),
+                 versions=sum(len(v) for v in seen.values()))  # fmt: skip
         return seen
 
     async def _resume(self, tps: list[TopicPartition]) -> None:
         partitions = [tp.partition for tp in tps]
         stored = await asyncio.to_thread(self.state.load, partitions)
+        starts: dict[int, tuple[Any, int, int]] = {}
         for tp in tps:
             s = stored.get(tp.partition)
-            if s is not None:
-                fleet = pickle.loads(s.blob)
-                offset = s.next_offset if s.epoch == self.epoch else 0
-                alerts_offset = s.alerts_offset if s.epoch == self.epoch else 0
-            else:
-                fleet, offset, alerts_offset = self.fleet_factory(), 0, 0
-            # the checkpoint's alerts offset: alerts of every event from its offset on are
-            # at or after it; those already there are not published again (below)
-            published = await self._published_since(tp.partition, alerts_offset)
-            self._parts[tp.partition] = _Partition(fleet, offset, alerts_offset, published)
+            if s is None:
+                starts[tp.partition] = (self.fleet_factory(), 0, 0)
+                continue
+            same_log = s.epoch == self.epoch  # our own checkpoint: safe to unpickle
+            starts[tp.partition] = (pickle.loads(s.blob), s.next_offset if same_log else 0,
+                                    s.alerts_offset if same_log else 0)  # fmt: skip
+        # the checkpoint's alerts offset: alerts of every event from its offset on are at
+        # or after it; those already there are not published again (see _publish)
+        published = await self._published_since({p: a for p, (_, _, a) in starts.items()})
+        for tp in tps:
+            fleet, offset, alerts_offset = starts[tp.partition]
+            self._parts[tp.partition] = _Partition(fleet, offset, alerts_offset,
+                                                   published[tp.partition])  # fmt: skip
             self._consumer.seek(tp, offset)
         log.info("detect_partitions_assigned", group=self.group, partitions=partitions,
                  resumed={p: s.next_offset for p, s in stored.items()})  # fmt: skip
