@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import datetime as dt
 import json
 import os
 import signal
@@ -289,6 +290,23 @@ async def check_alert_tools(client: Client, store: Store) -> None:
     assert {a["id"]: a["verdict"] for a in again["alerts"]}[first.id] == "false_positive"
 
 
+async def check_report_tools(client: Client, events: list[StatEvent]) -> None:
+    """A day's report (built on demand: none was stored) and forecasts' refusal."""
+    day = dt.datetime.now(dt.UTC).date() - dt.timedelta(days=1)
+    start = int(dt.datetime(day.year, day.month, day.day, tzinfo=dt.UTC).timestamp() * 1000)
+    got, _ = await call(client, "get_daily_report", {"date": day.isoformat()})
+    mine = [e for e in events if start <= window_start(e.ts_ms) < start + 24 * HOUR]
+    assert got["stored"] is False
+    assert got["totals"]["bytes_in"] == sum(e.rx_bytes for e in mine)
+    assert got["totals"]["bytes_out"] == sum(e.tx_bytes for e in mine)
+    assert got["markdown"].startswith(f"# nettel daily report: {day.isoformat()}")
+    res = await client.read_resource(f"nettel://reports/daily/{day.isoformat()}")
+    assert getattr(res.contents[0], "text", "").startswith("# nettel daily report")
+    no = await client.call_tool("forecast_traffic", {"container": "svc-1", "horizon": 3})
+    assert no.is_error
+    assert "under three days of history" in getattr(no.content[0], "text", "")
+
+
 async def check_bad_input(client: Client) -> None:
     """Bad arguments get a message naming valid values; the server keeps serving."""
     cases: list[tuple[str, dict[str, Any], str]] = [
@@ -306,6 +324,10 @@ async def check_bad_input(client: Client) -> None:
         ("mark_alert", {"alert_id": "nope", "verdict": "false_positive"}, "unknown alert id"),
         ("mark_alert", {"alert_id": "x", "verdict": "maybe"}, "'false_positive' or 'confirmed'"),
         ("get_baseline", {"container": "svc-1", "metric": "bytes"}, "'rx_bytes', 'tx_bytes'"),
+        ("get_daily_report", {"date": "26/11/2026"}, "expected YYYY-MM-DD"),
+        ("get_daily_report", {"date": "2999-01-01"}, "is in the future"),
+        ("forecast_traffic", {"container": "svc-1", "horizon": 9}, "less than or equal to 7"),
+        ("forecast_traffic", {"container": "svc-1", "metric": "connections"}, "no forecast"),
     ]
     for tool, args, message in cases:
         result = await client.call_tool(tool, args)
@@ -326,6 +348,7 @@ async def test_every_tool_over_stdio(store: Store) -> None:
         assert client.server_info.name == "network-telemetry"
         await check_every_tool(client, store.events)
         await check_alert_tools(client, store)
+        await check_report_tools(client, store.events)
         await check_bad_input(client)
         prompts = {p.name for p in (await client.list_prompts()).prompts}
         assert {"investigate_spike", "daily_briefing"} <= prompts
@@ -370,6 +393,7 @@ async def test_every_tool_over_http_with_a_token(http_server: tuple[str, str],
         async with Client(transport, read_timeout_seconds=60) as client:
             await check_every_tool(client, store.events)
             await check_alert_tools(client, store)
+            await check_report_tools(client, store.events)
             await check_bad_input(client)
 
 
@@ -416,6 +440,8 @@ TOOL_ARGS = {
     "explain_anomaly": ["alert_id"],
     "get_baseline": ["container", "metric"],
     "mark_alert": ["alert_id", "verdict", "note"],
+    "get_daily_report": ["date"],
+    "forecast_traffic": ["container", "metric", "horizon"],
 }
 VALID = {
     "timeframe": st.sampled_from(["hour", "day", "week", "month"]),
@@ -431,6 +457,8 @@ VALID = {
     "alert_id": st.sampled_from(["", "0" * 20, "nope"]),
     "verdict": st.sampled_from(["false_positive", "confirmed", "maybe"]),
     "note": st.text(max_size=600),
+    "date": st.sampled_from(["2026-11-25", "2026-02-30", "", "tomorrow", "1970-01-01"]),
+    "horizon": st.integers(-2, 10),
 }
 
 

@@ -37,6 +37,8 @@ from nettel.mcp.tools import (
     AlertList,
     Baseline,
     ContainerList,
+    DailyReportOut,
+    ForecastOut,
     Limit,
     Metric,
     NetworkStats,
@@ -79,8 +81,9 @@ async def _answer(fn: Callable[[], T]) -> T:
         raise ToolError(str(e)) from e
 
 
-def build_server(tools: TelemetryTools) -> MCPServer[Any]:
-    """The MCP server over ``tools``."""
+def build_server(tools: TelemetryTools, data_dir: str | None = None) -> MCPServer[Any]:
+    """The MCP server over ``tools`` (``data_dir``: where stored reports are)."""
+    data_dir = data_dir or tools.query.minute.uri.rsplit("/", 1)[0]
     server: MCPServer[Any] = MCPServer(SERVER_NAME, instructions=INSTRUCTIONS)
 
     @server.tool()
@@ -211,6 +214,34 @@ def build_server(tools: TelemetryTools) -> MCPServer[Any]:
         """Feedback to the detector on one alert (the only tool that writes): a false
         positive widens that container's band for that metric and hour of the week."""
         return await _answer(lambda: tools.mark(alert_id, verdict, note))
+
+    @server.tool()
+    async def get_daily_report(
+        date: Annotated[
+            str | None, Field(description="YYYY-MM-DD (UTC day); default: yesterday")
+        ] = None,
+    ) -> DailyReportOut:
+        """A day's report as Markdown (totals in/out, top consumers and shares, changes
+        against the day before and a week before, new and gone containers, anomalies,
+        error/drop hot spots, peak hours, cost, forecast), with its headline figures."""
+        return await _answer(lambda: tools.daily_report(date, data_dir))
+
+    @server.tool()
+    async def forecast_traffic(
+        container: ContainerArg,
+        metric: Annotated[Metric, Field(description="a counter: bytes, bytes_sent, ...")] = "bytes",
+        horizon: Annotated[int, Field(ge=1, le=7, description="days ahead, 1 to 7")] = 7,
+    ) -> ForecastOut:
+        """Expected traffic of a container for the next days, per hour (first 48) and per
+        day, with an interval, from a Holt-Winters model on its hourly history (daily and,
+        after three weeks, weekly seasonality)."""
+        return await _answer(lambda: tools.forecast(container, metric, horizon))
+
+    @server.resource("nettel://reports/daily/{date}", mime_type="text/markdown")
+    async def daily_report_resource(date: str) -> str:
+        """The daily report of a day (YYYY-MM-DD) as Markdown."""
+        result = await _answer(lambda: tools.daily_report(date, data_dir))
+        return result.markdown
 
     @server.resource("nettel://alerts/open", mime_type="application/json")
     async def open_alerts_resource() -> str:

@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Annotated, Any, Literal
 
+import msgspec
 import polars as pl
 from pydantic import BaseModel, Field, model_serializer
 
@@ -468,6 +469,60 @@ class TelemetryTools:
             summary=series.summary(),
         )  # fmt: skip
 
+    # ---- reports ------------------------------------------------------------
+
+    def daily_report(self, date: str | None, data_dir: str) -> DailyReportOut:
+        """``get_daily_report``: the stored report of ``date`` (default yesterday, UTC),
+        else one built now from the store."""
+        from nettel.report import build_daily_report, load_report, yesterday
+        from nettel.report.render import render_markdown
+
+        try:
+            day = dt.date.fromisoformat(date.strip()) if date else yesterday("UTC")
+        except ValueError:
+            raise ToolInputError(
+                f"date {date!r} is not a day: expected YYYY-MM-DD (default: yesterday)"
+            ) from None
+        today = dt.datetime.fromtimestamp(self.now_ms() / 1000, dt.UTC).date()
+        if day > today:
+            raise ToolInputError(f"date {day} is in the future: expected {today} or before")
+        report = load_report(data_dir, day)
+        stored = report is not None
+        if report is None:
+            report = build_daily_report(self.query, day, alerts=_alert_records(self, day))
+        doc = msgspec.to_builtins(report)
+        return DailyReportOut(date=day.isoformat(), stored=stored,
+                              markdown=render_markdown(report), totals=doc.get("totals", {}),
+                              top=doc.get("top", [])[:10])  # fmt: skip
+
+    def forecast(self, container: str, metric: Metric, horizon_days: int) -> ForecastOut:
+        """``forecast_traffic``."""
+        from nettel.report import forecast_container
+
+        _check_metric(metric)
+        store_metric = STORE_METRIC[metric]
+        if store_metric == "connections" or store_metric.startswith("tcp_"):
+            raise ToolInputError(
+                f"no forecast for {metric!r}: expected one of bytes, bytes_sent, "
+                "bytes_received, packets, packets_sent, packets_received, errors, drops"
+            )
+        identity = self.resolve(container)
+        fc = forecast_container(self.query, identity, metric=store_metric,
+                                horizon_hours=horizon_days * 24, now_ms=self.now_ms())  # fmt: skip
+        if fc is None:
+            raise ToolInputError(f"{identity!r} has under three days of history: no forecast yet")
+        rows = zip(fc.values, fc.low, fc.high, strict=True)
+        hours = [ForecastPoint(ts=iso(fc.start_ms + i * 3_600_000), expected=v, low=lo, high=hi)
+                 for i, (v, lo, hi) in enumerate(rows)]  # fmt: skip
+        days = [
+            ForecastPoint(ts=hours[i].ts, expected=sum(fc.values[i:i + 24]),
+                          low=sum(fc.low[i:i + 24]), high=sum(fc.high[i:i + 24]))
+            for i in range(0, len(hours), 24)
+        ]  # fmt: skip
+        return ForecastOut(container=identity, metric=metric, unit=unit_of(metric, "sum"),
+                           model=fc.model, level=fc.level, history_hours=fc.history_hours,
+                           hours=hours[:48], days=days)  # fmt: skip
+
     # ---- alerts -------------------------------------------------------------
 
     def _verdicts(self) -> dict[str, str]:
@@ -603,8 +658,52 @@ class TelemetryTools:
         )  # fmt: skip
 
 
+class DailyReportOut(BaseModel):
+    """A day's report: Markdown for reading, and its headline figures."""
+
+    date: str
+    stored: bool = Field(description="false: built now (no report was stored for that day)")
+    markdown: str
+    totals: dict[str, Any]
+    top: list[dict[str, Any]] = Field(description="top consumers with their share")
+
+
+class ForecastPoint(BaseModel):
+    """One forecast hour."""
+
+    ts: str
+    expected: float
+    low: float
+    high: float
+
+
+class ForecastOut(BaseModel):
+    """Expected traffic per hour (or per day summed), with an interval."""
+
+    container: str
+    metric: Metric
+    unit: str
+    model: str
+    level: float = Field(description="interval coverage, e.g. 0.95")
+    history_hours: int
+    hours: list[ForecastPoint] = Field(description="at most 48 hours; the rest is in days")
+    days: list[ForecastPoint] = Field(description="per-day sums of the hourly forecast")
+
+
 def _tool_metric(store_metric: str) -> Any:
     return next((k for k, v in STORE_METRIC.items() if v == store_metric), store_metric)
+
+
+def _alert_records(tools: TelemetryTools, day: dt.date) -> list[Any] | None:
+    """The alerts of ``day`` for a report built on demand (None: no detector data)."""
+    from nettel.report.publish import stored_alerts
+
+    if tools.alerts is None:
+        return None
+    start = int(dt.datetime(day.year, day.month, day.day, tzinfo=dt.UTC).timestamp() * 1000)
+    base = tools.alerts.uri.rsplit("/", 1)[0]
+    found = stored_alerts(base)(start, start + DAY_MS)
+    return None if found is None else list(found)
 
 
 def parse_since(since: str | None, now_ms: int) -> int | None:
