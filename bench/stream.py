@@ -9,7 +9,7 @@ Bytes per stored value: the minute table's Parquet bytes over rows x value colum
 
     python bench/stream.py [--containers 100] [--hours 12]
 
-Writes bench/results/stream.json. Query latency is not measured yet (no query API).
+Writes bench/results/stream.json. Query latency: bench/query.py.
 """
 
 from __future__ import annotations
@@ -21,13 +21,15 @@ import resource
 import sys
 import tempfile
 import time
-from pathlib import Path
 from typing import Any
+
+from deltalake import DeltaTable
 
 from nettel.broker import EmbeddedBroker, free_loopback_port
 from nettel.ingest.publisher import EventPublisher
 from nettel.ingest.simulate import TrafficSimulator
 from nettel.models import encode_stat_event
+from nettel.store.maintenance import maintain_table
 from nettel.store.minute import MinuteTable, minute_schema
 from nettel.store.rollup import DAY_MS, HOUR_MS, RollupTable
 from nettel.stream.worker import StreamWorker
@@ -36,8 +38,10 @@ sys.path.insert(0, os.path.dirname(__file__))
 from common import write_result
 
 
-def parquet_bytes(folder: str) -> int:
-    return sum(f.stat().st_size for f in Path(folder).rglob("*.parquet"))
+def live_bytes(uri: str) -> int:
+    """Bytes of the Parquet files the table's latest version holds."""
+    actions = DeltaTable(uri).get_add_actions(flatten=True)
+    return int(sum(actions.column("size_bytes").to_pylist()))
 
 
 def cpu_s() -> float:
@@ -74,8 +78,12 @@ async def run(containers: int, hours: float) -> dict[str, Any]:
         await task  # the final flush (and roll) included
         wall, cpu = time.monotonic() - t0, cpu_s() - c0
         rows = minute.scan().select("samples").collect()
-        parquet = parquet_bytes(f"{tmp}/minute")
+        parquet = live_bytes(f"{tmp}/minute")
         value_columns = len(minute_schema()) - 2  # all but date (partition) and container
+        # as `nettel up` leaves it after a maintenance pass (one file per date partition)
+        maintain_table(f"{tmp}/minute", "minute", retention_days=None)
+        rows_after = minute.scan().select("samples").collect().height
+        maintained = live_bytes(f"{tmp}/minute")
     await broker.stop()
     return {
         "containers": containers,
@@ -87,6 +95,11 @@ async def run(containers: int, hours: float) -> dict[str, Any]:
         "minute_rows": rows.height,
         "minute_parquet_bytes": parquet,
         "bytes_per_stored_value": round(parquet / max(rows.height * value_columns, 1), 3),
+        "minute_rows_after_maintenance": rows_after,
+        "minute_parquet_bytes_after_maintenance": maintained,
+        "bytes_per_stored_value_after_maintenance": round(
+            maintained / max(rows_after * value_columns, 1), 3
+        ),
         "flushes": worker.stats.flushes,
         "target_events_per_s": 250_000,
     }
