@@ -652,11 +652,15 @@ async def doctor_checks(settings: Settings) -> list[tuple[str, bool, str, str]]:
 async def cmd_doctor(settings: Settings) -> int:
     """Print what nettel found and how to fix what is missing; exit 1 if something is."""
     rows = await doctor_checks(settings)
+    procfs_ok = any(ok for name, ok, _, _ in rows if name == "procfs")
+    # without an engine nettel samples through procfs, so a missing engine is only a warning
+    # then (containers of the stream, detect and mcp roles have no engine socket at all)
+    optional = {"engine"} if procfs_ok and settings.source != "engine" else set()
     for name, ok, found, fix in rows:
-        print(f"{'ok  ' if ok else 'FAIL'} {name:9} {found}")
+        print(f"{'ok  ' if ok else 'warn' if name in optional else 'FAIL'} {name:9} {found}")
         if not ok and fix:
             print(f"     {'':9} fix: {fix}")
-    return 0 if all(ok for _, ok, _, _ in rows) else 1
+    return 0 if all(ok or name in optional for name, ok, _, _ in rows) else 1
 
 
 def build_parser() -> argparse.ArgumentParser:
