@@ -1,0 +1,241 @@
+"""The roles as separate processes, as docker-compose.kafka.yml runs them: 1 ingest on real
+Podman containers, 2 stream workers, 1 detector and the MCP HTTP endpoint with a token,
+against one broker. One stream worker is SIGKILLed mid-run; the other takes over its
+partitions, and the totals the MCP endpoint answers still equal the events on the topic,
+which equal the kernel's counters: nothing lost, nothing counted twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx2 as httpx
+import pytest
+from mcp import Client
+from mcp.client.streamable_http import streamable_http_client
+
+from conftest import Engine, consume_events, free_port, kernel_counters, wait_for
+from nettel.broker import EmbeddedBroker, ensure_topics
+from nettel.ingest.publisher import EventPublisher
+from nettel.mcp.tools import window
+from nettel.models import StatEvent, encode_stat_event
+
+pytestmark = [pytest.mark.broker, pytest.mark.engine]
+
+NETTEL = str(Path(sys.executable).with_name("nettel"))
+PARTITIONS = 2
+TOKEN = "deploy-test-token"
+FETCHES = 12
+FILE_BYTES = 200_000
+#: get_network_stats' fields and the event counters they total
+FIELDS = {"bytes_sent": "tx_bytes", "bytes_received": "rx_bytes",
+          "packets_sent": "tx_packets", "packets_received": "rx_packets"}  # fmt: skip
+
+
+class Role:
+    """One `nettel ...` process with its stderr kept in a file."""
+
+    def __init__(self, name: str, argv: list[str], env: dict[str, str], logs: Path) -> None:
+        self.name = name
+        self.log = logs / f"{name}.log"
+        with self.log.open("wb") as err:
+            self.proc = subprocess.Popen([NETTEL, *argv], env=env, stdin=subprocess.DEVNULL,
+                                         stdout=subprocess.DEVNULL, stderr=err)  # fmt: skip
+
+    def tail(self) -> str:
+        return f"--- {self.name} (rc {self.proc.poll()}):\n" + "\n".join(
+            self.log.read_text(errors="replace").splitlines()[-15:]
+        )
+
+    def stop(self, timeout_s: float = 30.0) -> int | None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            return None
+
+
+class KernelReadings:
+    """Each container's kernel counters every 50 ms, read in a thread independently of nettel."""
+
+    def __init__(self, pids: dict[str, int]) -> None:
+        self.pids = pids
+        self.readings: list[tuple[int, dict[str, dict[str, int]]]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.05):
+            now = time.time_ns() // 1_000_000
+            self.readings.append((now, {n: kernel_counters(p) for n, p in self.pids.items()}))
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+    def around(self, name: str, ts_ms: int, counter: str) -> tuple[int, int]:
+        """The lowest and highest reading within 300 ms of ``ts_ms`` (a sample's time)."""
+        near = [r[name][counter] for t, r in self.readings if abs(t - ts_ms) <= 300]
+        assert near, f"no kernel reading near {ts_ms}"
+        return min(near), max(near)
+
+
+async def publish(bootstrap: str, events: list[StatEvent]) -> None:
+    async with EventPublisher(bootstrap, "nettel.stats") as publisher:
+        for ev in events:
+            publisher.publish(ev.identity.encode(), encode_stat_event(ev))
+        await wait_for(lambda: publisher.sent >= len(events), 60, "the closing events sent")
+
+
+async def mcp_totals(url: str, names: list[str]) -> tuple[dict[str, dict[str, Any]], int] | None:
+    """get_network_stats(name, hour, sum) for each name, all answered within one minute
+    (returned with a time in it); None while a name is not in the tables yet."""
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    async with httpx.AsyncClient(headers=headers, timeout=30) as http:
+        transport = streamable_http_client(url, http_client=http)
+        async with Client(transport, read_timeout_seconds=30) as client:
+            for _ in range(3):
+                t0 = time.time_ns() // 1_000_000
+                out = {}
+                for name in names:
+                    args = {"container": name, "timeframe": "hour", "aggregation": "sum"}
+                    result = await client.call_tool("get_network_stats", args)
+                    if result.is_error or result.structured_content is None:
+                        return None
+                    out[name] = result.structured_content["data"]
+                if t0 // 60_000 == time.time_ns() // 1_000_000 // 60_000:
+                    return out, t0
+    raise AssertionError("three rounds of calls straddled a minute boundary")
+
+
+def expected(events: list[StatEvent], name: str, now_ms: int) -> dict[str, int]:
+    start, end = window("hour", now_ms)
+    mine = [e for e in events if e.identity == name and start <= e.ts_ms < end]
+    return {field: sum(getattr(e, c) for e in mine) for field, c in FIELDS.items()}
+
+
+async def test_roles_as_processes_survive_a_killed_stream_worker(
+    engine: Engine, broker: EmbeddedBroker, tmp_path: Path
+) -> None:
+    bootstrap = broker.bootstrap_servers
+    await ensure_topics(bootstrap, dict.fromkeys(("nettel.stats", "nettel.alerts",
+                                                  "nettel.stats.dlq"), PARTITIONS))  # fmt: skip
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NETTEL_")}
+    env.update(KAFKA_BOOTSTRAP_SERVERS=bootstrap, NETTEL_PARTITIONS=str(PARTITIONS),
+               NETTEL_DATA_DIR=str(tmp_path / "data"), NETTEL_LOG_FORMAT="json",
+               DOCKER_HOST=engine.url)  # fmt: skip
+    roles: list[Role] = []
+    try:
+        roles.append(Role("ingest", ["ingest"], {**env, "NETTEL_SOURCE": "engine",
+                                                 "NETTEL_SAMPLE_INTERVAL_S": "1",
+                                                 "NETTEL_INVENTORY_INTERVAL_S": "1"},
+                          tmp_path))  # fmt: skip
+        stream_env = {**env, "NETTEL_FLUSH_INTERVAL_S": "1", "NETTEL_WINDOW_GRACE_S": "1"}
+        roles += [Role(f"stream{i}", ["stream"], stream_env, tmp_path) for i in (1, 2)]
+        roles.append(Role("detect", ["detect"], {**env, "NETTEL_DETECT_CHECKPOINT_S": "2"},
+                          tmp_path))  # fmt: skip
+        roles.append(Role("mcp", ["mcp", "--http"], {**env, "NETTEL_MCP_TOKEN": TOKEN,
+                                                     "NETTEL_MCP_PORT": str(port)},
+                          tmp_path))  # fmt: skip
+        ingest, stream1, stream2, detect, mcp = roles
+        # containers started after ingest watches count their traffic from zero
+        await wait_for(lambda: b"ingest_started" in ingest.log.read_bytes(), 60,
+                       "ingest to start")  # fmt: skip
+        await asyncio.sleep(1.5)
+        servers = [engine.run(f"mkdir -p /www && dd if=/dev/zero of=/www/f bs=1000 "
+                              f"count={FILE_BYTES // 1000} 2>/dev/null && httpd -f -p 8080 -h /www")
+                   for _ in range(2)]  # fmt: skip
+        clients = [engine.run(f"sleep 3; for i in $(seq {FETCHES}); do wget -q -O /dev/null "
+                              f"http://{engine.ip(s)}:8080/f; sleep 0.5; done; "
+                              "echo fetched; sleep 3600")
+                   for s in servers]  # fmt: skip
+        containers = servers + clients
+        traffic_ms = time.time_ns() // 1_000_000 + 3_000  # the clients' first fetch
+        names = [c.name for c in containers]
+        pids = {c.name: engine.pid(c) for c in containers}
+        kernel = KernelReadings(pids)
+        await asyncio.sleep(6)  # the workers have consumed and flushed some windows
+        assert all(r.proc.poll() is None for r in roles), "\n".join(r.tail() for r in roles)
+        await wait_for(lambda: b'"partitions_assigned"' in stream1.log.read_bytes(), 30,
+                       "stream1 to own partitions")  # fmt: skip
+        stream1.proc.kill()  # SIGKILL mid-run: no flush, no commit, no leave-group
+        stream1.proc.wait()
+        await wait_for(lambda: all(b"fetched" in c.logs() for c in clients), 60,
+                       "the clients' fetches")  # fmt: skip
+        await asyncio.sleep(2.5)  # samples with still counters after the last fetch
+        # a minute has to close behind the traffic for the MCP's whole-minute windows
+        await wait_for(lambda: time.time() * 1000 // 60_000 > (traffic_ms + 2_000) // 60_000,
+                       65, "a minute boundary")  # fmt: skip
+        await asyncio.sleep(2)
+        assert ingest.stop() == 0, ingest.tail()
+        kernel.stop()
+        events = await consume_events(bootstrap)
+        # one empty sample per container, a minute past the last, closes every window
+        last: dict[str, StatEvent] = {}
+        for e in events:
+            last[e.identity] = e if e.identity not in last or e.ts_ms > last[e.identity].ts_ms \
+                else last[e.identity]  # fmt: skip
+        closing_ms = max(e.ts_ms for e in events) + 62_000
+        await publish(bootstrap, [StatEvent(ts_ms=closing_ms, host=e.host,
+                                            container_id=e.container_id, identity=e.identity,
+                                            name=e.name, interval_ms=0)
+                                  for e in last.values()])  # fmt: skip
+
+        exact = 0
+        for name in names:  # the topic holds exactly what the kernel counted
+            mine = [e for e in events if e.identity == name]
+            assert len(mine) >= 8, f"{name}: only {len(mine)} samples"
+            last_ms = max(e.ts_ms for e in mine)
+            for c in ("rx_bytes", "tx_bytes", "rx_packets", "tx_packets"):
+                low, high = kernel.around(name, last_ms, c)
+                assert low <= sum(getattr(e, c) for e in mine) <= high, (name, c, low, high)
+                exact += low == high
+        assert exact >= len(names) * 2, f"only {exact} counters stood still around the end"
+        assert sum(e.tx_bytes for e in events if e.identity == names[0]) > FETCHES * FILE_BYTES
+
+        url = f"http://127.0.0.1:{port}/mcp"
+        got: tuple[dict[str, dict[str, Any]], int] | None = None
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            got = await mcp_totals(url, names)
+            if got is not None and all(
+                {f: got[0][n][f] for f in FIELDS} == expected(events, n, got[1]) for n in names
+            ):
+                break
+            await asyncio.sleep(1)
+        assert got is not None, "\n".join(r.tail() for r in roles)
+        answers, at_ms = got
+        for n in names:
+            assert {f: answers[n][f] for f in FIELDS} == expected(events, n, at_ms), (
+                n, "\n".join(r.tail() for r in roles))  # fmt: skip
+        compared = sum(expected(events, n, at_ms)["bytes_sent"] for n in names)
+        assert compared > FILE_BYTES, "too little traffic in closed minutes to compare"
+        assert stream2.proc.poll() is None, stream2.tail()
+        assigned = [json.loads(line)["partitions"] for line in stream2.log.read_text().splitlines()
+                    if '"partitions_assigned"' in line]  # fmt: skip
+        assert sorted(assigned[-1]) == list(range(PARTITIONS)), "stream2 took over stream1's"
+        assert detect.proc.poll() is None, detect.tail()
+        for r in (stream2, detect, mcp):
+            r.proc.send_signal(signal.SIGTERM)
+        for r in (detect, mcp):
+            assert r.stop() == 0, r.tail()
+        # Not asserted: on Tansu, the survivor of a SIGKILLed group member then takes ~40 s
+        # to stop (its LeaveGroup gets no answer until aiokafka's request timeout).
+        stream2.stop(5)
+    finally:
+        for r in roles:
+            r.stop(10)
