@@ -87,8 +87,8 @@ class KernelReadings:
         self._thread.join(10)
 
     def around(self, name: str, ts_ms: int, counter: str) -> tuple[int, int]:
-        """The lowest and highest reading within 300 ms of ``ts_ms`` (a sample's time)."""
-        near = [r[name][counter] for t, r in self.readings if abs(t - ts_ms) <= 300]
+        """The lowest and highest reading within 150 ms of ``ts_ms`` (a sample's time)."""
+        near = [r[name][counter] for t, r in self.readings if abs(t - ts_ms) <= 150]
         assert near, f"no kernel reading near {ts_ms}"
         return min(near), max(near)
 
@@ -203,8 +203,10 @@ async def test_roles_as_processes_survive_a_killed_stream_worker(
             for c in ("rx_bytes", "tx_bytes", "rx_packets", "tx_packets"):
                 low, high = kernel.around(name, last_ms, c)
                 assert low <= sum(getattr(e, c) for e in mine) <= high, (name, c, low, high)
+                # the traffic is over: only the odd background packet moves them now
+                assert high - low <= (2_000 if c.endswith("bytes") else 20), (name, c, low, high)
                 exact += low == high
-        assert exact >= len(names) * 2, f"only {exact} counters stood still around the end"
+        assert exact >= len(names), f"only {exact} counters stood still around the end"
         assert sum(e.tx_bytes for e in events if e.identity == names[0]) > FETCHES * FILE_BYTES
 
         url = f"http://127.0.0.1:{port}/mcp"
@@ -231,8 +233,9 @@ async def test_roles_as_processes_survive_a_killed_stream_worker(
         assert detect.proc.poll() is None, detect.tail()
         for r in (stream2, detect, mcp):
             r.proc.send_signal(signal.SIGTERM)
-        for r in (detect, mcp):
-            assert r.stop() == 0, r.tail()
+        assert detect.stop() == 0, detect.tail()
+        # uvicorn shuts down gracefully, then may re-raise the SIGTERM it caught
+        assert mcp.stop() in (0, -signal.SIGTERM), mcp.tail()
         # Not asserted: on Tansu, the survivor of a SIGKILLed group member then takes ~40 s
         # to stop (its LeaveGroup gets no answer until aiokafka's request timeout).
         stream2.stop(5)
