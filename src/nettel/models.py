@@ -17,6 +17,7 @@ True
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from operator import attrgetter
 from typing import Final
 
 import msgspec
@@ -159,6 +160,17 @@ TCP_STATES: Final = tuple(TCP_STATE_NAMES.values())
 
 WINDOW_MS: Final = 60_000
 
+_counters_of: Final = attrgetter(*COUNTERS)
+_tcp_counts_of: Final = attrgetter(*TCP_STATES)
+_UNROLLED: Final = (
+    ("rx_bytes", "tx_bytes", "rx_packets", "tx_packets", "rx_errors", "tx_errors",
+     "rx_drops", "tx_drops", "bytes", "packets", "errors", "drops"),
+    ("established", "syn_sent", "syn_recv", "fin_wait1", "fin_wait2", "time_wait", "close",
+     "close_wait", "last_ack", "listen", "closing"),
+)  # fmt: skip
+if (RATE_METRICS, TCP_STATES) != _UNROLLED:  # pragma: no cover - a guard for editors
+    raise ImportError("WindowAggregate.add is unrolled over RATE_METRICS and TCP_STATES")
+
 
 def window_start(ts_ms: int, size_ms: int = WINDOW_MS) -> int:
     """Start of the window that holds ``ts_ms``.
@@ -171,7 +183,7 @@ def window_start(ts_ms: int, size_ms: int = WINDOW_MS) -> int:
     return ts_ms - ts_ms % size_ms
 
 
-@dataclass
+@dataclass(slots=True)
 class WindowAggregate:
     """One container's traffic over one window, as the ``minute`` table stores it.
 
@@ -235,33 +247,123 @@ class WindowAggregate:
         (4, 2)
         """
         self.samples += 1
-        self.interval_ms += ev.interval_ms
+        interval_ms = ev.interval_ms
+        self.interval_ms += interval_ms
         self.resets += ev.counter_reset
-        seconds = ev.interval_ms / 1000
-        for name in RATE_METRICS:
-            parts = TOTALS.get(name)
-            if parts is None:
-                value: int = getattr(ev, name)
-                self.sums[name] += value
-            else:
-                value = getattr(ev, parts[0]) + getattr(ev, parts[1])
-            if seconds > 0:
-                rate = value / seconds
-                if name not in self.rate_min or rate < self.rate_min[name]:
-                    self.rate_min[name] = rate
-                if name not in self.rate_max or rate > self.rate_max[name]:
-                    self.rate_max[name] = rate
-        if ev.connections is not None:
+        # unrolled over the metrics (this runs once per event): the same arithmetic,
+        # comparisons and results as a loop over RATE_METRICS with getattr
+        rxb, txb, rxp, txp, rxe, txe, rxd, txd = _counters_of(ev)
+        sums = self.sums
+        sums["rx_bytes"] += rxb
+        sums["tx_bytes"] += txb
+        sums["rx_packets"] += rxp
+        sums["tx_packets"] += txp
+        sums["rx_errors"] += rxe
+        sums["tx_errors"] += txe
+        sums["rx_drops"] += rxd
+        sums["tx_drops"] += txd
+        seconds = interval_ms / 1000
+        if seconds > 0:
+            rates = (rxb / seconds, txb / seconds, rxp / seconds, txp / seconds,
+                     rxe / seconds, txe / seconds, rxd / seconds, txd / seconds,
+                     (rxb + txb) / seconds, (rxp + txp) / seconds,
+                     (rxe + txe) / seconds, (rxd + txd) / seconds)  # fmt: skip
+            rmin, rmax = self.rate_min, self.rate_max
+            if len(rmin) == len(RATE_METRICS) and len(rmax) == len(RATE_METRICS):
+                r0, r1, r2, r3, r4, r5, r6, r7, r8, r9, r10, r11 = rates
+                if r0 < rmin["rx_bytes"]:
+                    rmin["rx_bytes"] = r0
+                if r0 > rmax["rx_bytes"]:
+                    rmax["rx_bytes"] = r0
+                if r1 < rmin["tx_bytes"]:
+                    rmin["tx_bytes"] = r1
+                if r1 > rmax["tx_bytes"]:
+                    rmax["tx_bytes"] = r1
+                if r2 < rmin["rx_packets"]:
+                    rmin["rx_packets"] = r2
+                if r2 > rmax["rx_packets"]:
+                    rmax["rx_packets"] = r2
+                if r3 < rmin["tx_packets"]:
+                    rmin["tx_packets"] = r3
+                if r3 > rmax["tx_packets"]:
+                    rmax["tx_packets"] = r3
+                if r4 < rmin["rx_errors"]:
+                    rmin["rx_errors"] = r4
+                if r4 > rmax["rx_errors"]:
+                    rmax["rx_errors"] = r4
+                if r5 < rmin["tx_errors"]:
+                    rmin["tx_errors"] = r5
+                if r5 > rmax["tx_errors"]:
+                    rmax["tx_errors"] = r5
+                if r6 < rmin["rx_drops"]:
+                    rmin["rx_drops"] = r6
+                if r6 > rmax["rx_drops"]:
+                    rmax["rx_drops"] = r6
+                if r7 < rmin["tx_drops"]:
+                    rmin["tx_drops"] = r7
+                if r7 > rmax["tx_drops"]:
+                    rmax["tx_drops"] = r7
+                if r8 < rmin["bytes"]:
+                    rmin["bytes"] = r8
+                if r8 > rmax["bytes"]:
+                    rmax["bytes"] = r8
+                if r9 < rmin["packets"]:
+                    rmin["packets"] = r9
+                if r9 > rmax["packets"]:
+                    rmax["packets"] = r9
+                if r10 < rmin["errors"]:
+                    rmin["errors"] = r10
+                if r10 > rmax["errors"]:
+                    rmax["errors"] = r10
+                if r11 < rmin["drops"]:
+                    rmin["drops"] = r11
+                if r11 > rmax["drops"]:
+                    rmax["drops"] = r11
+            else:  # the first sample with an interval (or dicts set from outside)
+                for name, rate in zip(RATE_METRICS, rates, strict=True):
+                    if name not in rmin or rate < rmin[name]:
+                        rmin[name] = rate
+                    if name not in rmax or rate > rmax[name]:
+                        rmax[name] = rate
+        conns = ev.connections
+        if conns is not None:
             if ev.ts_ms >= self._last_ts_ms:
-                self.connections_last = ev.connections
-            self.connections_max = max(self.connections_max or 0, ev.connections)
-            if self.connections_min is None or ev.connections < self.connections_min:
-                self.connections_min = ev.connections
-            self.connections_sum += ev.connections
+                self.connections_last = conns
+            self.connections_max = max(self.connections_max or 0, conns)
+            if self.connections_min is None or conns < self.connections_min:
+                self.connections_min = conns
+            self.connections_sum += conns
             self.connections_samples += 1
-        if ev.tcp is not None:
-            for state in TCP_STATES:
-                self.tcp_max[state] = max(self.tcp_max.get(state, 0), getattr(ev.tcp, state))
+        tcp = ev.tcp
+        if tcp is not None:
+            tcp_max = self.tcp_max
+            if len(tcp_max) == len(TCP_STATES):
+                t0, t1, t2, t3, t4, t5, t6, t7, t8, t9, t10 = _tcp_counts_of(tcp)
+                if t0 > tcp_max["established"]:
+                    tcp_max["established"] = t0
+                if t1 > tcp_max["syn_sent"]:
+                    tcp_max["syn_sent"] = t1
+                if t2 > tcp_max["syn_recv"]:
+                    tcp_max["syn_recv"] = t2
+                if t3 > tcp_max["fin_wait1"]:
+                    tcp_max["fin_wait1"] = t3
+                if t4 > tcp_max["fin_wait2"]:
+                    tcp_max["fin_wait2"] = t4
+                if t5 > tcp_max["time_wait"]:
+                    tcp_max["time_wait"] = t5
+                if t6 > tcp_max["close"]:
+                    tcp_max["close"] = t6
+                if t7 > tcp_max["close_wait"]:
+                    tcp_max["close_wait"] = t7
+                if t8 > tcp_max["last_ack"]:
+                    tcp_max["last_ack"] = t8
+                if t9 > tcp_max["listen"]:
+                    tcp_max["listen"] = t9
+                if t10 > tcp_max["closing"]:
+                    tcp_max["closing"] = t10
+            else:
+                for state, n in zip(TCP_STATES, _tcp_counts_of(tcp), strict=True):
+                    tcp_max[state] = max(tcp_max.get(state, 0), n)
         if ev.ts_ms >= self._last_ts_ms:
             self._last_ts_ms = ev.ts_ms
             self.container_id, self.name, self.image = ev.container_id, ev.name, ev.image

@@ -20,7 +20,7 @@ from nettel.models import WINDOW_MS, ReplayPoint, StatEvent, WindowAggregate, wi
 __all__ = ["WINDOW_MS", "PartitionWindows", "ReplayPoint", "WindowAggregate", "window_start"]
 
 
-@dataclass
+@dataclass(slots=True)
 class _Open:
     agg: WindowAggregate
     first_offset: int
@@ -68,31 +68,33 @@ class PartitionWindows:
         >>> [(w.window_start_ms, w.samples) for w in pw.close_ready()], pw.late
         ([(0, 1), (0, 1)], 1)
         """
+        # the logic of _closed_by inlined (this runs once per event): a window starting
+        # at ``start`` is closed by event time ``t`` when ``start + span <= t``
         before = self.event_time_ms
         self._next_offset = offset + 1
-        replaying = self.replay is not None and offset < self.replay.next_offset
-        start = window_start(ev.ts_ms, self.size_ms)
-        key = (ev.identity, start)
-        if self._closed_by(start, before):
+        span = self.size_ms + self.grace_ms
+        ts_ms = ev.ts_ms
+        start = ts_ms - ts_ms % self.size_ms  # window_start
+        replay = self.replay
+        replaying = replay is not None and offset < replay.next_offset
+        if start + span <= before:
             if replaying:  # late partials are written at every write: this one was
                 self.replayed += 1
                 return
             self.late += 1
+            key = (ev.identity, start)
             entry = self._late.get(key)
             if entry is None:
                 agg = WindowAggregate.first(ev, self.size_ms)
                 entry = self._late[key] = _Open(agg, offset, before)
             entry.agg.add(ev)
             return
-        if ev.ts_ms > before:
-            self.event_time_ms = ev.ts_ms
-        if (
-            replaying
-            and self.replay is not None
-            and self._closed_by(start, self.replay.written_through_ms)
-        ):
+        if ts_ms > before:
+            self.event_time_ms = ts_ms
+        if replaying and replay is not None and start + span <= replay.written_through_ms:
             self.replayed += 1  # its window closed before the write: it was written
         else:
+            key = (ev.identity, start)
             entry = self._open.get(key)
             if entry is None:
                 agg = WindowAggregate.first(ev, self.size_ms)
@@ -100,9 +102,8 @@ class PartitionWindows:
                 if self._earliest_start is None or start < self._earliest_start:
                     self._earliest_start = start
             entry.agg.add(ev)
-        if self._earliest_start is not None and self._closed_by(
-            self._earliest_start, self.event_time_ms
-        ):
+        earliest = self._earliest_start
+        if earliest is not None and earliest + span <= self.event_time_ms:
             self._close_due()
 
     def _close_due(self) -> None:

@@ -28,10 +28,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import math
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from operator import attrgetter
 from typing import Any
 
 import msgspec
@@ -48,6 +50,8 @@ from nettel.stream.windows import PartitionWindows
 log = structlog.get_logger(__name__)
 
 DAY_MS = 86_400_000
+
+_counters_of = attrgetter(*COUNTERS)
 
 #: How long the broker holds a fetch with nothing to return: a fetch answered later
 #: than this after a moment was sent after it, so its high watermark is that late.
@@ -85,10 +89,11 @@ def validate(ev: StatEvent, now_ms: int, *, max_age_ms: int = 400 * DAY_MS) -> s
     >>> validate(msgspec.structs.replace(ok, ts_ms=10**12 + 2 * DAY_MS), 10**12)
     'ts_ms 1000172800000 is more than a day ahead'
     """
-    for name in COUNTERS:
-        value = getattr(ev, name)
-        if value < 0:
-            return f"{name} is negative ({value})"
+    counters = _counters_of(ev)
+    if min(counters) < 0:
+        for name, value in zip(COUNTERS, counters, strict=True):
+            if value < 0:
+                return f"{name} is negative ({value})"
     if ev.interval_ms < 0 or ev.interval_ms > DAY_MS:
         return f"interval_ms {ev.interval_ms} is outside [0, 1 day]"
     if ev.ts_ms > now_ms + DAY_MS:
@@ -381,20 +386,26 @@ class StreamWorker:
         batch = await self._consumer.getmany(timeout_ms=200, max_records=self.max_records)
         now_ms = time.time_ns() // 1_000_000
         read = False
+        stats = self.stats
+        positions = self._positions
+        keep_samples = self.samples is not None
         for tp, records in batch.items():
-            pw = self._windows.get(tp.partition)
+            partition = tp.partition
+            pw = self._windows.get(partition)
             if pw is None:
                 continue  # revoked meanwhile
-            buf = self._samples_buf.setdefault(tp.partition, [])
-            done = self._samples_done.get(tp.partition, 0)
+            add = pw.add
+            buf = self._samples_buf.setdefault(partition, [])
+            done = self._samples_done.get(partition, 0)
             for record in records:
                 if self.epoch:
                     stamped = record_epoch(record.headers)
                     if stamped is not None and stamped < self.epoch:
-                        self.stats.stale_skipped += 1  # fetched from the replaced log
+                        stats.stale_skipped += 1  # fetched from the replaced log
                         continue
-                self.stats.consumed += 1
-                self._positions[tp.partition] = record.offset + 1
+                stats.consumed += 1
+                offset = record.offset
+                positions[partition] = offset + 1
                 read = True
                 try:
                     ev = decode_stat_event(record.value)
@@ -405,9 +416,9 @@ class StreamWorker:
                 if reason is not None:
                     await self._dead_letter(record, reason)
                     continue
-                pw.add(ev, record.offset)
-                if self.samples is not None and record.offset >= done:
-                    buf.append((record.offset, ev))
+                add(ev, offset)
+                if keep_samples and offset >= done:
+                    buf.append((offset, ev))
         barrier = self._barrier
         if barrier is None or time.monotonic() > barrier.expires:
             return
@@ -446,6 +457,9 @@ class StreamWorker:
         await self._consumer.start()
         self._consumer.subscribe([self.topic], listener=_Rebalance(self))
         log.info("stream_started", group=self.group, topic=self.topic, epoch=self.epoch)
+        # the modules and state loaded so far live as long as the process: keep them out
+        # of the full collections that the fetched batches trigger (~10% of the CPU)
+        gc.freeze()
         next_flush = time.monotonic() + self.flush_interval_s
         try:
             while not stop.is_set():
