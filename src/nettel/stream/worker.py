@@ -409,12 +409,18 @@ class StreamWorker:
                 read = True
                 try:
                     ev = decode_stat_event(record.value)
+                    reason = validate(ev, now_ms)
                 except (msgspec.ValidationError, msgspec.DecodeError) as e:
-                    await self._dead_letter(record, f"invalid event: {e}")
-                    continue
-                reason = validate(ev, now_ms)
+                    reason = f"invalid event: {e}"
                 if reason is not None:
                     await self._dead_letter(record, reason)
+                    # a rebalance or a flush may have run meanwhile: a partition revoked
+                    # (or assigned again, from its stored point) drops the rest of this
+                    # batch; a flushed samples buffer is looked up again
+                    if self._windows.get(partition) is not pw:
+                        break
+                    buf = self._samples_buf.setdefault(partition, [])
+                    done = self._samples_done.get(partition, 0)
                     continue
                 add(ev, offset)
                 if keep_samples and offset >= done:
