@@ -59,7 +59,8 @@ async def test_sigkill_at_random_points_changes_nothing(
         deadline = time.monotonic() + 150
         got: dict[tuple[str, int], list[int]] = {}
         while time.monotonic() < deadline:
-            if (tmp_path / "minute").exists():
+            # the first commit, not just the folder (data files come before their commit)
+            if (tmp_path / "minute" / "_delta_log" / f"{0:020d}.json").exists():
                 got = table_windows(table, cutoff)
                 if got == expected:
                     break
