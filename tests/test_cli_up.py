@@ -144,8 +144,8 @@ def windows_of(frame: pl.DataFrame) -> dict[tuple[str, int], list[int]]:
 
 def minute_windows(data: Path) -> dict[tuple[str, int], list[int]]:
     """The minute table's windows, rows of a window added up (samples as the count)."""
-    if not (data / "minute" / "_delta_log").exists():
-        return {}
+    if not (data / "minute" / "_delta_log" / f"{0:020d}.json").exists():
+        return {}  # no commit yet (data files come before their commit)
     frame = pl.scan_delta(str(data / "minute")).collect()
     agg = (
         frame.with_columns(start=pl.col("ts").dt.epoch("ms"))
