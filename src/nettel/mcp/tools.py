@@ -746,9 +746,4 @@ def _check_metric(metric: str) -> None:
         )
 
 
-def known_names(stats: Sequence[ContainerStats]) -> list[str]:
-    """Identities of ``stats``, sorted."""
-    return sorted(s.container for s in stats)
-
-
 Limit = Annotated[int, Field(ge=1, le=50, description="how many containers, 1 to 50")]
