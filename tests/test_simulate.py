@@ -42,7 +42,9 @@ def test_daily_cycle_weekends_and_injected_spikes() -> None:
 @pytest.mark.broker
 async def test_the_command_writes_the_truth(broker: EmbeddedBroker, tmp_path: Path) -> None:
     truth = tmp_path / "truth.jsonl"
-    env = dict(os.environ, KAFKA_BOOTSTRAP_SERVERS=broker.bootstrap_servers,
+    # no KAFKA_BOOTSTRAP_SERVERS: simulate finds the embedded broker on NETTEL_BROKER_PORT
+    env = {k: v for k, v in os.environ.items() if k != "KAFKA_BOOTSTRAP_SERVERS"}
+    env.update(NETTEL_BROKER_PORT=broker.bootstrap_servers.rsplit(":", 1)[1],
                NETTEL_PARTITIONS="3", NETTEL_LOG_FORMAT="json")  # fmt: skip
     # the embedded broker's front runs in this event loop: never block it
     out = await asyncio.to_thread(
@@ -54,6 +56,7 @@ async def test_the_command_writes_the_truth(broker: EmbeddedBroker, tmp_path: Pa
     assert out.returncode == 0, out.stderr[-2000:]
     spikes = [json.loads(line) for line in truth.read_text().splitlines()]
     assert len(spikes) == 2
+    assert '"simulate_to_embedded_broker"' in out.stderr
     assert {"identity", "metric", "start_ms", "end_ms", "factor"} <= set(spikes[0])
 
 

