@@ -7,6 +7,7 @@ import time
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from structlog.testing import capture_logs
 
 from nettel.errors import SampleError
 from nettel.ingest.counters import CounterTracker
@@ -115,3 +116,19 @@ async def test_a_slow_or_failing_unit_does_not_hold_back_the_others(units: list[
     assert names == {"a", "b"}
     assert sum(e.rx_bytes for e in events if e.identity == "a") == 200
     assert sampler.skipped >= 3
+
+
+async def test_nothing_to_watch_is_said_once_and_its_end_too(units: list[Unit]) -> None:
+    source = ScriptedSource([], {})
+    sampler = Sampler(source, lambda _: None, host="h", interval_s=0.3)
+    try:
+        with capture_logs() as logs:
+            for _ in range(3):
+                await sampler.tick()
+            source._units = units[:1]
+            await sampler.tick()
+            await sampler.tick()
+    finally:
+        sampler.close()
+    said = [(r["event"], r.get("containers")) for r in logs if "watch" in r["event"]]
+    assert said == [("nothing_to_watch", None), ("watching_again", 1)]

@@ -27,8 +27,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import structlog
-
 from nettel.config import Settings
 from nettel.errors import ConfigError, EngineUnavailableError, NettelError
 
@@ -45,7 +43,16 @@ if TYPE_CHECKING:
     from nettel.stream.detector import DetectWorker
     from nettel.stream.worker import StreamWorker
 
-log = structlog.get_logger("nettel")
+class _Log:
+    """structlog's ``nettel`` logger, imported at the first line logged (not for --help)."""
+
+    def __getattr__(self, level: str) -> Any:
+        import structlog
+
+        return getattr(structlog.get_logger("nettel"), level)
+
+
+log = _Log()
 
 DEFAULT_ENGINE_SOCKETS = ("unix:///var/run/docker.sock", "unix:///run/podman/podman.sock")
 
@@ -62,6 +69,8 @@ class _Stderr:
 
 def configure_logging(level: str, fmt: str) -> None:
     """Configure structlog (and stdlib logging of libraries) to write to stderr only."""
+    import structlog
+
     json_out = fmt == "json" or (fmt == "auto" and not sys.stderr.isatty())
     renderer: Any = (
         structlog.processors.JSONRenderer() if json_out else structlog.dev.ConsoleRenderer()
@@ -282,6 +291,9 @@ async def maintain_on_schedule(settings: Settings, stop: asyncio.Event) -> None:
                           retry_in_s=settings.maintenance_interval_s)  # fmt: skip
                 continue
             _log_maintained(report, time.monotonic() - started)
+        from nettel.metrics import JOBS
+
+        JOBS.done("maintenance", settings.maintenance_interval_s)
 
 
 async def up_roles(settings: Settings, bootstrap: str, broker: EmbeddedBroker | None) -> list[Role]:
@@ -396,6 +408,9 @@ async def cmd_up(settings: Settings) -> int:
             epoch_path = os.path.join(settings.data_dir, "broker-epoch")
         broker = EmbeddedBroker(settings.broker_port, log_path=log_path, epoch_path=epoch_path)
         await broker.start(topics=topics)
+        from nettel import metrics
+
+        metrics.watch_broker(broker.rss_bytes)
         bootstrap = broker.bootstrap_servers
         log.info("embedded_broker", bootstrap=bootstrap,
                  hint=f"kcat -b {bootstrap} -C -t {settings.topic_stats}")  # fmt: skip
@@ -849,8 +864,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser(
         "up",
         parents=[common],
-        help="run the whole service: ingest, stream worker, store maintenance "
-        "(embedded broker unless one is given)",
+        help="run the whole service: ingest, the stream worker (tables), the detector "
+        "(alerts), the MCP server (HTTP, with /metrics and /healthz), store maintenance "
+        "and daily reports (embedded broker unless one is given)",
+        description="Run the whole service in one process tree: ingest, the stream worker "
+        "(samples, minute, hour, day tables), the detector (alerts on nettel.alerts and in "
+        "the alerts table), the MCP server on NETTEL_MCP_HOST:NETTEL_MCP_PORT (/mcp, "
+        "/metrics, /healthz), store maintenance every NETTEL_MAINTENANCE_INTERVAL_S and "
+        "each day's report once the stream has passed the day's end; the embedded Tansu "
+        "broker unless KAFKA_BOOTSTRAP_SERVERS is set.",
     )
     sub.add_parser("ingest", parents=[common], help="run ingest alone against a broker")
     sub.add_parser(

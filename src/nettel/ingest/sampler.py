@@ -98,6 +98,7 @@ class Sampler:
         self.ticks = 0
         self.events = 0
         self.skipped = 0
+        self._watching: bool | None = None  # whether the last tick had units (None: no tick)
 
     async def run(self, stop: asyncio.Event) -> None:
         """Tick until ``stop`` is set; ticks keep to the wall-clock grid, missed ones skipped."""
@@ -127,7 +128,9 @@ class Sampler:
             await asyncio.wait_for(loop.run_in_executor(self._pool, self.source.refresh), deadline)
         except TimeoutError:
             log.warning("inventory_refresh_slow", deadline_s=deadline)
-        units = [u for u in self.source.units() if u.identity not in self._in_flight]
+        every = self.source.units()
+        self._say_what_is_watched(len(every))
+        units = [u for u in every if u.identity not in self._in_flight]
         fast: list[Unit] = []
         jobs: list[list[Unit]] = []
         for u in units:
@@ -169,6 +172,18 @@ class Sampler:
         self.ticks += 1
         self._forget_stale()
         return events
+
+    def _say_what_is_watched(self, count: int) -> None:
+        """One log line when there comes to be nothing to sample, and one when there is again."""
+        watching = count > 0
+        if watching == self._watching:
+            return
+        if not watching:
+            say = "no running container: nothing is published until one starts"
+            log.info("nothing_to_watch", source=self.source.name, message=say)
+        elif self._watching is not None:
+            log.info("watching_again", source=self.source.name, containers=count)
+        self._watching = watching
 
     def _read_all(self, units: list[Unit]) -> list[Reading | Exception]:
         out: list[Reading | Exception] = []
