@@ -691,3 +691,79 @@ def test_a_one_off_spike_in_the_history_does_not_recur_in_the_forecast() -> None
     f = forecast_hourly(shifted, start_ms, horizon_hours=24)
     assert f is not None
     assert sum(f.values) > 2.5 * sum(hourly[6 * 24 : 7 * 24]), "the change was not learned"
+
+
+@pytest.mark.broker
+async def test_a_backlog_day_is_reported_once_the_stream_passes_it_and_again_when_late_data_lands(
+    broker: EmbeddedBroker, tmp_path: Path
+) -> None:
+    """Yesterday's events arrive after midnight (a backlog): no report while the stream has
+    not passed the day's end; one once it has; rebuilt when late data for the day lands;
+    MCP's get_daily_report never serves the stored report while it is older than the data."""
+    from nettel.mcp.tools import TelemetryTools
+    from nettel.report import refresh_reports
+
+    now_s = time.time()
+    day = dt.datetime.fromtimestamp(now_s, dt.UTC).date() - dt.timedelta(days=1)
+    start, end = day_bounds_ms(day)
+    data_dir = str(tmp_path)
+    settings = Settings.from_env({"NETTEL_DATA_DIR": data_dir,
+                                  "NETTEL_PARTITIONS": str(PARTITIONS)})  # fmt: skip
+    await ensure_topics(broker.bootstrap_servers, {"nettel.stats": PARTITIONS,
+                                                   "nettel.stats.dlq": 1})  # fmt: skip
+    sim = TrafficSimulator(3, seed=3, interval_ms=600_000)
+    events = list(sim.events(start - HOUR, end - start + HOUR + 20 * 60_000))
+    on_time = [e for e in events if e.identity != "sim/svc-2"]
+    first = [e for e in on_time if e.ts_ms < start + 20 * HOUR]
+    rest = [e for e in on_time if e.ts_ms >= start + 20 * HOUR]
+    late = [e for e in events if e.identity == "sim/svc-2" and start <= e.ts_ms < end]
+    table = MinuteTable(f"{data_dir}/minute")
+    worker = StreamWorker(broker.bootstrap_servers, table, flush_interval_s=0.3, grace_ms=0,
+                          rollups=rollups(table), rollup_interval_s=0)  # fmt: skip
+    tools = TelemetryTools.for_data_dir(data_dir, partitions=PARTITIONS)
+    q = TrafficQuery(data_dir, partitions=PARTITIONS)
+
+    def held() -> int:
+        return sum(s.samples for s in q.stats(start, end))
+
+    def served() -> tuple[bool, int]:
+        got = tools.daily_report(day.isoformat(), data_dir)
+        return got.stored, got.totals["bytes_in"]
+
+    def refresh() -> list[str]:
+        done = refresh_reports(settings, time.time(), after_midnight_s=0, max_wait_s=2 * 86400)
+        return [why for _, why in done]
+
+    def bytes_in(evs: list[StatEvent]) -> int:
+        return sum(e.rx_bytes for e in evs if start <= e.ts_ms < end)
+
+    stop = asyncio.Event()
+    task = asyncio.create_task(worker.run(stop))
+    try:
+        # empty samples close each partition's last window (windows close by event time)
+        await publish(broker.bootstrap_servers, first + _closers(first, start + 20 * HOUR - 60_000))
+        want = len([e for e in first if e.ts_ms >= start])  # the closers' windows stay open
+        await wait_for(lambda: held() == want, 60, "the day's first events in the store")
+        assert await asyncio.to_thread(refresh) == []  # the stream has not passed the day
+        assert await asyncio.to_thread(served) == (False, bytes_in(first))
+
+        await publish(broker.bootstrap_servers, rest)
+        await wait_for(lambda: (q.newest_ms() or 0) >= end, 60, "a window of the next day")
+        want += len([e for e in rest if e.ts_ms < end]) + 2  # with the two closers
+        await wait_for(lambda: held() == want, 60, "the rest of the day in the store")
+        assert await asyncio.to_thread(refresh) == ["day_passed"]
+        assert await asyncio.to_thread(refresh) == []  # current: not rebuilt
+        assert await asyncio.to_thread(served) == (True, bytes_in(on_time))
+
+        await publish(broker.bootstrap_servers, late + _closers(late, end + 20 * 60_000))
+        want += len(late)
+        await wait_for(lambda: held() == want, 60, "the late events in the store")
+        assert await asyncio.to_thread(served) == (False, bytes_in(events))  # built fresh
+        assert await asyncio.to_thread(refresh) == ["late_data"]
+        assert await asyncio.to_thread(served) == (True, bytes_in(events))
+        stored = await asyncio.to_thread(load_report, data_dir, day)
+        assert stored is not None
+        assert stored.totals.samples == want
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 30)

@@ -43,6 +43,7 @@ if TYPE_CHECKING:
     from nettel.stream.detector import DetectWorker
     from nettel.stream.worker import StreamWorker
 
+
 class _Log:
     """structlog's ``nettel`` logger, imported at the first line logged (not for --help)."""
 

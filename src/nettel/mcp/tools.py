@@ -473,8 +473,9 @@ class TelemetryTools:
 
     def daily_report(self, date: str | None, data_dir: str) -> DailyReportOut:
         """``get_daily_report``: the stored report of ``date`` (default yesterday, UTC),
-        else one built now from the store."""
-        from nettel.report import build_daily_report, load_report, yesterday
+        else one built now from the store: when none is stored, or when the stored one is
+        older than the data it summarises (late data for the day landed since)."""
+        from nettel.report import build_daily_report, load_report, report_is_current, yesterday
         from nettel.report.render import render_markdown
 
         try:
@@ -487,9 +488,10 @@ class TelemetryTools:
         if day > today:
             raise ToolInputError(f"date {day} is in the future: expected {today} or before")
         report = load_report(data_dir, day)
-        stored = report is not None
-        if report is None:
-            report = build_daily_report(self.query, day, alerts=_alert_records(self, day))
+        stored = report is not None and report_is_current(self.query, report)
+        if report is None or not stored:
+            tz = "UTC" if report is None else report.timezone
+            report = build_daily_report(self.query, day, tz=tz, alerts=_alert_records(self, day))
         doc = msgspec.to_builtins(report)
         return DailyReportOut(date=day.isoformat(), stored=stored,
                               markdown=render_markdown(report), totals=doc.get("totals", {}),
@@ -662,7 +664,10 @@ class DailyReportOut(BaseModel):
     """A day's report: Markdown for reading, and its headline figures."""
 
     date: str
-    stored: bool = Field(description="false: built now (no report was stored for that day)")
+    stored: bool = Field(
+        description="false: built now (none was stored for that day, or the stored one was "
+        "older than the data: late data landed since)"
+    )
     markdown: str
     totals: dict[str, Any]
     top: list[dict[str, Any]] = Field(description="top consumers with their share")

@@ -6,7 +6,9 @@
   :func:`encode_report`;
 - :func:`daily_report` (:mod:`nettel.report.publish`): build, write the files under
   ``<data dir>/reports/`` and the ``reports`` table row (what ``nettel report`` runs);
-  :func:`report_on_schedule`: yesterday's report after each midnight (``nettel up``);
+  :func:`report_on_schedule`: yesterday's report once the stream has passed midnight, and
+  any recent day's rebuilt when late data for it lands (``nettel up``; one pass:
+  :func:`refresh_reports`; :func:`report_is_current`: whether a report is as new as its data);
   :func:`load_report`: a stored report; :func:`forecast_container`: one container's
   forecast from the store (MCP ``forecast_traffic``).
 """
@@ -24,6 +26,8 @@ from nettel.report.publish import (
     Published,
     daily_report,
     load_report,
+    refresh_reports,
+    report_is_current,
     report_on_schedule,
     write_report_files,
     yesterday,
@@ -43,8 +47,10 @@ __all__ = [
     "forecast_container",
     "forecast_hourly",
     "load_report",
+    "refresh_reports",
     "render_html",
     "render_markdown",
+    "report_is_current",
     "report_on_schedule",
     "write_report_files",
     "yesterday",

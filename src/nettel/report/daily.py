@@ -117,6 +117,9 @@ class Totals(msgspec.Struct, frozen=True, kw_only=True):
     errors: int
     drops: int
     cost: float
+    #: samples the day's figures add up: what the report was built from (a store that
+    #: holds more for the day got late data since; 0 in reports written before this)
+    samples: int = 0
 
 
 class TopConsumer(msgspec.Struct, frozen=True, kw_only=True):
@@ -688,6 +691,7 @@ def build_daily_report(
         errors=sum(c.errors for c in containers),
         drops=sum(c.drops for c in containers),
         cost=sum(c.cost for c in containers),
+        samples=sum(s.samples for s in today.values()),
     )
     top_list = [
         TopConsumer(rank=i + 1, container=t.container, bytes=int(t.value), share=t.share)

@@ -1,6 +1,6 @@
 """Where reports go: files under ``<data dir>/reports/`` and the ``reports`` table.
 
-:func:`daily_report` is what ``nettel report`` and ``nettel up``'s midnight job call:
+:func:`daily_report` is what ``nettel report`` and ``nettel up``'s report job call:
 build the day's report from the settings' store, write ``<date>.json``, ``.md`` and
 ``.html`` under ``<data dir>/reports/`` (each written aside, then renamed) and the
 ``reports`` table row, and return the report and its rendering in the format asked.
@@ -20,8 +20,10 @@ from typing import Final, Literal
 
 import structlog
 
+from nettel import metrics
 from nettel.config import Settings
 from nettel.errors import QueryError
+from nettel.models import WINDOW_MS
 from nettel.report.daily import (
     DEFAULT_PRICES,
     AlertRecord,
@@ -239,24 +241,79 @@ def daily_report(
     return Published(report, rendered, files)
 
 
-def _next_run(now_s: float, tz: str, after_midnight_s: float) -> float:
-    """The next local midnight + ``after_midnight_s`` after ``now_s`` (epoch seconds).
+def report_is_current(query: TrafficQuery, report: DailyReport) -> bool:
+    """Whether the store holds no more data for the report's day than the report was built
+    from (its ``totals.samples``): False once late data for that day landed."""
+    held = sum(s.samples for s in query.stats(report.start_ms, report.end_ms))
+    return held <= report.totals.samples
+
+
+def stream_passed(newest_ms: int | None, end_ms: int) -> bool:
+    """Whether the stream has written a window reaching ``end_ms`` (``newest_ms``: the
+    start of the minute table's newest window).
 
     Examples
     --------
-    >>> t = dt.datetime(2026, 11, 26, 0, 5, tzinfo=dt.UTC).timestamp()
-    >>> dt.datetime.fromtimestamp(_next_run(t, "UTC", 600), dt.UTC).isoformat()
-    '2026-11-26T00:10:00+00:00'
-    >>> dt.datetime.fromtimestamp(_next_run(t + 600, "UTC", 600), dt.UTC).isoformat()
-    '2026-11-27T00:10:00+00:00'
+    >>> end = 86_400_000
+    >>> stream_passed(None, end), stream_passed(end - 120_000, end)
+    (False, False)
+    >>> stream_passed(end - 60_000, end)  # the day's last window is written
+    True
     """
-    zone = time_zone(tz)
-    today = dt.datetime.fromtimestamp(now_s, zone).date()
-    for day in (today, today + dt.timedelta(days=1)):
-        at = dt.datetime.combine(day, dt.time(0), tzinfo=zone).timestamp() + after_midnight_s
-        if at > now_s:
-            return at
-    return now_s + 86_400.0
+    return newest_ms is not None and newest_ms + WINDOW_MS >= end_ms
+
+
+def refresh_reports(
+    settings: Settings,
+    now_s: float,
+    *,
+    tz: str = "UTC",
+    after_midnight_s: float = 600.0,
+    max_wait_s: float = 6 * 3600.0,
+    lookback_days: int = 7,
+    prices: Prices = DEFAULT_PRICES,
+    budget_bytes_per_day: float | None = None,
+    alert_source: AlertSource | None = None,
+) -> list[tuple[Published, str]]:
+    """One pass of the reports' schedule at ``now_s``: the reports it wrote, with why.
+
+    - Yesterday's report (in ``tz``), when none is stored yet, is built once the
+      stream has written a window that reaches the day's end (``day_passed``), or
+      ``max_wait_s`` after the day's end at the latest (``waited``: nothing reached
+      it, e.g. no container ran), never before ``after_midnight_s`` past midnight.
+    - The stored report of any of the last ``lookback_days`` days is rebuilt when the
+      store now holds more samples of that day than it was built from (``late_data``:
+      a backlog, a late partial window).
+    """
+    query = TrafficQuery(settings.data_dir, partitions=settings.partitions,
+                         topic=settings.topic_stats)  # fmt: skip
+    yday = yesterday(tz, dt.datetime.fromtimestamp(now_s, dt.UTC))
+    days = [yday - dt.timedelta(days=k) for k in range(lookback_days)]
+    table = reports_table(settings.data_dir)
+    stored = table.read_many([d.isoformat() for d in days])
+    now_ms = int(now_s * 1000)
+    newest: int | None = None
+    written = []
+    for day in days:
+        _, end = day_bounds_ms(day, tz)
+        data = stored.get(day.isoformat())
+        if data is None:
+            if day != yday or now_ms < end + after_midnight_s * 1000:
+                continue
+            newest = query.newest_ms() if newest is None else newest
+            passed = stream_passed(newest, end)
+            if not passed and now_ms < end + max_wait_s * 1000:
+                continue
+            why = "day_passed" if passed else "waited"
+        else:
+            if report_is_current(query, decode_report(data)):
+                continue
+            why = "late_data"
+        done = daily_report(settings, day, tz=tz, prices=prices,
+                            budget_bytes_per_day=budget_bytes_per_day,
+                            alert_source=alert_source)  # fmt: skip
+        written.append((done, why))
+    return written
 
 
 async def report_on_schedule(
@@ -265,38 +322,40 @@ async def report_on_schedule(
     *,
     tz: str = "UTC",
     after_midnight_s: float = 600.0,
+    check_s: float = 300.0,
+    max_wait_s: float = 6 * 3600.0,
     retry_s: float = 300.0,
     clock: Callable[[], float] = time.time,
     prices: Prices = DEFAULT_PRICES,
     budget_bytes_per_day: float | None = None,
     alert_source: AlertSource | None = None,
 ) -> None:
-    """Write yesterday's report ``after_midnight_s`` after each local midnight, until ``stop``.
+    """Keep the daily reports as fresh as the data, until ``stop``: every ``check_s``, a
+    :func:`refresh_reports` pass (yesterday's report once the stream has passed the
+    day's end; a stored one rebuilt when late data for its day landed).
 
-    Started after that time with yesterday's report missing (nettel was down), it writes
-    it at once. The report is built in a thread, so the event loop keeps going; a
-    failure is logged and tried again ``retry_s`` later.
+    The pass runs in a thread, so the event loop keeps going; a failure is logged and
+    tried again ``retry_s`` later.
     """
     while not stop.is_set():
-        now = clock()
-        day = yesterday(tz, dt.datetime.fromtimestamp(now, dt.UTC))
-        wait = _next_run(now, tz, after_midnight_s) - now
-        ready = _next_run(now - 86_400.0, tz, after_midnight_s) <= now
-        done_days = await asyncio.to_thread(reports_table(settings.data_dir).dates)
-        if ready and day.isoformat() not in done_days:
-            started = time.monotonic()
-            try:
-                done = await asyncio.to_thread(
-                    daily_report, settings, day, tz=tz, prices=prices,
-                    budget_bytes_per_day=budget_bytes_per_day, alert_source=alert_source,
-                )  # fmt: skip
-            except Exception as e:
-                log.error("report_failed", date=day.isoformat(), error=repr(e), retry_in_s=retry_s)
-                wait = min(wait, retry_s)
-            else:
+        wait = check_s
+        started = time.monotonic()
+        try:
+            written = await asyncio.to_thread(
+                refresh_reports, settings, clock(), tz=tz, after_midnight_s=after_midnight_s,
+                max_wait_s=max_wait_s, prices=prices, budget_bytes_per_day=budget_bytes_per_day,
+                alert_source=alert_source,
+            )  # fmt: skip
+        except Exception as e:
+            log.error("report_failed", error=repr(e), retry_in_s=retry_s)
+            wait = min(wait, retry_s)
+        else:
+            metrics.JOBS.done("report", check_s)
+            for done, why in written:
                 log.info(
-                    "report_written", date=day.isoformat(), status=done.report.status,
-                    containers=done.report.totals.containers,
+                    "report_written", date=done.report.date, reason=why,
+                    status=done.report.status, containers=done.report.totals.containers,
+                    samples=done.report.totals.samples,
                     files=[str(p) for p in done.files.values()],
                     seconds=round(time.monotonic() - started, 2),
                 )  # fmt: skip

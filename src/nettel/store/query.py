@@ -441,6 +441,21 @@ class TrafficQuery:
         self._small = {p: rows for p, rows in self._small.items() if p in live}
         return files
 
+    def newest_ms(self) -> int | None:
+        """Start of the newest window in ``minute`` (ms; None: no rows): how far the
+        stream has written. Read from the files' ``ts`` statistics, not their rows."""
+        snap = self._table(self.minute)
+        if snap is None:
+            return None
+        files = self._file_list(self.minute, snap)
+        if files is None or files["ts_max"].null_count():
+            newest = pl.scan_delta(snap).select(pl.col("ts").max()).collect().item()
+        else:
+            newest = files["ts_max"].max()
+        if not isinstance(newest, dt.datetime):
+            return None
+        return int(newest.timestamp() * 1000)
+
     def _snapshots(self) -> dict[str, DeltaTable | None]:
         """Every table's latest snapshot, coarsest first.
 
