@@ -280,6 +280,7 @@ def test_every_figure_of_the_json_equals_the_simulated_events(stores: dict[str, 
         "errors": sum(v["errors"] for v in today.values()),
         "drops": sum(v["drops"] for v in today.values()),
         "cost": pytest.approx(sum(v["out"] * 0.09e-9 + v["in"] * 0.01e-9 for v in today.values())),
+        "samples": sum(v["n"] for v in today.values()),
     }
     assert set(today) == {f"sim/svc-{i}" for i in (0, 1, 2, 3, 5)}
 
