@@ -1,0 +1,305 @@
+"""A soak: ``nettel up`` as a user runs it, for a given wall time, watched every minute.
+
+Starts ``nettel up`` (the embedded broker, the real container engine when one answers,
+else procfs) with short maintenance, rollup and checkpoint intervals so every periodic
+job runs many times, and ``nettel simulate`` publishing a fleet of simulated containers
+in real time to it (it finds the embedded broker by itself). Every ``--every-s`` it
+records:
+
+- the RSS of every process: ``nettel up``, its children (the Tansu broker), simulate;
+- per table under the data dir: bytes, data files and Delta log files
+  (:func:`nettel.metrics.table_sizes`, what ``/metrics`` exports);
+- from ``/metrics``: events published and consumed, lag per consumer group, dead-lettered
+  and late events, open alerts, the age of each periodic job;
+- MCP latency: ``list_containers`` and ``get_network_stats`` (day) over HTTP.
+
+At the end it stops nettel with SIGTERM and writes bench/results/soak.json with every
+sample, each series' growth per hour after the warm-up (least squares), whether each
+process's RSS stayed within +-15 % of its post-warm-up median, and a 30-day disk
+projection for 100 containers (each table's growth per container-hour, times 100
+containers, 24 h and the days the table keeps, plus the state tables as they ended).
+
+    python bench/soak.py [--minutes 30] [--containers 200] [--interval-s 5]
+                         [--maintenance-s 120] [--checkpoint-s 10] [--every-s 60]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx2 as httpx
+from mcp import Client
+from mcp.client.streamable_http import streamable_http_client
+from prometheus_client.parser import text_string_to_metric_families
+
+from nettel.broker import free_loopback_port, process_rss_bytes
+from nettel.config import Settings
+from nettel.metrics import table_sizes
+
+sys.path.insert(0, os.path.dirname(__file__))
+from common import write_result
+
+NETTEL = str(Path(sys.executable).with_name("nettel"))
+#: tables that hold state for restarts, not data that grows with time retained
+STATE_TABLES = ("detect_state", "alert_feedback", "reports_table")
+DATA_TABLES = ("samples", "minute", "hour", "day", "alerts")
+RSS_BAND = 0.15
+
+
+def children(pid: int) -> list[int]:
+    """Every descendant of ``pid`` (from /proc)."""
+    parents: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", encoding="ascii", errors="replace") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        parents.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [pid]
+    while todo:
+        kids = parents.get(todo.pop(), [])
+        out += kids
+        todo += kids
+    return out
+
+
+def comm(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/comm", encoding="ascii", errors="replace") as f:
+            return f.read().strip()
+    except OSError:
+        return "?"
+
+
+def rss_of(processes: dict[str, int]) -> dict[str, int]:
+    out = {}
+    for name, pid in processes.items():
+        try:
+            out[name] = process_rss_bytes(pid)
+        except (OSError, ValueError):
+            continue
+    return out
+
+
+def scrape(port: int) -> dict[str, Any]:
+    """The figures of ``/metrics`` the soak follows."""
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=30).text
+    out: dict[str, Any] = {"lag": {}, "job_age_s": {}, "consumed": {}}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == "nettel_partition_lag":
+                group = s.labels["group"]
+                out["lag"][group] = out["lag"].get(group, 0) + int(s.value)
+            elif s.name == "nettel_last_run_age_seconds":
+                out["job_age_s"][s.labels["job"]] = round(s.value, 1)
+            elif s.name == "nettel_events_consumed_total":
+                out["consumed"][s.labels["group"]] = int(s.value)
+            elif s.name in ("nettel_events_published_total", "nettel_dead_lettered_total",
+                            "nettel_late_events_total", "nettel_alerts_open",
+                            "nettel_broker_rss_bytes"):  # fmt: skip
+                out[s.name.removeprefix("nettel_")] = int(s.value)
+    return out
+
+
+async def mcp_latency(port: int) -> dict[str, float]:
+    """Seconds each of two MCP tools takes over HTTP (a fresh session, as an agent's)."""
+    out = {}
+    async with httpx.AsyncClient(timeout=120) as http:
+        transport = streamable_http_client(f"http://127.0.0.1:{port}/mcp", http_client=http)
+        async with Client(transport, read_timeout_seconds=120) as client:
+            for tool, args in (("list_containers", {}),
+                               ("get_network_stats", {"timeframe": "day"})):  # fmt: skip
+                t0 = time.perf_counter()
+                result = await client.call_tool(tool, args)
+                out[tool] = round(time.perf_counter() - t0, 3)
+                if result.is_error:
+                    out[f"{tool}_error"] = 1
+    return out
+
+
+def slope_per_hour(points: list[tuple[float, float]]) -> float | None:
+    """Least-squares slope of (seconds, value) points, per hour."""
+    if len(points) < 2:
+        return None
+    mx = statistics.fmean(t for t, _ in points)
+    my = statistics.fmean(v for _, v in points)
+    var = sum((t - mx) ** 2 for t, _ in points)
+    if var == 0:
+        return None
+    return sum((t - mx) * (v - my) for t, v in points) / var * 3600
+
+
+def series(samples: list[dict[str, Any]], key: str, name: str, field: str | None = None
+           ) -> list[tuple[float, float]]:  # fmt: skip
+    out = []
+    for s in samples:
+        v = s.get(key, {}).get(name)
+        if v is not None and field is not None:
+            v = v.get(field)
+        if v is not None:
+            out.append((s["t_s"], float(v)))
+    return out
+
+
+def analyse(samples: list[dict[str, Any]], warmup_s: float, containers: int,
+            settings: Settings) -> dict[str, Any]:  # fmt: skip
+    """Growth per hour after warm-up, RSS bands, and the 30-day projection."""
+    after = [s for s in samples if s["t_s"] >= warmup_s]
+    tables = sorted({t for s in samples for t in s["tables"]})
+    growth: dict[str, Any] = {}
+    for t in tables:
+        growth[t] = {f: slope_per_hour(series(after, "tables", t, f))
+                     for f in ("bytes", "files", "log_files")}  # fmt: skip
+        last = samples[-1]["tables"].get(t)
+        growth[t]["end"] = last
+    rss: dict[str, Any] = {}
+    for p in sorted({p for s in samples for p in s["rss"]}):
+        values = [v for _, v in series(after, "rss", p)]
+        if not values:
+            continue
+        median = statistics.median(values)
+        band = max(abs(v - median) / median for v in values) if median else 0.0
+        rss[p] = {"median_mb": round(median / 2**20, 1), "max_dev_pct": round(100 * band, 1),
+                  "within_15pct": band <= RSS_BAND,
+                  "growth_mb_per_h": round((slope_per_hour(series(after, "rss", p)) or 0)
+                                           / 2**20, 2)}  # fmt: skip
+    keep_days = {"samples": settings.retention_samples_days,
+                 "minute": settings.retention_minute_days, "hour": settings.retention_hour_days,
+                 "day": settings.retention_day_days, "alerts": 0}  # fmt: skip
+    projected: dict[str, float] = {}
+    for t in tables:
+        end = growth[t]["end"] or {}
+        if t in DATA_TABLES:
+            rate = max(growth[t]["bytes"] or 0.0, 0.0) / containers  # bytes per container-hour
+            days = min(30, keep_days.get(t) or 30)
+            projected[t] = rate * 100 * 24 * days
+        else:  # state: holds what restart needs, scaled to 100 containers
+            projected[t] = end.get("bytes", 0) * 100 / containers
+    state_flat = {
+        t: {"end_bytes": (growth[t]["end"] or {}).get("bytes"),
+            "bytes_per_h": growth[t]["bytes"], "log_files_per_h": growth[t]["log_files"]}
+        for t in tables if t in STATE_TABLES
+    }  # fmt: skip
+    return {
+        "warmup_s": warmup_s,
+        "growth_per_hour": growth,
+        "rss": rss,
+        "state_tables": state_flat,
+        "projection_30d_100_containers_mb": {t: round(b / 2**20, 1) for t, b in projected.items()},
+        "projection_30d_100_containers_total_mb": round(sum(projected.values()) / 2**20, 1),
+    }
+
+
+def soak(args: argparse.Namespace, data_dir: str) -> dict[str, Any]:
+    broker_port, mcp_port = free_loopback_port(), free_loopback_port()
+    env = {k: v for k, v in os.environ.items() if k != "KAFKA_BOOTSTRAP_SERVERS"}
+    env.update(NETTEL_DATA_DIR=data_dir, NETTEL_BROKER_PORT=str(broker_port),
+               NETTEL_MCP_PORT=str(mcp_port), NETTEL_LOG_FORMAT="json",
+               NETTEL_MAINTENANCE_INTERVAL_S=str(args.maintenance_s),
+               NETTEL_DETECT_CHECKPOINT_S=str(args.checkpoint_s),
+               NETTEL_ROLLUP_INTERVAL_S=str(args.rollup_s),
+               NETTEL_SAMPLE_INTERVAL_S=str(args.interval_s))  # fmt: skip
+    log_path = Path(data_dir).parent / "soak-up.log"
+    with log_path.open("w") as log_file:
+        up = subprocess.Popen([NETTEL, "up"], env=env, stdout=subprocess.DEVNULL, stderr=log_file)
+    deadline = time.monotonic() + 120
+    while '"mcp_http_listening"' not in log_path.read_text():
+        if up.poll() is not None or time.monotonic() > deadline:
+            raise SystemExit(f"nettel up did not start: {log_path.read_text()[-3000:]}")
+        time.sleep(0.5)
+    hours = args.minutes / 60 + 0.05
+    sim = subprocess.Popen(
+        [NETTEL, "simulate", "--containers", str(args.containers), "--hours", str(hours),
+         "--start-ms", str(time.time_ns() // 1_000_000), "--spikes", str(args.spikes),
+         "--rate", str(args.containers / args.interval_s)],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    started = time.monotonic()
+    samples: list[dict[str, Any]] = []
+    try:
+        while True:
+            t = time.monotonic() - started
+            procs = {"nettel_up": up.pid, "simulate": sim.pid}
+            for child in children(up.pid):
+                procs[f"{comm(child)}_{child}"] = child
+            sample: dict[str, Any] = {"t_s": round(t, 1), "rss": rss_of(procs)}
+            sample["rss"] = {("tansu" if k.startswith("tansu") else k): v
+                             for k, v in sample["rss"].items()}  # fmt: skip
+            sample["tables"] = {n: {"bytes": s.bytes, "files": s.files, "log_files": s.log_files}
+                                for n, s in table_sizes(data_dir).items()}  # fmt: skip
+            try:
+                sample["metrics"] = scrape(mcp_port)
+                sample["mcp_s"] = asyncio.run(mcp_latency(mcp_port))
+            except Exception as e:  # recorded, the soak goes on
+                sample["error"] = repr(e)
+            samples.append(sample)
+            print(json.dumps(sample), flush=True)
+            if up.poll() is not None:
+                raise SystemExit(f"nettel up died: {log_path.read_text()[-3000:]}")
+            if t >= args.minutes * 60:
+                break
+            time.sleep(max(0.0, args.every_s - (time.monotonic() - started - t)))
+    finally:
+        sim.terminate()
+        up.send_signal(signal.SIGTERM)
+        try:
+            up.wait(60)
+        except subprocess.TimeoutExpired:
+            up.kill()
+    errors = [line for line in log_path.read_text().splitlines() if '"level": "error"' in line]
+    settings = Settings.from_env(env)
+    warmup = min(600.0, args.minutes * 60 / 3)
+    return {
+        "minutes": args.minutes,
+        "containers_simulated": args.containers,
+        "sample_interval_s": args.interval_s,
+        "maintenance_interval_s": args.maintenance_s,
+        "detect_checkpoint_s": args.checkpoint_s,
+        "rollup_interval_s": args.rollup_s,
+        "up_exit_code": up.returncode,
+        "error_log_lines": len(errors),
+        "first_errors": errors[:5],
+        **analyse(samples, warmup, args.containers, settings),
+        "samples": samples,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--minutes", type=float, default=30.0)
+    parser.add_argument("--containers", type=int, default=200)
+    parser.add_argument("--interval-s", dest="interval_s", type=float, default=5.0)
+    parser.add_argument("--maintenance-s", dest="maintenance_s", type=float, default=120.0)
+    parser.add_argument("--checkpoint-s", dest="checkpoint_s", type=float, default=10.0)
+    parser.add_argument("--rollup-s", dest="rollup_s", type=float, default=60.0)
+    parser.add_argument("--spikes", type=int, default=5)
+    parser.add_argument("--every-s", dest="every_s", type=float, default=60.0)
+    parser.add_argument("--keep", action="store_true", help="keep the data dir")
+    args = parser.parse_args()
+    root = tempfile.mkdtemp(prefix="nettel-soak-")
+    try:
+        figures = soak(args, os.path.join(root, "data"))
+    finally:
+        if not args.keep:
+            shutil.rmtree(root, ignore_errors=True)
+    command = " ".join(["python bench/soak.py", *sys.argv[1:]])
+    write_result("soak", figures, command)
+
+
+if __name__ == "__main__":
+    main()
