@@ -5,6 +5,7 @@ beside it recognises it instead of reporting a port clash."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -124,9 +125,9 @@ def test_up_exports_metrics_and_health_and_doctor_recognises_it(tmp_path: Path) 
             assert "ok   running   nettel is running and healthy" in doctor.stdout
         finally:
             proc.send_signal(signal.SIGTERM)
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.communicate(timeout=30)
-            except subprocess.TimeoutExpired:
+            if proc.poll() is None:
                 proc.kill()
                 proc.communicate()
     assert proc.returncode == 0, log_path.read_text()[-3000:]
