@@ -28,7 +28,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from common import write_result
 
 NETTEL = str(Path(sys.executable).with_name("nettel"))
-DOCTOR_IMPORTS = "import nettel.cli, nettel.broker, nettel.ingest.sources, structlog.dev"
+DOCTOR_IMPORTS = "import nettel.cli, nettel.broker, structlog.dev, http.client"
 
 
 def wall_s(argv: list[str], env: dict[str, str], runs: int) -> dict[str, float]:

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import IO, Protocol
 
 import structlog
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from nettel.broker_front import KafkaFront
 from nettel.errors import BrokerUnavailableError, NettelError
@@ -35,6 +34,8 @@ async def ensure_topics(
 
     Raises :class:`BrokerUnavailableError` if the broker does not answer in time.
     """
+    from aiokafka.admin import AIOKafkaAdminClient, NewTopic  # not for `nettel doctor`
+
     admin = AIOKafkaAdminClient(
         bootstrap_servers=bootstrap_servers, request_timeout_ms=int(timeout_s * 1000)
     )
