@@ -3,9 +3,11 @@ vacuum are invisible to readers and to the change data feed the rollups read."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import os
+import pty
 import subprocess
 import sys
 import threading
@@ -94,3 +96,33 @@ def test_the_command_maintains_every_table_and_logs_each(tmp_path: Path) -> None
     assert out.stdout == ""
     dates = sorted(p["date"] for p in DeltaTable(minute.uri).partitions())
     assert len(dates) == 3, dates  # today and the two days before it
+
+
+def test_on_a_terminal_the_command_shows_a_progress_bar(tmp_path: Path) -> None:
+    minute = MinuteTable(str(tmp_path / "minute"))
+    fill(minute, days_back=1, commits=1, t0=time.time_ns() // 1_000_000 // DAY_MS * DAY_MS)
+    env = dict(os.environ, NETTEL_DATA_DIR=str(tmp_path), NETTEL_LOG_FORMAT="json",
+               COLUMNS="100", TERM="xterm")  # fmt: skip
+    leader, follower = pty.openpty()  # stderr is a terminal: rich draws the bar there
+    chunks: list[bytes] = []
+
+    def read_terminal() -> None:  # as it is written, so the child never blocks on a full pty
+        with contextlib.suppress(OSError):  # EIO once the terminal's other end is closed
+            while chunk := os.read(leader, 65536):
+                chunks.append(chunk)
+
+    reader = threading.Thread(target=read_terminal)
+    reader.start()
+    try:
+        proc = subprocess.run([str(Path(sys.executable).with_name("nettel")), "store", "maintain"],
+                              env=env, stdout=subprocess.PIPE, stderr=follower, timeout=120,
+                              check=False)  # fmt: skip
+    finally:
+        os.close(follower)
+        reader.join(10)
+        os.close(leader)
+    drawn = b"".join(chunks)
+    assert proc.returncode == 0, drawn[-2000:]
+    text = drawn.decode(errors="replace")
+    assert "day: done" in text
+    assert "100%" in text
