@@ -15,6 +15,7 @@ workers update them and the MCP HTTP endpoint serves them at ``/metrics`` (see
 - ``nettel_partition_lag{group,partition}``: records the broker holds past the group's
   position (from the fetch responses' high watermark);
 - ``nettel_alerts_open``: alerts open now in the detector;
+  ``nettel_alerts_published_total``: alert versions sent to ``nettel.alerts``;
 - ``nettel_last_run_timestamp_seconds{job}`` and ``nettel_last_run_age_seconds{job}``:
   when a periodic job (``stream_flush``, ``detect_checkpoint``, ``maintenance``,
   ``report``) last finished, and how long ago;
@@ -67,6 +68,9 @@ PARTITION_LAG = Gauge(
     ["group", "partition"],
 )
 ALERTS_OPEN = Gauge("nettel_alerts_open", "Alerts open now in the detector")
+ALERTS_PUBLISHED = Counter(
+    "nettel_alerts_published", "Alert versions (open, update, resolved) sent to the alerts topic"
+)
 BROKER_RSS = Gauge("nettel_broker_rss_bytes", "Resident memory of the embedded broker (0: none)")
 
 #: A job is late past this many of its periods, plus :data:`LATE_SLACK_S`.

@@ -196,6 +196,7 @@ class DetectWorker:
             )
             part.alerts_offset = max(part.alerts_offset, meta.offset + 1)
             self.stats.alerts_published += 1
+            metrics.ALERTS_PUBLISHED.inc()
             log.info("alert", id=a.id, status=a.status, container=a.identity, metric=a.metric,
                      severity=a.severity, explanation=a.explanation)  # fmt: skip
 
