@@ -114,6 +114,7 @@ def test_up_exports_metrics_and_health_and_doctor_recognises_it(tmp_path: Path) 
             assert flush_age < 30
             assert checkpointed is not None
             assert value(got, "nettel_alerts_open") is not None
+            assert value(got, "nettel_alerts_published_total") is not None
             assert value(got, "nettel_late_events_total") is not None
             assert (value(got, "process_resident_memory_bytes") or 0) > 0
 
