@@ -57,8 +57,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from common import write_result
 
 NETTEL = str(Path(sys.executable).with_name("nettel"))
-#: tables that hold state for restarts, not data that grows with time retained
-STATE_TABLES = ("detect_state", "alert_feedback", "reports_table")
+#: tables of data that grows with the time retained; every other table holds state
 DATA_TABLES = ("samples", "minute", "hour", "day", "alerts")
 RSS_BAND = 0.15
 
@@ -221,12 +220,15 @@ def analyse(samples: list[dict[str, Any]], warmup_s: float, containers: int,
     state_flat = {
         t: {"end_bytes": (growth[t]["end"] or {}).get("bytes"),
             "bytes_per_h": growth[t]["bytes"], "log_files_per_h": growth[t]["log_files"]}
-        for t in tables if t in STATE_TABLES
+        for t in tables if t not in DATA_TABLES
     }  # fmt: skip
     other = [(s["t_s"], float(s["other_files_bytes"])) for s in after if "other_files_bytes" in s]
     return {
         "warmup_s": warmup_s,
         "other_files_bytes_per_h": slope_per_hour(other),
+        "disk_bytes_per_h": slope_per_hour(
+            [(s["t_s"], float(s["disk_bytes"])) for s in after if "disk_bytes" in s]
+        ),
         "disk_bytes_end": samples[-1].get("disk_bytes"),
         "growth_per_hour": growth,
         "rss": rss,
