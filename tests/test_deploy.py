@@ -354,19 +354,30 @@ def test_engine_proxy_passes_what_ingest_reads_and_refuses_the_rest(
         assert source.read(unit).source == "engine-stats"
     finally:
         source.close()
-    # the event stream, as the SDK follows it
+    # the event stream, as the SDK follows it (a container started before the engine's
+    # subscription began would not show: up to three tries, each labelled for this test)
     client = docker.DockerClient(base_url=engine_proxy, timeout=30)
+    tag = uuid.uuid4().hex
+    label = {"nettel-test": tag}
     events: queue.Queue[dict[str, Any]] = queue.Queue()
-    name = f"nt-proxy-ev-{uuid.uuid4().hex[:8]}"
-    stream = client.events(decode=True, filters={"type": "container", "container": name})
+    wanted = {"type": "container", "label": f"nettel-test={tag}"}
+    stream = client.events(decode=True, filters=wanted)
 
     def follow() -> None:
         for event in stream:
             events.put(event)
 
     threading.Thread(target=follow, daemon=True).start()
-    started = engine.run("sleep 300", name=name)
-    assert events.get(timeout=20)["id"] == started.id
+    started: list[str] = []
+    for _ in range(3):
+        started.append(engine.run("sleep 300", labels=label).id)
+        try:
+            assert events.get(timeout=10)["id"] in started
+            break
+        except queue.Empty:
+            continue
+    else:
+        pytest.fail("no engine event came through the proxy")
     stream.close()
     client.close()
     # everything else: writes, and reads of what nettel never needs
