@@ -4,10 +4,14 @@
 #   docker run --rm nettel:latest --help
 #
 # Runs as the unprivileged user `nettel` (uid 10001). The ingest role is the one
-# exception: it reads the engine socket and the host's /proc/<pid>/net/*, so
-# docker-compose.kafka.yml sets `user: root` (and `pid: host`) for that service only.
+# exception: docker-compose.kafka.yml runs it as uid 0 with every capability dropped but
+# SYS_PTRACE (reading other processes' /proc/<pid>/ns/net; the reason is there).
+#
+# The base image is pinned to an exact version. Pin its digest too on a host that can pull
+# (README, "Run on a Docker host"):
+#   docker build --build-arg PYTHON_IMAGE=python:3.11.14-slim-bookworm@sha256:<digest> .
 
-ARG PYTHON_IMAGE=python:3.11-slim-bookworm
+ARG PYTHON_IMAGE=python:3.11.14-slim-bookworm
 
 # ---- build: resolve the locked dependencies into a self-contained venv ----------------
 FROM ${PYTHON_IMAGE} AS build
@@ -37,9 +41,11 @@ RUN groupadd --system --gid 10001 nettel \
     && chown nettel:nettel /data
 COPY --from=build /opt/nettel /opt/nettel
 # /data: the tables (a named volume in compose; ownership comes from this dir);
-# JSON logs to stderr: a container has no terminal
+# JSON logs to stderr: a container has no terminal; matplotlib's cache on /tmp, since
+# compose runs every role with a read-only root filesystem
 ENV PATH=/opt/nettel/bin:$PATH \
     PYTHONUNBUFFERED=1 \
+    MPLCONFIGDIR=/tmp/matplotlib \
     NETTEL_DATA_DIR=/data \
     NETTEL_LOG_FORMAT=json
 WORKDIR /home/nettel

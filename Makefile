@@ -20,14 +20,17 @@ $(STAMP): $(UV) pyproject.toml uv.lock
 up: $(STAMP)
 	$(BIN)/nettel up
 
-## The whole test suite: lint, types, import contracts, then pytest (doctests included).
+## The whole test suite: lint, types, import contracts, bandit, then pytest (doctests included).
 test: check pytest
 
+# bandit: medium and high findings fail; each accepted one has `# nosec BXXX` and its
+# reason inline (SECURITY.md, "Static checks", lists them and the low ones)
 check: $(STAMP)
 	$(BIN)/ruff check src tests bench
 	$(BIN)/ruff format --check src tests bench
 	$(BIN)/mypy
 	$(BIN)/lint-imports
+	$(BIN)/bandit --recursive src --severity-level medium --quiet
 
 pytest: $(STAMP)
 	$(BIN)/pytest; rc=$$?; \

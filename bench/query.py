@@ -18,14 +18,29 @@ last day, week and month (rolling ranges ending at the data's last whole minute,
 MCP tool asks) and over an aligned calendar day, with a fresh ``TrafficQuery`` per run
 and with one long-lived (warm) one, as the MCP server keeps.
 
+Then the tool path: the MCP server built as ``nettel mcp`` builds it (``TelemetryTools.
+for_data_dir`` and ``build_server``, what :func:`nettel.cli.mcp_server` calls; only the
+clock is pinned to the data's last minute, so a reused store answers the same), each call
+through ``MCPServer.call_tool``: argument validation, name resolution, the store query, the
+thread hop and the result's conversion; everything but the transport.
+
+Bytes per stored value are reported over every value column (the schema less ``date``,
+the Hive partition, and ``partition``) and over the columns that carry information: those
+that take more than one value within some container (per-container
+constants such as the image, and columns that stay zero, are left out): for ``minute``
+within its last whole day, for ``hour`` and ``day`` over the whole table.
+
     python bench/query.py [--data DIR] [--containers 500] [--days 30] [--runs 30]
 
-Writes bench/results/query.json. Targets (issue 3): day < 20 ms, week and month < 50 ms.
+Writes bench/results/query.json. Targets (issue 3): day < 20 ms, week and month < 50 ms;
+(issue 16) the tool ``get_network_stats`` p95 <= 50 ms over a month, named container and
+all, and <= 1.0 byte per value over all value columns.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import statistics
@@ -41,6 +56,8 @@ import numpy as np
 import polars as pl
 from deltalake import DeltaTable, Transaction
 
+from nettel.mcp.server import build_server
+from nettel.mcp.tools import TelemetryTools
 from nettel.models import COUNTERS, TCP_STATES, TOTALS
 from nettel.store.maintenance import maintain_table
 from nettel.store.minute import MinuteTable, minute_schema
@@ -246,6 +263,60 @@ def measure(data: str, meta: dict[str, Any], runs: int) -> dict[str, Any]:
     return out
 
 
+def measure_tools(data: str, meta: dict[str, Any], runs: int) -> dict[str, Any]:
+    """Median/p95 of MCP tool calls on a long-lived server, as ``nettel mcp`` serves them."""
+    tools = TelemetryTools.for_data_dir(data, partitions=PARTITIONS, topic=TOPIC)
+    tools.clock = lambda: meta["now_ms"] / 1000  # the data ends at the build's "now"
+    server = build_server(tools)
+    one = "svc-007"
+    calls: dict[str, tuple[str, dict[str, Any]]] = {}
+    for tf in ("hour", "day", "week", "month"):
+        calls[f"get_network_stats_one_{tf}"] = (
+            "get_network_stats",
+            {"container": one, "timeframe": tf},
+        )
+        calls[f"get_network_stats_all_{tf}"] = ("get_network_stats", {"timeframe": tf})
+    for tf in ("day", "month"):
+        calls[f"get_top_consumers_{tf}"] = ("get_top_consumers", {"timeframe": tf})
+        calls[f"get_traffic_timeseries_{tf}"] = (
+            "get_traffic_timeseries",
+            {"container": one, "timeframe": tf},
+        )
+    calls["list_containers"] = ("list_containers", {})
+    loop = asyncio.new_event_loop()
+    out: dict[str, Any] = {}
+    try:
+        for key, (name, args) in calls.items():
+
+            def call(name: str = name, args: dict[str, Any] = args) -> object:
+                result = loop.run_until_complete(server.call_tool(name, args))
+                assert not getattr(result, "is_error", False), (name, args, result)
+                return result
+
+            call()  # warm-up: the server is long-lived
+            out[key] = timed(call, runs)
+            print(key, out[key], flush=True)
+    finally:
+        loop.close()
+    return out
+
+
+#: columns that are not values: the Hive partition (not in the files) and the Kafka one
+NOT_VALUES = ("date", "partition")
+
+
+def value_columns(uri: str, day: str | None) -> dict[str, Any]:
+    """All value columns of a table, and those that vary within a container on ``day``
+    (None: over the whole table)."""
+    names = [c for c in minute_schema() if c not in NOT_VALUES]
+    scan = pl.scan_delta(uri)
+    frame = (scan if day is None else scan.filter(pl.col("date") == day)).select(names).collect()
+    per_container = frame.group_by("container").agg(pl.exclude("container").n_unique())
+    varying = [c for c in names if c != "container" and per_container[c].max() > 1]
+    return {"all": names, "informative": varying,
+            "left_out": [c for c in names if c not in varying]}  # fmt: skip
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--data", default=os.path.join(tempfile.gettempdir(), "nettel-query-bench"))
@@ -265,20 +336,33 @@ def main() -> None:
         meta = {**want, "now_ms": now_ms, "build_s": round(time.perf_counter() - t0, 1)}
         meta_path.write_text(json.dumps(meta))
     store: dict[str, Any] = {}
+    yesterday = time.strftime("%Y-%m-%d", time.gmtime(meta["now_ms"] // 1000 - 86_400))
     for t in ("minute", "hour", "day"):
         uri = f"{args.data}/{t}"
         dtab = DeltaTable(uri)
         rows = pl.scan_delta(uri).select(pl.len()).collect().item()
         size = sum(Path(f).stat().st_size for f in dtab.file_uris())
+        # minute: the last whole day (a month of minute rows would not fit the group-by in
+        # memory); hour and day: every row (day holds one row per container and day)
+        columns = value_columns(uri, yesterday if t == "minute" else None)
         store[t] = {
             "version": dtab.version(),
             "files": len(dtab.file_uris()),
             "rows": rows,
-            "bytes_per_value": round(size / max(rows * (len(minute_schema()) - 2), 1), 3),
+            "bytes": size,
+            "value_columns": len(columns["all"]),
+            "bytes_per_value": round(size / max(rows * len(columns["all"]), 1), 3),
+            "informative_columns": len(columns["informative"]),
+            "bytes_per_informative_value": round(
+                size / max(rows * len(columns["informative"]), 1), 3
+            ),
+            "left_out": columns["left_out"],
         }
     print(store, flush=True)
     figures = {**meta, "store": store, "latency": measure(args.data, meta, args.runs),
-               "targets_ms": {"day": 20, "week": 50, "month": 50}}  # fmt: skip
+               "tools": measure_tools(args.data, meta, args.runs),
+               "targets_ms": {"day": 20, "week": 50, "month": 50,
+                              "get_network_stats_month_p95": 50}}  # fmt: skip
     write_result("query", figures, "python bench/query.py " + " ".join(sys.argv[1:]))
 
 

@@ -23,6 +23,8 @@ command -v unshare >/dev/null || need+=(util-linux)
 command -v chromium >/dev/null || need+=(chromium)
 # venvs for the deployment checks' tools (below)
 dpkg -s python3-venv >/dev/null 2>&1 || need+=(python3-venv)
+# tests/test_deploy.py runs deploy/engine-proxy.cfg in it (the compose file's haproxy:2.6)
+command -v haproxy >/dev/null || need+=(haproxy)
 if [ ${#need[@]} -gt 0 ]; then
   apt-get update -qq
   mapfile -t need < <(printf '%s\n' "${need[@]}" | sort -u)

@@ -319,10 +319,13 @@ address (127.0.0.1, ::1, localhost) unless NETTEL_MCP_TOKEN is set
     def security(self) -> TransportSecuritySettings:
         """Host and Origin checks for the bind address (DNS rebinding protection)."""
         hosts = ["127.0.0.1", "localhost", "[::1]"]
-        if not is_loopback(self.host) and self.host not in ("0.0.0.0", "::"):
+        # B104: a comparison, not a bind (the bind address is the user's NETTEL_MCP_HOST)
+        if not is_loopback(self.host) and self.host not in ("0.0.0.0", "::"):  # nosec B104
             hosts.append(f"[{self.host}]" if ":" in self.host else self.host)
+        # B104: a comparison, not a bind; but on 0.0.0.0 it turns Host/Origin checks off:
+        # pending issue 15 item 3 (branch h-mcp), which enforces allowlists on every address
         return TransportSecuritySettings(
-            enable_dns_rebinding_protection=self.host not in ("0.0.0.0", "::"),
+            enable_dns_rebinding_protection=self.host not in ("0.0.0.0", "::"),  # nosec B104
             allowed_hosts=[f"{h}:{self.port}" for h in hosts],
             allowed_origins=[f"http://{h}:{self.port}" for h in hosts] + list(self.allowed_origins),
         )

@@ -633,7 +633,9 @@ class TelemetryTools:
         version = self.state.version()
         if self._fleets is None or self._fleets[0] != version:
             states = self.state.load(range(10_000))
-            self._fleets = (version, [pickle.loads(s.blob) for s in states.values()])
+            # B301: unpickles the data dir (code execution for whoever can write it):
+            # pending issue 15 item 1 (branch h-state): checkpoints as data, MCP reads bands
+            self._fleets = (version, [pickle.loads(s.blob) for s in states.values()])  # nosec B301
         return self._fleets[1]
 
     def baseline(self, container: str, metric: str) -> Baseline:

@@ -167,7 +167,10 @@ class DetectWorker:
                 starts[tp.partition] = (self.fleet_factory(), 0, 0)
                 continue
             same_log = s.epoch == self.epoch  # our own checkpoint: safe to unpickle
-            starts[tp.partition] = (pickle.loads(s.blob), s.next_offset if same_log else 0,
+            # B301: unpickles the data dir (code execution for whoever can write it):
+            # pending issue 15 item 1 (branch h-state): checkpoints as typed, versioned data
+            fleet = pickle.loads(s.blob)  # nosec B301
+            starts[tp.partition] = (fleet, s.next_offset if same_log else 0,
                                     s.alerts_offset if same_log else 0)  # fmt: skip
         # the checkpoint's alerts offset: alerts of every event from its offset on are at
         # or after it; those already there are not published again (see _publish)
