@@ -33,7 +33,7 @@ pytestmark = [pytest.mark.broker, pytest.mark.engine]
 
 NETTEL = str(Path(sys.executable).with_name("nettel"))
 PARTITIONS = 2
-TOKEN = "deploy-test-token"
+TOKEN = "deploy-test-token-of-32-characters-or-more"
 FETCHES = 12
 FILE_BYTES = 200_000
 #: get_network_stats' fields and the event counters they total
