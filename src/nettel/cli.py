@@ -515,9 +515,16 @@ def mcp_http_options(settings: Settings) -> HttpOptions:
     """Where and for whom the MCP HTTP endpoint listens (checked before it starts)."""
     options = HttpOptions(host=settings.mcp_host, port=settings.mcp_port,
                           token=settings.mcp_token,
-                          rate_per_minute=settings.mcp_rate_per_minute)  # fmt: skip
+                          rate_per_minute=settings.mcp_rate_per_minute,
+                          allowed_hosts=_listed(settings.mcp_allowed_hosts),
+                          allowed_origins=_listed(settings.mcp_allowed_origins))  # fmt: skip
     options.check()
     return options
+
+
+def _listed(text: str) -> tuple[str, ...]:
+    """A comma-separated setting as its non-empty items."""
+    return tuple(x.strip().rstrip("/") for x in text.split(",") if x.strip())
 
 
 async def cmd_mcp(settings: Settings, http: bool) -> int:

@@ -1,14 +1,17 @@
 """The ``network-telemetry`` MCP server: tools, resources and prompts over stdio or HTTP.
 
 Tools read only through :class:`~nettel.store.query.TrafficQuery` (no argument ever
-becomes a path). A bad argument raises a tool error whose message names the valid
-values; an unexpected failure is logged here and reaches the client as a short error
-without a trace; the server keeps serving either way.
+becomes a path). Answers are shaped for an agent's budget (:mod:`nettel.mcp.answers`).
+A bad argument gets a one-line error naming the valid values; an unexpected failure is
+logged here and reaches the client as a short error without a trace; the server keeps
+serving either way. Every tool call logs one audit line (``mcp_tool_call``).
 
-HTTP (streamable): binds 127.0.0.1 by default. Binding any other address needs a
-bearer token (:class:`HttpOptions`), and then every request without it gets 401. Host
-and Origin headers are checked against the bind address (DNS rebinding); request
-bodies are capped and each client address is rate limited (429 past the limit).
+HTTP (streamable): binds 127.0.0.1 by default; any other address needs a bearer token
+of 32+ characters (the examples' tokens are refused at start). Every request, on every
+bind address, passes in order: a rate limit per client address (before the token, so
+guessing is throttled; a bounded LRU map of addresses), Host and Origin allowlists
+(loopback plus ``NETTEL_MCP_ALLOWED_HOSTS``/``_ORIGINS``: 421 and 403), the token
+(401), a body size limit (413).
 """
 
 from __future__ import annotations
@@ -370,7 +373,8 @@ class HttpOptions:
 
     ``allowed_hosts``/``allowed_origins``: Host and Origin values accepted besides the
     loopback names on ``port`` (``name`` for any port or ``name:port``; origins as
-    ``scheme://name[:port]``). ``max_clients``: client addresses the rate limiter
+    ``scheme://name[:port]``). ``auth_failures_per_minute``: wrong tokens an address may
+    send before it gets 429. ``max_clients``: client addresses each rate limiter
     remembers (least recently seen forgotten first).
     """
 
@@ -379,6 +383,7 @@ class HttpOptions:
     token: str | None = None
     max_body_bytes: int = 1 << 20
     rate_per_minute: int = 600
+    auth_failures_per_minute: int = 30
     allowed_hosts: tuple[str, ...] = ()
     allowed_origins: tuple[str, ...] = ()
     max_clients: int = 10_000
@@ -513,6 +518,11 @@ class RateLimiter:
     def __len__(self) -> int:
         return len(self._buckets)
 
+    def empty(self, client: str) -> bool:
+        """Whether ``client``'s bucket has no request left now (nothing is taken)."""
+        tokens, last = self._buckets.get(client, (float(self.per_minute), self.clock()))
+        return tokens + (self.clock() - last) * self.per_minute / 60.0 < 1
+
     def allow(self, client: str) -> bool:
         """Take one request from ``client``'s bucket; False when it is empty."""
         full = float(self.per_minute)
@@ -528,12 +538,15 @@ class RateLimiter:
 
 class _Guard:
     """ASGI middleware, in this order: rate per client address (before anything else, so
-    token guessing is throttled), Host and Origin allowlists, bearer token, body size."""
+    token guessing is throttled: an address whose wrong tokens exhaust
+    ``auth_failures_per_minute`` gets 429 until its bucket refills), Host and Origin
+    allowlists, bearer token, body size."""
 
     def __init__(self, app: ASGIApp, options: HttpOptions) -> None:
         self.app = app
         self.options = options
         self.limiter = RateLimiter(options.rate_per_minute, options.max_clients)
+        self.failures = RateLimiter(options.auth_failures_per_minute, options.max_clients)
         self.hosts = options.hosts()
         self.origins = options.origins()
 
@@ -542,7 +555,7 @@ class _Guard:
             await self.app(scope, receive, send)
             return
         client = (scope.get("client") or ("?", 0))[0]
-        if not self.limiter.allow(client):
+        if self.failures.empty(client) or not self.limiter.allow(client):
             await _plain(send, 429, "too many requests: slow down", [(b"retry-after", b"1")])
             return
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
@@ -557,6 +570,8 @@ class _Guard:
             given = headers.get("authorization", "")
             expected = f"Bearer {self.options.token}"
             if not hmac.compare_digest(given.encode(), expected.encode()):
+                self.failures.allow(client)
+                log.warning("mcp_http_unauthorized", client=client)
                 await _plain(send, 401, "missing or wrong bearer token",
                              [(b"www-authenticate", b"Bearer")])  # fmt: skip
                 return
