@@ -96,6 +96,7 @@ class TelemetryServer(MCPServer[Any]):
                  as_of: Callable[[], str]) -> None:  # fmt: skip
         super().__init__(name, instructions=instructions)
         self._as_of = as_of
+        self.warm: Callable[[], None] | None = None
 
     async def list_tools(self) -> list[MCPTool]:
         """Every tool, without its output schema or the titles pydantic gives each field,
@@ -192,6 +193,7 @@ def build_server(tools: TelemetryTools, data_dir: str | None = None) -> Telemetr
     """The MCP server over ``tools`` (``data_dir``: where stored reports are)."""
     data_dir = data_dir or tools.query.minute.uri.rsplit("/", 1)[0]
     server = TelemetryServer(SERVER_NAME, instructions=INSTRUCTIONS, as_of=tools.as_of)
+    server.warm = tools.warm
 
     @server.tool()
     async def get_network_stats(
@@ -643,6 +645,7 @@ async def serve_http(server: MCPServer[Any], options: HttpOptions,
     log.info("mcp_http_listening", url=f"http://{options.host}:{options.port}/mcp",
              token=options.token is not None)  # fmt: skip
     serving = asyncio.create_task(uv.serve())
+    warming = asyncio.create_task(_warm(server))
     try:
         if stop is None:
             await serving
@@ -653,6 +656,7 @@ async def serve_http(server: MCPServer[Any], options: HttpOptions,
         uv.should_exit = True
         await serving
     finally:
+        warming.cancel()
         if not serving.done():
             uv.should_exit = True
             await asyncio.wait_for(asyncio.shield(serving), 5)
@@ -660,4 +664,19 @@ async def serve_http(server: MCPServer[Any], options: HttpOptions,
 
 async def serve_stdio(server: MCPServer[Any]) -> None:
     """Serve over stdin/stdout (logs go to stderr)."""
-    await server.run_stdio_async()
+    warming = asyncio.create_task(_warm(server))
+    try:
+        await server.run_stdio_async()
+    finally:
+        warming.cancel()
+
+
+async def _warm(server: MCPServer[Any]) -> None:
+    """Warm the tools' caches in a thread once serving (a failure only logs)."""
+    warm = getattr(server, "warm", None)
+    if warm is None:
+        return
+    try:
+        await anyio.to_thread.run_sync(warm)
+    except Exception as e:  # a cold cache only costs time
+        log.warning("mcp_warm_failed", error=repr(e)[:300])

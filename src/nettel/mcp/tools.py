@@ -23,6 +23,7 @@ import polars as pl
 from pydantic import BaseModel, Field, model_serializer
 
 from nettel.mcp.answers import ToolInputError, page, quoted
+from nettel.models import TOTALS
 from nettel.store.alerts import AlertTable, DetectStateTable, FeedbackTable
 from nettel.store.query import Aggregation, ContainerStats, OpenTraffic, TrafficQuery
 
@@ -399,6 +400,12 @@ class TelemetryTools:
         """Now, in ms since the epoch."""
         return int(self.clock() * 1000)
 
+    def warm(self) -> None:
+        """Load the tables' snapshots and the known containers once, so that the first
+        question is answered as fast as the next ones (the server calls it at start)."""
+        self._known()
+        self.query.newest_ms()
+
     def as_of(self) -> str:
         """The end of the newest minute in the store (UTC), for answers that say no better."""
         newest = self.query.newest_ms()
@@ -530,19 +537,38 @@ class TelemetryTools:
 
     def top_consumers(self, timeframe: Timeframe, metric: Metric, aggregation: Aggregation,
                       largest: bool, limit: int) -> TopConsumers:  # fmt: skip
-        """``get_top_consumers``."""
+        """``get_top_consumers``; sums of counters include the samples of minutes not
+        closed yet (as ``get_network_stats`` does)."""
         _check_metric(metric)
-        start, end = window(timeframe, self.now_ms())
+        now = self.now_ms()
+        start, end = window(timeframe, now)
         store_metric = STORE_METRIC[metric]
+        counter = not (metric.startswith("tcp_") or metric == "connections")
+        if aggregation == "sum" and counter:
+            rows = self.query.stats(start, end, aggregation="sum")
+            values: dict[str, int] = {s.container: int(s.values[store_metric] or 0) for s in rows}
+            fresh = self.query.open_traffic(start, now, {s.container: s.through_ms for s in rows})
+            for c, o in fresh.items():
+                parts = TOTALS.get(store_metric, (store_metric,))
+                values[c] = values.get(c, 0) + sum(o.sums[p] for p in parts)
+            total = sum(values.values())
+            sign = -1 if largest else 1
+            ranked = sorted(values.items(), key=lambda kv: (sign * kv[1], kv[0]))[:limit]
+            return TopConsumers(
+                timeframe=timeframe, metric=metric, aggregation=aggregation,
+                unit=unit_of(metric, aggregation), total=total,
+                top=[TopEntryOut(container=c, value=v, share=v / total if total else None)
+                     for c, v in ranked],
+            )  # fmt: skip
         top = self.query.top(start, end, metric=store_metric, n=limit, aggregation=aggregation,
                              largest=largest)  # fmt: skip
-        total = None
+        combined = None
         if aggregation in ("sum", "avg") and not metric.startswith("tcp_"):
             rows = self.query.stats(start, end, aggregation=aggregation)
-            total = _combine([s.values[store_metric] for s in rows], aggregation)
+            combined = _combine([s.values[store_metric] for s in rows], aggregation)
         return TopConsumers(
             timeframe=timeframe, metric=metric, aggregation=aggregation,
-            unit=unit_of(metric, aggregation), total=total,
+            unit=unit_of(metric, aggregation), total=combined,
             top=[TopEntryOut(container=t.container, value=t.value, share=t.share) for t in top],
         )  # fmt: skip
 
@@ -576,11 +602,17 @@ class TelemetryTools:
         now = self.now_ms()
         end = now - now % 60_000
         start, before = end - length, end - 2 * length
-        after = {s.container: s for s in self.query.stats(start, end)}
-        prior = {s.container: s for s in self.query.stats(before, start)}
+        after_rows = self.query.stats(start, end)
+        fresh = self.query.open_traffic(start, now, {s.container: s.through_ms
+                                                     for s in after_rows})  # fmt: skip
+        after = {s.container: int(s.values["bytes"] or 0) for s in after_rows}
+        for c, o in fresh.items():
+            after[c] = after.get(c, 0) + o.sums["rx_bytes"] + o.sums["tx_bytes"]
+        prior = {s.container: int(s.values["bytes"] or 0)
+                 for s in self.query.stats(before, start)}  # fmt: skip
 
-        def total(s: ContainerStats | None) -> int:
-            return 0 if s is None else int(s.values["bytes"] or 0)
+        def total(value: int | None) -> int:
+            return value or 0
 
         deltas = [
             Change(container=c, bytes_now=total(after.get(c)), bytes_before=total(prior.get(c)),
@@ -595,7 +627,8 @@ class TelemetryTools:
         gone = sorted(prior.keys() - after.keys())
         opened, resolved = self._alerts_between(start, end)
         return Changes(
-            period=since, since=iso(start), until=iso(end), compared_with=iso(before),
+            period=since, since=iso(start), compared_with=iso(before),
+            until=iso(max([end, *(o.through_ms for o in fresh.values())])),
             bytes_now=sum(total(x) for x in after.values()),
             bytes_before=sum(total(x) for x in prior.values()),
             containers=shown.items, total=shown.total, next=shown.next_cursor,
