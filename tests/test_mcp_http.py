@@ -6,10 +6,7 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,8 +16,8 @@ from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
 
 from conftest import free_port
+from test_mcp import NETTEL, nettel_http
 
-NETTEL = str(Path(sys.executable).with_name("nettel"))
 TOKEN = "http-guard-test-token-0123456789abcdef"
 INIT = {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
     "protocolVersion": "2025-06-18", "capabilities": {},
@@ -40,26 +37,8 @@ def open_server(tmp_path: Path) -> Iterator[tuple[str, int, Path]]:
     port = free_port()
     log_path = tmp_path / "stderr.log"
     env = _env(tmp_path, NETTEL_MCP_TOKEN=TOKEN, NETTEL_MCP_PORT=str(port))
-    with log_path.open("wb") as err:
-        proc = subprocess.Popen([NETTEL, "mcp", "--http"], env=env, stderr=err)
-    url = f"http://127.0.0.1:{port}/mcp"
-    try:
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            assert proc.poll() is None, log_path.read_text()
-            try:
-                httpx.get(f"http://127.0.0.1:{port}/", timeout=1)
-                break
-            except httpx.TransportError:
-                time.sleep(0.2)
-        yield url, port, log_path
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    with log_path.open("wb") as err, nettel_http(env, port, stderr=err):
+        yield f"http://127.0.0.1:{port}/mcp", port, log_path
 
 
 async def test_open_bind_checks_host_origin_body_and_throttles_token_guessing(
