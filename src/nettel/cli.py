@@ -21,7 +21,7 @@ import time
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 from mcp.server import MCPServer
@@ -35,7 +35,6 @@ from nettel.broker import (
     tansu_binary,
 )
 from nettel.config import Settings
-from nettel.detect.fleet import FleetDetector
 from nettel.detect.rules import Rule, load_rules
 from nettel.errors import ConfigError, EngineUnavailableError, NettelError
 from nettel.ingest.publisher import EventPublisher
@@ -45,13 +44,16 @@ from nettel.ingest.sources import EngineSource, ProcfsSource, Source
 from nettel.mcp.server import HttpOptions, build_server, serve_http, serve_stdio
 from nettel.mcp.tools import TelemetryTools
 from nettel.models import encode_stat_event
-from nettel.report import Prices, daily_report, report_on_schedule
 from nettel.store.maintenance import MaintenanceReport, maintain_table
 from nettel.store.minute import MinuteTable, writer_properties
 from nettel.store.rollup import DAY_MS, HOUR_MS, RollupTable
 from nettel.store.samples import SamplesTable, samples_schema
-from nettel.stream.detector import DetectWorker
 from nettel.stream.worker import StreamWorker
+
+if TYPE_CHECKING:  # imported where used: `nettel mcp` starts without river and matplotlib
+    from nettel.detect.fleet import FleetDetector
+    from nettel.report import Prices
+    from nettel.stream.detector import DetectWorker
 
 log = structlog.get_logger("nettel")
 
@@ -296,6 +298,8 @@ async def up_roles(settings: Settings, bootstrap: str, broker: EmbeddedBroker | 
         await serve_http(server, mcp_options, stop)
 
     async def reports(stop: asyncio.Event) -> None:
+        from nettel.report import report_on_schedule
+
         await report_on_schedule(settings, stop, tz=settings.report_tz,
                                  prices=report_prices(settings),
                                  budget_bytes_per_day=report_budget(settings))  # fmt: skip
@@ -317,6 +321,9 @@ def load_rules_checked(settings: Settings) -> list[Rule]:
 
 def make_detect(settings: Settings, bootstrap: str, *, epoch: int = 0) -> DetectWorker:
     """The detector worker with the configured rules."""
+    from nettel.detect.fleet import FleetDetector
+    from nettel.stream.detector import DetectWorker
+
     rules = load_rules_checked(settings)
 
     def fleet() -> FleetDetector:
@@ -331,6 +338,8 @@ def make_detect(settings: Settings, bootstrap: str, *, epoch: int = 0) -> Detect
 
 def report_prices(settings: Settings) -> Prices:
     """Transfer prices from the settings."""
+    from nettel.report import Prices
+
     return Prices(egress_per_gb=settings.price_egress_per_gb,
                   ingress_per_gb=settings.price_ingress_per_gb)  # fmt: skip
 
@@ -493,6 +502,8 @@ def cmd_rules_check(path: str) -> int:
 
 async def cmd_report(settings: Settings, args: argparse.Namespace) -> int:
     """Build a day's report, write it under the data dir; print it or write it to --out."""
+    from nettel.report import daily_report
+
     done = await asyncio.to_thread(
         daily_report, settings, args.report_date, fmt=args.report_format, out=args.report_out,
         tz=args.report_tz or settings.report_tz, prices=report_prices(settings),
