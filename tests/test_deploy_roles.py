@@ -122,8 +122,9 @@ async def mcp_totals(url: str, names: list[str]) -> tuple[dict[str, dict[str, An
 
 
 def expected(events: list[StatEvent], name: str, now_ms: int) -> dict[str, int]:
-    start, end = window("hour", now_ms)
-    mine = [e for e in events if e.identity == name and start <= e.ts_ms < end]
+    """The last hour's sums: closed minutes, and the open one (the MCP adds its samples)."""
+    start, _ = window("hour", now_ms)
+    mine = [e for e in events if e.identity == name and start <= e.ts_ms <= now_ms]
     return {field: sum(getattr(e, c) for e in mine) for field, c in FIELDS.items()}
 
 
