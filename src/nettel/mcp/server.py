@@ -357,8 +357,18 @@ def build_server(tools: TelemetryTools, data_dir: str | None = None) -> Telemetr
 
     @server.resource("nettel://alerts/open", mime_type="application/json")
     async def open_alerts_resource() -> str:
-        """Alerts open now."""
-        result = await _answer(lambda: tools.anomalies(None, None, None, "open", 100))
+        """Alerts open now (up to 100, every page)."""
+
+        def every_page() -> AlertList:
+            first = tools.anomalies(None, None, None, "open", 100)
+            while first.next is not None and len(first.alerts) < 100:
+                more = tools.anomalies(None, None, None, "open", 100, first.next)
+                first = first.model_copy(update={"alerts": first.alerts + more.alerts,
+                                                 "next": more.next, "hint": None,
+                                                 "omitted": more.omitted})  # fmt: skip
+            return first
+
+        result = await _answer(every_page)
         return to_text(compact(result.model_dump(mode="json")))
 
     @server.resource("nettel://containers", mime_type="application/json")
