@@ -372,6 +372,10 @@ async def cmd_up(settings: Settings) -> int:
     Roles (:func:`up_roles`): ingest, the stream worker (windows and samples into the
     store), scheduled store maintenance; with the embedded broker, its rotation too.
     """
+    # every layer before any role runs: an import inside a role would stall the loop
+    import nettel.report
+    import nettel.stream.detector  # noqa: F401
+
     stop = asyncio.Event()
     _install_signal_handlers(stop)
     topics = topic_partitions(settings)
