@@ -33,7 +33,7 @@ pytestmark = [pytest.mark.broker, pytest.mark.engine]
 
 NETTEL = str(Path(sys.executable).with_name("nettel"))
 PARTITIONS = 2
-TOKEN = "deploy-test-token"
+TOKEN = "deploy-test-token-of-32-characters-or-more"
 FETCHES = 12
 FILE_BYTES = 200_000
 #: get_network_stats' fields and the event counters they total
@@ -122,8 +122,9 @@ async def mcp_totals(url: str, names: list[str]) -> tuple[dict[str, dict[str, An
 
 
 def expected(events: list[StatEvent], name: str, now_ms: int) -> dict[str, int]:
-    start, end = window("hour", now_ms)
-    mine = [e for e in events if e.identity == name and start <= e.ts_ms < end]
+    """The last hour's sums: closed minutes, and the open one (the MCP adds its samples)."""
+    start, _ = window("hour", now_ms)
+    mine = [e for e in events if e.identity == name and start <= e.ts_ms <= now_ms]
     return {field: sum(getattr(e, c) for e in mine) for field, c in FIELDS.items()}
 
 

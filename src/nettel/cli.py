@@ -300,7 +300,6 @@ async def maintain_on_schedule(settings: Settings, stop: asyncio.Event) -> None:
 async def up_roles(settings: Settings, bootstrap: str, broker: EmbeddedBroker | None) -> list[Role]:
     """The roles ``nettel up`` runs against ``bootstrap`` (add new ones here)."""
     from nettel.mcp.server import serve_http
-    from nettel.report import report_on_schedule
 
     source = await asyncio.to_thread(open_source, settings)
     ingest = make_ingest(settings, bootstrap, source)
@@ -319,6 +318,8 @@ async def up_roles(settings: Settings, bootstrap: str, broker: EmbeddedBroker | 
         await serve_http(server, mcp_options, stop)
 
     async def reports(stop: asyncio.Event) -> None:
+        from nettel.report import report_on_schedule
+
         await report_on_schedule(settings, stop, tz=settings.report_tz,
                                  prices=report_prices(settings),
                                  budget_bytes_per_day=report_budget(settings))  # fmt: skip
@@ -395,6 +396,9 @@ async def cmd_up(settings: Settings) -> int:
     Roles (:func:`up_roles`): ingest, the stream worker (windows and samples into the
     store), scheduled store maintenance; with the embedded broker, its rotation too.
     """
+    # every layer before any role runs: an import inside a role would stall the loop
+    import nettel.report
+    import nettel.stream.detector  # noqa: F401
     from nettel.broker import EmbeddedBroker, ensure_topics
 
     stop = asyncio.Event()
@@ -642,9 +646,16 @@ def mcp_http_options(settings: Settings) -> HttpOptions:
 
     options = HttpOptions(host=settings.mcp_host, port=settings.mcp_port,
                           token=settings.mcp_token,
-                          rate_per_minute=settings.mcp_rate_per_minute)  # fmt: skip
+                          rate_per_minute=settings.mcp_rate_per_minute,
+                          allowed_hosts=_listed(settings.mcp_allowed_hosts),
+                          allowed_origins=_listed(settings.mcp_allowed_origins))  # fmt: skip
     options.check()
     return options
+
+
+def _listed(text: str) -> tuple[str, ...]:
+    """A comma-separated setting as its non-empty items."""
+    return tuple(x.strip().rstrip("/") for x in text.split(",") if x.strip())
 
 
 async def cmd_mcp(settings: Settings, http: bool) -> int:

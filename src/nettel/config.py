@@ -129,6 +129,16 @@ class Settings:
     mcp_rate_per_minute: int = _field(
         600, "NETTEL_MCP_RATE_PER_MINUTE", "MCP HTTP requests per minute per client address"
     )
+    mcp_allowed_hosts: str = _field(
+        "", "NETTEL_MCP_ALLOWED_HOSTS",
+        "Host headers the MCP HTTP endpoint accepts besides loopback (comma-separated; "
+        "`name` for any port or `name:port`)",
+    )  # fmt: skip
+    mcp_allowed_origins: str = _field(
+        "", "NETTEL_MCP_ALLOWED_ORIGINS",
+        "browser Origins the MCP HTTP endpoint accepts besides loopback (comma-separated, "
+        "e.g. https://console.example.com)",
+    )  # fmt: skip
     rules_file: str | None = _field(
         None, "NETTEL_RULES_FILE", "TOML file of custom alert rules (checked at start)"
     )

@@ -1,51 +1,61 @@
 """The ``network-telemetry`` MCP server: tools, resources and prompts over stdio or HTTP.
 
 Tools read only through :class:`~nettel.store.query.TrafficQuery` (no argument ever
-becomes a path). A bad argument raises a tool error whose message names the valid
-values; an unexpected failure is logged here and reaches the client as a short error
-without a trace; the server keeps serving either way.
+becomes a path). Answers are shaped for an agent's budget (:mod:`nettel.mcp.answers`).
+A bad argument gets a one-line error naming the valid values; an unexpected failure is
+logged here and reaches the client as a short error without a trace; the server keeps
+serving either way. Every tool call logs one audit line (``mcp_tool_call``).
 
-HTTP (streamable): binds 127.0.0.1 by default. Binding any other address needs a
-bearer token (:class:`HttpOptions`), and then every request without it gets 401. Host
-and Origin headers are checked against the bind address (DNS rebinding); request
-bodies are capped and each client address is rate limited (429 past the limit).
+HTTP (streamable): binds 127.0.0.1 by default; any other address needs a bearer token
+of 32+ characters (the examples' tokens are refused at start). Every request, on every
+bind address, passes in order: a rate limit per client address (before the token, so
+guessing is throttled; a bounded LRU map of addresses), Host and Origin allowlists
+(loopback plus ``NETTEL_MCP_ALLOWED_HOSTS``/``_ORIGINS``: 421 and 403), the token
+(401), a body size limit (413).
 
 The same port serves nettel's own health: ``GET /healthz`` (JSON: version, the age of
 each periodic job, 503 when one is late; no token needed, so probes and ``nettel
-doctor`` can ask) and ``GET /metrics`` (Prometheus exposition of :mod:`nettel.metrics`;
-it needs the bearer token when one is set, like ``/mcp``).
+doctor`` can ask; rate limit and Host/Origin checks still apply) and ``GET /metrics``
+(Prometheus exposition of :mod:`nettel.metrics`; it needs the bearer token when one is
+set, like ``/mcp``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import hmac
 import ipaddress
 import json
 import time
-from collections.abc import Callable
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal, TypeVar
 
 import anyio
 import structlog
 from mcp.server import MCPServer
-from mcp.server.mcpserver.exceptions import ToolError
+from mcp.server.mcpserver.context import Context
+from mcp.server.mcpserver.exceptions import ToolError, UnexpectedToolError
 from mcp.server.transport_security import TransportSecuritySettings
-from pydantic import Field
+from mcp.types import CallToolResult, TextContent
+from mcp.types import Tool as MCPTool
+from pydantic import Field, ValidationError
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from nettel import metrics, version
 from nettel.errors import ConfigError, NettelError
+from nettel.mcp.answers import compact, fit, one_line_error, quoted, to_text
 from nettel.mcp.tools import (
     AlertDetail,
     AlertList,
     Baseline,
+    Changes,
     ContainerList,
     DailyReportOut,
     ForecastOut,
-    Limit,
     Metric,
     NetworkStats,
     TelemetryTools,
@@ -61,22 +71,121 @@ T = TypeVar("T")
 
 SERVER_NAME = "network-telemetry"
 INSTRUCTIONS = (
-    "Network telemetry of the containers on this host: bytes, packets, errors, drops, "
-    "connections and TCP states, per minute to per month. Start with list_containers or "
-    "get_network_stats; use get_top_consumers to find heavy containers and "
-    "get_traffic_timeseries to see when traffic changed."
+    "Network traffic of this host's containers (bytes, packets, errors, drops, connections, "
+    "TCP states), from the last minutes to 30 days. Answers are compact JSON with as_of (the "
+    "newest data in them); lists are ranked and paged (limit, cursor: pass 'next' back)."
 )
 
-ContainerArg = Annotated[
-    str, Field(description="container identity, name, compose service or id prefix")
-]
-TimeframeArg = Annotated[
-    Timeframe, Field(description="the last hour, day, week or month (30 days) up to now")
-]
+ContainerArg = Annotated[str, Field(description="name, compose service, identity or id prefix")]
+TimeframeArg = Annotated[Timeframe, Field(description="the last hour, day, week or 30 days")]
 AggregationArg = Annotated[
-    Aggregation,
-    Field(description="sum: totals; avg: mean per second; max/min: peak/lowest per second"),
+    Aggregation, Field(description="sum: totals; avg/max/min: per-second mean/peak/lowest")
 ]
+CursorArg = Annotated[str | None, Field(description="'next' of the previous page")]
+
+
+Limit50 = Annotated[int, Field(ge=1, le=50, description="items per page, 1-50")]
+Limit100 = Annotated[int, Field(ge=1, le=100, description="items per page, 1-100")]
+
+
+class TelemetryServer(MCPServer[Any]):
+    """The SDK's server, with every tool answer shaped for an agent and audited.
+
+    Answers: numbers compacted, compact JSON in the text part (the same document as the
+    structured content), cut to the budget, ``as_of`` always set (see
+    :mod:`nettel.mcp.answers`). Errors: one line naming the valid values. Output
+    schemas are left out of ``tools/list`` (they would triple its size); structured
+    content is still sent. Each call logs one ``mcp_tool_call`` line: client address,
+    tool, a digest of the arguments, outcome.
+    """
+
+    def __init__(self, name: str, *, instructions: str, as_of: Callable[[], str],
+                 version: str | None = None) -> None:  # fmt: skip
+        super().__init__(name, instructions=instructions, version=version or "")
+        self._as_of = as_of
+        self.warm: Callable[[], None] | None = None
+
+    async def list_tools(self) -> list[MCPTool]:
+        """Every tool, without its output schema or the titles pydantic gives each field,
+        its description on one line."""
+        return [
+            t.model_copy(
+                update={
+                    "output_schema": None,
+                    "input_schema": _untitled(t.input_schema),
+                    "description": " ".join((t.description or "").split()),
+                }
+            )
+            for t in await super().list_tools()
+        ]
+
+    async def call_tool(self, name: str, arguments: dict[str, Any],
+                        context: Context[Any, Any] | None = None) -> Any:  # fmt: skip
+        """Run a tool; shape its answer or its error; log the call."""
+        started = time.perf_counter()
+        outcome = "ok"
+        chars = 0
+        try:
+            if self._tool_manager.get_tool(name) is None:
+                known = ", ".join(t.name for t in self._tool_manager.list_tools())
+                raise ToolError(f"unknown tool {quoted(name)}: expected one of {known}")
+            result = await super().call_tool(name, arguments, context)
+            if isinstance(result, CallToolResult) and isinstance(result.structured_content, dict):
+                doc = compact(result.structured_content)
+                doc.setdefault("as_of", await anyio.to_thread.run_sync(self._as_of))
+                doc = fit(doc)
+                text = to_text(doc)
+                chars = len(text)
+                result = CallToolResult(content=[TextContent(type="text", text=text)],
+                                        structured_content=doc)  # fmt: skip
+            return result
+        except UnexpectedToolError as e:
+            outcome = "crash"
+            log.error("mcp_tool_crashed", tool=name, error=repr(e.__cause__)[:300])
+            raise ToolError(f"Error executing tool {name}: internal error (logged on the "
+                            "server); the server keeps serving") from None  # fmt: skip
+        except ToolError as e:
+            outcome = "error"
+            cause = e.__cause__
+            errors = (
+                [dict(e) for e in cause.errors()] if isinstance(cause, ValidationError) else None
+            )
+            raise ToolError(one_line_error(name, str(e), errors)) from None
+        finally:
+            log.info("mcp_tool_call", client=_client_of(context), tool=name[:100],
+                     args_digest=_digest(arguments), outcome=outcome, chars=chars,
+                     ms=round((time.perf_counter() - started) * 1000, 1))  # fmt: skip
+
+
+def _untitled(schema: dict[str, Any]) -> dict[str, Any]:
+    """An input schema without ``title`` keys (the argument names say as much).
+
+    Examples
+    --------
+    >>> _untitled({"title": "fArguments", "type": "object",
+    ...            "properties": {"title": {"title": "Title", "type": "string"}}})
+    {'type': 'object', 'properties': {'title': {'type': 'string'}}}
+    """
+    out = {k: v for k, v in schema.items() if k != "title"}
+    if isinstance(out.get("properties"), dict):
+        out["properties"] = {name: _untitled(p) if isinstance(p, dict) else p
+                             for name, p in out["properties"].items()}  # fmt: skip
+    return out
+
+
+def _client_of(context: Context[Any, Any] | None) -> str:
+    """The caller's address over HTTP; ``stdio`` (or ``local``) otherwise."""
+    request_context = getattr(context, "_request_context", None)
+    if request_context is None:
+        return "local"
+    client = getattr(getattr(request_context, "request", None), "client", None)
+    return str(getattr(client, "host", None) or "stdio")
+
+
+def _digest(arguments: dict[str, Any]) -> str:
+    """A short digest of the arguments (the audit line never holds their values)."""
+    canonical = json.dumps(arguments, sort_keys=True, default=str, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 
 async def _answer(fn: Callable[[], T]) -> T:
@@ -87,54 +196,54 @@ async def _answer(fn: Callable[[], T]) -> T:
         raise ToolError(str(e)) from e
 
 
-def build_server(tools: TelemetryTools, data_dir: str | None = None) -> MCPServer[Any]:
+def build_server(tools: TelemetryTools, data_dir: str | None = None) -> TelemetryServer:
     """The MCP server over ``tools`` (``data_dir``: where stored reports are)."""
     data_dir = data_dir or tools.query.minute.uri.rsplit("/", 1)[0]
-    server: MCPServer[Any] = MCPServer(SERVER_NAME, instructions=INSTRUCTIONS,
-                                       version=version())  # fmt: skip
+    server = TelemetryServer(SERVER_NAME, instructions=INSTRUCTIONS, as_of=tools.as_of,
+                             version=version())  # fmt: skip
+    server.warm = tools.warm
     metrics.watch_tables(data_dir)
 
     @server.tool()
     async def get_network_stats(
         timeframe: TimeframeArg = "hour",
         aggregation: AggregationArg = "sum",
-        container: Annotated[
-            str | None, Field(description="a container (see list_containers); omit for all")
-        ] = None,
+        container: Annotated[str | None, Field(description="one container; omit for all")] = None,
+        limit: Limit50 = 10,
+        cursor: CursorArg = None,
     ) -> NetworkStats:
-        """Traffic of one container, or of every container, over the last hour/day/week/month.
-
-        Returns {"container", "timeframe", "data": {bytes_sent, bytes_received,
-        connections, errors, packets_sent, packets_received, drops}}. With aggregation
-        "sum", byte/packet/error/drop values are totals; with "avg", "max" or "min" they
-        are per second (mean, peak, lowest sample). connections is a gauge: sum and avg
-        give the mean number open. With no container, container is "*" (all together:
-        sums add up, max/min are the extremes among containers) and "containers" lists
-        each one, busiest first.
-        """
-        return await _answer(lambda: tools.network_stats(container, timeframe, aggregation))
+        """Traffic of one container or all over a timeframe: {container, timeframe, data:
+        {bytes_sent, bytes_received, connections, errors, packets_sent, packets_received,
+        drops}}. All: container "*", totals, and containers busiest first. sum includes the
+        open minute's samples (provisional)."""
+        return await _answer(
+            lambda: tools.network_stats(container, timeframe, aggregation, limit, cursor)
+        )
 
     @server.tool()
-    async def list_containers() -> ContainerList:
-        """Every container with data: identity, name, image, compose service, id, state
-        (active: data in the last 3 minutes), first and last seen, and current rates
-        (mean bytes/s and connections over the last 5 minutes). Most recent first."""
-        return await _answer(tools.list_containers)
+    async def list_containers(
+        state: Annotated[
+            Literal["any", "active", "inactive"], Field(description="active: data in last 3 min")
+        ] = "any",
+        limit: Limit50 = 20,
+        cursor: CursorArg = None,
+    ) -> ContainerList:
+        """Containers seen (active first, busiest first): name, image, service, id, state,
+        first/last seen, bytes/s and connections over the last 5 min."""
+        return await _answer(lambda: tools.list_containers(limit, cursor, state))
 
     @server.tool()
     async def get_top_consumers(
         timeframe: TimeframeArg = "day",
         metric: Annotated[Metric, Field(description="what to rank by")] = "bytes",
         direction: Annotated[
-            Literal["desc", "asc"],
-            Field(description='"desc": the most first (default); "asc": the least first'),
+            Literal["desc", "asc"], Field(description="desc: most first")
         ] = "desc",
-        limit: Limit = 10,
+        limit: Limit50 = 10,
         aggregation: AggregationArg = "sum",
     ) -> TopConsumers:
-        """The containers with the most (or least) traffic of a metric over a timeframe,
-        with each one's share of the total. TCP-state metrics rank by their maximum
-        (use aggregation "max")."""
+        """Containers ranked by a metric over a timeframe, with share of the total.
+        tcp_* metrics need aggregation max."""
         return await _answer(
             lambda: tools.top_consumers(timeframe, metric, aggregation, direction == "desc", limit)
         )
@@ -144,14 +253,11 @@ def build_server(tools: TelemetryTools, data_dir: str | None = None) -> MCPServe
         container: ContainerArg,
         timeframe: TimeframeArg = "day",
         metric: Annotated[Metric, Field(description="which metric")] = "bytes",
-        max_points: Annotated[
-            int, Field(ge=2, le=500, description="at most this many points, 2 to 500")
-        ] = 60,
+        max_points: Annotated[int, Field(ge=2, le=200, description="2-200 buckets")] = 60,
         aggregation: AggregationArg = "sum",
     ) -> TrafficSeries:
-        """One container's metric over a timeframe, downsampled to at most max_points
-        buckets (1 min to 1 week, as fine as fits), with min/max/avg/p95 of the points.
-        Buckets without data are left out."""
+        """One container's metric in at most max_points time buckets (1 min to 1 week),
+        with min/max/avg/p95. Empty buckets left out."""
         return await _answer(
             lambda: tools.timeseries(container, timeframe, metric, aggregation, max_points)
         )
@@ -160,30 +266,27 @@ def build_server(tools: TelemetryTools, data_dir: str | None = None) -> MCPServe
     async def get_anomalies(
         container: Annotated[str | None, Field(description="only this container")] = None,
         since: Annotated[
-            str | None,
-            Field(description="ISO date/time (UTC) or a duration back: 30m, 24h, 7d"),
+            str | None, Field(description="ISO time (UTC) or duration back: 30m, 24h, 7d")
         ] = "24h",
         severity: Annotated[
-            Literal["info", "warning", "critical"] | None,
-            Field(description="at least this severity"),
+            Literal["info", "warning", "critical"] | None, Field(description="at least this")
         ] = None,
-        status: Annotated[
-            Literal["open", "resolved", "any"], Field(description="open, resolved or any")
-        ] = "any",
-        limit: Annotated[int, Field(ge=1, le=100, description="at most this many, 1-100")] = 20,
+        status: Annotated[Literal["open", "resolved", "any"], Field(description="")] = "any",
+        limit: Limit100 = 10,
+        cursor: CursorArg = None,
     ) -> AlertList:
-        """Spike alerts (the detector's and custom rules'), newest first: container,
-        metric, observed vs expected band, severity, one-line explanation, status and any
-        verdict. Use explain_anomaly for the traffic around one."""
-        return await _answer(lambda: tools.anomalies(container, since, severity, status, limit))
+        """Alerts, newest first: container, metric, observed vs band, severity, status,
+        one-line explanation. explain_anomaly gives the traffic around one."""
+        return await _answer(
+            lambda: tools.anomalies(container, since, severity, status, limit, cursor)
+        )
 
     @server.tool()
     async def explain_anomaly(
-        alert_id: Annotated[str, Field(description="an id from get_anomalies")],
+        alert_id: Annotated[str, Field(description="id from get_anomalies")],
     ) -> AlertDetail:
-        """One alert in full: explanation, baseline band and its basis, related metrics
-        that moved with it, restarts, and the metric's traffic from 30 minutes before it
-        started to 30 minutes after it ended (per-bucket peaks)."""
+        """One alert in full: why, band and basis, related metrics, restarts, and its
+        metric's per-bucket peaks from 30 min before to 30 min after."""
         return await _answer(lambda: tools.explain(alert_id))
 
     @server.tool()
@@ -205,73 +308,92 @@ def build_server(tools: TelemetryTools, data_dir: str | None = None) -> MCPServe
             ],
             Field(description="a metric the detector watches"),
         ] = "tx_bytes",
+        hours: Annotated[
+            Literal["now", "week"], Field(description="now: this hour; week: all 168")
+        ] = "now",
     ) -> Baseline:
-        """What the detector expects of a container's metric for each of the 168 hours of
-        a week (UTC, from Monday 00:00): low, expected, high, and what it learned it from."""
-        return await _answer(lambda: tools.baseline(container, metric))
+        """What is normal for a container's metric at this hour of the week (UTC): low,
+        expected, high per second, and its basis."""
+        return await _answer(lambda: tools.baseline(container, metric, hours))
 
     @server.tool()
     async def mark_alert(
-        alert_id: Annotated[str, Field(description="an id from get_anomalies")],
-        verdict: Annotated[
-            Literal["false_positive", "confirmed"],
-            Field(description="false_positive widens that band; confirmed keeps it"),
-        ],
-        note: Annotated[str, Field(max_length=500, description="why (optional)")] = "",
+        alert_id: Annotated[str, Field(description="id from get_anomalies")],
+        verdict: Annotated[Literal["false_positive", "confirmed"], Field(description="")],
+        note: Annotated[str, Field(max_length=500, description="why")] = "",
     ) -> Verdict:
-        """Feedback to the detector on one alert (the only tool that writes): a false
-        positive widens that container's band for that metric and hour of the week."""
+        """Feedback on an alert (the only write): false_positive widens that band."""
         return await _answer(lambda: tools.mark(alert_id, verdict, note))
+
+    @server.tool()
+    async def what_changed(
+        since: Annotated[
+            Literal["yesterday", "last_week"], Field(description="last 24 h or 7 days vs before")
+        ] = "yesterday",
+        limit: Limit50 = 10,
+        cursor: CursorArg = None,
+    ) -> Changes:
+        """What changed in the last day (or week) against the one before: total and
+        per-container bytes (largest change first), new and gone containers, alerts
+        opened and resolved."""
+        return await _answer(lambda: tools.what_changed(since, limit, cursor))
 
     @server.tool()
     async def get_daily_report(
         date: Annotated[
-            str | None, Field(description="YYYY-MM-DD (UTC day); default: yesterday")
+            str | None, Field(description="YYYY-MM-DD (UTC); default yesterday")
         ] = None,
     ) -> DailyReportOut:
-        """A day's report as Markdown (totals in/out, top consumers and shares, changes
-        against the day before and a week before, new and gone containers, anomalies,
-        error/drop hot spots, peak hours, cost, forecast), with its headline figures."""
+        """A day's report (Markdown: totals, top consumers, changes, anomalies, hot spots,
+        cost, forecast) with its headline figures."""
         return await _answer(lambda: tools.daily_report(date, data_dir))
 
     @server.tool()
     async def forecast_traffic(
         container: ContainerArg,
         metric: Annotated[Metric, Field(description="a counter: bytes, bytes_sent, ...")] = "bytes",
-        horizon: Annotated[int, Field(ge=1, le=7, description="days ahead, 1 to 7")] = 7,
+        horizon: Annotated[int, Field(ge=1, le=7, description="days ahead, 1-7")] = 7,
     ) -> ForecastOut:
-        """Expected traffic of a container for the next days, per hour (first 48) and per
-        day, with an interval, from a Holt-Winters model on its hourly history (daily and,
-        after three weeks, weekly seasonality)."""
+        """A container's expected traffic per day (and the next 24 h per hour) with an
+        interval (Holt-Winters on its hourly history)."""
         return await _answer(lambda: tools.forecast(container, metric, horizon))
 
     @server.resource("nettel://reports/daily/{date}", mime_type="text/markdown")
     async def daily_report_resource(date: str) -> str:
         """The daily report of a day (YYYY-MM-DD) as Markdown."""
-        result = await _answer(lambda: tools.daily_report(date, data_dir))
+        result = await _answer(lambda: tools.daily_report(date, data_dir, full=True))
         return result.markdown
 
     @server.resource("nettel://alerts/open", mime_type="application/json")
     async def open_alerts_resource() -> str:
-        """Alerts open now."""
-        result = await _answer(lambda: tools.anomalies(None, None, None, "open", 100))
-        return json.dumps(result.model_dump(mode="json"))
+        """Alerts open now (up to 100, every page)."""
+
+        def every_page() -> AlertList:
+            first = tools.anomalies(None, None, None, "open", 100)
+            while first.next is not None and len(first.alerts) < 100:
+                more = tools.anomalies(None, None, None, "open", 100, first.next)
+                first = first.model_copy(update={"alerts": first.alerts + more.alerts,
+                                                 "next": more.next, "hint": None,
+                                                 "omitted": more.omitted})  # fmt: skip
+            return first
+
+        result = await _answer(every_page)
+        return to_text(compact(result.model_dump(mode="json")))
 
     @server.resource("nettel://containers", mime_type="application/json")
     async def containers_resource() -> str:
         """The containers nettel has seen (as list_containers returns them)."""
-        result = await _answer(tools.list_containers)
-        return json.dumps(result.model_dump(mode="json"))
+        result = await _answer(lambda: tools.list_containers(50))
+        return to_text(compact(result.model_dump(mode="json")))
 
     @server.prompt()
     def investigate_spike(container: str) -> str:
         """Investigate unusual traffic of one container."""
         return (
-            f"Investigate the network traffic of container {container!r}. Call "
-            f"get_network_stats for it over the last hour and day (aggregation sum, then "
-            f"max), get_traffic_timeseries for bytes and connections over the last day to "
-            f"find when it changed, and get_top_consumers to compare it with its "
-            f"neighbours. Say what changed, when, by how much, and what to check next."
+            f"Investigate the network traffic of container {container!r}: get_network_stats "
+            f"(hour, day; sum then max), get_traffic_timeseries (bytes, connections, day) to "
+            f"find when it changed, get_baseline for what is normal now, get_anomalies for "
+            f"alerts. Say what changed, when, by how much, and what to check next."
         )
 
     @server.prompt()
@@ -280,27 +402,41 @@ def build_server(tools: TelemetryTools, data_dir: str | None = None) -> MCPServe
         day = date or "the last day"
         return (
             f"Write a short briefing on container network traffic for {day}: call "
-            f"get_network_stats (timeframe day, no container), get_top_consumers by bytes "
-            f"and by errors, and list_containers for new or stopped containers. Give "
+            f"what_changed, get_top_consumers by bytes and by errors, and get_anomalies. Give "
             f"totals, the top consumers with their share, anything unusual, in 10 lines."
         )
 
     return server
 
 
+#: Tokens nettel's examples show (deploy/mcp.env.example, tests): never accepted.
+EXAMPLE_TOKENS = frozenset({"change-me", "changeme", "<secret>", "secret", "token"})
+MIN_TOKEN_CHARS = 32
+
+
 @dataclass(frozen=True, kw_only=True)
 class HttpOptions:
-    """How the HTTP transport listens and whom it lets in."""
+    """How the HTTP transport listens and whom it lets in.
+
+    ``allowed_hosts``/``allowed_origins``: Host and Origin values accepted besides the
+    loopback names on ``port`` (``name`` for any port or ``name:port``; origins as
+    ``scheme://name[:port]``). ``auth_failures_per_minute``: wrong tokens an address may
+    send before it gets 429. ``max_clients``: client addresses each rate limiter
+    remembers (least recently seen forgotten first).
+    """
 
     host: str = "127.0.0.1"
     port: int = 8765
     token: str | None = None
     max_body_bytes: int = 1 << 20
     rate_per_minute: int = 600
+    auth_failures_per_minute: int = 30
+    allowed_hosts: tuple[str, ...] = ()
     allowed_origins: tuple[str, ...] = ()
+    max_clients: int = 10_000
 
     def check(self) -> None:
-        """Refuse to listen beyond loopback without a token.
+        """Refuse to listen beyond loopback without a token, or with a weak one.
 
         Examples
         --------
@@ -309,26 +445,84 @@ class HttpOptions:
         ...
         nettel.errors.ConfigError: NETTEL_MCP_HOST='0.0.0.0' is not valid: expected a loopback \
 address (127.0.0.1, ::1, localhost) unless NETTEL_MCP_TOKEN is set
+        >>> HttpOptions(token="change-me").check()  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        nettel.errors.ConfigError: NETTEL_MCP_TOKEN='<9 characters>' is not valid: expected \
+a random token of at least 32 characters, not the example (e.g. `openssl rand -hex 32`)
         """
         if not is_loopback(self.host) and not self.token:
             raise ConfigError(
                 "NETTEL_MCP_HOST", self.host,
                 "a loopback address (127.0.0.1, ::1, localhost) unless NETTEL_MCP_TOKEN is set",
             )  # fmt: skip
+        if self.token is not None and (
+            len(self.token) < MIN_TOKEN_CHARS or self.token.strip().lower() in EXAMPLE_TOKENS
+        ):
+            raise ConfigError(
+                "NETTEL_MCP_TOKEN", f"<{len(self.token)} characters>",
+                f"a random token of at least {MIN_TOKEN_CHARS} characters, not the example "
+                "(e.g. `openssl rand -hex 32`)",
+            )  # fmt: skip
 
-    def security(self) -> TransportSecuritySettings:
-        """Host and Origin checks for the bind address (DNS rebinding protection)."""
-        hosts = ["127.0.0.1", "localhost", "[::1]"]
+    def hosts(self) -> tuple[str, ...]:
+        """Host header values accepted (``name`` alone: any port).
+
+        Examples
+        --------
+        >>> HttpOptions(host="0.0.0.0", port=80, allowed_hosts=("mcp.internal",)).hosts()
+        ('127.0.0.1:80', 'localhost:80', '[::1]:80', 'mcp.internal')
+        """
+        names = ["127.0.0.1", "localhost", "[::1]"]
         # B104: a comparison, not a bind (the bind address is the user's NETTEL_MCP_HOST)
         if not is_loopback(self.host) and self.host not in ("0.0.0.0", "::"):  # nosec B104
-            hosts.append(f"[{self.host}]" if ":" in self.host else self.host)
-        # B104: a comparison, not a bind; but on 0.0.0.0 it turns Host/Origin checks off:
-        # pending issue 15 item 3 (branch h-mcp), which enforces allowlists on every address
+            names.append(f"[{self.host}]" if ":" in self.host else self.host)
+        return (*(f"{h}:{self.port}" for h in names), *self.allowed_hosts)
+
+    def origins(self) -> tuple[str, ...]:
+        """Origin header values accepted (a request without Origin is not a browser's).
+
+        Examples
+        --------
+        >>> HttpOptions(port=80).origins()[:2]
+        ('http://127.0.0.1:80', 'https://127.0.0.1:80')
+        """
+        out = []
+        for h in self.hosts():
+            out += [f"http://{h}", f"https://{h}"]
+        return (*out, *self.allowed_origins)
+
+    def security(self) -> TransportSecuritySettings:
+        """The SDK's own Host and Origin checks, with the same lists as :class:`_Guard`."""
         return TransportSecuritySettings(
-            enable_dns_rebinding_protection=self.host not in ("0.0.0.0", "::"),  # nosec B104
-            allowed_hosts=[f"{h}:{self.port}" for h in hosts],
-            allowed_origins=[f"http://{h}:{self.port}" for h in hosts] + list(self.allowed_origins),
+            enable_dns_rebinding_protection=False,  # _Guard checks both on every bind address
+            allowed_hosts=list(self.hosts()),
+            allowed_origins=list(self.origins()),
         )
+
+
+def host_allowed(host: str, allowed: Sequence[str]) -> bool:
+    """Whether a Host header value is allowed (entries without a port allow any port).
+
+    Examples
+    --------
+    >>> host_allowed("127.0.0.1:80", ["127.0.0.1:80"]), host_allowed("evil:80", ["127.0.0.1:80"])
+    (True, False)
+    >>> host_allowed("mcp.internal:8765", ["mcp.internal"])
+    True
+    """
+    host = host.strip().lower()
+    for entry in allowed:
+        entry = entry.lower()
+        if host == entry:
+            return True
+        if (
+            not entry.endswith("]")
+            and ":" not in entry.lstrip("[")
+            and (host.rsplit(":", 1)[0] == entry)
+        ):
+            return True
+    return False
 
 
 def is_loopback(host: str) -> bool:
@@ -347,48 +541,97 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+class RateLimiter:
+    """A token bucket per client address, for at most ``max_clients`` addresses.
+
+    The least recently seen address is forgotten first (it starts again with a full
+    bucket), so a flood of addresses cannot grow the map without bound.
+
+    Examples
+    --------
+    >>> limiter = RateLimiter(per_minute=2, max_clients=2, clock=lambda: 0.0)
+    >>> [limiter.allow("a") for _ in range(3)]
+    [True, True, False]
+    >>> limiter.allow("b"), limiter.allow("c"), len(limiter)
+    (True, True, 2)
+    """
+
+    def __init__(self, per_minute: int, max_clients: int,
+                 clock: Callable[[], float] = time.monotonic) -> None:  # fmt: skip
+        self.per_minute = per_minute
+        self.max_clients = max_clients
+        self.clock = clock
+        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._buckets)
+
+    def empty(self, client: str) -> bool:
+        """Whether ``client``'s bucket has no request left now (nothing is taken)."""
+        tokens, last = self._buckets.get(client, (float(self.per_minute), self.clock()))
+        return tokens + (self.clock() - last) * self.per_minute / 60.0 < 1
+
+    def allow(self, client: str) -> bool:
+        """Take one request from ``client``'s bucket; False when it is empty."""
+        full = float(self.per_minute)
+        now = self.clock()
+        tokens, last = self._buckets.pop(client, (full, now))
+        tokens = min(full, tokens + (now - last) * self.per_minute / 60.0)
+        allowed = tokens >= 1
+        self._buckets[client] = (tokens - 1 if allowed else tokens, now)
+        while len(self._buckets) > self.max_clients:
+            self._buckets.popitem(last=False)
+        return allowed
+
+
 class _Guard:
-    """ASGI middleware: bearer token, request rate per client, Origin on every path."""
+    """ASGI middleware, in this order: rate per client address (before anything else, so
+    token guessing is throttled: an address whose wrong tokens exhaust
+    ``auth_failures_per_minute`` gets 429 until its bucket refills), Host and Origin
+    allowlists, ``/healthz`` (answered here, no token), bearer token, body size,
+    ``/metrics`` (answered here)."""
 
     def __init__(self, app: ASGIApp, options: HttpOptions) -> None:
         self.app = app
         self.options = options
-        self._buckets: dict[str, tuple[float, float]] = {}
-
-    def _allow(self, client: str) -> bool:
-        rate = self.options.rate_per_minute / 60.0
-        now = time.monotonic()
-        tokens, last = self._buckets.get(client, (float(self.options.rate_per_minute), now))
-        tokens = min(float(self.options.rate_per_minute), tokens + (now - last) * rate)
-        if tokens < 1:
-            self._buckets[client] = (tokens, now)
-            return False
-        self._buckets[client] = (tokens - 1, now)
-        return True
+        self.limiter = RateLimiter(options.rate_per_minute, options.max_clients)
+        self.failures = RateLimiter(options.auth_failures_per_minute, options.max_clients)
+        self.hosts = options.hosts()
+        self.origins = options.origins()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        path = scope.get("path", "")
         client = (scope.get("client") or ("?", 0))[0]
+        if self.failures.empty(client) or not self.limiter.allow(client):
+            await _plain(send, 429, "too many requests: slow down", [(b"retry-after", b"1")])
+            return
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        if not host_allowed(headers.get("host", ""), self.hosts):
+            await _plain(send, 421, "Host not allowed: add it to NETTEL_MCP_ALLOWED_HOSTS")
+            return
+        origin = headers.get("origin")
+        if origin is not None and origin.rstrip("/") not in self.origins:
+            await _plain(send, 403, "Origin not allowed: add it to NETTEL_MCP_ALLOWED_ORIGINS")
+            return
+        path = scope.get("path", "")
         if path == HEALTH_PATH:  # no token: probes and `nettel doctor` ask it
-            if not self._allow(client):
-                await _plain(send, 429, "too many requests: slow down", [(b"retry-after", b"1")])
-                return
             status, body = health()
             await _send(send, status, json.dumps(body).encode(), b"application/json")
             return
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         if self.options.token is not None:
             given = headers.get("authorization", "")
             expected = f"Bearer {self.options.token}"
             if not hmac.compare_digest(given.encode(), expected.encode()):
+                self.failures.allow(client)
+                log.warning("mcp_http_unauthorized", client=client)
                 await _plain(send, 401, "missing or wrong bearer token",
                              [(b"www-authenticate", b"Bearer")])  # fmt: skip
                 return
-        if not self._allow(client):
-            await _plain(send, 429, "too many requests: slow down", [(b"retry-after", b"1")])
+        length = headers.get("content-length", "0")
+        if not length.isdigit() or int(length) > self.options.max_body_bytes:
+            await _plain(send, 413, f"request body over {self.options.max_body_bytes} bytes")
             return
         if path == METRICS_PATH:
             from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
@@ -457,6 +700,7 @@ async def serve_http(server: MCPServer[Any], options: HttpOptions,
     log.info("mcp_http_listening", url=f"http://{options.host}:{options.port}/mcp",
              token=options.token is not None)  # fmt: skip
     serving = asyncio.create_task(uv.serve())
+    warming = asyncio.create_task(_warm(server))
     try:
         if stop is None:
             await serving
@@ -467,6 +711,7 @@ async def serve_http(server: MCPServer[Any], options: HttpOptions,
         uv.should_exit = True
         await serving
     finally:
+        warming.cancel()
         if not serving.done():
             uv.should_exit = True
             await asyncio.wait_for(asyncio.shield(serving), 5)
@@ -474,4 +719,19 @@ async def serve_http(server: MCPServer[Any], options: HttpOptions,
 
 async def serve_stdio(server: MCPServer[Any]) -> None:
     """Serve over stdin/stdout (logs go to stderr)."""
-    await server.run_stdio_async()
+    warming = asyncio.create_task(_warm(server))
+    try:
+        await server.run_stdio_async()
+    finally:
+        warming.cancel()
+
+
+async def _warm(server: MCPServer[Any]) -> None:
+    """Warm the tools' caches in a thread once serving (a failure only logs)."""
+    warm = getattr(server, "warm", None)
+    if warm is None:
+        return
+    try:
+        await anyio.to_thread.run_sync(warm)
+    except Exception as e:  # a cold cache only costs time
+        log.warning("mcp_warm_failed", error=repr(e)[:300])

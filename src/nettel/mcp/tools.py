@@ -16,15 +16,16 @@ import json
 import pickle
 import time
 from collections.abc import Callable, Sequence
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 import msgspec
 import polars as pl
 from pydantic import BaseModel, Field, model_serializer
 
-from nettel.errors import NettelError
+from nettel.mcp.answers import ToolInputError, page, quoted
+from nettel.models import TOTALS
 from nettel.store.alerts import AlertTable, DetectStateTable, FeedbackTable
-from nettel.store.query import Aggregation, ContainerStats, TrafficQuery
+from nettel.store.query import Aggregation, ContainerStats, OpenTraffic, TrafficQuery
 
 Timeframe = Literal["hour", "day", "week", "month"]
 TIMEFRAME_MS: dict[str, int] = {
@@ -45,12 +46,9 @@ STORE_METRIC: dict[str, str] = {
 }  # fmt: skip
 ALL = "*"
 DAY_MS = 86_400_000
-MAX_ENTRIES = 100
+#: Characters of a daily report's Markdown an answer carries (the resource has it all).
+REPORT_CHARS = 4_000
 ACTIVE_WITHIN_MS = 3 * 60_000
-
-
-class ToolInputError(NettelError, ValueError):
-    """A tool argument nettel cannot answer; the message says what would be valid."""
 
 
 def window(timeframe: str, now_ms: int) -> tuple[int, int]:
@@ -63,11 +61,11 @@ def window(timeframe: str, now_ms: int) -> tuple[int, int]:
     >>> window("year", 0)  # doctest: +ELLIPSIS
     Traceback (most recent call last):
     ...
-    nettel.mcp.tools.ToolInputError: unknown timeframe 'year': expected one of hour, day, ...
+    nettel.mcp.answers.ToolInputError: unknown timeframe 'year': expected one of hour, day, ...
     """
     if timeframe not in TIMEFRAME_MS:
         raise ToolInputError(
-            f"unknown timeframe {timeframe!r}: expected one of {', '.join(TIMEFRAME_MS)}"
+            f"unknown timeframe {quoted(timeframe)}: expected one of {', '.join(TIMEFRAME_MS)}"
         )
     end = now_ms - now_ms % 60_000
     return end - TIMEFRAME_MS[timeframe], end
@@ -88,31 +86,45 @@ def _drop_none(model: BaseModel, handler: Callable[[Any], dict[str, Any]]) -> di
     return {k: v for k, v in handler(model).items() if v is not None}
 
 
-class StatsData(BaseModel):
-    """One container's (or all containers') traffic under one aggregation."""
+Number = int | float
 
-    bytes_sent: float | None = Field(description="tx bytes (sum: total; avg/max/min: per second)")
-    bytes_received: float | None = Field(description="rx bytes (sum: total; else per second)")
-    connections: float | None = Field(
-        description="open TCP connections (a gauge: sum and avg give the mean; max, min)"
-    )
-    errors: float | None = Field(description="rx + tx errors (sum: total; else per second)")
-    packets_sent: float | None = Field(description="tx packets (sum: total; else per second)")
-    packets_received: float | None = Field(description="rx packets (sum: total; else per second)")
-    drops: float | None = Field(description="rx + tx dropped packets (sum: total; else per second)")
+
+class StatsData(BaseModel):
+    """One container's (or all containers') traffic under one aggregation: sums are
+    totals (counts), avg/max/min per second; connections a gauge (sum, avg: mean open)."""
+
+    bytes_sent: Number | None
+    bytes_received: Number | None
+    connections: Number | None
+    errors: Number | None
+    packets_sent: Number | None
+    packets_received: Number | None
+    drops: Number | None
+
+
+class Provisional(BaseModel):
+    """The part of ``data`` from raw samples whose minute windows have not closed yet."""
+
+    since: str = Field(description="start of the samples added (UTC)")
+    through: str = Field(description="newest sample (UTC)")
+    samples: int
+    bytes_sent: int
+    bytes_received: int
 
 
 class NetworkStats(BaseModel):
     """``{"container", "timeframe", "data"}``; for every container together, ``container``
-    is ``"*"`` and ``containers`` lists each one (at most 100, the busiest first)."""
+    is ``"*"`` and ``containers`` lists a page of them, the busiest first."""
 
-    container: str = Field(description='the container, or "*" for all containers together')
+    container: str
     timeframe: Timeframe
     data: StatsData
-    containers: list[NetworkStats] | None = Field(
-        default=None, description="with no container named: one entry per container"
-    )
-    omitted: int | None = Field(default=None, description="containers left out of the list")
+    provisional: Provisional | None = None
+    containers: list[NetworkStats] | None = None
+    total: int | None = Field(default=None, description="containers in all")
+    next: str | None = Field(default=None, description="cursor of the next page")
+    hint: str | None = None
+    as_of: str | None = None
 
     @model_serializer(mode="wrap")
     def _serialize(self, handler: Callable[[Any], dict[str, Any]]) -> dict[str, Any]:
@@ -120,34 +132,39 @@ class NetworkStats(BaseModel):
 
 
 class ContainerInfo(BaseModel):
-    """A container nettel has seen, with its current rates."""
+    """A container nettel has seen, with its current rates (last 5 minutes with data)."""
 
-    container: str = Field(description="stable identity: compose project/service[/n] or name")
+    container: str
     name: str
     image: str
     compose_service: str
-    container_id: str
-    host: str
+    container_id: str = Field(description="first 12 hex digits")
     state: Literal["active", "inactive"] = Field(description="active: data in the last 3 minutes")
     first_seen: str
     last_seen: str
-    rx_bytes_per_s: float | None = Field(description="mean over the last 5 minutes with data")
-    tx_bytes_per_s: float | None = Field(description="mean over the last 5 minutes with data")
-    connections: float | None = Field(description="mean open connections, last 5 minutes")
+    rx_bytes_per_s: Number | None
+    tx_bytes_per_s: Number | None
+    connections: Number | None
 
 
 class ContainerList(BaseModel):
-    """Containers seen over the store's retention, most recently seen first."""
+    """Containers seen over the store's retention: active first, busiest first."""
 
     containers: list[ContainerInfo]
-    omitted: int = Field(description="containers left out (the list holds at most 100)")
+    total: int
+    next: str | None = None
+    hint: str | None = None
+
+    @model_serializer(mode="wrap")
+    def _serialize(self, handler: Callable[[Any], dict[str, Any]]) -> dict[str, Any]:
+        return _drop_none(self, handler)
 
 
 class TopEntryOut(BaseModel):
     """One container in a top-N."""
 
     container: str
-    value: float
+    value: Number
     share: float | None = Field(description="part of all containers' total (sum/avg only)")
 
 
@@ -158,7 +175,7 @@ class TopConsumers(BaseModel):
     metric: Metric
     aggregation: Aggregation
     unit: str
-    total: float | None = Field(description="all containers together (sum/avg only)")
+    total: Number | None = Field(description="all containers together (sum/avg only)")
     top: list[TopEntryOut]
 
 
@@ -166,7 +183,7 @@ class Point(BaseModel):
     """One bucket of a series."""
 
     ts: str = Field(description="bucket start, UTC")
-    value: float | None
+    value: Number | None
 
 
 class TrafficSeries(BaseModel):
@@ -221,7 +238,13 @@ class AlertList(BaseModel):
     """Alerts, newest first."""
 
     alerts: list[AlertOut]
-    omitted: int = Field(description="matching alerts left out by the limit")
+    omitted: int = Field(description="matching alerts after this page")
+    next: str | None = None
+    hint: str | None = None
+
+    @model_serializer(mode="wrap")
+    def _serialize(self, handler: Callable[[Any], dict[str, Any]]) -> dict[str, Any]:
+        return _drop_none(self, handler)
 
 
 class AlertDetail(BaseModel):
@@ -241,14 +264,29 @@ class HourBand(BaseModel):
     basis: str
 
 
+class WeekBands(BaseModel):
+    """Every hour of the week's band, indexed by hour of the week (0: Monday 00:00 UTC)."""
+
+    low: list[float]
+    expected: list[float]
+    high: list[float]
+    basis: dict[str, int] = Field(description="hours per basis")
+
+
 class Baseline(BaseModel):
-    """What a container's metric usually does, hour by hour over a week (UTC)."""
+    """What a container's metric usually does at this hour of the week (UTC); with
+    ``week``, at every hour."""
 
     container: str
     metric: str
     unit: str
     learned_samples: int
-    hours: list[HourBand]
+    hours: list[HourBand] = Field(description="this hour of the week")
+    week: WeekBands | None = None
+
+    @model_serializer(mode="wrap")
+    def _serialize(self, handler: Callable[[Any], dict[str, Any]]) -> dict[str, Any]:
+        return _drop_none(self, handler)
 
 
 class Verdict(BaseModel):
@@ -292,23 +330,43 @@ def _combine(values: Sequence[float | int | None], aggregation: str) -> float | 
     return max(have) if aggregation == "max" else min(have)
 
 
-def together(rows: Sequence[ContainerStats], aggregation: str) -> StatsData:
-    """Every container together: sums and mean rates add up; max and min are the
-    extremes among containers (the busiest container's peak, not the peak of the total)."""
-    fields = {"bytes_sent": "tx_bytes", "bytes_received": "rx_bytes",
-              "connections": "connections", "errors": "errors", "packets_sent": "tx_packets",
-              "packets_received": "rx_packets", "drops": "drops"}  # fmt: skip
-    return StatsData.model_validate(
-        {f: _combine([r.values[m] for r in rows], aggregation) for f, m in fields.items()}
-    )
-
-
 def _data(s: ContainerStats) -> StatsData:
     v = s.values
     return StatsData(
         bytes_sent=v["tx_bytes"], bytes_received=v["rx_bytes"], connections=v["connections"],
         errors=v["errors"], packets_sent=v["tx_packets"], packets_received=v["rx_packets"],
         drops=v["drops"],
+    )  # fmt: skip
+
+
+def _with_open(data: StatsData | None, fresh: OpenTraffic) -> StatsData:
+    """``data`` (sums) with the counts of samples not in closed minutes added."""
+    base = data.model_dump() if data is not None else dict.fromkeys(StatsData.model_fields)
+    add = {"bytes_sent": ("tx_bytes",), "bytes_received": ("rx_bytes",),
+           "packets_sent": ("tx_packets",), "packets_received": ("rx_packets",),
+           "errors": ("rx_errors", "tx_errors"), "drops": ("rx_drops", "tx_drops")}  # fmt: skip
+    for field, counters in add.items():
+        base[field] = (base[field] or 0) + sum(fresh.sums[c] for c in counters)
+    return StatsData.model_validate(base)
+
+
+def _together(data: Sequence[StatsData], aggregation: str) -> StatsData:
+    """Every container together: sums and mean rates add up; max and min are the
+    extremes among containers (the busiest container's peak, not the peak of the total)."""
+    return StatsData.model_validate({
+        f: _combine([getattr(d, f) for d in data], aggregation) for f in StatsData.model_fields
+    })  # fmt: skip
+
+
+def _provisional(fresh: Sequence[OpenTraffic]) -> Provisional | None:
+    """What samples of open minutes added, all containers together (None: nothing)."""
+    if not fresh:
+        return None
+    return Provisional(
+        since=iso(min(o.from_ms for o in fresh)), through=iso(max(o.through_ms for o in fresh)),
+        samples=sum(o.samples for o in fresh),
+        bytes_sent=sum(o.sums["tx_bytes"] for o in fresh),
+        bytes_received=sum(o.sums["rx_bytes"] for o in fresh),
     )  # fmt: skip
 
 
@@ -342,6 +400,17 @@ class TelemetryTools:
         """Now, in ms since the epoch."""
         return int(self.clock() * 1000)
 
+    def warm(self) -> None:
+        """Load the tables' snapshots and the known containers once, so that the first
+        question is answered as fast as the next ones (the server calls it at start)."""
+        self._known()
+        self.query.newest_end_ms()
+
+    def as_of(self) -> str:
+        """The end of the newest minute in the store (UTC), for answers that say no better."""
+        newest = self.query.newest_end_ms()
+        return "no data yet" if newest is None else iso(min(newest, self.now_ms()))
+
     def _known(self) -> list[ContainerStats]:
         return self.query.stats(0, self.now_ms() + 60_000)
 
@@ -361,59 +430,91 @@ class TelemetryTools:
                 return found[0]
             if len(found) > 1:
                 raise ToolInputError(
-                    f"container {name!r} matches several: {', '.join(found[:10])}; name one"
+                    f"container {quoted(name)} matches several: {', '.join(found[:10])}; name one"
                 )
         names = sorted({s.container for s in known} | {s.name for s in known if s.name})
         close = difflib.get_close_matches(name, names, n=5, cutoff=0.3)
         hint = f"closest known: {', '.join(close)}" if close else "no container is close"
         if not names:
             hint = "no container has data yet"
-        raise ToolInputError(f"unknown container {name!r}: {hint} (see list_containers)")
+        raise ToolInputError(f"unknown container {quoted(name)}: {hint} (see list_containers)")
 
     def network_stats(self, container: str | None, timeframe: Timeframe,
-                      aggregation: Aggregation) -> NetworkStats:  # fmt: skip
-        """``get_network_stats``."""
-        start, end = window(timeframe, self.now_ms())
-        if container is not None:
-            identity = self.resolve(container)
-            rows = self.query.stats(start, end, aggregation=aggregation, containers=[identity])
+                      aggregation: Aggregation, limit: int = 10,
+                      cursor: str | None = None) -> NetworkStats:  # fmt: skip
+        """``get_network_stats``: closed minutes from the tables; with ``sum``, the
+        samples of minutes not closed yet too (marked ``provisional``)."""
+        now = self.now_ms()
+        start, end = window(timeframe, now)
+        named = [self.resolve(container)] if container is not None else None
+        rows = self.query.stats(start, end, aggregation=aggregation, containers=named)
+        fresh = {} if aggregation != "sum" else self.query.open_traffic(
+            start, now, {s.container: s.through_ms for s in rows}, named)  # fmt: skip
+        newest = max([s.through_ms for s in rows] + [o.through_ms for o in fresh.values()],
+                     default=None)  # fmt: skip
+        as_of = iso(newest) if newest is not None else None
+        data = {s.container: _data(s) for s in rows}
+        for c, o in fresh.items():
+            data[c] = _with_open(data.get(c), o)
+        if named is not None:
+            identity = named[0]
             empty = StatsData.model_validate(dict.fromkeys(StatsData.model_fields))
             return NetworkStats(container=identity, timeframe=timeframe,
-                                data=_data(rows[0]) if rows else empty)  # fmt: skip
-        rows = self.query.stats(start, end, aggregation=aggregation)
-        busiest = sorted(rows, key=lambda s: (-(s.values["bytes"] or 0), s.container))
-        entries = [
-            NetworkStats(container=s.container, timeframe=timeframe, data=_data(s))
-            for s in busiest[:MAX_ENTRIES]
-        ]
+                                data=data.get(identity, empty),
+                                provisional=_provisional(list(fresh.values())),
+                                as_of=as_of)  # fmt: skip
+        busiest = sorted(data, key=lambda c: (-((data[c].bytes_sent or 0)
+                                                + (data[c].bytes_received or 0)), c))  # fmt: skip
+        shown = page("get_network_stats", busiest, cursor, limit)
         return NetworkStats(
-            container=ALL, timeframe=timeframe, data=together(rows, aggregation),
-            containers=entries, omitted=max(0, len(rows) - MAX_ENTRIES) or None,
+            container=ALL, timeframe=timeframe, data=_together(list(data.values()), aggregation),
+            provisional=_provisional(list(fresh.values())),
+            containers=[NetworkStats(container=c, timeframe=timeframe, data=data[c])
+                        for c in shown.items],
+            total=shown.total, next=shown.next_cursor, hint=shown.hint("busiest first"),
+            as_of=as_of,
         )  # fmt: skip
 
-    def list_containers(self) -> ContainerList:
-        """``list_containers``."""
+    def list_containers(
+        self,
+        limit: int = 20,
+        cursor: str | None = None,
+        state: Literal["any", "active", "inactive"] = "any",
+    ) -> ContainerList:
+        """``list_containers``: active first, then the busiest (bytes/s, last 5 minutes)."""
         now = self.now_ms()
-        known = sorted(self._known(), key=lambda s: (-s.through_ms, s.container))
-        shown = known[:MAX_ENTRIES]
-        recent = {s.container: s for s in self.query.stats(
-            now - now % 60_000 - 5 * 60_000 - ACTIVE_WITHIN_MS, now + 60_000,
-            aggregation="avg", containers=[s.container for s in shown],
-        )} if shown else {}  # fmt: skip
-        first, last = self._seen(shown, now)
+        known = self._known()
+        recent_start = now - now % 60_000 - 5 * 60_000 - ACTIVE_WITHIN_MS
+        recent = {s.container: s for s in self.query.stats(recent_start, now + 60_000,
+                                                           aggregation="avg")}  # fmt: skip
+
+        def active(c: str) -> bool:
+            r = recent.get(c)
+            return r is not None and r.through_ms >= now - ACTIVE_WITHIN_MS
+
+        def rate(c: str) -> float:
+            r = recent.get(c)
+            return 0.0 if r is None else float(r.values["bytes"] or 0)
+
+        ranked = sorted((s for s in known if state == "any" or active(s.container) == (
+            state == "active")), key=lambda s: (not active(s.container), -rate(s.container),
+                                                s.container))  # fmt: skip
+        shown = page("list_containers", ranked, cursor, limit, size=lambda _: 300)
+        first, last = self._seen(shown.items, now)
         out = []
-        for s in shown:
+        for s in shown.items:
             r = recent.get(s.container)
             out.append(ContainerInfo(
                 container=s.container, name=s.name, image=s.image,
-                compose_service=s.compose_service, container_id=s.container_id, host=s.host,
+                compose_service=s.compose_service, container_id=s.container_id[:12],
                 state="active" if last[s.container] >= now - ACTIVE_WITHIN_MS else "inactive",
                 first_seen=iso(first[s.container]), last_seen=iso(last[s.container]),
                 rx_bytes_per_s=r.values["rx_bytes"] if r else None,
                 tx_bytes_per_s=r.values["tx_bytes"] if r else None,
                 connections=r.values["connections"] if r else None,
             ))  # fmt: skip
-        return ContainerList(containers=out, omitted=len(known) - len(shown))
+        return ContainerList(containers=out, total=shown.total, next=shown.next_cursor,
+                             hint=shown.hint("active first, busiest first"))  # fmt: skip
 
     def _seen(self, stats: Sequence[ContainerStats], now_ms: int
               ) -> tuple[dict[str, int], dict[str, int]]:  # fmt: skip
@@ -436,19 +537,38 @@ class TelemetryTools:
 
     def top_consumers(self, timeframe: Timeframe, metric: Metric, aggregation: Aggregation,
                       largest: bool, limit: int) -> TopConsumers:  # fmt: skip
-        """``get_top_consumers``."""
+        """``get_top_consumers``; sums of counters include the samples of minutes not
+        closed yet (as ``get_network_stats`` does)."""
         _check_metric(metric)
-        start, end = window(timeframe, self.now_ms())
+        now = self.now_ms()
+        start, end = window(timeframe, now)
         store_metric = STORE_METRIC[metric]
+        counter = not (metric.startswith("tcp_") or metric == "connections")
+        if aggregation == "sum" and counter:
+            rows = self.query.stats(start, end, aggregation="sum")
+            values: dict[str, int] = {s.container: int(s.values[store_metric] or 0) for s in rows}
+            fresh = self.query.open_traffic(start, now, {s.container: s.through_ms for s in rows})
+            for c, o in fresh.items():
+                parts = TOTALS.get(store_metric, (store_metric,))
+                values[c] = values.get(c, 0) + sum(o.sums[p] for p in parts)
+            total = sum(values.values())
+            sign = -1 if largest else 1
+            ranked = sorted(values.items(), key=lambda kv: (sign * kv[1], kv[0]))[:limit]
+            return TopConsumers(
+                timeframe=timeframe, metric=metric, aggregation=aggregation,
+                unit=unit_of(metric, aggregation), total=total,
+                top=[TopEntryOut(container=c, value=v, share=v / total if total else None)
+                     for c, v in ranked],
+            )  # fmt: skip
         top = self.query.top(start, end, metric=store_metric, n=limit, aggregation=aggregation,
                              largest=largest)  # fmt: skip
-        total = None
+        combined = None
         if aggregation in ("sum", "avg") and not metric.startswith("tcp_"):
             rows = self.query.stats(start, end, aggregation=aggregation)
-            total = _combine([s.values[store_metric] for s in rows], aggregation)
+            combined = _combine([s.values[store_metric] for s in rows], aggregation)
         return TopConsumers(
             timeframe=timeframe, metric=metric, aggregation=aggregation,
-            unit=unit_of(metric, aggregation), total=total,
+            unit=unit_of(metric, aggregation), total=combined,
             top=[TopEntryOut(container=t.container, value=t.value, share=t.share) for t in top],
         )  # fmt: skip
 
@@ -469,9 +589,71 @@ class TelemetryTools:
             summary=series.summary(),
         )  # fmt: skip
 
+    def what_changed(self, since: str, limit: int = 10, cursor: str | None = None) -> Changes:
+        """``what_changed``: the last 24 hours (``yesterday``) or 7 days (``last_week``)
+        against the same length of time just before; containers ranked by the size of
+        their change in bytes."""
+        if since not in CHANGE_PERIOD_MS:
+            raise ToolInputError(
+                f"since {quoted(since)} is not a period: expected one of "
+                f"{', '.join(CHANGE_PERIOD_MS)}"
+            )
+        length = CHANGE_PERIOD_MS[since]
+        now = self.now_ms()
+        end = now - now % 60_000
+        start, before = end - length, end - 2 * length
+        after_rows = self.query.stats(start, end)
+        fresh = self.query.open_traffic(start, now, {s.container: s.through_ms
+                                                     for s in after_rows})  # fmt: skip
+        after = {s.container: int(s.values["bytes"] or 0) for s in after_rows}
+        for c, o in fresh.items():
+            after[c] = after.get(c, 0) + o.sums["rx_bytes"] + o.sums["tx_bytes"]
+        prior = {s.container: int(s.values["bytes"] or 0)
+                 for s in self.query.stats(before, start)}  # fmt: skip
+
+        def total(value: int | None) -> int:
+            return value or 0
+
+        deltas = [
+            Change(container=c, bytes_now=total(after.get(c)), bytes_before=total(prior.get(c)),
+                   delta=total(after.get(c)) - total(prior.get(c)),
+                   ratio=(total(after.get(c)) / total(prior.get(c))) if total(prior.get(c))
+                   else None)
+            for c in after.keys() | prior.keys()
+        ]  # fmt: skip
+        deltas.sort(key=lambda d: (-abs(d.delta), d.container))
+        shown = page("what_changed", deltas, cursor, limit)
+        new = sorted(after.keys() - prior.keys())
+        gone = sorted(prior.keys() - after.keys())
+        opened, resolved = self._alerts_between(start, end)
+        return Changes(
+            period=since, since=iso(start), compared_with=iso(before),
+            until=iso(max([end, *(o.through_ms for o in fresh.values())])),
+            bytes_now=sum(total(x) for x in after.values()),
+            bytes_before=sum(total(x) for x in prior.values()),
+            containers=shown.items, total=shown.total, next=shown.next_cursor,
+            hint=shown.hint("largest change first"),
+            new_containers=new[:NAMES_LISTED], new_count=len(new),
+            gone_containers=gone[:NAMES_LISTED], gone_count=len(gone),
+            alerts_opened=opened, alerts_resolved=resolved,
+        )  # fmt: skip
+
+    def _alerts_between(self, start_ms: int, end_ms: int) -> tuple[AlertCount, AlertCount]:
+        """Alerts opened and resolved in [start, end): counts by severity, top containers."""
+        opened: list[dict[str, Any]] = []
+        resolved: list[dict[str, Any]] = []
+        for r in self._alert_rows(start_ms):
+            started = int(r["started"].timestamp() * 1000)
+            if start_ms <= started < end_ms:
+                opened.append(r)
+            done = r["resolved"]
+            if done is not None and start_ms <= int(done.timestamp() * 1000) < end_ms:
+                resolved.append(r)
+        return _count(opened), _count(resolved)
+
     # ---- reports ------------------------------------------------------------
 
-    def daily_report(self, date: str | None, data_dir: str) -> DailyReportOut:
+    def daily_report(self, date: str | None, data_dir: str, full: bool = False) -> DailyReportOut:
         """``get_daily_report``: the stored report of ``date`` (default yesterday, UTC),
         else one built now from the store: when none is stored, or when the stored one is
         older than the data it summarises (late data for the day landed since)."""
@@ -482,7 +664,7 @@ class TelemetryTools:
             day = dt.date.fromisoformat(date.strip()) if date else yesterday("UTC")
         except ValueError:
             raise ToolInputError(
-                f"date {date!r} is not a day: expected YYYY-MM-DD (default: yesterday)"
+                f"date {quoted(date)} is not a day: expected YYYY-MM-DD (default: yesterday)"
             ) from None
         today = dt.datetime.fromtimestamp(self.now_ms() / 1000, dt.UTC).date()
         if day > today:
@@ -493,9 +675,13 @@ class TelemetryTools:
             tz = "UTC" if report is None else report.timezone
             report = build_daily_report(self.query, day, tz=tz, alerts=_alert_records(self, day))
         doc = msgspec.to_builtins(report)
-        return DailyReportOut(date=day.isoformat(), stored=stored,
-                              markdown=render_markdown(report), totals=doc.get("totals", {}),
-                              top=doc.get("top", [])[:10])  # fmt: skip
+        markdown = render_markdown(report)
+        if len(markdown) > REPORT_CHARS and not full:
+            cut = markdown.rfind("\n", 0, REPORT_CHARS)
+            markdown = (markdown[: cut if cut > 0 else REPORT_CHARS] + "\n\n… (cut; the whole "
+                        f"report: resource nettel://reports/daily/{day.isoformat()})")  # fmt: skip
+        return DailyReportOut(date=day.isoformat(), stored=stored, markdown=markdown,
+                              totals=doc.get("totals", {}), top=doc.get("top", [])[:5])  # fmt: skip
 
     def forecast(self, container: str, metric: Metric, horizon_days: int) -> ForecastOut:
         """``forecast_traffic``."""
@@ -505,7 +691,7 @@ class TelemetryTools:
         store_metric = STORE_METRIC[metric]
         if store_metric == "connections" or store_metric.startswith("tcp_"):
             raise ToolInputError(
-                f"no forecast for {metric!r}: expected one of bytes, bytes_sent, "
+                f"no forecast for {quoted(metric)}: expected one of bytes, bytes_sent, "
                 "bytes_received, packets, packets_sent, packets_received, errors, drops"
             )
         identity = self.resolve(container)
@@ -523,7 +709,7 @@ class TelemetryTools:
         ]  # fmt: skip
         return ForecastOut(container=identity, metric=metric, unit=unit_of(metric, "sum"),
                            model=fc.model, level=fc.level, history_hours=fc.history_hours,
-                           hours=hours[:48], days=days)  # fmt: skip
+                           hours=hours[:24], days=days)  # fmt: skip
 
     # ---- alerts -------------------------------------------------------------
 
@@ -557,7 +743,7 @@ class TelemetryTools:
         )  # fmt: skip
 
     def anomalies(self, container: str | None, since: str | None, severity: str | None,
-                  status: str, limit: int) -> AlertList:  # fmt: skip
+                  status: str, limit: int, cursor: str | None = None) -> AlertList:  # fmt: skip
         """``get_anomalies``."""
         since_ms = parse_since(since, self.now_ms())
         identity = self.resolve(container) if container else None
@@ -573,14 +759,17 @@ class TelemetryTools:
             if status != "any" and a.status != status:
                 continue
             out.append(a)
-        return AlertList(alerts=out[:limit], omitted=max(0, len(out) - limit))
+        shown = page("get_anomalies", out, cursor, limit, size=lambda a: len(a.model_dump_json()))
+        return AlertList(alerts=shown.items,
+                         omitted=shown.total - shown.offset - len(shown.items),
+                         next=shown.next_cursor, hint=shown.hint("newest first"))  # fmt: skip
 
     def _alert(self, alert_id: str) -> dict[str, Any]:
         alert_id = alert_id.strip()
         rows = [r for r in self._alert_rows() if r["id"] == alert_id]
         if not rows:
             raise ToolInputError(
-                f"unknown alert id {alert_id!r}: ids come from get_anomalies (20 hex digits)"
+                f"unknown alert id {quoted(alert_id)}: ids come from get_anomalies (20 hex digits)"
             )
         return rows[0]
 
@@ -610,7 +799,7 @@ class TelemetryTools:
         """``mark_alert``: the only write."""
         if verdict not in ("false_positive", "confirmed"):
             raise ToolInputError(
-                f"unknown verdict {verdict!r}: expected one of false_positive, confirmed"
+                f"unknown verdict {quoted(verdict)}: expected one of false_positive, confirmed"
             )
         if self.feedback is None:
             raise ToolInputError("this server has no feedback table")
@@ -638,11 +827,11 @@ class TelemetryTools:
             self._fleets = (version, [pickle.loads(s.blob) for s in states.values()])  # nosec B301
         return self._fleets[1]
 
-    def baseline(self, container: str, metric: str) -> Baseline:
-        """``get_baseline``."""
+    def baseline(self, container: str, metric: str, hours: str = "now") -> Baseline:
+        """``get_baseline``: the band of this hour of the week (``hours="week"``: all 168)."""
         if metric not in DETECT_METRIC:
             raise ToolInputError(
-                f"unknown metric {metric!r}: expected one of {', '.join(DETECT_METRIC)}"
+                f"unknown metric {quoted(metric)}: expected one of {', '.join(DETECT_METRIC)}"
             )
         identity = self.resolve(container)
         det = next((d for f in self._detectors() if (d := f.detector(identity)) is not None), None)
@@ -658,8 +847,73 @@ class TelemetryTools:
         return Baseline(
             container=identity, metric=metric, unit=unit, learned_samples=det.n_learned,
             hours=[HourBand(hour_of_week=h, low=b.low, expected=b.expected, high=b.high,
-                            basis=b.basis) for h, b in enumerate(bands)],
+                            basis=b.basis) for h, b in enumerate(bands)
+                   if h == hour_of_week(self.now_ms())],
+            week=None if hours != "week" else WeekBands(
+                low=[b.low for b in bands], expected=[b.expected for b in bands],
+                high=[b.high for b in bands],
+                basis={k: sum(b.basis == k for b in bands) for k in sorted({b.basis
+                                                                            for b in bands})},
+            ),
         )  # fmt: skip
+
+
+CHANGE_PERIOD_MS: dict[str, int] = {"yesterday": DAY_MS, "last_week": 7 * DAY_MS}
+#: New or gone containers named in a what_changed answer (the rest are counted).
+NAMES_LISTED = 20
+
+
+class Change(BaseModel):
+    """One container's traffic (rx + tx bytes) in the period and the one before."""
+
+    container: str
+    bytes_now: int
+    bytes_before: int
+    delta: int
+    ratio: float | None = Field(description="now / before (None: nothing before)")
+
+
+class AlertCount(BaseModel):
+    """Alerts of a period: how many, by severity, and the containers with the most."""
+
+    count: int
+    by_severity: dict[str, int]
+    top_containers: dict[str, int]
+
+
+class Changes(BaseModel):
+    """What changed in the last day (or week) against the one before."""
+
+    period: str
+    since: str
+    until: str
+    compared_with: str = Field(description="start of the period before")
+    bytes_now: int
+    bytes_before: int
+    containers: list[Change]
+    total: int
+    next: str | None = None
+    hint: str | None = None
+    new_containers: list[str]
+    new_count: int
+    gone_containers: list[str]
+    gone_count: int
+    alerts_opened: AlertCount
+    alerts_resolved: AlertCount
+
+    @model_serializer(mode="wrap")
+    def _serialize(self, handler: Callable[[Any], dict[str, Any]]) -> dict[str, Any]:
+        return _drop_none(self, handler)
+
+
+def _count(rows: Sequence[dict[str, Any]]) -> AlertCount:
+    by_severity: dict[str, int] = {}
+    per_container: dict[str, int] = {}
+    for r in rows:
+        by_severity[r["severity"]] = by_severity.get(r["severity"], 0) + 1
+        per_container[r["container"]] = per_container.get(r["container"], 0) + 1
+    top = sorted(per_container.items(), key=lambda kv: (-kv[1], kv[0]))[:5]
+    return AlertCount(count=len(rows), by_severity=by_severity, top_containers=dict(top))
 
 
 class DailyReportOut(BaseModel):
@@ -693,7 +947,7 @@ class ForecastOut(BaseModel):
     model: str
     level: float = Field(description="interval coverage, e.g. 0.95")
     history_hours: int
-    hours: list[ForecastPoint] = Field(description="at most 48 hours; the rest is in days")
+    hours: list[ForecastPoint] = Field(description="the first 24 hours; the rest is in days")
     days: list[ForecastPoint] = Field(description="per-day sums of the hourly forecast")
 
 
@@ -726,7 +980,7 @@ def parse_since(since: str | None, now_ms: int) -> int | None:
     >>> parse_since("yesterday", 0)  # doctest: +ELLIPSIS
     Traceback (most recent call last):
     ...
-    nettel.mcp.tools.ToolInputError: since 'yesterday' is not a time: expected ...
+    nettel.mcp.answers.ToolInputError: since 'yesterday' is not a time: expected ...
     """
     if since is None or not since.strip():
         return None
@@ -738,7 +992,7 @@ def parse_since(since: str | None, now_ms: int) -> int | None:
         t = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
     except ValueError:
         raise ToolInputError(
-            f"since {since!r} is not a time: expected an ISO date or time "
+            f"since {quoted(since)} is not a time: expected an ISO date or time "
             "(2026-11-26, 2026-11-26T14:00:00Z) or a duration like 30m, 24h, 7d"
         ) from None
     if t.tzinfo is None:
@@ -746,11 +1000,19 @@ def parse_since(since: str | None, now_ms: int) -> int | None:
     return int(t.timestamp() * 1000)
 
 
+def hour_of_week(ts_ms: int) -> int:
+    """Hour of the week of ``ts_ms`` (0: Monday 00:00-01:00 UTC).
+
+    Examples
+    --------
+    >>> hour_of_week(0)  # 1970-01-01 was a Thursday
+    72
+    """
+    return (ts_ms // 3_600_000 + 72) % 168
+
+
 def _check_metric(metric: str) -> None:
     if metric not in STORE_METRIC:
         raise ToolInputError(
-            f"unknown metric {metric!r}: expected one of {', '.join(STORE_METRIC)}"
+            f"unknown metric {quoted(metric)}: expected one of {', '.join(STORE_METRIC)}"
         )
-
-
-Limit = Annotated[int, Field(ge=1, le=50, description="how many containers, 1 to 50")]

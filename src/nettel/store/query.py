@@ -34,6 +34,7 @@ from nettel.errors import QueryError
 from nettel.models import COUNTERS, RATE_METRICS, TCP_STATES, TOTALS
 from nettel.store.minute import MinuteTable, minute_schema
 from nettel.store.rollup import DAY_MS, HOUR_MS, IDENTITY, RollupTable
+from nettel.store.samples import SamplesTable
 
 MINUTE_MS = 60_000
 Table = Literal["minute", "hour", "day"]
@@ -307,6 +308,21 @@ class Series:
 
 
 @dataclass(frozen=True, slots=True)
+class OpenTraffic:
+    """One container's raw samples past its last closed minute: provisional counter sums.
+
+    ``from_ms``: where they start (the end of its last closed minute in the range, or the
+    range's start); ``through_ms``: the newest sample's time.
+    """
+
+    container: str
+    samples: int
+    from_ms: int
+    through_ms: int
+    sums: dict[str, int]
+
+
+@dataclass(frozen=True, slots=True)
 class ContainerTotals:
     """One container's traffic over a range: counter sums and gauge extremes."""
 
@@ -335,6 +351,7 @@ class TrafficQuery:
             f"{base}/hour", self.minute, HOUR_MS, storage_options=storage_options
         )
         self.day = RollupTable(f"{base}/day", self.hour, DAY_MS, storage_options=storage_options)
+        self.samples = SamplesTable(f"{base}/samples", storage_options=storage_options)
         self.partitions = partitions
         self.writer = writer
         self.topic = topic
@@ -387,7 +404,7 @@ class TrafficQuery:
         """Parquet files of the table, in its schema (``date`` from the path)."""
         scan = pl.scan_parquet(paths, hive_partitioning=True, hive_schema={"date": pl.String()},
                                storage_options=table.storage_options)  # fmt: skip
-        return scan.select(list(minute_schema()))
+        return scan.select(list(table._schema))
 
     def _small_files(self, table: MinuteTable, paths: list[str]) -> pl.DataFrame:
         """The rows of small files (the last flushes and rolls), kept in memory.
@@ -402,7 +419,7 @@ class TrafficQuery:
                                      hive_schema={"date": pl.String()},
                                      storage_options=table.storage_options,
                                      include_file_paths="_path")
-                     .select([*minute_schema(), "_path"]).collect())  # fmt: skip
+                     .select([*table._schema, "_path"]).collect())  # fmt: skip
             for (path,), rows in fresh.partition_by("_path", as_dict=True).items():
                 self._small[str(path)] = rows.drop("_path")
             for p in missing:  # a file without rows, or a path spelled otherwise
@@ -415,7 +432,7 @@ class TrafficQuery:
             if held <= SMALL_CACHE_ROWS:
                 break
             held -= self._small.pop(p).height
-        return pl.concat(frames) if frames else pl.DataFrame(schema=minute_schema())
+        return pl.concat(frames) if frames else pl.DataFrame(schema=table._schema)
 
     def _file_list(self, table: MinuteTable, snap: DeltaTable) -> pl.DataFrame | None:
         """The snapshot's data files: ``path``, ``date``, ``ts_min``, ``ts_max`` (cached)."""
@@ -664,3 +681,59 @@ class TrafficQuery:
             )
             for r in grouped.sort("container").collect().iter_rows(named=True)
         ]
+
+    def newest_end_ms(self) -> int | None:
+        """The end of the newest minute window in the store (None: no table yet).
+
+        Read from the minute table's file statistics (cached per version): no data read.
+        """
+        snap = self._table(self.minute)
+        if snap is None:
+            return None
+        files = self._file_list(self.minute, snap)
+        if files is None or not files.height:
+            return None
+        newest = files["ts_max"].max()
+        if not isinstance(newest, dt.datetime):
+            return None
+        return int(newest.timestamp() * 1000) + MINUTE_MS
+
+    def open_traffic(
+        self, start_ms: int, now_ms: int, closed_through: dict[str, int],
+        containers: Sequence[str] | None = None,
+    ) -> dict[str, OpenTraffic]:  # fmt: skip
+        """Traffic the windows do not hold yet, from the ``samples`` table (provisional).
+
+        For each container (or those named), the samples in [start, now) whose minute is
+        past ``closed_through[container]`` (the end of its last minute row in the
+        range; ``start`` when it has none): the open minute, and any closed minute not
+        yet flushed. Added to the rows of the same range, nothing is counted twice.
+        Empty when there is no ``samples`` table.
+        """
+        snap = self._table(self.samples)
+        if snap is None or now_ms <= start_ms:
+            return {}
+        newest_closed = max(closed_through.values(), default=start_ms)
+        lo = min([start_ms, *closed_through.values()]) if containers else start_ms
+        lo = max(lo, start_ms, min(newest_closed, now_ms) - 10 * MINUTE_MS)
+        frame = self._scan(self.samples, snap, [(lo, now_ms)])
+        if containers is not None:
+            frame = frame.filter(pl.col("container").is_in(list(containers)))
+        after = pl.col("container").replace_strict(
+            closed_through, default=start_ms, return_dtype=pl.Int64
+        )
+        window = pl.col("ts").dt.epoch("ms") - pl.col("ts").dt.epoch("ms") % MINUTE_MS
+        rows = (frame.filter(window >= after).group_by("container")
+                .agg(pl.len().alias("_n"), pl.col("ts").min().alias("_first"),
+                     pl.col("ts").max().alias("_last"), *(pl.col(c).sum() for c in COUNTERS))
+                .collect())  # fmt: skip
+        return {
+            r["container"]: OpenTraffic(
+                container=r["container"],
+                samples=r["_n"],
+                from_ms=max(start_ms, closed_through.get(r["container"], start_ms)),
+                through_ms=int(r["_last"].timestamp() * 1000),
+                sums={c: int(r[c] or 0) for c in COUNTERS},
+            )
+            for r in rows.iter_rows(named=True)
+        }

@@ -1,0 +1,376 @@
+"""Ten operator questions through the MCP SDK client over stdio, against a store the real
+pipeline filled from `nettel simulate`, each answer checked against the ground truth.
+
+The store: the embedded Tansu broker; `nettel simulate` (a subprocess, with --truth)
+publishes ``--containers`` containers over ``--days`` days, one sample a minute
+(NETTEL_SAMPLE_INTERVAL_S=60) up to now; the stream worker and the detector are built
+by :func:`nettel.cli.make_stream` and :func:`nettel.cli.make_detect` (what `nettel up`
+runs, with its defaults) and run until they have consumed every event; the worker is
+stopped without sealing, so the last minutes are in ``samples`` only (provisional).
+Then `nettel mcp` serves it over stdio and each question gets a scripted choice of
+tools (made from the tool descriptions) and a check against the truth, which is
+recomputed from the simulator's events (same seed) and its spikes file.
+
+Per question: calls, characters of each answer, correct or not, latency per call
+(client side). Also the size of ``tools/list`` and the largest default answer of every
+tool. Writes bench/results/agent.json.
+
+    python bench/agent.py [--containers 500] [--days 30]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import json
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+from mcp import Client
+from mcp.client.stdio import StdioServerParameters
+
+from nettel.broker import EmbeddedBroker, ensure_topics, free_loopback_port
+from nettel.cli import make_detect, make_stream
+from nettel.config import Settings
+from nettel.ingest.simulate import TrafficSimulator
+
+sys.path.insert(0, os.path.dirname(__file__))
+from common import write_result
+
+NETTEL = str(Path(sys.executable).with_name("nettel"))
+MINUTE, HOUR, DAY = 60_000, 3_600_000, 86_400_000
+PARTITIONS = 12
+BUDGET = 8_000
+
+
+def truth_frame(
+    containers: int, start_ms: int, duration_ms: int, spikes: list[Any]
+) -> pl.DataFrame:
+    """Every simulated event (same seed as `nettel simulate`), as columns."""
+    sim = TrafficSimulator(containers, seed=1, interval_ms=MINUTE)
+    cols: dict[str, list[Any]] = {k: [] for k in ("ts", "container", "rx", "tx", "errors",
+                                                   "drops", "time_wait")}  # fmt: skip
+    for e in sim.events(start_ms, duration_ms, spikes):
+        cols["ts"].append(e.ts_ms)
+        cols["container"].append(e.identity)
+        cols["rx"].append(e.rx_bytes)
+        cols["tx"].append(e.tx_bytes)
+        cols["errors"].append(e.rx_errors + e.tx_errors)
+        cols["drops"].append(e.rx_drops + e.tx_drops)
+        cols["time_wait"].append(None if e.tcp is None else e.tcp.time_wait)
+    return pl.DataFrame(cols).with_columns(minute=pl.col("ts") - pl.col("ts") % MINUTE)
+
+
+async def fill(data_dir: str, containers: int, days: float, say: Callable[[str], None]
+               ) -> tuple[pl.DataFrame, list[dict[str, Any]], dict[str, float]]:  # fmt: skip
+    """The store, through the shipped pipeline; the truth; how long each step took."""
+    from nettel.ingest.simulate import Spike
+
+    took: dict[str, float] = {}
+    broker = EmbeddedBroker(free_loopback_port())
+    await broker.start()
+    try:
+        settings = Settings.from_env({**os.environ, "NETTEL_DATA_DIR": data_dir,
+                                      "NETTEL_PARTITIONS": str(PARTITIONS),
+                                      "KAFKA_BOOTSTRAP_SERVERS": broker.bootstrap_servers,
+                                      "NETTEL_SAMPLE_INTERVAL_S": "60"})  # fmt: skip
+        await ensure_topics(broker.bootstrap_servers, {settings.topic_stats: PARTITIONS,
+                                                       settings.topic_alerts: PARTITIONS,
+                                                       settings.topic_dlq: 1})  # fmt: skip
+        duration = round(days * DAY)
+        now = time.time_ns() // 1_000_000
+        start = (now - duration) // MINUTE * MINUTE
+        duration = now - start
+        truth_path = Path(data_dir) / "truth.jsonl"
+        t0 = time.perf_counter()
+        env = {**os.environ, "KAFKA_BOOTSTRAP_SERVERS": broker.bootstrap_servers,
+               "NETTEL_SAMPLE_INTERVAL_S": "60", "NETTEL_PARTITIONS": str(PARTITIONS),
+               "NETTEL_LOG_LEVEL": "warning"}  # fmt: skip
+        proc = await asyncio.create_subprocess_exec(
+            NETTEL, "simulate", "--containers", str(containers), "--hours", str(duration / HOUR),
+            "--start-ms", str(start), "--spikes", str(max(10, int(days * 4))), "--truth",
+            str(truth_path), env=env)  # fmt: skip
+        assert await proc.wait() == 0, "nettel simulate failed"
+        took["simulate_s"] = round(time.perf_counter() - t0, 1)
+        spikes_doc = [json.loads(x) for x in truth_path.read_text().splitlines()]
+        spikes = [Spike(**s) for s in spikes_doc]
+        truth = truth_frame(containers, start, duration, spikes)
+        say(f"published {truth.height} events in {took['simulate_s']} s")
+        t0 = time.perf_counter()
+        stream = make_stream(settings, broker.bootstrap_servers)
+        detect = make_detect(settings, broker.bootstrap_servers)
+        stop = asyncio.Event()
+        tasks = [asyncio.create_task(stream.run(stop)), asyncio.create_task(detect.run(stop))]
+        while not (stream.stats.consumed >= truth.height and detect.stats.consumed >= truth.height):
+            await asyncio.sleep(2)
+            if any(t.done() for t in tasks):
+                raise RuntimeError("a worker stopped")
+            say(f"stream {stream.stats.consumed}, detect {detect.stats.consumed} "
+                f"of {truth.height} ({time.perf_counter() - t0:.0f} s)")  # fmt: skip
+        await asyncio.sleep(settings.flush_interval_s + 2)  # the last closed minutes land
+        stop.set()
+        await asyncio.wait_for(asyncio.gather(*tasks), 120)
+        took["pipeline_s"] = round(time.perf_counter() - t0, 1)
+        return truth, spikes_doc, took
+    finally:
+        await broker.stop()
+
+
+class Asker:
+    """Calls tools through the client, noting characters and latency of each."""
+
+    def __init__(self, client: Client) -> None:
+        self.client = client
+        self.calls: list[dict[str, Any]] = []
+
+    async def __call__(self, tool: str, args: dict[str, Any]) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        result = await self.client.call_tool(tool, args)
+        ms = (time.perf_counter() - t0) * 1000
+        text = " ".join(getattr(c, "text", "") for c in result.content)
+        self.calls.append({"tool": tool, "args": args, "chars": len(text), "ms": round(ms, 1),
+                           "error": bool(result.is_error)})  # fmt: skip
+        if result.is_error:
+            return {"error": text}
+        assert result.structured_content is not None
+        return dict(result.structured_content)
+
+
+def window(truth: pl.DataFrame, length_ms: int, now_ms: int) -> pl.DataFrame:
+    """Events of the last ``length_ms`` up to now (as the tools cut: whole minutes)."""
+    end = now_ms - now_ms % MINUTE
+    return truth.filter(pl.col("minute") >= end - length_ms)
+
+
+def per_container(frame: pl.DataFrame, col: pl.Expr) -> dict[str, int]:
+    rows = frame.group_by("container").agg(col.sum().alias("v"))
+    return dict(zip(rows["container"].to_list(), rows["v"].to_list(), strict=True))
+
+
+async def questions(ask: Asker, truth: pl.DataFrame, spikes: list[dict[str, Any]]
+                    ) -> list[dict[str, Any]]:  # fmt: skip
+    """The ten questions: (question, check) in order; each check returns (ok, detail)."""
+    out: list[dict[str, Any]] = []
+    bytes_ = pl.col("rx") + pl.col("tx")
+
+    async def q(text: str, body: Callable[[], Any]) -> None:
+        before = len(ask.calls)
+        now = time.time_ns() // 1_000_000
+        ok, detail = await body()
+        if time.time_ns() // 1_000_000 // MINUTE != now // MINUTE:  # straddled a minute: again
+            del ask.calls[before:]
+            ok, detail = await body()
+        calls = ask.calls[before:]
+        out.append({"question": text, "correct": bool(ok), "detail": detail, "calls": len(calls),
+                    "chars": [c["chars"] for c in calls], "ms": [c["ms"] for c in calls],
+                    "tools": [c["tool"] for c in calls]})  # fmt: skip
+
+    busiest = max(per_container(truth, bytes_).items(), key=lambda kv: kv[1])[0]
+
+    async def q1() -> tuple[bool, str]:
+        now = time.time_ns() // 1_000_000
+        got = await ask("get_top_consumers", {"timeframe": "week", "metric": "bytes", "limit": 3})
+        want = per_container(window(truth, 7 * DAY, now), bytes_)
+        top = max(want.items(), key=lambda kv: (kv[1], kv[0]))
+        return got["top"][0]["container"] == top[0] and got["top"][0]["value"] == top[1], top[0]
+
+    async def q2() -> tuple[bool, str]:
+        now = time.time_ns() // 1_000_000
+        got = await ask("get_network_stats", {"container": busiest, "timeframe": "day"})
+        day = window(truth, DAY, now).filter(pl.col("container") == busiest)
+        want = (int(day["tx"].sum()), int(day["rx"].sum()))
+        have = (got["data"]["bytes_sent"], got["data"]["bytes_received"])
+        return have == want, f"{have} vs truth {want}"
+
+    day_spikes = [s for s in spikes if s["start_ms"] >= time.time_ns() // 1_000_000 - DAY]
+    biggest: dict[str, Any] = {}
+
+    async def q3() -> tuple[bool, str]:
+        got = await ask("get_anomalies", {"since": "24h", "limit": 50})
+        alerts = list(got.get("alerts", []))
+        if got.get("next"):  # the second page, as the hint says
+            more = await ask("get_anomalies", {"since": "24h", "limit": 50, "cursor": got["next"]})
+            alerts += more.get("alerts", [])
+        alerted = {a["container"] for a in alerts}
+        want = {s["identity"] for s in day_spikes}
+        if alerts:
+            biggest.update(max(alerts, key=lambda a: a["score"]))
+        missed = sorted(want - alerted)
+        return not missed, f"spiked {len(want)}, missed {missed}; alerted {len(alerted)} containers"
+
+    async def q4() -> tuple[bool, str]:
+        if not biggest:
+            got = await ask("get_anomalies", {"since": "24h", "limit": 20})
+            if not got.get("alerts"):
+                return not day_spikes, "no alert in the last 24 h"
+            biggest.update(max(got["alerts"], key=lambda a: a["score"]))
+        got = await ask("explain_anomaly", {"alert_id": biggest["id"]})
+        spiked = {s["identity"] for s in spikes}
+        ok = (got["alert"]["explanation"] and biggest["container"] in spiked
+              and (got.get("traffic") or {}).get("summary", {}).get("max", 0)
+              >= got["alert"]["peak"] * 0.99)  # fmt: skip
+        return bool(ok), got["alert"]["explanation"][:160]
+
+    async def q5() -> tuple[bool, str]:
+        now = time.time_ns() // 1_000_000
+        got = await ask("get_baseline", {"container": busiest, "metric": "tx_bytes"})
+        band = got["hours"][0]
+        hour = now // HOUR % 24
+        past = truth.filter((pl.col("container") == busiest)
+                            & (pl.col("ts") // HOUR % 24 == hour))  # fmt: skip
+        rate = float(past["tx"].sum()) / (past.height * 60) if past.height else 0.0
+        ok = band["hour_of_week"] == (now // HOUR + 72) % 168 and 0.33 <= band["expected"] / max(
+            rate, 1e-9) <= 3  # fmt: skip
+        return ok, f"expected {band['expected']}/s, mean at this hour {rate:.4g}/s"
+
+    async def q6() -> tuple[bool, str]:
+        now = time.time_ns() // 1_000_000
+        got = await ask("get_traffic_timeseries", {"container": busiest, "timeframe": "day"})
+        mine = window(truth, DAY, now).filter(pl.col("container") == busiest)
+        as_of = int(dt.datetime.fromisoformat(got["as_of"].replace("Z", "+00:00")).timestamp())
+        closed = mine.filter(pl.col("minute") < as_of * 1000)  # what the answer says it holds
+        total = sum(p["value"] or 0 for p in got["points"])
+        return total == int(closed.select(bytes_.sum()).item()), f"{len(got['points'])} points"
+
+    async def q7() -> tuple[bool, str]:
+        now = time.time_ns() // 1_000_000
+        got = await ask("what_changed", {"since": "yesterday"})
+        end = now - now % MINUTE
+        minute = pl.col("minute")
+        after = per_container(truth.filter(minute.is_between(end - DAY, end - 1)), bytes_)
+        prior = per_container(truth.filter(minute.is_between(end - 2 * DAY, end - DAY - 1)), bytes_)
+        deltas = {c: after.get(c, 0) - prior.get(c, 0) for c in after.keys() | prior.keys()}
+        top = max(deltas, key=lambda c: (abs(deltas[c]), c)) if deltas else None
+        ok = (got["bytes_now"] == sum(after.values()) and got["bytes_before"] == sum(prior.values())
+              and got["containers"][0]["delta"] == deltas.get(top or "", 0))  # fmt: skip
+        return ok, f"now {got['bytes_now']} before {got['bytes_before']}"
+
+    async def q8() -> tuple[bool, str]:
+        daily = float(truth.filter(pl.col("container") == busiest).select(bytes_.sum()).item()) / (
+            (truth["ts"].max() - truth["ts"].min()) / DAY)  # fmt: skip
+        limit_gb = round(daily * 1.5 / 1e9, 3)
+        got = await ask("forecast_traffic", {"container": busiest, "horizon": 7})
+        if "error" in got:
+            return False, got["error"]
+        exceeds = any(d["expected"] > limit_gb * 1e9 for d in got["days"])
+        return not exceeds, f"limit {limit_gb} GB/day (1.5x its mean); exceeds: {exceeds}"
+
+    async def q9() -> tuple[bool, str]:
+        now = time.time_ns() // 1_000_000
+        day = window(truth, DAY, now)
+        ok, detail = True, []
+        for metric, col in (("errors", "errors"), ("drops", "drops")):
+            got = await ask("get_top_consumers", {"timeframe": "day", "metric": metric, "limit": 5})
+            want = per_container(day, pl.col(col))
+            order = sorted((c for c in want if want[c]), key=lambda c: (-want[c], c))[:5]
+            ok = ok and [t["container"] for t in got["top"] if t["value"]] == order
+            detail.append(f"{metric}: {order[:3]}")
+        return ok, "; ".join(detail)
+
+    async def q10() -> tuple[bool, str]:
+        now = time.time_ns() // 1_000_000
+        got = await ask("get_top_consumers", {"timeframe": "day", "metric": "tcp_syn_recv",
+                                              "aggregation": "max", "limit": 5})  # fmt: skip
+        flood = [t for t in got.get("top", []) if (t["value"] or 0) > 100]
+        tw = window(truth, DAY, now).group_by("container").agg(pl.col("time_wait").max())
+        odd = tw.filter(pl.col("time_wait") > 100).height
+        return not flood and odd == 0, f"syn_recv over 100: {len(flood)}; truth: none simulated"
+
+    for text, body in (
+        ("who used the most bandwidth this week", q1),
+        (f"how much did {busiest} send and receive today", q2),
+        ("any anomalies in the last 24 h", q3),
+        ("why was the biggest one raised", q4),
+        (f"what is normal for {busiest} at this hour", q5),
+        (f"show {busiest}'s traffic today", q6),
+        ("what changed since yesterday", q7),
+        (f"will {busiest} exceed 1.5x its mean GB/day next week", q8),
+        ("which containers have errors or drops", q9),
+        ("is any container under a SYN flood or odd connection states", q10),
+    ):
+        try:
+            await q(text, body)
+        except Exception as e:  # a wrong shape is a wrong answer, reported as such
+            out.append({"question": text, "correct": False, "detail": f"{type(e).__name__}: {e}",
+                        "calls": 0, "chars": [], "ms": [], "tools": []})  # fmt: skip
+    return out
+
+
+async def largest_defaults(ask: Asker, container: str) -> dict[str, int]:
+    """Every tool with its default arguments (required ones filled in): characters."""
+    tools = (await ask.client.list_tools()).tools
+    alerts = await ask("get_anomalies", {"since": "30d"})
+    required = {"container": container, "verdict": "confirmed",
+                "alert_id": (alerts.get("alerts") or [{"id": "0" * 20}])[0]["id"]}  # fmt: skip
+    sizes: dict[str, int] = {}
+    for t in tools:
+        if t.name == "mark_alert":
+            continue  # the one write: not part of a read-only walk
+        await ask(t.name, {k: required[k] for k in t.input_schema.get("required", [])})
+        sizes[t.name] = ask.calls[-1]["chars"]
+    return sizes
+
+
+def p95(xs: list[float]) -> float:
+    s = sorted(xs)
+    return s[max(0, -(-95 * len(s) // 100) - 1)] if s else 0.0
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--containers", type=int, default=500)
+    parser.add_argument("--days", type=float, default=30)
+    parser.add_argument("--data", default=None, help="store folder (default: a temp dir)")
+    args = parser.parse_args()
+    data_dir = args.data or tempfile.mkdtemp(prefix="nettel-agent-")
+    await asyncio.to_thread(os.makedirs, data_dir, exist_ok=True)
+    truth, spikes, took = await fill(data_dir, args.containers, args.days,
+                                     lambda m: print(m, file=sys.stderr, flush=True))  # fmt: skip
+    env = {**os.environ, "NETTEL_DATA_DIR": data_dir, "NETTEL_PARTITIONS": str(PARTITIONS),
+           "NETTEL_LOG_LEVEL": "warning"}  # fmt: skip
+    t0 = time.perf_counter()
+    async with Client(StdioServerParameters(command=NETTEL, args=["mcp"], env=env),
+                      read_timeout_seconds=120) as client:  # fmt: skip
+        initialized_s = time.perf_counter() - t0
+        listing = (await client.list_tools()).tools
+        tools_list_chars = len(json.dumps(
+            [t.model_dump(mode="json", by_alias=True, exclude_none=True) for t in listing],
+            separators=(",", ":")))  # fmt: skip
+        ask = Asker(client)
+        answers = await questions(ask, truth, spikes)
+        asked = list(ask.calls)
+        busiest = answers[1]["question"].split()[4]
+        defaults = await largest_defaults(ask, busiest)
+    ms = [c["ms"] for c in asked]
+    write_result(
+        "agent",
+        {
+            "containers": args.containers,
+            "days": args.days,
+            "events": truth.height,
+            "spikes": len(spikes),
+            "build": took,
+            "sample_interval_s": 60,
+            "initialize_s": round(initialized_s, 2),
+            "tools_list_chars": tools_list_chars,
+            "correct": sum(a["correct"] for a in answers),
+            "questions": answers,
+            "max_calls": max(a["calls"] for a in answers),
+            "largest_answer_chars": max((c["chars"] for c in asked), default=0),
+            "tool_latency_ms": {"median": sorted(ms)[len(ms) // 2] if ms else 0, "p95": p95(ms)},
+            "default_answer_chars": defaults,
+            "budget_chars": BUDGET,
+        },
+        " ".join(["python", "bench/agent.py", *sys.argv[1:]]),
+    )
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
