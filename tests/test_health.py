@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import json
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -26,7 +27,7 @@ from test_cli_up import spawn_up, wait_for_log
 pytestmark = [pytest.mark.broker]
 
 NETTEL = str(Path(sys.executable).with_name("nettel"))
-TOKEN = "metrics-token"
+TOKEN = secrets.token_hex(32)
 
 
 def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
