@@ -75,7 +75,7 @@ def test_shared_objects_arrays_and_river_statistics_come_back() -> None:
     for v in range(50):
         for s in (ewm, quantile, var):
             s.update(float(v))
-    state = {
+    state: dict[Any, Any] = {
         "a": shared, "b": shared, ("k", 1): frozenset({3}), "q": deque([1.0, 2.0], maxlen=4),
         "arr": array.array("f", [1.5, float("nan")]), "big": 2**70, "raw": b"\x00\xff",
         "np": np.arange(12, dtype=np.float32).reshape(3, 4), "scalar": np.float64(2.5),

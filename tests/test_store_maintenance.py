@@ -87,7 +87,7 @@ def test_the_command_maintains_every_table_with_a_progress_bar(tmp_path: Path) -
     out = subprocess.run([nettel, "store", "maintain"], env=env, capture_output=True, text=True,
                          timeout=120, check=False)  # fmt: skip
     assert out.returncode == 0, out.stderr[-2000:]
-    assert "12/12 day: done" in out.stderr  # samples, minute, hour, day: 3 steps each
+    assert "27/27 detect_state: done" in out.stderr  # 9 tables (maintenance_plan): 3 steps each
     assert out.stdout == ""
     dates = sorted(p["date"] for p in DeltaTable(minute.uri).partitions())
     assert len(dates) == 3, dates  # today and the two days before it

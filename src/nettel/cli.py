@@ -46,6 +46,7 @@ from nettel.mcp.server import HttpOptions, build_server, serve_http, serve_stdio
 from nettel.mcp.tools import TelemetryTools
 from nettel.models import encode_stat_event
 from nettel.report import Prices, daily_report, report_on_schedule
+from nettel.store.bands import BANDS_RETENTION_DAYS
 from nettel.store.maintenance import MaintenanceReport, maintain_table
 from nettel.store.minute import MinuteTable, writer_properties
 from nettel.store.rollup import DAY_MS, HOUR_MS, RollupTable
@@ -231,11 +232,17 @@ def make_stream(
 
 
 def maintenance_plan(settings: Settings) -> list[tuple[str, int]]:
-    """(table, retention days; 0: forever) for every table maintenance looks after."""
+    """(table, retention days; 0: forever) for every table nettel writes (how each is
+    kept bounded: :data:`~nettel.store.maintenance.TABLE_RULES`)."""
     return [("samples", settings.retention_samples_days),
             ("minute", settings.retention_minute_days),
             ("hour", settings.retention_hour_days),
-            ("day", settings.retention_day_days)]  # fmt: skip
+            ("day", settings.retention_day_days),
+            ("alerts", settings.retention_alerts_days),
+            ("alert_feedback", settings.retention_alerts_days),
+            ("reports_table", settings.retention_reports_days),
+            ("bands", BANDS_RETENTION_DAYS),
+            ("detect_state", 0)]  # fmt: skip
 
 
 def maintain_one(

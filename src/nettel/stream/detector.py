@@ -274,8 +274,8 @@ class DetectWorker:
             del parts[p].pending[: len(rows)]
             parts[p].saved_offset = offset
             parts[p].changed = False
-        self.stats.checkpoints += 1
         await self._write_bands(bands)
+        self.stats.checkpoints += 1
 
     def _snapshot(
         self, parts: dict[int, _Partition]
