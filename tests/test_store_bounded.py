@@ -55,7 +55,8 @@ async def test_state_tables_stay_bounded_and_an_idle_detector_commits_nothing(
     spikes = sim.spikes(2, start + 600_000, 600_000, factor=40.0)
     events = list(sim.events(start, 1_500_000, spikes))
     data = str(tmp_path)
-    worker = DetectWorker(bootstrap, data, checkpoint_interval_s=0.2)
+    # bands at every checkpoint too (default: every 5 minutes), so both tables churn
+    worker = DetectWorker(bootstrap, data, checkpoint_interval_s=0.2, bands_interval_s=0.0)
     stop = asyncio.Event()
     task = asyncio.create_task(worker.run(stop))
     chunks = 8

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 import polars as pl
-from deltalake import DeltaTable, WriterProperties
+from deltalake import ColumnProperties, DeltaTable, WriterProperties
 from deltalake.exceptions import CommitFailedError, TableNotFoundError
 
 #: Hours in a week: the slots of each container's metric.
@@ -71,8 +71,12 @@ def bands_schema() -> dict[str, pl.DataType]:
 
 
 def state_writer_properties() -> WriterProperties:
-    """zstd for the state tables (``bands``, ``detect_state``)."""
-    return WriterProperties(compression="ZSTD", compression_level=3)
+    """zstd for the state tables (``bands``, ``detect_state``); no statistics or dictionary
+    for ``detect_state``'s ``blob`` (Parquet would copy each blob into its min and max
+    statistics, tripling the file)."""
+    blob = ColumnProperties(dictionary_enabled=False, statistics_enabled="NONE")
+    return WriterProperties(compression="ZSTD", compression_level=3, statistics_truncate_length=64,
+                            column_properties={"blob": blob})  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,8 +8,9 @@ worker writes, per partition whose state changed: the new alert versions to the
 ``alerts`` table with the next source offset (one commit, app transaction; none when
 there is no new alert), then the detector as a typed checkpoint
 (:mod:`nettel.detect.checkpoint`, never pickle) with that offset and the alerts topic's
-position (``detect_state``), then the hourly bands that changed (``bands``, what the MCP
-server reads). An idle service writes nothing.
+position (``detect_state``), then, every ``bands_interval_s`` and at the checkpoint of a
+stop or a rebalance, the hourly bands that changed (``bands``, what the MCP server
+reads; computing them costs more than the checkpoint). An idle service writes nothing.
 
 A checkpoint that cannot be read (an unknown format version, a malformed or forged
 blob) is refused and logged (``detect_checkpoint_refused``); that partition starts cold:
@@ -79,6 +80,8 @@ class _Partition:
     bands: BandTracker = field(default_factory=BandTracker)
     #: containers given feedback since their bands were last written
     feedback_for: set[str] = field(default_factory=set)
+    #: checkpointed since its bands were last written
+    bands_stale: bool = False
 
 
 class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -109,6 +112,7 @@ class DetectWorker:
         epoch: int = 0,
         fleet_factory: Callable[[], FleetDetector] = FleetDetector,
         storage_options: dict[str, str] | None = None,
+        bands_interval_s: float = 300.0,
     ) -> None:
         base = data_dir.rstrip("/")
         self.bootstrap_servers = bootstrap_servers
@@ -118,6 +122,8 @@ class DetectWorker:
         self.checkpoint_interval_s = checkpoint_interval_s
         self.epoch = epoch
         self.fleet_factory = fleet_factory
+        self.bands_interval_s = bands_interval_s
+        self._bands_due = 0.0  # monotonic time from which the next checkpoint writes bands
         self.alerts = AlertTable(f"{base}/alerts", storage_options=storage_options)
         self.state = DetectStateTable(f"{base}/detect_state", storage_options=storage_options)
         self.feedback = FeedbackTable(f"{base}/alert_feedback", storage_options=storage_options)
@@ -249,9 +255,11 @@ class DetectWorker:
 
     async def _checkpoint(self, partitions: Sequence[int] | None = None) -> None:
         async with self._lock:
-            await self._checkpoint_locked(partitions)
+            await self._checkpoint_locked(partitions, with_bands=True)
 
-    async def _checkpoint_locked(self, partitions: Sequence[int] | None = None) -> None:
+    async def _checkpoint_locked(
+        self, partitions: Sequence[int] | None = None, *, with_bands: bool = False
+    ) -> None:
         """Write alerts and states. The caller holds the lock, which the run loop holds
         while it handles a batch: the cut falls between events, never inside one."""
         owned = {p: self._parts[p] for p in (partitions or list(self._parts))
@@ -262,33 +270,41 @@ class DetectWorker:
         # only what changed since the last checkpoint: an idle service writes nothing
         parts = {p: part for p, part in owned.items() if part.changed or part.pending
                  or part.next_offset != part.saved_offset}  # fmt: skip
-        if not parts:
+        for part in parts.values():
+            part.bands_stale = True
+        due = with_bands or time.monotonic() >= self._bands_due
+        band_parts = {p: part for p, part in owned.items() if due and part.bands_stale}
+        if not parts and not band_parts:
             return
         # one consistent cut, taken between two events (the loop runs on meanwhile)
         cut = {p: (list(part.pending), part.next_offset) for p, part in parts.items()}
         # encoded in a thread: the lock keeps every fleet still meanwhile
-        states, bands = await asyncio.to_thread(self._snapshot, parts)
-        await asyncio.to_thread(self._write_alert_rows, cut)
-        await asyncio.to_thread(self.state.save, states)
-        for p, (rows, offset) in cut.items():
-            del parts[p].pending[: len(rows)]
-            parts[p].saved_offset = offset
-            parts[p].changed = False
-        await self._write_bands(bands)
-        self.stats.checkpoints += 1
+        states, bands = await asyncio.to_thread(self._snapshot, parts, band_parts)
+        if parts:
+            await asyncio.to_thread(self._write_alert_rows, cut)
+            await asyncio.to_thread(self.state.save, states)
+            for p, (rows, offset) in cut.items():
+                del parts[p].pending[: len(rows)]
+                parts[p].saved_offset = offset
+                parts[p].changed = False
+        if band_parts:
+            await self._write_bands(bands)
+            self._bands_due = time.monotonic() + self.bands_interval_s
+        if parts:
+            self.stats.checkpoints += 1
 
     def _snapshot(
-        self, parts: dict[int, _Partition]
+        self, parts: dict[int, _Partition], band_parts: dict[int, _Partition]
     ) -> tuple[list[DetectState], dict[int, tuple[list[dict[str, Any]], list[str]]]]:
-        """Each partition's checkpoint, and its bands that changed (with the containers
-        whose feedback they carry)."""
+        """The checkpoint of each of ``parts``, and the bands of ``band_parts`` that
+        changed, with the containers whose feedback they carry."""
         states = [
             DetectState(p, self.epoch, part.next_offset, part.alerts_offset,
                         self._feedback_version, encode_checkpoint(part.fleet))
             for p, part in parts.items()
         ]  # fmt: skip
         bands = {p: (part.bands.changes(part.fleet, part.feedback_for), list(part.feedback_for))
-                 for p, part in parts.items()}  # fmt: skip
+                 for p, part in band_parts.items()}  # fmt: skip
         return states, bands
 
     async def _write_bands(self, bands: dict[int, tuple[list[dict[str, Any]], list[str]]]) -> None:
@@ -305,6 +321,7 @@ class DetectWorker:
             if part is not None:
                 part.bands.written(changed)
                 part.feedback_for.difference_update(fed)
+                part.bands_stale = False
 
     def _write_alert_rows(self, cut: dict[int, tuple[list[dict[str, Any]], int]]) -> None:
         """Alert rows not yet in the table, with each partition's next offset, one commit."""
