@@ -19,11 +19,14 @@ from nettel.config import Settings
 from nettel.detect.checkpoint import decode_checkpoint
 from nettel.detect.fleet import FleetDetector
 from nettel.ingest.simulate import TrafficSimulator
+from nettel.models import ReplayPoint
 from nettel.store.alerts import DetectStateTable, FeedbackTable
 from nettel.store.bands import BandTable
 from nettel.store.maintenance import TABLE_RULES, maintain_table
+from nettel.store.minute import MinuteTable, PartitionPoint
 from nettel.store.reports import ReportsTable
 from nettel.stream.detector import DetectWorker
+from test_store_minute import window
 from test_stream_worker import publish
 
 PARTITIONS = 3
@@ -136,3 +139,19 @@ def test_feedback_reports_and_bands_lose_only_expired_rows(tmp_path: Path) -> No
     for name in versions_after:  # nothing more expired: no commit
         maintain_table(str(tmp_path / name), name, retention_days=plan[name], today=now.date())
     assert versions_after == {n: DeltaTable(str(tmp_path / n)).version() for n in versions_after}
+
+
+def test_an_idle_flush_of_the_minute_table_commits_nothing(tmp_path: Path) -> None:
+    """The stream worker flushes every interval; with no closed window and the same
+    replay points as its last commit, the table is not committed again."""
+    table = MinuteTable(str(tmp_path / "minute"))
+    point = PartitionPoint("nettel.stats", 0, ReplayPoint(5, 1000, 6, 900))
+    table.append([window("web", 1_795_392_000_000, 10)], [point], writer="w", epoch=0)
+    version = DeltaTable(table.uri).version()
+    for _ in range(3):
+        table.append([], [point], writer="w", epoch=0)
+    assert DeltaTable(table.uri).version() == version
+    moved = PartitionPoint("nettel.stats", 0, ReplayPoint(5, 2000, 6, 900))
+    table.append([], [moved], writer="w", epoch=0)  # the watermark moved: recorded
+    assert DeltaTable(table.uri).version() == version + 1
+    assert table.replay_points("w", "nettel.stats", [0], epoch=0)[0] == moved.point
