@@ -20,7 +20,7 @@ from nettel.detect.checkpoint import decode_checkpoint
 from nettel.detect.fleet import FleetDetector
 from nettel.ingest.simulate import TrafficSimulator
 from nettel.models import ReplayPoint
-from nettel.store.alerts import DetectStateTable, FeedbackTable
+from nettel.store.alerts import DetectState, DetectStateTable, FeedbackTable
 from nettel.store.bands import BandTable
 from nettel.store.maintenance import TABLE_RULES, maintain_table
 from nettel.store.minute import MinuteTable, PartitionPoint
@@ -155,3 +155,19 @@ def test_an_idle_flush_of_the_minute_table_commits_nothing(tmp_path: Path) -> No
     table.append([], [moved], writer="w", epoch=0)  # the watermark moved: recorded
     assert DeltaTable(table.uri).version() == version + 1
     assert table.replay_points("w", "nettel.stats", [0], epoch=0)[0] == moved.point
+
+
+def test_detect_state_of_the_earlier_layout_is_replaced_whole(tmp_path: Path) -> None:
+    """The earlier ``detect_state`` (one unpartitioned file of pickles) becomes the
+    partitioned table at the first save; its pickles are gone with it."""
+    uri = str(tmp_path / "detect_state")
+    old = pl.DataFrame({"partition": [0, 1], "epoch": [0, 0], "next_offset": [5, 6],
+                        "alerts_offset": [0, 0], "feedback_version": [-1, -1],
+                        "blob": [b"\x80\x04K\x01.", b"\x80\x04K\x02."]})  # fmt: skip
+    old.write_delta(uri)
+    table = DetectStateTable(uri)
+    table.save([DetectState(0, 0, 9, 0, -1, b"NTCK\x01")])
+    assert DeltaTable(uri).metadata().partition_columns == ["partition"]
+    assert {p: s.next_offset for p, s in table.load([0, 1]).items()} == {0: 9}
+    table.save([DetectState(1, 0, 7, 0, -1, b"NTCK\x01")])
+    assert {p: s.next_offset for p, s in table.load([0, 1]).items()} == {0: 9, 1: 7}
