@@ -379,7 +379,9 @@ def _resolve(name: Any) -> type:
         module
     ):
         raise CheckpointError(f"class {name!r} is not allowed in a checkpoint")
-    found: Any = sys.modules.get(module) or importlib.import_module(module)
+    if module not in sys.modules:  # import only our own modules or River's statistics
+        importlib.import_module("river.stats" if module.startswith("river.") else module)
+    found: Any = sys.modules.get(module)
     for part in qualname.split("."):
         found = getattr(found, part, None)
     if not (
