@@ -21,7 +21,9 @@ rebuilds it without calling any code of the blob's choosing:
 Anything else is refused, on writing and on reading, with :class:`CheckpointError`
 naming what and where. Shared references and cycles come back as they were (an object
 met twice is written once, then referred to), so e.g. two lists holding the same
-objects still do after a restore.
+objects still do after a restore; numpy views come back as copies (as with pickle).
+Classes are checked, attribute types are not: a forged blob can only assemble allowed
+objects from allowed parts.
 
 The blob is ``MAGIC`` + one version byte + a msgpack body. An unknown version, a blob
 that is not one (a pickle, say), or one whose content breaks these rules is refused
