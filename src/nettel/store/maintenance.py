@@ -73,13 +73,16 @@ class TableRule:
 
     ``retention``: ``"partition"`` deletes whole ``date`` partitions before the cut-off;
     ``"column"`` deletes the rows whose ``column`` (a timestamp or a ``YYYY-MM-DD``
-    string) is before it; ``"none"``: the table replaces its rows itself (state).
+    string) is before it, or with ``group``, every row of a ``group`` value (e.g. a
+    container) none of whose rows is newer; ``"none"``: the table replaces its rows
+    itself (state).
     """
 
     retention: Literal["partition", "column", "none"]
     column: str = ""
     vacuum_retention_hours: int = 6
     properties: Mapping[str, str] = field(default_factory=lambda: dict(DATA_TABLE_PROPERTIES))
+    group: str = ""
 
 
 #: Every table nettel writes and how it is kept bounded. State tables (``detect_state``,
@@ -93,7 +96,8 @@ TABLE_RULES: Mapping[str, TableRule] = {
     "alerts": TableRule("partition"),
     "alert_feedback": TableRule("column", "ts"),
     "reports_table": TableRule("column", "date"),
-    "bands": TableRule("column", "updated", 1, STATE_TABLE_CONFIGURATION),
+    # a container's constant slots never change: only a container gone as a whole goes
+    "bands": TableRule("column", "updated", 1, STATE_TABLE_CONFIGURATION, group="container"),
     "detect_state": TableRule("none", "", 1, STATE_TABLE_CONFIGURATION),
 }
 
@@ -152,7 +156,7 @@ def maintain_table(
             report.partitions_deleted = len(expired)
         else:
             say(f"{name}: deleting rows before {cutoff}")
-            report.rows_deleted = _delete_before(table, rule.column, cutoff)
+            report.rows_deleted = _delete_before(table, rule.column, cutoff, rule.group)
     say(f"{name}: compacting")
     if name in LAYOUT_TABLES and ("://" not in uri or uri.startswith("file://")):
         report.partitions_rewritten = rewrite_partitions(table, uri.removeprefix("file://"), name)
@@ -184,16 +188,28 @@ def _ensure_properties(table: DeltaTable, wanted: Mapping[str, str]) -> None:
         table.alter.set_table_properties(missing)
 
 
-def _delete_before(table: DeltaTable, column: str, cutoff: str) -> int:
-    """Delete the rows whose ``column`` is before ``cutoff`` (a date); no commit when none."""
+def _delete_before(table: DeltaTable, column: str, cutoff: str, group: str = "") -> int:
+    """Delete the rows whose ``column`` is before ``cutoff`` (a date) or, with ``group``,
+    the rows of each ``group`` value whose newest ``column`` is; no commit when none."""
     frame = pl.scan_delta(table)
     is_text = frame.collect_schema()[column] == pl.String()
     start = dt.datetime.fromisoformat(cutoff).replace(tzinfo=dt.UTC)
     bound = pl.lit(cutoff) if is_text else pl.lit(start)
+    literal = f"'{cutoff}'" if is_text else f"'{cutoff}T00:00:00Z'"
+    if group:
+        gone = (
+            frame.group_by(group).agg(pl.col(column).max().alias("newest"))
+            .filter(pl.col("newest") < bound).select(group).collect()[group].to_list()
+        )  # fmt: skip
+        if not gone:
+            return 0
+        names = ", ".join("'" + str(g).replace("'", "''") + "'" for g in gone)
+        expired = frame.filter(pl.col(group).is_in(gone)).select(pl.len()).collect().item()
+        table.delete(f"{group} IN ({names}) AND {column} < {literal}")
+        return int(expired)
     expired = frame.filter(pl.col(column) < bound).select(pl.len()).collect().item()
     if not expired:
         return 0
-    literal = f"'{cutoff}'" if is_text else f"'{cutoff}T00:00:00Z'"
     table.delete(f"{column} < {literal}")
     return int(expired)
 
