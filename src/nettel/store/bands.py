@@ -123,14 +123,20 @@ class BandTable:
         )
         for attempt in range(5):
             if self._table() is None:
-                frame.write_delta(
-                    self.uri, mode="append", storage_options=self.storage_options,
-                    delta_write_options={
-                        "partition_by": ["partition"], "configuration": STATE_TABLE_CONFIGURATION,
-                        "writer_properties": state_writer_properties(),
-                    },
-                )  # fmt: skip
-                return
+                try:
+                    frame.write_delta(
+                        self.uri, mode="append", storage_options=self.storage_options,
+                        delta_write_options={
+                            "partition_by": ["partition"],
+                            "configuration": STATE_TABLE_CONFIGURATION,
+                            "writer_properties": state_writer_properties(),
+                        },
+                    )  # fmt: skip
+                    return
+                except Exception:
+                    if self._table() is None:
+                        raise
+                    continue  # another worker created it meanwhile: merge into it
             parts = ", ".join(str(p) for p in sorted(set(frame["partition"].to_list())))
             try:
                 frame.write_delta(
