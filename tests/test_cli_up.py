@@ -206,7 +206,17 @@ def test_up_fills_the_tables_from_real_traffic_exactly(engine: Engine, tmp_path:
     records = [json.loads(line) for line in err.splitlines() if line.startswith("{")]
     assert not [r for r in records if r["level"] == "error"]
     maintained = {r["table"] for r in records if r["event"] == "store_maintained"}
-    assert maintained == {"samples", "minute", "hour", "day"}
+    assert maintained == {
+        "samples",
+        "minute",
+        "hour",
+        "day",
+        "alerts",
+        "alert_feedback",
+        "reports_table",
+        "bands",
+        "detect_state",
+    }  # every table nettel writes
     # stopped: the open windows were sealed, so samples and minute hold every event
     samples = pl.scan_delta(str(data / "samples")).collect()
     assert samples.height >= len(events)

@@ -87,9 +87,9 @@ def test_alert_json_round_trip_and_explanation() -> None:
 
 
 def test_a_checkpointed_fleet_resumes_exactly() -> None:
-    """Pickle mid-run (what a worker checkpoints with its offsets), resume: same alerts."""
-    import pickle
-
+    """Checkpoint mid-run (the typed format a worker stores with its offsets), resume:
+    same alerts."""
+    from nettel.detect.checkpoint import decode_checkpoint, encode_checkpoint
     from nettel.ingest.simulate import TrafficSimulator
 
     sim = TrafficSimulator(4, seed=8, restart_probability=0.002)
@@ -100,7 +100,7 @@ def test_a_checkpointed_fleet_resumes_exactly() -> None:
     fleet = FleetDetector()
     for ev in events[:half]:
         fleet.process(ev)
-    resumed = pickle.loads(pickle.dumps(fleet))
+    resumed = decode_checkpoint(encode_checkpoint(fleet), FleetDetector)
     straight = [a for ev in events[half:] for a in fleet.process(ev)]
     again = [a for ev in events[half:] for a in resumed.process(ev)]
     assert straight == again

@@ -244,11 +244,19 @@ def make_stream(
 
 
 def maintenance_plan(settings: Settings) -> list[tuple[str, int]]:
-    """(table, retention days; 0: forever) for every table maintenance looks after."""
+    """(table, retention days; 0: forever) for every table nettel writes (how each is
+    kept bounded: :data:`~nettel.store.maintenance.TABLE_RULES`)."""
+    from nettel.store.bands import BANDS_RETENTION_DAYS
+
     return [("samples", settings.retention_samples_days),
             ("minute", settings.retention_minute_days),
             ("hour", settings.retention_hour_days),
-            ("day", settings.retention_day_days)]  # fmt: skip
+            ("day", settings.retention_day_days),
+            ("alerts", settings.retention_alerts_days),
+            ("alert_feedback", settings.retention_alerts_days),
+            ("reports_table", settings.retention_reports_days),
+            ("bands", BANDS_RETENTION_DAYS),
+            ("detect_state", 0)]  # fmt: skip
 
 
 def maintain_one(

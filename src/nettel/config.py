@@ -109,6 +109,13 @@ class Settings:
     retention_day_days: int = _field(
         0, "NETTEL_RETENTION_DAY_DAYS", "days the day table keeps (0: forever)"
     )
+    retention_alerts_days: int = _field(
+        90, "NETTEL_RETENTION_ALERTS_DAYS",
+        "days the alerts and alert_feedback tables keep (0: forever)",
+    )  # fmt: skip
+    retention_reports_days: int = _field(
+        400, "NETTEL_RETENTION_REPORTS_DAYS", "days of stored daily reports kept (0: forever)"
+    )
     rollup_interval_s: float = _field(
         300.0, "NETTEL_ROLLUP_INTERVAL_S", "seconds between rolls of minute rows into hour and day"
     )
@@ -293,6 +300,8 @@ _NUMBERS: dict[str, _Number] = {
     "retention_minute_days": _Number(int, 0, math.inf, _DAYS),
     "retention_hour_days": _Number(int, 0, math.inf, _DAYS),
     "retention_day_days": _Number(int, 0, math.inf, _DAYS),
+    "retention_alerts_days": _Number(int, 0, math.inf, _DAYS),
+    "retention_reports_days": _Number(int, 0, math.inf, _DAYS),
     "mcp_port": _Number(int, 1, 65535, "a TCP port from 1 to 65535"),
     "detect_checkpoint_s": _Number(float, 0, 3600, _SECONDS_1H, low_open=True),
     "price_egress_per_gb": _Number(float, 0, 1e6, "a price per GB >= 0"),

@@ -3,8 +3,9 @@
 :class:`FleetDetector` is what a worker drives (it does no I/O): :meth:`~FleetDetector.
 process` takes one :class:`~nettel.models.StatEvent` and returns the alerts to publish.
 A container seen for the first time starts from a prior: the learned state of another
-container of the same compose service, else of the same image. The whole object pickles,
-so a worker checkpoints it with the offsets it has consumed.
+container of the same compose service, else of the same image. The whole object is plain
+data (:mod:`nettel.detect.checkpoint`), so a worker checkpoints it with the offsets it has
+consumed.
 
 Examples
 --------

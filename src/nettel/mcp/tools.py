@@ -13,7 +13,6 @@ from __future__ import annotations
 import datetime as dt
 import difflib
 import json
-import pickle
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
@@ -24,7 +23,8 @@ from pydantic import BaseModel, Field, model_serializer
 
 from nettel.mcp.answers import ToolInputError, page, quoted
 from nettel.models import TOTALS
-from nettel.store.alerts import AlertTable, DetectStateTable, FeedbackTable
+from nettel.store.alerts import AlertTable, FeedbackTable
+from nettel.store.bands import BandTable
 from nettel.store.query import Aggregation, ContainerStats, OpenTraffic, TrafficQuery
 
 Timeframe = Literal["hour", "day", "week", "month"]
@@ -375,13 +375,12 @@ class TelemetryTools:
 
     def __init__(self, query: TrafficQuery, *, clock: Callable[[], float] = time.time,
                  alerts: AlertTable | None = None, feedback: FeedbackTable | None = None,
-                 state: DetectStateTable | None = None) -> None:  # fmt: skip
+                 bands: BandTable | None = None) -> None:  # fmt: skip
         self.query = query
         self.clock = clock
         self.alerts = alerts
         self.feedback = feedback
-        self.state = state
-        self._fleets: tuple[int, list[Any]] | None = None
+        self.bands = bands
 
     @classmethod
     def for_data_dir(cls, data_dir: str, *, partitions: int, topic: str = "nettel.stats",
@@ -393,7 +392,7 @@ class TelemetryTools:
             TrafficQuery(base, partitions=partitions, topic=topic, storage_options=opts),
             alerts=AlertTable(f"{base}/alerts", storage_options=opts),
             feedback=FeedbackTable(f"{base}/alert_feedback", storage_options=opts),
-            state=DetectStateTable(f"{base}/detect_state", storage_options=opts),
+            bands=BandTable(f"{base}/bands", storage_options=opts),
         )  # fmt: skip
 
     def now_ms(self) -> int:
@@ -815,45 +814,34 @@ class TelemetryTools:
         )
         return Verdict(id=r["id"], verdict=verdict, note=note[:500], effect=effect)  # type: ignore[arg-type]
 
-    def _detectors(self) -> list[Any]:
-        """Every partition's fleet detector from the latest checkpoints (cached per version)."""
-        if self.state is None:
-            return []
-        version = self.state.version()
-        if self._fleets is None or self._fleets[0] != version:
-            states = self.state.load(range(10_000))
-            # B301: unpickles the data dir (code execution for whoever can write it):
-            # pending issue 15 item 1 (branch h-state): checkpoints as data, MCP reads bands
-            self._fleets = (version, [pickle.loads(s.blob) for s in states.values()])  # nosec B301
-        return self._fleets[1]
-
     def baseline(self, container: str, metric: str, hours: str = "now") -> Baseline:
-        """``get_baseline``: the band of this hour of the week (``hours="week"``: all 168)."""
+        """``get_baseline``: the band of this hour of the week (``hours="week"``: all 168),
+        from the bands table the detector writes (never detector state)."""
         if metric not in DETECT_METRIC:
             raise ToolInputError(
                 f"unknown metric {quoted(metric)}: expected one of {', '.join(DETECT_METRIC)}"
             )
         identity = self.resolve(container)
-        det = next((d for f in self._detectors() if (d := f.detector(identity)) is not None), None)
-        if det is None:
+        week = None if self.bands is None else self.bands.weekly(identity, metric)
+        if week is None:
             raise ToolInputError(
-                f"no baseline for {identity!r} yet: the detector has not checkpointed it "
-                "(is `nettel detect` or `nettel up` running?)"
+                f"no baseline for {identity!r} {metric} yet: the detector has not checkpointed "
+                "it (is `nettel detect` or `nettel up` running?)"
             )
-        bands = det.weekly_bands(metric)
         unit = "connections" if metric in ("connections",) else (
             "sockets" if metric in ("syn_recv", "time_wait", "close_wait", "established")
             else f"{metric}/s")  # fmt: skip
         return Baseline(
-            container=identity, metric=metric, unit=unit, learned_samples=det.n_learned,
-            hours=[HourBand(hour_of_week=h, low=b.low, expected=b.expected, high=b.high,
-                            basis=b.basis) for h, b in enumerate(bands)
+            container=identity, metric=metric, unit=unit, learned_samples=week.learned_samples,
+            hours=[HourBand(hour_of_week=h, low=low, expected=expected, high=high, basis=basis)
+                   for h, (low, expected, high, basis) in enumerate(week.slots)
                    if h == hour_of_week(self.now_ms())],
             week=None if hours != "week" else WeekBands(
-                low=[b.low for b in bands], expected=[b.expected for b in bands],
-                high=[b.high for b in bands],
-                basis={k: sum(b.basis == k for b in bands) for k in sorted({b.basis
-                                                                            for b in bands})},
+                low=[low for low, _, _, _ in week.slots],
+                expected=[expected for _, expected, _, _ in week.slots],
+                high=[high for _, _, high, _ in week.slots],
+                basis={k: sum(basis == k for *_, basis in week.slots)
+                       for k in sorted({basis for *_, basis in week.slots})},
             ),
         )  # fmt: skip
 

@@ -1,12 +1,13 @@
 """The detector's tables: ``alerts`` (every alert version), ``alert_feedback`` and
-``detect_state`` (each partition's pickled models with the offset they have consumed).
+``detect_state`` (each partition's models, as a typed checkpoint blob, with the offset
+they have consumed).
 
 ``alerts`` gets one row per published alert version (open, update, resolved), written
 with each source partition's next offset as a Delta app transaction in the same commit,
 so a detector that restarts from an older checkpoint and regenerates the same alerts
 (same ids) writes none of them twice. Readers take the latest version per id
 (:meth:`AlertTable.latest`). ``detect_state`` holds one row per partition, replaced in
-one commit at each checkpoint. ``alert_feedback`` is the one table the MCP server
+one commit at each checkpoint that changed it. ``alert_feedback`` is the one table the MCP server
 writes (``mark_alert``); the detector reads it to widen bands.
 
 Rows are plain mappings (the :class:`~nettel.detect.alerts.Alert` record's fields): the
@@ -25,6 +26,7 @@ import polars as pl
 from deltalake import CommitProperties, DeltaTable, Transaction
 from deltalake.exceptions import TableNotFoundError
 
+from nettel.store.bands import STATE_TABLE_CONFIGURATION, state_writer_properties
 from nettel.store.minute import writer_properties
 
 _TS = pl.Datetime("us", "UTC")
@@ -179,7 +181,8 @@ class FeedbackTable:
 
 @dataclass(frozen=True, slots=True)
 class DetectState:
-    """One partition's checkpoint: models, where to resume, and where alerts were."""
+    """One partition's checkpoint: models (a :mod:`nettel.detect.checkpoint` blob), where
+    to resume, and where alerts were."""
 
     partition: int
     epoch: int
@@ -189,38 +192,53 @@ class DetectState:
     blob: bytes
 
 
+def detect_state_schema() -> dict[str, pl.DataType]:
+    """Columns of ``detect_state``."""
+    return {"partition": pl.Int64(), "epoch": pl.Int64(), "next_offset": pl.Int64(),
+            "alerts_offset": pl.Int64(), "feedback_version": pl.Int64(),
+            "blob": pl.Binary()}  # fmt: skip
+
+
 class DetectStateTable:
-    """``detect_state``: one row per partition, replaced at every checkpoint."""
+    """``detect_state``: one row per partition, replaced when that partition's state
+    changed (what a restart needs, nothing more).
+
+    Partitioned by ``partition``: a checkpoint rewrites only the files of the partitions
+    it saves, and two workers (owning different partitions) never rewrite the same
+    file. Old versions are removed by maintenance (vacuum after an hour, logs after a
+    day: :data:`~nettel.store.bands.STATE_TABLE_CONFIGURATION`). A table of the earlier
+    layout (one file for every partition) is replaced whole at the first save.
+    """
 
     def __init__(self, uri: str, *, storage_options: dict[str, str] | None = None) -> None:
         self.uri = uri
         self.storage_options = storage_options
 
     def save(self, states: Sequence[DetectState]) -> None:
-        """Replace the rows of ``states``' partitions in one commit."""
+        """Replace the rows of ``states``' partitions in one commit (none: no commit)."""
         if not states:
             return
         frame = pl.DataFrame(
-            {"partition": [s.partition for s in states], "epoch": [s.epoch for s in states],
-             "next_offset": [s.next_offset for s in states],
-             "alerts_offset": [s.alerts_offset for s in states],
-             "feedback_version": [s.feedback_version for s in states],
-             "blob": [s.blob for s in states]},
-            schema={"partition": pl.Int64(), "epoch": pl.Int64(), "next_offset": pl.Int64(),
-                    "alerts_offset": pl.Int64(), "feedback_version": pl.Int64(),
-                    "blob": pl.Binary()},
-        )  # fmt: skip
+            {k: [getattr(s, k) for s in states] for k in detect_state_schema()},
+            schema=detect_state_schema(),
+        )
         parts = ", ".join(str(s.partition) for s in states)
         try:
-            DeltaTable(self.uri, storage_options=self.storage_options)
-            exists = True
+            table: DeltaTable | None = DeltaTable(self.uri, storage_options=self.storage_options)
         except TableNotFoundError:
-            exists = False
-        frame.write_delta(
-            self.uri, mode="overwrite" if exists else "append",
-            storage_options=self.storage_options,
-            delta_write_options={"predicate": f"partition IN ({parts})"} if exists else None,
-        )  # fmt: skip
+            table = None
+        options: dict[str, Any] = {"partition_by": ["partition"],
+                                   "writer_properties": state_writer_properties()}  # fmt: skip
+        if table is None:
+            options["configuration"] = STATE_TABLE_CONFIGURATION
+        elif table.metadata().partition_columns != ["partition"]:
+            options["schema_mode"] = "overwrite"  # the earlier layout: replaced whole
+            options["configuration"] = STATE_TABLE_CONFIGURATION
+        else:
+            options["predicate"] = f"partition IN ({parts})"
+        frame.write_delta(self.uri, mode="append" if table is None else "overwrite",
+                          storage_options=self.storage_options,
+                          delta_write_options=options)  # fmt: skip
 
     def version(self) -> int:
         """The table's latest version (-1: no table)."""

@@ -1,9 +1,13 @@
-"""Retention, compaction and vacuum of the store's tables (``samples`` and the windows).
+"""Retention, compaction and vacuum of every table nettel writes.
 
-One pass per table: delete whole ``date`` partitions older than the table's retention
-(metadata-only), compact the small files of the remaining partitions with the table's
-writer properties, and vacuum files no longer referenced, keeping a retention window so
-that readers on an older snapshot never lose a file under them. On local disk the
+Each table has a :class:`TableRule` (:data:`TABLE_RULES`): how old rows go (whole
+``date`` partitions, metadata-only; rows older than a column's cut-off; or never, for
+``detect_state``, one row per partition), its Delta log and tombstone retention, and
+how long vacuum keeps removed files. One pass per table: make sure the table's log
+settings are set, delete what expired, compact small files with the table's writer
+properties, and vacuum files no longer referenced, keeping a retention window so
+that readers on an older snapshot never lose a file under them. A pass with nothing to
+do commits nothing (an idle service's tables stay at their version). On local disk the
 window tables' partitions are compacted by a rewrite into one file each, in time order
 with hour-sized row groups and the rollups' partial rows merged
 (:func:`rewrite_partitions`): what keeps queries fast. None of it changes what a reader
@@ -17,10 +21,12 @@ import datetime as dt
 import json
 import os
 import shutil
+import threading
 import time
 import uuid
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Literal
 from urllib.parse import unquote
 
 import polars as pl
@@ -28,6 +34,12 @@ from deltalake import DeltaTable, WriterProperties
 from deltalake.exceptions import CommitFailedError, TableNotFoundError
 from deltalake.transaction import AddAction, RemoveAction
 
+from nettel.store.alerts import alerts_schema
+from nettel.store.bands import (
+    BANDS_RETENTION_DAYS,
+    STATE_TABLE_CONFIGURATION,
+    state_writer_properties,
+)
 from nettel.store.minute import minute_schema, writer_properties
 from nettel.store.rollup import DAY_MS, HOUR_MS, rollup_frame
 
@@ -42,8 +54,52 @@ ROW_GROUP_ROWS = 32_768
 
 #: Default retention per table in days (None: forever), as in the issue.
 DEFAULT_RETENTION_DAYS: Mapping[str, int | None] = {
-    "samples": 2, "minute": 14, "hour": 400, "day": None,
+    "samples": 2, "minute": 14, "hour": 400, "day": None, "alerts": 90, "alert_feedback": 90,
+    "reports_table": 400, "bands": BANDS_RETENTION_DAYS, "detect_state": None,
 }  # fmt: skip
+
+#: Log settings of the data tables: a checkpoint every 100 commits, logs kept two days,
+#: removed files six hours (what a slow reader's snapshot may still list).
+DATA_TABLE_PROPERTIES: Mapping[str, str] = {
+    "delta.checkpointInterval": "100",
+    "delta.logRetentionDuration": "interval 2 days",
+    "delta.deletedFileRetentionDuration": "interval 6 hours",
+}
+
+
+@dataclass(frozen=True)
+class TableRule:
+    """How maintenance keeps one table bounded.
+
+    ``retention``: ``"partition"`` deletes whole ``date`` partitions before the cut-off;
+    ``"column"`` deletes the rows whose ``column`` (a timestamp or a ``YYYY-MM-DD``
+    string) is before it, or with ``group``, every row of a ``group`` value (e.g. a
+    container) none of whose rows is newer; ``"none"``: the table replaces its rows
+    itself (state).
+    """
+
+    retention: Literal["partition", "column", "none"]
+    column: str = ""
+    vacuum_retention_hours: int = 6
+    properties: Mapping[str, str] = field(default_factory=lambda: dict(DATA_TABLE_PROPERTIES))
+    group: str = ""
+
+
+#: Every table nettel writes and how it is kept bounded. State tables (``detect_state``,
+#: ``bands``) hold only what a restart or a reader needs now: their old files are
+#: vacuumed after an hour (a reader's snapshot lives for seconds), their logs after a day.
+TABLE_RULES: Mapping[str, TableRule] = {
+    "samples": TableRule("partition"),
+    "minute": TableRule("partition"),
+    "hour": TableRule("partition"),
+    "day": TableRule("partition"),
+    "alerts": TableRule("partition"),
+    "alert_feedback": TableRule("column", "ts"),
+    "reports_table": TableRule("column", "date"),
+    # a container's constant slots never change: only a container gone as a whole goes
+    "bands": TableRule("column", "updated", 1, STATE_TABLE_CONFIGURATION, group="container"),
+    "detect_state": TableRule("none", "", 1, STATE_TABLE_CONFIGURATION),
+}
 
 
 @dataclass
@@ -56,6 +112,7 @@ class MaintenanceReport:
     files_after: int = 0
     files_vacuumed: int = 0
     partitions_rewritten: int = 0
+    rows_deleted: int = 0
 
 
 def maintain_table(
@@ -64,44 +121,127 @@ def maintain_table(
     *,
     retention_days: int | None,
     today: dt.date | None = None,
-    vacuum_retention_hours: int = 6,
+    vacuum_retention_hours: int | None = None,
     storage_options: dict[str, str] | None = None,
     progress: Callable[[str], None] | None = None,
     writer_props: WriterProperties | None = None,
+    rule: TableRule | None = None,
 ) -> MaintenanceReport:
     """Apply retention, compaction and vacuum to the table at ``uri``.
 
-    ``writer_props``: the table's own (compaction rewrites files with them); default:
-    the window tables' (``minute``, ``hour``, ``day``).
+    ``rule``: default :data:`TABLE_RULES` of ``name`` (else whole ``date`` partitions);
+    ``vacuum_retention_hours`` overrides the rule's. ``writer_props``: the table's own
+    (compaction rewrites files with them); default: the window tables' (``minute``,
+    ``hour``, ``day``).
     """
     report = MaintenanceReport(table=name)
     say = progress or (lambda _msg: None)
+    rule = rule or TABLE_RULES.get(name, TableRule("partition"))
     try:
         table = DeltaTable(uri, storage_options=storage_options)
     except TableNotFoundError:
         return report
     report.files_before = len(table.file_uris())
-    if retention_days is not None:
+    _ensure_properties(table, rule.properties)
+    if retention_days is not None and rule.retention != "none":
         today = today or dt.datetime.now(dt.UTC).date()
         cutoff = (today - dt.timedelta(days=retention_days)).isoformat()
-        expired = sorted({
-            p["date"] for p in table.partitions() if p.get("date") and p["date"] < cutoff
-        })  # fmt: skip
-        for date in expired:
-            say(f"{name}: deleting {date}")
-            table.delete(f"date = '{date}'")
-        report.partitions_deleted = len(expired)
+        if rule.retention == "partition":
+            expired = sorted({
+                p["date"] for p in table.partitions() if p.get("date") and p["date"] < cutoff
+            })  # fmt: skip
+            for date in expired:
+                say(f"{name}: deleting {date}")
+                table.delete(f"date = '{date}'")
+            report.partitions_deleted = len(expired)
+        else:
+            say(f"{name}: deleting rows before {cutoff}")
+            report.rows_deleted = _delete_before(table, rule.column, cutoff, rule.group)
     say(f"{name}: compacting")
     if name in LAYOUT_TABLES and ("://" not in uri or uri.startswith("file://")):
         report.partitions_rewritten = rewrite_partitions(table, uri.removeprefix("file://"), name)
-    table.optimize.compact(writer_properties=writer_props or writer_properties(minute_schema()))
+    table.optimize.compact(writer_properties=writer_props or _writer_props(name))
     say(f"{name}: vacuuming")
-    removed = table.vacuum(
-        retention_hours=vacuum_retention_hours, dry_run=False, enforce_retention_duration=False
+    hours = vacuum_retention_hours
+    report.files_vacuumed = vacuum(
+        table, uri, rule.vacuum_retention_hours if hours is None else hours
     )
-    report.files_vacuumed = len(removed)
+    table.cleanup_metadata()  # expired log files (no commit)
     report.files_after = len(DeltaTable(uri, storage_options=storage_options).file_uris())
     return report
+
+
+def _writer_props(name: str) -> WriterProperties:
+    """The writer properties compaction rewrites ``name``'s files with."""
+    if name in ("bands", "detect_state"):
+        return state_writer_properties()
+    if name == "alerts":
+        return writer_properties(alerts_schema())
+    return writer_properties(minute_schema())
+
+
+def _ensure_properties(table: DeltaTable, wanted: Mapping[str, str]) -> None:
+    """Set the table's log settings where they differ (one commit, the first time only)."""
+    have = table.metadata().configuration
+    missing = {k: v for k, v in wanted.items() if have.get(k) != v}
+    if missing:
+        table.alter.set_table_properties(missing)
+
+
+def _delete_before(table: DeltaTable, column: str, cutoff: str, group: str = "") -> int:
+    """Delete the rows whose ``column`` is before ``cutoff`` (a date) or, with ``group``,
+    the rows of each ``group`` value whose newest ``column`` is; no commit when none."""
+    frame = pl.scan_delta(table)
+    is_text = frame.collect_schema()[column] == pl.String()
+    start = dt.datetime.fromisoformat(cutoff).replace(tzinfo=dt.UTC)
+    bound = pl.lit(cutoff) if is_text else pl.lit(start)
+    literal = f"'{cutoff}'" if is_text else f"'{cutoff}T00:00:00Z'"
+    if group:
+        gone = (
+            frame.group_by(group).agg(pl.col(column).max().alias("newest"))
+            .filter(pl.col("newest") < bound).select(group).collect()[group].to_list()
+        )  # fmt: skip
+        if not gone:
+            return 0
+        names = ", ".join("'" + str(g).replace("'", "''") + "'" for g in gone)
+        expired = frame.filter(pl.col(group).is_in(gone)).select(pl.len()).collect().item()
+        table.delete(f"{group} IN ({names}) AND {column} < {literal}")
+        return int(expired)
+    expired = frame.filter(pl.col(column) < bound).select(pl.len()).collect().item()
+    if not expired:
+        return 0
+    table.delete(f"{column} < {literal}")
+    return int(expired)
+
+
+#: Per table URI, the files a vacuum of a remote table last deleted (a remote store
+#: has no cheap existence check; they are listed again until their tombstones expire).
+_VACUUMED: dict[str, frozenset[str]] = {}
+_VACUUMED_LOCK = threading.Lock()
+
+
+def vacuum(table: DeltaTable, uri: str, retention_hours: int) -> int:
+    """Delete files removed more than ``retention_hours`` ago; returns how many.
+
+    Vacuum commits (start and end) even when the files it lists are long gone (it lists
+    them until their tombstones expire), so it runs only when one of them still exists:
+    a table with nothing to delete keeps its version.
+    """
+    listed = table.vacuum(retention_hours=retention_hours, dry_run=True,
+                          enforce_retention_duration=False)  # fmt: skip
+    if "://" not in uri or uri.startswith("file://"):
+        root = uri.removeprefix("file://").rstrip("/")
+        present = [f for f in listed if os.path.exists(f if f.startswith("/") else f"{root}/{f}")]
+    else:
+        with _VACUUMED_LOCK:
+            present = [f for f in listed if f not in _VACUUMED.get(uri, frozenset())]
+    if not present:
+        return 0
+    removed = table.vacuum(retention_hours=retention_hours, dry_run=False,
+                           enforce_retention_duration=False)  # fmt: skip
+    with _VACUUMED_LOCK:
+        _VACUUMED[uri] = frozenset(listed) | frozenset(removed)
+    return len(present)
 
 
 def _stats(frame: pl.DataFrame) -> str:

@@ -141,6 +141,9 @@ class MinuteTable:
         self.storage_options = storage_options
         self._schema = minute_schema()
         self._props = writer_properties(self._schema)
+        #: app transactions this object last committed: a flush with no rows and the
+        #: same points is not committed again (an idle service makes no commits)
+        self._committed: dict[str, int] = {}
 
     @staticmethod
     def app_id(writer: str, topic: str, partition: int, epoch: int, field: str) -> str:
@@ -155,13 +158,17 @@ class MinuteTable:
 
     def append(self, rows: Sequence[WindowAggregate], points: Sequence[PartitionPoint], *,
                writer: str, epoch: int) -> None:  # fmt: skip
-        """Append ``rows`` and record ``points`` in one commit (rows may be empty)."""
+        """Append ``rows`` and record ``points`` in one commit (rows may be empty; with
+        no rows and the points this table last committed, nothing is committed)."""
         txns = [
             Transaction(self.app_id(writer, p.topic, p.partition, epoch, f), getattr(p.point, f))
             for p in points
             for f in POINT_FIELDS
         ]
+        if not rows and all(self._committed.get(t.app_id) == t.version for t in txns):
+            return
         self.append_frame(rows_frame(rows), txns)
+        self._committed.update((t.app_id, t.version) for t in txns)
 
     def append_frame(self, frame: pl.DataFrame, txns: Sequence[Transaction], *,
                      attempts: int = 5) -> None:  # fmt: skip

@@ -4,9 +4,18 @@ It consumes ``nettel.stats`` in the group ``nettel-detect``. Each assigned parti
 its own :class:`~nettel.detect.fleet.FleetDetector` (its containers' models, rules and
 alert lifecycles). Alerts are published as they happen (key: the container; partition:
 the source partition, so one worker owns both), and every ``checkpoint_interval_s`` the
-worker writes, per partition: the new alert versions to the ``alerts`` table with the
-next source offset (one commit, app transaction), then the pickled detector with that
-offset and the alerts topic's position (``detect_state``).
+worker writes, per partition whose state changed: the new alert versions to the
+``alerts`` table with the next source offset (one commit, app transaction; none when
+there is no new alert), then the detector as a typed checkpoint
+(:mod:`nettel.detect.checkpoint`, never pickle) with that offset and the alerts topic's
+position (``detect_state``), then, every ``bands_interval_s`` and at the checkpoint of a
+stop or a rebalance, the hourly bands that changed (``bands``, what the MCP server
+reads; computing them costs more than the checkpoint). An idle service writes nothing.
+
+A checkpoint that cannot be read (an unknown format version, a malformed or forged
+blob) is refused and logged (``detect_checkpoint_refused``); that partition starts cold:
+a fresh detector reads it again from its first offset, so the alerts it regenerates
+keep their ids and none is published or written twice.
 
 A restart (or a rebalance) restores each partition's detector from its checkpoint and
 reads again from its offset: the models replay the same events into the same state, so
@@ -23,7 +32,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import pickle
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -35,9 +43,12 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListen
 
 from nettel import metrics
 from nettel.detect.alerts import Alert, encode_alert
+from nettel.detect.bands import BandTracker
+from nettel.detect.checkpoint import CheckpointError, decode_checkpoint, encode_checkpoint
 from nettel.detect.fleet import FleetDetector
 from nettel.models import decode_stat_event
 from nettel.store.alerts import AlertTable, DetectState, DetectStateTable, FeedbackTable
+from nettel.store.bands import BandTable
 from nettel.stream.worker import validate
 
 log = structlog.get_logger(__name__)
@@ -52,6 +63,7 @@ class DetectStats:
     alerts_published: int = 0
     alerts_suppressed: int = 0
     checkpoints: int = 0
+    checkpoints_refused: int = 0
 
 
 @dataclass
@@ -62,6 +74,15 @@ class _Partition:
     #: alert versions found on the topic at resume, with their offsets there
     published: dict[tuple[str, str, int], int] = field(default_factory=dict)
     pending: list[dict[str, Any]] = field(default_factory=list)
+    #: the state changed since the last checkpoint (offsets, models, feedback)
+    changed: bool = False
+    #: the offset the last saved checkpoint resumes from
+    saved_offset: int = -1
+    bands: BandTracker = field(default_factory=BandTracker)
+    #: containers given feedback since their bands were last written
+    feedback_for: set[str] = field(default_factory=set)
+    #: checkpointed since its bands were last written
+    bands_stale: bool = False
 
 
 class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -93,6 +114,7 @@ class DetectWorker:
         epoch: int = 0,
         fleet_factory: Callable[[], FleetDetector] = FleetDetector,
         storage_options: dict[str, str] | None = None,
+        bands_interval_s: float = 300.0,
     ) -> None:
         base = data_dir.rstrip("/")
         self.bootstrap_servers = bootstrap_servers
@@ -102,9 +124,12 @@ class DetectWorker:
         self.checkpoint_interval_s = checkpoint_interval_s
         self.epoch = epoch
         self.fleet_factory = fleet_factory
+        self.bands_interval_s = bands_interval_s
+        self._bands_due = 0.0  # monotonic time from which the next checkpoint writes bands
         self.alerts = AlertTable(f"{base}/alerts", storage_options=storage_options)
         self.state = DetectStateTable(f"{base}/detect_state", storage_options=storage_options)
         self.feedback = FeedbackTable(f"{base}/alert_feedback", storage_options=storage_options)
+        self.bands = BandTable(f"{base}/bands", storage_options=storage_options)
         self.stats = DetectStats()
         self._parts: dict[int, _Partition] = {}
         self._consumer: Any = None
@@ -163,13 +188,11 @@ class DetectWorker:
         starts: dict[int, tuple[Any, int, int]] = {}
         for tp in tps:
             s = stored.get(tp.partition)
-            if s is None:
+            fleet = None if s is None else self._restore(tp.partition, s)
+            if s is None or fleet is None:
                 starts[tp.partition] = (self.fleet_factory(), 0, 0)
                 continue
-            same_log = s.epoch == self.epoch  # our own checkpoint: safe to unpickle
-            # B301: unpickles the data dir (code execution for whoever can write it):
-            # pending issue 15 item 1 (branch h-state): checkpoints as typed, versioned data
-            fleet = pickle.loads(s.blob)  # nosec B301
+            same_log = s.epoch == self.epoch
             starts[tp.partition] = (fleet, s.next_offset if same_log else 0,
                                     s.alerts_offset if same_log else 0)  # fmt: skip
         # the checkpoint's alerts offset: alerts of every event from its offset on are at
@@ -178,10 +201,23 @@ class DetectWorker:
         for tp in tps:
             fleet, offset, alerts_offset = starts[tp.partition]
             self._parts[tp.partition] = _Partition(fleet, offset, alerts_offset,
-                                                   published[tp.partition])  # fmt: skip
+                                                   published[tp.partition],
+                                                   saved_offset=offset)  # fmt: skip
             self._consumer.seek(tp, offset)
         log.info("detect_partitions_assigned", group=self.group, partitions=partitions,
                  resumed={p: s.next_offset for p, s in stored.items()})  # fmt: skip
+
+    def _restore(self, partition: int, state: DetectState) -> FleetDetector | None:
+        """The partition's detector from its checkpoint; None (start cold) when the
+        checkpoint is refused: it was not written by this format, or was tampered with."""
+        try:
+            fleet: FleetDetector = decode_checkpoint(state.blob, FleetDetector)
+        except CheckpointError as e:
+            self.stats.checkpoints_refused += 1
+            log.error("detect_checkpoint_refused", partition=partition, reason=str(e),
+                      bytes=len(state.blob), action="starting cold from offset 0")  # fmt: skip
+            return None
+        return fleet
 
     async def _publish(self, partition: int, offset: int, alerts: Sequence[Alert]) -> None:
         part = self._parts[partition]
@@ -216,40 +252,83 @@ class DetectWorker:
                 if det is not None:
                     det.false_positive(r["metric"], int(r["started"].timestamp() * 1000),
                                        r["peak"])  # fmt: skip
+                    part.changed = True
+                    part.feedback_for.add(r["container"])
         self._feedback_version = version
 
     async def _checkpoint(self, partitions: Sequence[int] | None = None) -> None:
         async with self._lock:
-            await self._checkpoint_locked(partitions)
+            await self._checkpoint_locked(partitions, with_bands=True)
 
-    async def _checkpoint_locked(self, partitions: Sequence[int] | None = None) -> None:
+    async def _checkpoint_locked(
+        self, partitions: Sequence[int] | None = None, *, with_bands: bool = False
+    ) -> None:
         """Write alerts and states. The caller holds the lock, which the run loop holds
         while it handles a batch: the cut falls between events, never inside one."""
-        parts = {p: self._parts[p] for p in (partitions or list(self._parts))
+        owned = {p: self._parts[p] for p in (partitions or list(self._parts))
                  if p in self._parts}  # fmt: skip
-        if not parts:
+        if not owned:
             return
         await self._apply_feedback()
+        # only what changed since the last checkpoint: an idle service writes nothing
+        parts = {p: part for p, part in owned.items() if part.changed or part.pending
+                 or part.next_offset != part.saved_offset}  # fmt: skip
+        for part in parts.values():
+            part.bands_stale = True
+        due = with_bands or time.monotonic() >= self._bands_due
+        band_parts = {p: part for p, part in owned.items() if due and part.bands_stale}
+        metrics.ALERTS_OPEN.set(sum(part.fleet.open_alerts for part in self._parts.values()))
+        if not parts and not band_parts:
+            # nothing changed: the checkpoint is current, so the job is not late
+            metrics.JOBS.done("detect_checkpoint", self.checkpoint_interval_s)
+            return
         # one consistent cut, taken between two events (the loop runs on meanwhile)
         cut = {p: (list(part.pending), part.next_offset) for p, part in parts.items()}
-        states = [
-            DetectState(
-                p,
-                self.epoch,
-                part.next_offset,
-                part.alerts_offset,
-                self._feedback_version,
-                pickle.dumps(part.fleet),
-            )
-            for p, part in parts.items()
-        ]
-        await asyncio.to_thread(self._write_alert_rows, cut)
-        await asyncio.to_thread(self.state.save, states)
-        for p, (rows, _) in cut.items():
-            del parts[p].pending[: len(rows)]
-        self.stats.checkpoints += 1
+        # encoded in a thread: the lock keeps every fleet still meanwhile
+        states, bands = await asyncio.to_thread(self._snapshot, parts, band_parts)
+        if parts:
+            await asyncio.to_thread(self._write_alert_rows, cut)
+            await asyncio.to_thread(self.state.save, states)
+            for p, (rows, offset) in cut.items():
+                del parts[p].pending[: len(rows)]
+                parts[p].saved_offset = offset
+                parts[p].changed = False
+        if band_parts:
+            await self._write_bands(bands)
+            self._bands_due = time.monotonic() + self.bands_interval_s
+        if parts:
+            self.stats.checkpoints += 1
         metrics.JOBS.done("detect_checkpoint", self.checkpoint_interval_s)
-        metrics.ALERTS_OPEN.set(sum(part.fleet.open_alerts for part in self._parts.values()))
+
+    def _snapshot(
+        self, parts: dict[int, _Partition], band_parts: dict[int, _Partition]
+    ) -> tuple[list[DetectState], dict[int, tuple[list[dict[str, Any]], list[str]]]]:
+        """The checkpoint of each of ``parts``, and the bands of ``band_parts`` that
+        changed, with the containers whose feedback they carry."""
+        states = [
+            DetectState(p, self.epoch, part.next_offset, part.alerts_offset,
+                        self._feedback_version, encode_checkpoint(part.fleet))
+            for p, part in parts.items()
+        ]  # fmt: skip
+        bands = {p: (part.bands.changes(part.fleet, part.feedback_for), list(part.feedback_for))
+                 for p, part in band_parts.items()}  # fmt: skip
+        return states, bands
+
+    async def _write_bands(self, bands: dict[int, tuple[list[dict[str, Any]], list[str]]]) -> None:
+        """Upsert the bands that changed (derived data: a failed write is logged and
+        tried again at the next checkpoint, as the rows still differ)."""
+        rows = [r | {"partition": p} for p, (changed, _) in bands.items() for r in changed]
+        try:
+            await asyncio.to_thread(self.bands.upsert, rows)
+        except Exception as e:
+            log.warning("detect_bands_not_written", rows=len(rows), error=repr(e))
+            return
+        for p, (changed, fed) in bands.items():
+            part = self._parts.get(p)
+            if part is not None:
+                part.bands.written(changed)
+                part.feedback_for.difference_update(fed)
+                part.bands_stale = False
 
     def _write_alert_rows(self, cut: dict[int, tuple[list[dict[str, Any]], int]]) -> None:
         """Alert rows not yet in the table, with each partition's next offset, one commit."""
@@ -257,6 +336,8 @@ class DetectWorker:
         for p, (pending, _) in cut.items():
             through = self.alerts.written_through(self.group, self.topic, p, self.epoch)
             rows += [r for r in pending if r["offset"] >= through]
+        if not rows:
+            return  # no commit: a replay from the state's offset regenerates no alert here
         points = {p: next_offset for p, (_, next_offset) in cut.items()}
         self.alerts.append(rows, points, writer=self.group, topic=self.topic, epoch=self.epoch)
         metrics.ROWS_WRITTEN.labels("alerts").inc(len(rows))
@@ -279,6 +360,7 @@ class DetectWorker:
             old, self.epoch = self.epoch, epoch
             for p, part in self._parts.items():
                 part.next_offset = part.alerts_offset = 0
+                part.changed = True
                 part.published.clear()
                 part.pending.clear()
                 self._consumer.seek(TopicPartition(self.topic, p), 0)
