@@ -301,7 +301,7 @@ class TrafficSimulator:
                         tx_packets = int(tx / 1200) + 1
                     elif kind == "outage":
                         rx = tx = 0.0
-                        rx_packets = tx_packets = conns = 0
+                        rx_packets = tx_packets = conns = syn_recv = 0
                     elif kind == "syn_flood":
                         syn_recv += int(a.factor)
                         rx_packets += int(a.factor)
@@ -321,3 +321,30 @@ class TrafficSimulator:
                                   syn_recv=syn_recv),
                     counter_reset=reset, source="simulate",
                 )  # fmt: skip
+
+
+SCENARIOS: Final = ("spikes", "mixed")
+
+
+def simulation(
+    scenario: str, containers: int, *, seed: int, interval_ms: int, start_ms: int,
+    duration_ms: int, spikes: int = 5, warmup_ms: int = DAY_MS,
+) -> tuple[TrafficSimulator, list[Anomaly]]:  # fmt: skip
+    """The simulator and ground truth ``nettel simulate`` publishes: ``spikes`` (that many
+    20x spikes) or ``mixed`` (:meth:`TrafficSimulator.mixed`, with weekly jobs on 30 %
+    of the containers, every kind after ``warmup_ms``).
+
+    Examples
+    --------
+    >>> sim, truth = simulation("spikes", 3, seed=1, interval_ms=5000, start_ms=0,
+    ...                         duration_ms=HOUR_MS, spikes=2)
+    >>> len(truth), {a.kind for a in truth}
+    (2, {'spike'})
+    """
+    if scenario == "spikes":
+        sim = TrafficSimulator(containers, seed=seed, interval_ms=interval_ms)
+        return sim, sim.spikes(spikes, start_ms, duration_ms, seed=seed + 1)
+    if scenario == "mixed":
+        sim = TrafficSimulator(containers, seed=seed, interval_ms=interval_ms, weekly_peaks=0.3)
+        return sim, sim.mixed(start_ms, duration_ms, warmup_ms=warmup_ms, seed=seed + 1)
+    raise ValueError(f"unknown scenario {scenario!r}: expected one of {', '.join(SCENARIOS)}")
