@@ -110,6 +110,7 @@ class AlertTable:
         self.uri = uri
         self.storage_options = storage_options
         self._props = writer_properties(alerts_schema())
+        self._schema_current = False
 
     @staticmethod
     def app_id(writer: str, topic: str, partition: int, epoch: int) -> str:
@@ -135,15 +136,25 @@ class AlertTable:
                writer: str, topic: str, epoch: int) -> None:  # fmt: skip
         """Append ``rows`` and each partition's next offset in one commit."""
         txns = [Transaction(self.app_id(writer, topic, p, epoch), o) for p, o in points.items()]
+        # a table written before incidents lacks direction and metrics: add them once
+        merge = {} if self._has_current_schema() else {"schema_mode": "merge"}
         alert_rows_frame(rows).write_delta(
             self.uri, mode="append", storage_options=self.storage_options,
             delta_write_options={
                 "partition_by": ["date"], "writer_properties": self._props,
                 "commit_properties": CommitProperties(app_transactions=txns),
-                # tables written before incidents lack direction and metrics: add them
-                "schema_mode": "merge",
-            },
+            } | merge,
         )  # fmt: skip
+
+    def _has_current_schema(self) -> bool:
+        if not self._schema_current:
+            try:
+                table = DeltaTable(self.uri, storage_options=self.storage_options)
+            except TableNotFoundError:
+                return True  # the first write creates it with every column
+            names = {f.name for f in table.schema().fields}
+            self._schema_current = set(alerts_schema()) <= names
+        return self._schema_current
 
     def latest(self, since_ms: int | None = None) -> pl.DataFrame:
         """The latest version of every alert (updated at or after ``since_ms``), newest first."""
