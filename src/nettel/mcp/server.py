@@ -164,9 +164,10 @@ def build_server(tools: TelemetryTools, data_dir: str | None = None) -> MCPServe
         ] = "any",
         limit: Annotated[int, Field(ge=1, le=100, description="at most this many, 1-100")] = 20,
     ) -> AlertList:
-        """Spike alerts (the detector's and custom rules'), newest first: container,
-        metric, observed vs expected band, severity, one-line explanation, status and any
-        verdict. Use explain_anomaly for the traffic around one."""
+        """Alerts, newest first: the detector's incidents (a container's metrics that
+        broke their bands together, each listed with its peak and band) and custom rules'
+        alerts: container, metric, peak vs expected band, severity, one-line explanation,
+        status and any verdict. Use explain_anomaly for the traffic around one."""
         return await _answer(lambda: tools.anomalies(container, since, severity, status, limit))
 
     @server.tool()
