@@ -8,8 +8,8 @@ What runs is what `nettel up` runs, built by the same functions with the same de
 Tansu broker (``EmbeddedBroker``, topics from ``topic_partitions``), the stream worker
 (``make_stream``: samples, minute, hour, day tables) and the detector
 (``make_detect``: models, alert lifecycle, ``nettel.alerts`` and the ``alerts``
-table). The traffic is ``NETTEL_SAMPLE_INTERVAL_S=60 nettel simulate --scenario
-mixed``'s (``simulation()`` and ``publish_events()``, the command's own code): a mix
+table). The traffic is published by ``NETTEL_SAMPLE_INTERVAL_S=60 nettel simulate
+--scenario mixed --truth FILE``, run as its own process as a user would run it: a mix
 of spikes (3x-30x for 1-10 samples), level shifts, slow ramps of tx over hours, outages
 (no traffic at all), SYN_RECV surges and error bursts, among events that must stay
 quiet: restarts, deploys that change the level for good, daily cycles, quieter
@@ -18,8 +18,9 @@ spread over the days before now, are published as fast as the broker takes them.
 
 The first ``--warmup-days`` carry no injected event (a week, so that the weekly jobs
 in the scored days are their second occurrence); only the days after are scored.
-Ground truth per injected anomaly: its kind, container, metric, span and the true
-extreme of its metric over the span (read from the published events). Scoring reads
+Ground truth per injected anomaly: its kind, container, metric and span (the command's
+truth file) and the true extreme of its metric over the span (from the same events,
+generated again here: the simulator is a pure function of its seed). Scoring reads
 every version of every alert back from the ``alerts`` table; only the model's
 incidents count (no rules are configured):
 
@@ -47,6 +48,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import math
 import os
 import statistics
@@ -56,6 +58,7 @@ import time
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import polars as pl
@@ -66,7 +69,6 @@ from nettel.cli import (
     configure_logging,
     make_detect,
     make_stream,
-    publish_events,
     table_uri,
     topic_partitions,
 )
@@ -253,6 +255,22 @@ def score(truths: Sequence[Truth], normal: Sequence[Anomaly], found: Sequence[di
     }  # fmt: skip
 
 
+async def simulate(settings: Settings, bootstrap: str, args: Sequence[str],
+                   truth_path: str) -> list[Anomaly]:  # fmt: skip
+    """Run ``nettel simulate ARGS --truth truth_path`` against ``bootstrap``; its truth."""
+    env = dict(os.environ, KAFKA_BOOTSTRAP_SERVERS=bootstrap, NETTEL_LOG_LEVEL="warning",
+               NETTEL_SAMPLE_INTERVAL_S=str(settings.sample_interval_s),
+               NETTEL_PARTITIONS=str(settings.partitions))  # fmt: skip
+    nettel = str(Path(sys.executable).with_name("nettel"))
+    proc = await asyncio.create_subprocess_exec(nettel, "simulate", *args, "--truth", truth_path,
+                                                env=env)  # fmt: skip
+    if await proc.wait() != 0:
+        raise RuntimeError(f"nettel simulate failed ({proc.returncode})")
+    text = await asyncio.to_thread(Path(truth_path).read_text, encoding="utf-8")
+    lines = text.splitlines()
+    return [Anomaly(**json.loads(line)) for line in lines]
+
+
 async def run(containers: int, days: float, warmup_days: float, interval_s: float,
               seed: int) -> dict[str, Any]:  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="nettel-bench-live-") as data:
@@ -263,11 +281,7 @@ async def run(containers: int, days: float, warmup_days: float, interval_s: floa
         # whole days before now: every timestamp is in the past, days end at midnight UTC
         start_ms = (time.time_ns() // 1_000_000 // DAY_MS) * DAY_MS - duration_ms
         warmup_ms = round(warmup_days * DAY_MS)
-        sim, injected = simulation("mixed", containers, seed=seed, interval_ms=interval_ms,
-                                   start_ms=start_ms, duration_ms=duration_ms,
-                                   warmup_ms=warmup_ms)  # fmt: skip
-        truths = [Truth(a) for a in injected if a.is_anomaly]
-        normal = [a for a in injected if not a.is_anomaly]
+        total = containers * (duration_ms // interval_ms)
         broker = EmbeddedBroker(settings.broker_port)
         await broker.start(topics=topic_partitions(settings))
         bootstrap = broker.bootstrap_servers
@@ -279,11 +293,13 @@ async def run(containers: int, days: float, warmup_days: float, interval_s: floa
         tasks = [asyncio.create_task(stream.run(stops[0])),
                  asyncio.create_task(detect.run(stops[1]))]  # fmt: skip
         try:
-            events = record_truth(sim.events(start_ms, duration_ms, injected), truths,
-                                  interval_ms)  # fmt: skip
-            sent = await publish_events(bootstrap, settings.topic_stats, events)
+            injected = await simulate(settings, bootstrap, [
+                "--scenario", "mixed", "--containers", str(containers),
+                "--hours", str(days * 24), "--warmup-hours", str(warmup_days * 24),
+                "--start-ms", str(start_ms), "--seed", str(seed),
+            ], f"{data}/truth.jsonl")  # fmt: skip
             published_s = time.monotonic() - t0
-            while detect.stats.consumed < sent or stream.stats.consumed < sent:
+            while detect.stats.consumed < total or stream.stats.consumed < total:
                 if any(t.done() for t in tasks):
                     break
                 await asyncio.sleep(0.5)
@@ -291,11 +307,21 @@ async def run(containers: int, days: float, warmup_days: float, interval_s: floa
                 stop.set()
             await asyncio.gather(*tasks)
             wall_s = time.monotonic() - t0
+            cpu_s = time.process_time() - c0
             broker_rss = broker.rss_bytes()
         finally:
             for stop in stops:
                 stop.set()
             await broker.stop()
+        sim, again = simulation("mixed", containers, seed=seed, interval_ms=interval_ms,
+                                start_ms=start_ms, duration_ms=duration_ms,
+                                warmup_ms=warmup_ms)  # fmt: skip
+        if again != injected:
+            raise RuntimeError("the truth file differs from the simulator's scenario")
+        truths = [Truth(a) for a in injected if a.is_anomaly]
+        normal = [a for a in injected if not a.is_anomaly]
+        for _ in record_truth(sim.events(start_ms, duration_ms, injected), truths, interval_ms):
+            pass
         found = incidents(table_uri(settings, "alerts"))
         figures = score(truths, normal, found, interval_ms=interval_ms,
                         scored_from_ms=start_ms + warmup_ms, containers=containers,
@@ -305,7 +331,7 @@ async def run(containers: int, days: float, warmup_days: float, interval_s: floa
             "simulated_days": days,
             "warmup_days": warmup_days,
             "sample_interval_s": interval_s,
-            "events": sent,
+            "events": total,
             "anomalies_injected": len(truths),
             "normal_events_injected": {
                 k: sum(a.kind == k for a in normal) for k in sorted({a.kind for a in normal})
@@ -319,7 +345,7 @@ async def run(containers: int, days: float, warmup_days: float, interval_s: floa
             },
             "wall_s": round(wall_s, 1),
             "publish_s": round(published_s, 1),
-            "cpu_s_this_process": round(time.process_time() - c0, 1),
+            "cpu_s_stream_and_detect": round(cpu_s, 1),
             "detector_consumed": detect.stats.consumed,
             "stream_consumed": stream.stats.consumed,
             "broker_rss_mib_at_end": round(broker_rss / 2**20),
