@@ -225,35 +225,28 @@ def test_rules_keep_their_own_alerts() -> None:
 def test_peak_is_the_true_extreme_of_the_alert_span(
     samples: list[tuple[float, float, float, float]], fixed_band: bool, resolve_after: int
 ) -> None:
-    """Over random series: every alert version's peak is the value with the largest
-    excess beyond its band over [started, this version] (with a fixed band: the largest
-    value of a spike, the smallest of a dip), and it quotes that sample's band."""
+    """Over random series: every alert version's peak is the extreme value (the highest
+    of a spike, the lowest of a dip) over [started, this version], and it quotes the band
+    of the first sample that reached it."""
     t = AlertTracker(open_at=1.0, close_at=0.4, resolve_after=resolve_after, cooldown_ms=0)
     bands = [
         Band(lo, lo + w / 2, lo + w, "day") if not fixed_band else BAND
         for _, _, lo, w in samples
     ]  # fmt: skip
-    series = [
-        (i * 1000, e, v, b) for i, ((e, v, _, _), b) in enumerate(zip(samples, bands, strict=True))
-    ]
+    series = [(i * 1000, e, v, b) for i, ((e, v, _, _), b) in
+              enumerate(zip(samples, bands, strict=True))]  # fmt: skip
     for ts, e, v, b in series:
         a = t.observe(Signal("c", "tx_bytes", ts, e, v, b))
         if a is None:
             continue
         span = [(v2, b2) for ts2, _, v2, b2 in series if a.started_ms <= ts2 <= a.updated_ms]
         assert span, a
-        sign = 1.0 if a.direction == "spike" else -1.0
-
-        def excess(vb: tuple[float, Band]) -> float:
-            return vb[0] - vb[1].high if sign > 0 else vb[1].low - vb[0]  # noqa: B023
-
-        best = max(excess(vb) for vb in span)
-        value, band = next(vb for vb in span if excess(vb) == best)
-        assert a.peak == value
+        values = [v2 for v2, _ in span]
+        extreme = max(values) if a.direction == "spike" else min(values)
+        assert a.peak == extreme
+        band = next(b2 for v2, b2 in span if v2 == extreme)
         assert (a.band_low, a.band_high) == (band.low, band.high)
-        if fixed_band:
-            values = [v2 for v2, _ in span]
-            assert a.peak == (max(values) if sign > 0 else min(values))
+        assert a.metrics[0].peak == a.peak
         assert a.explanation.split(" vs ")[0].endswith(human(a.peak, "B/s"))
 
 

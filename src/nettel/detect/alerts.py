@@ -15,8 +15,9 @@ Each metric of an incident keeps what is true of its whole episode:
 - its **direction** (``spike`` or ``dip``), fixed by the sample that made it anomalous;
 - ``started_ms``: its first anomalous sample, the first of the uninterrupted run of
   samples at ``close_at`` or above that led to it breaking ``open_at``;
-- its **peak**: the value with the largest excess beyond its band, in its direction,
-  over the episode (never replaced by a later, smaller one), with the band it broke.
+- its **peak**: its most extreme value in its direction over the episode (the highest
+  of a spike, the lowest of a dip; never replaced by a later, less extreme one), with
+  the band it broke (the band at that sample).
 
 The first metric to break names the incident (in the scorer's metric order when
 several break in the same sample): ``metric``, ``peak`` and the band fields are its;
@@ -40,7 +41,6 @@ Examples
 from __future__ import annotations
 
 import hashlib
-import math
 import time
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -61,7 +61,7 @@ Direction = Literal["spike", "dip"]
 
 class MetricEvidence(msgspec.Struct, frozen=True, kw_only=True):
     """One metric of an incident: its direction, first anomalous sample, peak (the value
-    with the largest excess beyond its band, at ``peak_ms``), the band that peak broke,
+    most extreme value in its direction, at ``peak_ms``), the band that peak broke,
     its latest value and its highest evidence."""
 
     metric: str
@@ -286,11 +286,6 @@ class Signal:
     direction: Direction | None = None
 
 
-def _excess(direction: Direction, value: float, band: Band) -> float:
-    """How far ``value`` lies beyond ``band`` in ``direction`` (negative: inside it)."""
-    return value - band.high if direction == "spike" else band.low - value
-
-
 @dataclass(slots=True)
 class _Episode:
     """One metric's anomalous run: from its first anomalous sample on."""
@@ -303,22 +298,20 @@ class _Episode:
     peak_band: Band
     observed: float
     score: float
-    peak_excess: float = -math.inf
 
     @classmethod
     def first(cls, s: Signal) -> _Episode:
         direction = s.direction or ("spike" if s.observed >= s.band.expected else "dip")
         return cls(s.metric, direction, s.ts_ms, s.ts_ms, s.observed, s.band, s.observed,
-                   s.evidence, _excess(direction, s.observed, s.band))  # fmt: skip
+                   s.evidence)  # fmt: skip
 
     def see(self, s: Signal) -> None:
-        """One more sample of the run: the peak moves only to a larger excess."""
+        """One more sample of the run: the peak moves only to a more extreme value."""
         self.observed = s.observed
         self.score = max(self.score, s.evidence)
-        excess = _excess(self.direction, s.observed, s.band)
-        if excess > self.peak_excess:
-            self.peak_excess, self.peak, self.peak_ms, self.peak_band = (
-                excess, s.observed, s.ts_ms, s.band)  # fmt: skip
+        v = s.observed
+        if v > self.peak if self.direction == "spike" else v < self.peak:
+            self.peak, self.peak_ms, self.peak_band = v, s.ts_ms, s.band
 
     def evidence(self) -> MetricEvidence:
         b = self.peak_band
