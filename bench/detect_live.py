@@ -25,7 +25,9 @@ every version of every alert back from the ``alerts`` table; only the model's
 incidents count (no rules are configured):
 
 - an incident **detects** an anomaly of its container when it opens from the
-  anomaly's first sample to 3 samples after its last; the first such incident gives
+  anomaly's first sample to 3 samples after its last, and its first anomalous sample
+  lies before the anomaly's end (one that starts after it is about something else);
+  the first such incident gives
   the **delay** (samples from the anomaly's first sample to the one that opened it);
   more incidents on one anomaly are counted as ``split``;
 - **recall** per kind, over the anomalies the detector can see: those whose values
@@ -186,7 +188,8 @@ def score(truths: Sequence[Truth], normal: Sequence[Anomaly], found: Sequence[di
             continue
         hits = [t for t in by_identity.get(inc["container"], ())
                 if t.anomaly.start_ms <= inc["opened_ms"]
-                <= t.anomaly.end_ms + LATE_SAMPLES * interval_ms]  # fmt: skip
+                <= t.anomaly.end_ms + LATE_SAMPLES * interval_ms
+                and inc["started_ms"] < t.anomaly.end_ms]  # fmt: skip
         if hits:
             min(hits, key=lambda t: inc["opened_ms"] - t.anomaly.start_ms).detected_by.append(inc)
         else:
