@@ -2,7 +2,18 @@
 
 from __future__ import annotations
 
-from nettel.detect.alerts import Alert, AlertTracker, Signal, decode_alert, encode_alert
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from nettel.detect.alerts import (
+    Alert,
+    AlertTracker,
+    Signal,
+    alert_id,
+    decode_alert,
+    encode_alert,
+    human,
+)
 from nettel.detect.baseline import Band
 from nettel.detect.fleet import FleetDetector
 from nettel.models import StatEvent
@@ -65,25 +76,178 @@ def test_severity_from_score_and_deviation() -> None:
     assert t.severity(1.1, 10.0, BAND) == "critical"  # a fall to a tenth of the band
 
 
-def test_alert_json_round_trip_and_explanation() -> None:
-    fleet = FleetDetector()
+def burst_events(burst: int = 3) -> list[StatEvent]:
+    """A steady API (rx, tx, connections), a burst of every metric, then steady again."""
 
     def ev(i: int, rx: int, conns: int) -> StatEvent:
         return StatEvent(ts_ms=1_795_392_000_000 + i * 5000, host="h", container_id="c",
                          identity="shop/api", name="api", interval_ms=5000, rx_bytes=rx,
                          tx_bytes=rx, connections=conns)  # fmt: skip
 
-    for i in range(700):
-        fleet.process(ev(i, 300_000 + (i % 5) * 20_000, 20 + i % 3))
-    alerts = [a for i in range(700, 703) for a in fleet.process(ev(i, 60_000_000, 300))]
-    opened = [a for a in alerts if a.status == "open"]
-    assert {a.metric for a in opened} >= {"rx_bytes", "tx_bytes"}
-    rx = next(a for a in opened if a.metric == "rx_bytes")
-    assert rx.explanation.startswith("rx_bytes/s 12 MB/s vs expected")
-    assert "connections x" in rx.explanation
-    assert "started 00:58" in rx.explanation
-    assert rx.related["connections"] > 10
-    assert decode_alert(encode_alert(rx)) == rx
+    steady = [ev(i, 300_000 + (i % 5) * 20_000, 20 + i % 3) for i in range(700)]
+    bursts = [ev(i, 60_000_000, 300) for i in range(700, 700 + burst)]
+    after = [ev(i, 300_000 + (i % 5) * 20_000, 20 + i % 3) for i in range(700 + burst, 900)]
+    return steady + bursts + after
+
+
+def test_a_burst_of_several_metrics_is_one_incident() -> None:
+    fleet = FleetDetector()
+    alerts = [a for ev in burst_events() for a in fleet.process(ev)]
+    assert [a.status for a in alerts] == ["open", "resolved"]
+    opened, resolved = alerts
+    assert opened.id == resolved.id
+    assert opened.metric == "rx_bytes"  # the first metric (scorer order) names it
+    assert [m.metric for m in opened.metrics][:2] == ["rx_bytes", "tx_bytes"]
+    assert opened.metrics[0].peak == opened.peak == 12e6
+    tx = opened.metrics[1]
+    assert (tx.direction, tx.peak, tx.started_ms) == ("spike", 12e6, opened.started_ms)
+    assert tx.band_high < 100_000
+    assert opened.explanation.startswith("rx_bytes/s up to 12 MB/s vs expected")
+    assert "also tx_bytes/s up to 12 MB/s vs" in opened.explanation
+    assert "started 00:58" in opened.explanation
+    # the normal samples after the burst change neither peak nor explanation
+    assert (resolved.peak, resolved.direction) == (12e6, "spike")
+    assert resolved.explanation == opened.explanation
+    assert decode_alert(encode_alert(resolved)) == resolved
+
+
+def test_a_normal_sample_never_replaces_the_peak() -> None:
+    """The bug of the first version: a sample back in the band (evidence still above
+    close_at) became the "peak" and rewrote the explanation."""
+    t = AlertTracker(open_at=1.0, close_at=0.3, resolve_after=3, cooldown_ms=0)
+    band = Band(400_000.0, 600_000.0, 900_000.0, "day")
+
+    def step(ts: int, evidence: float, value: float) -> Alert | None:
+        return t.observe(Signal("shop/web", "tx_bytes", ts, evidence, value, band))
+
+    opened = step(0, 12.0, 21e6)
+    assert opened is not None
+    assert step(5000, 0.9, 664_000.0) is None
+    assert step(10_000, 0.8, 500_000.0) is None
+    resolved = [a for i in range(3, 6) if (a := step(i * 5000, 0.1, 500_000.0))]
+    assert [a.status for a in resolved] == ["resolved"]
+    assert resolved[0].peak == 21e6
+    assert resolved[0].observed == 500_000.0
+    assert "up to 21 MB/s vs expected 400-900 KB/s" in resolved[0].explanation
+
+
+def test_a_dip_keeps_its_direction_and_lowest_value() -> None:
+    t = AlertTracker(open_at=1.0, close_at=0.3, resolve_after=2, cooldown_ms=0)
+    band = Band(1e6, 2e6, 3e6, "day")
+    values = [(2.0, 50_000.0), (3.0, 0.0), (0.5, 2.5e6), (0.4, 200_000.0), (0.1, 2e6), (0.1, 2e6)]
+    alerts = [
+        a for i, (e, v) in enumerate(values)
+        if (a := t.observe(Signal("shop/db", "rx_bytes", i * 5000, e, v, band)))
+    ]  # fmt: skip
+    assert [a.status for a in alerts] == ["open", "resolved"]
+    assert alerts[-1].direction == "dip"
+    assert alerts[-1].peak == 0.0
+    assert "rx_bytes/s down to 0 B/s vs expected 1-3 MB/s" in alerts[-1].explanation
+
+
+def test_started_is_the_first_anomalous_sample() -> None:
+    """Evidence that builds up over samples: the incident starts at the first sample of
+    the run that led to it, and that run's values count for the peak."""
+    t = AlertTracker(open_at=1.0, close_at=0.3, resolve_after=2, cooldown_ms=0)
+    band = Band(100.0, 200.0, 300.0, "week")
+    run = [(0.1, 250.0), (0.2, 260.0), (0.5, 5000.0), (0.8, 3000.0), (1.4, 4000.0)]
+    alerts = [
+        a for i, (e, v) in enumerate(run)
+        if (a := t.observe(Signal("shop/web", "rx_bytes", i * 5000, e, v, band)))
+    ]  # fmt: skip
+    assert [(a.status, a.started_ms, a.updated_ms, a.peak) for a in alerts] == [
+        ("open", 10_000, 20_000, 5000.0)
+    ]
+    assert alerts[0].id == alert_id("shop/web", "rx_bytes", "", 10_000)
+
+
+def sig(metric: str, ts: int, evidence: float, value: float) -> Signal:
+    return Signal("shop/web", metric, ts, evidence, value, BAND)
+
+
+def test_metrics_that_break_together_open_once_grow_and_resolve_once() -> None:
+    t = AlertTracker(open_at=1.0, close_at=0.4, resolve_after=2, cooldown_ms=60_000)
+    samples = [
+        [sig("rx_bytes", 0, 2.0, 900.0), sig("rx_packets", 0, 1.5, 800.0)],
+        [sig("rx_bytes", 1, 0.1, 250.0), sig("rx_packets", 1, 0.5, 700.0),
+         sig("connections", 1, 3.0, 2000.0)],  # joins: the incident grows
+        [sig("rx_bytes", 2, 0.1, 250.0), sig("rx_packets", 2, 0.1, 250.0),
+         sig("connections", 2, 0.6, 400.0)],  # still active: stays open
+        [sig("rx_bytes", 3, 0.1, 250.0), sig("rx_packets", 3, 0.1, 250.0),
+         sig("connections", 3, 0.1, 250.0)],
+        [sig("rx_bytes", 4, 0.1, 250.0), sig("rx_packets", 4, 0.1, 250.0),
+         sig("connections", 4, 0.1, 250.0)],
+        [sig("rx_bytes", 5, 5.0, 9000.0)],  # within the cooldown: not raised
+    ]  # fmt: skip
+    alerts = [a for s in samples if (a := t.observe_sample(s))]
+    assert [(a.status, a.updated_ms) for a in alerts] == [("open", 0), ("update", 1),
+                                                           ("resolved", 4)]  # fmt: skip
+    assert len({a.id for a in alerts}) == 1
+    final = alerts[-1]
+    assert final.metric == "rx_bytes"
+    assert [(m.metric, m.peak, m.started_ms) for m in final.metrics] == [
+        ("rx_bytes", 900.0, 0),
+        ("rx_packets", 800.0, 0),
+        ("connections", 2000.0, 1),
+    ]
+    assert final.score == 3.0
+
+
+def test_rules_keep_their_own_alerts() -> None:
+    from nettel.detect.rules import Rule
+
+    fleet = FleetDetector(rules=[Rule("big receiver", "rx_bytes", above=5e6)])
+    alerts = [a for ev in burst_events() for a in fleet.process(ev)]
+    model = [a for a in alerts if not a.rule]
+    rule = [a for a in alerts if a.rule]
+    assert [a.status for a in model] == ["open", "resolved"]
+    assert [(a.status, a.metric) for a in rule] == [("open", "rx_bytes"),
+                                                    ("resolved", "rx_bytes")]  # fmt: skip
+    assert rule[0].id != model[0].id
+    assert rule[-1].peak == 12e6
+    assert rule[-1].explanation.startswith("rule big receiver: rx_bytes/s 12 MB/s > 5e+06")
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    samples=st.lists(
+        st.tuples(
+            st.floats(0.0, 3.0),  # evidence
+            st.floats(0.0, 1e6, allow_subnormal=False),  # value
+            st.floats(0.0, 1e3),  # band low
+            st.floats(0.0, 1e5),  # band width
+        ),
+        min_size=1, max_size=60,
+    ),
+    fixed_band=st.booleans(),
+    resolve_after=st.integers(1, 4),
+)  # fmt: skip
+def test_peak_is_the_true_extreme_of_the_alert_span(
+    samples: list[tuple[float, float, float, float]], fixed_band: bool, resolve_after: int
+) -> None:
+    """Over random series: every alert version's peak is the extreme value (the highest
+    of a spike, the lowest of a dip) over [started, this version], and it quotes the band
+    of the first sample that reached it."""
+    t = AlertTracker(open_at=1.0, close_at=0.4, resolve_after=resolve_after, cooldown_ms=0)
+    bands = [
+        Band(lo, lo + w / 2, lo + w, "day") if not fixed_band else BAND
+        for _, _, lo, w in samples
+    ]  # fmt: skip
+    series = [(i * 1000, e, v, b) for i, ((e, v, _, _), b) in
+              enumerate(zip(samples, bands, strict=True))]  # fmt: skip
+    for ts, e, v, b in series:
+        a = t.observe(Signal("c", "tx_bytes", ts, e, v, b))
+        if a is None:
+            continue
+        span = [(v2, b2) for ts2, _, v2, b2 in series if a.started_ms <= ts2 <= a.updated_ms]
+        assert span, a
+        values = [v2 for v2, _ in span]
+        extreme = max(values) if a.direction == "spike" else min(values)
+        assert a.peak == extreme
+        band = next(b2 for v2, b2 in span if v2 == extreme)
+        assert (a.band_low, a.band_high) == (band.low, band.high)
+        assert a.metrics[0].peak == a.peak
+        assert a.explanation.split(" vs ")[0].endswith(human(a.peak, "B/s"))
 
 
 def test_a_checkpointed_fleet_resumes_exactly() -> None:

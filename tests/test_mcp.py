@@ -299,6 +299,9 @@ async def check_alert_tools(client: Client, store: Store) -> None:
         assert close(a["band_high"], w.band_high)
         assert a["explanation"] == w.explanation
         assert a["started"] == iso(w.started_ms)
+        assert a["direction"] == w.direction
+        assert [(m["metric"], m["peak"], m["band_low"], m["band_high"]) for m in a["metrics"]] == [
+            (m.metric, m.peak, m.band_low, m.band_high) for m in w.metrics]  # fmt: skip
     assert [a["updated"] for a in got["alerts"]] == sorted(
         (a["updated"] for a in got["alerts"]), reverse=True)  # fmt: skip
     one, _ = await call(client, "get_anomalies", {"since": "48h", "limit": 1})

@@ -38,6 +38,34 @@ def test_latest_version_per_alert_and_points(tmp_path: Path) -> None:
     assert table.latest(since_ms=1_010_000)["id"].to_list() == ["a"]
 
 
+def test_incident_metrics_are_queryable_and_old_rows_stay_readable(tmp_path: Path) -> None:
+    """Rows written before incidents (no direction, no metrics) and new ones in one table."""
+    import polars as pl
+
+    from nettel.store.alerts import alert_rows_frame
+
+    table = AlertTable(str(tmp_path / "alerts"))
+    old = alert_rows_frame([alert("a", "open", 1_000_000)]).drop("direction", "metrics")
+    old.write_delta(table.uri, mode="append", delta_write_options={"partition_by": ["date"]})
+    evidence = [
+        {"metric": m, "direction": "spike", "started_ms": 1_000_000, "peak_ms": 1_005_000,
+         "peak": peak, "expected": 1.0, "band_low": 0.5, "band_high": 1.5, "band_basis": "day",
+         "observed": 2.0, "score": 4.0}
+        for m, peak in (("tx_bytes", 6.0), ("tx_packets", 9.0))
+    ]  # fmt: skip
+    table.append([alert("b", "open", 1_070_000, direction="spike", metrics=evidence)], {0: 3},
+                 writer="w", topic="t", epoch=1)  # fmt: skip
+    latest = table.latest()
+    assert latest["id"].to_list() == ["b", "a"]
+    assert latest["direction"].to_list() == ["spike", None]
+    per_metric = (
+        pl.scan_delta(table.uri).filter(pl.col("id") == "b").explode("metrics")
+        .select(pl.col("metrics").struct.field("metric", "peak", "peak_at")).collect()
+    )  # fmt: skip
+    assert per_metric.select("metric", "peak").rows() == [("tx_bytes", 6.0), ("tx_packets", 9.0)]
+    assert per_metric["peak_at"][0].timestamp() == 1005.0
+
+
 def test_state_rows_are_replaced_per_partition(tmp_path: Path) -> None:
     table = DetectStateTable(str(tmp_path / "state"))
     assert table.load([0, 1]) == {}

@@ -22,7 +22,7 @@ import signal
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     from nettel.ingest.service import IngestService
     from nettel.ingest.sources import Source
     from nettel.mcp.server import HttpOptions
+    from nettel.models import StatEvent
     from nettel.report import Prices
     from nettel.store.maintenance import MaintenanceReport
     from nettel.stream.detector import DetectWorker
@@ -731,13 +732,44 @@ class Progress:
             self._bar.stop()
 
 
+async def publish_events(
+    bootstrap: str,
+    topic: str,
+    events: Iterable[StatEvent],
+    rate: float = 0.0,
+    *,
+    expected: int = 0,
+) -> int:
+    """Publish ``events`` (keyed by identity) at ``rate`` per second (0: as fast as
+    possible), buffering at most ~200k; returns how many were sent, all acknowledged.
+    With ``expected`` (how many will come), a progress bar on a terminal."""
+    from nettel.ingest.publisher import EventPublisher
+    from nettel.models import encode_stat_event
+
+    publisher = EventPublisher(bootstrap, topic, max_buffer=1_000_000)
+    sent = 0
+    started = time.monotonic()
+    async with publisher:
+        with Progress(expected, "simulate: events published") as bar:
+            for ev in events:
+                publisher.publish(ev.identity.encode(), encode_stat_event(ev))
+                sent += 1
+                if sent % 100 == 0:
+                    bar.advance(100)
+                    ahead = sent / rate - (time.monotonic() - started) if rate > 0 else 0
+                    if ahead > 0:
+                        await asyncio.sleep(ahead)
+                if publisher.buffered > 200_000:
+                    await publisher.drained(100_000)
+            await publisher.drained(0)
+    return sent
+
+
 async def cmd_simulate(settings: Settings, args: argparse.Namespace) -> int:
     """Publish simulated traffic (and write its ground truth) to ``KAFKA_BOOTSTRAP_SERVERS``,
     or to the embedded broker of a running ``nettel up`` on this host."""
     from nettel.broker import ensure_topics, port_open
-    from nettel.ingest.publisher import EventPublisher
-    from nettel.ingest.simulate import TrafficSimulator
-    from nettel.models import encode_stat_event
+    from nettel.ingest.simulate import simulation
 
     bootstrap = simulate_bootstrap(settings)
     if settings.kafka_bootstrap_servers is None:
@@ -749,33 +781,25 @@ async def cmd_simulate(settings: Settings, args: argparse.Namespace) -> int:
             )  # fmt: skip
         log.info("simulate_to_embedded_broker", bootstrap=bootstrap)
     await ensure_topics(bootstrap, topic_partitions(settings))
-    sim = TrafficSimulator(args.containers, seed=args.seed, interval_ms=settings.sample_interval_ms)
     duration_ms = round(args.hours * 3_600_000)
     start_ms = args.start_ms if args.start_ms is not None else (
         time.time_ns() // 1_000_000 - duration_ms)  # fmt: skip
-    spikes = sim.spikes(args.spikes, start_ms, duration_ms, seed=args.seed + 1)
+    sim, truth = simulation(
+        args.scenario, args.containers, seed=args.seed, interval_ms=settings.sample_interval_ms,
+        start_ms=start_ms, duration_ms=duration_ms, spikes=args.spikes,
+        warmup_ms=round(args.warmup_hours * 3_600_000),
+    )  # fmt: skip
     if args.truth:
-        lines = "".join(json.dumps(spike.to_json()) + "\n" for spike in spikes)
+        lines = "".join(json.dumps(a.to_json()) + "\n" for a in truth)
         await asyncio.to_thread(Path(args.truth).write_text, lines, encoding="utf-8")
-    publisher = EventPublisher(bootstrap, settings.topic_stats, max_buffer=1_000_000)
-    sent = 0
     started = time.monotonic()
     expected = args.containers * max(1, duration_ms // settings.sample_interval_ms)
-    async with publisher:
-        with Progress(expected, "simulate: events published") as bar:
-            for ev in sim.events(start_ms, duration_ms, spikes):
-                publisher.publish(ev.identity.encode(), encode_stat_event(ev))
-                sent += 1
-                if sent % 100 == 0:
-                    bar.advance(100)
-                    ahead = sent / args.rate - (time.monotonic() - started) if args.rate else 0
-                    if ahead > 0:
-                        await asyncio.sleep(ahead)
-                if publisher.buffered > 200_000:
-                    await publisher.drained(100_000)
-            await publisher.drained(0)
-    log.info("simulated", events=sent, containers=args.containers, spikes=len(spikes),
-             truth=args.truth, seconds=round(time.monotonic() - started, 1))  # fmt: skip
+    sent = await publish_events(bootstrap, settings.topic_stats,
+                                sim.events(start_ms, duration_ms, truth), args.rate,
+                                expected=expected)  # fmt: skip
+    log.info("simulated", events=sent, containers=args.containers, scenario=args.scenario,
+             anomalies=sum(a.is_anomaly for a in truth), truth=args.truth,
+             seconds=round(time.monotonic() - started, 1))  # fmt: skip
     return 0
 
 
@@ -880,6 +904,8 @@ async def cmd_doctor(settings: Settings) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``nettel`` argument parser."""
+    from nettel.ingest.simulate import SCENARIOS  # light: the standard library and msgspec
+
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
         "--bootstrap-servers",
@@ -948,8 +974,14 @@ def build_parser() -> argparse.ArgumentParser:
                      help="first sample (epoch ms); default: now minus the span")  # fmt: skip
     sim.add_argument("--rate", type=float, default=0.0,
                      help="events per second to publish at (0: as fast as possible)")  # fmt: skip
-    sim.add_argument("--spikes", type=int, default=5, help="spikes to inject")
-    sim.add_argument("--truth", default=None, help="write the spikes (JSON lines) here")
+    sim.add_argument("--spikes", type=int, default=5, help="spikes to inject (scenario spikes)")
+    sim.add_argument("--scenario", choices=SCENARIOS, default="spikes",
+                     help="spikes: --spikes 20x spikes; mixed: anomalies of every kind "
+                     "(spikes, level shifts, ramps, outages, SYN floods, error bursts) among "
+                     "restarts, deploys and weekly jobs")  # fmt: skip
+    sim.add_argument("--warmup-hours", dest="warmup_hours", type=float, default=24.0,
+                     help="mixed: hours of plain traffic before the first event")  # fmt: skip
+    sim.add_argument("--truth", default=None, help="write the ground truth (JSON lines) here")
     sim.add_argument("--seed", type=int, default=1)
     sub.add_parser("detect", parents=[common],
                    help="run the detector (models, rules, alerts) against a broker")  # fmt: skip
@@ -985,7 +1017,17 @@ def build_parser() -> argparse.ArgumentParser:
 COMMANDS = {"up": cmd_up, "ingest": cmd_ingest, "stream": cmd_stream, "detect": cmd_detect,
             "doctor": cmd_doctor}  # fmt: skip
 REPORT_ARGS = ("report_date", "report_format", "report_out", "report_tz")
-SIM_ARGS = ("containers", "hours", "start_ms", "rate", "spikes", "truth", "seed")
+SIM_ARGS = (
+    "containers",
+    "hours",
+    "start_ms",
+    "rate",
+    "spikes",
+    "truth",
+    "seed",
+    "scenario",
+    "warmup_hours",
+)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

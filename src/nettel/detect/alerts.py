@@ -1,11 +1,30 @@
 """Alerts: the record, its lifecycle, and the sentence that explains it.
 
-An :class:`AlertTracker` follows one signal per ``(container, metric, rule)``: an alert
-opens when the evidence reaches ``open_at``, is updated while it lasts (at most when it
-grows), resolves after ``resolve_after`` samples in a row below ``close_at`` (hysteresis:
-``close_at`` < ``open_at``), and is not raised again for that signal within
-``cooldown_ms``. Its id hashes container, metric, rule and start time, so a replay of
-the same events gives the same ids and a consumer can de-duplicate.
+An :class:`AlertTracker` follows **incidents**: one per ``(container, rule)``. An incident
+opens when one of the container's metrics reaches ``open_at``; every other metric that
+reaches ``open_at`` while it lasts joins it (the metrics of one container that break
+their bands together are one event, so a consumer is paged once). It is published
+again when it grows (a metric joins, the severity rises, the evidence doubles) and
+resolves once, after ``resolve_after`` samples in a row where none of its metrics is at
+``close_at`` or above (hysteresis: ``close_at`` < ``open_at``); then the container is
+not raised again for ``cooldown_ms``. The model's metrics share one incident per
+container; each custom rule has its own tracker, so rules keep their own alerts.
+
+Each metric of an incident keeps what is true of its whole episode:
+
+- its **direction** (``spike`` or ``dip``), fixed by the sample that made it anomalous;
+- ``started_ms``: its first anomalous sample, the first of the uninterrupted run of
+  samples at ``close_at`` or above that led to it breaking ``open_at``;
+- its **peak**: its most extreme value in its direction over the episode (the highest
+  of a spike, the lowest of a dip; never replaced by a later, less extreme one), with
+  the band it broke (the band at that sample).
+
+The first metric to break names the incident (in the scorer's metric order when
+several break in the same sample): ``metric``, ``peak`` and the band fields are its;
+``metrics`` lists every metric of the incident, the first one included, with its own
+direction, start, peak and band. The explanation always quotes the peak and the band
+it broke. The id hashes container, first metric, rule and start, so a replay of the
+same events gives the same ids and a consumer can de-duplicate.
 
 Examples
 --------
@@ -13,17 +32,17 @@ Examples
 >>> band = Band(100.0, 200.0, 300.0, "day")
 >>> def step(ts, evidence, value=5000.0):
 ...     a = t.observe(Signal("web", "rx_bytes", ts, evidence, value, band))
-...     return a and (a.status, a.started_ms, a.resolved_ms)
->>> [step(0, 0.1, 150.0), step(5000, 3.0), step(10_000, 2.0), step(15_000, 0.2, 150.0),
+...     return a and (a.status, a.started_ms, a.resolved_ms, a.peak)
+>>> [step(0, 0.1, 150.0), step(5000, 3.0), step(10_000, 2.0, 9000.0), step(15_000, 0.2, 150.0),
 ...  step(20_000, 0.2, 150.0), step(30_000, 3.0)]
-[None, ('open', 5000, None), None, None, ('resolved', 5000, 20000), None]
+[None, ('open', 5000, None, 5000.0), None, None, ('resolved', 5000, 20000, 9000.0), None]
 """
 
 from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Final, Literal
 
@@ -32,19 +51,43 @@ import msgspec
 from nettel.detect.baseline import Band
 from nettel.detect.container import UNITS
 
-ALERT_SCHEMA_VERSION: Final = 1
+#: 2: one alert per incident (``direction`` and ``metrics`` added; version 1 alerts still decode).
+ALERT_SCHEMA_VERSION: Final = 2
 
 Status = Literal["open", "update", "resolved"]
 Severity = Literal["info", "warning", "critical"]
+Direction = Literal["spike", "dip"]
+
+
+class MetricEvidence(msgspec.Struct, frozen=True, kw_only=True):
+    """One metric of an incident: its direction, first anomalous sample, peak (the value
+    most extreme value in its direction, at ``peak_ms``), the band that peak broke,
+    its latest value and its highest evidence."""
+
+    metric: str
+    direction: Direction
+    started_ms: int
+    peak_ms: int
+    peak: float
+    expected: float
+    band_low: float
+    band_high: float
+    band_basis: str = ""
+    observed: float
+    score: float
 
 
 class Alert(msgspec.Struct, frozen=True, kw_only=True):
-    """One alert as published on ``nettel.alerts`` (key: the container's identity).
+    """One alert (an incident) as published on ``nettel.alerts`` (key: the container).
 
+    ``metric``, ``direction``, ``peak`` and the band fields (``expected``, ``band_low``,
+    ``band_high``, ``band_basis``: the band the peak broke) are those of the metric that
+    named the incident; ``metrics`` lists every metric of the incident, that one first,
+    each with its own peak and band (empty in alerts written before incidents existed).
     ``rule`` is the custom rule's name, empty for the model's alerts. ``related`` maps
-    other metrics of the container that moved at the same time to their value as a
-    multiple of what was expected; ``restarts`` counts the container's restarts in the
-    hour before the alert opened.
+    other metrics of the container that moved at the same time (without breaking their
+    bands) to their value as a multiple of what was expected; ``restarts`` counts the
+    container's restarts in the hour before the alert opened.
     """
 
     id: str
@@ -68,6 +111,8 @@ class Alert(msgspec.Struct, frozen=True, kw_only=True):
     related: dict[str, float] = {}
     restarts: int = 0
     explanation: str
+    direction: Direction = "spike"
+    metrics: list[MetricEvidence] = []
     schema_version: int = ALERT_SCHEMA_VERSION
 
 
@@ -148,38 +193,61 @@ def _metric_text(metric: str, value: float) -> str:
 
 
 def explain(
-    metric: str, observed: float, band: Band, started_ms: int,
+    metric: str, peak: float, band: Band, started_ms: int,
     related: Mapping[str, float], restarts: int, rule: str = "", limit: str = "",
+    direction: Direction = "spike", peak_ms: int | None = None,
+    others: Sequence[MetricEvidence] = (),
 ) -> str:  # fmt: skip
-    """One plain sentence saying what happened.
+    """One plain sentence saying what happened: the peak and the band it broke, the
+    incident's other metrics (their peaks and bands), what else moved, restarts, start.
 
     Examples
     --------
     >>> print(explain("tx_bytes", 48e6, Band(0.6e6, 1.2e6, 1.9e6, "week"), 1795528920000,
     ...               {"connections": 12.0}, 0))  # doctest: +NORMALIZE_WHITESPACE
-    tx_bytes/s 48 MB/s vs expected 0.6-1.9 MB/s at this hour on Tuesdays;
+    tx_bytes/s up to 48 MB/s vs expected 0.6-1.9 MB/s at this hour on Tuesdays;
     connections x12; started 14:02
+    >>> other = MetricEvidence(metric="tx_packets", direction="spike", started_ms=0,
+    ...     peak_ms=0, peak=40_000.0, expected=1500.0, band_low=1000.0, band_high=2000.0,
+    ...     band_basis="day", observed=900.0, score=4.0)
+    >>> print(explain("rx_bytes", 0.0, Band(1e6, 2e6, 3e6, "day"), 0, {}, 0, direction="dip",
+    ...               others=[other]))  # doctest: +NORMALIZE_WHITESPACE
+    rx_bytes/s down to 0 B/s vs expected 1-3 MB/s at this hour;
+    also tx_packets/s up to 40000/s vs 1000-2000/s; started 00:00
     >>> explain("syn_recv", 250, Band(0, 0, 0, ""), 0, {}, 2, rule="api syn flood",
     ...         limit="> 200")
     'rule api syn flood: syn_recv 250 > 200; 2 restarts in the hour before; started 00:00'
     """
-    head = _metric_text(metric, observed)
     if rule:
-        parts = [f"rule {rule}: {head} {limit}".rstrip()]
+        parts = [f"rule {rule}: {_metric_text(metric, peak)} {limit}".rstrip()]
     else:
-        lo, hi = _band_text(band.low, band.high, _value_unit(metric))
+        at_ms = started_ms if peak_ms is None else peak_ms
         when = {
-            "week": f" at this hour on {_WEEKDAYS[_weekday(started_ms)]}",
+            "week": f" at this hour on {_WEEKDAYS[_weekday(at_ms)]}",
             "day": " at this hour",
             "recent": " lately",
         }.get(band.basis, "")
-        parts = [f"{head} vs expected {lo}-{hi}{when}"]
+        parts = [f"{_excess_text(metric, peak, band, direction)}{when}"]
+    for m in others[:3]:
+        band_of_m = Band(m.band_low, m.expected, m.band_high, m.band_basis)
+        parts.append("also " + _excess_text(m.metric, m.peak, band_of_m, m.direction, "vs"))
+    if len(others) > 3:
+        parts.append(f"{len(others) - 3} more metrics")
     for other, ratio in sorted(related.items(), key=lambda kv: -abs(kv[1]))[:3]:
         parts.append(f"{other} x{_digits(ratio)}")
     if restarts:
         parts.append(f"{restarts} restart{'s' if restarts > 1 else ''} in the hour before")
     parts.append(f"started {_clock(started_ms)}")
     return "; ".join(parts)
+
+
+def _excess_text(
+    metric: str, peak: float, band: Band, direction: Direction, against: str = "vs expected"
+) -> str:
+    unit = _value_unit(metric)
+    lo, hi = _band_text(band.low, band.high, unit)
+    way = "up to" if direction == "spike" else "down to"
+    return f"{UNITS.get(metric, metric)} {way} {human(peak, unit)} {against} {lo}-{hi}"
 
 
 def _band_text(low: float, high: float, unit: str) -> tuple[str, str]:
@@ -197,7 +265,11 @@ def _weekday(ts_ms: int) -> int:
 
 @dataclass(frozen=True, slots=True)
 class Signal:
-    """One sample of one watched signal: the evidence and what explains it."""
+    """One sample of one watched signal: the evidence and what explains it.
+
+    ``direction``: which way the value is anomalous; ``None`` (the model's signals):
+    a spike when the value is at or above the band's expected value, else a dip.
+    """
 
     identity: str
     metric: str
@@ -211,21 +283,73 @@ class Signal:
     container_id: str = ""
     related: Mapping[str, float] = field(default_factory=dict)
     restarts: int = 0
+    direction: Direction | None = None
+
+
+@dataclass(slots=True)
+class _Episode:
+    """One metric's anomalous run: from its first anomalous sample on."""
+
+    metric: str
+    direction: Direction
+    started_ms: int
+    peak_ms: int
+    peak: float
+    peak_band: Band
+    observed: float
+    score: float
+
+    @classmethod
+    def first(cls, s: Signal) -> _Episode:
+        direction = s.direction or ("spike" if s.observed >= s.band.expected else "dip")
+        return cls(s.metric, direction, s.ts_ms, s.ts_ms, s.observed, s.band, s.observed,
+                   s.evidence)  # fmt: skip
+
+    def see(self, s: Signal) -> None:
+        """One more sample of the run: the peak moves only to a more extreme value."""
+        self.observed = s.observed
+        self.score = max(self.score, s.evidence)
+        v = s.observed
+        if v > self.peak if self.direction == "spike" else v < self.peak:
+            self.peak, self.peak_ms, self.peak_band = v, s.ts_ms, s.band
+
+    def evidence(self) -> MetricEvidence:
+        b = self.peak_band
+        return MetricEvidence(
+            metric=self.metric, direction=self.direction, started_ms=self.started_ms,
+            peak_ms=self.peak_ms, peak=self.peak, expected=b.expected, band_low=b.low,
+            band_high=b.high, band_basis=b.basis, observed=self.observed, score=self.score,
+        )  # fmt: skip
 
 
 @dataclass
-class _Open:
-    alert: Alert
+class _Incident:
+    """An open incident: its metrics (the first names it) and its last published state."""
+
+    id: str
+    started_ms: int
+    members: dict[str, _Episode]
+    host: str
+    container_id: str
+    restarts: int
+    limit: str
+    severity: Severity
+    related: dict[str, float] = field(default_factory=dict)
     calm: int = 0
     last_emitted_score: float = 0.0
 
 
+#: (container, rule) of an incident; a metric's pending run adds the metric.
+_Key = tuple[str, str]
+
+
 class AlertTracker:
-    """The lifecycle of alerts over signals; see the module docstring.
+    """The lifecycle of incidents over signals; see the module docstring.
 
     ``severity`` comes from the evidence and from how far the value is from its band:
     critical from ``critical_ratio`` times the band's top (or evidence 10), warning from
-    ``warning_ratio`` (or evidence 3), info below.
+    ``warning_ratio`` (or evidence 3), info below. An incident's severity is the highest
+    any of its metrics reached.
     """
 
     def __init__(
@@ -245,15 +369,19 @@ class AlertTracker:
         self.cooldown_ms = cooldown_ms
         self.warning_ratio = warning_ratio
         self.critical_ratio = critical_ratio
-        self._open: dict[tuple[str, str, str], _Open] = {}
-        self._quiet_until: dict[tuple[str, str, str], int] = {}
+        self._open: dict[_Key, _Incident] = {}
+        #: runs of samples at close_at or above that have not broken open_at (yet)
+        self._pending: dict[_Key, dict[str, _Episode]] = {}
+        self._quiet_until: dict[_Key, int] = {}
 
     @property
     def open_count(self) -> int:
         """Alerts open now."""
         return len(self._open)
 
-    def severity(self, evidence: float, observed: float, band: Band) -> Severity:
+    def severity(
+        self, evidence: float, observed: float, band: Band, direction: Direction | None = None
+    ) -> Severity:
         """Severity from the evidence and the size of the deviation.
 
         Examples
@@ -266,80 +394,172 @@ class AlertTracker:
         if not band.basis:
             return "warning"  # a rule's alert: no band to measure it against
         top = max(band.high, 1e-9)
-        ratio = (
-            observed / top if observed >= band.expected else (band.low or top) / max(observed, 1e-9)
-        )
+        if direction is None:
+            direction = "spike" if observed >= band.expected else "dip"
+        ratio = observed / top if direction == "spike" else (band.low or top) / max(observed, 1e-9)
         if ratio >= self.critical_ratio or evidence >= 10:
             return "critical"
         if ratio >= self.warning_ratio or evidence >= 3:
             return "warning"
         return "info"
 
-    def observe(self, s: Signal) -> Alert | None:
-        """Feed one sample; returns the alert to publish (opened, grown, resolved) if any."""
-        key = (s.identity, s.metric, s.rule)
-        current = self._open.get(key)
-        if current is None:
-            if s.evidence < self.open_at or s.ts_ms < self._quiet_until.get(key, -1):
-                return None
-            alert = Alert(
-                id=alert_id(s.identity, s.metric, s.rule, s.ts_ms), status="open",
-                identity=s.identity, metric=s.metric, rule=s.rule, host=s.host,
-                container_id=s.container_id, started_ms=s.ts_ms, updated_ms=s.ts_ms,
-                observed=s.observed, peak=s.observed, expected=s.band.expected,
-                band_low=s.band.low, band_high=s.band.high, band_basis=s.band.basis,
-                score=s.evidence, severity=self.severity(s.evidence, s.observed, s.band),
-                related=dict(s.related), restarts=s.restarts,
-                explanation=explain(s.metric, s.observed, s.band, s.ts_ms, s.related,
-                                    s.restarts, s.rule, s.limit),
-            )  # fmt: skip
-            self._open[key] = _Open(alert, 0, s.evidence)
-            return alert
-        a = current.alert
-        if s.evidence >= self.close_at:
-            current.calm = 0
-            severity = self.severity(s.evidence, s.observed, s.band)
-            grown = (
-                _rank(severity) > _rank(a.severity) or s.evidence >= 2 * current.last_emitted_score
-            )
-            peak = max(a.peak, s.observed) if s.observed >= a.expected else min(a.peak, s.observed)
-            related = {**a.related, **s.related}
-            a = msgspec.structs.replace(
-                a, status="update", updated_ms=s.ts_ms, observed=s.observed, peak=peak,
-                score=max(a.score, s.evidence), related=related,
-                severity=severity if _rank(severity) > _rank(a.severity) else a.severity,
-                explanation=explain(a.metric, peak, _band_of(a), a.started_ms, related,
-                                    a.restarts, a.rule, s.limit),
-            )  # fmt: skip
-            current.alert = a
-            if grown:
-                current.last_emitted_score = s.evidence
-                return a
-            return None
-        current.calm += 1
-        if current.calm < self.resolve_after:
-            return None
-        del self._open[key]
-        self._quiet_until[key] = s.ts_ms + self.cooldown_ms
-        return msgspec.structs.replace(
-            a, status="resolved", updated_ms=s.ts_ms, resolved_ms=s.ts_ms, observed=s.observed
-        )
+    def tracked(self, identity: str, rule: str = "") -> Collection[str]:
+        """Metrics of ``identity`` whose next samples the tracker needs even when calm:
+        those of its open incident and of runs that may open one."""
+        key = (identity, rule)
+        incident = self._open.get(key)
+        pending = self._pending.get(key)
+        if incident is None:
+            return pending.keys() if pending else ()
+        return incident.members.keys() | pending.keys() if pending else incident.members.keys()
 
-    def is_open(self, identity: str, metric: str, rule: str = "") -> bool:
-        """Whether an alert is open for that signal."""
-        return (identity, metric, rule) in self._open
+    def observe(self, s: Signal) -> Alert | None:
+        """Feed one sample of one signal; the alert to publish (opened, grown, resolved)."""
+        return self.observe_sample([s])
+
+    def observe_sample(self, signals: Sequence[Signal]) -> Alert | None:
+        """Feed one sample of one container (and rule): its signals at one time, in the
+        scorer's metric order. Signals below ``close_at`` may be left out unless their
+        metric is :meth:`tracked`. Returns the incident's version to publish, if any."""
+        if not signals:
+            return None
+        first = signals[0]
+        key = (first.identity, first.rule)
+        pending = self._pending.get(key)
+        incident = self._open.get(key)
+        if incident is None:
+            if first.ts_ms < self._quiet_until.get(key, -1):
+                return None
+            return self._maybe_open(key, signals, pending)
+        return self._follow(key, incident, signals, pending)
+
+    def _runs(self, key: _Key, signals: Sequence[Signal],
+              pending: dict[str, _Episode] | None) -> dict[str, _Episode]:  # fmt: skip
+        """Extend or end each signal's pending run; the runs that are live now."""
+        runs = pending if pending is not None else {}
+        for s in signals:
+            run = runs.get(s.metric)
+            if s.evidence < self.close_at:
+                if run is not None:
+                    del runs[s.metric]
+                continue
+            if run is None or run.direction != (
+                s.direction or ("spike" if s.observed >= s.band.expected else "dip")
+            ):
+                runs[s.metric] = _Episode.first(s)
+            else:
+                run.see(s)
+        if runs:
+            self._pending[key] = runs
+        else:
+            self._pending.pop(key, None)
+        return runs
+
+    def _maybe_open(self, key: _Key, signals: Sequence[Signal],
+                    pending: dict[str, _Episode] | None) -> Alert | None:  # fmt: skip
+        runs = self._runs(key, signals, pending)
+        breaking = [s for s in signals if s.evidence >= self.open_at]
+        if not breaking:
+            return None
+        members = {s.metric: runs.pop(s.metric) for s in breaking}
+        if not runs:
+            self._pending.pop(key, None)
+        lead = breaking[0]
+        started_ms = min(m.started_ms for m in members.values())
+        incident = _Incident(
+            id=alert_id(lead.identity, lead.metric, lead.rule, started_ms),
+            started_ms=started_ms, members=members, host=lead.host,
+            container_id=lead.container_id, restarts=lead.restarts, limit=lead.limit,
+            severity=max((self._severity_of(m) for m in members.values()), key=_rank),
+        )  # fmt: skip
+        self._relate(incident, signals)
+        self._open[key] = incident
+        incident.last_emitted_score = max(m.score for m in members.values())
+        return self._version(key, incident, "open", lead.ts_ms)
+
+    def _follow(self, key: _Key, incident: _Incident, signals: Sequence[Signal],
+                pending: dict[str, _Episode] | None) -> Alert | None:  # fmt: skip
+        members = incident.members
+        others = [s for s in signals if s.metric not in members]
+        runs = self._runs(key, others, pending)
+        grown = False
+        active = False
+        for s in signals:
+            member = members.get(s.metric)
+            if member is not None:
+                member.see(s)
+                active = active or s.evidence >= self.close_at
+            elif s.evidence >= self.open_at:  # another metric breaks: it joins
+                members[s.metric] = runs.pop(s.metric)
+                grown = active = True
+        if not runs:
+            self._pending.pop(key, None)
+        ts_ms = signals[0].ts_ms
+        if not active:
+            incident.calm += 1
+            if incident.calm < self.resolve_after:
+                return None
+            del self._open[key]
+            self._pending.pop(key, None)
+            self._quiet_until[key] = ts_ms + self.cooldown_ms
+            return self._version(key, incident, "resolved", ts_ms)
+        incident.calm = 0
+        self._relate(incident, signals)
+        severity = max((self._severity_of(m) for m in members.values()), key=_rank)
+        score = max(m.score for m in members.values())
+        if _rank(severity) > _rank(incident.severity):
+            incident.severity = severity
+            grown = True
+        if score >= 2 * incident.last_emitted_score:
+            grown = True
+        if not grown:
+            return None
+        incident.last_emitted_score = score
+        return self._version(key, incident, "update", ts_ms)
+
+    def _severity_of(self, m: _Episode) -> Severity:
+        return self.severity(m.score, m.peak, m.peak_band, m.direction)
+
+    @staticmethod
+    def _relate(incident: _Incident, signals: Sequence[Signal]) -> None:
+        for s in signals:
+            incident.related.update(s.related)
+        for metric in incident.members:
+            incident.related.pop(metric, None)
+
+    def _version(self, key: _Key, incident: _Incident, status: Status, ts_ms: int) -> Alert:
+        identity, rule = key
+        episodes = list(incident.members.values())
+        lead = episodes[0]
+        band = lead.peak_band
+        others = [m.evidence() for m in episodes[1:]]
+        return Alert(
+            id=incident.id, status=status, identity=identity, metric=lead.metric, rule=rule,
+            host=incident.host, container_id=incident.container_id,
+            started_ms=incident.started_ms, updated_ms=ts_ms,
+            resolved_ms=ts_ms if status == "resolved" else None, observed=lead.observed,
+            peak=lead.peak, expected=band.expected, band_low=band.low, band_high=band.high,
+            band_basis=band.basis, score=max(m.score for m in episodes),
+            severity=incident.severity, related=dict(incident.related),
+            restarts=incident.restarts, direction=lead.direction,
+            metrics=[lead.evidence(), *others],
+            explanation=explain(lead.metric, lead.peak, band, incident.started_ms,
+                                incident.related, incident.restarts, rule, incident.limit,
+                                lead.direction, lead.peak_ms, others),
+        )  # fmt: skip
+
+    def is_open(self, identity: str, rule: str = "") -> bool:
+        """Whether an incident is open for that container (and rule)."""
+        return (identity, rule) in self._open
 
     def open_alerts(self) -> list[Alert]:
-        """The alerts open now."""
-        return [o.alert for o in self._open.values()]
+        """The incidents open now, as their latest version."""
+        return [self._version(k, i, "update", max(m.peak_ms for m in i.members.values()))
+                for k, i in self._open.items()]  # fmt: skip
 
 
 def _rank(severity: Severity) -> int:
     return {"info": 0, "warning": 1, "critical": 2}[severity]
-
-
-def _band_of(a: Alert) -> Band:
-    return Band(a.band_low, a.expected, a.band_high, a.band_basis)
 
 
 def related_moves(

@@ -32,7 +32,7 @@ from collections import deque
 from collections.abc import Sequence
 from typing import Final
 
-from nettel.detect.alerts import Alert, AlertTracker, Signal, related_moves
+from nettel.detect.alerts import Alert, AlertTracker, Direction, Signal, related_moves
 from nettel.detect.baseline import HOUR_MS, Band
 from nettel.detect.container import ContainerDetector, event_features
 from nettel.detect.rules import Rule, RuleSet
@@ -116,11 +116,9 @@ class FleetDetector:
         out: list[Alert] = []
         scores = det.update(event_features(ev))
         tracker = self.tracker
-        # Most samples of most metrics are unremarkable and have no open alert: skip them.
-        live = [
-            s for s in scores.values()
-            if s.evidence >= tracker.close_at or tracker.is_open(ev.identity, s.metric)
-        ]  # fmt: skip
+        # Most samples of most metrics are unremarkable and followed by no incident: skip.
+        tracked = tracker.tracked(ev.identity)
+        live = [s for s in scores.values() if s.evidence >= tracker.close_at or s.metric in tracked]
         if live:
             floor = det.min_volume
             moves = [
@@ -128,23 +126,37 @@ class FleetDetector:
                 for m, s in scores.items()
                 if max(s.value, s.band.expected) >= floor.get(m, 0.0)
             ]
-            for s in live:
-                related = related_moves(moves, s.metric) if s.evidence >= tracker.close_at else {}
-                alert = tracker.observe(
-                    Signal(ev.identity, s.metric, ev.ts_ms, s.evidence, s.value, s.band,
-                           host=ev.host, container_id=ev.container_id, related=related,
-                           restarts=len(restarts))
-                )  # fmt: skip
-                if alert is not None:
-                    out.append(alert)
+            signals = [
+                Signal(ev.identity, s.metric, ev.ts_ms, s.evidence, s.value, s.band,
+                       host=ev.host, container_id=ev.container_id, restarts=len(restarts),
+                       related=related_moves(moves, s.metric)
+                       if s.evidence >= tracker.close_at else {})
+                for s in live
+            ]  # fmt: skip
+            alert = tracker.observe_sample(signals)
+            if alert is not None:
+                out.append(alert)
         for hit in self.rules.evaluate(ev):
             tracker = self._rule_trackers[hit.rule.name]
             alert = tracker.observe(
                 Signal(ev.identity, hit.rule.metric, ev.ts_ms, 1.0 if hit.holds else 0.0,
                        hit.value, Band(0.0, 0.0, 0.0, ""), rule=hit.rule.name,
                        limit=hit.rule.describe_limit(), host=ev.host,
-                       container_id=ev.container_id, restarts=len(restarts))
+                       container_id=ev.container_id, restarts=len(restarts),
+                       direction=_rule_direction(hit.rule))
             )  # fmt: skip
             if alert is not None:
                 out.append(alert)
         return out
+
+
+def _rule_direction(rule: Rule) -> Direction:
+    """A rule that fires on a fall (``below``, a change factor under 1) tracks dips.
+
+    Examples
+    --------
+    >>> _rule_direction(Rule("r", "tx_bytes", below=5.0)), _rule_direction(Rule("r", "x", above=1))
+    ('dip', 'spike')
+    """
+    falls = rule.below is not None or (rule.change is not None and rule.change < 1)
+    return "dip" if rule.above is None and falls else "spike"

@@ -275,8 +275,9 @@ def build_server(tools: TelemetryTools, data_dir: str | None = None) -> Telemetr
         limit: Limit100 = 10,
         cursor: CursorArg = None,
     ) -> AlertList:
-        """Alerts, newest first: container, metric, observed vs band, severity, status,
-        one-line explanation. explain_anomaly gives the traffic around one."""
+        """Alerts, newest first: incidents (a container's metrics that broke their bands
+        together, each with its peak and band) and custom rules' alerts, with severity,
+        status and a one-line explanation. explain_anomaly gives the traffic around one."""
         return await _answer(
             lambda: tools.anomalies(container, since, severity, status, limit, cursor)
         )

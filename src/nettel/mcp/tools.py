@@ -209,8 +209,20 @@ DETECT_METRIC: dict[str, str] = {
 }  # fmt: skip
 
 
+class AlertMetric(BaseModel):
+    """One metric of an incident: its own peak and the band that peak broke."""
+
+    metric: str
+    direction: Literal["spike", "dip"]
+    started: str
+    peak: float
+    band_low: float
+    band_high: float
+
+
 class AlertOut(BaseModel):
-    """One alert: what moved, how far from its band, since when, and why."""
+    """One alert (an incident: the metrics of one container that broke their bands
+    together): what moved, how far from its band, since when, and why."""
 
     id: str
     container: str
@@ -232,6 +244,12 @@ class AlertOut(BaseModel):
     restarts: int = Field(description="container restarts in the hour before")
     explanation: str
     verdict: str | None = Field(description="false_positive or confirmed, if marked")
+    direction: Literal["spike", "dip"] = Field(default="spike", description="of `metric`")
+    metrics: list[AlertMetric] = Field(
+        default_factory=list,
+        description="every metric of the incident (the first names it), each with its peak "
+        "and the band it broke",
+    )
 
 
 class AlertList(BaseModel):
@@ -738,7 +756,13 @@ class TelemetryTools:
             band_low=r["band_low"], band_high=r["band_high"], band_basis=r["band_basis"] or "",
             score=r["score"], related=json.loads(r["related"] or "{}"),
             restarts=r["restarts"] or 0, explanation=r["explanation"],
-            verdict=verdicts.get(r["id"]),
+            verdict=verdicts.get(r["id"]), direction=r.get("direction") or "spike",
+            metrics=[
+                AlertMetric(metric=m["metric"], direction=m["direction"],
+                            started=iso(ms(m["started"])), peak=m["peak"],
+                            band_low=m["band_low"], band_high=m["band_high"])
+                for m in r.get("metrics") or ()
+            ],
         )  # fmt: skip
 
     def anomalies(self, container: str | None, since: str | None, severity: str | None,
@@ -803,11 +827,17 @@ class TelemetryTools:
         if self.feedback is None:
             raise ToolInputError("this server has no feedback table")
         r = self._alert(alert_id)
-        self.feedback.append(r["id"], verdict, note[:500], container=r["container"],
-                             metric=r["metric"], started_ms=int(r["started"].timestamp() * 1000),
-                             peak=r["peak"], now_ms=self.now_ms())  # fmt: skip
+        # one row per metric of the incident (alerts from before incidents: the one metric)
+        evidence = r.get("metrics") or [
+            {"metric": r["metric"], "started": r["started"], "peak": r["peak"]}]  # fmt: skip
+        for m in evidence:
+            started_ms = int(m["started"].timestamp() * 1000)
+            self.feedback.append(r["id"], verdict, note[:500], container=r["container"],
+                                 metric=m["metric"], started_ms=started_ms, peak=m["peak"],
+                                 now_ms=self.now_ms())  # fmt: skip
         effect = (
-            f"the detector will widen {r['container']}'s {r['metric']} band for that hour "
+            f"the detector will widen {r['container']}'s "
+            f"{', '.join(m['metric'] for m in evidence)} band for that hour "
             "of the week at its next checkpoint"
             if verdict == "false_positive"
             else "recorded; the alert stands"

@@ -6,7 +6,12 @@ they have consumed).
 with each source partition's next offset as a Delta app transaction in the same commit,
 so a detector that restarts from an older checkpoint and regenerates the same alerts
 (same ids) writes none of them twice. Readers take the latest version per id
-(:meth:`AlertTable.latest`). ``detect_state`` holds one row per partition, replaced in
+(:meth:`AlertTable.latest`). An alert is an incident: ``metric``, ``peak`` and the band
+columns are those of the metric that named it; ``metrics`` (a list of structs, see
+:func:`metric_evidence_schema`) holds every metric of the incident with its own peak
+and band, so the per-metric evidence stays queryable (``explode("metrics")``).
+``direction`` and ``metrics`` were added to the schema later: rows written before are
+read with them null. ``detect_state`` holds one row per partition, replaced in
 one commit at each checkpoint that changed it. ``alert_feedback`` is the one table the MCP server
 writes (``mark_alert``); the detector reads it to widen bands.
 
@@ -49,6 +54,24 @@ def alerts_schema() -> dict[str, pl.DataType]:
         "band_basis": pl.String(), "score": pl.Float64(), "severity": pl.String(),
         "related": pl.String(), "restarts": pl.Int64(), "explanation": pl.String(),
         "partition": pl.Int64(), "offset": pl.Int64(),
+        "direction": pl.String(), "metrics": pl.List(pl.Struct(metric_evidence_schema())),
+    }  # fmt: skip
+
+
+def metric_evidence_schema() -> dict[str, pl.DataType]:
+    """Fields of each entry of ``metrics``: one metric of an incident, with its own
+    direction, first anomalous sample, peak (at ``peak_at``) and the band it broke.
+
+    Examples
+    --------
+    >>> list(metric_evidence_schema())[:4]
+    ['metric', 'direction', 'started', 'peak_at']
+    """
+    return {
+        "metric": pl.String(), "direction": pl.String(), "started": _TS, "peak_at": _TS,
+        "peak": pl.Float64(), "expected": pl.Float64(), "band_low": pl.Float64(),
+        "band_high": pl.Float64(), "band_basis": pl.String(), "observed": pl.Float64(),
+        "score": pl.Float64(),
     }  # fmt: skip
 
 
@@ -69,11 +92,17 @@ def alert_rows_frame(rows: Sequence[Mapping[str, Any]]) -> pl.DataFrame:
         cols["updated"].append(updated)
         cols["resolved"].append(_ts(r.get("resolved_ms")))
         cols["related"].append(json.dumps(r.get("related") or {}, sort_keys=True))
+        cols["metrics"].append([_evidence_row(m) for m in r.get("metrics") or ()])
         for k in ("id", "status", "metric", "rule", "host", "container_id", "observed", "peak",
                   "expected", "band_low", "band_high", "band_basis", "score", "severity",
-                  "restarts", "explanation", "partition", "offset"):  # fmt: skip
+                  "restarts", "explanation", "partition", "offset", "direction"):  # fmt: skip
             cols[k].append(r.get(k))
     return pl.DataFrame(cols, schema=schema)
+
+
+def _evidence_row(m: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: m.get(k) for k in metric_evidence_schema() if k not in ("started", "peak_at")} | {
+        "started": _ts(m["started_ms"]), "peak_at": _ts(m["peak_ms"])}  # fmt: skip
 
 
 class AlertTable:
@@ -83,6 +112,7 @@ class AlertTable:
         self.uri = uri
         self.storage_options = storage_options
         self._props = writer_properties(alerts_schema())
+        self._schema_current = False
 
     @staticmethod
     def app_id(writer: str, topic: str, partition: int, epoch: int) -> str:
@@ -108,13 +138,25 @@ class AlertTable:
                writer: str, topic: str, epoch: int) -> None:  # fmt: skip
         """Append ``rows`` and each partition's next offset in one commit."""
         txns = [Transaction(self.app_id(writer, topic, p, epoch), o) for p, o in points.items()]
+        # a table written before incidents lacks direction and metrics: add them once
+        merge = {} if self._has_current_schema() else {"schema_mode": "merge"}
         alert_rows_frame(rows).write_delta(
             self.uri, mode="append", storage_options=self.storage_options,
             delta_write_options={
                 "partition_by": ["date"], "writer_properties": self._props,
                 "commit_properties": CommitProperties(app_transactions=txns),
-            },
+            } | merge,
         )  # fmt: skip
+
+    def _has_current_schema(self) -> bool:
+        if not self._schema_current:
+            try:
+                table = DeltaTable(self.uri, storage_options=self.storage_options)
+            except TableNotFoundError:
+                return True  # the first write creates it with every column
+            names = {f.name for f in table.schema().fields}
+            self._schema_current = set(alerts_schema()) <= names
+        return self._schema_current
 
     def latest(self, since_ms: int | None = None) -> pl.DataFrame:
         """The latest version of every alert (updated at or after ``since_ms``), newest first."""

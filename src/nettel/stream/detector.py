@@ -222,7 +222,7 @@ class DetectWorker:
     async def _publish(self, partition: int, offset: int, alerts: Sequence[Alert]) -> None:
         part = self._parts[partition]
         for a in alerts:
-            row = msgspec.structs.asdict(a) | {"partition": partition, "offset": offset}
+            row = msgspec.to_builtins(a) | {"partition": partition, "offset": offset}
             part.pending.append(row)
             key = (a.id, a.status, a.updated_ms)
             at = part.published.pop(key, None)
