@@ -35,9 +35,8 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListen
 
 from nettel.detect.alerts import Alert, encode_alert
 from nettel.detect.fleet import FleetDetector
-from nettel.models import decode_stat_event
 from nettel.store.alerts import AlertTable, DetectState, DetectStateTable, FeedbackTable
-from nettel.stream.worker import validate
+from nettel.stream.validation import read_event
 
 log = structlog.get_logger(__name__)
 
@@ -315,13 +314,9 @@ class DetectWorker:
                     continue
                 self.stats.consumed += 1
                 part.next_offset = record.offset + 1
-                try:
-                    ev = decode_stat_event(record.value)
-                except (msgspec.ValidationError, msgspec.DecodeError):
+                ev, _ = read_event(record.value, time.time_ns() // 1_000_000)
+                if ev is None:
                     self.stats.invalid += 1  # the stream worker dead-letters it
-                    continue
-                if validate(ev, time.time_ns() // 1_000_000) is not None:
-                    self.stats.invalid += 1
                     continue
                 alerts = part.fleet.process(ev)
                 if alerts:

@@ -33,25 +33,22 @@ import math
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from operator import attrgetter
 from typing import Any
 
-import msgspec
 import structlog
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 
 from nettel.broker import EPOCH_HEADER
-from nettel.models import COUNTERS, ReplayPoint, StatEvent, decode_stat_event
+from nettel.models import ReplayPoint, StatEvent
 from nettel.store.minute import MinuteTable, PartitionPoint
 from nettel.store.rollup import RollupTable
 from nettel.store.samples import PartitionSamples, SamplesTable
+from nettel.stream.validation import dead_letter_value, read_event, validate
 from nettel.stream.windows import PartitionWindows
 
+__all__ = ["StreamWorker", "WorkerStats", "record_epoch", "validate"]
+
 log = structlog.get_logger(__name__)
-
-DAY_MS = 86_400_000
-
-_counters_of = attrgetter(*COUNTERS)
 
 #: How long the broker holds a fetch with nothing to return: a fetch answered later
 #: than this after a moment was sent after it, so its high watermark is that late.
@@ -75,38 +72,6 @@ def record_epoch(headers: Sequence[tuple[str, bytes]] | None) -> int | None:
     return None
 
 
-def validate(ev: StatEvent, now_ms: int, *, max_age_ms: int = 400 * DAY_MS) -> str | None:
-    """Why ``ev`` cannot be counted, or None. Types are already checked by decoding.
-
-    Examples
-    --------
-    >>> ok = StatEvent(ts_ms=10**12, host="h", container_id="c", identity="c", name="c",
-    ...                interval_ms=5000, rx_bytes=5)
-    >>> validate(ok, 10**12) is None
-    True
-    >>> validate(msgspec.structs.replace(ok, rx_bytes=-1), 10**12)
-    'rx_bytes is negative (-1)'
-    >>> validate(msgspec.structs.replace(ok, ts_ms=10**12 + 2 * DAY_MS), 10**12)
-    'ts_ms 1000172800000 is more than a day ahead'
-    """
-    counters = _counters_of(ev)
-    if min(counters) < 0:
-        for name, value in zip(COUNTERS, counters, strict=True):
-            if value < 0:
-                return f"{name} is negative ({value})"
-    if ev.interval_ms < 0 or ev.interval_ms > DAY_MS:
-        return f"interval_ms {ev.interval_ms} is outside [0, 1 day]"
-    if ev.ts_ms > now_ms + DAY_MS:
-        return f"ts_ms {ev.ts_ms} is more than a day ahead"
-    if ev.ts_ms < now_ms - max_age_ms:
-        return f"ts_ms {ev.ts_ms} is older than the longest retention"
-    if not ev.identity:
-        return "identity is empty"
-    if ev.connections is not None and ev.connections < 0:
-        return f"connections is negative ({ev.connections})"
-    return None
-
-
 @dataclass
 class WorkerStats:
     """Counts a worker keeps, for logs and tests."""
@@ -119,6 +84,7 @@ class WorkerStats:
     samples_written: int = 0
     seals: int = 0
     stale_skipped: int = 0
+    idle_advances: int = 0
 
 
 @dataclass
@@ -176,6 +142,7 @@ class StreamWorker:
         seal_on_stop: bool = False,
         seal_timeout_s: float = 10.0,
         fresh_log: bool = False,
+        idle_timeout_s: float = 2.0,
     ) -> None:
         self.bootstrap_servers = bootstrap_servers
         self.table = table
@@ -191,6 +158,9 @@ class StreamWorker:
         self.samples = samples
         self.seal_on_stop = seal_on_stop
         self.seal_timeout_s = seal_timeout_s
+        self.idle_timeout_s = idle_timeout_s
+        self._last_read: dict[int, float] = {}  # monotonic time of a partition's last record
+        self._next_idle_check = 0.0
         self._next_roll = 0.0
         self.stats = WorkerStats()
         self._windows: dict[int, PartitionWindows] = {}
@@ -210,8 +180,13 @@ class StreamWorker:
         """Partitions this worker owns now."""
         return sorted(self._windows)
 
+    def open_windows(self) -> int:
+        """How many windows are open on this worker's partitions."""
+        return sum(pw.open_windows() for pw in self._windows.values())
+
     def _forget(self, partition: int) -> None:
-        for state in (self._windows, self._positions, self._samples_buf, self._samples_done):
+        for state in (self._windows, self._positions, self._samples_buf, self._samples_done,
+                      self._last_read):  # fmt: skip
             state.pop(partition, None)
 
     def _stale(self, table: str, partition: int) -> bool:
@@ -244,6 +219,7 @@ class StreamWorker:
                 self._positions[tp.partition] = offset
                 self._samples_buf[tp.partition] = []
                 self._samples_done[tp.partition] = done.get(tp.partition, 0)
+                self._last_read[tp.partition] = time.monotonic()
                 self._consumer.seek(tp, offset)
             log.info("partitions_assigned", group=self.group, partitions=partitions,
                      epoch=self.epoch,
@@ -376,9 +352,11 @@ class StreamWorker:
         log.warning("event_dead_lettered", topic=self.topic, partition=record.partition,
                     offset=record.offset, reason=reason)  # fmt: skip
         source = f"{self.topic}/{record.partition}/{record.offset}"
+        value, extra = dead_letter_value(record.value)
         await self._dlq.send_and_wait(
-            self.dlq_topic, value=record.value, key=record.key,
-            headers=[("nettel-error", reason.encode()), ("nettel-source", source.encode())],
+            self.dlq_topic, value=value, key=record.key,
+            headers=[("nettel-error", reason.encode()), ("nettel-source", source.encode()),
+                     *extra],
         )  # fmt: skip
 
     async def _poll(self) -> None:
@@ -407,13 +385,11 @@ class StreamWorker:
                 offset = record.offset
                 positions[partition] = offset + 1
                 read = True
-                try:
-                    ev = decode_stat_event(record.value)
-                    reason = validate(ev, now_ms)
-                except (msgspec.ValidationError, msgspec.DecodeError) as e:
-                    reason = f"invalid event: {e}"
-                if reason is not None:
-                    await self._dead_letter(record, reason)
+                ev, reason = read_event(record.value, now_ms)
+                if ev is not None:
+                    reason = add(ev, offset)
+                if reason is not None or ev is None:
+                    await self._dead_letter(record, reason or "refused")
                     # a rebalance or a flush may have run meanwhile: a partition revoked
                     # (or assigned again, from its stored point) drops the rest of this
                     # batch; a flushed samples buffer is looked up again
@@ -422,9 +398,9 @@ class StreamWorker:
                     buf = self._samples_buf.setdefault(partition, [])
                     done = self._samples_done.get(partition, 0)
                     continue
-                add(ev, offset)
                 if keep_samples and offset >= done:
                     buf.append((offset, ev))
+        self._advance_idle(now_ms, [tp.partition for tp, records in batch.items() if records])
         barrier = self._barrier
         if barrier is None or time.monotonic() > barrier.expires:
             return
@@ -434,6 +410,25 @@ class StreamWorker:
             await self._flush(seal=True)
             barrier.sealed = True
             log.info("stream_sealed", epoch=self.epoch, positions=dict(self._positions))
+
+    def _advance_idle(self, now_ms: int, fetched: Sequence[int]) -> None:
+        """The idle watermark: a partition read to its end that has received nothing for
+        ``idle_timeout_s`` closes the windows the wall clock has passed (end + grace)."""
+        now = time.monotonic()
+        for p in fetched:
+            self._last_read[p] = now
+        if now < self._next_idle_check:
+            return
+        self._next_idle_check = now + min(0.5, self.idle_timeout_s)
+        for p, pw in self._windows.items():
+            if now - self._last_read.get(p, now) < self.idle_timeout_s:
+                continue
+            end = self._consumer.highwater(TopicPartition(self.topic, p))
+            if end is None or self._positions.get(p, 0) < end:
+                continue  # not read to its end: its events, not the clock, move its time
+            if pw.advance(now_ms):
+                self.stats.idle_advances += 1
+                log.debug("stream_idle_watermark", partition=p, event_time_ms=now_ms)
 
     async def _seal_before_stop(self) -> None:
         """Read this worker's partitions to the end and write every open window."""
