@@ -164,12 +164,14 @@ class MinuteTable:
         self.append_frame(rows_frame(rows), txns)
 
     def append_frame(self, frame: pl.DataFrame, txns: Sequence[Transaction], *,
-                     attempts: int = 5) -> None:  # fmt: skip
+                     attempts: int = 5, merge_schema: bool = False) -> None:  # fmt: skip
         """Append ``frame`` (this table's schema) with ``txns`` in one commit.
 
         A retention delete committing meanwhile makes the commit fail (nothing is
         written then): the whole write is tried again, up to ``attempts`` times.
+        ``merge_schema``: columns the table lacks are added (null in its older rows).
         """
+        merge: dict[str, Any] = {"schema_mode": "merge"} if merge_schema else {}
         for attempt in range(1, attempts + 1):
             try:
                 frame.write_delta(
@@ -181,6 +183,7 @@ class MinuteTable:
                         "configuration": TABLE_CONFIGURATION,
                         "writer_properties": self._props,
                         "commit_properties": CommitProperties(app_transactions=list(txns)),
+                        **merge,
                     },
                 )
                 return
