@@ -197,18 +197,26 @@ class MinuteTable:
     def replay_points(self, writer: str, topic: str, partitions: Sequence[int], *,
                       epoch: int) -> dict[int, ReplayPoint]:  # fmt: skip
         """The stored point of each partition that has one."""
+        points = self.replay_points_of_epochs(writer, topic, partitions, [epoch])
+        return {p: point for (_, p), point in points.items()}
+
+    def replay_points_of_epochs(
+        self, writer: str, topic: str, partitions: Sequence[int], epochs: Sequence[int]
+    ) -> dict[tuple[int, int], ReplayPoint]:
+        """The stored point of each (epoch, partition) that has one (one table load)."""
         try:
             table = DeltaTable(self.uri, storage_options=self.storage_options)
         except TableNotFoundError:
             return {}
-        out: dict[int, ReplayPoint] = {}
-        for p in partitions:
-            values = [
-                table.transaction_version(self.app_id(writer, topic, p, epoch, f))
-                for f in POINT_FIELDS
-            ]
-            if all(v is not None for v in values):
-                out[p] = ReplayPoint(*(int(v) for v in values if v is not None))
+        out: dict[tuple[int, int], ReplayPoint] = {}
+        for epoch in epochs:
+            for p in partitions:
+                values = [
+                    table.transaction_version(self.app_id(writer, topic, p, epoch, f))
+                    for f in POINT_FIELDS
+                ]
+                if all(v is not None for v in values):
+                    out[(epoch, p)] = ReplayPoint(*(int(v) for v in values if v is not None))
         return out
 
     def scan(self) -> pl.LazyFrame:

@@ -133,15 +133,24 @@ class SamplesTable(MinuteTable):
     def stored_offsets(self, writer: str, topic: str, partitions: Sequence[int], *,
                        epoch: int) -> dict[int, int]:  # fmt: skip
         """The next offset to write of each partition that has one."""
+        offsets = self.stored_offsets_of_epochs(writer, topic, partitions, [epoch])
+        return {p: offset for (_, p), offset in offsets.items()}
+
+    def stored_offsets_of_epochs(
+        self, writer: str, topic: str, partitions: Sequence[int], epochs: Sequence[int]
+    ) -> dict[tuple[int, int], int]:
+        """The next offset to write of each (epoch, partition) that has one."""
         try:
             table = DeltaTable(self.uri, storage_options=self.storage_options)
         except TableNotFoundError:
             return {}
-        out: dict[int, int] = {}
-        for p in partitions:
-            v = table.transaction_version(self.app_id(writer, topic, p, epoch, NEXT_OFFSET))
-            if v is not None:
-                out[p] = int(v)
+        out: dict[tuple[int, int], int] = {}
+        for epoch in epochs:
+            for p in partitions:
+                app = self.app_id(writer, topic, p, epoch, NEXT_OFFSET)
+                v = table.transaction_version(app)
+                if v is not None:
+                    out[(epoch, p)] = int(v)
         return out
 
     def append_samples(self, parts: Sequence[PartitionSamples], *, writer: str, epoch: int,

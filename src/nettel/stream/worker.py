@@ -43,6 +43,7 @@ from nettel.models import ReplayPoint, StatEvent
 from nettel.store.minute import MinuteTable, PartitionPoint
 from nettel.store.rollup import RollupTable
 from nettel.store.samples import PartitionSamples, SamplesTable
+from nettel.stream.recovery import recover_lost_logs
 from nettel.stream.validation import dead_letter_value, read_event, validate
 from nettel.stream.windows import PartitionWindows
 
@@ -85,6 +86,7 @@ class WorkerStats:
     seals: int = 0
     stale_skipped: int = 0
     idle_advances: int = 0
+    recovered_samples: int = 0
 
 
 @dataclass
@@ -159,6 +161,8 @@ class StreamWorker:
         self.seal_on_stop = seal_on_stop
         self.seal_timeout_s = seal_timeout_s
         self.idle_timeout_s = idle_timeout_s
+        self.fresh_log = fresh_log
+        self._recovery_checked: set[int] = set()
         self._last_read: dict[int, float] = {}  # monotonic time of a partition's last record
         self._next_idle_check = 0.0
         self._next_roll = 0.0
@@ -208,9 +212,26 @@ class StreamWorker:
         done = {p: v for p, v in done.items() if not self._stale("samples", p)}
         return points, done
 
+    def _recover(self, partitions: list[int]) -> None:
+        """Write the windows earlier logs had open, from ``samples`` (see
+        :mod:`nettel.stream.recovery`), then roll them into ``hour`` and ``day``."""
+        if self.samples is None:
+            return
+        recovered = recover_lost_logs(self.table, self.samples, writer=self.group,
+                                      topic=self.topic, epoch=self.epoch,
+                                      partitions=partitions, grace_ms=self.grace_ms)  # fmt: skip
+        self.stats.recovered_samples += sum(r.samples for r in recovered)
+        rolled = sorted({p for r in recovered for p in r.partitions})
+        if rolled:
+            self._roll(rolled)
+
     async def _resume(self, tps: list[TopicPartition]) -> None:
         async with self._flush_lock:
             partitions = [tp.partition for tp in tps]
+            unchecked = [p for p in partitions if p not in self._recovery_checked]
+            if self.fresh_log and unchecked:  # the log began with us: was another lost?
+                await asyncio.to_thread(self._recover, unchecked)
+                self._recovery_checked.update(unchecked)
             points, done = await asyncio.to_thread(self._stored, partitions)
             for tp in tps:
                 point = points.get(tp.partition)
