@@ -25,17 +25,18 @@ import asyncio
 import contextlib
 import pickle
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
 import structlog
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from nettel.detect.alerts import Alert, encode_alert
 from nettel.detect.fleet import FleetDetector
 from nettel.store.alerts import AlertTable, DetectState, DetectStateTable, FeedbackTable
+from nettel.stream.runtime import ConsumerRuntime, ConsumerSettings
 from nettel.stream.validation import read_event
 
 log = structlog.get_logger(__name__)
@@ -62,21 +63,9 @@ class _Partition:
     pending: list[dict[str, Any]] = field(default_factory=list)
 
 
-class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
-    def __init__(self, worker: DetectWorker) -> None:
-        self.worker = worker
-
-    async def on_partitions_revoked(self, revoked: Iterable[TopicPartition]) -> None:
-        await self.worker._checkpoint([tp.partition for tp in revoked])
-        for tp in revoked:
-            self.worker._parts.pop(tp.partition, None)
-
-    async def on_partitions_assigned(self, assigned: Iterable[TopicPartition]) -> None:
-        await self.worker._resume(list(assigned))
-
-
 class DetectWorker:
-    """One member of the ``nettel-detect`` group (any number may run)."""
+    """One member of the ``nettel-detect`` group (any number may run): a job of
+    :class:`~nettel.stream.runtime.ConsumerRuntime`, which owns the consumer."""
 
     def __init__(
         self,
@@ -104,10 +93,15 @@ class DetectWorker:
         self.feedback = FeedbackTable(f"{base}/alert_feedback", storage_options=storage_options)
         self.stats = DetectStats()
         self._parts: dict[int, _Partition] = {}
-        self._consumer: Any = None
         self._producer: Any = None
         self._lock = asyncio.Lock()
         self._feedback_version = -1
+        self.runtime = ConsumerRuntime(
+            bootstrap_servers, self,
+            ConsumerSettings(group=group, topic=topic, max_records=10_000,
+                             tick_interval_s=checkpoint_interval_s),
+            epoch=epoch,
+        )  # fmt: skip
 
     @property
     def assigned(self) -> list[int]:
@@ -154,8 +148,9 @@ class DetectWorker:
                  versions=sum(len(v) for v in seen.values()))  # fmt: skip
         return seen
 
-    async def _resume(self, tps: list[TopicPartition]) -> None:
-        partitions = [tp.partition for tp in tps]
+    async def restore(self, partitions: list[int]) -> dict[int, int]:
+        """Restore each partition's detector from its checkpoint; the offset to read from."""
+        tps = [TopicPartition(self.topic, p) for p in partitions]
         stored = await asyncio.to_thread(self.state.load, partitions)
         starts: dict[int, tuple[Any, int, int]] = {}
         for tp in tps:
@@ -173,9 +168,15 @@ class DetectWorker:
             fleet, offset, alerts_offset = starts[tp.partition]
             self._parts[tp.partition] = _Partition(fleet, offset, alerts_offset,
                                                    published[tp.partition])  # fmt: skip
-            self._consumer.seek(tp, offset)
         log.info("detect_partitions_assigned", group=self.group, partitions=partitions,
                  resumed={p: s.next_offset for p, s in stored.items()})  # fmt: skip
+        return {p: self._parts[p].next_offset for p in partitions}
+
+    async def revoked(self, partitions: list[int]) -> None:
+        """Checkpoint ``partitions``, then forget them."""
+        await self._checkpoint(partitions)
+        for p in partitions:
+            self._parts.pop(p, None)
 
     async def _publish(self, partition: int, offset: int, alerts: Sequence[Alert]) -> None:
         part = self._parts[partition]
@@ -252,64 +253,73 @@ class DetectWorker:
         self.alerts.append(rows, points, writer=self.group, topic=self.topic, epoch=self.epoch)
 
     async def drained(self) -> bool:
-        """Checkpoint, then whether every owned partition has been read to its end (the
-        embedded broker's rotation waits for this before it replaces the log)."""
-        if self._consumer is None:
-            return True
-        await self._checkpoint()
-        for p, part in self._parts.items():
-            high = self._consumer.highwater(TopicPartition(self.topic, p))
-            if high is None or part.next_offset < high:
-                return False
-        return True
+        """Whether every partition has been read to its end and checkpointed (the
+        embedded broker's rotation waits for this before it replaces the log; see
+        :meth:`~nettel.stream.runtime.ConsumerRuntime.drained`)."""
+        return await self.runtime.drained()
 
     async def rotated(self, epoch: int) -> None:
         """The embedded broker was replaced: keep the models, read the new log from 0."""
-        async with self._lock:
-            old, self.epoch = self.epoch, epoch
-            for p, part in self._parts.items():
-                part.next_offset = part.alerts_offset = 0
-                part.published.clear()
-                part.pending.clear()
-                self._consumer.seek(TopicPartition(self.topic, p), 0)
-        log.info("detect_rotated", old_epoch=old, epoch=epoch)
+        await self.runtime.rotated(epoch)
 
     async def run(self, stop: asyncio.Event) -> None:
         """Consume, score and alert until ``stop``; checkpoints before returning."""
-        self._consumer = AIOKafkaConsumer(
-            bootstrap_servers=self.bootstrap_servers, group_id=self.group,
-            enable_auto_commit=False, auto_offset_reset="earliest",
-        )  # fmt: skip
+        await self.runtime.run(stop)
+
+    # -- the job the runtime runs ------------------------------------------------------
+
+    async def open(self) -> None:
+        """Start the alerts producer."""
         self._producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap_servers, acks="all")
         await self._producer.start()
-        await self._consumer.start()
-        self._consumer.subscribe([self.topic], listener=_Rebalance(self))
         log.info("detect_started", group=self.group, topic=self.topic)
-        next_checkpoint = time.monotonic() + self.checkpoint_interval_s
-        try:
-            while not stop.is_set():
-                batch = await self._consumer.getmany(timeout_ms=200, max_records=10_000)
-                async with self._lock:  # no checkpoint or rotation in the middle of a batch
-                    await self._handle(batch)
-                    if time.monotonic() >= next_checkpoint:
-                        await self._checkpoint_locked()
-                        next_checkpoint = time.monotonic() + self.checkpoint_interval_s
-            await self._checkpoint()
-        finally:
-            with contextlib.suppress(Exception):
-                await self._consumer.stop()
-            with contextlib.suppress(Exception):
-                await self._producer.stop()
-            log.info("detect_stopped", consumed=self.stats.consumed,
-                     alerts=self.stats.alerts_published)  # fmt: skip
 
-    async def _handle(self, batch: dict[Any, list[Any]]) -> None:
+    async def close(self) -> None:
+        """Stop the alerts producer."""
+        if self._producer is not None:
+            await self._producer.stop()
+            self._producer = None
+        log.info("detect_stopped", consumed=self.stats.consumed,
+                 alerts=self.stats.alerts_published)  # fmt: skip
+
+    async def tick(self) -> None:
+        """Checkpoint every ``checkpoint_interval_s``."""
+        await self._checkpoint()
+
+    async def seal(self) -> None:
+        """Checkpoint everything read (a barrier)."""
+        await self._checkpoint()
+
+    async def finish(self) -> None:
+        """Checkpoint before stopping."""
+        await self._checkpoint()
+
+    def idle(self, partition: int, now_ms: int) -> None:
+        """Nothing to do: scores need events."""
+
+    async def reset(self, epoch: int, sealed: bool) -> list[int]:
+        """Keep the models; every owned partition reads the new log from 0."""
+        async with self._lock:
+            old, self.epoch = self.epoch, epoch
+            for part in self._parts.values():
+                part.next_offset = part.alerts_offset = 0
+                part.published.clear()
+                part.pending.clear()
+        log.info("detect_rotated", old_epoch=old, epoch=epoch, sealed=sealed)
+        return list(self._parts)
+
+    async def process(self, batch: Mapping[int, Sequence[Any]], now_ms: int) -> None:
+        """Score a batch; no checkpoint or rotation runs in the middle of it."""
+        async with self._lock:
+            await self._handle(batch)
+
+    async def _handle(self, batch: Mapping[int, Sequence[Any]]) -> None:
         """Score every record of ``batch`` and publish the alerts, event by event."""
-        for tp, records in batch.items():
-            if tp.partition not in self._parts:
+        for partition, records in batch.items():
+            if partition not in self._parts:
                 continue
             for record in records:
-                part = self._parts.get(tp.partition)
+                part = self._parts.get(partition)
                 if part is None or record.offset < part.next_offset:
                     continue
                 self.stats.consumed += 1
@@ -320,4 +330,4 @@ class DetectWorker:
                     continue
                 alerts = part.fleet.process(ev)
                 if alerts:
-                    await self._publish(tp.partition, record.offset, alerts)
+                    await self._publish(partition, record.offset, alerts)
