@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from operator import attrgetter
-from typing import Final
+from typing import Annotated, Final
 
 import msgspec
 
@@ -110,6 +110,29 @@ class StatEvent(msgspec.Struct, frozen=True, kw_only=True):
     schema_version: int = SCHEMA_VERSION
 
 
+#: Sockets one network namespace can hold (far above what any kernel's memory allows).
+MAX_SOCKETS: Final = 10**8
+
+_SocketCount = Annotated[int, msgspec.Meta(ge=0, le=MAX_SOCKETS)]
+
+
+class WireTcpStates(TcpStates, frozen=True, kw_only=True, omit_defaults=False):
+    """:class:`TcpStates` as decoded off the wire: each count in [0, :data:`MAX_SOCKETS`]
+    (checked by the decoder, so a hostile count never reaches an Int64 column)."""
+
+    established: _SocketCount = 0
+    syn_sent: _SocketCount = 0
+    syn_recv: _SocketCount = 0
+    fin_wait1: _SocketCount = 0
+    fin_wait2: _SocketCount = 0
+    time_wait: _SocketCount = 0
+    close: _SocketCount = 0
+    close_wait: _SocketCount = 0
+    last_ack: _SocketCount = 0
+    listen: _SocketCount = 0
+    closing: _SocketCount = 0
+
+
 class WireStatEvent(StatEvent, frozen=True, kw_only=True):
     """A :class:`StatEvent` as consumers read it off the wire: every counter required.
 
@@ -134,6 +157,7 @@ class WireStatEvent(StatEvent, frozen=True, kw_only=True):
     tx_errors: int
     rx_drops: int
     tx_drops: int
+    tcp: WireTcpStates | None = None
 
 
 _encoder = msgspec.json.Encoder()
