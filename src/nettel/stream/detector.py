@@ -36,7 +36,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from nettel.detect.alerts import Alert, encode_alert
 from nettel.detect.fleet import FleetDetector
 from nettel.store.alerts import AlertTable, DetectState, DetectStateTable, FeedbackTable
-from nettel.stream.runtime import ConsumerRuntime, ConsumerSettings
+from nettel.stream.runtime import ConsumerRuntime, ConsumerSettings, completed
 from nettel.stream.validation import read_event
 
 log = structlog.get_logger(__name__)
@@ -214,7 +214,7 @@ class DetectWorker:
 
     async def _checkpoint(self, partitions: Sequence[int] | None = None) -> None:
         async with self._lock:
-            await self._checkpoint_locked(partitions)
+            await completed(self._checkpoint_locked(partitions))
 
     async def _checkpoint_locked(self, partitions: Sequence[int] | None = None) -> None:
         """Write alerts and states. The caller holds the lock, which the run loop holds

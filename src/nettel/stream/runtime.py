@@ -20,9 +20,9 @@ import asyncio
 import contextlib
 import math
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, TypeVar
 
 import structlog
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
@@ -36,6 +36,8 @@ log = structlog.get_logger(__name__)
 #: Short, so a barrier (a rotation, a stop) waits little; idle, it costs ten small
 #: fetches a second.
 FETCH_MAX_WAIT_MS = 100
+
+T = TypeVar("T")
 
 State = Literal["new", "running", "stopping", "stopped", "failed"]
 
@@ -53,6 +55,35 @@ def record_epoch(headers: Sequence[tuple[str, bytes]] | None) -> int | None:
             with contextlib.suppress(ValueError):
                 return int(value)
     return None
+
+
+async def completed(work: Coroutine[Any, Any, T]) -> T:
+    """Await ``work`` to its end even if the caller is cancelled meanwhile, then pass the
+    cancellation on: a cancelled job never leaves a store write running in a thread
+    behind it (a restarted job would race that orphan and write the same rows again).
+
+    Examples
+    --------
+    >>> async def main() -> list[str]:
+    ...     done: list[str] = []
+    ...     async def write() -> None:
+    ...         await asyncio.sleep(0.05)
+    ...         done.append("written")
+    ...     task = asyncio.ensure_future(completed(write()))
+    ...     await asyncio.sleep(0.01)
+    ...     task.cancel()
+    ...     with contextlib.suppress(asyncio.CancelledError):
+    ...         await task
+    ...     return done
+    >>> asyncio.run(main())
+    ['written']
+    """
+    task = asyncio.ensure_future(work)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        await asyncio.wait([task])
+        raise
 
 
 class Job(Protocol):

@@ -48,7 +48,7 @@ from nettel.store.minute import MinuteTable, PartitionPoint
 from nettel.store.rollup import RollupTable
 from nettel.store.samples import PartitionSamples, SamplesTable
 from nettel.stream.recovery import recover_lost_logs
-from nettel.stream.runtime import ConsumerRuntime, ConsumerSettings, record_epoch
+from nettel.stream.runtime import ConsumerRuntime, ConsumerSettings, completed, record_epoch
 from nettel.stream.validation import dead_letter_value, read_event, validate
 from nettel.stream.windows import PartitionWindows
 
@@ -332,7 +332,7 @@ class StreamWorker:
 
     async def _flush(self, *, seal: bool = False) -> None:
         async with self._flush_lock:
-            await self._flush_locked(seal=seal)
+            await completed(self._flush_locked(seal=seal))
 
     async def _flush_locked(self, *, seal: bool) -> None:
         """Write what closed (every open window too if ``seal``), samples first."""
