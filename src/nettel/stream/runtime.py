@@ -189,6 +189,8 @@ class ConsumerRuntime:
         self._last_read: dict[int, float] = {}
         self._next_idle_check = 0.0
         self._generation: dict[int, int] = {}  # +1 at every assignment of a partition
+        self._task: asyncio.Task[None] | None = None
+        self._stop = asyncio.Event()
 
     @property
     def assigned(self) -> list[int]:
@@ -369,6 +371,26 @@ class ConsumerRuntime:
                 await self.job.close()
             if self.state != "failed":
                 self.state = "stopped"
+
+    async def start(self) -> None:
+        """Run in the background until :meth:`stop` (or use ``async with``)."""
+        if self._task is None:
+            self._stop = asyncio.Event()
+            self._task = asyncio.create_task(self.run(self._stop))
+
+    async def stop(self) -> None:
+        """Stop a background run and wait for it (raises what it raised); safe twice."""
+        task, self._task = self._task, None
+        if task is not None:
+            self._stop.set()
+            await task
+
+    async def __aenter__(self) -> ConsumerRuntime:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
 
     async def commit(self, offsets: Mapping[int, int]) -> None:
         """Commit ``offsets`` to Kafka (for lag tools only: the store is the truth);
