@@ -269,7 +269,9 @@ class DetectWorker:
     # -- the job the runtime runs ------------------------------------------------------
 
     async def open(self) -> None:
-        """Start the alerts producer."""
+        """Start the alerts producer. A run after a failed one (a supervisor's restart)
+        begins with no partition: each is restored from its checkpoint when assigned."""
+        self._parts.clear()
         self._producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap_servers, acks="all")
         await self._producer.start()
         log.info("detect_started", group=self.group, topic=self.topic)

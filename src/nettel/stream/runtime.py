@@ -345,6 +345,8 @@ class ConsumerRuntime:
             fetch_max_wait_ms=FETCH_MAX_WAIT_MS, **s.consumer_options,
         )  # fmt: skip
         self.state = "running"
+        self.positions.clear()  # a run after a failed one starts from the store again
+        self.barrier = None
         try:
             await self.job.open()
             await self.consumer.start()

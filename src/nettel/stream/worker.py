@@ -178,7 +178,10 @@ class StreamWorker:
     # -- the job the runtime runs ------------------------------------------------------
 
     async def open(self) -> None:
-        """Start the dead-letter producer."""
+        """Start the dead-letter producer. A run after a failed one (a supervisor's
+        restart) begins with no partition: each is restored again when assigned."""
+        for state in (self._windows, self._positions, self._samples_buf, self._samples_done):
+            state.clear()
         self._dlq = AIOKafkaProducer(bootstrap_servers=self.bootstrap_servers)
         await self._dlq.start()
         log.info("stream_started", group=self.group, topic=self.topic, epoch=self.epoch)
