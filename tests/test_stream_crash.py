@@ -19,6 +19,7 @@ from nettel.broker import EmbeddedBroker
 from nettel.store.minute import MinuteTable
 from nettel.store.samples import SamplesTable
 from test_store_samples import sample_rows, table_sample_rows
+from test_stream_recovery import stop
 from test_stream_worker import assert_exact, expected_windows, publish, scenario, table_windows
 
 pytestmark = pytest.mark.broker
@@ -66,12 +67,7 @@ async def test_sigkill_at_random_points_changes_nothing(
                     break
             await asyncio.sleep(1.0)
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc)
     assert kills == 5
     missing = {k for k in expected if k not in got}
     wrong = {k: (got[k], v) for k, v in expected.items() if k in got and got[k] != v}

@@ -9,6 +9,8 @@ from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
 
+import msgspec
+import polars as pl
 import pytest
 
 from conftest import consume_all, wait_for
@@ -18,6 +20,7 @@ from nettel.ingest.simulate import TrafficSimulator
 from nettel.models import COUNTERS, StatEvent, encode_stat_event, window_start
 from nettel.store.minute import MinuteTable
 from nettel.store.rollup import DAY_MS, HOUR_MS, RollupTable
+from nettel.stream.validation import MAX_BYTES_PER_S
 from nettel.stream.worker import StreamWorker
 
 pytestmark = pytest.mark.broker
@@ -184,3 +187,57 @@ async def test_two_workers_split_the_partitions_and_one_takes_over_when_the_othe
         stop_second.set()
         await asyncio.gather(*tasks[1:], return_exceptions=True)
     assert_exact(table, events, cutoff)
+
+
+async def test_hostile_events_go_to_the_dlq_and_every_other_window_is_written_across_restarts(
+    broker: EmbeddedBroker, tmp_path: Path
+) -> None:
+    events, start, cutoff = await scenario(broker.bootstrap_servers, 4, 1, seed=5)
+
+    def hostile(identity: str, rx_bytes: int = 0, tx_bytes: int = 0) -> StatEvent:
+        return StatEvent(ts_ms=start + 600_000, host="h", container_id=identity,
+                         identity=identity, name=identity, interval_ms=5000,
+                         rx_bytes=rx_bytes, tx_bytes=tx_bytes)  # fmt: skip
+
+    near_max = [hostile("huge", tx_bytes=2**63 - 10), hostile("huge", tx_bytes=2**63 - 20)]
+    missing = encode_stat_event(hostile("nocount")).replace(b'"rx_bytes":0,', b"")
+    oversized = encode_stat_event(msgspec.structs.replace(hostile("big"), name="n" * 300_000))
+    day = 86_400_000
+    bulk = [msgspec.structs.replace(hostile("bulk", rx_bytes=MAX_BYTES_PER_S * 86_400),
+                                    interval_ms=day) for _ in range(2)]  # fmt: skip
+    refused = (
+        *(encode_stat_event(e) for e in near_max),
+        missing,
+        oversized,
+        encode_stat_event(bulk[1]),
+    )  # the 2nd would make its row cover > 2 days
+    half = len(events) // 2
+    first = [*events[:half], bulk[0]]
+    await publish(broker.bootstrap_servers, events[:half], refused[:4])
+    await publish(broker.bootstrap_servers, bulk)  # keyed by identity: one partition
+    table = MinuteTable(str(tmp_path / "minute"))
+    worker = await run_worker(
+        broker.bootstrap_servers, table,
+        lambda w: w.stats.consumed >= len(first) + len(refused) and w.stats.flushes >= 1,
+    )  # fmt: skip
+    assert worker.stats.dead_lettered == len(refused)
+    # a new worker replays from the stored point (the bad events again among them)
+    await publish(broker.bootstrap_servers, events[half:])
+    # the last windows of each partition close by the idle watermark (nothing newer comes)
+    await run_worker(
+        broker.bootstrap_servers, table,
+        lambda w: w.stats.flushes >= 2 and w.stats.consumed >= len(events) - half
+        and w.assigned == [0, 1, 2, 3] and w.open_windows() == 0,
+    )  # fmt: skip
+    assert_exact(table, [*events, bulk[0]], cutoff)
+    dlq = await consume_all(broker.bootstrap_servers, "nettel.stats.dlq")
+    by_source = {dict(m.headers)["nettel-source"]: m for m in dlq}
+    assert len(by_source) == len(refused), "each refused event dead-lettered (replays repeat)"
+    reasons = sorted(dict(m.headers)["nettel-error"].decode() for m in by_source.values())
+    assert sum("more than an interface carries" in r for r in reasons) == 2, reasons
+    assert sum("missing required field `rx_bytes`" in r for r in reasons) == 1, reasons
+    assert sum("larger than 16384" in r for r in reasons) == 1, reasons
+    assert sum("would cover more than" in r for r in reasons) == 1, reasons
+    assert max(len(m.value) for m in dlq) <= 16384, "an oversized event is cut in the DLQ"
+    names = table.scan().select(pl.col("name").str.len_bytes().max()).collect().item()
+    assert names < 100, "nothing of the oversized event reached the table"

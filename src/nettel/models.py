@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from operator import attrgetter
-from typing import Final
+from typing import Annotated, Final
 
 import msgspec
 
@@ -110,8 +110,59 @@ class StatEvent(msgspec.Struct, frozen=True, kw_only=True):
     schema_version: int = SCHEMA_VERSION
 
 
+#: Sockets one network namespace can hold (far above what any kernel's memory allows).
+MAX_SOCKETS: Final = 10**8
+
+_SocketCount = Annotated[int, msgspec.Meta(ge=0, le=MAX_SOCKETS)]
+
+
+class WireTcpStates(TcpStates, frozen=True, kw_only=True, omit_defaults=False):
+    """:class:`TcpStates` as decoded off the wire: each count in [0, :data:`MAX_SOCKETS`]
+    (checked by the decoder, so a hostile count never reaches an Int64 column)."""
+
+    established: _SocketCount = 0
+    syn_sent: _SocketCount = 0
+    syn_recv: _SocketCount = 0
+    fin_wait1: _SocketCount = 0
+    fin_wait2: _SocketCount = 0
+    time_wait: _SocketCount = 0
+    close: _SocketCount = 0
+    close_wait: _SocketCount = 0
+    last_ack: _SocketCount = 0
+    listen: _SocketCount = 0
+    closing: _SocketCount = 0
+
+
+class WireStatEvent(StatEvent, frozen=True, kw_only=True):
+    """A :class:`StatEvent` as consumers read it off the wire: every counter required.
+
+    Code that builds events may leave counters out (they default to 0), but an event
+    that arrives without one is malformed, not idle: reading the absent counter as 0
+    would undercount silently. Instances are :class:`StatEvent` s in every other way.
+
+    Examples
+    --------
+    >>> raw = b'{"ts_ms": 1, "host": "h", "container_id": "c", "identity": "c", "name": "c",'
+    >>> decode_wire_event(raw + b' "interval_ms": 5000}')
+    Traceback (most recent call last):
+    ...
+    msgspec.ValidationError: Object missing required field `rx_bytes`
+    """
+
+    rx_bytes: int
+    tx_bytes: int
+    rx_packets: int
+    tx_packets: int
+    rx_errors: int
+    tx_errors: int
+    rx_drops: int
+    tx_drops: int
+    tcp: WireTcpStates | None = None
+
+
 _encoder = msgspec.json.Encoder()
 _decoder = msgspec.json.Decoder(StatEvent)
+_wire_decoder = msgspec.json.Decoder(WireStatEvent)
 
 
 def encode_stat_event(event: StatEvent) -> bytes:
@@ -122,6 +173,20 @@ def encode_stat_event(event: StatEvent) -> bytes:
 def decode_stat_event(data: bytes) -> StatEvent:
     """Parse and type-check one event; raises ``msgspec.ValidationError`` or ``DecodeError``."""
     return _decoder.decode(data)
+
+
+def decode_wire_event(data: bytes) -> StatEvent:
+    """Parse and type-check one event off the wire, every counter required (see
+    :class:`WireStatEvent`); raises ``msgspec.ValidationError`` or ``DecodeError``.
+
+    Examples
+    --------
+    >>> ev = StatEvent(ts_ms=1, host="h", container_id="c", identity="c", name="c",
+    ...                interval_ms=5000, rx_bytes=7)
+    >>> decode_wire_event(encode_stat_event(ev)).rx_bytes
+    7
+    """
+    return _wire_decoder.decode(data)
 
 
 def decode_stat_events(data: list[bytes]) -> list[StatEvent]:

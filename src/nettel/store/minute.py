@@ -171,12 +171,14 @@ class MinuteTable:
         self._committed.update((t.app_id, t.version) for t in txns)
 
     def append_frame(self, frame: pl.DataFrame, txns: Sequence[Transaction], *,
-                     attempts: int = 5) -> None:  # fmt: skip
+                     attempts: int = 5, merge_schema: bool = False) -> None:  # fmt: skip
         """Append ``frame`` (this table's schema) with ``txns`` in one commit.
 
         A retention delete committing meanwhile makes the commit fail (nothing is
         written then): the whole write is tried again, up to ``attempts`` times.
+        ``merge_schema``: columns the table lacks are added (null in its older rows).
         """
+        merge: dict[str, Any] = {"schema_mode": "merge"} if merge_schema else {}
         for attempt in range(1, attempts + 1):
             try:
                 frame.write_delta(
@@ -188,6 +190,7 @@ class MinuteTable:
                         "configuration": TABLE_CONFIGURATION,
                         "writer_properties": self._props,
                         "commit_properties": CommitProperties(app_transactions=list(txns)),
+                        **merge,
                     },
                 )
                 return
@@ -201,18 +204,26 @@ class MinuteTable:
     def replay_points(self, writer: str, topic: str, partitions: Sequence[int], *,
                       epoch: int) -> dict[int, ReplayPoint]:  # fmt: skip
         """The stored point of each partition that has one."""
+        points = self.replay_points_of_epochs(writer, topic, partitions, [epoch])
+        return {p: point for (_, p), point in points.items()}
+
+    def replay_points_of_epochs(
+        self, writer: str, topic: str, partitions: Sequence[int], epochs: Sequence[int]
+    ) -> dict[tuple[int, int], ReplayPoint]:
+        """The stored point of each (epoch, partition) that has one (one table load)."""
         try:
             table = DeltaTable(self.uri, storage_options=self.storage_options)
         except TableNotFoundError:
             return {}
-        out: dict[int, ReplayPoint] = {}
-        for p in partitions:
-            values = [
-                table.transaction_version(self.app_id(writer, topic, p, epoch, f))
-                for f in POINT_FIELDS
-            ]
-            if all(v is not None for v in values):
-                out[p] = ReplayPoint(*(int(v) for v in values if v is not None))
+        out: dict[tuple[int, int], ReplayPoint] = {}
+        for epoch in epochs:
+            for p in partitions:
+                values = [
+                    table.transaction_version(self.app_id(writer, topic, p, epoch, f))
+                    for f in POINT_FIELDS
+                ]
+                if all(v is not None for v in values):
+                    out[(epoch, p)] = ReplayPoint(*(int(v) for v in values if v is not None))
         return out
 
     def scan(self) -> pl.LazyFrame:

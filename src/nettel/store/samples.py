@@ -7,6 +7,12 @@ points, apart from the ``minute`` table's, since the two tables are separate com
 A restart reads the points back and skips every event at or below them: a replay of
 the same events adds nothing, a crash between the two tables' commits loses nothing.
 
+Each row also keeps the broker log ``epoch`` and the ``offset`` it was read at. The
+embedded broker's log dies with a killed nettel, and with it the events of windows not
+yet written; those events are still here, so the stream worker rebuilds the windows
+from them (:meth:`SamplesTable.unwritten`). Tables written before these two columns
+existed gain them (null in the old rows) at the next append.
+
 Layout as ``minute`` (DESIGN.md, Delta notes): partitioned by ``date``; rows sorted by
 (container, ts); zstd 3; integers and timestamps DELTA_BINARY_PACKED without
 dictionary; ids as strings; timestamps timezone-aware UTC. Retention is short
@@ -15,6 +21,7 @@ dictionary; ids as strings; timestamps timezone-aware UTC. Retention is short
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -23,8 +30,10 @@ import polars as pl
 from deltalake import DeltaTable, Transaction
 from deltalake.exceptions import TableNotFoundError
 
-from nettel.models import COUNTERS, TCP_STATES, StatEvent
+from nettel.models import COUNTERS, TCP_STATES, StatEvent, TcpStates
 from nettel.store.minute import MinuteTable, writer_properties
+
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 
 #: The one field of a partition's point in this table.
 NEXT_OFFSET = "samples_next_offset"
@@ -58,6 +67,8 @@ def samples_schema() -> dict[str, pl.DataType]:
     schema["connections"] = pl.Int64()
     for state in TCP_STATES:
         schema[f"tcp_{state}"] = pl.Int64()
+    schema["epoch"] = pl.Int64()
+    schema["offset"] = pl.Int64()
     return schema
 
 
@@ -75,23 +86,27 @@ class PartitionSamples:
     next_offset: int
 
 
-def samples_frame(events: Sequence[tuple[int, StatEvent]]) -> pl.DataFrame:
-    """A ``samples`` frame from (partition, event) pairs, sorted by (container, ts).
+def samples_frame(events: Sequence[tuple[int, int, StatEvent]], epoch: int) -> pl.DataFrame:
+    """A ``samples`` frame from (partition, offset, event) triples of one log ``epoch``,
+    sorted by (container, ts).
 
     Examples
     --------
     >>> ev = StatEvent(ts_ms=1_795_651_200_000, host="h", container_id="c", identity="web",
     ...                name="web", interval_ms=5000, rx_bytes=7)
-    >>> samples_frame([(3, ev)]).select("date", "container", "partition", "rx_bytes").row(0)
-    ('2026-11-26', 'web', 3, 7)
+    >>> samples_frame([(3, 41, ev)], 2).select("date", "container", "partition", "rx_bytes",
+    ...                                        "epoch", "offset").row(0)
+    ('2026-11-26', 'web', 3, 7, 2, 41)
     """
     schema = samples_schema()
-    evs = [ev for _, ev in events]
+    evs = [ev for _, _, ev in events]
     cols: dict[str, list[Any]] = {
         "date": [None] * len(evs),
         "container": [ev.identity for ev in evs],
-        "partition": [p for p, _ in events],
+        "partition": [p for p, _, _ in events],
         "ts": [ev.ts_ms * 1000 for ev in evs],
+        "epoch": [epoch] * len(evs),
+        "offset": [o for _, o, _ in events],
     }
     for k in ("host", "container_id", "name", "image", "compose_project", "compose_service",
               "interval_ms", "counter_reset", "source", *COUNTERS, "connections"):  # fmt: skip
@@ -118,15 +133,24 @@ class SamplesTable(MinuteTable):
     def stored_offsets(self, writer: str, topic: str, partitions: Sequence[int], *,
                        epoch: int) -> dict[int, int]:  # fmt: skip
         """The next offset to write of each partition that has one."""
+        offsets = self.stored_offsets_of_epochs(writer, topic, partitions, [epoch])
+        return {p: offset for (_, p), offset in offsets.items()}
+
+    def stored_offsets_of_epochs(
+        self, writer: str, topic: str, partitions: Sequence[int], epochs: Sequence[int]
+    ) -> dict[tuple[int, int], int]:
+        """The next offset to write of each (epoch, partition) that has one."""
         try:
             table = DeltaTable(self.uri, storage_options=self.storage_options)
         except TableNotFoundError:
             return {}
-        out: dict[int, int] = {}
-        for p in partitions:
-            v = table.transaction_version(self.app_id(writer, topic, p, epoch, NEXT_OFFSET))
-            if v is not None:
-                out[p] = int(v)
+        out: dict[tuple[int, int], int] = {}
+        for epoch in epochs:
+            for p in partitions:
+                app = self.app_id(writer, topic, p, epoch, NEXT_OFFSET)
+                v = table.transaction_version(app)
+                if v is not None:
+                    out[(epoch, p)] = int(v)
         return out
 
     def append_samples(self, parts: Sequence[PartitionSamples], *, writer: str, epoch: int,
@@ -141,16 +165,59 @@ class SamplesTable(MinuteTable):
         stored = self.stored_offsets(writer, parts[0].topic if parts else "",
                                      [p.partition for p in parts], epoch=epoch)  # fmt: skip
         stored.update(known or {})
-        rows: list[tuple[int, StatEvent]] = []
+        rows: list[tuple[int, int, StatEvent]] = []
         txns = []
         for part in parts:
             done = stored.get(part.partition, 0)
             if part.next_offset <= done:
                 continue  # already written (a replay): nothing to add
-            rows.extend((part.partition, ev) for off, ev in part.events if off >= done)
+            rows.extend((part.partition, off, ev) for off, ev in part.events if off >= done)
             app = self.app_id(writer, part.topic, part.partition, epoch, NEXT_OFFSET)
             txns.append(Transaction(app, part.next_offset))
         if not txns:
             return 0
-        self.append_frame(samples_frame(rows), txns)
+        self.append_frame(samples_frame(rows, epoch), txns, merge_schema=True)
         return len(rows)
+
+    def unwritten(self, epoch: int, partition: int, start: int, end: int
+                  ) -> list[tuple[int, StatEvent]]:  # fmt: skip
+        """The (offset, event) pairs read from ``partition`` of log ``epoch`` at offsets in
+        [start, end), in offset order: what rebuilds windows a lost log still had open.
+        """
+        try:
+            frame = (
+                self.scan()
+                .filter(
+                    (pl.col("partition") == partition)
+                    & (pl.col("epoch") == epoch)
+                    & pl.col("offset").is_between(start, end, closed="left")
+                )
+                .sort("offset")
+                .collect()
+            )
+        except (TableNotFoundError, pl.exceptions.ColumnNotFoundError):
+            return []  # no table, or one written before rows kept their offsets
+        return [(row["offset"], sample_event(row)) for row in frame.iter_rows(named=True)]
+
+
+def sample_event(row: Mapping[str, Any]) -> StatEvent:
+    """The event a ``samples`` row holds (a row as ``iter_rows(named=True)`` gives it).
+
+    Examples
+    --------
+    >>> ev = StatEvent(ts_ms=1_795_651_200_000, host="h", container_id="c", identity="web",
+    ...                name="web", interval_ms=5000, rx_bytes=7, connections=2,
+    ...                tcp=TcpStates(established=2))
+    >>> sample_event(samples_frame([(0, 0, ev)], 1).row(0, named=True)) == ev
+    True
+    """
+    fields = {k: row[k] for k in ("host", "container_id", "name", "image", "compose_project",
+                                  "compose_service", "interval_ms", "counter_reset", "source",
+                                  *COUNTERS, "connections")}  # fmt: skip
+    tcp = [row[f"tcp_{state}"] for state in TCP_STATES]
+    return StatEvent(
+        ts_ms=(row["ts"] - _EPOCH) // dt.timedelta(milliseconds=1),
+        identity=row["container"], **fields,
+        tcp=None if all(n is None for n in tcp) else TcpStates(**dict(zip(TCP_STATES, tcp,
+                                                                          strict=True))),
+    )  # fmt: skip

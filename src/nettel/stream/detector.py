@@ -33,23 +33,23 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
 import structlog
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from nettel import metrics
 from nettel.detect.alerts import Alert, encode_alert
 from nettel.detect.bands import BandTracker
 from nettel.detect.checkpoint import CheckpointError, decode_checkpoint, encode_checkpoint
 from nettel.detect.fleet import FleetDetector
-from nettel.models import decode_stat_event
 from nettel.store.alerts import AlertTable, DetectState, DetectStateTable, FeedbackTable
 from nettel.store.bands import BandTable
-from nettel.stream.worker import validate
+from nettel.stream.runtime import ConsumerRuntime, ConsumerSettings, completed
+from nettel.stream.validation import read_event
 
 log = structlog.get_logger(__name__)
 
@@ -85,22 +85,9 @@ class _Partition:
     bands_stale: bool = False
 
 
-class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
-    def __init__(self, worker: DetectWorker) -> None:
-        self.worker = worker
-
-    async def on_partitions_revoked(self, revoked: Iterable[TopicPartition]) -> None:
-        await self.worker._checkpoint([tp.partition for tp in revoked])
-        for tp in revoked:
-            self.worker._parts.pop(tp.partition, None)
-            metrics.set_lag(self.worker.group, tp.partition, None)
-
-    async def on_partitions_assigned(self, assigned: Iterable[TopicPartition]) -> None:
-        await self.worker._resume(list(assigned))
-
-
 class DetectWorker:
-    """One member of the ``nettel-detect`` group (any number may run)."""
+    """One member of the ``nettel-detect`` group (any number may run): a job of
+    :class:`~nettel.stream.runtime.ConsumerRuntime`, which owns the consumer."""
 
     def __init__(
         self,
@@ -132,10 +119,15 @@ class DetectWorker:
         self.bands = BandTable(f"{base}/bands", storage_options=storage_options)
         self.stats = DetectStats()
         self._parts: dict[int, _Partition] = {}
-        self._consumer: Any = None
         self._producer: Any = None
         self._lock = asyncio.Lock()
         self._feedback_version = -1
+        self.runtime = ConsumerRuntime(
+            bootstrap_servers, self,
+            ConsumerSettings(group=group, topic=topic, max_records=10_000,
+                             tick_interval_s=checkpoint_interval_s),
+            epoch=epoch,
+        )  # fmt: skip
 
     @property
     def assigned(self) -> list[int]:
@@ -182,8 +174,9 @@ class DetectWorker:
                  versions=sum(len(v) for v in seen.values()))  # fmt: skip
         return seen
 
-    async def _resume(self, tps: list[TopicPartition]) -> None:
-        partitions = [tp.partition for tp in tps]
+    async def restore(self, partitions: list[int]) -> dict[int, int]:
+        """Restore each partition's detector from its checkpoint; the offset to read from."""
+        tps = [TopicPartition(self.topic, p) for p in partitions]
         stored = await asyncio.to_thread(self.state.load, partitions)
         starts: dict[int, tuple[Any, int, int]] = {}
         for tp in tps:
@@ -203,9 +196,15 @@ class DetectWorker:
             self._parts[tp.partition] = _Partition(fleet, offset, alerts_offset,
                                                    published[tp.partition],
                                                    saved_offset=offset)  # fmt: skip
-            self._consumer.seek(tp, offset)
         log.info("detect_partitions_assigned", group=self.group, partitions=partitions,
                  resumed={p: s.next_offset for p, s in stored.items()})  # fmt: skip
+        return {p: self._parts[p].next_offset for p in partitions}
+
+    async def revoked(self, partitions: list[int]) -> None:
+        """Checkpoint ``partitions``, then forget them."""
+        await self._checkpoint(partitions)
+        for p in partitions:
+            self._parts.pop(p, None)
 
     def _restore(self, partition: int, state: DetectState) -> FleetDetector | None:
         """The partition's detector from its checkpoint; None (start cold) when the
@@ -258,7 +257,7 @@ class DetectWorker:
 
     async def _checkpoint(self, partitions: Sequence[int] | None = None) -> None:
         async with self._lock:
-            await self._checkpoint_locked(partitions, with_bands=True)
+            await completed(self._checkpoint_locked(partitions, with_bands=True))
 
     async def _checkpoint_locked(
         self, partitions: Sequence[int] | None = None, *, with_bands: bool = False
@@ -343,83 +342,84 @@ class DetectWorker:
         metrics.ROWS_WRITTEN.labels("alerts").inc(len(rows))
 
     async def drained(self) -> bool:
-        """Checkpoint, then whether every owned partition has been read to its end (the
-        embedded broker's rotation waits for this before it replaces the log)."""
-        if self._consumer is None:
-            return True
-        await self._checkpoint()
-        for p, part in self._parts.items():
-            high = self._consumer.highwater(TopicPartition(self.topic, p))
-            if high is None or part.next_offset < high:
-                return False
-        return True
+        """Whether every partition has been read to its end and checkpointed (the
+        embedded broker's rotation waits for this before it replaces the log; see
+        :meth:`~nettel.stream.runtime.ConsumerRuntime.drained`)."""
+        return await self.runtime.drained()
 
     async def rotated(self, epoch: int) -> None:
         """The embedded broker was replaced: keep the models, read the new log from 0."""
+        await self.runtime.rotated(epoch)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Consume, score and alert until ``stop``; checkpoints before returning."""
+        await self.runtime.run(stop)
+
+    # -- the job the runtime runs ------------------------------------------------------
+
+    async def open(self) -> None:
+        """Start the alerts producer. A run after a failed one (a supervisor's restart)
+        begins with no partition: each is restored from its checkpoint when assigned."""
+        self._parts.clear()
+        self._producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap_servers, acks="all")
+        await self._producer.start()
+        log.info("detect_started", group=self.group, topic=self.topic)
+
+    async def close(self) -> None:
+        """Stop the alerts producer."""
+        if self._producer is not None:
+            await self._producer.stop()
+            self._producer = None
+        log.info("detect_stopped", consumed=self.stats.consumed,
+                 alerts=self.stats.alerts_published)  # fmt: skip
+
+    async def tick(self) -> None:
+        """Checkpoint every ``checkpoint_interval_s``."""
+        await self._checkpoint()
+
+    async def seal(self) -> None:
+        """Checkpoint everything read (a barrier)."""
+        await self._checkpoint()
+
+    async def finish(self) -> None:
+        """Checkpoint before stopping."""
+        await self._checkpoint()
+
+    def idle(self, partition: int, now_ms: int) -> None:
+        """Nothing to do: scores need events."""
+
+    async def reset(self, epoch: int, sealed: bool) -> list[int]:
+        """Keep the models; every owned partition reads the new log from 0."""
         async with self._lock:
             old, self.epoch = self.epoch, epoch
-            for p, part in self._parts.items():
+            for part in self._parts.values():
                 part.next_offset = part.alerts_offset = 0
                 part.changed = True
                 part.published.clear()
                 part.pending.clear()
-                self._consumer.seek(TopicPartition(self.topic, p), 0)
-        log.info("detect_rotated", old_epoch=old, epoch=epoch)
+        log.info("detect_rotated", old_epoch=old, epoch=epoch, sealed=sealed)
+        return list(self._parts)
 
-    async def run(self, stop: asyncio.Event) -> None:
-        """Consume, score and alert until ``stop``; checkpoints before returning."""
-        self._consumer = AIOKafkaConsumer(
-            bootstrap_servers=self.bootstrap_servers, group_id=self.group,
-            enable_auto_commit=False, auto_offset_reset="earliest",
-        )  # fmt: skip
-        self._producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap_servers, acks="all")
-        await self._producer.start()
-        await self._consumer.start()
-        self._consumer.subscribe([self.topic], listener=_Rebalance(self))
-        log.info("detect_started", group=self.group, topic=self.topic)
-        next_checkpoint = time.monotonic() + self.checkpoint_interval_s
-        try:
-            while not stop.is_set():
-                batch = await self._consumer.getmany(timeout_ms=200, max_records=10_000)
-                async with self._lock:  # no checkpoint or rotation in the middle of a batch
-                    consumed = self.stats.consumed
-                    await self._handle(batch)
-                    metrics.EVENTS_CONSUMED.labels(self.group).inc(self.stats.consumed - consumed)
-                    for p, part in self._parts.items():
-                        end = self._consumer.highwater(TopicPartition(self.topic, p))
-                        if end is not None:
-                            metrics.set_lag(self.group, p, end - part.next_offset)
-                    if time.monotonic() >= next_checkpoint:
-                        await self._checkpoint_locked()
-                        next_checkpoint = time.monotonic() + self.checkpoint_interval_s
-            await self._checkpoint()
-        finally:
-            with contextlib.suppress(Exception):
-                await self._consumer.stop()
-            with contextlib.suppress(Exception):
-                await self._producer.stop()
-            log.info("detect_stopped", consumed=self.stats.consumed,
-                     alerts=self.stats.alerts_published)  # fmt: skip
+    async def process(self, batch: Mapping[int, Sequence[Any]], now_ms: int) -> None:
+        """Score a batch; no checkpoint or rotation runs in the middle of it."""
+        async with self._lock:
+            await self._handle(batch)
 
-    async def _handle(self, batch: dict[Any, list[Any]]) -> None:
+    async def _handle(self, batch: Mapping[int, Sequence[Any]]) -> None:
         """Score every record of ``batch`` and publish the alerts, event by event."""
-        for tp, records in batch.items():
-            if tp.partition not in self._parts:
+        for partition, records in batch.items():
+            if partition not in self._parts:
                 continue
             for record in records:
-                part = self._parts.get(tp.partition)
+                part = self._parts.get(partition)
                 if part is None or record.offset < part.next_offset:
                     continue
                 self.stats.consumed += 1
                 part.next_offset = record.offset + 1
-                try:
-                    ev = decode_stat_event(record.value)
-                except (msgspec.ValidationError, msgspec.DecodeError):
+                ev, _ = read_event(record.value, time.time_ns() // 1_000_000)
+                if ev is None:
                     self.stats.invalid += 1  # the stream worker dead-letters it
-                    continue
-                if validate(ev, time.time_ns() // 1_000_000) is not None:
-                    self.stats.invalid += 1
                     continue
                 alerts = part.fleet.process(ev)
                 if alerts:
-                    await self._publish(tp.partition, record.offset, alerts)
+                    await self._publish(partition, record.offset, alerts)

@@ -5,10 +5,20 @@ partition's windows close when the partition's event time (the largest ``ts_ms``
 on it) passes ``end + grace``. A sample for a window that has already closed is late:
 counted, and written as a separate partial row of its window.
 
+A partition that receives nothing would keep its windows open forever (its event time
+only moves with its events), so the worker also advances an idle partition's event time
+to the wall clock (:meth:`PartitionWindows.advance`: a processing-time watermark, as
+Flink and Kafka Streams do for idle sources). An advance moves the event time exactly as
+an event would, and the replay point stores it, so replays stay exact.
+
 Replays are exact: with the rows it writes, a worker stores the partition's
 :class:`ReplayPoint`; a worker restarted from it reads again from the resume offset,
 skips what was written and rebuilds the rest, sample for sample.
 
+One row covers at most :data:`MAX_ROW_COVER_MS` of sample intervals (each counted as
+at least a second): with the per-second ceilings of :mod:`nettel.stream.validation`, no
+row's sum can come near an Int64 column's limit. A sample that would push its row past
+it is refused (:meth:`PartitionWindows.add` says why).
 """
 
 from __future__ import annotations
@@ -17,7 +27,12 @@ from dataclasses import dataclass
 
 from nettel.models import WINDOW_MS, ReplayPoint, StatEvent, WindowAggregate, window_start
 
-__all__ = ["WINDOW_MS", "PartitionWindows", "ReplayPoint", "WindowAggregate", "window_start"]
+__all__ = ["MAX_ROW_COVER_MS", "WINDOW_MS", "PartitionWindows", "ReplayPoint",
+           "WindowAggregate", "window_start"]  # fmt: skip
+
+#: The most sample time one row may cover: a window's own minute, one catch-up sample
+#: of up to a day (after a restart of nettel), and room for duplicates.
+MAX_ROW_COVER_MS = 2 * 86_400_000
 
 
 @dataclass(slots=True)
@@ -25,6 +40,18 @@ class _Open:
     agg: WindowAggregate
     first_offset: int
     time_before_ms: int
+
+
+def _overfull(agg: WindowAggregate, ev: StatEvent) -> bool:
+    """Whether ``ev`` would make ``agg`` cover more than :data:`MAX_ROW_COVER_MS` (each
+    sample counted as its interval plus a second: at least what the validation allows)."""
+    covered = agg.interval_ms + 1000 * agg.samples + ev.interval_ms + 1000
+    return covered > MAX_ROW_COVER_MS
+
+
+def _overfull_reason(key: tuple[str, int]) -> str:
+    return (f"its window row {key[0]}@{key[1]} would cover more than {MAX_ROW_COVER_MS} ms "
+            "of samples")  # fmt: skip
 
 
 class PartitionWindows:
@@ -56,8 +83,12 @@ class PartitionWindows:
     def _closed_by(self, start_ms: int, event_time_ms: int) -> bool:
         return start_ms + self.size_ms + self.grace_ms <= event_time_ms
 
-    def add(self, ev: StatEvent, offset: int) -> None:
+    def add(self, ev: StatEvent, offset: int) -> str | None:
         """Fold one sample (at ``offset`` of the partition) into its window.
+
+        Returns why it was refused (its row would cover more than
+        :data:`MAX_ROW_COVER_MS`), or None; a refused sample changes nothing but the
+        event time, the same way on every replay.
 
         Examples
         --------
@@ -67,6 +98,10 @@ class PartitionWindows:
         >>> pw.add(ev(10_000), 0); pw.add(ev(95_000), 1); pw.add(ev(20_000), 2)
         >>> [(w.window_start_ms, w.samples) for w in pw.close_ready()], pw.late
         ([(0, 1), (0, 1)], 1)
+        >>> import msgspec
+        >>> day = msgspec.structs.replace(ev(100_000), interval_ms=86_400_000)
+        >>> pw.add(day, 3), pw.add(day, 4)
+        (None, 'its window row web@60000 would cover more than 172800000 ms of samples')
         """
         # the logic of _closed_by inlined (this runs once per event): a window starting
         # at ``start`` is closed by event time ``t`` when ``start + span <= t``
@@ -80,17 +115,20 @@ class PartitionWindows:
         if start + span <= before:
             if replaying:  # late partials are written at every write: this one was
                 self.replayed += 1
-                return
-            self.late += 1
+                return None
             key = (ev.identity, start)
             entry = self._late.get(key)
             if entry is None:
                 agg = WindowAggregate.first(ev, self.size_ms)
                 entry = self._late[key] = _Open(agg, offset, before)
+            elif _overfull(entry.agg, ev):
+                return _overfull_reason(key)
+            self.late += 1
             entry.agg.add(ev)
-            return
+            return None
         if ts_ms > before:
             self.event_time_ms = ts_ms
+        reason: str | None = None
         if replaying and replay is not None and start + span <= replay.written_through_ms:
             self.replayed += 1  # its window closed before the write: it was written
         else:
@@ -101,10 +139,38 @@ class PartitionWindows:
                 entry = self._open[key] = _Open(agg, offset, before)
                 if self._earliest_start is None or start < self._earliest_start:
                     self._earliest_start = start
-            entry.agg.add(ev)
+                entry.agg.add(ev)
+            elif _overfull(entry.agg, ev):
+                reason = _overfull_reason(key)
+            else:
+                entry.agg.add(ev)
+                reason = None
         earliest = self._earliest_start
         if earliest is not None and earliest + span <= self.event_time_ms:
             self._close_due()
+        return reason
+
+    def advance(self, now_ms: int) -> bool:
+        """The idle watermark: if ``now_ms`` (the wall clock) closes an open window, move
+        the event time there and close what is due; returns whether it did. For a
+        partition that has received nothing for a while; nothing changes otherwise.
+
+        Examples
+        --------
+        >>> pw = PartitionWindows(grace_ms=30_000)
+        >>> pw.add(StatEvent(ts_ms=10_000, host="h", container_id="c", identity="web",
+        ...                  name="web", interval_ms=5000, rx_bytes=1), 0)
+        >>> pw.advance(89_999), pw.open_windows(), pw.event_time_ms
+        (False, 1, 10000)
+        >>> pw.advance(90_000), [w.samples for w in pw.close_ready()], pw.event_time_ms
+        (True, [1], 90000)
+        """
+        earliest = self._earliest_start
+        if earliest is None or earliest + self.size_ms + self.grace_ms > now_ms:
+            return False
+        self.event_time_ms = max(self.event_time_ms, now_ms)
+        self._close_due()
+        return True
 
     def _close_due(self) -> None:
         due = [k for k in self._open if self._closed_by(k[1], self.event_time_ms)]
