@@ -77,13 +77,52 @@ class TcpStates(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=False):
         )
 
 
+class CounterReading(msgspec.Struct, frozen=True, kw_only=True):
+    """The cumulative counters behind a sample, and what proves which interface they are.
+
+    ``netns`` is the network namespace's inode (the PID where only the engine's stats
+    API is readable); ``boot_id`` the kernel's boot id. Counters of the same container
+    id, namespace and boot only go up, so two readings subtract to the traffic between
+    them, whatever was lost in between.
+
+    Examples
+    --------
+    >>> a = CounterReading(rx_bytes=100, tx_bytes=7, netns=4026, boot_id="b1")
+    >>> b = CounterReading(rx_bytes=250, tx_bytes=9, netns=4026, boot_id="b1")
+    >>> a.same_interface(b), b.counters()[:2]
+    (True, (250, 9))
+    """
+
+    rx_bytes: int = 0
+    tx_bytes: int = 0
+    rx_packets: int = 0
+    tx_packets: int = 0
+    rx_errors: int = 0
+    tx_errors: int = 0
+    rx_drops: int = 0
+    tx_drops: int = 0
+    netns: int = 0
+    boot_id: str = ""
+
+    def counters(self) -> tuple[int, ...]:
+        """The counters in :data:`COUNTERS` order."""
+        return _counters_of(self)
+
+    def same_interface(self, other: CounterReading) -> bool:
+        """Whether ``other`` reads the same namespace in the same boot."""
+        return self.netns == other.netns and self.boot_id == other.boot_id
+
+
 class StatEvent(msgspec.Struct, frozen=True, kw_only=True):
     """One sample of one container's traffic: deltas over ``interval_ms`` ending at ``ts_ms``.
 
     ``counter_reset`` is set on the first sample after the counters went down (a restart,
     an interface re-created): its deltas then count from the reset, never negative.
     ``connections`` and ``tcp`` are ``None`` where the source cannot see sockets
-    (the engine's stats API).
+    (the engine's stats API). ``reading``: the cumulative counters the deltas end at
+    (None in events of older versions). ``catch_up``: the deltas span a gap (a restart
+    of nettel or of its broker) since the last sample that reached the store, over the
+    real ``interval_ms``: counted, never scored as a spike.
     """
 
     ts_ms: int
@@ -108,6 +147,18 @@ class StatEvent(msgspec.Struct, frozen=True, kw_only=True):
     counter_reset: bool = False
     source: str = "procfs"
     schema_version: int = SCHEMA_VERSION
+    reading: CounterReading | None = None
+    catch_up: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class DurableReading:
+    """The newest sample of a container that reached the store: where a restart counts from."""
+
+    identity: str
+    container_id: str
+    ts_ms: int
+    reading: CounterReading
 
 
 _encoder = msgspec.json.Encoder()

@@ -136,6 +136,9 @@ class MinuteTable:
     ``hour`` and ``day`` (:mod:`nettel.store.rollup`) share its layout and schema.
     """
 
+    #: ``schema_mode`` of appends (``"merge"``: add the frame's new columns to the table).
+    schema_mode: str | None = None
+
     def __init__(self, uri: str, *, storage_options: dict[str, str] | None = None) -> None:
         self.uri = uri
         self.storage_options = storage_options
@@ -181,6 +184,7 @@ class MinuteTable:
                         "configuration": TABLE_CONFIGURATION,
                         "writer_properties": self._props,
                         "commit_properties": CommitProperties(app_transactions=list(txns)),
+                        **({"schema_mode": self.schema_mode} if self.schema_mode else {}),
                     },
                 )
                 return

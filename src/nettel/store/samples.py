@@ -15,6 +15,7 @@ dictionary; ids as strings; timestamps timezone-aware UTC. Retention is short
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -23,7 +24,7 @@ import polars as pl
 from deltalake import DeltaTable, Transaction
 from deltalake.exceptions import TableNotFoundError
 
-from nettel.models import COUNTERS, TCP_STATES, StatEvent
+from nettel.models import COUNTERS, TCP_STATES, CounterReading, DurableReading, StatEvent
 from nettel.store.minute import MinuteTable, writer_properties
 
 #: The one field of a partition's point in this table.
@@ -58,6 +59,13 @@ def samples_schema() -> dict[str, pl.DataType]:
     schema["connections"] = pl.Int64()
     for state in TCP_STATES:
         schema[f"tcp_{state}"] = pl.Int64()
+    # added later (null in older rows): the cumulative reading behind the sample, what
+    # proves its interface, and whether it catches up a gap (see StatEvent)
+    schema["catch_up"] = pl.Boolean()
+    schema["netns"] = pl.Int64()
+    schema["boot_id"] = pl.String()
+    for c in COUNTERS:
+        schema[f"reading_{c}"] = pl.Int64()
     return schema
 
 
@@ -98,6 +106,12 @@ def samples_frame(events: Sequence[tuple[int, StatEvent]]) -> pl.DataFrame:
         cols[k] = [getattr(ev, k) for ev in evs]
     for state in TCP_STATES:
         cols[f"tcp_{state}"] = [None if ev.tcp is None else getattr(ev.tcp, state) for ev in evs]
+    cols["catch_up"] = [ev.catch_up for ev in evs]
+    readings = [ev.reading for ev in evs]
+    cols["netns"] = [None if r is None else r.netns for r in readings]
+    cols["boot_id"] = [None if r is None else r.boot_id for r in readings]
+    for c in COUNTERS:
+        cols[f"reading_{c}"] = [None if r is None else getattr(r, c) for r in readings]
     raw = {**schema, "ts": pl.Int64()}
     return (
         pl.DataFrame(cols, schema=raw)
@@ -108,7 +122,12 @@ def samples_frame(events: Sequence[tuple[int, StatEvent]]) -> pl.DataFrame:
 
 
 class SamplesTable(MinuteTable):
-    """The ``samples`` Delta table under ``uri`` (a path or an ``s3://`` URI)."""
+    """The ``samples`` Delta table under ``uri`` (a path or an ``s3://`` URI).
+
+    Tables written before a column was added get it on the next append (schema merge).
+    """
+
+    schema_mode = "merge"
 
     def __init__(self, uri: str, *, storage_options: dict[str, str] | None = None) -> None:
         super().__init__(uri, storage_options=storage_options)
@@ -154,3 +173,37 @@ class SamplesTable(MinuteTable):
             return 0
         self.append_frame(samples_frame(rows), txns)
         return len(rows)
+
+    def latest_readings(self, *, max_age_ms: int = 86_400_000) -> dict[str, DurableReading]:
+        """The newest sample of each container with a cumulative reading, from the last
+        ``max_age_ms`` (by the table's own newest time): where a restart counts from.
+
+        Rows of older versions carry no reading and are left out.
+        """
+        try:
+            scan = self.scan()
+            names = scan.collect_schema().names()
+        except TableNotFoundError:
+            return {}
+        if "reading_rx_bytes" not in names:
+            return {}
+        newest = scan.select(pl.col("ts").max()).collect().item()
+        if newest is None:
+            return {}
+        since = newest - dt.timedelta(milliseconds=max_age_ms)
+        columns = ["container_id", "ts", "netns", "boot_id", *(f"reading_{c}" for c in COUNTERS)]
+        rows = (
+            scan.filter(pl.col("date") >= since.strftime("%Y-%m-%d"), pl.col("ts") >= since,
+                        pl.col("reading_rx_bytes").is_not_null())
+            .group_by("container")
+            .agg(pl.col(columns).sort_by("ts").last())
+            .with_columns(ts_ms=pl.col("ts").dt.epoch("ms"))
+            .collect()
+        )  # fmt: skip
+        out: dict[str, DurableReading] = {}
+        for row in rows.iter_rows(named=True):
+            reading = CounterReading(netns=row["netns"], boot_id=row["boot_id"] or "",
+                                     **{c: row[f"reading_{c}"] for c in COUNTERS})  # fmt: skip
+            out[row["container"]] = DurableReading(row["container"], row["container_id"],
+                                                   row["ts_ms"], reading)  # fmt: skip
+        return out

@@ -276,7 +276,11 @@ class DetectWorker:
         log.info("detect_rotated", old_epoch=old, epoch=epoch)
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Consume, score and alert until ``stop``; checkpoints before returning."""
+        """Consume, score and alert until ``stop``; checkpoints before returning.
+
+        May be run again after a failure: each partition resumes from its checkpoint.
+        """
+        self._parts.clear()
         self._consumer = AIOKafkaConsumer(
             bootstrap_servers=self.bootstrap_servers, group_id=self.group,
             enable_auto_commit=False, auto_offset_reset="earliest",

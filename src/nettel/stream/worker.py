@@ -449,9 +449,22 @@ class StreamWorker:
                         seal_timeout_s=self.seal_timeout_s)  # fmt: skip
             await self._flush(seal=True)
 
+    def _drop_unwritten(self) -> None:
+        """Forget every partition's unwritten state: the next assignment resumes each one
+        from the points stored in the tables (what a restarted process would do)."""
+        for state in (self._windows, self._positions, self._samples_buf, self._samples_done):
+            state.clear()
+        self._barrier = None
+
     async def run(self, stop: asyncio.Event) -> None:
         """Consume, window and write until ``stop``; flushes what closed before returning
-        (and, with ``seal_on_stop``, reads to the end and writes the open windows too)."""
+        (and, with ``seal_on_stop``, reads to the end and writes the open windows too).
+
+        After a failure (a write refused: disk full) the worker may be run again: it
+        drops what it had not written and resumes from the stored points, keeping which
+        points it wrote itself (see ``fresh_log``).
+        """
+        self._drop_unwritten()
         self._consumer = AIOKafkaConsumer(
             bootstrap_servers=self.bootstrap_servers, group_id=self.group,
             enable_auto_commit=False, auto_offset_reset="earliest",
@@ -477,6 +490,9 @@ class StreamWorker:
                 await self._seal_before_stop()
             else:
                 await self._flush()
+        except BaseException:
+            self._drop_unwritten()  # a flush on the way out would write a broken state
+            raise
         finally:
             with contextlib.suppress(Exception):
                 await self._consumer.stop()
