@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import contextlib
 import datetime as dt
+import errno
 import json
 import logging
 import os
@@ -187,6 +188,27 @@ RESTART_MAX_S = 30.0
 RESTART_HEALTHY_S = 60.0
 
 
+def failure_cause(error: BaseException) -> dict[str, str]:
+    """A plain cause and what to do, for failures that have one (the disk full).
+
+    Examples
+    --------
+    >>> failure_cause(OSError(28, "No space left on device"))["cause"]
+    'disk full'
+    >>> failure_cause(RuntimeError("Generic error: No space left on device (os error 28)"))
+    {'cause': 'disk full', 'hint': 'free space in the data dir: writing resumes by itself'}
+    >>> failure_cause(ValueError("x"))
+    {}
+    """
+    seen: BaseException | None = error
+    while seen is not None:
+        if getattr(seen, "errno", None) == errno.ENOSPC or "No space left" in str(seen):
+            return {"cause": "disk full",
+                    "hint": "free space in the data dir: writing resumes by itself"}  # fmt: skip
+        seen = seen.__cause__ or seen.__context__
+    return {}
+
+
 async def supervise(
     role: Role,
     stop: asyncio.Event,
@@ -234,7 +256,7 @@ async def supervise(
                 log.error("role_failed_stopping", role=role.name, error=repr(e), exc_info=True)
                 return
             log.error("role_failed", role=role.name, error=repr(e), restart_in_s=backoff,
-                      restarts=restarts, exc_info=True)  # fmt: skip
+                      restarts=restarts, exc_info=True, **failure_cause(e))  # fmt: skip
         if time.monotonic() - started >= healthy_s:
             backoff = min_s
         with contextlib.suppress(TimeoutError):
@@ -364,7 +386,11 @@ async def up_roles(settings: Settings, bootstrap: str, broker: EmbeddedBroker | 
         await maintain_on_schedule(settings, stop)
 
     async def serve_mcp(stop: asyncio.Event) -> None:
-        await serve_http(server, mcp_options, stop)
+        try:
+            await serve_http(server, mcp_options, stop)
+        except SystemExit as e:  # uvicorn exits when it cannot bind: a failure to retry
+            raise OSError(f"MCP HTTP server could not serve on {mcp_options.host}:"
+                          f"{mcp_options.port} (port in use?)") from e  # fmt: skip
 
     async def reports(stop: asyncio.Event) -> None:
         await report_on_schedule(settings, stop, tz=settings.report_tz,
