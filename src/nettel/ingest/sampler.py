@@ -21,7 +21,7 @@ from nettel.ingest.counters import CounterDelta, CounterTracker
 from nettel.ingest.procfs import InterfaceCounters
 from nettel.ingest.sources import Reading, Source
 from nettel.ingest.units import Unit
-from nettel.models import CounterReading, DurableReading, StatEvent
+from nettel.models import COUNTERS, CounterReading, DurableReading, StatEvent
 
 log = structlog.get_logger(__name__)
 
@@ -257,7 +257,7 @@ class Sampler:
             log.info("catch_up_skipped", container=unit.identity, gap_ms=gap_ms,
                      reason="another container, boot or a gap past a day")  # fmt: skip
             return
-        counters = InterfaceCounters(*r.counters())
+        counters = InterfaceCounters(**dict(zip(COUNTERS, r.counters(), strict=True)))
         self._tracker.seed(unit.identity, netns=r.netns, counters=counters, ts_ms=durable.ts_ms)
         self.caught_up += 1
         log.info("catch_up", container=unit.identity, since_ms=durable.ts_ms, gap_ms=gap_ms,

@@ -11,7 +11,7 @@ from nettel.ingest.procfs import InterfaceCounters
 from nettel.ingest.publisher import EventPublisher
 from nettel.ingest.sampler import MAX_CATCH_UP_MS, Sampler, counter_reading
 from nettel.ingest.sources import Source
-from nettel.models import DurableReading, StatEvent, decode_stat_event, encode_stat_event
+from nettel.models import COUNTERS, DurableReading, StatEvent, decode_stat_event, encode_stat_event
 
 log = structlog.get_logger(__name__)
 
@@ -50,7 +50,7 @@ def bridging_event(before: StatEvent, durable: DurableReading) -> StatEvent | No
     diffs = [c - d for c, d in zip(start, durable.reading.counters(), strict=True)]
     if any(d < 0 for d in diffs):
         return None
-    counters = InterfaceCounters(*start)
+    counters = InterfaceCounters(**dict(zip(COUNTERS, start, strict=True)))
     rxb, txb, rxp, txp, rxe, txe, rxd, txd = diffs
     return StatEvent(
         ts_ms=start_ms, host=before.host, container_id=before.container_id,
@@ -62,12 +62,8 @@ def bridging_event(before: StatEvent, durable: DurableReading) -> StatEvent | No
     )  # fmt: skip
 
 
-_COUNTER_FIELDS = ("rx_bytes", "tx_bytes", "rx_packets", "tx_packets",
-                   "rx_errors", "tx_errors", "rx_drops", "tx_drops")  # fmt: skip
-
-
 def _event_counters(ev: StatEvent) -> tuple[int, ...]:
-    return tuple(getattr(ev, name) for name in _COUNTER_FIELDS)
+    return tuple(getattr(ev, name) for name in COUNTERS)
 
 
 class IngestService:
