@@ -180,12 +180,10 @@ class SamplesTable(MinuteTable):
 
         Rows of older versions carry no reading and are left out.
         """
-        try:
-            scan = self.scan()
-            names = scan.collect_schema().names()
-        except TableNotFoundError:
-            return {}
-        if "reading_rx_bytes" not in names:
+        if not DeltaTable.is_deltatable(self.uri, storage_options=self.storage_options):
+            return {}  # nothing written yet
+        scan = self.scan()
+        if "reading_rx_bytes" not in scan.collect_schema().names():
             return {}
         newest = scan.select(pl.col("ts").max()).collect().item()
         if newest is None:
