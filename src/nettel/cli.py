@@ -386,11 +386,7 @@ async def up_roles(settings: Settings, bootstrap: str, broker: EmbeddedBroker | 
         await maintain_on_schedule(settings, stop)
 
     async def serve_mcp(stop: asyncio.Event) -> None:
-        try:
-            await serve_http(server, mcp_options, stop)
-        except SystemExit as e:  # uvicorn exits when it cannot bind: a failure to retry
-            raise OSError(f"MCP HTTP server could not serve on {mcp_options.host}:"
-                          f"{mcp_options.port} (port in use?)") from e  # fmt: skip
+        await serve_http(server, mcp_options, stop)
 
     async def reports(stop: asyncio.Event) -> None:
         await report_on_schedule(settings, stop, tz=settings.report_tz,
