@@ -14,7 +14,7 @@ import polars as pl
 
 from nettel.ingest.procfs import InterfaceCounters
 from nettel.ingest.publisher import EventPublisher
-from nettel.ingest.sampler import Sampler
+from nettel.ingest.sampler import Sampler, counter_reading
 from nettel.ingest.service import IngestService
 from nettel.ingest.sources import Reading
 from nettel.ingest.units import Unit
@@ -37,7 +37,7 @@ def counters(base: int) -> InterfaceCounters:
 
 
 def reading_of(c: InterfaceCounters, netns: int = 7, boot_id: str = BOOT) -> CounterReading:
-    return CounterReading(netns=netns, boot_id=boot_id, **{n: getattr(c, n) for n in COUNTERS})
+    return counter_reading(c, netns, boot_id)
 
 
 @dataclass

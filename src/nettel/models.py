@@ -80,33 +80,26 @@ class TcpStates(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=False):
 class CounterReading(msgspec.Struct, frozen=True, kw_only=True):
     """The cumulative counters behind a sample, and what proves which interface they are.
 
-    ``netns`` is the network namespace's inode (the PID where only the engine's stats
-    API is readable); ``boot_id`` the kernel's boot id. Counters of the same container
-    id, namespace and boot only go up, so two readings subtract to the traffic between
-    them, whatever was lost in between.
+    ``counters`` are in :data:`COUNTERS` order. ``netns`` is the network namespace's
+    inode (the PID where only the engine's stats API is readable); ``boot_id`` the
+    kernel's boot id. Counters of the same container id, namespace and boot only go up,
+    so two readings subtract to the traffic between them, whatever was lost in between.
 
     Examples
     --------
-    >>> a = CounterReading(rx_bytes=100, tx_bytes=7, netns=4026, boot_id="b1")
-    >>> b = CounterReading(rx_bytes=250, tx_bytes=9, netns=4026, boot_id="b1")
-    >>> a.same_interface(b), b.counters()[:2]
-    (True, (250, 9))
+    >>> a = CounterReading(counters=(100, 7, 1, 1, 0, 0, 0, 0), netns=4026, boot_id="b1")
+    >>> b = CounterReading(counters=(250, 9, 2, 2, 0, 0, 0, 0), netns=4026, boot_id="b1")
+    >>> a.same_interface(b), b.value("tx_bytes")
+    (True, 9)
     """
 
-    rx_bytes: int = 0
-    tx_bytes: int = 0
-    rx_packets: int = 0
-    tx_packets: int = 0
-    rx_errors: int = 0
-    tx_errors: int = 0
-    rx_drops: int = 0
-    tx_drops: int = 0
+    counters: tuple[int, int, int, int, int, int, int, int]
     netns: int = 0
     boot_id: str = ""
 
-    def counters(self) -> tuple[int, ...]:
-        """The counters in :data:`COUNTERS` order."""
-        return _counters_of(self)
+    def value(self, counter: str) -> int:
+        """One counter by name."""
+        return self.counters[COUNTERS.index(counter)]
 
     def same_interface(self, other: CounterReading) -> bool:
         """Whether ``other`` reads the same namespace in the same boot."""

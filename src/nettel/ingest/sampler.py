@@ -52,15 +52,22 @@ def counter_reading(counters: InterfaceCounters, netns: int, boot_id: str) -> Co
 
     Examples
     --------
-    >>> counter_reading(InterfaceCounters(rx_bytes=5), 9, "b").rx_bytes
-    5
+    >>> counter_reading(InterfaceCounters(rx_bytes=5, tx_bytes=3), 9, "b").counters
+    (5, 3, 0, 0, 0, 0, 0, 0)
     """
-    return CounterReading(
-        rx_bytes=counters.rx_bytes, tx_bytes=counters.tx_bytes,
-        rx_packets=counters.rx_packets, tx_packets=counters.tx_packets,
-        rx_errors=counters.rx_errors, tx_errors=counters.tx_errors,
-        rx_drops=counters.rx_drops, tx_drops=counters.tx_drops, netns=netns, boot_id=boot_id,
-    )  # fmt: skip
+    values = tuple(getattr(counters, c) for c in COUNTERS)
+    return CounterReading(counters=values, netns=netns, boot_id=boot_id)
+
+
+def interface_counters(reading: CounterReading) -> InterfaceCounters:
+    """The inverse of :func:`counter_reading` (the kernel's field order differs).
+
+    Examples
+    --------
+    >>> interface_counters(counter_reading(InterfaceCounters(tx_drops=4), 1, "b")).tx_drops
+    4
+    """
+    return InterfaceCounters(**dict(zip(COUNTERS, reading.counters, strict=True)))
 
 
 def build_event(
@@ -79,7 +86,7 @@ def build_event(
     >>> ev = build_event(u, r, d, "h")
     >>> (ev.identity, ev.rx_bytes, ev.interval_ms, ev.connections, ev.counter_reset)
     ('shop/api', 9, 5000, None, False)
-    >>> ev.reading.rx_bytes, ev.reading.netns, ev.catch_up
+    >>> ev.reading.value("rx_bytes"), ev.reading.netns, ev.catch_up
     (109, 1, False)
     """
     c = delta.counters
@@ -257,8 +264,8 @@ class Sampler:
             log.info("catch_up_skipped", container=unit.identity, gap_ms=gap_ms,
                      reason="another container, boot or a gap past a day")  # fmt: skip
             return
-        counters = InterfaceCounters(**dict(zip(COUNTERS, r.counters(), strict=True)))
-        self._tracker.seed(unit.identity, netns=r.netns, counters=counters, ts_ms=durable.ts_ms)
+        self._tracker.seed(unit.identity, netns=r.netns, counters=interface_counters(r),
+                           ts_ms=durable.ts_ms)  # fmt: skip
         self.caught_up += 1
         log.info("catch_up", container=unit.identity, since_ms=durable.ts_ms, gap_ms=gap_ms,
                  same_namespace=r.netns == reading.netns)  # fmt: skip

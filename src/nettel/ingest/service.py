@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Mapping
 
+import msgspec
 import structlog
 
-from nettel.ingest.procfs import InterfaceCounters
 from nettel.ingest.publisher import EventPublisher
 from nettel.ingest.sampler import MAX_CATCH_UP_MS, Sampler, counter_reading
 from nettel.ingest.sources import Source
@@ -31,11 +31,15 @@ def bridging_event(before: StatEvent, durable: DurableReading) -> StatEvent | No
     >>> from nettel.models import CounterReading
     >>> ev = StatEvent(ts_ms=70_000, host="h", container_id="c", identity="web", name="web",
     ...                interval_ms=5000, rx_bytes=50,
-    ...                reading=CounterReading(rx_bytes=1000, netns=1, boot_id="b"))
-    >>> d = DurableReading("web", "c", 20_000, CounterReading(rx_bytes=400, netns=1, boot_id="b"))
+    ...                tx_bytes=5, reading=CounterReading(counters=(1000, 80, 0, 0, 0, 0, 0, 0),
+    ...                                                   netns=1, boot_id="b"))
+    >>> d = DurableReading("web", "c", 20_000, CounterReading(counters=(400, 60, 0, 0, 0, 0, 0, 0),
+    ...                                                        netns=1, boot_id="b"))
     >>> gap = bridging_event(ev, d)
-    >>> gap.rx_bytes, gap.ts_ms, gap.interval_ms, gap.catch_up, gap.reading.rx_bytes
-    (550, 65000, 45000, True, 950)
+    >>> gap.rx_bytes, gap.tx_bytes, gap.ts_ms, gap.interval_ms, gap.catch_up
+    (550, 15, 65000, 45000, True)
+    >>> gap.reading.counters[:2]
+    (950, 75)
     """
     reading = before.reading
     if reading is None or before.counter_reset or before.container_id != durable.container_id:
@@ -46,11 +50,10 @@ def bridging_event(before: StatEvent, durable: DurableReading) -> StatEvent | No
     gap_ms = start_ms - durable.ts_ms
     if not 0 < gap_ms <= MAX_CATCH_UP_MS:
         return None
-    start = [c - d for c, d in zip(reading.counters(), _event_counters(before), strict=True)]
-    diffs = [c - d for c, d in zip(start, durable.reading.counters(), strict=True)]
+    start = [c - d for c, d in zip(reading.counters, _event_counters(before), strict=True)]
+    diffs = [c - d for c, d in zip(start, durable.reading.counters, strict=True)]
     if any(d < 0 for d in diffs):
         return None
-    counters = InterfaceCounters(**dict(zip(COUNTERS, start, strict=True)))
     rxb, txb, rxp, txp, rxe, txe, rxd, txd = diffs
     return StatEvent(
         ts_ms=start_ms, host=before.host, container_id=before.container_id,
@@ -58,7 +61,7 @@ def bridging_event(before: StatEvent, durable: DurableReading) -> StatEvent | No
         compose_project=before.compose_project, compose_service=before.compose_service,
         interval_ms=gap_ms, rx_bytes=rxb, tx_bytes=txb, rx_packets=rxp, tx_packets=txp,
         rx_errors=rxe, tx_errors=txe, rx_drops=rxd, tx_drops=txd, source=before.source,
-        reading=counter_reading(counters, reading.netns, reading.boot_id), catch_up=True,
+        reading=msgspec.structs.replace(reading, counters=tuple(start)), catch_up=True,
     )  # fmt: skip
 
 

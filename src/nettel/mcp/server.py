@@ -408,6 +408,7 @@ async def serve_http(server: MCPServer[Any], options: HttpOptions,
     uv.capture_signals = contextlib.nullcontext  # type: ignore[method-assign,assignment]
     log.info("mcp_http_listening", url=f"http://{options.host}:{options.port}/mcp",
              token=options.token is not None)  # fmt: skip
+
     async def serve() -> None:
         try:
             await uv.serve()

@@ -110,8 +110,8 @@ def samples_frame(events: Sequence[tuple[int, StatEvent]]) -> pl.DataFrame:
     readings = [ev.reading for ev in evs]
     cols["netns"] = [None if r is None else r.netns for r in readings]
     cols["boot_id"] = [None if r is None else r.boot_id for r in readings]
-    for c in COUNTERS:
-        cols[f"reading_{c}"] = [None if r is None else getattr(r, c) for r in readings]
+    for i, c in enumerate(COUNTERS):
+        cols[f"reading_{c}"] = [None if r is None else r.counters[i] for r in readings]
     raw = {**schema, "ts": pl.Int64()}
     return (
         pl.DataFrame(cols, schema=raw)
@@ -200,8 +200,9 @@ class SamplesTable(MinuteTable):
         )  # fmt: skip
         out: dict[str, DurableReading] = {}
         for row in rows.iter_rows(named=True):
-            reading = CounterReading(netns=row["netns"], boot_id=row["boot_id"] or "",
-                                     **{c: row[f"reading_{c}"] for c in COUNTERS})  # fmt: skip
+            values = tuple(row[f"reading_{c}"] for c in COUNTERS)
+            reading = CounterReading(counters=values, netns=row["netns"],
+                                     boot_id=row["boot_id"] or "")  # fmt: skip
             out[row["container"]] = DurableReading(row["container"], row["container_id"],
                                                    row["ts_ms"], reading)  # fmt: skip
         return out
