@@ -155,6 +155,10 @@ class ContainerDetector(AnomalyDetector):
     True
     >>> det.score_one({"ts_ms": 500_000, "rx_bytes": 55_000.0, "counter_reset": True})
     0.0
+    >>> det.score_one({"ts_ms": 500_000, "rx_bytes": 1_000_000.0, "catch_up": True})
+    0.0
+    >>> det.update({"ts_ms": 500_000, "rx_bytes": 1_000_000.0, "catch_up": True})
+    {}
     """
 
     def __init__(
