@@ -16,7 +16,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Protocol
 
@@ -498,24 +498,29 @@ class BrokerRotation:
         for p in self.producers:
             await p.pause()
         try:
-            epoch = await self._swap()
-            for hook in self.on_restarted:
-                await hook(epoch)
+            epoch = await self.broker.rotate(self.topics)
             self.restarts += 1
+            await self._tell(epoch, [*self.on_rotated, *self.on_restarted])
             log.info("broker_restarted", epoch=epoch, restarts=self.restarts)
             return epoch
         finally:
             for p in self.producers:
                 p.resume()
 
-    async def _swap(self) -> int:
-        """A fresh broker; consumers told, producers' records stamped with its epoch."""
-        epoch = await self.broker.rotate(self.topics)
-        for hook in self.on_rotated:
-            await hook(epoch)
+    async def _tell(self, epoch: int, hooks: Sequence[Callable[[int], Awaitable[object]]]) -> None:
+        """Stamp the producers' records with ``epoch``, then run every hook (one failing
+        does not keep the others from the news); re-raises the first failure."""
         for p in self.producers:
             p.headers = epoch_headers(epoch)
-        return epoch
+        errors = []
+        for hook in hooks:
+            try:
+                await hook(epoch)
+            except Exception as e:
+                log.error("broker_epoch_hook_failed", epoch=epoch, hook=repr(hook), error=repr(e))
+                errors.append(e)
+        if errors:
+            raise errors[0]
 
     async def rotate_when_drained(self) -> bool:
         """Pause producers, wait for consumers, rotate; returns whether it rotated."""
@@ -534,7 +539,7 @@ class BrokerRotation:
                               rss_mb=rss >> 20)  # fmt: skip
                     break
                 await asyncio.sleep(0.2)
-            await self._swap()
+            await self._tell(await self.broker.rotate(self.topics), self.on_rotated)
             return True
         finally:
             for p in self.producers:
