@@ -238,6 +238,12 @@ async def supervise(
     ...     asyncio.run(supervise(Role("flaky", flaky), asyncio.Event(), min_s=0.01))
     >>> len(runs), [e["event"] for e in logs]
     (3, ['role_failed', 'role_restarted', 'role_failed', 'role_restarted'])
+    >>> async def misconfigured(stop: asyncio.Event) -> None:
+    ...     raise ConfigError("NETTEL_RULES_FILE", "x.toml", "a TOML file")
+    >>> asyncio.run(supervise(Role("detect", misconfigured), asyncio.Event()))
+    Traceback (most recent call last):
+    ...
+    nettel.errors.ConfigError: NETTEL_RULES_FILE='x.toml' is not valid: expected a TOML file
     """
     backoff = min_s
     restarts = 0
