@@ -3,15 +3,28 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
+import signal
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from structlog.testing import capture_logs
 
 from conftest import free_port, require, wait_for
-from nettel.broker import EPOCH_HEADER, BrokerRotation, EmbeddedBroker, ensure_topics
+from nettel.broker import (
+    EPOCH_HEADER,
+    BrokerRotation,
+    EmbeddedBroker,
+    ensure_topics,
+    process_start_ticks,
+    reap_orphan_broker,
+    tansu_binary,
+)
 from nettel.ingest.publisher import EventPublisher
 
 pytestmark = pytest.mark.broker
@@ -136,3 +149,116 @@ async def test_a_second_start_gets_the_next_epoch(tmp_path: Path) -> None:
         epochs.append(b.epoch)
         await b.stop()
     assert epochs[1] == epochs[0] + 1
+
+
+def tansu_processes_advertising(port: int) -> list[int]:
+    """PIDs of Tansu brokers advertising ``127.0.0.1:port`` (read from /proc)."""
+    needle = f"tcp://127.0.0.1:{port}".encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                args = (entry / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if args and b"tansu" in Path(os.fsdecode(args[0])).name.encode() and needle in args:
+                found.append(int(entry.name))
+    return found
+
+
+def test_a_sigkilled_parent_leaves_no_broker_behind(tmp_path: Path) -> None:
+    """The kernel kills Tansu with the process that spawned it (PR_SET_PDEATHSIG)."""
+    port = free_port()
+    script = (
+        "import asyncio, sys\n"
+        "from nettel.broker import EmbeddedBroker\n"
+        "async def main():\n"
+        f"    b = EmbeddedBroker({port}, pid_path={str(tmp_path / 'broker.pid')!r})\n"
+        "    await b.start()\n"
+        "    print('PID', b.pid, flush=True)\n"
+        "    await asyncio.sleep(3600)\n"
+        "asyncio.run(main())\n"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert parent.stdout is not None
+        line = ""
+        while not line.startswith("PID "):  # structlog's default output comes first
+            line = parent.stdout.readline()
+            assert line, "the parent ended before its broker started"
+        pid = int(line.split()[1])
+        assert tansu_processes_advertising(port) == [pid]
+        assert (tmp_path / "broker.pid").read_text().split()[0] == str(pid)
+    finally:
+        parent.kill()
+        parent.wait()
+        if parent.stdout is not None:
+            parent.stdout.close()
+    deadline = time.monotonic() + 10
+    while tansu_processes_advertising(port) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert tansu_processes_advertising(port) == [], "Tansu outlived its SIGKILLed parent"
+
+
+async def test_an_orphan_named_in_the_pid_file_is_reaped_at_start(tmp_path: Path) -> None:
+    """A broker an older nettel left running (no PDEATHSIG) is killed by the next start."""
+    orphan_port = free_port()
+    orphan = subprocess.Popen(
+        [tansu_binary(), "broker", "--listener-url", f"tcp://127.0.0.1:{free_port()}",
+         "--advertised-listener-url", f"tcp://127.0.0.1:{orphan_port}",
+         "--storage-engine", "memory://tansu/"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    pid_file = tmp_path / "broker.pid"
+    pid_file.write_text(f"{orphan.pid} {process_start_ticks(orphan.pid)}\n")
+    # a PID file naming a process that is not Tansu is left alone
+    bystander = tmp_path / "other.pid"
+    bystander.write_text(f"{os.getpid()} {process_start_ticks(os.getpid())}\n")
+    assert reap_orphan_broker(bystander) is None
+    broker = EmbeddedBroker(free_port(), pid_path=pid_file)
+    try:
+        with capture_logs() as logs:
+            await broker.start()
+        assert await asyncio.to_thread(orphan.wait, 10) == -signal.SIGKILL
+        assert [e["pid"] for e in logs if e["event"] == "broker_orphan_reaped"] == [orphan.pid]
+        assert pid_file.read_text().split()[0] == str(broker.pid), "the new broker is recorded"
+    finally:
+        if orphan.poll() is None:
+            orphan.kill()
+            orphan.wait()
+        await broker.stop()
+    assert not pid_file.exists(), "a clean stop removes the PID file"
+
+
+async def test_a_dead_broker_is_replaced_and_the_producers_resume(tmp_path: Path) -> None:
+    broker = EmbeddedBroker(free_port(), epoch_path=tmp_path / "epoch")
+    await broker.start(topics=TOPICS)
+    publisher = EventPublisher(broker.bootstrap_servers, "nettel.stats")
+    epochs: list[int] = []
+
+    async def rotated(epoch: int) -> None:
+        epochs.append(epoch)
+
+    rotation = BrokerRotation(broker, TOPICS, [publisher], max_rss_bytes=1 << 40,
+                              on_rotated=[rotated], on_restarted=[rotated],
+                              liveness_interval_s=0.1)  # fmt: skip
+    stop = asyncio.Event()
+    task = asyncio.create_task(rotation.run(stop))
+    try:
+        async with publisher:
+            publisher.publish(b"k", b"before")
+            await wait_for(lambda: publisher.sent == 1, 20, "a record sent")
+            dead = broker.pid
+            assert dead is not None
+            os.kill(dead, signal.SIGKILL)
+            await wait_for(lambda: rotation.restarts == 1, 30, "the broker restarted")
+            assert broker.pid != dead
+            assert broker.epoch == 2
+            assert epochs == [2, 2]
+            assert publisher.headers == ((EPOCH_HEADER, b"2"),)
+            publisher.publish(b"k", b"after")
+            await wait_for(lambda: publisher.sent == 2, 30, "a record sent to the new broker")
+    finally:
+        stop.set()
+        await task
+        await broker.stop()

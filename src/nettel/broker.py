@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import os
+import signal
 import socket
 import subprocess
+import sys
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Protocol
 
@@ -98,18 +101,97 @@ def free_loopback_port() -> int:
         return port
 
 
+PR_SET_PDEATHSIG = 1
+_LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform == "linux" else None
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """In the forked child, before exec: have the kernel SIGKILL it when its parent dies.
+
+    The kernel sends it when the parent *thread* that forked ends, so spawn from the
+    event loop's thread (it lives as long as the process). If the parent died before
+    the request took effect, exit at once.
+    """
+    if _LIBC is not None:
+        _LIBC.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent_pid:
+        os._exit(1)
+
+
+def process_start_ticks(pid: int) -> int | None:
+    """When ``pid`` started (clock ticks since boot; /proc/PID/stat field 22), or None.
+
+    With the PID it names one process, even after the PID is reused.
+
+    Examples
+    --------
+    >>> process_start_ticks(os.getpid()) is not None, process_start_ticks(2**31 - 1)
+    (True, None)
+    """
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
+            stat = f.read()
+        return int(stat.rpartition(")")[2].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def reap_orphan_broker(pid_path: str | os.PathLike[str]) -> int | None:
+    """Kill the Tansu broker an earlier nettel left running (its PID file says which).
+
+    A broker is only killed if the PID still names the process that was written (same
+    start time) and it runs Tansu; returns the PID killed, or None. The file is removed.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> path = Path(tempfile.mkdtemp()) / "broker.pid"
+    >>> _ = path.write_text(f"{os.getpid()} {process_start_ticks(os.getpid())}\\n")
+    >>> reap_orphan_broker(path) is None, path.exists()   # alive, but not Tansu: left alone
+    (True, False)
+    """
+    path = Path(pid_path)
+    try:
+        pid_text, _, ticks_text = path.read_text().strip().partition(" ")
+        pid, ticks = int(pid_text), int(ticks_text)
+    except (OSError, ValueError):
+        return None
+    path.unlink(missing_ok=True)
+    if process_start_ticks(pid) != ticks:
+        return None  # gone, or the PID names another process now
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    if not cmdline or b"tansu" not in Path(os.fsdecode(cmdline[0])).name.encode():
+        return None
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 5
+    while process_start_ticks(pid) == ticks and time.monotonic() < deadline:
+        time.sleep(0.02)
+    log.warning("broker_orphan_reaped", pid=pid, pid_file=str(path))
+    return pid
+
+
 class _Tansu:
-    """One Tansu process on a private loopback port, advertising the public address."""
+    """One Tansu process on a private loopback port, advertising the public address.
+
+    It dies with the process that spawned it (``PR_SET_PDEATHSIG``), even when that one
+    is SIGKILLed.
+    """
 
     def __init__(self, binary: str, port: int, advertised: str, out: IO[bytes] | int) -> None:
         self.port = port
         args = [binary, "broker", "--listener-url", f"tcp://127.0.0.1:{port}"]
+        parent = os.getpid()
         self.proc = subprocess.Popen(
             [*args, "--advertised-listener-url", advertised, "--storage-engine", "memory://tansu/"],
             stdin=subprocess.DEVNULL,
             stdout=out,
             stderr=out,
             start_new_session=True,
+            preexec_fn=lambda: _die_with_parent(parent),
         )
 
     async def wait_listening(self, timeout_s: float) -> None:
@@ -163,11 +245,13 @@ class EmbeddedBroker:
         host: str = "127.0.0.1",
         log_path: str | os.PathLike[str] | None = None,
         epoch_path: str | os.PathLike[str] | None = None,
+        pid_path: str | os.PathLike[str] | None = None,
     ) -> None:
         self.host = host
         self.port = port
         self.log_path = log_path
         self.epoch_path = epoch_path
+        self.pid_path = pid_path
         self.epoch = 0
         self.rotations = 0
         self._tansu: _Tansu | None = None
@@ -184,6 +268,22 @@ class EmbeddedBroker:
     def pid(self) -> int | None:
         """The broker's PID while it runs."""
         return None if self._tansu is None else self._tansu.proc.pid
+
+    @property
+    def exit_code(self) -> int | None:
+        """The broker process's exit code if it died (None while it runs or when stopped)."""
+        return None if self._tansu is None else self._tansu.proc.poll()
+
+    def _write_pid(self) -> None:
+        """Record the running broker (PID and start time) for :func:`reap_orphan_broker`."""
+        if self.pid_path is None or self._tansu is None:
+            return
+        pid = self._tansu.proc.pid
+        path = Path(self.pid_path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(f"{pid} {process_start_ticks(pid)}\n")
+        tmp.replace(path)
 
     def rss_bytes(self) -> int:
         """Resident memory of the broker process (0 when not running)."""
@@ -230,8 +330,11 @@ class EmbeddedBroker:
                 "if it is a Kafka broker"
             )
         self._binary = tansu_binary()
+        if self.pid_path is not None:
+            await asyncio.to_thread(reap_orphan_broker, self.pid_path)
         try:
             self._tansu = await self._spawn_ready(timeout_s, topics or {})
+            self._write_pid()
             self._front = KafkaFront(self.host, self.port, ("127.0.0.1", self._tansu.port))
             await self._front.start()
             deadline = time.monotonic() + timeout_s
@@ -262,6 +365,7 @@ class EmbeddedBroker:
         old_rss = self.rss_bytes()
         fresh = await self._spawn_ready(timeout_s, topics)
         old, self._tansu = self._tansu, fresh
+        self._write_pid()
         await self._front.switch(("127.0.0.1", fresh.port))
         await old.stop(1.0)
         self.epoch = self._next_epoch()
@@ -281,6 +385,9 @@ class EmbeddedBroker:
             await front.stop()
         if tansu is not None:
             await tansu.stop(timeout_s)
+            if self.pid_path is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.pid_path)
             log.info("broker_stopped", bootstrap=self.bootstrap_servers)
         if self._log_file is not None:
             self._log_file.close()
@@ -319,7 +426,7 @@ def epoch_headers(epoch: int) -> tuple[tuple[str, bytes], ...]:
 
 
 class BrokerRotation:
-    """Keeps the embedded broker's memory bounded by rotating it to a fresh one.
+    """Keeps the embedded broker alive and its memory bounded by rotating it to a fresh one.
 
     Every ``check_interval_s`` it reads the broker's RSS; past ``max_rss_bytes`` it
     pauses the producers (events keep buffering in them), waits until ``drained()``
@@ -329,6 +436,12 @@ class BrokerRotation:
     log), stamps the new epoch on the producers' records and resumes them. If consumers
     stay behind until the broker reaches ``hard_limit_factor`` times the limit, it
     rotates anyway and logs what it could not wait for.
+
+    Every ``liveness_interval_s`` it checks that the broker runs. A broker that died
+    (killed, crashed) is replaced the same way at once, without waiting for the
+    consumers: its log is gone, so they write what they had read (``on_rotated``), and
+    then ``on_restarted(epoch)`` lets the producers make up for what the dead log held
+    (ingest counts again from the last durable sample) before they resume.
     """
 
     def __init__(
@@ -340,7 +453,9 @@ class BrokerRotation:
         max_rss_bytes: int,
         drained: Callable[[], Awaitable[bool]] | None = None,
         on_rotated: list[Callable[[int], Awaitable[None]]] | None = None,
+        on_restarted: list[Callable[[int], Awaitable[object]]] | None = None,
         check_interval_s: float = 10.0,
+        liveness_interval_s: float = 1.0,
         drain_timeout_s: float = 60.0,
         hard_limit_factor: float = 2.0,
     ) -> None:
@@ -350,22 +465,63 @@ class BrokerRotation:
         self.max_rss_bytes = max_rss_bytes
         self.drained = drained
         self.on_rotated = on_rotated or []
+        self.on_restarted = on_restarted or []
         self.check_interval_s = check_interval_s
+        self.liveness_interval_s = liveness_interval_s
         self.drain_timeout_s = drain_timeout_s
         self.hard_limit_factor = hard_limit_factor
+        self.restarts = 0
         for p in producers:
             p.headers = epoch_headers(broker.epoch)
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Check and rotate until ``stop`` is set."""
+        """Check, restart and rotate until ``stop`` is set."""
+        next_rss_check = time.monotonic() + self.check_interval_s
         while not stop.is_set():
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), self.check_interval_s)
-            if not stop.is_set() and self.broker.rss_bytes() > self.max_rss_bytes:
-                await self.rotate_when_drained()
+                await asyncio.wait_for(stop.wait(), self.liveness_interval_s)
+            if stop.is_set():
+                return
+            if self.broker.exit_code is not None:
+                await self.restart_dead()
+            elif time.monotonic() >= next_rss_check:
+                next_rss_check = time.monotonic() + self.check_interval_s
+                if self.broker.rss_bytes() > self.max_rss_bytes:
+                    await self.rotate_when_drained()
 
     async def _is_drained(self) -> bool:
         return True if self.drained is None else await self.drained()
+
+    async def restart_dead(self) -> int:
+        """Replace a broker that died with a fresh one; returns the new epoch."""
+        log.error("broker_died", exit_code=self.broker.exit_code, epoch=self.broker.epoch,
+                  action="starting a fresh broker; what the dead one held is lost")  # fmt: skip
+        for p in self.producers:
+            await p.pause()
+        try:
+            epoch = await self.broker.rotate(self.topics)
+            self.restarts += 1
+            await self._tell(epoch, [*self.on_rotated, *self.on_restarted])
+            log.info("broker_restarted", epoch=epoch, restarts=self.restarts)
+            return epoch
+        finally:
+            for p in self.producers:
+                p.resume()
+
+    async def _tell(self, epoch: int, hooks: Sequence[Callable[[int], Awaitable[object]]]) -> None:
+        """Stamp the producers' records with ``epoch``, then run every hook (one failing
+        does not keep the others from the news); re-raises the first failure."""
+        for p in self.producers:
+            p.headers = epoch_headers(epoch)
+        errors = []
+        for hook in hooks:
+            try:
+                await hook(epoch)
+            except Exception as e:
+                log.error("broker_epoch_hook_failed", epoch=epoch, hook=repr(hook), error=repr(e))
+                errors.append(e)
+        if errors:
+            raise errors[0]
 
     async def rotate_when_drained(self) -> bool:
         """Pause producers, wait for consumers, rotate; returns whether it rotated."""
@@ -384,11 +540,7 @@ class BrokerRotation:
                               rss_mb=rss >> 20)  # fmt: skip
                     break
                 await asyncio.sleep(0.2)
-            epoch = await self.broker.rotate(self.topics)
-            for hook in self.on_rotated:
-                await hook(epoch)
-            for p in self.producers:
-                p.headers = epoch_headers(epoch)
+            await self._tell(await self.broker.rotate(self.topics), self.on_rotated)
             return True
         finally:
             for p in self.producers:

@@ -15,6 +15,7 @@ import argparse
 import asyncio
 import contextlib
 import datetime as dt
+import errno
 import json
 import logging
 import os
@@ -146,6 +147,7 @@ def make_ingest(settings: Settings, bootstrap: str, source: Source) -> IngestSer
     from nettel.broker import ensure_topics
     from nettel.ingest.publisher import EventPublisher
     from nettel.ingest.service import IngestService
+    from nettel.store.samples import SamplesTable
 
     topics = topic_partitions(settings)
 
@@ -156,9 +158,11 @@ def make_ingest(settings: Settings, bootstrap: str, source: Source) -> IngestSer
         bootstrap, settings.topic_stats, max_buffer=settings.buffer_max_events,
         on_connect=on_connect,
     )  # fmt: skip
+    samples = SamplesTable(table_uri(settings, "samples"))
     return IngestService(
-        source, publisher, host=settings.host_name, interval_s=settings.sample_interval_s
-    )
+        source, publisher, host=settings.host_name, interval_s=settings.sample_interval_s,
+        durable_readings=samples.latest_readings,
+    )  # fmt: skip
 
 
 def _install_signal_handlers(stop: asyncio.Event) -> None:
@@ -184,16 +188,112 @@ class Role:
     producer: Producing | None = None
     drained: Callable[[], Awaitable[bool]] | None = None
     on_rotated: Callable[[int], Awaitable[None]] | None = None
+    on_broker_restarted: Callable[[int], Awaitable[Any]] | None = None
+
+
+#: Backoff between restarts of a failed role: doubled after each failure up to the
+#: maximum, back to the minimum once the role has run this long without failing.
+RESTART_MIN_S = 1.0
+RESTART_MAX_S = 30.0
+RESTART_HEALTHY_S = 60.0
+
+
+def failure_cause(error: BaseException) -> dict[str, str]:
+    """A plain cause and what to do, for failures that have one (the disk full).
+
+    Examples
+    --------
+    >>> failure_cause(OSError(28, "No space left on device"))["cause"]
+    'disk full'
+    >>> failure_cause(RuntimeError("Generic error: No space left on device (os error 28)"))
+    {'cause': 'disk full', 'hint': 'free space in the data dir: writing resumes by itself'}
+    >>> failure_cause(ValueError("x"))
+    {}
+    """
+    seen: BaseException | None = error
+    while seen is not None:
+        if getattr(seen, "errno", None) == errno.ENOSPC or "No space left" in str(seen):
+            return {"cause": "disk full",
+                    "hint": "free space in the data dir: writing resumes by itself"}  # fmt: skip
+        seen = seen.__cause__ or seen.__context__
+    return {}
+
+
+async def supervise(
+    role: Role,
+    stop: asyncio.Event,
+    *,
+    min_s: float = RESTART_MIN_S,
+    max_s: float = RESTART_MAX_S,
+    healthy_s: float = RESTART_HEALTHY_S,
+) -> None:
+    """Run ``role`` until ``stop``; restart it with backoff whenever it fails or ends.
+
+    A failure is logged (``role_failed``, with the traceback) and the role is run again
+    (``role_restarted``) after ``min_s``, doubling up to ``max_s`` while it keeps failing
+    soon after each start. Settings errors (:class:`~nettel.errors.ConfigError`) are not
+    retried: they propagate and stop ``nettel up``. The role's object is reused, so what
+    it holds (the publisher's buffer, counter baselines, which points it wrote) survives.
+
+    Examples
+    --------
+    >>> async def flaky(stop: asyncio.Event) -> None:
+    ...     runs.append(1)
+    ...     if len(runs) < 3:
+    ...         raise RuntimeError("boom")
+    ...     stop.set()
+    >>> import structlog.testing
+    >>> runs: list[int] = []
+    >>> with structlog.testing.capture_logs() as logs:
+    ...     asyncio.run(supervise(Role("flaky", flaky), asyncio.Event(), min_s=0.01))
+    >>> len(runs), [e["event"] for e in logs]
+    (3, ['role_failed', 'role_restarted', 'role_failed', 'role_restarted'])
+    >>> async def misconfigured(stop: asyncio.Event) -> None:
+    ...     raise ConfigError("NETTEL_RULES_FILE", "x.toml", "a TOML file")
+    >>> asyncio.run(supervise(Role("detect", misconfigured), asyncio.Event()))
+    Traceback (most recent call last):
+    ...
+    nettel.errors.ConfigError: NETTEL_RULES_FILE='x.toml' is not valid: expected a TOML file
+    """
+    backoff = min_s
+    restarts = 0
+    while True:
+        started = time.monotonic()
+        try:
+            await role.run(stop)
+            if stop.is_set():
+                return
+            log.error("role_failed", role=role.name, error="ended without being asked to stop",
+                      restart_in_s=backoff, restarts=restarts)  # fmt: skip
+        except ConfigError:
+            raise
+        except Exception as e:
+            if stop.is_set():  # failed while stopping: nothing to restart
+                log.error("role_failed_stopping", role=role.name, error=repr(e), exc_info=True)
+                return
+            log.error("role_failed", role=role.name, error=repr(e), restart_in_s=backoff,
+                      restarts=restarts, exc_info=True, **failure_cause(e))  # fmt: skip
+        if time.monotonic() - started >= healthy_s:
+            backoff = min_s
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), backoff)
+        if stop.is_set():
+            return
+        restarts += 1
+        backoff = min(backoff * 2, max_s)
+        log.info("role_restarted", role=role.name, restarts=restarts)
 
 
 async def run_roles(roles: Sequence[Role], stop: asyncio.Event) -> None:
-    """Run ``roles`` until ``stop`` (or until one ends), then stop them stage by stage.
+    """Run ``roles``, each supervised (:func:`supervise`), until ``stop``; then stop them
+    stage by stage.
 
-    Re-raises the first error a role ended with.
+    A role that fails is restarted while the others keep running; only a settings error
+    (:class:`~nettel.errors.ConfigError`) in a role stops them all, and is re-raised.
     """
     stages = sorted({r.stage for r in roles})
     stage_stop = {stage: asyncio.Event() for stage in stages}
-    tasks = [asyncio.create_task(r.run(stage_stop[r.stage]), name=r.name) for r in roles]
+    tasks = [asyncio.create_task(supervise(r, stage_stop[r.stage]), name=r.name) for r in roles]
     log.info("up_running", roles=[r.name for r in roles])
     waiter = asyncio.create_task(stop.wait())
     try:
@@ -334,7 +434,13 @@ async def up_roles(settings: Settings, bootstrap: str, broker: EmbeddedBroker | 
                                  budget_bytes_per_day=report_budget(settings))  # fmt: skip
 
     return [
-        Role("ingest", ingest.run, stage=0, producer=ingest.publisher),
+        Role(
+            "ingest",
+            ingest.run,
+            stage=0,
+            producer=ingest.publisher,
+            on_broker_restarted=ingest.make_up_for_lost_log,
+        ),
         Role("stream", stream.run, stage=1, drained=stream.drained, on_rotated=stream.rotated),
         Role("detect", detect.run, stage=1, drained=detect.drained, on_rotated=detect.rotated),
         Role("maintenance", maintain, stage=2),
@@ -395,6 +501,7 @@ def rotation_role(settings: Settings, broker: EmbeddedBroker, roles: Sequence[Ro
         broker, topic_partitions(settings), [r.producer for r in roles if r.producer],
         max_rss_bytes=settings.broker_max_rss_mb << 20, drained=drained,
         on_rotated=[r.on_rotated for r in roles if r.on_rotated is not None],
+        on_restarted=[r.on_broker_restarted for r in roles if r.on_broker_restarted],
     )  # fmt: skip
     return Role("broker-rotation", rotation.run, stage=0)
 
@@ -416,11 +523,13 @@ async def cmd_up(settings: Settings) -> int:
     broker: EmbeddedBroker | None = None
     bootstrap = settings.kafka_bootstrap_servers
     if bootstrap is None:
-        log_path = epoch_path = None
+        log_path = epoch_path = pid_path = None
         if "://" not in settings.data_dir:
             log_path = os.path.join(settings.data_dir, "logs", "broker.log")
             epoch_path = os.path.join(settings.data_dir, "broker-epoch")
-        broker = EmbeddedBroker(settings.broker_port, log_path=log_path, epoch_path=epoch_path)
+            pid_path = os.path.join(settings.data_dir, "broker.pid")  # an orphan's, reaped
+        broker = EmbeddedBroker(settings.broker_port, log_path=log_path, epoch_path=epoch_path,
+                                pid_path=pid_path)  # fmt: skip
         await broker.start(topics=topics)
         from nettel import metrics
 

@@ -77,13 +77,45 @@ class TcpStates(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=False):
         )
 
 
+class CounterReading(msgspec.Struct, frozen=True, kw_only=True):
+    """The cumulative counters behind a sample, and what proves which interface they are.
+
+    ``counters`` are in :data:`COUNTERS` order. ``netns`` is the network namespace's
+    inode (the PID where only the engine's stats API is readable); ``boot_id`` the
+    kernel's boot id. Counters of the same container id, namespace and boot only go up,
+    so two readings subtract to the traffic between them, whatever was lost in between.
+
+    Examples
+    --------
+    >>> a = CounterReading(counters=(100, 7, 1, 1, 0, 0, 0, 0), netns=4026, boot_id="b1")
+    >>> b = CounterReading(counters=(250, 9, 2, 2, 0, 0, 0, 0), netns=4026, boot_id="b1")
+    >>> a.same_interface(b), b.value("tx_bytes")
+    (True, 9)
+    """
+
+    counters: tuple[int, int, int, int, int, int, int, int]
+    netns: int = 0
+    boot_id: str = ""
+
+    def value(self, counter: str) -> int:
+        """One counter by name."""
+        return self.counters[COUNTERS.index(counter)]
+
+    def same_interface(self, other: CounterReading) -> bool:
+        """Whether ``other`` reads the same namespace in the same boot."""
+        return self.netns == other.netns and self.boot_id == other.boot_id
+
+
 class StatEvent(msgspec.Struct, frozen=True, kw_only=True):
     """One sample of one container's traffic: deltas over ``interval_ms`` ending at ``ts_ms``.
 
     ``counter_reset`` is set on the first sample after the counters went down (a restart,
     an interface re-created): its deltas then count from the reset, never negative.
     ``connections`` and ``tcp`` are ``None`` where the source cannot see sockets
-    (the engine's stats API).
+    (the engine's stats API). ``reading``: the cumulative counters the deltas end at
+    (None in events of older versions). ``catch_up``: the deltas span a gap (a restart
+    of nettel or of its broker) since the last sample that reached the store, over the
+    real ``interval_ms``: counted, never scored as a spike.
     """
 
     ts_ms: int
@@ -108,6 +140,18 @@ class StatEvent(msgspec.Struct, frozen=True, kw_only=True):
     counter_reset: bool = False
     source: str = "procfs"
     schema_version: int = SCHEMA_VERSION
+    reading: CounterReading | None = None
+    catch_up: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class DurableReading:
+    """The newest sample of a container that reached the store: where a restart counts from."""
+
+    identity: str
+    container_id: str
+    ts_ms: int
+    reading: CounterReading
 
 
 #: Sockets one network namespace can hold (far above what any kernel's memory allows).

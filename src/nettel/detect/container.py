@@ -59,6 +59,7 @@ def event_features(ev: StatEvent) -> Features:
     x: Features = {
         "ts_ms": ev.ts_ms,
         "counter_reset": ev.counter_reset,
+        "catch_up": ev.catch_up,
         "rx_bytes": ev.rx_bytes / seconds,
         "tx_bytes": ev.tx_bytes / seconds,
         "rx_packets": ev.rx_packets / seconds,
@@ -154,6 +155,10 @@ class ContainerDetector(AnomalyDetector):
     True
     >>> det.score_one({"ts_ms": 500_000, "rx_bytes": 55_000.0, "counter_reset": True})
     0.0
+    >>> det.score_one({"ts_ms": 500_000, "rx_bytes": 1_000_000.0, "catch_up": True})
+    0.0
+    >>> det.update({"ts_ms": 500_000, "rx_bytes": 1_000_000.0, "catch_up": True})
+    {}
     """
 
     def __init__(
@@ -189,7 +194,7 @@ class ContainerDetector(AnomalyDetector):
     def score_metrics(self, x: Features) -> dict[str, MetricScore]:
         """Every metric's score of ``x``, learning nothing."""
         out: dict[str, MetricScore] = {}
-        if x.get("counter_reset"):
+        if x.get("counter_reset") or x.get("catch_up"):
             return out
         ts_ms = int(x["ts_ms"])
         for metric in METRICS:
@@ -203,10 +208,11 @@ class ContainerDetector(AnomalyDetector):
     def update(self, x: Features) -> dict[str, MetricScore]:
         """Score every metric of ``x``, then learn those not flagged; one pass.
 
-        A counter reset (restart) is neither scored nor learned: it is never a spike.
+        A counter reset (restart) is neither scored nor learned: it is never a spike; nor
+        is a catch-up (a gap after nettel's restart, counted over its real interval).
         """
         out: dict[str, MetricScore] = {}
-        if x.get("counter_reset"):
+        if x.get("counter_reset") or x.get("catch_up"):
             return out
         ts_ms = int(x["ts_ms"])
         for metric in METRICS:

@@ -26,11 +26,13 @@ from nettel.ingest.procfs import COUNTER_NAMES, InterfaceCounters
 
 @dataclass(frozen=True, slots=True)
 class CounterDelta:
-    """Deltas of one unit over ``interval_ms``; ``reset`` when counters restarted."""
+    """Deltas of one unit over ``interval_ms``; ``reset`` when counters restarted;
+    ``catch_up`` when they count from a reading :meth:`CounterTracker.seed` gave."""
 
     counters: InterfaceCounters
     interval_ms: int
     reset: bool
+    catch_up: bool = False
 
 
 @dataclass(slots=True)
@@ -50,6 +52,27 @@ class CounterTracker:
 
     def __init__(self) -> None:
         self._last: dict[str, _Last] = {}
+        self._seeded: set[str] = set()
+
+    def seed(self, key: str, *, netns: int, counters: InterfaceCounters, ts_ms: int) -> None:
+        """Start ``key`` from a reading taken earlier (the last one that reached the store),
+        so its next update counts everything since then; that delta is flagged
+        ``catch_up`` (or ``reset`` if the namespace changed meanwhile: it then counts
+        from the namespace's start, which came after ``ts_ms``).
+
+        Examples
+        --------
+        >>> t = CounterTracker()
+        >>> t.seed("web", netns=1, counters=InterfaceCounters(rx_bytes=100), ts_ms=1000)
+        >>> d = t.update("web", netns=1, counters=InterfaceCounters(rx_bytes=900), ts_ms=61000)
+        >>> d.counters.rx_bytes, d.interval_ms, d.catch_up, d.reset
+        (800, 60000, True, False)
+        >>> t.update("web", netns=1, counters=InterfaceCounters(rx_bytes=950),
+        ...          ts_ms=62000).catch_up
+        False
+        """
+        self._last[key] = _Last(netns, counters, ts_ms)
+        self._seeded.add(key)
 
     def update(
         self,
@@ -80,15 +103,25 @@ class CounterTracker:
             return CounterDelta(counters, max(0, ts_ms - since_ms), reset=False)
         interval = max(0, ts_ms - last.ts_ms)
         if netns != last.netns:
+            self._seeded.discard(key)
             return CounterDelta(counters, interval, reset=True)
         diffs = [getattr(counters, n) - getattr(last.counters, n) for n in COUNTER_NAMES]
         if any(d < 0 for d in diffs):
+            self._seeded.discard(key)
             return CounterDelta(counters, interval, reset=True)
-        return CounterDelta(InterfaceCounters(*diffs), interval, reset=False)
+        catch_up = key in self._seeded
+        self._seeded.discard(key)
+        return CounterDelta(InterfaceCounters(*diffs), interval, reset=False, catch_up=catch_up)
+
+    def last(self, key: str) -> tuple[int, InterfaceCounters, int] | None:
+        """(netns, counters, ts_ms) of ``key``'s last reading, or None."""
+        last = self._last.get(key)
+        return None if last is None else (last.netns, last.counters, last.ts_ms)
 
     def forget(self, key: str) -> None:
         """Drop a unit that is gone, so a new unit of the same key starts fresh."""
         self._last.pop(key, None)
+        self._seeded.discard(key)
 
     def __contains__(self, key: object) -> bool:
         return key in self._last

@@ -103,6 +103,19 @@ class EventPublisher:
         self._buf.append(_Item(next(self._seq), key, value))
         self._wake.set()
 
+    def pending(self) -> list[tuple[bytes, bytes]]:
+        """(key, value) of every record accepted and not yet acknowledged, oldest first."""
+        return [(it.key, it.value) for it in self._buf]
+
+    def publish_first(self, records: list[tuple[bytes, bytes]]) -> None:
+        """Accept ``records`` ahead of everything buffered (they are older than it).
+
+        Call it with sending paused (:meth:`pause`): a batch in flight would not see them.
+        """
+        items = [_Item(next(self._seq), key, value) for key, value in records]
+        self._buf.extendleft(reversed(items))
+        self._wake.set()
+
     async def drained(self, at_most: int = 0) -> None:
         """Wait until at most ``at_most`` events are buffered (backpressure for bulk senders)."""
         while len(self._buf) > at_most:

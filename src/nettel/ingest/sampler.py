@@ -12,24 +12,69 @@ import concurrent.futures
 import contextlib
 import functools
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import structlog
 
 from nettel.errors import SampleError
 from nettel.ingest.counters import CounterDelta, CounterTracker
+from nettel.ingest.procfs import InterfaceCounters
 from nettel.ingest.sources import Reading, Source
 from nettel.ingest.units import Unit
-from nettel.models import StatEvent
+from nettel.models import COUNTERS, CounterReading, DurableReading, StatEvent
 
 log = structlog.get_logger(__name__)
 
 #: A unit unseen for this long is forgotten (bounds memory under container churn).
 FORGET_AFTER_MS = 3_600_000
 
+#: The longest gap a restart catches up on: the stream takes intervals up to a day.
+MAX_CATCH_UP_MS = 86_400_000
 
-def build_event(unit: Unit, reading: Reading, delta: CounterDelta, host: str) -> StatEvent:
-    """The event for one unit: ``delta``'s counters, ``reading``'s time and sockets.
+
+def read_boot_id(proc_root: str = "/proc") -> str:
+    """The kernel's boot id ("" if unreadable): counters of different boots never subtract.
+
+    Examples
+    --------
+    >>> len(read_boot_id()) in (0, 36)
+    True
+    """
+    try:
+        with open(f"{proc_root}/sys/kernel/random/boot_id", encoding="ascii") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+def counter_reading(counters: InterfaceCounters, netns: int, boot_id: str) -> CounterReading:
+    """The cumulative reading an event carries.
+
+    Examples
+    --------
+    >>> counter_reading(InterfaceCounters(rx_bytes=5, tx_bytes=3), 9, "b").counters
+    (5, 3, 0, 0, 0, 0, 0, 0)
+    """
+    values = tuple(getattr(counters, c) for c in COUNTERS)
+    return CounterReading(counters=values, netns=netns, boot_id=boot_id)
+
+
+def interface_counters(reading: CounterReading) -> InterfaceCounters:
+    """The inverse of :func:`counter_reading` (the kernel's field order differs).
+
+    Examples
+    --------
+    >>> interface_counters(counter_reading(InterfaceCounters(tx_drops=4), 1, "b")).tx_drops
+    4
+    """
+    return InterfaceCounters(**dict(zip(COUNTERS, reading.counters, strict=True)))
+
+
+def build_event(
+    unit: Unit, reading: Reading, delta: CounterDelta, host: str, boot_id: str = ""
+) -> StatEvent:
+    """The event for one unit: ``delta``'s counters, ``reading``'s time, sockets and
+    cumulative counters.
 
     Examples
     --------
@@ -41,6 +86,8 @@ def build_event(unit: Unit, reading: Reading, delta: CounterDelta, host: str) ->
     >>> ev = build_event(u, r, d, "h")
     >>> (ev.identity, ev.rx_bytes, ev.interval_ms, ev.connections, ev.counter_reset)
     ('shop/api', 9, 5000, None, False)
+    >>> ev.reading.value("rx_bytes"), ev.reading.netns, ev.catch_up
+    (109, 1, False)
     """
     c = delta.counters
     return StatEvent(
@@ -65,6 +112,8 @@ def build_event(unit: Unit, reading: Reading, delta: CounterDelta, host: str) ->
         tcp=reading.tcp,
         counter_reset=delta.reset,
         source=reading.source,
+        reading=counter_reading(reading.counters, reading.netns, boot_id),
+        catch_up=delta.catch_up,
     )
 
 
@@ -81,8 +130,13 @@ class Sampler:
         deadline_fraction: float = 0.8,
         max_workers: int = 8,
         chunk_size: int = 32,
+        boot_id: str | None = None,
     ) -> None:
         self.source = source
+        self.boot_id = (
+            read_boot_id(getattr(source, "proc_root", "/proc")) if boot_id is None else boot_id
+        )
+        self._durable: dict[str, DurableReading] = {}
         self.emit = emit
         self.host = host
         self.interval_s = interval_s
@@ -99,6 +153,23 @@ class Sampler:
         self.events = 0
         self.skipped = 0
         self._watching: bool | None = None  # whether the last tick had units (None: no tick)
+        self.caught_up = 0
+
+    def resume_from(self, durable: Mapping[str, DurableReading]) -> None:
+        """Count each container from its last sample that reached the store (at start).
+
+        A container unseen so far whose first reading has the same container id, boot
+        and namespace as its durable reading gets an event counting everything since
+        then (``catch_up``, over the real interval); one with the same id in a new
+        namespace (restarted meanwhile) counts from the namespace's start
+        (``counter_reset``). Anything else starts from a baseline, as without this.
+        """
+        self._durable = dict(durable)
+
+    @property
+    def tracker(self) -> CounterTracker:
+        """The units' last readings."""
+        return self._tracker
 
     async def run(self, stop: asyncio.Event) -> None:
         """Tick until ``stop`` is set; ticks keep to the wall-clock grid, missed ones skipped."""
@@ -197,8 +268,27 @@ class Sampler:
     def _done(self, identities: list[str], _fut: asyncio.Future[list[Reading | Exception]]) -> None:
         self._in_flight.difference_update(identities)
 
+    def _seed(self, unit: Unit, reading: Reading) -> None:
+        durable = self._durable.pop(unit.identity, None)
+        if durable is None or unit.identity in self._tracker:
+            return
+        r = durable.reading
+        gap_ms = reading.ts_ms - durable.ts_ms
+        if (durable.container_id != unit.container_id or r.boot_id != self.boot_id
+                or not self.boot_id or not 0 < gap_ms <= MAX_CATCH_UP_MS):  # fmt: skip
+            log.info("catch_up_skipped", container=unit.identity, gap_ms=gap_ms,
+                     reason="another container, boot or a gap past a day")  # fmt: skip
+            return
+        self._tracker.seed(unit.identity, netns=r.netns, counters=interface_counters(r),
+                           ts_ms=durable.ts_ms)  # fmt: skip
+        self.caught_up += 1
+        log.info("catch_up", container=unit.identity, since_ms=durable.ts_ms, gap_ms=gap_ms,
+                 same_namespace=r.netns == reading.netns)  # fmt: skip
+
     def _event(self, unit: Unit, reading: Reading) -> StatEvent | None:
         self._last_seen_ms[unit.identity] = reading.ts_ms
+        if self._durable:
+            self._seed(unit, reading)
         delta = self._tracker.update(
             unit.identity,
             netns=reading.netns,
@@ -210,7 +300,7 @@ class Sampler:
             return None
         if delta.reset:
             log.info("counter_reset", container=unit.identity, container_id=unit.container_id[:12])
-        return build_event(unit, reading, delta, self.host)
+        return build_event(unit, reading, delta, self.host, self.boot_id)
 
     def _forget_stale(self) -> None:
         if not self._last_seen_ms:

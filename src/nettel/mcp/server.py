@@ -700,7 +700,15 @@ async def serve_http(server: MCPServer[Any], options: HttpOptions,
     uv.capture_signals = contextlib.nullcontext  # type: ignore[method-assign,assignment]
     log.info("mcp_http_listening", url=f"http://{options.host}:{options.port}/mcp",
              token=options.token is not None)  # fmt: skip
-    serving = asyncio.create_task(uv.serve())
+
+    async def serve() -> None:
+        try:
+            await uv.serve()
+        except SystemExit as e:  # uvicorn exits when it cannot bind: make it an error
+            raise OSError(f"MCP HTTP server could not listen on {options.host}:"
+                          f"{options.port} (port in use?)") from e  # fmt: skip
+
+    serving = asyncio.create_task(serve())
     warming = asyncio.create_task(_warm(server))
     try:
         if stop is None:

@@ -30,7 +30,14 @@ import polars as pl
 from deltalake import DeltaTable, Transaction
 from deltalake.exceptions import TableNotFoundError
 
-from nettel.models import COUNTERS, TCP_STATES, StatEvent, TcpStates
+from nettel.models import (
+    COUNTERS,
+    TCP_STATES,
+    CounterReading,
+    DurableReading,
+    StatEvent,
+    TcpStates,
+)
 from nettel.store.minute import MinuteTable, writer_properties
 
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
@@ -69,6 +76,13 @@ def samples_schema() -> dict[str, pl.DataType]:
         schema[f"tcp_{state}"] = pl.Int64()
     schema["epoch"] = pl.Int64()
     schema["offset"] = pl.Int64()
+    # added later (null in older rows): the cumulative reading behind the sample, what
+    # proves its interface, and whether it catches up a gap (see StatEvent)
+    schema["catch_up"] = pl.Boolean()
+    schema["netns"] = pl.Int64()
+    schema["boot_id"] = pl.String()
+    for c in COUNTERS:
+        schema[f"reading_{c}"] = pl.Int64()
     return schema
 
 
@@ -113,6 +127,12 @@ def samples_frame(events: Sequence[tuple[int, int, StatEvent]], epoch: int) -> p
         cols[k] = [getattr(ev, k) for ev in evs]
     for state in TCP_STATES:
         cols[f"tcp_{state}"] = [None if ev.tcp is None else getattr(ev.tcp, state) for ev in evs]
+    cols["catch_up"] = [ev.catch_up for ev in evs]
+    readings = [ev.reading for ev in evs]
+    cols["netns"] = [None if r is None else r.netns for r in readings]
+    cols["boot_id"] = [None if r is None else r.boot_id for r in readings]
+    for i, c in enumerate(COUNTERS):
+        cols[f"reading_{c}"] = [None if r is None else r.counters[i] for r in readings]
     raw = {**schema, "ts": pl.Int64()}
     return (
         pl.DataFrame(cols, schema=raw)
@@ -123,7 +143,12 @@ def samples_frame(events: Sequence[tuple[int, int, StatEvent]], epoch: int) -> p
 
 
 class SamplesTable(MinuteTable):
-    """The ``samples`` Delta table under ``uri`` (a path or an ``s3://`` URI)."""
+    """The ``samples`` Delta table under ``uri`` (a path or an ``s3://`` URI).
+
+    Tables written before a column was added get it on the next append (schema merge).
+    """
+
+    schema_mode = "merge"
 
     def __init__(self, uri: str, *, storage_options: dict[str, str] | None = None) -> None:
         super().__init__(uri, storage_options=storage_options)
@@ -198,6 +223,39 @@ class SamplesTable(MinuteTable):
         except (TableNotFoundError, pl.exceptions.ColumnNotFoundError):
             return []  # no table, or one written before rows kept their offsets
         return [(row["offset"], sample_event(row)) for row in frame.iter_rows(named=True)]
+
+    def latest_readings(self, *, max_age_ms: int = 86_400_000) -> dict[str, DurableReading]:
+        """The newest sample of each container with a cumulative reading, from the last
+        ``max_age_ms`` (by the table's own newest time): where a restart counts from.
+
+        Rows of older versions carry no reading and are left out.
+        """
+        if not DeltaTable.is_deltatable(self.uri, storage_options=self.storage_options):
+            return {}  # nothing written yet
+        scan = self.scan()
+        if "reading_rx_bytes" not in scan.collect_schema().names():
+            return {}
+        newest = scan.select(pl.col("ts").max()).collect().item()
+        if newest is None:
+            return {}
+        since = newest - dt.timedelta(milliseconds=max_age_ms)
+        columns = ["container_id", "ts", "netns", "boot_id", *(f"reading_{c}" for c in COUNTERS)]
+        rows = (
+            scan.filter(pl.col("date") >= since.strftime("%Y-%m-%d"), pl.col("ts") >= since,
+                        pl.col("reading_rx_bytes").is_not_null())
+            .group_by("container")
+            .agg(pl.col(columns).sort_by("ts").last())
+            .with_columns(ts_ms=pl.col("ts").dt.epoch("ms"))
+            .collect()
+        )  # fmt: skip
+        out: dict[str, DurableReading] = {}
+        for row in rows.iter_rows(named=True):
+            values = tuple(row[f"reading_{c}"] for c in COUNTERS)
+            reading = CounterReading(counters=values, netns=row["netns"],
+                                     boot_id=row["boot_id"] or "")  # fmt: skip
+            out[row["container"]] = DurableReading(row["container"], row["container_id"],
+                                                   row["ts_ms"], reading)  # fmt: skip
+        return out
 
 
 def sample_event(row: Mapping[str, Any]) -> StatEvent:
