@@ -169,6 +169,13 @@ class TrafficBaseline(AnomalyDetector):
         Whether a point that :meth:`score_learn` would not learn (its evidence reaches
         ``learn_below``) is learned all the same when one was flagged at the same time
         of a previous period (its slot or a neighbour): what recurs daily is normal.
+    noise_margin
+        When samples come faster than buckets, a sample passes the highest (lowest) value
+        ever learned only by more than this many times its noise (the mean absolute
+        difference between a sample and the recent level): single fast samples are noisy
+        where bucket means are not.
+    noise_ms
+        How long the recent level, its spread and the noise are averaged over.
 
     Examples
     --------
@@ -273,7 +280,7 @@ class TrafficBaseline(AnomalyDetector):
         Examples
         --------
         >>> m = TrafficBaseline(warmup=3)
-        >>> [round(m.score_learn({"value": v, "ts_ms": i}, learn_below=1.0), 3)
+        >>> [round(m.score_learn({"value": v, "ts_ms": i * 300_000}, learn_below=1.0), 3)
         ...  for i, v in enumerate([1, 2, 1, 2, 9, 9])]
         [0.0, 0.0, 0.0, 0.0, 7.0, 0.0]
         >>> m.last_raw, m.n_learned
@@ -404,12 +411,30 @@ class TrafficBaseline(AnomalyDetector):
         if self._first_ts_ms is None:
             self._first_ts_ms = ts_ms
         smooth = averages[self._smooth_at]
+        # Until the smoothing length is filled, the recent level is the mean of all so far.
+        level = smooth if smooth is not None else self._history_mean(value)
+        # Recent level, spread and noise: plain means until noise_ms of samples, then
+        # exponential over noise_ms.
+        a = min(1.0, max((self._dt_ms or self.bucket_ms) / self.noise_ms, 1 / (self._n + 1)))
+        self._noise += a * (abs(value - level) - self._noise)
+        self._learn_recent(level, a)
         if smooth is not None:
-            # The mean absolute residual: plain until noise_ms of samples, then exponential.
-            a = min(1.0, max((self._dt_ms or self.bucket_ms) / self.noise_ms, 1 / (self._n + 1)))
-            self._noise += a * (abs(value - smooth) - self._noise)
             self._learn_seasons(smooth, ts_ms)
         self._n += 1
+
+    def _history_mean(self, value: float) -> float:
+        depth, filled = self._depth, self._filled
+        total = self._bucket_sum + value + sum(self._sums[(self._pos - i) % depth]
+                                               for i in range(filled))  # fmt: skip
+        n = self._bucket_n + 1 + sum(self._counts[(self._pos - i) % depth] for i in range(filled))
+        return total / n
+
+    def _learn_recent(self, v: float, a: float) -> None:
+        if math.isnan(self._mean):
+            self._mean = v
+        else:
+            self._spread += a * (abs(v - self._mean) - self._spread)
+            self._mean += a * (v - self._mean)
 
     def _push(self, value: float, ts_ms: int, raw: float) -> None:
         """The input window moves on whether or not the point was learned."""
@@ -459,13 +484,6 @@ class TrafficBaseline(AnomalyDetector):
 
     def _learn_seasons(self, v: float, ts_ms: int) -> None:
         dt = self._dt_ms or float(self.seasons[0][1] if self.seasons else MINUTE_MS)
-        # Recent level: an exponential mean over about a day of samples.
-        a = min(1.0, dt / DAY_MS)
-        if math.isnan(self._mean):
-            self._mean = v
-        else:
-            self._spread += a * (abs(v - self._mean) - self._spread)
-            self._mean += a * (v - self._mean)
         shifted = ts_ms + MONDAY_OFFSET_MS
         for s in self._seasons:
             i = (shifted % s.period_ms) // s.slot_ms
@@ -571,6 +589,7 @@ class TrafficBaseline(AnomalyDetector):
                 if s.residuals < self.seasonal_warmup:
                     s.residuals = self.seasonal_warmup
             self._dt_ms = float(min(s.slot_ms for s in self._seasons) if self._seasons else HOUR_MS)
+            self._learn_recent(mean, min(1.0, self._dt_ms / self.noise_ms))
             self._learn_seasons(mean, start_ms)
             for s in self._seasons:
                 s.lo = min(s.lo, low - mean)
@@ -605,7 +624,7 @@ class TrafficBaseline(AnomalyDetector):
                 s.mean[i] = level = value
             d = value - level
             s.lo, s.hi = min(s.lo, d), max(s.hi, d)
-            s.spread[i] = max(float(s.spread[i]), abs(d) / 3.0)
+            s.spread[i] = max(float(s.spread[i]), 1.01 * abs(d) / 3.0)  # float32: a margin
 
     def prior(self) -> TrafficBaseline:
         """A copy of what this model learned, to start a new container of the same image or
