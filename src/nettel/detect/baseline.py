@@ -176,6 +176,10 @@ class TrafficBaseline(AnomalyDetector):
         where bucket means are not.
     noise_ms
         How long the recent level, its spread and the noise are averaged over.
+    fine_margin
+        When samples come faster than buckets, a single sample is also checked against
+        its time slot's level: unusual when further from it than this many times the
+        sample noise (as a fraction of the level) plus three times the slot's spread.
 
     Examples
     --------
@@ -215,7 +219,10 @@ class TrafficBaseline(AnomalyDetector):
         learn_recurring: bool = True,
         noise_margin: float = 3.0,
         noise_ms: int = DAY_MS,
+        fine_margin: float = 10.0,
     ) -> None:
+        self.fine_margin = fine_margin
+        self._rel_noise = 0.0
         self.noise_margin = noise_margin
         self.noise_ms = noise_ms
         self._noise = 0.0
@@ -342,7 +349,26 @@ class TrafficBaseline(AnomalyDetector):
             seasonal = self._seasonal_excess(averages[self._smooth_at], ts_ms, span)
             if seasonal is not None:
                 raw = max(raw, self.seasonal_weight * seasonal)
+            if self._per_bucket() > 1:
+                fine = self._fine_excess(value, ts_ms, span)
+                if fine is not None:
+                    raw = max(raw, self.seasonal_weight * fine)
         return min(raw, 1e3)
+
+    def _fine_excess(self, v: float, ts_ms: int, span: float) -> float | None:
+        """A single fast sample against its slot's level: unusual when further from it than
+        ``fine_margin`` times the sample noise at that level plus three times the slot's
+        spread (a burst of a few seconds at a quiet hour, which no average shows)."""
+        least: float | None = None
+        for s in self._seasons:
+            i = slot_of(ts_ms, s.period_ms, s.slot_ms)
+            level = s.mean[i]
+            if math.isnan(level) or not self._season_on(s, ts_ms):
+                continue
+            allowed = self.fine_margin * self._rel_noise * abs(level) + 3.0 * s.spread[i]
+            excess = max(0.0, abs(v - level) - allowed) / span
+            least = excess if least is None else min(least, excess)
+        return least
 
     def _season_on(self, s: _Season, ts_ms: int) -> bool:
         """Whether ``s`` has seen enough residuals and history to score."""
@@ -417,6 +443,8 @@ class TrafficBaseline(AnomalyDetector):
         # exponential over noise_ms.
         a = min(1.0, max((self._dt_ms or self.bucket_ms) / self.noise_ms, 1 / (self._n + 1)))
         self._noise += a * (abs(value - level) - self._noise)
+        if level != 0.0:
+            self._rel_noise += a * (abs(value - level) / abs(level) - self._rel_noise)
         self._learn_recent(level, a)
         if smooth is not None:
             self._learn_seasons(smooth, ts_ms)
