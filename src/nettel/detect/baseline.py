@@ -11,9 +11,22 @@ least ``refire_ratio`` times larger (:attr:`TrafficBaseline.last_raw` keeps the 
 for as long as it lasts, for alert lifecycles). A seasonal slot's level and spread give
 the expected band at any hour (:meth:`TrafficBaseline.band`).
 
-The statistics are River's in spirit (running extremes, exponentially weighted means
-and absolute deviations per slot) but stored in compact typed arrays: a container has
-eleven of these models, and its whole state must stay small to checkpoint.
+Every length is a duration and the sampling interval is learned from the timestamps, so
+the same defaults serve the service's 5-second samples and NAB's 5-minute ones. Samples
+are gathered into 5-minute buckets: the level is checked at the sample itself and at
+30-minute and 2-hour moving averages of buckets, and the 30-minute average against its
+15-minute slot of the day and hour of the week (a season scores only once the history
+spans it: the week's after two weeks). When samples come faster than buckets, two more
+checks apply to single samples: a new record must beat the old one by more than the
+sample noise, and a sample far from its slot's level (in units of the noise at that
+level) is unusual too (a few seconds' burst at a quiet hour, which no average shows).
+
+What River lacks, and why this is hand-written: ``river.stats`` has running and rolling
+statistics (``Max``, ``RollingMean``, ``EWMean``) but one Python object per statistic,
+with no time-of-day slots; ``river.anomaly`` has no novelty-of-extremes scorer and its
+filters (``ThresholdFilter``) count no run of flagged points. A container has eleven of
+these models, so the state lives in compact typed arrays (per-slot EW mean and mean
+absolute deviation, float32) and a few plain numbers.
 
 :class:`LearningGuard` wraps any detector so that it does not learn from what it flags
 (like ``river.anomaly.ThresholdFilter``), and gives up protecting after
@@ -60,9 +73,9 @@ RECURRING_AFTER: Final = 100
 #: What River detectors take: a dict of features.
 Features = dict[Hashable, Any]
 
-#: 5- and 15-minute slots of the day, hours of the week: a value is unusual for its time
+#: 15-minute slots of the day, hours of the week: a value is unusual for its time
 #: if it is for every season that scores (the week's once two weeks were seen).
-DEFAULT_SEASONS: Final = ((DAY_MS, 5 * MINUTE_MS), (DAY_MS, 15 * MINUTE_MS), (WEEK_MS, HOUR_MS))
+DEFAULT_SEASONS: Final = ((DAY_MS, 15 * MINUTE_MS), (WEEK_MS, HOUR_MS))
 #: Samples are gathered into buckets of this length for the moving averages.
 BUCKET_MS: Final = 5 * MINUTE_MS
 
@@ -147,7 +160,7 @@ class TrafficBaseline(AnomalyDetector):
     bucket_ms
         How much time one bucket of samples covers.
     seasons
-        ``(period_ms, slot_ms)`` pairs: 5- and 15-minute slots of the day and hours of the
+        ``(period_ms, slot_ms)`` pairs: 15-minute slots of the day and hours of the
         week by default. A value is unusual for its time if it is for every season in use.
     seasonal_smoothing_ms
         How long a moving average is compared with the slot's level.
