@@ -190,9 +190,10 @@ class TrafficBaseline(AnomalyDetector):
     noise_ms
         How long the recent level, its spread and the noise are averaged over.
     fine_margin
-        When samples come faster than buckets, a single sample is also checked against
-        its time slot's level: unusual when further from it than this many times the
-        sample noise (as a fraction of the level) plus three times the slot's spread.
+        When samples come faster than buckets, two samples in a row are also checked
+        against their time slot's level: unusual when both are further from it than this
+        many times the sample noise (as a fraction of the level) plus three times the
+        slot's spread.
 
     Examples
     --------
@@ -236,6 +237,8 @@ class TrafficBaseline(AnomalyDetector):
     ) -> None:
         self.fine_margin = fine_margin
         self._rel_noise = 0.0
+        self._fine_pending = 0.0  # the fine excess of the sample being scored
+        self._fine_last = 0.0  # and of the one before
         self.noise_margin = noise_margin
         self.noise_ms = noise_ms
         self._noise = 0.0
@@ -363,15 +366,17 @@ class TrafficBaseline(AnomalyDetector):
             if seasonal is not None:
                 raw = max(raw, self.seasonal_weight * seasonal)
             if self._per_bucket() > 1:
-                fine = self._fine_excess(value, ts_ms, span)
-                if fine is not None:
-                    raw = max(raw, self.seasonal_weight * fine)
+                # Two samples in a row (a single fast sample is too noisy to tell).
+                fine = self._fine_excess(value, ts_ms, span) or 0.0
+                self._fine_pending = fine
+                raw = max(raw, self.seasonal_weight * min(fine, self._fine_last))
         return min(raw, 1e3)
 
     def _fine_excess(self, v: float, ts_ms: int, span: float) -> float | None:
-        """A single fast sample against its slot's level: unusual when further from it than
+        """A fast sample against its slot's level: unusual when further from it than
         ``fine_margin`` times the sample noise at that level plus three times the slot's
-        spread (a burst of a few seconds at a quiet hour, which no average shows)."""
+        spread. It scores when two samples in a row are (a burst of a few seconds at a
+        quiet hour, which no average shows)."""
         least: float | None = None
         for s in self._seasons:
             i = slot_of(ts_ms, s.period_ms, s.slot_ms)
@@ -486,6 +491,7 @@ class TrafficBaseline(AnomalyDetector):
             elif dt < 4 * self._dt_ms:  # a gap (nettel or the container was down) is no rate
                 self._dt_ms += 0.05 * (dt - self._dt_ms)
         self._last_ts_ms = ts_ms
+        self._fine_last, self._fine_pending = self._fine_pending, 0.0
         self._bucket_sum += value
         self._bucket_n += 1
         if raw > self._bucket_peak:
@@ -689,6 +695,7 @@ class TrafficBaseline(AnomalyDetector):
         twin._tails = array("d", [0.0]) * len(twin._ms)
         twin._tail_n = array("l", [0]) * len(twin._ms)
         twin._bucket_sum, twin._bucket_n, twin._bucket_peak = 0.0, 0, 0.0
+        twin._fine_pending = twin._fine_last = 0.0
         return twin
 
 
