@@ -281,6 +281,7 @@ class TrafficBaseline(AnomalyDetector):
         self._last_ts_ms: int | None = None
         self._last_raw = 0.0
         self._dt_ms = 0.0  # typical sampling interval
+        self._k = 1  # samples per bucket at that interval
         self._mean = math.nan  # recent level and spread, the band's fallback
         self._spread = 0.0
 
@@ -346,7 +347,7 @@ class TrafficBaseline(AnomalyDetector):
             return 0.0 if value == hi or self._n == 0 else 1.0
         # A single sample finer than a bucket carries noise the bucket's mean does not:
         # it must pass the record by that noise, noise_margin times over.
-        margin = self.noise_margin * self._noise if self._per_bucket() > 1 else 0.0
+        margin = self.noise_margin * self._noise if self._k > 1 else 0.0
         raw = (
             (value - hi - margin) / span if value > hi + margin
             else (lo - margin - value) / span if value < lo - margin
@@ -365,7 +366,7 @@ class TrafficBaseline(AnomalyDetector):
             seasonal = self._seasonal_excess(averages[self._smooth_at], ts_ms, span)
             if seasonal is not None:
                 raw = max(raw, self.seasonal_weight * seasonal)
-            if self._per_bucket() > 1:
+            if self._k > 1:
                 # Two samples in a row (a single fast sample is too noisy to tell).
                 fine = self._fine_excess(value, ts_ms, span) or 0.0
                 self._fine_pending = fine
@@ -490,18 +491,15 @@ class TrafficBaseline(AnomalyDetector):
                 self._dt_ms = dt
             elif dt < 4 * self._dt_ms:  # a gap (nettel or the container was down) is no rate
                 self._dt_ms += 0.05 * (dt - self._dt_ms)
+            self._k = max(1, round(self.bucket_ms / self._dt_ms))
         self._last_ts_ms = ts_ms
         self._fine_last, self._fine_pending = self._fine_pending, 0.0
         self._bucket_sum += value
         self._bucket_n += 1
         if raw > self._bucket_peak:
             self._bucket_peak = min(raw, 1e30)
-        if self._bucket_n >= self._per_bucket():
+        if self._bucket_n >= self._k:
             self._close_bucket()
-
-    def _per_bucket(self) -> int:
-        """Samples per bucket at the sampling interval learned so far."""
-        return max(1, round(self.bucket_ms / self._dt_ms)) if self._dt_ms else 1
 
     def _close_bucket(self) -> None:
         depth, sums, counts = self._depth, self._sums, self._counts
