@@ -363,31 +363,38 @@ class TrafficBaseline(AnomalyDetector):
             elif v < lows[i]:
                 raw = max(raw, (lows[i] - v) / span)
         if self._seasons:
-            seasonal = self._seasonal_excess(averages[self._smooth_at], ts_ms, span)
+            slots = self._slots_on(ts_ms)
+            seasonal = self._seasonal_excess(averages[self._smooth_at], slots, span)
             if seasonal is not None:
                 raw = max(raw, self.seasonal_weight * seasonal)
             if self._k > 1:
                 # Two samples in a row (a single fast sample is too noisy to tell).
-                fine = self._fine_excess(value, ts_ms, span) or 0.0
+                fine = self._fine_excess(value, slots, span)
                 self._fine_pending = fine
                 raw = max(raw, self.seasonal_weight * min(fine, self._fine_last))
         return min(raw, 1e3)
 
-    def _fine_excess(self, v: float, ts_ms: int, span: float) -> float | None:
+    def _slots_on(self, ts_ms: int) -> list[tuple[_Season, int, float]]:
+        """The slot of ``ts_ms`` in every season that scores and has a level there."""
+        out = []
+        for s in self._seasons:
+            i = slot_of(ts_ms, s.period_ms, s.slot_ms)
+            level = s.mean[i]
+            if not math.isnan(level) and self._season_on(s, ts_ms):
+                out.append((s, i, level))
+        return out
+
+    def _fine_excess(self, v: float, slots: list[tuple[_Season, int, float]], span: float) -> float:
         """A fast sample against its slot's level: unusual when further from it than
         ``fine_margin`` times the sample noise at that level plus three times the slot's
         spread. It scores when two samples in a row are (a burst of a few seconds at a
         quiet hour, which no average shows)."""
-        least: float | None = None
-        for s in self._seasons:
-            i = slot_of(ts_ms, s.period_ms, s.slot_ms)
-            level = s.mean[i]
-            if math.isnan(level) or not self._season_on(s, ts_ms):
-                continue
-            allowed = self.fine_margin * self._rel_noise * abs(level) + 3.0 * s.spread[i]
-            excess = max(0.0, abs(v - level) - allowed) / span
-            least = excess if least is None else min(least, excess)
-        return least
+        noise = self.fine_margin * self._rel_noise
+        return min(
+            (max(0.0, abs(v - level) - noise * abs(level) - 3.0 * s.spread[i]) / span
+             for s, i, level in slots),
+            default=0.0,
+        )  # fmt: skip
 
     def _season_on(self, s: _Season, ts_ms: int) -> bool:
         """Whether ``s`` has seen enough residuals and history to score."""
@@ -396,19 +403,18 @@ class TrafficBaseline(AnomalyDetector):
         needed = s.period_ms if s.period_ms <= DAY_MS else 2 * s.period_ms
         return ts_ms - self._first_ts_ms >= needed
 
-    def _seasonal_excess(self, v: float | None, ts_ms: int, span: float) -> float | None:
-        if v is None:
+    @staticmethod
+    def _seasonal_excess(
+        v: float | None, slots: list[tuple[_Season, int, float]], span: float
+    ) -> float | None:
+        if v is None or not slots:
             return None
-        least: float | None = None
-        for s in self._seasons:
-            i = slot_of(ts_ms, s.period_ms, s.slot_ms)
-            level = s.mean[i]
-            if math.isnan(level) or not self._season_on(s, ts_ms):
-                continue
-            d = v - level
-            excess = (d - s.hi) / span if d > s.hi else (s.lo - d) / span if d < s.lo else 0.0
-            least = excess if least is None else min(least, excess)
-        return least
+        return min(
+            (v - level - s.hi) / span if v - level > s.hi
+            else (s.lo - v + level) / span if v - level < s.lo
+            else 0.0
+            for s, _, level in slots
+        )  # fmt: skip
 
     def _suppressed(self, raw: float) -> float:
         if raw <= 0.0:
