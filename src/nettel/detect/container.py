@@ -133,7 +133,9 @@ def make_detector(*, sensitivity: float = 1.0, warmup: int | None = None) -> Con
     """
     if not sensitivity > 0:
         raise ValueError(f"sensitivity must be > 0, got {sensitivity}")
-    baseline = TrafficBaseline() if warmup is None else TrafficBaseline(warmup=warmup)
+    # No template by default: each metric's model is a TrafficBaseline() with its defaults
+    # (a template object would be held, unused, by every container).
+    baseline = None if warmup is None else TrafficBaseline(warmup=warmup)
     return ContainerDetector(baseline=baseline, alert_threshold=SHIPPED_THRESHOLD / sensitivity)
 
 
