@@ -177,7 +177,12 @@ class TrafficBaseline(AnomalyDetector):
     refire_ratio
         See ``rest_ms``.
     warmup
-        Samples learned before any score (score 0 meanwhile).
+        Samples learned before any score (score 0 meanwhile), flagged or not.
+    quiet_ms, quiet_below
+        How long a history must span before any evidence scores, and the evidence that
+        scores before that (a jump the size of the range seen so far): the first day of a
+        metric establishes its range, and every new high of a rising daily cycle is no
+        alert. Flagged points are not learned meanwhile (after ``warmup``).
     learn_recurring
         Whether a point that :meth:`score_learn` would not learn (its evidence reaches
         ``learn_below``) is learned all the same when one was flagged at the same time
@@ -234,8 +239,12 @@ class TrafficBaseline(AnomalyDetector):
         noise_margin: float = 3.0,
         noise_ms: int = DAY_MS,
         fine_margin: float = 10.0,
+        quiet_ms: int = DAY_MS,
+        quiet_below: float = 1.0,
     ) -> None:
         self.fine_margin = fine_margin
+        self.quiet_ms = quiet_ms
+        self.quiet_below = quiet_below
         self._rel_noise = 0.0
         self._fine_pending = 0.0  # the fine excess of the sample being scored
         self._fine_last = 0.0  # and of the one before
@@ -295,8 +304,9 @@ class TrafficBaseline(AnomalyDetector):
         """Anomaly score of one point: 0 for what was seen, ~1 for a range-sized jump."""
         if x.get("counter_reset") or self._n < max(self.warmup, 1):
             return 0.0
-        value = float(x["value"])
-        return self._suppressed(self._raw(value, int(x["ts_ms"]), self._averages(value)))
+        value, ts_ms = float(x["value"]), int(x["ts_ms"])
+        raw = self._raw(value, ts_ms, self._averages(value))
+        return self._suppressed(raw) if self.counts(raw, ts_ms) else 0.0
 
     def score_learn(self, x: Features, learn_below: float = math.inf) -> float:
         """Score ``x``, then learn it if its score is below ``learn_below``; one pass.
@@ -319,7 +329,7 @@ class TrafficBaseline(AnomalyDetector):
         averages = self._averages(value)
         raw = self._raw(value, ts_ms, averages) if self._n else 0.0
         warm = self._n >= max(self.warmup, 1)
-        score = self._suppressed(raw) if warm else 0.0
+        score = self._suppressed(raw) if warm and self.counts(raw, ts_ms) else 0.0
         self._last_raw = raw if warm else 0.0
         # Flagged means the evidence itself, not the de-duplicated score: a burst's later
         # samples are not learned either.
@@ -569,6 +579,22 @@ class TrafficBaseline(AnomalyDetector):
         """The evidence of the last :meth:`score_learn` before de-duplication: it stays high
         for as long as an anomaly lasts, where the score fires once."""
         return self._last_raw
+
+    def counts(self, evidence: float, ts_ms: int) -> bool:
+        """Whether ``evidence`` at ``ts_ms`` scores: once the history learned spans
+        ``quiet_ms``, and before that only from ``quiet_below`` (the evidence,
+        :attr:`last_raw`, keeps what is flagged from being learned either way).
+
+        Examples
+        --------
+        >>> m = TrafficBaseline(quiet_ms=HOUR_MS, quiet_below=1.0)
+        >>> m.learn_one({"value": 1.0, "ts_ms": 0})
+        >>> m.counts(0.5, HOUR_MS - 1), m.counts(2.0, HOUR_MS - 1), m.counts(0.5, HOUR_MS)
+        (False, True, True)
+        """
+        if evidence >= self.quiet_below:
+            return True
+        return self._first_ts_ms is not None and ts_ms - self._first_ts_ms >= self.quiet_ms
 
     @property
     def highest(self) -> float:

@@ -270,7 +270,7 @@ class ContainerDetector(AnomalyDetector):
         else:
             self._flagged_since[metric] = ts_ms if since < 0 else since
             self._flagged_run[metric] = run + 1
-        if quiet:
+        if quiet or not model.counts(raw, ts_ms):
             return MetricScore(metric, value, 0.0, 0.0, None, model, ts_ms)
         return MetricScore(metric, value, score, raw / unit, None, model, ts_ms)
 
