@@ -11,9 +11,10 @@ least ``refire_ratio`` times larger (:attr:`TrafficBaseline.last_raw` keeps the 
 for as long as it lasts, for alert lifecycles). A seasonal slot's level and spread give
 the expected band at any hour (:meth:`TrafficBaseline.band`).
 
-Every length is a duration and the sampling interval is learned from the timestamps, so
-the same defaults serve the service's 5-second samples and NAB's 5-minute ones. Samples
-are gathered into 5-minute buckets: the level is checked at the sample itself and at
+Lengths are durations and the sampling interval is learned from the timestamps, so the
+same defaults serve the service's 5-second samples and NAB's 5-minute ones. Samples are
+gathered into 5-minute buckets (a slower sample is a bucket of its own, so for hourly
+data the averages below span 6 and 24 samples): the level is checked at the sample itself and at
 30-minute and 2-hour moving averages of buckets, and the 30-minute average against its
 15-minute slot of the day and hour of the week (a season scores only once the history
 spans it: the week's after two weeks). When samples come faster than buckets, two more
@@ -146,7 +147,7 @@ def _buckets(duration_ms: int, bucket_ms: int) -> int:
 class TrafficBaseline(AnomalyDetector):
     """Novelty of one metric's level, at several time scales and for its time slot.
 
-    Every length is a duration, so one set of defaults serves 5-second samples and
+    Lengths are durations, so one set of defaults serves 5-second samples and
     5-minute ones alike: the sampling interval is learned from the timestamps. Samples
     are gathered into buckets of about ``bucket_ms`` (one sample per bucket when samples
     are that far apart or further); the moving averages, the seasonal smoothing and the

@@ -118,7 +118,7 @@ GUARD_THRESHOLD: Final = 1.0
 def make_detector(*, sensitivity: float = 1.0, warmup: int | None = None) -> ContainerDetector:
     """The detector of one container, as ``nettel up``, ``nettel detect`` and the NAB bench
     build it: one :class:`~nettel.detect.baseline.TrafficBaseline` per metric with its
-    defaults (every length a duration, the sampling interval learned from the data),
+    defaults (lengths are durations, the sampling interval is learned from the data),
     alerting at :data:`SHIPPED_THRESHOLD`.
 
     ``sensitivity`` scales what alerts (2.0: evidence half the shipped threshold already
