@@ -16,8 +16,7 @@ from aiokafka import AIOKafkaConsumer
 from conftest import Engine, consume_events, start_ingest, wait_for
 from nettel.broker import EmbeddedBroker, ensure_topics
 from nettel.detect.alerts import Alert, decode_alert
-from nettel.detect.baseline import DAY_MS, HOUR_MS, WEEK_MS, TrafficBaseline
-from nettel.detect.container import ContainerDetector
+from nettel.detect.container import make_detector
 from nettel.detect.fleet import FleetDetector
 from nettel.ingest.sources import EngineSource
 from nettel.store.alerts import AlertTable
@@ -31,11 +30,8 @@ BURST = 600_000  # 30x
 
 
 def quick_fleet() -> FleetDetector:
-    """The service's baseline (as `service_baseline()`), warm after 40 samples."""
-    baseline = TrafficBaseline(seasons=((DAY_MS, HOUR_MS), (WEEK_MS, HOUR_MS)),
-                               seasonal_width=4.0, seasonal_relative=True,
-                               seasonal_weight=1.0, warmup=40)  # fmt: skip
-    return FleetDetector(ContainerDetector(baseline=baseline))
+    """The service's detector (`make_detector()`), warm after 40 samples."""
+    return FleetDetector(make_detector(warmup=40))
 
 
 def sender(engine: Engine, peer_ip: str) -> Any:

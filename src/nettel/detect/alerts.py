@@ -347,8 +347,8 @@ class AlertTracker:
     """The lifecycle of incidents over signals; see the module docstring.
 
     ``severity`` comes from the evidence and from how far the value is from its band:
-    critical from ``critical_ratio`` times the band's top (or evidence 10), warning from
-    ``warning_ratio`` (or evidence 3), info below. An incident's severity is the highest
+    critical from ``critical_ratio`` times the band's top (or evidence 33), warning from
+    ``warning_ratio`` (or evidence 7), info below. An incident's severity is the highest
     any of its metrics reached.
     """
 
@@ -397,9 +397,11 @@ class AlertTracker:
         if direction is None:
             direction = "spike" if observed >= band.expected else "dip"
         ratio = observed / top if direction == "spike" else (band.low or top) / max(observed, 1e-9)
-        if ratio >= self.critical_ratio or evidence >= 10:
+        # evidence is in units of the detector's shipped threshold (1.0: 1.5 % of the
+        # metric's range beyond its band): 33 is half the range beyond, 7 a tenth
+        if ratio >= self.critical_ratio or evidence >= 33:
             return "critical"
-        if ratio >= self.warning_ratio or evidence >= 3:
+        if ratio >= self.warning_ratio or evidence >= 7:
             return "warning"
         return "info"
 

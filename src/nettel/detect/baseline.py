@@ -11,9 +11,23 @@ least ``refire_ratio`` times larger (:attr:`TrafficBaseline.last_raw` keeps the 
 for as long as it lasts, for alert lifecycles). A seasonal slot's level and spread give
 the expected band at any hour (:meth:`TrafficBaseline.band`).
 
-The statistics are River's in spirit (running extremes, exponentially weighted means
-and absolute deviations per slot) but stored in compact typed arrays: a container has
-eleven of these models, and its whole state must stay small to checkpoint.
+Lengths are durations and the sampling interval is learned from the timestamps, so the
+same defaults serve the service's 5-second samples and NAB's 5-minute ones. Samples are
+gathered into 5-minute buckets (a slower sample is a bucket of its own, so for hourly
+data the averages below span 6 and 24 samples): the level is checked at the sample itself and at
+30-minute and 2-hour moving averages of buckets, and the 30-minute average against its
+15-minute slot of the day and hour of the week (a season scores only once the history
+spans it: the week's after two weeks). When samples come faster than buckets, two more
+checks apply to single samples: a new record must beat the old one by more than the
+sample noise, and a sample far from its slot's level (in units of the noise at that
+level) is unusual too (a few seconds' burst at a quiet hour, which no average shows).
+
+What River lacks, and why this is hand-written: ``river.stats`` has running and rolling
+statistics (``Max``, ``RollingMean``, ``EWMean``) but one Python object per statistic,
+with no time-of-day slots; ``river.anomaly`` has no novelty-of-extremes scorer and its
+filters (``ThresholdFilter``) count no run of flagged points. A container has eleven of
+these models, so the state lives in compact typed arrays (per-slot EW mean and mean
+absolute deviation, float32) and a few plain numbers.
 
 :class:`LearningGuard` wraps any detector so that it does not learn from what it flags
 (like ``river.anomaly.ThresholdFilter``), and gives up protecting after
@@ -60,8 +74,11 @@ RECURRING_AFTER: Final = 100
 #: What River detectors take: a dict of features.
 Features = dict[Hashable, Any]
 
-#: Hour of day and hour of week: a metric is unusual for its time if it is for both.
-DEFAULT_SEASONS: Final = ((DAY_MS, HOUR_MS), (WEEK_MS, HOUR_MS))
+#: 15-minute slots of the day, hours of the week: a value is unusual for its time
+#: if it is for every season that scores (the week's once two weeks were seen).
+DEFAULT_SEASONS: Final = ((DAY_MS, 15 * MINUTE_MS), (WEEK_MS, HOUR_MS))
+#: Samples are gathered into buckets of this length for the moving averages.
+BUCKET_MS: Final = 5 * MINUTE_MS
 
 
 def slot_of(ts_ms: int, period_ms: int, slot_ms: int) -> int:
@@ -97,7 +114,7 @@ class Band:
 
 
 class _Season:
-    """Per-slot robust level (EW mean and mean absolute deviation, float32) of one period."""
+    """Per-slot level (EW mean and mean absolute deviation, float32) of one period."""
 
     __slots__ = (
         "count", "flagged", "hi", "lo", "mean", "period_ms", "residuals", "slot_ms", "spread",
@@ -123,42 +140,66 @@ class _Season:
             setattr(self, k, v)
 
 
+def _buckets(duration_ms: int, bucket_ms: int) -> int:
+    return max(1, round(duration_ms / bucket_ms))
+
+
 class TrafficBaseline(AnomalyDetector):
-    """Novelty of one metric's level, at several scales and for its time slot.
+    """Novelty of one metric's level, at several time scales and for its time slot.
+
+    Lengths are durations, so one set of defaults serves 5-second samples and
+    5-minute ones alike: the sampling interval is learned from the timestamps. Samples
+    are gathered into buckets of about ``bucket_ms`` (one sample per bucket when samples
+    are that far apart or further); the moving averages, the seasonal smoothing and the
+    rest period count whole buckets plus the one being filled.
 
     Parameters
     ----------
-    scales
-        Moving-average lengths (in samples) whose values are checked against the
-        extremes that moving average ever had.
+    scales_ms
+        Moving-average lengths whose values are checked against the extremes that moving
+        average ever had (the sample itself is always checked too).
+    bucket_ms
+        How much time one bucket of samples covers.
     seasons
-        ``(period_ms, slot_ms)`` pairs: hour of day and hour of week by default.
-    seasonal_smoothing
-        Samples averaged before comparing with the slot's level.
+        ``(period_ms, slot_ms)`` pairs: 15-minute slots of the day and hours of the
+        week by default. A value is unusual for its time if it is for every season in use.
+    seasonal_smoothing_ms
+        How long a moving average is compared with the slot's level.
     seasonal_rate
         How much one visit of a slot moves its level (an exponential weight per visit).
     seasonal_weight
-        Weight of the seasonal evidence against the global one.
+        Weight of the seasonal evidence against the level evidence.
     seasonal_warmup
-        Residuals to see before the seasonal evidence scores.
-    seasonal_width
-        A value is unusual for its slot when it is further from the slot's level than
-        this many times the slot's mean absolute deviation (slots seen three times at
-        least); ``None``: further than any residual seen in any slot.
-    seasonal_relative
-        With ``seasonal_width``: measure the seasonal excess in units of the slot's own
-        level (2 = three times what this hour usually does) rather than of the range.
-    rest
-        Samples after a detection during which a repeat must beat it ``refire_ratio``
-        times to score.
+        Residuals to see before a season scores; besides, a season scores only once the
+        history spans its period (a period longer than a day: two periods).
+    rest_ms
+        After a detection, a repeat within this time must beat it ``refire_ratio`` times
+        to score.
     refire_ratio
-        See ``rest``.
+        See ``rest_ms``.
     warmup
-        Samples learned before any score (score 0 meanwhile).
+        Samples learned before any score (score 0 meanwhile), flagged or not.
+    quiet_ms, quiet_below
+        How long a history must span before any evidence scores, and the evidence that
+        scores before that (a jump the size of the range seen so far): the first day of a
+        metric establishes its range, and every new high of a rising daily cycle is no
+        alert. Flagged points are not learned meanwhile (after ``warmup``).
     learn_recurring
         Whether a point that :meth:`score_learn` would not learn (its evidence reaches
         ``learn_below``) is learned all the same when one was flagged at the same time
         of a previous period (its slot or a neighbour): what recurs daily is normal.
+    noise_margin
+        When samples come faster than buckets, a sample passes the highest (lowest) value
+        ever learned only by more than this many times its noise (the mean absolute
+        difference between a sample and the recent level): single fast samples are noisy
+        where bucket means are not.
+    noise_ms
+        How long the recent level, its spread and the noise are averaged over.
+    fine_margin
+        When samples come faster than buckets, two samples in a row are also checked
+        against their time slot's level: unusual when both are further from it than this
+        many times the sample noise (as a fraction of the level) plus three times the
+        slot's spread.
 
     Examples
     --------
@@ -166,7 +207,7 @@ class TrafficBaseline(AnomalyDetector):
     (``last_raw`` is the evidence, which lasts as long as the anomaly; the score fires
     once and then only for a point at least ``refire_ratio`` times stronger.)
 
-    >>> m = TrafficBaseline(seasons=((DAY_MS, HOUR_MS),), seasonal_width=4.0, warmup=0)
+    >>> m = TrafficBaseline(warmup=0)
     >>> def rate(ts, odd=()):
     ...     hour = (ts % DAY_MS) // HOUR_MS
     ...     return 5_000.0 if hour == 2 or hour in odd else 100.0 + (ts // 60_000) % 5
@@ -185,52 +226,72 @@ class TrafficBaseline(AnomalyDetector):
 
     def __init__(
         self,
-        scales: Sequence[int] = (1, 6, 24),
+        scales_ms: Sequence[int] = (30 * MINUTE_MS, 2 * HOUR_MS),
+        bucket_ms: int = BUCKET_MS,
         seasons: Sequence[tuple[int, int]] = DEFAULT_SEASONS,
-        seasonal_smoothing: int = 12,
-        seasonal_rate: float = 0.3,
+        seasonal_smoothing_ms: int = 30 * MINUTE_MS,
+        seasonal_rate: float = 0.15,
         seasonal_weight: float = 0.5,
         seasonal_warmup: int = 288,
-        seasonal_width: float | None = None,
-        seasonal_relative: bool = False,
-        rest: int = 25,
+        rest_ms: int = 125 * MINUTE_MS,
         refire_ratio: float = 2.0,
         warmup: int = 60,
         learn_recurring: bool = True,
+        noise_margin: float = 3.0,
+        noise_ms: int = DAY_MS,
+        fine_margin: float = 10.0,
+        quiet_ms: int = DAY_MS,
+        quiet_below: float = 1.0,
     ) -> None:
-        self.scales = tuple(scales)
+        self.fine_margin = fine_margin
+        self.quiet_ms = quiet_ms
+        self.quiet_below = quiet_below
+        self._rel_noise = 0.0
+        self._fine_pending = 0.0  # the fine excess of the sample being scored
+        self._fine_last = 0.0  # and of the one before
+        self.noise_margin = noise_margin
+        self.noise_ms = noise_ms
+        self._noise = 0.0
+        self.scales_ms = tuple(scales_ms)
+        self.bucket_ms = bucket_ms
         self.seasons = tuple(seasons)
-        self.seasonal_smoothing = seasonal_smoothing
+        self.seasonal_smoothing_ms = seasonal_smoothing_ms
         self.seasonal_rate = seasonal_rate
         self.seasonal_weight = seasonal_weight
         self.seasonal_warmup = seasonal_warmup
-        self.seasonal_width = seasonal_width
-        self.seasonal_relative = seasonal_relative
-        self.rest = rest
+        self.rest_ms = rest_ms
         self.refire_ratio = refire_ratio
         self.warmup = warmup
         self.learn_recurring = learn_recurring
-        self._depth = max((*self.scales, seasonal_smoothing, 1))
-        self._ring = array("d", [0.0]) * self._depth  # last values, newest at _pos
-        # Running sums of the last k - 1 values, one per window length k in use.
-        self._ks = sorted({*self.scales, seasonal_smoothing})
-        self._tails = array("d", [0.0]) * len(self._ks)
-        self._scale_at = [self._ks.index(k) for k in self.scales]
-        self._smooth_at = self._ks.index(seasonal_smoothing)
+        # Moving averages over m buckets: the last m - 1 full buckets and the one filling.
+        lengths = (*self.scales_ms, seasonal_smoothing_ms)
+        self._ms = sorted({_buckets(d, bucket_ms) for d in lengths})
+        self._scale_at = [self._ms.index(_buckets(d, bucket_ms)) for d in self.scales_ms]
+        self._smooth_at = self._ms.index(_buckets(seasonal_smoothing_ms, bucket_ms))
+        self._rest = _buckets(rest_ms, bucket_ms) if rest_ms > 0 else 0
+        self._depth = max(*self._ms, self._rest, 1)
+        self._sums = array("d", [0.0]) * self._depth  # full buckets, newest at _pos
+        self._counts = array("H", [0]) * self._depth
+        self._peaks = array("f", [0.0]) * self._depth  # highest raw evidence of each
+        self._tails = array("d", [0.0]) * len(self._ms)  # sums of the last m - 1 buckets
+        self._tail_n = array("l", [0]) * len(self._ms)
         self._pos = -1
+        self._filled = 0  # full buckets in the ring (a prior or a warm start has none)
+        self._bucket_sum = 0.0  # the bucket being filled
+        self._bucket_n = 0
+        self._bucket_peak = 0.0
         self._n = 0  # values learned
-        self._filled = 0  # values in the ring (a prior or a warm start has none)
         self._lo = math.inf  # the metric's own extremes: the unit of every excess
         self._hi = -math.inf
-        self._scale_lo = array("d", [math.inf]) * len(self.scales)
-        self._scale_hi = array("d", [-math.inf]) * len(self.scales)
+        self._scale_lo = array("d", [math.inf]) * len(self.scales_ms)
+        self._scale_hi = array("d", [-math.inf]) * len(self.scales_ms)
         self._seasons = [_Season(p, s) for p, s in self.seasons]
         self._by_period = sorted(self._seasons, key=lambda s: -s.period_ms)  # for bands
-        self._recent = array("f", [0.0]) * max(rest, 1)  # raw scores, for the rest period
-        self._recent_pos = 0
+        self._first_ts_ms: int | None = None  # of the history learned
         self._last_ts_ms: int | None = None
         self._last_raw = 0.0
         self._dt_ms = 0.0  # typical sampling interval
+        self._k = 1  # samples per bucket at that interval
         self._mean = math.nan  # recent level and spread, the band's fallback
         self._spread = 0.0
 
@@ -244,8 +305,9 @@ class TrafficBaseline(AnomalyDetector):
         """Anomaly score of one point: 0 for what was seen, ~1 for a range-sized jump."""
         if x.get("counter_reset") or self._n < max(self.warmup, 1):
             return 0.0
-        value = float(x["value"])
-        return self._suppressed(self._raw(value, int(x["ts_ms"]), self._averages(value)))
+        value, ts_ms = float(x["value"]), int(x["ts_ms"])
+        raw = self._raw(value, ts_ms, self._averages(value))
+        return self._suppressed(raw) if self.counts(raw, ts_ms) else 0.0
 
     def score_learn(self, x: Features, learn_below: float = math.inf) -> float:
         """Score ``x``, then learn it if its score is below ``learn_below``; one pass.
@@ -253,7 +315,7 @@ class TrafficBaseline(AnomalyDetector):
         Examples
         --------
         >>> m = TrafficBaseline(warmup=3)
-        >>> [round(m.score_learn({"value": v, "ts_ms": i}, learn_below=1.0), 3)
+        >>> [round(m.score_learn({"value": v, "ts_ms": i * 300_000}, learn_below=1.0), 3)
         ...  for i, v in enumerate([1, 2, 1, 2, 9, 9])]
         [0.0, 0.0, 0.0, 0.0, 7.0, 0.0]
         >>> m.last_raw, m.n_learned
@@ -268,75 +330,112 @@ class TrafficBaseline(AnomalyDetector):
         averages = self._averages(value)
         raw = self._raw(value, ts_ms, averages) if self._n else 0.0
         warm = self._n >= max(self.warmup, 1)
-        score = self._suppressed(raw) if warm else 0.0
+        score = self._suppressed(raw) if warm and self.counts(raw, ts_ms) else 0.0
         self._last_raw = raw if warm else 0.0
-        self._remember(raw)
         # Flagged means the evidence itself, not the de-duplicated score: a burst's later
         # samples are not learned either.
         if self._last_raw < learn_below or self._recurring_flag(ts_ms):
             self._learn(value, ts_ms, averages)
-        self._push(value, ts_ms)
+        self._push(value, ts_ms, raw)
         return score
 
     # -- scoring ------------------------------------------------------------------------
 
     def _averages(self, value: float) -> list[float | None]:
-        """Mean of the last k values with ``value`` appended, for every k in use (None
-        where there are fewer than k values yet)."""
-        have = self._filled + 1
-        tails = self._tails
-        return [(tails[j] + value) / k if have >= k else None for j, k in enumerate(self._ks)]
+        """Moving average over m buckets with ``value`` added, for every m in use (None
+        where fewer than m - 1 full buckets were seen yet)."""
+        filled, s, n = self._filled, self._bucket_sum + value, self._bucket_n + 1
+        tails, tail_n = self._tails, self._tail_n
+        return [
+            (tails[j] + s) / (tail_n[j] + n) if filled >= m - 1 else None
+            for j, m in enumerate(self._ms)
+        ]
 
     def _raw(self, value: float, ts_ms: int, averages: list[float | None]) -> float:
-        span = self._hi - self._lo
+        lo, hi = self._lo, self._hi
+        span = hi - lo
         if not span > 0:
-            return 0.0 if value == self._hi or self._n == 0 else 1.0
-        raw = 0.0
+            return 0.0 if value == hi or self._n == 0 else 1.0
+        # A single sample finer than a bucket carries noise the bucket's mean does not:
+        # it must pass the record by that noise, noise_margin times over.
+        margin = self.noise_margin * self._noise if self._k > 1 else 0.0
+        raw = (
+            (value - hi - margin) / span if value > hi + margin
+            else (lo - margin - value) / span if value < lo - margin
+            else 0.0
+        )  # fmt: skip
         lows, highs = self._scale_lo, self._scale_hi
         for i, j in enumerate(self._scale_at):
             v = averages[j]
-            if v is None:
+            if v is None or highs[i] < lows[i]:  # no average of this length learned yet
                 continue
             if v > highs[i]:
-                if highs[i] >= lows[i]:
-                    raw = max(raw, (v - highs[i]) / span)
+                raw = max(raw, (v - highs[i]) / span)
             elif v < lows[i]:
                 raw = max(raw, (lows[i] - v) / span)
         if self._seasons:
-            seasonal = self._seasonal_excess(averages[self._smooth_at], ts_ms, span)
+            slots = self._slots_on(ts_ms)
+            seasonal = self._seasonal_excess(averages[self._smooth_at], slots, span)
             if seasonal is not None:
                 raw = max(raw, self.seasonal_weight * seasonal)
+            if self._k > 1:
+                # Two samples in a row (a single fast sample is too noisy to tell).
+                fine = self._fine_excess(value, slots, span)
+                self._fine_pending = fine
+                raw = max(raw, self.seasonal_weight * min(fine, self._fine_last))
         return min(raw, 1e3)
 
-    def _seasonal_excess(self, v: float | None, ts_ms: int, span: float) -> float | None:
-        if v is None:
-            return None
-        least: float | None = None
-        width = self.seasonal_width
+    def _slots_on(self, ts_ms: int) -> list[tuple[_Season, int, float]]:
+        """The slot of ``ts_ms`` in every season that scores and has a level there."""
+        out = []
         for s in self._seasons:
             i = slot_of(ts_ms, s.period_ms, s.slot_ms)
             level = s.mean[i]
-            if math.isnan(level) or s.residuals < self.seasonal_warmup:
-                continue
-            d = v - level
-            if width is None:
-                excess = (d - s.hi) / span if d > s.hi else (s.lo - d) / span if d < s.lo else 0.0
-            elif s.count[i] * (self._dt_ms or s.slot_ms) < 3 * s.slot_ms:
-                continue  # fewer than three visits of this slot: its spread is not known yet
-            else:
-                allowed = width * s.spread[i]
-                # Relative to the slot's own level (x times what this hour does), or to
-                # the metric's whole range like the other evidence.
-                unit = max(abs(level), allowed, 1e-9) if self.seasonal_relative else span
-                excess = max(0.0, abs(d) - allowed) / unit
-            least = excess if least is None else min(least, excess)
-        return least
+            if not math.isnan(level) and self._season_on(s, ts_ms):
+                out.append((s, i, level))
+        return out
+
+    def _fine_excess(self, v: float, slots: list[tuple[_Season, int, float]], span: float) -> float:
+        """A fast sample against its slot's level: unusual when further from it than
+        ``fine_margin`` times the sample noise at that level plus three times the slot's
+        spread. It scores when two samples in a row are (a burst of a few seconds at a
+        quiet hour, which no average shows)."""
+        noise = self.fine_margin * self._rel_noise
+        return min(
+            (max(0.0, abs(v - level) - noise * abs(level) - 3.0 * s.spread[i]) / span
+             for s, i, level in slots),
+            default=0.0,
+        )  # fmt: skip
+
+    def _season_on(self, s: _Season, ts_ms: int) -> bool:
+        """Whether ``s`` has seen enough residuals and history to score."""
+        if s.residuals < self.seasonal_warmup or self._first_ts_ms is None:
+            return False
+        needed = s.period_ms if s.period_ms <= DAY_MS else 2 * s.period_ms
+        return ts_ms - self._first_ts_ms >= needed
+
+    @staticmethod
+    def _seasonal_excess(
+        v: float | None, slots: list[tuple[_Season, int, float]], span: float
+    ) -> float | None:
+        if v is None or not slots:
+            return None
+        return min(
+            (v - level - s.hi) / span if v - level > s.hi
+            else (s.lo - v + level) / span if v - level < s.lo
+            else 0.0
+            for s, _, level in slots
+        )  # fmt: skip
 
     def _suppressed(self, raw: float) -> float:
         if raw <= 0.0:
             return 0.0
-        if self.rest > 0 and self.refire_ratio * max(self._recent) >= raw:
-            return 0.0
+        if self._rest > 0:
+            filled = min(self._filled, self._rest)
+            recent = max(self._peaks[(self._pos - i) % self._depth] for i in range(filled)) \
+                if filled else 0.0  # fmt: skip
+            if self.refire_ratio * max(recent, self._bucket_peak) >= raw:
+                return 0.0
         return raw
 
     def _recurring_flag(self, ts_ms: int) -> bool:
@@ -356,11 +455,6 @@ class TrafficBaseline(AnomalyDetector):
             s.flagged[i] = mark
         return seen
 
-    def _remember(self, raw: float) -> None:
-        if self.rest > 0:
-            self._recent[self._recent_pos] = min(raw, 1e30)
-            self._recent_pos = (self._recent_pos + 1) % self.rest
-
     # -- learning -----------------------------------------------------------------------
 
     def _learn(self, value: float, ts_ms: int, averages: list[float | None]) -> None:
@@ -376,12 +470,37 @@ class TrafficBaseline(AnomalyDetector):
             self._lo = value
         if value > self._hi:
             self._hi = value
+        if self._first_ts_ms is None:
+            self._first_ts_ms = ts_ms
         smooth = averages[self._smooth_at]
+        # Until the smoothing length is filled, the recent level is the mean of all so far.
+        level = smooth if smooth is not None else self._history_mean(value)
+        # Recent level, spread and noise: plain means until noise_ms of samples, then
+        # exponential over noise_ms.
+        a = min(1.0, max((self._dt_ms or self.bucket_ms) / self.noise_ms, 1 / (self._n + 1)))
+        self._noise += a * (abs(value - level) - self._noise)
+        if level != 0.0:
+            self._rel_noise += a * (abs(value - level) / abs(level) - self._rel_noise)
+        self._learn_recent(level, a)
         if smooth is not None:
             self._learn_seasons(smooth, ts_ms)
         self._n += 1
 
-    def _push(self, value: float, ts_ms: int) -> None:
+    def _history_mean(self, value: float) -> float:
+        depth, filled = self._depth, self._filled
+        total = self._bucket_sum + value + sum(self._sums[(self._pos - i) % depth]
+                                               for i in range(filled))  # fmt: skip
+        n = self._bucket_n + 1 + sum(self._counts[(self._pos - i) % depth] for i in range(filled))
+        return total / n
+
+    def _learn_recent(self, v: float, a: float) -> None:
+        if math.isnan(self._mean):
+            self._mean = v
+        else:
+            self._spread += a * (abs(v - self._mean) - self._spread)
+            self._mean += a * (v - self._mean)
+
+    def _push(self, value: float, ts_ms: int, raw: float) -> None:
         """The input window moves on whether or not the point was learned."""
         if self._last_ts_ms is not None and ts_ms > self._last_ts_ms:
             dt = float(ts_ms - self._last_ts_ms)
@@ -389,34 +508,44 @@ class TrafficBaseline(AnomalyDetector):
                 self._dt_ms = dt
             elif dt < 4 * self._dt_ms:  # a gap (nettel or the container was down) is no rate
                 self._dt_ms += 0.05 * (dt - self._dt_ms)
+            self._k = max(1, round(self.bucket_ms / self._dt_ms))
         self._last_ts_ms = ts_ms
-        depth, ring, tails = self._depth, self._ring, self._tails
-        for j, k in enumerate(self._ks):
-            if k > 1:
-                tail = tails[j] + value
-                if self._filled >= k - 1:
-                    tail -= ring[(self._pos - (k - 2)) % depth]
-                tails[j] = tail
+        self._fine_last, self._fine_pending = self._fine_pending, 0.0
+        self._bucket_sum += value
+        self._bucket_n += 1
+        if raw > self._bucket_peak:
+            self._bucket_peak = min(raw, 1e30)
+        if self._bucket_n >= self._k:
+            self._close_bucket()
+
+    def _close_bucket(self) -> None:
+        depth, sums, counts = self._depth, self._sums, self._counts
+        s, n = self._bucket_sum, min(self._bucket_n, 0xFFFF)
+        for j, m in enumerate(self._ms):
+            if m > 1:
+                tail, tail_n = self._tails[j] + s, self._tail_n[j] + n
+                if self._filled >= m - 1:
+                    leaving = (self._pos - (m - 2)) % depth
+                    tail -= sums[leaving]
+                    tail_n -= counts[leaving]
+                self._tails[j], self._tail_n[j] = tail, tail_n
         self._pos = (self._pos + 1) % depth
-        ring[self._pos] = value
+        sums[self._pos], counts[self._pos] = s, n
+        self._peaks[self._pos] = self._bucket_peak
         self._filled = min(self._filled + 1, depth)
+        self._bucket_sum, self._bucket_n, self._bucket_peak = 0.0, 0, 0.0
         if self._pos == 0:  # once per turn of the ring, sum afresh (no drift)
             self._resum()
 
     def _resum(self) -> None:
-        for j, k in enumerate(self._ks):
-            n = min(self._filled, k - 1)
-            self._tails[j] = sum(self._ring[(self._pos - i) % self._depth] for i in range(n))
+        for j, m in enumerate(self._ms):
+            k = min(self._filled, m - 1)
+            at = [(self._pos - i) % self._depth for i in range(k)]
+            self._tails[j] = sum(self._sums[i] for i in at)
+            self._tail_n[j] = sum(self._counts[i] for i in at)
 
     def _learn_seasons(self, v: float, ts_ms: int) -> None:
         dt = self._dt_ms or float(self.seasons[0][1] if self.seasons else MINUTE_MS)
-        # Recent level: an exponential mean over about a day of samples.
-        a = min(1.0, dt / DAY_MS)
-        if math.isnan(self._mean):
-            self._mean = v
-        else:
-            self._spread += a * (abs(v - self._mean) - self._spread)
-            self._mean += a * (v - self._mean)
         shifted = ts_ms + MONDAY_OFFSET_MS
         for s in self._seasons:
             i = (shifted % s.period_ms) // s.slot_ms
@@ -452,6 +581,22 @@ class TrafficBaseline(AnomalyDetector):
         for as long as an anomaly lasts, where the score fires once."""
         return self._last_raw
 
+    def counts(self, evidence: float, ts_ms: int) -> bool:
+        """Whether ``evidence`` at ``ts_ms`` scores: once the history learned spans
+        ``quiet_ms``, and before that only from ``quiet_below`` (the evidence,
+        :attr:`last_raw`, keeps what is flagged from being learned either way).
+
+        Examples
+        --------
+        >>> m = TrafficBaseline(quiet_ms=HOUR_MS, quiet_below=1.0)
+        >>> m.learn_one({"value": 1.0, "ts_ms": 0})
+        >>> m.counts(0.5, HOUR_MS - 1), m.counts(2.0, HOUR_MS - 1), m.counts(0.5, HOUR_MS)
+        (False, True, True)
+        """
+        if evidence >= self.quiet_below:
+            return True
+        return self._first_ts_ms is not None and ts_ms - self._first_ts_ms >= self.quiet_ms
+
     @property
     def highest(self) -> float:
         """The highest value learned (-inf before any)."""
@@ -462,10 +607,15 @@ class TrafficBaseline(AnomalyDetector):
         """Points learned so far."""
         return self._n
 
-    def band(self, ts_ms: int, width: float | None = None) -> Band:
+    @property
+    def sample_interval_ms(self) -> float:
+        """The sampling interval learned from the timestamps (0 before two samples)."""
+        return self._dt_ms
+
+    def band(self, ts_ms: int, width: float = 3.0) -> Band:
         """Expected value and band at ``ts_ms``'s slot: the longest period's slot that was
         seen (hour of the week, else of the day), else the recent level; ``width`` times the
-        slot's mean absolute deviation either side (``seasonal_width``, else 3, by default).
+        slot's mean absolute deviation either side.
 
         Examples
         --------
@@ -473,7 +623,6 @@ class TrafficBaseline(AnomalyDetector):
         >>> m.band(0).seen
         False
         """
-        width = width or self.seasonal_width or 3.0
         shifted = ts_ms + MONDAY_OFFSET_MS
         for s in self._by_period:
             i = (shifted % s.period_ms) // s.slot_ms
@@ -508,14 +657,17 @@ class TrafficBaseline(AnomalyDetector):
         for start_ms, mean, low, high in rows:
             self._lo = min(self._lo, low)
             self._hi = max(self._hi, high)
-            for i in range(len(self.scales)):
+            for i in range(len(self.scales_ms)):
                 self._scale_lo[i] = min(self._scale_lo[i], low)
                 self._scale_hi[i] = max(self._scale_hi[i], high)
+            if self._first_ts_ms is None:
+                self._first_ts_ms = start_ms
             saved = self._dt_ms
             for s in self._seasons:
                 if s.residuals < self.seasonal_warmup:
                     s.residuals = self.seasonal_warmup
             self._dt_ms = float(min(s.slot_ms for s in self._seasons) if self._seasons else HOUR_MS)
+            self._learn_recent(mean, min(1.0, self._dt_ms / self.noise_ms))
             self._learn_seasons(mean, start_ms)
             for s in self._seasons:
                 s.lo = min(s.lo, low - mean)
@@ -529,7 +681,7 @@ class TrafficBaseline(AnomalyDetector):
 
         Examples
         --------
-        >>> m = TrafficBaseline(seasons=((DAY_MS, HOUR_MS),), seasonal_width=3.0, warmup=2)
+        >>> m = TrafficBaseline(warmup=2)
         >>> for i in range(100):
         ...     m.learn_one({"value": 10.0 + i % 2, "ts_ms": i * 60_000})
         >>> m.score_one({"value": 50.0, "ts_ms": 100 * 60_000}) > 0
@@ -538,12 +690,11 @@ class TrafficBaseline(AnomalyDetector):
         >>> m.score_one({"value": 50.0, "ts_ms": 100 * 60_000}), m.band(100 * 60_000).high >= 50
         (0.0, True)
         """
-        for i in range(len(self.scales)):
+        for i in range(len(self.scales_ms)):
             self._scale_lo[i] = min(self._scale_lo[i], value)
             self._scale_hi[i] = max(self._scale_hi[i], value)
         self._lo, self._hi = min(self._lo, value), max(self._hi, value)
         shifted = ts_ms + MONDAY_OFFSET_MS
-        width = self.seasonal_width or 3.0
         for s in self._seasons:
             i = (shifted % s.period_ms) // s.slot_ms
             level = float(s.mean[i])
@@ -551,7 +702,7 @@ class TrafficBaseline(AnomalyDetector):
                 s.mean[i] = level = value
             d = value - level
             s.lo, s.hi = min(s.lo, d), max(s.hi, d)
-            s.spread[i] = max(float(s.spread[i]), abs(d) / width)
+            s.spread[i] = max(float(s.spread[i]), 1.01 * abs(d) / 3.0)  # float32: a margin
 
     def prior(self) -> TrafficBaseline:
         """A copy of what this model learned, to start a new container of the same image or
@@ -568,10 +719,14 @@ class TrafficBaseline(AnomalyDetector):
         (0.0, True)
         """
         twin = copy.deepcopy(self)
-        twin._recent = array("f", [0.0]) * max(self.rest, 1)
+        twin._peaks = array("f", [0.0]) * self._depth
         twin._last_ts_ms = None
         twin._filled = 0
-        twin._tails = array("d", [0.0]) * len(twin._ks)
+        twin._pos = -1
+        twin._tails = array("d", [0.0]) * len(twin._ms)
+        twin._tail_n = array("l", [0]) * len(twin._ms)
+        twin._bucket_sum, twin._bucket_n, twin._bucket_peak = 0.0, 0, 0.0
+        twin._fine_pending = twin._fine_last = 0.0
         return twin
 
 
@@ -581,7 +736,7 @@ class LearningGuard(AnomalyFilter):
 
     Examples
     --------
-    >>> g = LearningGuard(TrafficBaseline(warmup=3, rest=0), threshold=0.5)
+    >>> g = LearningGuard(TrafficBaseline(warmup=3, rest_ms=0), threshold=0.5)
     >>> for i, v in enumerate([1, 2, 1, 2, 50]):
     ...     g.learn_one({"value": v, "ts_ms": i})
     >>> g.anomaly_detector.n_learned  # the 50 was flagged, not learned

@@ -29,7 +29,7 @@ from river.base import AnomalyDetector
 from nettel.detect.baseline import (
     DAY_MS,
     HOUR_MS,
-    WEEK_MS,
+    MINUTE_MS,
     Band,
     Features,
     TrafficBaseline,
@@ -107,23 +107,37 @@ class MetricScore:
                 f"evidence={self.evidence})")  # fmt: skip
 
 
-def service_baseline() -> TrafficBaseline:
-    """The per-metric baseline the service uses for 5-second samples: hour of day and
-    hour of week, a slot's usual spread as its band, one minute of smoothing, and the
-    seasonal evidence in multiples of what the hour usually does.
+#: The evidence (a value's excess as a fraction of the metric's range) at which the service
+#: alerts. Every score and evidence :class:`ContainerDetector` gives is divided by it, so
+#: 1.0 is an alert (:class:`~nettel.detect.alerts.AlertTracker`'s ``open_at``). Chosen on
+#: the NAB dev corpus (``python -m bench.nab``: NAB's standard-profile optimum, rounded).
+SHIPPED_THRESHOLD: Final = 0.015
+#: Evidence (same unit as above, before the division) from which a point is not learned.
+GUARD_THRESHOLD: Final = 1.0
+
+
+def make_detector(*, sensitivity: float = 1.0, warmup: int | None = None) -> ContainerDetector:
+    """The detector of one container, as ``nettel up``, ``nettel detect`` and the NAB bench
+    build it: one :class:`~nettel.detect.baseline.TrafficBaseline` per metric with its
+    defaults (lengths are durations, the sampling interval is learned from the data),
+    alerting at :data:`SHIPPED_THRESHOLD`.
+
+    ``sensitivity`` scales what alerts (2.0: evidence half the shipped threshold already
+    alerts); ``warmup`` is the samples learned before any score (tests with few samples).
 
     Examples
     --------
-    >>> service_baseline().seasons == ((DAY_MS, HOUR_MS), (WEEK_MS, HOUR_MS))
+    >>> make_detector()._get_params() == make_detector()._get_params()
+    True
+    >>> make_detector(sensitivity=2.0).alert_threshold == SHIPPED_THRESHOLD / 2
     True
     """
-    return TrafficBaseline(
-        seasons=((DAY_MS, HOUR_MS), (WEEK_MS, HOUR_MS)),
-        seasonal_width=4.0,
-        seasonal_relative=True,
-        seasonal_weight=1.0,
-        warmup=60,
-    )
+    if not sensitivity > 0:
+        raise ValueError(f"sensitivity must be > 0, got {sensitivity}")
+    # No template by default: each metric's model is a TrafficBaseline() with its defaults
+    # (a template object would be held, unused, by every container).
+    baseline = None if warmup is None else TrafficBaseline(warmup=warmup)
+    return ContainerDetector(baseline=baseline, alert_threshold=SHIPPED_THRESHOLD / sensitivity)
 
 
 class ContainerDetector(AnomalyDetector):
@@ -132,17 +146,22 @@ class ContainerDetector(AnomalyDetector):
     Parameters
     ----------
     baseline
-        The model cloned for each metric (:func:`service_baseline` by default).
-    threshold
-        Evidence from which a metric's point is flagged and not learned.
-    max_protected_run
-        Flagged points in a row after which a metric learns its new level anyway.
+        The model cloned for each metric (``TrafficBaseline()`` by default).
+    alert_threshold
+        Evidence that means "alert": scores and evidence are given in multiples of it.
+    guard_threshold
+        Evidence (before the division) from which a metric's point is flagged and not
+        learned.
+    protected_ms, protected_samples
+        How long a metric keeps not learning flagged points in a row (both this time and
+        this many samples); after that it learns its new level anyway.
     min_volume
         Per metric: when neither the value nor its expected value reach it, the score
-        is 0 (low-traffic noise is not an anomaly).
+        is 0 (low-traffic noise is not an anomaly). Metrics not named have none.
 
     ``score_one`` is the largest metric score; :meth:`update` scores and learns in one
-    pass and gives every metric's :class:`MetricScore`.
+    pass and gives every metric's :class:`MetricScore`; :meth:`update_metric` does it for
+    one metric of any name (the NAB bench feeds its series that way).
 
     Examples
     --------
@@ -164,23 +183,30 @@ class ContainerDetector(AnomalyDetector):
     def __init__(
         self,
         baseline: TrafficBaseline | None = None,
-        threshold: float = 1.0,
-        max_protected_run: int = 60,
+        alert_threshold: float = SHIPPED_THRESHOLD,
+        guard_threshold: float = GUARD_THRESHOLD,
+        protected_ms: int = 15 * MINUTE_MS,
+        protected_samples: int = 3,
         min_volume: Mapping[str, float] | None = None,
     ) -> None:
         self.baseline = baseline
-        self.threshold = threshold
-        self.max_protected_run = max_protected_run
+        self.alert_threshold = alert_threshold
+        self.guard_threshold = guard_threshold
+        self.protected_ms = protected_ms
+        self.protected_samples = protected_samples
         self.min_volume = dict(DEFAULT_MIN_VOLUME if min_volume is None else min_volume)
         self._models: dict[str, TrafficBaseline] = {}
-        self._runs: dict[str, int] = {}
+        # Per metric: when its run of flagged points began (-1: none) and how long it is.
+        self._flagged_since: dict[str, int] = {}
+        self._flagged_run: dict[str, int] = {}
 
     def _model(self, metric: str) -> TrafficBaseline:
         m = self._models.get(metric)
         if m is None:
-            template = self.baseline if self.baseline is not None else service_baseline()
+            template = self.baseline if self.baseline is not None else TrafficBaseline()
             m = self._models[metric] = template.clone()
-            self._runs[metric] = 0
+            self._flagged_since[metric] = -1
+            self._flagged_run[metric] = 0
         return m
 
     def learn_one(self, x: Features) -> None:
@@ -197,11 +223,12 @@ class ContainerDetector(AnomalyDetector):
         if x.get("counter_reset") or x.get("catch_up"):
             return out
         ts_ms = int(x["ts_ms"])
+        unit = self.alert_threshold
         for metric in METRICS:
             if metric in x and metric in self._models:
                 model = self._models[metric]
                 value = float(x[metric])
-                score = model.score_one({"value": value, "ts_ms": ts_ms})
+                score = model.score_one({"value": value, "ts_ms": ts_ms}) / unit
                 out[metric] = self._guarded(metric, value, score, score, model.band(ts_ms))
         return out
 
@@ -216,23 +243,42 @@ class ContainerDetector(AnomalyDetector):
             return out
         ts_ms = int(x["ts_ms"])
         for metric in METRICS:
-            if metric not in x:
-                continue
-            value = float(x[metric])
-            model = self._model(metric)
-            protect = self._runs[metric] < self.max_protected_run
-            limit = self.threshold if protect else math.inf
-            # The band the value is judged against, before it is learned (when needed).
-            floor = self.min_volume.get(metric, 0.0)
-            # Below the floor, and never above it (no band needed) or not expected above it.
-            quiet = value < floor and (model.highest < floor or model.band(ts_ms).expected < floor)
-            score = model.score_learn_value(value, ts_ms, learn_below=limit)
-            evidence = model.last_raw
-            self._runs[metric] = self._runs[metric] + 1 if evidence >= self.threshold else 0
-            if quiet:
-                score = evidence = 0.0
-            out[metric] = MetricScore(metric, value, score, evidence, None, model, ts_ms)
+            if metric in x:
+                out[metric] = self.update_metric(metric, float(x[metric]), ts_ms)
         return out
+
+    def update_metric(self, metric: str, value: float, ts_ms: int) -> MetricScore:
+        """Score one metric's value, then learn it unless flagged; one pass.
+
+        Examples
+        --------
+        >>> det = make_detector(warmup=3)
+        >>> [round(det.update_metric("cpu", v, i * 300_000).score, 1)
+        ...  for i, v in enumerate([10, 20, 10, 20, 90])]
+        [0.0, 0.0, 0.0, 0.0, 466.7]
+        """
+        model = self._model(metric)
+        since, run = self._flagged_since[metric], self._flagged_run[metric]
+        protect = since < 0 or run < self.protected_samples or ts_ms - since < self.protected_ms
+        limit = self.guard_threshold if protect else math.inf
+        floor = self.min_volume.get(metric, 0.0)
+        # Below the floor, and never above it (no band needed) or not expected above it.
+        quiet = (
+            floor > 0
+            and value < floor
+            and (model.highest < floor or model.band(ts_ms).expected < floor)
+        )
+        unit = self.alert_threshold
+        score = model.score_learn_value(value, ts_ms, learn_below=limit) / unit
+        raw = model.last_raw
+        if raw < self.guard_threshold:
+            self._flagged_since[metric], self._flagged_run[metric] = -1, 0
+        else:
+            self._flagged_since[metric] = ts_ms if since < 0 else since
+            self._flagged_run[metric] = run + 1
+        if quiet or not model.counts(raw, ts_ms):
+            return MetricScore(metric, value, 0.0, 0.0, None, model, ts_ms)
+        return MetricScore(metric, value, score, raw / unit, None, model, ts_ms)
 
     def _guarded(
         self, metric: str, value: float, score: float, evidence: float, band: Band
@@ -292,5 +338,6 @@ class ContainerDetector(AnomalyDetector):
         """
         twin = copy.copy(self)
         twin._models = {k: m.prior() for k, m in self._models.items()}
-        twin._runs = dict.fromkeys(self._models, 0)
+        twin._flagged_since = dict.fromkeys(self._models, -1)
+        twin._flagged_run = dict.fromkeys(self._models, 0)
         return twin

@@ -34,7 +34,7 @@ from typing import Final
 
 from nettel.detect.alerts import Alert, AlertTracker, Direction, Signal, related_moves
 from nettel.detect.baseline import HOUR_MS, Band
-from nettel.detect.container import ContainerDetector, event_features
+from nettel.detect.container import ContainerDetector, event_features, make_detector
 from nettel.detect.rules import Rule, RuleSet
 from nettel.models import StatEvent
 
@@ -47,7 +47,8 @@ class FleetDetector:
     Parameters
     ----------
     template
-        The container detector cloned for each new container without a prior.
+        The container detector cloned for each new container without a prior
+        (:func:`~nettel.detect.container.make_detector` by default).
     tracker
         The lifecycle of model alerts.
     rules
@@ -61,7 +62,7 @@ class FleetDetector:
         tracker: AlertTracker | None = None,
         rules: Sequence[Rule] = (),
     ) -> None:
-        self.template = template or ContainerDetector()
+        self.template = template or make_detector()
         self.tracker = tracker or AlertTracker()
         self.rules = RuleSet(rules)
         self._rule_trackers = {

@@ -26,39 +26,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Final
 
-from nettel.detect.baseline import DAY_MS, MINUTE_MS, LearningGuard, TrafficBaseline
-
-#: The guard of the NAB configuration: evidence from which a point is not learned, and
-#: how many such points in a row before a new level is learned anyway.
-NAB_GUARD_THRESHOLD: Final = 1.0
-NAB_GUARD_RUN: Final = 3
-
-
-def nab_detector() -> LearningGuard:
-    """The detector as run on NAB: :class:`TrafficBaseline` behind a :class:`LearningGuard`,
-    seasonal slots of 5 and 15 minutes over the day (NAB's series are 5-minute samples;
-    a value is unusual for its time if it is for both), the seasonal residual compared
-    with every residual seen, no warm-up (NAB's probation covers it). One configuration
-    for every file, chosen on the corpus as a whole (there is no held-out part).
-
-    Examples
-    --------
-    >>> det = nab_detector()
-    >>> det.anomaly_detector.seasons == ((DAY_MS, 5 * MINUTE_MS), (DAY_MS, 15 * MINUTE_MS))
-    True
-    """
-    return LearningGuard(
-        TrafficBaseline(
-            seasons=((DAY_MS, 5 * MINUTE_MS), (DAY_MS, 15 * MINUTE_MS)),
-            seasonal_smoothing=6,
-            seasonal_rate=0.15,
-            seasonal_width=None,
-            warmup=0,
-        ),
-        NAB_GUARD_THRESHOLD,
-        NAB_GUARD_RUN,
-    )
-
 
 @dataclass(frozen=True, slots=True)
 class Profile:
@@ -138,12 +105,22 @@ def series_raw_score(series: NabSeries, threshold: float, profile: Profile) -> f
     >>> round(series_raw_score(s, 0.5, STANDARD) - (tp - 0.11), 12)
     0.0
     """
-    return _series_tally(series, threshold, profile)[0]
+    return series_tally(series, threshold, profile)[0]
 
 
-def _series_tally(
+def series_tally(
     series: NabSeries, threshold: float, profile: Profile
 ) -> tuple[float, int, int, int]:
+    """The raw score of one series at one threshold, with its true positives, false
+    positives and false negatives.
+
+    Examples
+    --------
+    >>> s = NabSeries("f", scores=[0, 0, 1, 0, 0, 0, 0, 0, 0, 1], windows=[(2, 3)],
+    ...               probation=0)
+    >>> series_tally(s, 0.5, STANDARD)[1:]
+    (1, 1, 0)
+    """
     total, tp, fp, fn = 0.0, 0, 0, 0
     windows = sorted(series.windows)
     top = scaled_sigmoid(-1.0)
@@ -249,7 +226,7 @@ def corpus_score(corpus: Sequence[NabSeries], profile: Profile) -> CorpusScore:
     tp = fp = fn = 0
     per_series: dict[str, float] = {}
     for series in corpus:
-        s, a, b, c = _series_tally(series, best_t, profile)
+        s, a, b, c = series_tally(series, best_t, profile)
         per_series[series.name] = s
         tp, fp, fn = tp + a, fp + b, fn + c
     span = perfect - null
