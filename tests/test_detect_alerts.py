@@ -71,7 +71,9 @@ def test_severity_from_score_and_deviation() -> None:
     t = AlertTracker()
     assert t.severity(1.1, 350.0, BAND) == "info"
     assert t.severity(1.1, 1000.0, BAND) == "warning"
-    assert t.severity(4.0, 350.0, BAND) == "warning"
+    assert t.severity(4.0, 350.0, BAND) == "info"  # evidence in threshold units: 7 = 10 %
+    assert t.severity(8.0, 350.0, BAND) == "warning"  # of the metric's range beyond the band
+    assert t.severity(40.0, 350.0, BAND) == "critical"  # half of it
     assert t.severity(1.1, 3000.0, BAND) == "critical"
     assert t.severity(1.1, 10.0, BAND) == "critical"  # a fall to a tenth of the band
 
