@@ -10,6 +10,7 @@ from nettel.detect.alerts import Alert
 from nettel.detect.baseline import DAY_MS, HOUR_MS, TrafficBaseline
 from nettel.detect.container import ContainerDetector, event_features
 from nettel.detect.fleet import FleetDetector
+from nettel.detect.rules import Rule
 from nettel.ingest.simulate import TrafficSimulator
 from nettel.models import StatEvent
 
@@ -157,3 +158,27 @@ def test_false_positive_feedback_widens_that_slot_only() -> None:
     assert det.score_metrics({"ts_ms": at, "rx_bytes": odd})["rx_bytes"].score == 0.0
     other_hour = at + 12 * HOUR_MS
     assert det.band("rx_bytes", other_hour).high < odd
+
+
+def test_a_fleet_forgets_containers_gone_for_a_week_but_not_one_with_an_open_alert() -> None:
+    """Containers come and go (one a day for a month): the fleet's state stays bounded;
+    a container whose alert is still open is kept however long it is silent."""
+    fleet = FleetDetector(rules=[Rule("loud", "rx_bytes", above=1_000_000.0)])
+
+    def ev(identity: str, ts_ms: int, rx: int = 50_000) -> StatEvent:
+        return StatEvent(ts_ms=ts_ms, host="h", container_id=identity, identity=identity,
+                         name=identity, interval_ms=5000, rx_bytes=rx)  # fmt: skip
+
+    fleet.process(ev("loud", 0, rx=50_000_000))  # its rule alert opens, then it goes silent
+    assert fleet.open_alerts == 1
+    for day in range(30):
+        for h in range(24):
+            ts = (day * 24 + h) * HOUR_MS
+            fleet.process(ev("always", ts))
+            fleet.process(ev(f"batch-{day}", ts))
+    kept = set(fleet.identities)
+    assert "always" in kept
+    assert "loud" in kept  # silent for 30 days, but its alert is open
+    batches = sorted(int(i.split("-")[1]) for i in kept if i.startswith("batch-"))
+    assert batches == list(range(22, 30))  # the last 7 days' and today's, no older one
+    assert all(fleet.detector(f"batch-{d}") is None for d in range(22))

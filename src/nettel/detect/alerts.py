@@ -379,6 +379,27 @@ class AlertTracker:
         """Alerts open now."""
         return len(self._open)
 
+    def is_open_for(self, identity: str) -> bool:
+        """Whether ``identity`` has an open alert (under any rule)."""
+        return any(k[0] == identity for k in self._open)
+
+    def forget(self, identity: str) -> bool:
+        """Drop what the tracker keeps of ``identity`` (pending runs, cooldowns), unless
+        it has an open alert; whether it was dropped.
+
+        Examples
+        --------
+        >>> t = AlertTracker()
+        >>> t.forget("gone")
+        True
+        """
+        if self.is_open_for(identity):
+            return False
+        for state in (self._pending, self._quiet_until):
+            for k in [k for k in state if k[0] == identity]:
+                del state[k]
+        return True
+
     def severity(
         self, evidence: float, observed: float, band: Band, direction: Direction | None = None
     ) -> Severity:

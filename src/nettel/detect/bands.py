@@ -50,6 +50,9 @@ class BandTracker:
         forced = set(force)
         rows: list[dict[str, Any]] = []
         self._looked_at = {}
+        known = set(fleet.identities)  # forget what the fleet forgot (bounded state)
+        self._learned = {i: n for i, n in self._learned.items() if i in known}
+        self._bands = {k: v for k, v in self._bands.items() if k[0] in known}
         for identity in fleet.identities:
             det = fleet.detector(identity)
             if det is None:

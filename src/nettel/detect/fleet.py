@@ -3,7 +3,10 @@
 :class:`FleetDetector` is what a worker drives (it does no I/O): :meth:`~FleetDetector.
 process` takes one :class:`~nettel.models.StatEvent` and returns the alerts to publish.
 A container seen for the first time starts from a prior: the learned state of another
-container of the same compose service, else of the same image. The whole object is plain
+container of the same compose service, else of the same image. A container unseen for
+``forget_after_ms`` of event time (7 days by default) is forgotten (checked once an
+hour, never while it has an open alert), so a fleet whose containers come and go keeps
+a bounded state. The whole object is plain
 data (:mod:`nettel.detect.checkpoint`), so a worker checkpoints it with the offsets it has
 consumed.
 
@@ -33,12 +36,14 @@ from collections.abc import Sequence
 from typing import Final
 
 from nettel.detect.alerts import Alert, AlertTracker, Direction, Signal, related_moves
-from nettel.detect.baseline import HOUR_MS, Band
+from nettel.detect.baseline import DAY_MS, HOUR_MS, Band
 from nettel.detect.container import ContainerDetector, event_features, make_detector
 from nettel.detect.rules import Rule, RuleSet
 from nettel.models import StatEvent
 
 RESTART_MEMORY_MS: Final = HOUR_MS
+#: Event time after which a container that sent nothing is forgotten.
+FORGET_AFTER_MS: Final = 7 * DAY_MS
 
 
 class FleetDetector:
@@ -54,6 +59,20 @@ class FleetDetector:
     rules
         Custom rules; their alerts open when the condition holds and resolve when it
         stops (each rule's ``cooldown`` applies after that).
+    forget_after_ms
+        Event time after which a container that sent nothing is forgotten (its models,
+        restarts and alert bookkeeping), unless one of its alerts is still open.
+
+    Examples
+    --------
+    >>> fleet = FleetDetector(forget_after_ms=HOUR_MS)
+    >>> def ev(identity, ts):
+    ...     return StatEvent(ts_ms=ts, host="h", container_id=identity, identity=identity,
+    ...                      name=identity, interval_ms=5000, rx_bytes=1000)
+    >>> _ = fleet.process(ev("old", 0)) + fleet.process(ev("new", 0))
+    >>> _ = fleet.process(ev("new", 3 * HOUR_MS))  # "old" sent nothing for 3 hours
+    >>> fleet.identities
+    ['new']
     """
 
     def __init__(
@@ -61,8 +80,10 @@ class FleetDetector:
         template: ContainerDetector | None = None,
         tracker: AlertTracker | None = None,
         rules: Sequence[Rule] = (),
+        forget_after_ms: int = FORGET_AFTER_MS,
     ) -> None:
         self.template = template or make_detector()
+        self.forget_after_ms = forget_after_ms
         self.tracker = tracker or AlertTracker()
         self.rules = RuleSet(rules)
         self._rule_trackers = {
@@ -74,6 +95,8 @@ class FleetDetector:
         self._containers: dict[str, ContainerDetector] = {}
         self._groups: dict[str, str] = {}  # "service:<p>/<s>" or "image:<i>" -> identity
         self._restarts: dict[str, deque[int]] = {}
+        self._last_seen: dict[str, int] = {}
+        self._next_sweep_ms = 0
 
     def detector(self, identity: str) -> ContainerDetector | None:
         """The container's detector, if it was seen."""
@@ -106,8 +129,27 @@ class FleetDetector:
             self._groups.setdefault(k, ev.identity)
         return det
 
+    def _sweep(self, now_ms: int) -> None:
+        """Forget the containers unseen since ``now_ms - forget_after_ms`` (none with an
+        open alert), and the group priors that named them."""
+        cutoff = now_ms - self.forget_after_ms
+        trackers = [self.tracker, *self._rule_trackers.values()]
+        for identity in [i for i, ts in self._last_seen.items() if ts < cutoff]:
+            if any(t.is_open_for(identity) for t in trackers):
+                continue
+            for t in trackers:
+                t.forget(identity)
+            for state in (self._containers, self._restarts, self._last_seen):
+                state.pop(identity, None)
+            for k in [k for k, i in self._groups.items() if i == identity]:
+                del self._groups[k]
+
     def process(self, ev: StatEvent) -> list[Alert]:
         """Score and learn one event; the alerts it opens, grows or resolves."""
+        self._last_seen[ev.identity] = ev.ts_ms
+        if ev.ts_ms >= self._next_sweep_ms:
+            self._sweep(ev.ts_ms)
+            self._next_sweep_ms = ev.ts_ms + HOUR_MS
         det = self._detector_for(ev)
         restarts = self._restarts.setdefault(ev.identity, deque())
         if ev.counter_reset:
