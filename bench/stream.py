@@ -1,8 +1,11 @@
 """Stream worker throughput and the minute table's bytes per stored value.
 
 Publishes a simulated span of traffic (`nettel simulate`'s generator) to the embedded
-broker first, then runs one stream worker (consume + decode + validate + window +
-Delta flush, rollups on) in this process until it has consumed everything, and reports
+broker first, then runs one stream worker in this process until it has consumed
+everything. The worker is built by ``nettel.cli.make_stream`` with the default settings
+(only the data dir is set), exactly as `nettel up` builds it: consume + decode +
+validate + window, the ``samples`` table, minute flushes every
+``NETTEL_FLUSH_INTERVAL_S``, rollups into hour and day. It reports
 events per second of wall time and of this process's CPU: over the whole run, and from
 the first record on (``*_after_start``: without the consumer group's join, ~5 s with
 the embedded broker, which no event rate amortises in a 15 s run). The embedded
@@ -28,13 +31,14 @@ from typing import Any
 from deltalake import DeltaTable
 
 from nettel.broker import EmbeddedBroker, free_loopback_port
+from nettel.cli import make_stream
+from nettel.config import Settings
 from nettel.ingest.publisher import EventPublisher
 from nettel.ingest.simulate import TrafficSimulator
 from nettel.models import encode_stat_event
 from nettel.store.maintenance import maintain_table
 from nettel.store.minute import MinuteTable, minute_schema
-from nettel.store.rollup import DAY_MS, HOUR_MS, RollupTable
-from nettel.stream.worker import StreamWorker
+from nettel.store.rollup import HOUR_MS
 
 sys.path.insert(0, os.path.dirname(__file__))
 from common import write_result
@@ -66,11 +70,10 @@ async def run(containers: int, hours: float) -> dict[str, Any]:
                 await publisher.drained(50_000)
         await publisher.drained(0)
     with tempfile.TemporaryDirectory() as tmp:
+        settings = Settings.from_env({"NETTEL_DATA_DIR": tmp})
+        worker = make_stream(settings, broker.bootstrap_servers, epoch=broker.epoch,
+                             embedded=True)  # fmt: skip
         minute = MinuteTable(f"{tmp}/minute")
-        hour = RollupTable(f"{tmp}/hour", minute, HOUR_MS)
-        day = RollupTable(f"{tmp}/day", hour, DAY_MS)
-        worker = StreamWorker(broker.bootstrap_servers, minute, flush_interval_s=5.0,
-                              rollups=[hour, day], rollup_interval_s=30.0)  # fmt: skip
         stop = asyncio.Event()
         c0, t0 = cpu_s(), time.monotonic()
         task = asyncio.create_task(worker.run(stop))
@@ -110,6 +113,9 @@ async def run(containers: int, hours: float) -> dict[str, Any]:
             maintained / max(rows_after * value_columns, 1), 3
         ),
         "flushes": worker.stats.flushes,
+        "samples_written": worker.stats.samples_written,
+        "built_by": "nettel.cli.make_stream (default settings: samples on, flush every "
+        f"{settings.flush_interval_s:g} s, rollups every {settings.rollup_interval_s:g} s)",
         "target_events_per_s": 250_000,
     }
 
