@@ -326,6 +326,7 @@ def make_stream(
 
     ``embedded``: it reads the embedded broker, whose log begins and ends with the process.
     """
+    from nettel.store.directory import ContainerDirectory
     from nettel.store.minute import MinuteTable
     from nettel.store.rollup import DAY_MS, HOUR_MS, RollupTable
     from nettel.store.samples import SamplesTable
@@ -340,7 +341,7 @@ def make_stream(
         flush_interval_s=settings.flush_interval_s, rollups=[hour, day],
         rollup_interval_s=settings.rollup_interval_s, epoch=epoch,
         samples=SamplesTable(table_uri(settings, "samples")), seal_on_stop=embedded,
-        fresh_log=embedded,
+        fresh_log=embedded, directory=ContainerDirectory(table_uri(settings, "directory")),
     )  # fmt: skip
 
 
@@ -348,6 +349,7 @@ def maintenance_plan(settings: Settings) -> list[tuple[str, int]]:
     """(table, retention days; 0: forever) for every table nettel writes (how each is
     kept bounded: :data:`~nettel.store.maintenance.TABLE_RULES`)."""
     from nettel.store.bands import BANDS_RETENTION_DAYS
+    from nettel.store.directory import DIRECTORY_RETENTION_DAYS
 
     return [("samples", settings.retention_samples_days),
             ("minute", settings.retention_minute_days),
@@ -357,7 +359,8 @@ def maintenance_plan(settings: Settings) -> list[tuple[str, int]]:
             ("alert_feedback", settings.retention_alerts_days),
             ("reports_table", settings.retention_reports_days),
             ("bands", BANDS_RETENTION_DAYS),
-            ("detect_state", 0)]  # fmt: skip
+            ("detect_state", 0),
+            ("directory", DIRECTORY_RETENTION_DAYS)]  # fmt: skip
 
 
 def maintain_one(

@@ -40,6 +40,7 @@ from nettel.store.bands import (
     STATE_TABLE_CONFIGURATION,
     state_writer_properties,
 )
+from nettel.store.directory import DIRECTORY_RETENTION_DAYS
 from nettel.store.minute import minute_schema, writer_properties
 from nettel.store.rollup import DAY_MS, HOUR_MS, rollup_frame
 
@@ -56,6 +57,7 @@ ROW_GROUP_ROWS = 32_768
 DEFAULT_RETENTION_DAYS: Mapping[str, int | None] = {
     "samples": 2, "minute": 14, "hour": 400, "day": None, "alerts": 90, "alert_feedback": 90,
     "reports_table": 400, "bands": BANDS_RETENTION_DAYS, "detect_state": None,
+    "directory": DIRECTORY_RETENTION_DAYS,
 }  # fmt: skip
 
 #: Log settings of the data tables: a checkpoint every 100 commits, logs kept two days,
@@ -99,6 +101,8 @@ TABLE_RULES: Mapping[str, TableRule] = {
     # a container's constant slots never change: only a container gone as a whole goes
     "bands": TableRule("column", "updated", 1, STATE_TABLE_CONFIGURATION, group="container"),
     "detect_state": TableRule("none", "", 1, STATE_TABLE_CONFIGURATION),
+    # one row per container, merged: a container unseen for the retention goes
+    "directory": TableRule("column", "last_seen", 1, STATE_TABLE_CONFIGURATION),
 }
 
 
@@ -173,7 +177,7 @@ def maintain_table(
 
 def _writer_props(name: str) -> WriterProperties:
     """The writer properties compaction rewrites ``name``'s files with."""
-    if name in ("bands", "detect_state"):
+    if name in ("bands", "detect_state", "directory"):
         return state_writer_properties()
     if name == "alerts":
         return writer_properties(alerts_schema())

@@ -45,6 +45,7 @@ from aiokafka import AIOKafkaProducer
 
 from nettel import metrics
 from nettel.models import ReplayPoint, StatEvent
+from nettel.store.directory import ContainerDirectory
 from nettel.store.minute import MinuteTable, PartitionPoint
 from nettel.store.rollup import RollupTable
 from nettel.store.samples import PartitionSamples, SamplesTable
@@ -88,7 +89,8 @@ class StreamWorker:
     the log of every epoch :meth:`rotated` announces. With ``fresh_log`` the windows
     earlier epochs' logs left open are first rebuilt from ``samples``.
     ``idle_timeout_s``: how long a partition read to its end must receive nothing
-    before the wall clock closes its windows.
+    before the wall clock closes its windows. ``directory``: the container directory
+    this worker keeps, from the windows of each flush (:mod:`nettel.store.directory`).
     """
 
     def __init__(
@@ -110,6 +112,7 @@ class StreamWorker:
         seal_timeout_s: float = 10.0,
         fresh_log: bool = False,
         idle_timeout_s: float = 2.0,
+        directory: ContainerDirectory | None = None,
     ) -> None:
         self.bootstrap_servers = bootstrap_servers
         self.table = table
@@ -123,6 +126,7 @@ class StreamWorker:
         self.rollup_interval_s = rollup_interval_s
         self.samples = samples
         self.fresh_log = fresh_log
+        self.directory = directory
         self._next_roll = 0.0
         self.stats = WorkerStats()
         self._windows: dict[int, PartitionWindows] = {}
@@ -378,6 +382,8 @@ class StreamWorker:
             self.table.append, rows, points, writer=self.group, epoch=self.epoch
         )
         self._written["minute"].update((self.epoch, p.partition) for p in points)
+        if self.directory is not None:  # derived from what was just written; never fails
+            await asyncio.to_thread(self.directory.record, rows)
         self.stats.windows_written += len(rows)
         self.stats.flushes += 1
         self.stats.seals += seal
