@@ -49,6 +49,7 @@ from nettel import metrics, version
 from nettel.errors import ConfigError, NettelError
 from nettel.mcp.answers import compact, fit, one_line_error, quoted, to_text
 from nettel.mcp.tools import (
+    Aggregation,
     AlertDetail,
     AlertList,
     Baseline,
@@ -64,7 +65,6 @@ from nettel.mcp.tools import (
     TrafficSeries,
     Verdict,
 )
-from nettel.store.query import Aggregation
 
 log = structlog.get_logger(__name__)
 T = TypeVar("T")
@@ -104,10 +104,18 @@ class TelemetryServer(MCPServer[Any]):
         super().__init__(name, instructions=instructions, version=version or "")
         self._as_of = as_of
         self.warm: Callable[[], None] | None = None
+        self._warming: asyncio.Task[None] | None = None
+
+    def start_warming(self) -> None:
+        """Warm the tools' caches in the background, once (see :func:`_warm`)."""
+        if self._warming is None:
+            self._warming = asyncio.get_running_loop().create_task(_warm(self))
 
     async def list_tools(self) -> list[MCPTool]:
         """Every tool, without its output schema or the titles pydantic gives each field,
-        its description on one line."""
+        its description on one line. The first listing starts warming the store in the
+        background: a client lists the tools once initialized, before its first question."""
+        self.start_warming()
         return [
             t.model_copy(
                 update={
@@ -197,8 +205,11 @@ async def _answer(fn: Callable[[], T]) -> T:
 
 
 def build_server(tools: TelemetryTools, data_dir: str | None = None) -> TelemetryServer:
-    """The MCP server over ``tools`` (``data_dir``: where stored reports are)."""
-    data_dir = data_dir or tools.query.minute.uri.rsplit("/", 1)[0]
+    """The MCP server over ``tools`` (``data_dir``: where stored reports are; default the
+    tools' data dir). Nothing of the store is opened here: the tools open it when asked."""
+    data_dir = data_dir or tools.data_dir
+    if data_dir is None:
+        raise ValueError("build_server needs the data dir of the tools' store")
     server = TelemetryServer(SERVER_NAME, instructions=INSTRUCTIONS, as_of=tools.as_of,
                              version=version())  # fmt: skip
     server.warm = tools.warm
@@ -727,12 +738,15 @@ async def serve_http(server: MCPServer[Any], options: HttpOptions,
 
 
 async def serve_stdio(server: MCPServer[Any]) -> None:
-    """Serve over stdin/stdout (logs go to stderr)."""
-    warming = asyncio.create_task(_warm(server))
+    """Serve over stdin/stdout (logs go to stderr). The store is warmed once the client
+    lists the tools (:meth:`TelemetryServer.list_tools`), so ``initialize`` is answered
+    first."""
     try:
         await server.run_stdio_async()
     finally:
-        warming.cancel()
+        warming = getattr(server, "_warming", None)
+        if warming is not None:
+            warming.cancel()
 
 
 async def _warm(server: MCPServer[Any]) -> None:

@@ -13,19 +13,27 @@ from __future__ import annotations
 import datetime as dt
 import difflib
 import json
+import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
 
 import msgspec
-import polars as pl
 from pydantic import BaseModel, Field, model_serializer
 
 from nettel.mcp.answers import ToolInputError, page, quoted
 from nettel.models import TOTALS
-from nettel.store.alerts import AlertTable, FeedbackTable
-from nettel.store.bands import BandTable
-from nettel.store.query import Aggregation, ContainerStats, OpenTraffic, TrafficQuery
+
+if TYPE_CHECKING:  # the store (polars, deltalake) is imported at the first question
+    from nettel.report.forecast import ForecastCache
+    from nettel.store.alerts import AlertTable, FeedbackTable
+    from nettel.store.bands import BandTable
+    from nettel.store.directory import ContainerDirectory, DirectoryEntry
+    from nettel.store.query import ContainerStats, OpenTraffic, TrafficQuery
+
+#: How rows of a timeframe combine (as :data:`nettel.store.query.Aggregation`).
+Aggregation = Literal["sum", "avg", "max", "min"]
 
 Timeframe = Literal["hour", "day", "week", "month"]
 TIMEFRAME_MS: dict[str, int] = {
@@ -348,6 +356,11 @@ def _combine(values: Sequence[float | int | None], aggregation: str) -> float | 
     return max(have) if aggregation == "max" else min(have)
 
 
+#: The store metrics ``get_network_stats`` answers with (the columns it reads).
+STATS_METRICS = ("tx_bytes", "rx_bytes", "connections", "errors", "tx_packets", "rx_packets",
+                 "drops")  # fmt: skip
+
+
 def _data(s: ContainerStats) -> StatsData:
     v = s.values
     return StatsData(
@@ -388,48 +401,139 @@ def _provisional(fresh: Sequence[OpenTraffic]) -> Provisional | None:
     )  # fmt: skip
 
 
-class TelemetryTools:
-    """The answers behind the MCP tools, over one long-lived :class:`TrafficQuery`."""
+@dataclass
+class StoreReaders:
+    """What the tools read: the window tables, and the tables beside them (None: absent)."""
 
-    def __init__(self, query: TrafficQuery, *, clock: Callable[[], float] = time.time,
-                 alerts: AlertTable | None = None, feedback: FeedbackTable | None = None,
-                 bands: BandTable | None = None) -> None:  # fmt: skip
-        self.query = query
+    query: TrafficQuery
+    alerts: AlertTable | None = None
+    feedback: FeedbackTable | None = None
+    bands: BandTable | None = None
+    directory: ContainerDirectory | None = None
+
+
+#: How long the fallback container list (a data dir without a ``directory`` table,
+#: answered from every window row) is kept before it is read again.
+FALLBACK_DIRECTORY_S = 60.0
+#: Forecasts kept (the least recently used go first).
+FORECAST_CACHE = 64
+
+
+class TelemetryTools:
+    """The answers behind the MCP tools, over one long-lived :class:`TrafficQuery`.
+
+    Built over open tables, or (:meth:`for_data_dir`) over a data dir whose tables are
+    opened at the first question, so a server answers ``initialize`` before the store
+    layer (polars, deltalake) is even imported.
+    """
+
+    def __init__(self, query: TrafficQuery | None = None, *,
+                 clock: Callable[[], float] = time.time, alerts: AlertTable | None = None,
+                 feedback: FeedbackTable | None = None, bands: BandTable | None = None,
+                 directory: ContainerDirectory | None = None,
+                 open_store: Callable[[], StoreReaders] | None = None,
+                 data_dir: str | None = None) -> None:  # fmt: skip
+        if query is None and open_store is None:
+            raise ValueError("TelemetryTools needs a query or a way to open the store")
         self.clock = clock
-        self.alerts = alerts
-        self.feedback = feedback
-        self.bands = bands
+        self._store = None if query is None else StoreReaders(query, alerts, feedback, bands,
+                                                              directory)  # fmt: skip
+        self._open_store = open_store
+        self._opening = threading.Lock()
+        self.data_dir = data_dir or (None if query is None else query.minute.uri.rsplit("/", 1)[0])
+        self._fallback: tuple[float, list[DirectoryEntry]] | None = None
+        self._forecasts: ForecastCache | None = None
 
     @classmethod
     def for_data_dir(cls, data_dir: str, *, partitions: int, topic: str = "nettel.stats",
                      storage_options: dict[str, str] | None = None) -> TelemetryTools:  # fmt: skip
-        """Tools over every table under ``data_dir``."""
+        """Tools over every table under ``data_dir``, opened at the first question."""
         base = data_dir.rstrip("/")
         opts = storage_options
-        return cls(
-            TrafficQuery(base, partitions=partitions, topic=topic, storage_options=opts),
-            alerts=AlertTable(f"{base}/alerts", storage_options=opts),
-            feedback=FeedbackTable(f"{base}/alert_feedback", storage_options=opts),
-            bands=BandTable(f"{base}/bands", storage_options=opts),
-        )  # fmt: skip
+
+        def open_store() -> StoreReaders:
+            from nettel.store.alerts import AlertTable, FeedbackTable
+            from nettel.store.bands import BandTable
+            from nettel.store.directory import ContainerDirectory
+            from nettel.store.query import TrafficQuery
+
+            return StoreReaders(
+                TrafficQuery(base, partitions=partitions, topic=topic, storage_options=opts),
+                alerts=AlertTable(f"{base}/alerts", storage_options=opts),
+                feedback=FeedbackTable(f"{base}/alert_feedback", storage_options=opts),
+                bands=BandTable(f"{base}/bands", storage_options=opts),
+                directory=ContainerDirectory(f"{base}/directory", storage_options=opts),
+            )  # fmt: skip
+
+        return cls(open_store=open_store, data_dir=base)
+
+    @property
+    def store(self) -> StoreReaders:
+        """The tables (opened now if they were not yet: thread-safe)."""
+        if self._store is None:
+            with self._opening:
+                if self._store is None:
+                    assert self._open_store is not None
+                    self._store = self._open_store()
+        return self._store
+
+    @property
+    def query(self) -> TrafficQuery:
+        """The window tables' query layer."""
+        return self.store.query
+
+    @property
+    def alerts(self) -> AlertTable | None:
+        """The alerts table (None: not given)."""
+        return self.store.alerts
+
+    @property
+    def feedback(self) -> FeedbackTable | None:
+        """The alert feedback table (None: not given)."""
+        return self.store.feedback
+
+    @property
+    def bands(self) -> BandTable | None:
+        """The bands table (None: not given)."""
+        return self.store.bands
 
     def now_ms(self) -> int:
         """Now, in ms since the epoch."""
         return int(self.clock() * 1000)
 
     def warm(self) -> None:
-        """Load the tables' snapshots and the known containers once, so that the first
-        question is answered as fast as the next ones (the server calls it at start)."""
+        """Open the tables and load the container directory once, so that the first
+        question is answered as fast as the next ones (the server calls it once serving)."""
         self._known()
         self.query.newest_end_ms()
+        import nettel.report  # noqa: F401  (forecasts and reports: River, charts)
 
     def as_of(self) -> str:
         """The end of the newest minute in the store (UTC), for answers that say no better."""
         newest = self.query.newest_end_ms()
         return "no data yet" if newest is None else iso(min(newest, self.now_ms()))
 
-    def _known(self) -> list[ContainerStats]:
-        return self.query.stats(0, self.now_ms() + 60_000)
+    def _known(self, *, fresh: bool = False) -> list[DirectoryEntry]:
+        """Every container seen: the ``directory`` table the stream worker keeps (reloaded
+        when it changes; ``fresh``: check now); without one (a store from before it),
+        every container of every window row, read again after a minute."""
+        directory = self.store.directory
+        if directory is not None:
+            entries = directory.entries(max_age_s=0 if fresh else 2.0)
+            if entries or directory.exists():
+                return entries
+        now = time.monotonic()
+        if self._fallback is None or fresh or now - self._fallback[0] > FALLBACK_DIRECTORY_S:
+            from nettel.store.directory import DirectoryEntry
+
+            self._fallback = (now, [
+                DirectoryEntry(container=s.container, name=s.name, container_id=s.container_id,
+                               image=s.image, compose_project=s.compose_project,
+                               compose_service=s.compose_service, host=s.host, partition=-1,
+                               first_seen_ms=s.first_ms, last_seen_ms=s.through_ms)
+                for s in self.query.stats(0, self.now_ms() + 60_000)
+            ])  # fmt: skip
+        return self._fallback[1]
 
     def resolve(self, name: str) -> str:
         """The identity of the container ``name`` designates (see the module docstring)."""
@@ -437,18 +541,12 @@ class TelemetryTools:
         if not name:
             raise ToolInputError("container is empty: name one (see list_containers)")
         known = self._known()
-        for match in (
-            lambda s: s.container == name,
-            lambda s: name in (s.name, s.compose_service, s.compose_project),
-            lambda s: len(name) >= 4 and s.container_id.startswith(name),
-        ):
-            found = sorted({s.container for s in known if match(s)})
-            if len(found) == 1:
-                return found[0]
-            if len(found) > 1:
-                raise ToolInputError(
-                    f"container {quoted(name)} matches several: {', '.join(found[:10])}; name one"
-                )
+        found = _matches(name, known)
+        if found is None:  # a container newer than the directory this server holds?
+            known = self._known(fresh=True)
+            found = _matches(name, known)
+        if found is not None:
+            return found
         names = sorted({s.container for s in known} | {s.name for s in known if s.name})
         close = difflib.get_close_matches(name, names, n=5, cutoff=0.3)
         hint = f"closest known: {', '.join(close)}" if close else "no container is close"
@@ -464,7 +562,8 @@ class TelemetryTools:
         now = self.now_ms()
         start, end = window(timeframe, now)
         named = [self.resolve(container)] if container is not None else None
-        rows = self.query.stats(start, end, aggregation=aggregation, containers=named)
+        rows = self.query.stats(start, end, aggregation=aggregation, containers=named,
+                                metrics=STATS_METRICS)  # fmt: skip
         fresh = {} if aggregation != "sum" else self.query.open_traffic(
             start, now, {s.container: s.through_ms for s in rows}, named)  # fmt: skip
         newest = max([s.through_ms for s in rows] + [o.through_ms for o in fresh.values()],
@@ -498,59 +597,44 @@ class TelemetryTools:
         cursor: str | None = None,
         state: Literal["any", "active", "inactive"] = "any",
     ) -> ContainerList:
-        """``list_containers``: active first, then the busiest (bytes/s, last 5 minutes)."""
+        """``list_containers``: active first, then the busiest (bytes/s, last 5 minutes);
+        names, ids and first/last seen from the container directory."""
         now = self.now_ms()
         known = self._known()
         recent_start = now - now % 60_000 - 5 * 60_000 - ACTIVE_WITHIN_MS
-        recent = {s.container: s for s in self.query.stats(recent_start, now + 60_000,
-                                                           aggregation="avg")}  # fmt: skip
+        recent = {s.container: s for s in self.query.stats(
+            recent_start, now + 60_000, aggregation="avg",
+            metrics=("rx_bytes", "tx_bytes", "bytes", "connections"))}  # fmt: skip
 
-        def active(c: str) -> bool:
-            r = recent.get(c)
-            return r is not None and r.through_ms >= now - ACTIVE_WITHIN_MS
+        def last_seen(e: DirectoryEntry) -> int:
+            r = recent.get(e.container)
+            return max(e.last_seen_ms, r.through_ms if r is not None else 0)
+
+        def active(e: DirectoryEntry) -> bool:
+            return last_seen(e) >= now - ACTIVE_WITHIN_MS
 
         def rate(c: str) -> float:
             r = recent.get(c)
             return 0.0 if r is None else float(r.values["bytes"] or 0)
 
-        ranked = sorted((s for s in known if state == "any" or active(s.container) == (
-            state == "active")), key=lambda s: (not active(s.container), -rate(s.container),
-                                                s.container))  # fmt: skip
+        ranked = sorted((e for e in known if state == "any" or active(e) == (
+            state == "active")), key=lambda e: (not active(e), -rate(e.container),
+                                                e.container))  # fmt: skip
         shown = page("list_containers", ranked, cursor, limit, size=lambda _: 300)
-        first, last = self._seen(shown.items, now)
         out = []
-        for s in shown.items:
-            r = recent.get(s.container)
+        for e in shown.items:
+            r = recent.get(e.container)
             out.append(ContainerInfo(
-                container=s.container, name=s.name, image=s.image,
-                compose_service=s.compose_service, container_id=s.container_id[:12],
-                state="active" if last[s.container] >= now - ACTIVE_WITHIN_MS else "inactive",
-                first_seen=iso(first[s.container]), last_seen=iso(last[s.container]),
+                container=e.container, name=e.name, image=e.image,
+                compose_service=e.compose_service, container_id=e.container_id[:12],
+                state="active" if active(e) else "inactive",
+                first_seen=iso(e.first_seen_ms), last_seen=iso(last_seen(e)),
                 rx_bytes_per_s=r.values["rx_bytes"] if r else None,
                 tx_bytes_per_s=r.values["tx_bytes"] if r else None,
                 connections=r.values["connections"] if r else None,
             ))  # fmt: skip
         return ContainerList(containers=out, total=shown.total, next=shown.next_cursor,
                              hint=shown.hint("active first, busiest first"))  # fmt: skip
-
-    def _seen(self, stats: Sequence[ContainerStats], now_ms: int
-              ) -> tuple[dict[str, int], dict[str, int]]:  # fmt: skip
-        """First and last minute with data per container: long ranges are answered from
-        day rows, so the first and last days are read again at minute resolution."""
-        first = {s.container: s.first_ms for s in stats}
-        last = {s.container: s.through_ms for s in stats}
-        for edge, is_last in ((first, False), (last, True)):
-            days: dict[int, list[str]] = {}
-            for c, t in edge.items():
-                days.setdefault((t - is_last) // DAY_MS * DAY_MS, []).append(c)
-            for day, names in days.items():
-                frame = self.query.series(day, min(day + DAY_MS, now_ms + 60_000),
-                                          resolution="minute", containers=names)  # fmt: skip
-                ts = frame.group_by("container").agg(
-                    (pl.col("ts_ms").max() + 60_000) if is_last else pl.col("ts_ms").min()
-                )
-                edge.update(zip(ts["container"].to_list(), ts["ts_ms"].to_list(), strict=True))
-        return first, last
 
     def top_consumers(self, timeframe: Timeframe, metric: Metric, aggregation: Aggregation,
                       largest: bool, limit: int) -> TopConsumers:  # fmt: skip
@@ -701,8 +785,8 @@ class TelemetryTools:
                               totals=doc.get("totals", {}), top=doc.get("top", [])[:5])  # fmt: skip
 
     def forecast(self, container: str, metric: Metric, horizon_days: int) -> ForecastOut:
-        """``forecast_traffic``."""
-        from nettel.report import forecast_container
+        """``forecast_traffic`` (fits kept per container and history: :class:`ForecastCache`)."""
+        from nettel.report.forecast import ForecastCache
 
         _check_metric(metric)
         store_metric = STORE_METRIC[metric]
@@ -712,8 +796,11 @@ class TelemetryTools:
                 "bytes_received, packets, packets_sent, packets_received, errors, drops"
             )
         identity = self.resolve(container)
-        fc = forecast_container(self.query, identity, metric=store_metric,
-                                horizon_hours=horizon_days * 24, now_ms=self.now_ms())  # fmt: skip
+        if self._forecasts is None:
+            self._forecasts = ForecastCache(FORECAST_CACHE)
+        fc = self._forecasts.forecast(self.query, identity, metric=store_metric,
+                                      horizon_hours=horizon_days * 24,
+                                      now_ms=self.now_ms())  # fmt: skip
         if fc is None:
             raise ToolInputError(f"{identity!r} has under three days of history: no forecast yet")
         rows = zip(fc.values, fc.low, fc.high, strict=True)
@@ -1027,6 +1114,24 @@ def hour_of_week(ts_ms: int) -> int:
     72
     """
     return (ts_ms // 3_600_000 + 72) % 168
+
+
+def _matches(name: str, known: Sequence[DirectoryEntry]) -> str | None:
+    """The one identity ``name`` designates among ``known`` (None: none); raises when it
+    designates several. Tried in order: identity, name/service/project, id prefix."""
+    for match in (
+        lambda s: s.container == name,
+        lambda s: name in (s.name, s.compose_service, s.compose_project),
+        lambda s: len(name) >= 4 and s.container_id.startswith(name),
+    ):
+        found = sorted({s.container for s in known if match(s)})
+        if len(found) == 1:
+            return found[0]
+        if len(found) > 1:
+            raise ToolInputError(
+                f"container {quoted(name)} matches several: {', '.join(found[:10])}; name one"
+            )
+    return None
 
 
 def _check_metric(metric: str) -> None:

@@ -34,7 +34,9 @@ True
 from __future__ import annotations
 
 import math
+import threading
 import time
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Final
@@ -180,6 +182,20 @@ def hourly_values(frame: pl.DataFrame, column: str, end_ms: int) -> tuple[int, l
     return first, [hours.get(t, 0.0) for t in range(first, end_ms, HOUR_MS)]
 
 
+def _history(query: TrafficQuery, container: str, metric: str, history_days: int,
+             now_ms: int | None) -> tuple[int, list[float]]:  # fmt: skip
+    """``container``'s hourly ``metric`` over up to ``history_days`` before the last whole
+    hour before ``now_ms``: (first hour, values)."""
+    check_choice("metric", metric, RATE_METRICS)
+    if not 1 <= history_days <= 400:
+        raise QueryError("history_days", history_days, ["1..400"])
+    now_ms = time.time_ns() // 1_000_000 if now_ms is None else now_ms
+    end = now_ms - now_ms % HOUR_MS
+    frame = query.series(end - history_days * 24 * HOUR_MS, end, resolution="hour",
+                         metrics=(metric,), containers=[container])  # fmt: skip
+    return hourly_values(frame, metric, end)
+
+
 def forecast_container(query: TrafficQuery, container: str, *, metric: str = "bytes",
                        horizon_hours: int = 168, history_days: int = 28,
                        now_ms: int | None = None,
@@ -189,12 +205,54 @@ def forecast_container(query: TrafficQuery, container: str, *, metric: str = "by
     to ``history_days`` of its hourly history (what the MCP tool ``forecast_traffic``
     answers). ``None``: under three days of history.
     """
-    check_choice("metric", metric, RATE_METRICS)
-    if not 1 <= history_days <= 400:
-        raise QueryError("history_days", history_days, ["1..400"])
-    now_ms = time.time_ns() // 1_000_000 if now_ms is None else now_ms
-    end = now_ms - now_ms % HOUR_MS
-    frame = query.series(end - history_days * 24 * HOUR_MS, end, resolution="hour",
-                         metrics=(metric,), containers=[container])  # fmt: skip
-    first, values = hourly_values(frame, metric, end)
+    first, values = _history(query, container, metric, history_days, now_ms)
     return forecast_hourly(values, first, horizon_hours=horizon_hours, level=level)
+
+
+class ForecastCache:
+    """:func:`forecast_container` with the fits kept: the ``size`` most recently used.
+
+    A fit is keyed by its inputs: the container, metric, horizon and level, and the
+    hourly history itself (its first hour and values), which is the data's version: the
+    same history gives the same forecast, and a new hour or late data makes a new key.
+
+    Examples
+    --------
+    >>> cache = ForecastCache(size=2)
+    >>> hours = [1000.0 + h % 24 for h in range(24 * 4)]
+    >>> a = cache.fit("web", "bytes", hours, 0, horizon_hours=24)
+    >>> cache.fit("web", "bytes", hours, 0, horizon_hours=24) is a, cache.fits
+    (True, 1)
+    >>> cache.fit("web", "bytes", hours + [5.0], 0, horizon_hours=24) is a, cache.fits
+    (False, 2)
+    """
+
+    def __init__(self, size: int = 64) -> None:
+        self.size = size
+        self.fits = 0
+        self._kept: OrderedDict[tuple[Any, ...], HourlyForecast | None] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def fit(self, container: str, metric: str, values: Sequence[float], first_ms: int, *,
+            horizon_hours: int, level: float = 0.95) -> HourlyForecast | None:  # fmt: skip
+        """The forecast of an hourly history (fitted only if not kept)."""
+        key = (container, metric, horizon_hours, level, first_ms, tuple(values))
+        with self._lock:
+            if key in self._kept:
+                self._kept.move_to_end(key)
+                return self._kept[key]
+        fitted = forecast_hourly(values, first_ms, horizon_hours=horizon_hours, level=level)
+        with self._lock:
+            self.fits += 1
+            self._kept[key] = fitted
+            while len(self._kept) > self.size:
+                self._kept.popitem(last=False)
+        return fitted
+
+    def forecast(self, query: TrafficQuery, container: str, *, metric: str = "bytes",
+                 horizon_hours: int = 168, history_days: int = 28, now_ms: int | None = None,
+                 level: float = 0.95) -> HourlyForecast | None:  # fmt: skip
+        """As :func:`forecast_container`, from the kept fit when the history is the same."""
+        first, values = _history(query, container, metric, history_days, now_ms)
+        return self.fit(container, metric, values, first, horizon_hours=horizon_hours,
+                        level=level)  # fmt: skip

@@ -139,14 +139,15 @@ def _aggregations(needed: Sequence[str] | None) -> list[pl.Expr]:
     aggs |= {"connections_min": pl.col("connections_min").min(),
              "connections_max": pl.col("connections_max").max()}  # fmt: skip
     aggs |= {f"tcp_{s}_max": pl.col(f"tcp_{s}_max").max() for s in TCP_STATES}
+    span = {"_first": pl.col("ts").min().alias("_first"),
+            "_through_ms": (pl.col("ts").dt.epoch("ms")
+                            + pl.col("window_ms")).max().alias("_through_ms")}  # fmt: skip
     if needed is None:
         return [
-            *aggs.values(),
-            pl.col("ts").min().alias("_first"),
-            (pl.col("ts").dt.epoch("ms") + pl.col("window_ms")).max().alias("_through_ms"),
+            *aggs.values(), *span.values(),
             *(pl.col(c).sort_by("ts").drop_nulls().last() for c in IDENTITY),
-        ]
-    return [aggs[c] for c in dict.fromkeys(needed)]
+        ]  # fmt: skip
+    return [{**aggs, **span}[c] for c in dict.fromkeys(needed)]
 
 
 def _grouped(frame: pl.LazyFrame, keys: Sequence[str],
@@ -575,21 +576,33 @@ class TrafficQuery:
         return self._lazy_rows(start_ms, end_ms, coarsest, containers, columns)
 
     def stats(self, start_ms: int, end_ms: int, *, aggregation: Aggregation = "sum",
-              containers: Sequence[str] | None = None) -> list[ContainerStats]:  # fmt: skip
-        """Every container (or those named) over [start, end), sorted by container."""
-        metrics = [m for m in METRICS if not m.startswith("tcp_")]
-        exprs = [metric_expr(m, aggregation).alias(f"v_{m}") for m in metrics]
-        grouped = _grouped(self._rows_of(start_ms, end_ms, containers), ["container"])
+              containers: Sequence[str] | None = None,
+              metrics: Sequence[str] | None = None) -> list[ContainerStats]:  # fmt: skip
+        """Every container (or those named) over [start, end), sorted by container.
+
+        ``metrics``: only these (of :data:`METRICS` but the TCP states) are computed and
+        their columns read, the identity columns are not (empty strings) and ``tcp_max``
+        is empty: a lighter question when the caller needs a few values.
+        """
+        full = metrics is None
+        wanted = [m for m in (METRICS if metrics is None else metrics) if not m.startswith("tcp_")]
+        exprs = [metric_expr(m, aggregation).alias(f"v_{m}") for m in wanted]
+        if full:
+            grouped = _grouped(self._rows_of(start_ms, end_ms, containers), ["container"])
+        else:
+            needed = ["samples", "interval_ms", *_needed(exprs)]
+            rows = self._rows_of(start_ms, end_ms, containers,
+                                 columns=["container", "ts", "window_ms", *needed])  # fmt: skip
+            grouped = _grouped(rows, ["container"], [*needed, "_first", "_through_ms"])
         out = []
+        text = ("name", "image", "container_id", "compose_project", "compose_service", "host")
         for r in grouped.with_columns(exprs).sort("container").collect().iter_rows(named=True):
             out.append(ContainerStats(
-                container=r["container"], name=r["name"] or "", image=r["image"] or "",
-                container_id=r["container_id"] or "", compose_project=r["compose_project"] or "",
-                compose_service=r["compose_service"] or "", host=r["host"] or "",
+                container=r["container"], **{k: (r[k] or "") if full else "" for k in text},
                 aggregation=aggregation, samples=r["samples"], seconds=r["interval_ms"] / 1000,
                 first_ms=int(r["_first"].timestamp() * 1000), through_ms=r["_through_ms"],
-                values={m: r[f"v_{m}"] for m in metrics},
-                tcp_max={s: r[f"tcp_{s}_max"] for s in TCP_STATES},
+                values={m: r[f"v_{m}"] for m in wanted},
+                tcp_max={s: r[f"tcp_{s}_max"] for s in TCP_STATES} if full else {},
             ))  # fmt: skip
         return out
 
