@@ -48,13 +48,15 @@ NETTEL = str(Path(sys.executable).with_name("nettel"))
 MINUTE, HOUR, DAY = 60_000, 3_600_000, 86_400_000
 PARTITIONS = 12
 BUDGET = 8_000
+LAYOUT = 1  # bump when the pipeline's output changes (a cached store is rebuilt)
+#: Where stores are cached between runs (outside the repository).
+STORE_ROOT = "/work/agent-store"
 
 
-def truth_frame(
-    containers: int, start_ms: int, duration_ms: int, spikes: list[Any]
-) -> pl.DataFrame:
+def truth_frame(containers: int, start_ms: int, duration_ms: int, spikes: list[Any],
+                interval_ms: int) -> pl.DataFrame:  # fmt: skip
     """Every simulated event (same seed as `nettel simulate`), as columns."""
-    sim = TrafficSimulator(containers, seed=1, interval_ms=MINUTE)
+    sim = TrafficSimulator(containers, seed=1, interval_ms=interval_ms)
     cols: dict[str, list[Any]] = {k: [] for k in ("ts", "container", "rx", "tx", "errors",
                                                    "drops", "time_wait")}  # fmt: skip
     for e in sim.events(start_ms, duration_ms, spikes):
@@ -68,19 +70,29 @@ def truth_frame(
     return pl.DataFrame(cols).with_columns(minute=pl.col("ts") - pl.col("ts") % MINUTE)
 
 
-async def fill(data_dir: str, containers: int, days: float, say: Callable[[str], None]
-               ) -> tuple[pl.DataFrame, list[dict[str, Any]], dict[str, float]]:  # fmt: skip
-    """The store, through the shipped pipeline; the truth; how long each step took."""
+def store_key(containers: int, days: float, interval_s: int) -> dict[str, Any]:
+    """What a cached store was built for (a rerun with the same reuses it)."""
+    return {"containers": containers, "days": days, "interval_s": interval_s, "layout": LAYOUT}
+
+
+async def fill(data_dir: str, containers: int, days: float, interval_s: int,
+               say: Callable[[str], None]) -> dict[str, Any]:  # fmt: skip
+    """The store, through the shipped pipeline, as `nettel up` runs it (the embedded
+    broker with its epoch; the stream worker and the detector built by make_stream and
+    make_detect with the epoch and ``embedded=True``), consuming while `nettel simulate`
+    publishes; the truth written beside it (truth.parquet). Returns the build's figures."""
     from nettel.ingest.simulate import Spike
 
     took: dict[str, float] = {}
-    broker = EmbeddedBroker(free_loopback_port())
+    broker = EmbeddedBroker(free_loopback_port(),
+                            log_path=os.path.join(data_dir, "logs", "broker.log"),
+                            epoch_path=os.path.join(data_dir, "broker-epoch"))  # fmt: skip
+    env_settings = {"NETTEL_DATA_DIR": data_dir, "NETTEL_PARTITIONS": str(PARTITIONS),
+                    "NETTEL_SAMPLE_INTERVAL_S": str(interval_s)}  # fmt: skip
     await broker.start()
     try:
-        settings = Settings.from_env({**os.environ, "NETTEL_DATA_DIR": data_dir,
-                                      "NETTEL_PARTITIONS": str(PARTITIONS),
-                                      "KAFKA_BOOTSTRAP_SERVERS": broker.bootstrap_servers,
-                                      "NETTEL_SAMPLE_INTERVAL_S": "60"})  # fmt: skip
+        bootstrap = {"KAFKA_BOOTSTRAP_SERVERS": broker.bootstrap_servers}
+        settings = Settings.from_env({**os.environ, **env_settings, **bootstrap})
         await ensure_topics(broker.bootstrap_servers, {settings.topic_stats: PARTITIONS,
                                                        settings.topic_alerts: PARTITIONS,
                                                        settings.topic_dlq: 1})  # fmt: skip
@@ -90,8 +102,13 @@ async def fill(data_dir: str, containers: int, days: float, say: Callable[[str],
         duration = now - start
         truth_path = Path(data_dir) / "truth.jsonl"
         t0 = time.perf_counter()
-        env = {**os.environ, "KAFKA_BOOTSTRAP_SERVERS": broker.bootstrap_servers,
-               "NETTEL_SAMPLE_INTERVAL_S": "60", "NETTEL_PARTITIONS": str(PARTITIONS),
+        # what `nettel up` runs against its embedded broker (cli.up_roles)
+        stream = make_stream(settings, broker.bootstrap_servers, epoch=broker.epoch,
+                             embedded=True)  # fmt: skip
+        detect = make_detect(settings, broker.bootstrap_servers, epoch=broker.epoch)
+        stop = asyncio.Event()
+        tasks = [asyncio.create_task(stream.run(stop)), asyncio.create_task(detect.run(stop))]
+        env = {**os.environ, **env_settings, "KAFKA_BOOTSTRAP_SERVERS": broker.bootstrap_servers,
                "NETTEL_LOG_LEVEL": "warning"}  # fmt: skip
         proc = await asyncio.create_subprocess_exec(
             NETTEL, "simulate", "--containers", str(containers), "--hours", str(duration / HOUR),
@@ -101,24 +118,22 @@ async def fill(data_dir: str, containers: int, days: float, say: Callable[[str],
         took["simulate_s"] = round(time.perf_counter() - t0, 1)
         spikes_doc = [json.loads(x) for x in truth_path.read_text().splitlines()]
         spikes = [Spike(**s) for s in spikes_doc]
-        truth = truth_frame(containers, start, duration, spikes)
+        truth = await asyncio.to_thread(truth_frame, containers, start, duration, spikes,
+                                        interval_s * 1000)  # fmt: skip
+        truth.write_parquet(Path(data_dir) / "truth.parquet")
         say(f"published {truth.height} events in {took['simulate_s']} s")
-        t0 = time.perf_counter()
-        stream = make_stream(settings, broker.bootstrap_servers)
-        detect = make_detect(settings, broker.bootstrap_servers)
-        stop = asyncio.Event()
-        tasks = [asyncio.create_task(stream.run(stop)), asyncio.create_task(detect.run(stop))]
         while not (stream.stats.consumed >= truth.height and detect.stats.consumed >= truth.height):
-            await asyncio.sleep(2)
+            await asyncio.sleep(5)
             if any(t.done() for t in tasks):
                 raise RuntimeError("a worker stopped")
             say(f"stream {stream.stats.consumed}, detect {detect.stats.consumed} "
                 f"of {truth.height} ({time.perf_counter() - t0:.0f} s)")  # fmt: skip
         await asyncio.sleep(settings.flush_interval_s + 2)  # the last closed minutes land
-        stop.set()
-        await asyncio.wait_for(asyncio.gather(*tasks), 120)
+        stop.set()  # the stream worker seals its open windows (the broker's log goes)
+        await asyncio.wait_for(asyncio.gather(*tasks), 300)
         took["pipeline_s"] = round(time.perf_counter() - t0, 1)
-        return truth, spikes_doc, took
+        return {"events": truth.height, "start_ms": start, "duration_ms": duration,
+                "built_at_ms": now, "build": took, "spikes": spikes_doc}  # fmt: skip
     finally:
         await broker.stop()
 
@@ -154,8 +169,8 @@ def per_container(frame: pl.DataFrame, col: pl.Expr) -> dict[str, int]:
     return dict(zip(rows["container"].to_list(), rows["v"].to_list(), strict=True))
 
 
-async def questions(ask: Asker, truth: pl.DataFrame, spikes: list[dict[str, Any]]
-                    ) -> list[dict[str, Any]]:  # fmt: skip
+async def questions(ask: Asker, truth: pl.DataFrame, spikes: list[dict[str, Any]],
+                    interval_s: int) -> list[dict[str, Any]]:  # fmt: skip
     """The ten questions: (question, check) in order; each check returns (ok, detail)."""
     out: list[dict[str, Any]] = []
     bytes_ = pl.col("rx") + pl.col("tx")
@@ -225,7 +240,7 @@ async def questions(ask: Asker, truth: pl.DataFrame, spikes: list[dict[str, Any]
         hour = now // HOUR % 24
         past = truth.filter((pl.col("container") == busiest)
                             & (pl.col("ts") // HOUR % 24 == hour))  # fmt: skip
-        rate = float(past["tx"].sum()) / (past.height * 60) if past.height else 0.0
+        rate = float(past["tx"].sum()) / (past.height * interval_s) if past.height else 0.0
         ok = band["hour_of_week"] == (now // HOUR + 72) % 168 and 0.33 <= band["expected"] / max(
             rate, 1e-9) <= 3  # fmt: skip
         return ok, f"expected {band['expected']}/s, mean at this hour {rate:.4g}/s"
@@ -323,18 +338,65 @@ def p95(xs: list[float]) -> float:
     return s[max(0, -(-95 * len(s) // 100) - 1)] if s else 0.0
 
 
+async def initialize_times(env: dict[str, str], runs: int) -> dict[str, Any]:
+    """Wall time from spawning `nettel mcp` to its answer to ``initialize`` (``runs``
+    times), and what the server has imported by then (``python -X importtime`` of the
+    modules `nettel mcp` loads before serving: the costliest, and whether the store
+    layer is among them)."""
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        async with Client(StdioServerParameters(command=NETTEL, args=["mcp"], env=env),
+                          read_timeout_seconds=120):  # fmt: skip
+            times.append(time.perf_counter() - t0)
+    probe = (
+        "import sys, nettel.cli, nettel.mcp.server; print(sorted(m for m in ('polars', "
+        "'deltalake', 'river', 'numpy', 'nettel.store.query') if m in sys.modules))"
+    )
+    out = await asyncio.create_subprocess_exec(sys.executable, "-X", "importtime", "-c", probe,
+                                               env=env, stdout=asyncio.subprocess.PIPE,
+                                               stderr=asyncio.subprocess.PIPE)  # fmt: skip
+    stdout, stderr = await out.communicate()
+    top = []
+    for line in stderr.decode().splitlines():
+        parts = line.removeprefix("import time:").split("|")
+        if len(parts) == 3 and parts[1].strip().isdigit() and not parts[2].startswith("   "):
+            top.append((int(parts[1]), parts[2].strip()))
+    loaded = json.loads(stdout.decode().strip().replace("'", '"') or "[]")
+    return {"median_s": round(sorted(times)[len(times) // 2], 2),
+            "runs_s": [round(t, 2) for t in times], "store_modules_loaded": loaded,
+            "top_imports_ms": {n: round(us / 1000) for us, n in sorted(top)[-6:]}}  # fmt: skip
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--containers", type=int, default=500)
     parser.add_argument("--days", type=float, default=30)
-    parser.add_argument("--data", default=None, help="store folder (default: a temp dir)")
+    parser.add_argument("--interval-s", type=int, default=300, help="seconds between samples")
+    parser.add_argument("--store-root", default=os.path.join(tempfile.gettempdir(),
+                                                             "nettel-agent-store"),
+                        help="where stores are cached (one folder per size; reused)")  # fmt: skip
+    parser.add_argument("--build-only", action="store_true", help="build (or find) the store")
     args = parser.parse_args()
-    data_dir = args.data or tempfile.mkdtemp(prefix="nettel-agent-")
-    await asyncio.to_thread(os.makedirs, data_dir, exist_ok=True)
-    truth, spikes, took = await fill(data_dir, args.containers, args.days,
-                                     lambda m: print(m, file=sys.stderr, flush=True))  # fmt: skip
+    key = store_key(args.containers, args.days, args.interval_s)
+    data_dir = os.path.join(args.store_root,
+                            f"{args.containers}x{args.days:g}d-{args.interval_s}s")  # fmt: skip
+    meta_path = Path(data_dir) / "store.json"
+    meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+    if {k: meta.get(k) for k in key} != key:
+        if await asyncio.to_thread(lambda: os.path.isdir(data_dir) and bool(os.listdir(data_dir))):
+            sys.exit(f"{data_dir} holds an unfinished or other store: remove it")
+        await asyncio.to_thread(os.makedirs, data_dir, exist_ok=True)
+        meta = {**key, **await fill(data_dir, args.containers, args.days, args.interval_s,
+                                    lambda m: print(m, file=sys.stderr, flush=True))}  # fmt: skip
+        meta_path.write_text(json.dumps(meta))
+    if args.build_only:
+        return
+    truth = pl.read_parquet(Path(data_dir) / "truth.parquet")
+    spikes = meta["spikes"]
     env = {**os.environ, "NETTEL_DATA_DIR": data_dir, "NETTEL_PARTITIONS": str(PARTITIONS),
            "NETTEL_LOG_LEVEL": "warning"}  # fmt: skip
+    initialize = await initialize_times(env, 5)
     t0 = time.perf_counter()
     async with Client(StdioServerParameters(command=NETTEL, args=["mcp"], env=env),
                       read_timeout_seconds=120) as client:  # fmt: skip
@@ -344,7 +406,7 @@ async def main() -> None:
             [t.model_dump(mode="json", by_alias=True, exclude_none=True) for t in listing],
             separators=(",", ":")))  # fmt: skip
         ask = Asker(client)
-        answers = await questions(ask, truth, spikes)
+        answers = await questions(ask, truth, spikes, args.interval_s)
         asked = list(ask.calls)
         busiest = answers[1]["question"].split()[4]
         defaults = await largest_defaults(ask, busiest)
@@ -354,17 +416,25 @@ async def main() -> None:
         {
             "containers": args.containers,
             "days": args.days,
-            "events": truth.height,
+            "events": meta["events"],
             "spikes": len(spikes),
-            "build": took,
-            "sample_interval_s": 60,
+            "build": meta["build"],
+            "store_built_at": dt.datetime.fromtimestamp(
+                meta["built_at_ms"] / 1000, dt.UTC
+            ).strftime("%Y-%m-%dT%H:%MZ"),
+            "sample_interval_s": args.interval_s,
             "initialize_s": round(initialized_s, 2),
+            "initialize": initialize,
             "tools_list_chars": tools_list_chars,
             "correct": sum(a["correct"] for a in answers),
             "questions": answers,
             "max_calls": max(a["calls"] for a in answers),
             "largest_answer_chars": max((c["chars"] for c in asked), default=0),
-            "tool_latency_ms": {"median": sorted(ms)[len(ms) // 2] if ms else 0, "p95": p95(ms)},
+            "tool_latency_ms": {
+                "median": sorted(ms)[len(ms) // 2] if ms else 0,
+                "p95": p95(ms),
+                "max": max(ms, default=0),
+            },
             "default_answer_chars": defaults,
             "budget_chars": BUDGET,
         },
