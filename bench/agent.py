@@ -36,9 +36,10 @@ import polars as pl
 from mcp import Client
 from mcp.client.stdio import StdioServerParameters
 
-from nettel.broker import EmbeddedBroker, ensure_topics, free_loopback_port
+from nettel.broker import ensure_topics, free_loopback_port, tansu_binary
 from nettel.cli import make_detect, make_stream
 from nettel.config import Settings
+from nettel.errors import BrokerUnavailableError
 from nettel.ingest.simulate import TrafficSimulator
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -49,6 +50,10 @@ MINUTE, HOUR, DAY = 60_000, 3_600_000, 86_400_000
 PARTITIONS = 12
 BUDGET = 8_000
 LAYOUT = 1  # bump when the pipeline's output changes (a cached store is rebuilt)
+#: Events per second `nettel simulate` publishes at: paced, its publisher sends while
+#: the simulator generates (unpaced, it buffers 200k events before the first send, and
+#: on a loaded machine that first send timed out and publishing stalled).
+PUBLISH_RATE = 4_000
 #: Where stores are cached between runs (outside the repository).
 STORE_ROOT = "/work/agent-store"
 
@@ -77,45 +82,60 @@ def store_key(containers: int, days: float, interval_s: int) -> dict[str, Any]:
 
 async def fill(data_dir: str, containers: int, days: float, interval_s: int,
                say: Callable[[str], None]) -> dict[str, Any]:  # fmt: skip
-    """The store, through the shipped pipeline, as `nettel up` runs it (the embedded
-    broker with its epoch; the stream worker and the detector built by make_stream and
-    make_detect with the epoch and ``embedded=True``), consuming while `nettel simulate`
-    publishes; the truth written beside it (truth.parquet). Returns the build's figures."""
+    """The store, through the shipped pipeline, as `nettel up` runs it against a broker
+    it is given (a Tansu process; the stream worker and the detector built by make_stream
+    and make_detect with what up_roles passes then: epoch 0, not embedded) consuming what
+    `nettel simulate` published; the truth written beside it (truth.parquet). Returns
+    the build's figures."""
     from nettel.ingest.simulate import Spike
 
     took: dict[str, float] = {}
-    broker = EmbeddedBroker(free_loopback_port(),
-                            log_path=os.path.join(data_dir, "logs", "broker.log"),
-                            epoch_path=os.path.join(data_dir, "broker-epoch"))  # fmt: skip
+    # A broker of its own (Tansu, as `nettel up` uses with KAFKA_BOOTSTRAP_SERVERS): the
+    # embedded one relays every frame through a front in this process's event loop,
+    # which a 4-million-event backlog on a loaded machine starves (produce timeouts).
+    port = free_loopback_port()
+    url = f"tcp://127.0.0.1:{port}"
+    broker = await asyncio.create_subprocess_exec(
+        tansu_binary(), "broker", "--listener-url", url, "--advertised-listener-url", url,
+        "--storage-engine", "memory://tansu/", stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+    bootstrap = f"127.0.0.1:{port}"
     env_settings = {"NETTEL_DATA_DIR": data_dir, "NETTEL_PARTITIONS": str(PARTITIONS),
-                    "NETTEL_SAMPLE_INTERVAL_S": str(interval_s)}  # fmt: skip
-    await broker.start()
+                    "NETTEL_SAMPLE_INTERVAL_S": str(interval_s),
+                    "KAFKA_BOOTSTRAP_SERVERS": bootstrap}  # fmt: skip
     try:
-        bootstrap = {"KAFKA_BOOTSTRAP_SERVERS": broker.bootstrap_servers}
-        settings = Settings.from_env({**os.environ, **env_settings, **bootstrap})
-        await ensure_topics(broker.bootstrap_servers, {settings.topic_stats: PARTITIONS,
-                                                       settings.topic_alerts: PARTITIONS,
-                                                       settings.topic_dlq: 1})  # fmt: skip
+        for attempt in range(50):  # until it answers
+            try:
+                await ensure_topics(bootstrap, {}, timeout_s=2.0)
+                break
+            except BrokerUnavailableError:
+                if attempt == 49:
+                    raise
+                await asyncio.sleep(0.2)
+        settings = Settings.from_env({**os.environ, **env_settings})
+        await ensure_topics(bootstrap, {settings.topic_stats: PARTITIONS,
+                                        settings.topic_alerts: PARTITIONS,
+                                        settings.topic_dlq: 1})  # fmt: skip
         duration = round(days * DAY)
         now = time.time_ns() // 1_000_000
         start = (now - duration) // MINUTE * MINUTE
         duration = now - start
         truth_path = Path(data_dir) / "truth.jsonl"
         t0 = time.perf_counter()
-        # what `nettel up` runs against its embedded broker (cli.up_roles)
-        stream = make_stream(settings, broker.bootstrap_servers, epoch=broker.epoch,
-                             embedded=True)  # fmt: skip
-        detect = make_detect(settings, broker.bootstrap_servers, epoch=broker.epoch)
-        stop = asyncio.Event()
-        tasks = [asyncio.create_task(stream.run(stop)), asyncio.create_task(detect.run(stop))]
-        env = {**os.environ, **env_settings, "KAFKA_BOOTSTRAP_SERVERS": broker.bootstrap_servers,
-               "NETTEL_LOG_LEVEL": "warning"}  # fmt: skip
+        env = {**os.environ, **env_settings, "NETTEL_LOG_LEVEL": "warning"}
         proc = await asyncio.create_subprocess_exec(
             NETTEL, "simulate", "--containers", str(containers), "--hours", str(duration / HOUR),
             "--start-ms", str(start), "--spikes", str(max(10, int(days * 4))), "--truth",
-            str(truth_path), env=env)  # fmt: skip
+            str(truth_path), "--rate", str(PUBLISH_RATE), env=env)  # fmt: skip
         assert await proc.wait() == 0, "nettel simulate failed"
         took["simulate_s"] = round(time.perf_counter() - t0, 1)
+        t0 = time.perf_counter()
+        # what `nettel up` runs against a broker it is given (cli.up_roles: epoch 0, not
+        # embedded), started once everything is published
+        stream = make_stream(settings, bootstrap, epoch=0, embedded=False)
+        detect = make_detect(settings, bootstrap, epoch=0)
+        stop = asyncio.Event()
+        tasks = [asyncio.create_task(stream.run(stop)), asyncio.create_task(detect.run(stop))]
         spikes_doc = [json.loads(x) for x in truth_path.read_text().splitlines()]
         spikes = [Spike(**s) for s in spikes_doc]
         truth = await asyncio.to_thread(truth_frame, containers, start, duration, spikes,
@@ -129,13 +149,14 @@ async def fill(data_dir: str, containers: int, days: float, interval_s: int,
             say(f"stream {stream.stats.consumed}, detect {detect.stats.consumed} "
                 f"of {truth.height} ({time.perf_counter() - t0:.0f} s)")  # fmt: skip
         await asyncio.sleep(settings.flush_interval_s + 2)  # the last closed minutes land
-        stop.set()  # the stream worker seals its open windows (the broker's log goes)
+        stop.set()
         await asyncio.wait_for(asyncio.gather(*tasks), 300)
         took["pipeline_s"] = round(time.perf_counter() - t0, 1)
         return {"events": truth.height, "start_ms": start, "duration_ms": duration,
                 "built_at_ms": now, "build": took, "spikes": spikes_doc}  # fmt: skip
     finally:
-        await broker.stop()
+        broker.terminate()
+        await broker.wait()
 
 
 class Asker:

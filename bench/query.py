@@ -59,6 +59,7 @@ from deltalake import DeltaTable, Transaction
 from nettel.mcp.server import build_server
 from nettel.mcp.tools import TelemetryTools
 from nettel.models import COUNTERS, TCP_STATES, TOTALS
+from nettel.store.directory import ContainerDirectory, Sighting
 from nettel.store.maintenance import maintain_table
 from nettel.store.minute import MinuteTable, minute_schema
 from nettel.store.query import TrafficQuery
@@ -214,6 +215,23 @@ def build(data: str, n: int, days: int, now_ms: int, say: Callable[[str], None])
             say(f"today: {(t_ms - today) // MINUTE_MS} min written ({took:.0f} s)")
 
 
+def write_directory(data: str, n: int, days: int, now_ms: int) -> None:
+    """The ``directory`` table as the stream worker leaves it (one row per container,
+    first seen at the first day's start, last seen at the last minute): written through
+    :class:`~nettel.store.directory.ContainerDirectory`, as the worker writes it."""
+    cs = containers_frame(n, seed=1)
+    first = now_ms // DAY_MS * DAY_MS - days * DAY_MS
+    directory = ContainerDirectory(f"{data}/directory")
+    directory.observe(
+        Sighting(partition=r["partition"], container=r["container"], name=r["name"],
+                 container_id=r["container_id"], image=r["image"],
+                 compose_project=r["compose_project"], compose_service=r["compose_service"],
+                 host=r["host"], first_ms=first, last_ms=now_ms)
+        for r in cs.iter_rows(named=True)
+    )  # fmt: skip
+    directory.write(now_ms)
+
+
 def percentile(xs: list[float], q: float) -> float:
     s = sorted(xs)
     return s[min(len(s) - 1, max(0, -(-round(q * len(s)) // 1) - 1))]
@@ -283,6 +301,7 @@ def measure_tools(data: str, meta: dict[str, Any], runs: int) -> dict[str, Any]:
             {"container": one, "timeframe": tf},
         )
     calls["list_containers"] = ("list_containers", {})
+    calls["forecast_traffic"] = ("forecast_traffic", {"container": one})
     loop = asyncio.new_event_loop()
     out: dict[str, Any] = {}
     try:
@@ -335,6 +354,8 @@ def main() -> None:
         build(args.data, args.containers, args.days, now_ms, lambda m: print(m, flush=True))
         meta = {**want, "now_ms": now_ms, "build_s": round(time.perf_counter() - t0, 1)}
         meta_path.write_text(json.dumps(meta))
+    if not (Path(args.data) / "directory").exists():  # stores built before the directory
+        write_directory(args.data, args.containers, args.days, meta["now_ms"])
     store: dict[str, Any] = {}
     yesterday = time.strftime("%Y-%m-%d", time.gmtime(meta["now_ms"] // 1000 - 86_400))
     for t in ("minute", "hour", "day"):

@@ -115,6 +115,13 @@ def check_answers(query: TrafficQuery, events: list[StatEvent], start: int, end:
             s.container: s.values["bytes"] for s in query.stats(start, end, aggregation=agg)
         }
         assert got_stats == {c: v for (c, _), v in want.items()}, agg
+        # the lean question (a few metrics, their columns only) gives the same values
+        full = query.stats(start, end, aggregation=agg)
+        lean = query.stats(start, end, aggregation=agg, metrics=["bytes", "errors"])
+        assert [(s.container, s.through_ms, s.first_ms, {m: s.values[m] for m in s.values})
+                for s in lean] == [(s.container, s.through_ms, s.first_ms,
+                                    {m: s.values[m] for m in ("bytes", "errors")})
+                                   for s in full], agg  # fmt: skip
     sums = {
         c: v for (c, _), v in expected_series(events, start, end, whole, "tx_bytes", "sum").items()
     }
