@@ -36,10 +36,9 @@ import polars as pl
 from mcp import Client
 from mcp.client.stdio import StdioServerParameters
 
-from nettel.broker import ensure_topics, free_loopback_port, tansu_binary
+from nettel.broker import EmbeddedBroker, ensure_topics, free_loopback_port
 from nettel.cli import make_detect, make_stream
 from nettel.config import Settings
-from nettel.errors import BrokerUnavailableError
 from nettel.ingest.simulate import TrafficSimulator
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -82,36 +81,22 @@ def store_key(containers: int, days: float, interval_s: int) -> dict[str, Any]:
 
 async def fill(data_dir: str, containers: int, days: float, interval_s: int,
                say: Callable[[str], None]) -> dict[str, Any]:  # fmt: skip
-    """The store, through the shipped pipeline, as `nettel up` runs it against a broker
-    it is given (a Tansu process; the stream worker and the detector built by make_stream
-    and make_detect with what up_roles passes then: epoch 0, not embedded) consuming what
-    `nettel simulate` published; the truth written beside it (truth.parquet). Returns
-    the build's figures."""
+    """The store, through the shipped pipeline, as `nettel up` runs it (the embedded
+    broker with its epoch; the stream worker and the detector built by make_stream and
+    make_detect with the epoch and ``embedded=True``) consuming what `nettel simulate`
+    published; the truth written beside it (truth.parquet). Returns the build's figures."""
     from nettel.ingest.simulate import Spike
 
     took: dict[str, float] = {}
-    # A broker of its own (Tansu, as `nettel up` uses with KAFKA_BOOTSTRAP_SERVERS): the
-    # embedded one relays every frame through a front in this process's event loop,
-    # which a 4-million-event backlog on a loaded machine starves (produce timeouts).
-    port = free_loopback_port()
-    url = f"tcp://127.0.0.1:{port}"
-    broker = await asyncio.create_subprocess_exec(
-        tansu_binary(), "broker", "--listener-url", url, "--advertised-listener-url", url,
-        "--storage-engine", "memory://tansu/", stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.DEVNULL, start_new_session=True)  # fmt: skip
-    bootstrap = f"127.0.0.1:{port}"
+    broker = EmbeddedBroker(free_loopback_port(),
+                            log_path=os.path.join(data_dir, "logs", "broker.log"),
+                            epoch_path=os.path.join(data_dir, "broker-epoch"))  # fmt: skip
+    await broker.start()
+    bootstrap = broker.bootstrap_servers
     env_settings = {"NETTEL_DATA_DIR": data_dir, "NETTEL_PARTITIONS": str(PARTITIONS),
                     "NETTEL_SAMPLE_INTERVAL_S": str(interval_s),
                     "KAFKA_BOOTSTRAP_SERVERS": bootstrap}  # fmt: skip
     try:
-        for attempt in range(50):  # until it answers
-            try:
-                await ensure_topics(bootstrap, {}, timeout_s=2.0)
-                break
-            except BrokerUnavailableError:
-                if attempt == 49:
-                    raise
-                await asyncio.sleep(0.2)
         settings = Settings.from_env({**os.environ, **env_settings})
         await ensure_topics(bootstrap, {settings.topic_stats: PARTITIONS,
                                         settings.topic_alerts: PARTITIONS,
@@ -130,10 +115,10 @@ async def fill(data_dir: str, containers: int, days: float, interval_s: int,
         assert await proc.wait() == 0, "nettel simulate failed"
         took["simulate_s"] = round(time.perf_counter() - t0, 1)
         t0 = time.perf_counter()
-        # what `nettel up` runs against a broker it is given (cli.up_roles: epoch 0, not
-        # embedded), started once everything is published
-        stream = make_stream(settings, bootstrap, epoch=0, embedded=False)
-        detect = make_detect(settings, bootstrap, epoch=0)
+        # what `nettel up` runs against its embedded broker (cli.up_roles), started once
+        # everything is published (the broker's front shares this event loop with them)
+        stream = make_stream(settings, bootstrap, epoch=broker.epoch, embedded=True)
+        detect = make_detect(settings, bootstrap, epoch=broker.epoch)
         stop = asyncio.Event()
         tasks = [asyncio.create_task(stream.run(stop)), asyncio.create_task(detect.run(stop))]
         spikes_doc = [json.loads(x) for x in truth_path.read_text().splitlines()]
@@ -149,14 +134,13 @@ async def fill(data_dir: str, containers: int, days: float, interval_s: int,
             say(f"stream {stream.stats.consumed}, detect {detect.stats.consumed} "
                 f"of {truth.height} ({time.perf_counter() - t0:.0f} s)")  # fmt: skip
         await asyncio.sleep(settings.flush_interval_s + 2)  # the last closed minutes land
-        stop.set()
+        stop.set()  # the stream worker seals its open windows (the broker's log goes)
         await asyncio.wait_for(asyncio.gather(*tasks), 300)
         took["pipeline_s"] = round(time.perf_counter() - t0, 1)
         return {"events": truth.height, "start_ms": start, "duration_ms": duration,
                 "built_at_ms": now, "build": took, "spikes": spikes_doc}  # fmt: skip
     finally:
-        broker.terminate()
-        await broker.wait()
+        await broker.stop()
 
 
 class Asker:

@@ -59,7 +59,7 @@ from deltalake import DeltaTable, Transaction
 from nettel.mcp.server import build_server
 from nettel.mcp.tools import TelemetryTools
 from nettel.models import COUNTERS, TCP_STATES, TOTALS
-from nettel.store.directory import ContainerDirectory, Sighting
+from nettel.store.directory import ContainerDirectory, DirectoryEntry
 from nettel.store.maintenance import maintain_table
 from nettel.store.minute import MinuteTable, minute_schema
 from nettel.store.query import TrafficQuery
@@ -223,10 +223,10 @@ def write_directory(data: str, n: int, days: int, now_ms: int) -> None:
     first = now_ms // DAY_MS * DAY_MS - days * DAY_MS
     directory = ContainerDirectory(f"{data}/directory")
     directory.observe(
-        Sighting(partition=r["partition"], container=r["container"], name=r["name"],
+        DirectoryEntry(partition=r["partition"], container=r["container"], name=r["name"],
                  container_id=r["container_id"], image=r["image"],
                  compose_project=r["compose_project"], compose_service=r["compose_service"],
-                 host=r["host"], first_ms=first, last_ms=now_ms)
+                 host=r["host"], first_seen_ms=first, last_seen_ms=now_ms)
         for r in cs.iter_rows(named=True)
     )  # fmt: skip
     directory.write(now_ms)

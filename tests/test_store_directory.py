@@ -14,15 +14,16 @@ from deltalake import DeltaTable
 
 from nettel.mcp.answers import ToolInputError
 from nettel.mcp.tools import TelemetryTools
-from nettel.store.directory import ContainerDirectory, Sighting
+from nettel.store.directory import ContainerDirectory, DirectoryEntry
 from nettel.store.maintenance import maintain_table
 from nettel.store.query import TrafficQuery
 
 HOUR = 3_600_000
 T0 = 1_796_000_000_000  # 2026-11-30T00:53:20Z
-WEB = Sighting(partition=0, container="shop/web", name="shop-web-1", container_id="ab12cd34ef56",
-               image="nginx:1.27", compose_project="shop", compose_service="web", host="h1",
-               first_ms=T0, last_ms=T0 + 60_000)  # fmt: skip
+WEB = DirectoryEntry(partition=0, container="shop/web", name="shop-web-1",
+                     container_id="ab12cd34ef56", image="nginx:1.27", compose_project="shop",
+                     compose_service="web", host="h1", first_seen_ms=T0,
+                     last_seen_ms=T0 + 60_000)  # fmt: skip
 DB = WEB._replace(partition=1, container="shop/db", name="shop-db-1", container_id="99ffee00aa11",
                   image="postgres:17", compose_service="db")  # fmt: skip
 
@@ -38,17 +39,19 @@ def test_only_changes_are_written(tmp_path: Path) -> None:
     version = DeltaTable(directory.uri).version()
     for minute in range(1, 30):  # still sending: last_seen moves by minutes, nothing written
         t = T0 + minute * 60_000
-        directory.observe([WEB._replace(first_ms=t, last_ms=t + 60_000),
-                           DB._replace(first_ms=t, last_ms=t + 60_000)])  # fmt: skip
+        directory.observe([WEB._replace(first_seen_ms=t, last_seen_ms=t + 60_000),
+                           DB._replace(first_seen_ms=t, last_seen_ms=t + 60_000)])  # fmt: skip
         assert directory.write(now_ms=t + 60_000) == 0
     assert DeltaTable(directory.uri).version() == version
     # web goes on for an hour (written once), db stops (quiet: its last window written)
     t = T0 + HOUR
-    directory.observe([WEB._replace(first_ms=t, last_ms=t + 60_000)])
+    directory.observe([WEB._replace(first_seen_ms=t, last_seen_ms=t + 60_000)])
     assert directory.write(now_ms=t + 60_000) == 2
     assert directory.write(now_ms=t + 120_000) == 0
     # re-created: a new id is written at once
-    directory.observe([WEB._replace(container_id="0123456789ab", first_ms=t, last_ms=t + 60_000)])
+    directory.observe(
+        [WEB._replace(container_id="0123456789ab", first_seen_ms=t, last_seen_ms=t + 60_000)]
+    )
     assert directory.write(now_ms=t + 60_000) == 1
     got = rows(directory.uri)
     assert got["shop/web"]["container_id"] == "0123456789ab"
@@ -61,11 +64,11 @@ def test_only_changes_are_written(tmp_path: Path) -> None:
 def test_a_stale_writer_never_moves_a_row_backwards(tmp_path: Path) -> None:
     uri = str(tmp_path / "directory")
     current, stale = ContainerDirectory(uri), ContainerDirectory(uri)
-    later = WEB._replace(name="shop-web-2", first_ms=T0 + HOUR, last_ms=T0 + 2 * HOUR)
+    later = WEB._replace(name="shop-web-2", first_seen_ms=T0 + HOUR, last_seen_ms=T0 + 2 * HOUR)
     current.observe([later])
     current.write()
     # a writer that saw the container earlier, under its old name (a partition moved)
-    stale.observe([WEB._replace(first_ms=T0 - HOUR)])
+    stale.observe([WEB._replace(first_seen_ms=T0 - HOUR)])
     assert stale.write() == 1
     got = rows(uri)["shop/web"]
     assert got["name"] == "shop-web-2"  # the newest sighting names it
@@ -76,7 +79,7 @@ def test_a_stale_writer_never_moves_a_row_backwards(tmp_path: Path) -> None:
 
 def test_maintenance_drops_containers_unseen_for_the_retention(tmp_path: Path) -> None:
     directory = ContainerDirectory(str(tmp_path / "directory"))
-    old = DB._replace(first_ms=T0 - 500 * 24 * HOUR, last_ms=T0 - 450 * 24 * HOUR)
+    old = DB._replace(first_seen_ms=T0 - 500 * 24 * HOUR, last_seen_ms=T0 - 450 * 24 * HOUR)
     directory.observe([WEB, old])
     directory.write()
     today = dt.datetime.fromtimestamp(T0 / 1000, dt.UTC).date()

@@ -28,13 +28,13 @@ Examples
 --------
 >>> import tempfile
 >>> directory = ContainerDirectory(tempfile.mkdtemp() + "/directory")
->>> web = Sighting(partition=0, container="shop/web", name="shop-web-1", container_id="ab12",
+>>> web = DirectoryEntry(partition=0, container="shop/web", name="shop-web-1", container_id="ab12",
 ...                image="nginx", compose_project="shop", compose_service="web", host="h",
-...                first_ms=0, last_ms=60_000)
+...                first_seen_ms=0, last_seen_ms=60_000)
 >>> directory.observe([web])
 >>> directory.write()
 1
->>> directory.observe([web._replace(first_ms=60_000, last_ms=120_000)])
+>>> directory.observe([web._replace(first_seen_ms=60_000, last_seen_ms=120_000)])
 >>> directory.write()  # last_seen moved by a minute only: nothing to write
 0
 >>> [(e.container, e.name, e.first_seen_ms) for e in directory.entries(max_age_s=0)]
@@ -46,8 +46,7 @@ from __future__ import annotations
 import datetime as dt
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Final, NamedTuple
+from typing import TYPE_CHECKING, Any, Final, NamedTuple
 
 import polars as pl
 import structlog
@@ -87,9 +86,10 @@ def directory_schema() -> dict[str, pl.DataType]:
             "first_seen": _TS, "last_seen": _TS}  # fmt: skip
 
 
-class Sighting(NamedTuple):
-    """One container in a batch of windows: its identity fields and the span the batch
-    covers (start of its first window, end of its last)."""
+class DirectoryEntry(NamedTuple):
+    """One container: its identity fields, the Kafka partition its events come from, and
+    the span it was seen (start of its first window, end of its last; ms since the epoch).
+    Also what a batch of windows says of a container (:func:`sightings`)."""
 
     partition: int
     container: str
@@ -99,28 +99,12 @@ class Sighting(NamedTuple):
     compose_project: str
     compose_service: str
     host: str
-    first_ms: int
-    last_ms: int
-
-
-@dataclass(frozen=True, slots=True)
-class DirectoryEntry:
-    """One container of the directory (times in ms since the epoch)."""
-
-    container: str
-    name: str
-    container_id: str
-    image: str
-    compose_project: str
-    compose_service: str
-    host: str
-    partition: int
     first_seen_ms: int
     last_seen_ms: int
 
 
-def sightings(rows: Iterable[WindowAggregate]) -> list[Sighting]:
-    """One :class:`Sighting` per container of ``rows`` (window aggregates), the identity
+def sightings(rows: Iterable[WindowAggregate]) -> list[DirectoryEntry]:
+    """One entry per container of ``rows`` (window aggregates), the identity
     fields of its latest window.
 
     Examples
@@ -130,40 +114,46 @@ def sightings(rows: Iterable[WindowAggregate]) -> list[Sighting]:
     >>> new = WindowAggregate("web", 120_000, 60_000, "h", "id2", "web-1", "img", "", "",
     ...                       partition=2)
     >>> s = sightings([new, old])[0]
-    >>> s.container_id, s.first_ms, s.last_ms
+    >>> s.container_id, s.first_seen_ms, s.last_seen_ms
     ('id2', 0, 180000)
     """
-    seen: dict[str, Sighting] = {}
+    seen: dict[str, DirectoryEntry] = {}
     for r in rows:
         end = r.window_start_ms + r.window_ms
         old = seen.get(r.identity)
-        if old is None or end >= old.last_ms:  # the latest window names the container
-            first = r.window_start_ms if old is None else min(old.first_ms, r.window_start_ms)
-            seen[r.identity] = Sighting(
+        if old is None or end >= old.last_seen_ms:  # the latest window names the container
+            first = r.window_start_ms if old is None else min(old.first_seen_ms, r.window_start_ms)
+            seen[r.identity] = DirectoryEntry(
                 r.partition, r.identity, r.name, r.container_id, r.image, r.compose_project,
                 r.compose_service, r.host, first, end,
             )  # fmt: skip
-        elif r.window_start_ms < old.first_ms:
-            seen[r.identity] = old._replace(first_ms=r.window_start_ms)
+        elif r.window_start_ms < old.first_seen_ms:
+            seen[r.identity] = old._replace(first_seen_ms=r.window_start_ms)
     return list(seen.values())
 
 
-def frame_sightings(frame: pl.DataFrame) -> list[Sighting]:
-    """One :class:`Sighting` per container of a window frame (the ``minute`` schema)."""
+def frame_sightings(frame: pl.DataFrame) -> list[DirectoryEntry]:
+    """One entry per container of a window frame (the ``minute`` schema)."""
     if not frame.height:
         return []
     grouped = (
         frame.sort("ts")
         .group_by("container")
         .agg(pl.col("partition").last(), *(pl.col(f).last() for f in IDENTITY_FIELDS),
-             pl.col("ts").min().dt.epoch("ms").alias("first_ms"),
-             (pl.col("ts").dt.epoch("ms") + pl.col("window_ms")).max().alias("last_ms"))
+             pl.col("ts").min().dt.epoch("ms").alias("first_seen_ms"),
+             (pl.col("ts").dt.epoch("ms") + pl.col("window_ms")).max().alias("last_seen_ms"))
     )  # fmt: skip
     return [
-        Sighting(partition=r["partition"], container=r["container"], first_ms=r["first_ms"],
-                 last_ms=r["last_ms"], **{f: r[f] or "" for f in IDENTITY_FIELDS})
+        _entry(r, r["first_seen_ms"], r["last_seen_ms"])
         for r in grouped.iter_rows(named=True)
     ]  # fmt: skip
+
+
+def _entry(row: dict[str, Any], first_ms: int, last_ms: int) -> DirectoryEntry:
+    """A directory entry from a row with the identity columns."""
+    return DirectoryEntry(partition=row["partition"], container=row["container"],
+                          first_seen_ms=first_ms, last_seen_ms=last_ms,
+                          **{f: row[f] or "" for f in IDENTITY_FIELDS})  # fmt: skip
 
 
 def _ms(t: dt.datetime) -> int:
@@ -180,8 +170,8 @@ class ContainerDirectory:
         self.storage_options = storage_options
         self.refresh_ms = refresh_ms
         self.quiet_ms = quiet_ms
-        self._seen: dict[str, Sighting] = {}  # what this writer observed
-        self._written: dict[str, Sighting] = {}  # what it last wrote
+        self._seen: dict[str, DirectoryEntry] = {}  # what this writer observed
+        self._written: dict[str, DirectoryEntry] = {}  # what it last wrote
         self._clock_ms = 0  # the newest window end observed (event time)
         self._snapshot: DeltaTable | None = None
         self._entries: list[DirectoryEntry] = []
@@ -190,18 +180,18 @@ class ContainerDirectory:
 
     # -- writer --------------------------------------------------------------------
 
-    def observe(self, seen: Iterable[Sighting]) -> None:
+    def observe(self, seen: Iterable[DirectoryEntry]) -> None:
         """Fold sightings into what this writer knows (memory only)."""
         for s in seen:
             old = self._seen.get(s.container)
             if old is not None:
-                newer = s if s.last_ms >= old.last_ms else old
-                s = newer._replace(first_ms=min(s.first_ms, old.first_ms),
-                                   last_ms=max(s.last_ms, old.last_ms))  # fmt: skip
+                newer = s if s.last_seen_ms >= old.last_seen_ms else old
+                s = newer._replace(first_seen_ms=min(s.first_seen_ms, old.first_seen_ms),
+                                   last_seen_ms=max(s.last_seen_ms, old.last_seen_ms))  # fmt: skip
             self._seen[s.container] = s
-            self._clock_ms = max(self._clock_ms, s.last_ms)
+            self._clock_ms = max(self._clock_ms, s.last_seen_ms)
 
-    def pending(self, now_ms: int = 0) -> list[Sighting]:
+    def pending(self, now_ms: int = 0) -> list[DirectoryEntry]:
         """The sightings the table lacks (see the module docstring); ``now_ms``: the wall
         clock, when it is ahead of the newest window (a container gone quiet)."""
         clock = max(self._clock_ms, now_ms)
@@ -211,9 +201,9 @@ class ContainerDirectory:
             if (
                 w is None
                 or s[:8] != w[:8]
-                or s.first_ms < w.first_ms
-                or s.last_ms - w.last_ms >= self.refresh_ms
-                or (s.last_ms != w.last_ms and clock - s.last_ms >= self.quiet_ms)
+                or s.first_seen_ms < w.first_seen_ms
+                or s.last_seen_ms - w.last_seen_ms >= self.refresh_ms
+                or (s.last_seen_ms != w.last_seen_ms and clock - s.last_seen_ms >= self.quiet_ms)
             ):
                 out.append(s)
         return out
@@ -224,8 +214,8 @@ class ContainerDirectory:
         if not rows:
             return 0
         frame = pl.DataFrame(
-            [(*s[:8], dt.datetime.fromtimestamp(s.first_ms / 1000, dt.UTC),
-              dt.datetime.fromtimestamp(s.last_ms / 1000, dt.UTC)) for s in rows],
+            [(*s[:8], dt.datetime.fromtimestamp(s.first_seen_ms / 1000, dt.UTC),
+              dt.datetime.fromtimestamp(s.last_seen_ms / 1000, dt.UTC)) for s in rows],
             schema=directory_schema(), orient="row",
         )  # fmt: skip
         self._upsert(frame)
@@ -307,10 +297,7 @@ class ContainerDirectory:
         if version != self._loaded_version:
             rows = pl.scan_delta(self._snapshot).sort("container").collect()
             self._entries = [
-                DirectoryEntry(container=r["container"], partition=r["partition"],
-                               first_seen_ms=_ms(r["first_seen"]),
-                               last_seen_ms=_ms(r["last_seen"]),
-                               **{f: r[f] or "" for f in IDENTITY_FIELDS})
+                _entry(r, _ms(r["first_seen"]), _ms(r["last_seen"]))
                 for r in rows.iter_rows(named=True)
             ]  # fmt: skip
             self._loaded_version = version
