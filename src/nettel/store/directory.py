@@ -44,6 +44,7 @@ Examples
 from __future__ import annotations
 
 import datetime as dt
+import threading
 import time
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any, Final, NamedTuple
@@ -177,6 +178,7 @@ class ContainerDirectory:
         self._entries: list[DirectoryEntry] = []
         self._loaded_version = -1
         self._checked = 0.0
+        self._reading = threading.Lock()
 
     # -- writer --------------------------------------------------------------------
 
@@ -281,6 +283,10 @@ class ContainerDirectory:
         """Every container of the table, by identity (kept in memory; reloaded when the
         table has a new version, checked at most every ``max_age_s``). Empty when there
         is no table."""
+        with self._reading:  # the server's tool calls run in several threads
+            return self._entries_locked(max_age_s)
+
+    def _entries_locked(self, max_age_s: float) -> list[DirectoryEntry]:
         now = time.monotonic()
         if now - self._checked < max_age_s and self._loaded_version >= 0:
             return self._entries
