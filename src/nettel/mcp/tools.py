@@ -646,7 +646,7 @@ class TelemetryTools:
         store_metric = STORE_METRIC[metric]
         counter = not (metric.startswith("tcp_") or metric == "connections")
         if aggregation == "sum" and counter:
-            rows = self.query.stats(start, end, aggregation="sum")
+            rows = self.query.stats(start, end, aggregation="sum", metrics=[store_metric])
             values: dict[str, int] = {s.container: int(s.values[store_metric] or 0) for s in rows}
             fresh = self.query.open_traffic(start, now, {s.container: s.through_ms for s in rows})
             for c, o in fresh.items():
@@ -665,7 +665,7 @@ class TelemetryTools:
                              largest=largest)  # fmt: skip
         combined = None
         if aggregation in ("sum", "avg") and not metric.startswith("tcp_"):
-            rows = self.query.stats(start, end, aggregation=aggregation)
+            rows = self.query.stats(start, end, aggregation=aggregation, metrics=[store_metric])
             combined = _combine([s.values[store_metric] for s in rows], aggregation)
         return TopConsumers(
             timeframe=timeframe, metric=metric, aggregation=aggregation,
@@ -703,14 +703,14 @@ class TelemetryTools:
         now = self.now_ms()
         end = now - now % 60_000
         start, before = end - length, end - 2 * length
-        after_rows = self.query.stats(start, end)
+        after_rows = self.query.stats(start, end, metrics=["bytes"])
         fresh = self.query.open_traffic(start, now, {s.container: s.through_ms
                                                      for s in after_rows})  # fmt: skip
         after = {s.container: int(s.values["bytes"] or 0) for s in after_rows}
         for c, o in fresh.items():
             after[c] = after.get(c, 0) + o.sums["rx_bytes"] + o.sums["tx_bytes"]
         prior = {s.container: int(s.values["bytes"] or 0)
-                 for s in self.query.stats(before, start)}  # fmt: skip
+                 for s in self.query.stats(before, start, metrics=["bytes"])}  # fmt: skip
 
         def total(value: int | None) -> int:
             return value or 0
