@@ -116,6 +116,7 @@ def open_source(settings: Settings) -> Source:
                 url,
                 proc_root=settings.proc_root,
                 inventory_interval_s=settings.inventory_interval_s,
+                resources=True,
             )
         except EngineUnavailableError as e:
             errors.append(str(e))
@@ -138,8 +139,10 @@ def open_source(settings: Settings) -> Source:
 def topic_partitions(settings: Settings) -> dict[str, int]:
     """nettel's topics and their partition counts."""
     return dict.fromkeys(
-        (settings.topic_stats, settings.topic_alerts, settings.topic_dlq), settings.partitions
-    )
+        (settings.topic_stats, settings.topic_alerts, settings.topic_dlq,
+         settings.topic_resources),
+        settings.partitions,
+    )  # fmt: skip
 
 
 def make_ingest(settings: Settings, bootstrap: str, source: Source) -> IngestService:
@@ -159,9 +162,13 @@ def make_ingest(settings: Settings, bootstrap: str, source: Source) -> IngestSer
         on_connect=on_connect,
     )  # fmt: skip
     samples = SamplesTable(table_uri(settings, "samples"))
+    resources = EventPublisher(
+        bootstrap, settings.topic_resources, max_buffer=settings.buffer_max_events,
+        on_connect=on_connect,
+    )  # fmt: skip
     return IngestService(
         source, publisher, host=settings.host_name, interval_s=settings.sample_interval_s,
-        durable_readings=samples.latest_readings,
+        durable_readings=samples.latest_readings, resource_publisher=resources,
     )  # fmt: skip
 
 

@@ -496,3 +496,94 @@ class ReplayPoint:
     event_time_ms: int
     next_offset: int
     written_through_ms: int
+
+
+# -- resources (the resource-monitor server): their own event on their own topic --------
+
+RESOURCE_SCHEMA_VERSION: Final = 1
+
+#: Cumulative cgroup counters a resource event carries as deltas, in table order.
+RESOURCE_COUNTERS: Final = (
+    "cpu_usage_us", "cpu_user_us", "cpu_system_us", "cpu_periods", "cpu_throttled_periods",
+    "cpu_throttled_us", "io_read_bytes", "io_write_bytes", "io_reads", "io_writes",
+    "oom_events", "oom_kills",
+)  # fmt: skip
+
+#: Gauges a resource event carries as read (0 for a limit: none set).
+RESOURCE_GAUGES: Final = (
+    "memory_bytes", "memory_limit_bytes", "memory_anon_bytes", "memory_file_bytes",
+    "memory_kernel_bytes", "pids", "pids_limit",
+)  # fmt: skip
+
+_Count = Annotated[int, msgspec.Meta(ge=0)]
+
+
+class ResourceEvent(msgspec.Struct, frozen=True, kw_only=True):
+    """One sample of one container's CPU, memory, block I/O and processes.
+
+    Counters (:data:`RESOURCE_COUNTERS`) are deltas over ``interval_ms`` ending at
+    ``ts_ms``, with the network counters' reset rule (``counter_reset``: they went down or
+    the container's main process changed, so they count from the reset); gauges
+    (:data:`RESOURCE_GAUGES`) are the values at ``ts_ms``. ``source`` says where they
+    were read: ``cgroup-v1``, ``cgroup-v2`` or ``engine-stats`` (the engine's one-shot
+    stats call, where the cgroup files cannot be read). It travels as JSON on its own
+    topic (``nettel.resources``), keyed by identity like :class:`StatEvent`.
+
+    Examples
+    --------
+    >>> ev = ResourceEvent(ts_ms=5000, host="h", container_id="c", identity="web",
+    ...                    name="web", interval_ms=5000, cpu_usage_us=250_000,
+    ...                    memory_bytes=1 << 20, source="cgroup-v2")
+    >>> decode_resource_event(encode_resource_event(ev)) == ev, ev.cpu_percent()
+    (True, 5.0)
+    """
+
+    ts_ms: Annotated[int, msgspec.Meta(ge=0)]
+    host: str
+    container_id: str
+    identity: Annotated[str, msgspec.Meta(min_length=1, max_length=512)]
+    name: str
+    image: str = ""
+    compose_project: str = ""
+    compose_service: str = ""
+    interval_ms: Annotated[int, msgspec.Meta(ge=0, le=2 * 86_400_000)]
+    source: str = "cgroup-v2"
+    counter_reset: bool = False
+    schema_version: int = RESOURCE_SCHEMA_VERSION
+    cpu_usage_us: _Count = 0
+    cpu_user_us: _Count = 0
+    cpu_system_us: _Count = 0
+    cpu_periods: _Count = 0
+    cpu_throttled_periods: _Count = 0
+    cpu_throttled_us: _Count = 0
+    io_read_bytes: _Count = 0
+    io_write_bytes: _Count = 0
+    io_reads: _Count = 0
+    io_writes: _Count = 0
+    oom_events: _Count = 0
+    oom_kills: _Count = 0
+    memory_bytes: _Count = 0
+    memory_limit_bytes: _Count = 0
+    memory_anon_bytes: _Count = 0
+    memory_file_bytes: _Count = 0
+    memory_kernel_bytes: _Count = 0
+    pids: _Count = 0
+    pids_limit: _Count = 0
+
+    def cpu_percent(self) -> float:
+        """CPU used over the interval, in percent of one core."""
+        return 100 * self.cpu_usage_us / (self.interval_ms * 1000) if self.interval_ms else 0.0
+
+
+_resource_encoder = msgspec.json.Encoder()
+_resource_decoder = msgspec.json.Decoder(ResourceEvent)
+
+
+def encode_resource_event(event: ResourceEvent) -> bytes:
+    """JSON bytes of ``event`` (what travels on the resources topic)."""
+    return _resource_encoder.encode(event)
+
+
+def decode_resource_event(data: bytes) -> ResourceEvent:
+    """A validated event from JSON bytes; raises ``msgspec.ValidationError``/``DecodeError``."""
+    return _resource_decoder.decode(data)
