@@ -43,6 +43,7 @@ if TYPE_CHECKING:
     from nettel.report import Prices
     from nettel.store.maintenance import MaintenanceReport
     from nettel.stream.detector import DetectWorker
+    from nettel.stream.resources import ResourceStreamWorker
     from nettel.stream.worker import StreamWorker
 
 
@@ -351,6 +352,26 @@ def make_stream(
     )  # fmt: skip
 
 
+def make_resource_stream(settings: Settings, bootstrap: str, *, epoch: int = 0,
+                         embedded: bool = False) -> ResourceStreamWorker:  # fmt: skip
+    """The resource stream worker: ``nettel.resources`` into ``resource_minute``, rolled
+    into ``resource_hour`` and ``resource_day`` (the network stream's windows and rules)."""
+    from nettel.store.resources import RESOURCE_ROLLUP, ResourceMinuteTable
+    from nettel.store.rollup import DAY_MS, HOUR_MS, RollupTable
+    from nettel.stream.resources import ResourceStreamWorker
+
+    minute = ResourceMinuteTable(table_uri(settings, "resource_minute"))
+    hour = RollupTable(table_uri(settings, "resource_hour"), minute, HOUR_MS,
+                       spec=RESOURCE_ROLLUP)  # fmt: skip
+    day = RollupTable(table_uri(settings, "resource_day"), hour, DAY_MS, spec=RESOURCE_ROLLUP)
+    return ResourceStreamWorker(
+        bootstrap, minute, topic=settings.topic_resources, dlq_topic=settings.topic_dlq,
+        grace_ms=round(settings.window_grace_s * 1000),
+        flush_interval_s=settings.flush_interval_s, rollups=[hour, day],
+        rollup_interval_s=settings.rollup_interval_s, epoch=epoch, seal_on_stop=embedded,
+    )  # fmt: skip
+
+
 def maintenance_plan(settings: Settings) -> list[tuple[str, int]]:
     """(table, retention days; 0: forever) for every table nettel writes (how each is
     kept bounded: :data:`~nettel.store.maintenance.TABLE_RULES`)."""
@@ -364,7 +385,10 @@ def maintenance_plan(settings: Settings) -> list[tuple[str, int]]:
             ("alert_feedback", settings.retention_alerts_days),
             ("reports_table", settings.retention_reports_days),
             ("bands", BANDS_RETENTION_DAYS),
-            ("detect_state", 0)]  # fmt: skip
+            ("detect_state", 0),
+            ("resource_minute", settings.retention_minute_days),
+            ("resource_hour", settings.retention_hour_days),
+            ("resource_day", settings.retention_day_days)]  # fmt: skip
 
 
 def maintain_one(
@@ -424,6 +448,9 @@ async def up_roles(settings: Settings, bootstrap: str, broker: EmbeddedBroker | 
                          embedded=broker is not None)  # fmt: skip
 
     detect = make_detect(settings, bootstrap, epoch=0 if broker is None else broker.epoch)
+    resources = make_resource_stream(settings, bootstrap,
+                                     epoch=0 if broker is None else broker.epoch,
+                                     embedded=broker is not None)  # fmt: skip
     server = mcp_server(settings)
     mcp_options = mcp_http_options(settings)
 
@@ -450,6 +477,15 @@ async def up_roles(settings: Settings, bootstrap: str, broker: EmbeddedBroker | 
         ),
         Role("stream", stream.run, stage=1, drained=stream.drained, on_rotated=stream.rotated),
         Role("detect", detect.run, stage=1, drained=detect.drained, on_rotated=detect.rotated),
+        # the resource events' publisher is ingest's; given here so a rotation pauses it too
+        Role(
+            "resources",
+            resources.run,
+            stage=1,
+            drained=resources.drained,
+            on_rotated=resources.rotated,
+            producer=ingest.resource_publisher,
+        ),
         Role("maintenance", maintain, stage=2),
         Role("mcp", serve_mcp, stage=2),
         Role("reports", reports, stage=2),

@@ -587,3 +587,102 @@ def encode_resource_event(event: ResourceEvent) -> bytes:
 def decode_resource_event(data: bytes) -> ResourceEvent:
     """A validated event from JSON bytes; raises ``msgspec.ValidationError``/``DecodeError``."""
     return _resource_decoder.decode(data)
+
+
+#: Gauges whose windows keep last, max, min and sum (the mean is sum / samples).
+RESOURCE_GAUGE_STATS: Final = ("memory_bytes", "pids")
+#: Gauges whose windows keep last and max.
+RESOURCE_GAUGE_PEAKS: Final = ("memory_anon_bytes", "memory_file_bytes", "memory_kernel_bytes")
+#: Limits: windows keep the last one.
+RESOURCE_LIMITS: Final = ("memory_limit_bytes", "pids_limit")
+
+
+@dataclass(slots=True)
+class ResourceAggregate:
+    """One container's resources over one window, as the ``resource_minute`` table stores it.
+
+    Counters (:data:`RESOURCE_COUNTERS`): sums of deltas, and the peak CPU rate of a sample
+    (percent of one core). Gauges: last, max, min and sum over samples
+    (:data:`RESOURCE_GAUGE_STATS`), last and max (:data:`RESOURCE_GAUGE_PEAKS`), last
+    (:data:`RESOURCE_LIMITS`): all roll up exactly to hours and days.
+
+    Examples
+    --------
+    >>> ev = lambda ts, cpu, mem: ResourceEvent(ts_ms=ts, host="h", container_id="c",
+    ...     identity="web", name="web", interval_ms=5000, cpu_usage_us=cpu, memory_bytes=mem,
+    ...     memory_limit_bytes=1 << 30)
+    >>> w = ResourceAggregate.first(ev(65_000, 0, 0))
+    >>> w.add(ev(65_000, 500_000, 300)); w.add(ev(70_000, 2_500_000, 100))
+    >>> w.samples, w.sums["cpu_usage_us"], w.cpu_percent_max, w.cpu_percent()
+    (2, 3000000, 50.0, 30.0)
+    >>> w.gauge_last["memory_bytes"], w.gauge_max["memory_bytes"], w.gauge_sum["memory_bytes"]
+    (100, 300, 400)
+    """
+
+    identity: str
+    window_start_ms: int
+    window_ms: int
+    host: str
+    container_id: str
+    name: str
+    image: str
+    compose_project: str
+    compose_service: str
+    samples: int = 0
+    interval_ms: int = 0
+    resets: int = 0
+    source: str = ""
+    sums: dict[str, int] = field(default_factory=lambda: dict.fromkeys(RESOURCE_COUNTERS, 0))
+    cpu_percent_max: float | None = None
+    gauge_last: dict[str, int] = field(default_factory=dict)
+    gauge_max: dict[str, int] = field(default_factory=dict)
+    gauge_min: dict[str, int] = field(default_factory=dict)
+    gauge_sum: dict[str, int] = field(default_factory=dict)
+    partition: int = -1
+    _last_ts_ms: int = -1
+
+    @classmethod
+    def first(cls, ev: ResourceEvent, size_ms: int = WINDOW_MS) -> ResourceAggregate:
+        """An empty window for ``ev``'s container and time."""
+        return cls(
+            identity=ev.identity, window_start_ms=window_start(ev.ts_ms, size_ms),
+            window_ms=size_ms, host=ev.host, container_id=ev.container_id, name=ev.name,
+            image=ev.image, compose_project=ev.compose_project,
+            compose_service=ev.compose_service,
+        )  # fmt: skip
+
+    def add(self, ev: ResourceEvent) -> None:
+        """Fold one sample in."""
+        self.samples += 1
+        self.interval_ms += ev.interval_ms
+        self.resets += ev.counter_reset
+        sums = self.sums
+        for name in RESOURCE_COUNTERS:
+            sums[name] += getattr(ev, name)
+        if ev.interval_ms > 0:
+            pct = ev.cpu_percent()
+            if self.cpu_percent_max is None or pct > self.cpu_percent_max:
+                self.cpu_percent_max = pct
+        newest = ev.ts_ms >= self._last_ts_ms
+        gmax, gmin, gsum, glast = self.gauge_max, self.gauge_min, self.gauge_sum, self.gauge_last
+        for name in RESOURCE_GAUGE_STATS:
+            v = getattr(ev, name)
+            gsum[name] = gsum.get(name, 0) + v
+            if name not in gmin or v < gmin[name]:
+                gmin[name] = v
+        for name in (*RESOURCE_GAUGE_STATS, *RESOURCE_GAUGE_PEAKS):
+            v = getattr(ev, name)
+            if name not in gmax or v > gmax[name]:
+                gmax[name] = v
+        if newest:
+            for name in (*RESOURCE_GAUGE_STATS, *RESOURCE_GAUGE_PEAKS, *RESOURCE_LIMITS):
+                glast[name] = getattr(ev, name)
+            self._last_ts_ms = ev.ts_ms
+            self.container_id, self.name, self.image = ev.container_id, ev.name, ev.image
+            self.source = ev.source
+
+    def cpu_percent(self) -> float:
+        """Mean CPU over the window's samples, in percent of one core."""
+        return (
+            100 * self.sums["cpu_usage_us"] / (self.interval_ms * 1000) if self.interval_ms else 0.0
+        )

@@ -36,6 +36,8 @@ from nettel.ingest.counters import counter_deltas
 #: A v1 limit at or above this is the kernel's "no limit" (PAGE_COUNTER_MAX, rounded).
 _V1_UNLIMITED = 1 << 62
 _NS_PER_US = 1000
+#: v1's cpuacct.stat counts in USER_HZ ticks (100 per second on every Linux ABI).
+_US_PER_TICK = 10_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,23 +141,6 @@ def parse_limit(text: str) -> int:
         return 0
     n = int(value)
     return 0 if n >= _V1_UNLIMITED else n
-
-
-def parse_usage_all(text: str) -> tuple[int, int]:
-    """(user ns, system ns) summed over the CPUs of v1 ``cpuacct.usage_all``.
-
-    Examples
-    --------
-    >>> parse_usage_all("cpu user system\\n0 10 20\\n1 1 2\\n")
-    (11, 22)
-    """
-    user = system = 0
-    for line in text.splitlines()[1:]:
-        parts = line.split()
-        if len(parts) == 3:
-            user += int(parts[1])
-            system += int(parts[2])
-    return user, system
 
 
 def cgroup_paths(proc_cgroup: str) -> dict[str, str]:
@@ -271,15 +256,18 @@ def _read_v2(d: str, pid: int) -> ResourceReading:
 def _read_v1(d: _Dirs) -> ResourceReading:
     if None in (d.cpu, d.cpuacct, d.memory, d.blkio, d.pids):
         raise OSError("a cgroup v1 controller is not mounted for this process")
-    user_ns, system_ns = parse_usage_all(_read(f"{d.cpuacct}/cpuacct.usage_all"))
+    # cpuacct.usage is exact (ns); the user/system split of cpuacct.stat is sampled at
+    # the scheduler tick (USER_HZ units), as the kernel keeps it on v1
+    usage_ns = int(_read(f"{d.cpuacct}/cpuacct.usage"))
+    split = parse_flat_keyed(_read(f"{d.cpuacct}/cpuacct.stat"))
     cpu = parse_flat_keyed(_read(f"{d.cpu}/cpu.stat"))
     mem = parse_flat_keyed(_read(f"{d.memory}/memory.stat"))
     oom = parse_flat_keyed(_read(f"{d.memory}/memory.oom_control"))
     rb, wb = parse_blkio(_read(f"{d.blkio}/blkio.throttle.io_service_bytes"))
     rio, wio = parse_blkio(_read(f"{d.blkio}/blkio.throttle.io_serviced"))
     counters = ResourceCounters(
-        cpu_usage_us=(user_ns + system_ns) // _NS_PER_US, cpu_user_us=user_ns // _NS_PER_US,
-        cpu_system_us=system_ns // _NS_PER_US, cpu_periods=cpu.get("nr_periods", 0),
+        cpu_usage_us=usage_ns // _NS_PER_US, cpu_user_us=split.get("user", 0) * _US_PER_TICK,
+        cpu_system_us=split.get("system", 0) * _US_PER_TICK, cpu_periods=cpu.get("nr_periods", 0),
         cpu_throttled_periods=cpu.get("nr_throttled", 0),
         cpu_throttled_us=cpu.get("throttled_time", 0) // _NS_PER_US, io_read_bytes=rb,
         io_write_bytes=wb, io_reads=rio, io_writes=wio,
