@@ -452,13 +452,14 @@ async def up_roles(settings: Settings, bootstrap: str, broker: EmbeddedBroker | 
                                      epoch=0 if broker is None else broker.epoch,
                                      embedded=broker is not None)  # fmt: skip
     server = mcp_server(settings)
+    more_servers = more_mcp_servers(settings)
     mcp_options = mcp_http_options(settings)
 
     async def maintain(stop: asyncio.Event) -> None:
         await maintain_on_schedule(settings, stop)
 
     async def serve_mcp(stop: asyncio.Event) -> None:
-        await serve_http(server, mcp_options, stop)
+        await serve_http(server, mcp_options, stop, more=more_servers)
 
     async def reports(stop: asyncio.Event) -> None:
         from nettel.report import report_on_schedule
@@ -794,13 +795,27 @@ async def cmd_report(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
-def mcp_server(settings: Settings) -> MCPServer[Any]:
-    """The MCP server over the data dir's tables."""
+MCP_SERVERS = ("network-telemetry", "resource-monitor")
+
+
+def mcp_server(settings: Settings, name: str = "network-telemetry") -> MCPServer[Any]:
+    """The MCP server ``name`` (one of :data:`MCP_SERVERS`) over the data dir's tables."""
+    if name == "resource-monitor":
+        from nettel.mcp.resources import ResourceTools, build_resource_server
+
+        return build_resource_server(ResourceTools.for_data_dir(settings.data_dir))
     from nettel.mcp.server import build_server
     from nettel.mcp.tools import TelemetryTools
 
     return build_server(TelemetryTools.for_data_dir(
         settings.data_dir, partitions=settings.partitions, topic=settings.topic_stats))  # fmt: skip
+
+
+def more_mcp_servers(settings: Settings) -> dict[str, MCPServer[Any]]:
+    """The servers served beside ``network-telemetry`` over HTTP, by path."""
+    from nettel.mcp.resources import HTTP_PATH
+
+    return {HTTP_PATH: mcp_server(settings, "resource-monitor")}
 
 
 def mcp_http_options(settings: Settings) -> HttpOptions:
@@ -821,18 +836,21 @@ def _listed(text: str) -> tuple[str, ...]:
     return tuple(x.strip().rstrip("/") for x in text.split(",") if x.strip())
 
 
-async def cmd_mcp(settings: Settings, http: bool) -> int:
+async def cmd_mcp(settings: Settings, http: bool, name: str = "network-telemetry") -> int:
     """Serve the MCP tools over stdio (default) or streamable HTTP."""
     from nettel.mcp.server import serve_http, serve_stdio
 
-    server = mcp_server(settings)
+    server = mcp_server(settings, name)
     if not http:
         await serve_stdio(server)
         return 0
     options = mcp_http_options(settings)
     stop = asyncio.Event()
     _install_signal_handlers(stop)
-    await serve_http(server, options, stop)
+    if name != "network-telemetry":  # only that one, at /mcp
+        await serve_http(server, options, stop)
+    else:
+        await serve_http(server, options, stop, more=more_mcp_servers(settings))
     return 0
 
 
@@ -1155,6 +1173,10 @@ def build_parser() -> argparse.ArgumentParser:
         "mcp", parents=[common],
         help="serve the MCP tools (network-telemetry) over stdio, or HTTP with --http",
     )  # fmt: skip
+    mcp.add_argument("--server", dest="mcp_server_name", choices=MCP_SERVERS,
+                     default="network-telemetry",
+                     help="which server over stdio (HTTP serves every one, each at its "
+                     "path: /mcp, /resource-monitor/mcp)")  # fmt: skip
     mcp.add_argument("--http", action="store_true",
                      help="streamable HTTP on NETTEL_MCP_HOST:NETTEL_MCP_PORT/mcp")  # fmt: skip
     mcp.add_argument("--host", dest="mcp_host", help="HTTP bind address (env NETTEL_MCP_HOST)")
@@ -1210,7 +1232,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "rules":
             return cmd_rules_check(args.rules_path)
         if args.command == "mcp":
-            return asyncio.run(cmd_mcp(settings, args.http))
+            return asyncio.run(cmd_mcp(settings, args.http, args.mcp_server_name))
         if args.command == "store":
             return asyncio.run(cmd_store_maintain(settings))
         return asyncio.run(COMMANDS[args.command](settings))

@@ -388,6 +388,43 @@ def _provisional(fresh: Sequence[OpenTraffic]) -> Provisional | None:
     )  # fmt: skip
 
 
+def resolve_container(name: str, known: Sequence[Any], listing: str = "list_containers") -> str:
+    """The identity of the container ``name`` designates among ``known`` (records with
+    ``container``, ``name``, ``compose_service``, ``compose_project``, ``container_id``):
+    an identity, a name, a compose service or project, or an id prefix of 4+ characters.
+    ``listing``: the tool an error points to for the known names.
+
+    Examples
+    --------
+    >>> from types import SimpleNamespace as C
+    >>> known = [C(container="shop/api", name="api-1", compose_service="api",
+    ...            compose_project="shop", container_id="abcdef")]
+    >>> resolve_container("api-1", known), resolve_container("abcd", known)
+    ('shop/api', 'shop/api')
+    """
+    name = name.strip()
+    if not name:
+        raise ToolInputError(f"container is empty: name one (see {listing})")
+    for match in (
+        lambda s: s.container == name,
+        lambda s: name in (s.name, s.compose_service, s.compose_project),
+        lambda s: len(name) >= 4 and s.container_id.startswith(name),
+    ):
+        found = sorted({s.container for s in known if match(s)})
+        if len(found) == 1:
+            return str(found[0])
+        if len(found) > 1:
+            raise ToolInputError(
+                f"container {quoted(name)} matches several: {', '.join(found[:10])}; name one"
+            )
+    names = sorted({s.container for s in known} | {s.name for s in known if s.name})
+    close = difflib.get_close_matches(name, names, n=5, cutoff=0.3)
+    hint = f"closest known: {', '.join(close)}" if close else "no container is close"
+    if not names:
+        hint = "no container has data yet"
+    raise ToolInputError(f"unknown container {quoted(name)}: {hint} (see {listing})")
+
+
 class TelemetryTools:
     """The answers behind the MCP tools, over one long-lived :class:`TrafficQuery`."""
 
@@ -433,28 +470,7 @@ class TelemetryTools:
 
     def resolve(self, name: str) -> str:
         """The identity of the container ``name`` designates (see the module docstring)."""
-        name = name.strip()
-        if not name:
-            raise ToolInputError("container is empty: name one (see list_containers)")
-        known = self._known()
-        for match in (
-            lambda s: s.container == name,
-            lambda s: name in (s.name, s.compose_service, s.compose_project),
-            lambda s: len(name) >= 4 and s.container_id.startswith(name),
-        ):
-            found = sorted({s.container for s in known if match(s)})
-            if len(found) == 1:
-                return found[0]
-            if len(found) > 1:
-                raise ToolInputError(
-                    f"container {quoted(name)} matches several: {', '.join(found[:10])}; name one"
-                )
-        names = sorted({s.container for s in known} | {s.name for s in known if s.name})
-        close = difflib.get_close_matches(name, names, n=5, cutoff=0.3)
-        hint = f"closest known: {', '.join(close)}" if close else "no container is close"
-        if not names:
-            hint = "no container has data yet"
-        raise ToolInputError(f"unknown container {quoted(name)}: {hint} (see list_containers)")
+        return resolve_container(name, self._known())
 
     def network_stats(self, container: str | None, timeframe: Timeframe,
                       aggregation: Aggregation, limit: int = 10,
