@@ -87,13 +87,15 @@ def test_cgroup_v2_files_are_read_once_each_into_counters_and_gauges(tmp_path: P
     assert t.update("abc", r, ts_ms=0) is None
     (d / "cpu.stat").write_text(V2_FILES["cpu.stat"].replace("5000123", "5500123"))
     delta = t.update("abc", reader.read("abc", 4242), ts_ms=1000)
-    assert delta is not None and (delta.counters.cpu_usage_us, delta.reset) == (500000, False)
+    assert delta is not None
+    assert (delta.counters.cpu_usage_us, delta.reset) == (500000, False)
     (d / "cpu.stat").write_text(V2_FILES["cpu.stat"].replace("5000123", "10"))
     delta = t.update("abc", reader.read("abc", 4242), ts_ms=2000)
-    assert delta is not None and (delta.counters.cpu_usage_us, delta.reset) == (10, True)
+    assert delta is not None
+    assert (delta.counters.cpu_usage_us, delta.reset) == (10, True)
     # a cgroup that went away is an error the sampler skips, not a crash
     (d / "io.stat").unlink()
-    with pytest.raises(OSError):
+    with pytest.raises(OSError, match=r"io\.stat"):
         reader.read("abc", 4242)
 
 

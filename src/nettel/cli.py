@@ -1207,8 +1207,8 @@ SIM_ARGS = (
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``nettel`` command."""
     args = build_parser().parse_args(argv)
-    skip = {"command", "store_command", "http", "rules_command", "rules_path", *SIM_ARGS,
-            *REPORT_ARGS}  # fmt: skip
+    skip = {"command", "store_command", "http", "mcp_server_name", "rules_command",
+            "rules_path", *SIM_ARGS, *REPORT_ARGS}  # fmt: skip
     overrides = {k: v for k, v in vars(args).items() if k not in skip}
     try:
         settings = Settings.from_env(**overrides)
