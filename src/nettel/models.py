@@ -602,7 +602,8 @@ class ResourceAggregate:
     """One container's resources over one window, as the ``resource_minute`` table stores it.
 
     Counters (:data:`RESOURCE_COUNTERS`): sums of deltas, and the peak CPU rate of a sample
-    (percent of one core). Gauges: last, max, min and sum over samples
+    (``cpu_peak_millicores``: thousandths of a core, an integer that stores compactly).
+    Gauges: last, max, min and sum over samples
     (:data:`RESOURCE_GAUGE_STATS`), last and max (:data:`RESOURCE_GAUGE_PEAKS`), last
     (:data:`RESOURCE_LIMITS`): all roll up exactly to hours and days.
 
@@ -613,8 +614,8 @@ class ResourceAggregate:
     ...     memory_limit_bytes=1 << 30)
     >>> w = ResourceAggregate.first(ev(65_000, 0, 0))
     >>> w.add(ev(65_000, 500_000, 300)); w.add(ev(70_000, 2_500_000, 100))
-    >>> w.samples, w.sums["cpu_usage_us"], w.cpu_percent_max, w.cpu_percent()
-    (2, 3000000, 50.0, 30.0)
+    >>> w.samples, w.sums["cpu_usage_us"], w.cpu_peak_millicores, w.cpu_percent()
+    (2, 3000000, 500, 30.0)
     >>> w.gauge_last["memory_bytes"], w.gauge_max["memory_bytes"], w.gauge_sum["memory_bytes"]
     (100, 300, 400)
     """
@@ -633,7 +634,7 @@ class ResourceAggregate:
     resets: int = 0
     source: str = ""
     sums: dict[str, int] = field(default_factory=lambda: dict.fromkeys(RESOURCE_COUNTERS, 0))
-    cpu_percent_max: float | None = None
+    cpu_peak_millicores: int | None = None
     gauge_last: dict[str, int] = field(default_factory=dict)
     gauge_max: dict[str, int] = field(default_factory=dict)
     gauge_min: dict[str, int] = field(default_factory=dict)
@@ -660,9 +661,9 @@ class ResourceAggregate:
         for name in RESOURCE_COUNTERS:
             sums[name] += getattr(ev, name)
         if ev.interval_ms > 0:
-            pct = ev.cpu_percent()
-            if self.cpu_percent_max is None or pct > self.cpu_percent_max:
-                self.cpu_percent_max = pct
+            peak = round(10 * ev.cpu_percent())
+            if self.cpu_peak_millicores is None or peak > self.cpu_peak_millicores:
+                self.cpu_peak_millicores = peak
         newest = ev.ts_ms >= self._last_ts_ms
         gmax, gmin, gsum, glast = self.gauge_max, self.gauge_min, self.gauge_sum, self.gauge_last
         for name in RESOURCE_GAUGE_STATS:

@@ -309,6 +309,8 @@ class EngineSource:
         if self._closed.is_set():
             return
         self._closed.set()
+        if self.cgroups is not None:
+            self.cgroups.close()
         with contextlib.suppress(Exception):
             self._client.close()
 

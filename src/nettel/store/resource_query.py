@@ -94,7 +94,7 @@ def _aggregated(rows: pl.LazyFrame) -> pl.LazyFrame:
             ]
             + last
             + [
-                pl.col("cpu_percent_max").max(),
+                pl.col("cpu_peak_millicores").max(),
                 pl.col("_cpu_pct").min().alias("cpu_pct_min"),
                 pl.col("memory_bytes_max").max(),
                 pl.col("memory_bytes_min").min(),
@@ -157,7 +157,9 @@ def values_of(row: dict[str, Any], aggregation: str) -> dict[str, float | int | 
         }
     elif aggregation == "max":
         out |= {
-            "cpu_percent": row["cpu_percent_max"],
+            "cpu_percent": None
+            if row["cpu_peak_millicores"] is None
+            else row["cpu_peak_millicores"] / 10,
             "memory_bytes": row["memory_bytes_max"],
             "disk_read_bytes": row["read_max"],
             "disk_write_bytes": row["write_max"],

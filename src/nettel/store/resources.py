@@ -11,8 +11,8 @@ writer properties, retention and maintenance are the network tables' (see
 Examples
 --------
 >>> cols = resource_minute_schema()
->>> cols["cpu_usage_us"], cols["memory_bytes_max"], cols["cpu_percent_max"]
-(Int64, Int64, Float64)
+>>> cols["cpu_usage_us"], cols["memory_bytes_max"], cols["cpu_peak_millicores"]
+(Int64, Int64, Int64)
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ def resource_minute_schema() -> dict[str, pl.DataType]:
         "resets": pl.Int64(),
     }
     schema.update((c, pl.Int64()) for c in RESOURCE_COUNTERS)
-    schema["cpu_percent_max"] = pl.Float64()
+    schema["cpu_peak_millicores"] = pl.Int64()  # the busiest sample, 1000 = one core
     for g in RESOURCE_GAUGE_STATS:
         for stat in ("last", "max", "min", "sum"):
             schema[f"{g}_{stat}"] = pl.Int64()
@@ -71,7 +71,7 @@ RESOURCE_ROLLUP = RollupSpec(
     sums=("samples", "interval_ms", "resets", *RESOURCE_COUNTERS,
           *(f"{g}_sum" for g in RESOURCE_GAUGE_STATS)),
     mins=tuple(f"{g}_min" for g in RESOURCE_GAUGE_STATS),
-    maxes=("cpu_percent_max",
+    maxes=("cpu_peak_millicores",
            *(f"{g}_max" for g in (*RESOURCE_GAUGE_STATS, *RESOURCE_GAUGE_PEAKS))),
     lasts=(*IDENTITY, "source",
            *(f"{g}_last" for g in (*RESOURCE_GAUGE_STATS, *RESOURCE_GAUGE_PEAKS,
@@ -99,7 +99,7 @@ def resource_rows_frame(rows: Sequence[ResourceAggregate]) -> pl.DataFrame:
         cols["container"].append(r.identity)
         cols["ts"].append(start)
         for k in ("partition", "window_ms", *IDENTITY, "source", "samples", "interval_ms",
-                  "resets", "cpu_percent_max"):  # fmt: skip
+                  "resets", "cpu_peak_millicores"):  # fmt: skip
             cols[k].append(getattr(r, k))
         for c in RESOURCE_COUNTERS:
             cols[c].append(r.sums[c])
