@@ -19,6 +19,7 @@ import pytest
 
 from conftest import IMAGE, Engine, consume_all, wait_for
 from nettel.broker import EmbeddedBroker, ensure_topics
+from nettel.detect.resources import ResourceFinding, ResourceSignals
 from nettel.ingest.cgroups import CgroupReader, ResourceTracker
 from nettel.ingest.publisher import EventPublisher
 from nettel.ingest.service import IngestService
@@ -171,6 +172,15 @@ class CgroupPoller:
         return before_end - after_start, after_end - before_start
 
 
+def oom_kills(pid: int) -> int:
+    """OOM kills in the container's memory cgroup, from its own file."""
+    if os.path.exists("/sys/fs/cgroup/cgroup.controllers"):
+        text = _text(f"{_cgroup_dir(pid, '')}/memory.events")
+    else:
+        text = _text(f"{_cgroup_dir(pid, 'memory')}/memory.oom_control")
+    return int(dict(line.split() for line in text.splitlines()).get("oom_kill", 0))
+
+
 def root_block_device() -> str:
     """The block device the engine's storage lives on (for a write-bps rule)."""
     dev = os.stat("/var/lib/containers" if os.path.exists("/var/lib/containers") else "/").st_dev
@@ -196,14 +206,20 @@ async def test_burner_holder_writer_stats_equal_their_cgroup_counters(
     # rule: a generous one makes it count (v2's io.stat always does)
     rule = [{"Path": root_block_device(), "Rate": 1 << 30}]
     containers = {
-        # two burners under a fifth of a core: throttled even on a busy machine
-        "cpu": run(engine, "dd if=/dev/zero of=/dev/null & dd if=/dev/zero of=/dev/null",
-                   name=f"nt-res-cpu-{tag}", nano_cpus=200_000_000),
+        # four burners under a tenth of a core: throttled even on a busy machine
+        "cpu": run(engine, "for i in 1 2 3; do dd if=/dev/zero of=/dev/null & done; "
+                   "dd if=/dev/zero of=/dev/null", name=f"nt-res-cpu-{tag}",
+                   nano_cpus=100_000_000),
         "mem": run(engine, "dd if=/dev/zero of=/dev/shm/f bs=1M count=24; sleep 600",
                    name=f"nt-res-mem-{tag}", mem_limit="64m"),
         "disk": run(engine, "while true; do dd if=/dev/zero of=/tmp/x bs=1M count=4 "
                     "conv=fsync 2>/dev/null; sleep 0.2; done", name=f"nt-res-disk-{tag}",
                     device_write_bps=rule),
+        # a leak: 3 MiB more tmpfs a step until the 40 MiB limit, then each new dd is
+        # OOM-killed (the largest process; the container itself runs on)
+        "leak": run(engine, "(sleep 1; i=0; while true; do dd if=/dev/zero of=/dev/shm/f$i "
+                    "bs=1M count=3 2>/dev/null; i=$((i+1)); sleep 0.5; done) & sleep 600",
+                    name=f"nt-res-leak-{tag}", mem_limit="40m"),
     }  # fmt: skip
     pids = {k: engine.pid(c) for k, c in containers.items()}
     names = {k: c.name for k, c in containers.items()}
@@ -219,12 +235,14 @@ async def test_burner_holder_writer_stats_equal_their_cgroup_counters(
         stop = asyncio.Event()
         task = asyncio.create_task(service.run(stop))
         await asyncio.sleep(4)
+        await wait_for(lambda: oom_kills(pids["leak"]) > 0, 40, "the leaking container's OOM kill")
+        await asyncio.sleep(1.5)  # a sample or two after it
         stop.set()
         await asyncio.wait_for(task, 20)
         await asyncio.sleep(0.1)
     after = {k: kernel_resources(pid) for k, pid in pids.items()}
     sent = service.resource_publisher.sent if service.resource_publisher else 0
-    assert sent >= 3 * 5
+    assert sent >= 4 * 5
     events = [decode_resource_event(m.value) for m in await consume_all(
         bootstrap, "nettel.resources")]  # fmt: skip
 
@@ -257,9 +275,25 @@ async def test_burner_holder_writer_stats_equal_their_cgroup_counters(
             assert least <= stored <= most, (key, counter, least, stored, most)
     cpu = rows.filter(pl.col("name") == names["cpu"])
     peak = int(cpu["cpu_peak_millicores"].max())  # type: ignore[arg-type]
-    assert 0 < peak < 300  # at most a fifth of a core, sample by sample
+    assert 0 < peak < 250  # about a tenth of a core at most, sample by sample
     assert cpu["cpu_throttled_periods"].sum() > 0
     assert rows.filter(pl.col("name") == names["disk"])["io_write_bytes"].sum() >= 4 * MiB
+    # the signals on the events as they came: the leak is seen, with the time it has left,
+    # before the OOM kill, which is reported too; the capped burner is throttled
+    signals = ResourceSignals()
+    found: dict[str, list[ResourceFinding]] = {}
+    for ev in sorted(events, key=lambda e: e.ts_ms):
+        for f in signals.update(ev):
+            found.setdefault(f"{f.identity}:{f.kind}", []).append(f)
+    leaks = found.get(f"{names['leak']}:memory_leak", [])
+    kills = found.get(f"{names['leak']}:oom_kill", [])
+    assert leaks, found.keys()
+    assert kills, found.keys()
+    assert leaks[0].ts_ms < kills[0].ts_ms
+    assert leaks[0].time_to_limit_s is not None
+    assert 0 < leaks[0].time_to_limit_s < 60
+    assert found.get(f"{names['cpu']}:cpu_throttling"), found.keys()
+    assert not any(k.startswith(names["mem"]) for k in found)  # steady memory: no leak
     mem = rows.filter(pl.col("name") == names["mem"]).sort("ts").row(-1, named=True)
     assert mem["memory_limit_bytes_last"] == 64 * MiB
     assert abs(mem["memory_bytes_last"] - after["mem"]["memory_bytes"]) < 2 * MiB
