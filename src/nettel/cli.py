@@ -369,6 +369,7 @@ def make_resource_stream(settings: Settings, bootstrap: str, *, epoch: int = 0,
         grace_ms=round(settings.window_grace_s * 1000),
         flush_interval_s=settings.flush_interval_s, rollups=[hour, day],
         rollup_interval_s=settings.rollup_interval_s, epoch=epoch, seal_on_stop=embedded,
+        fresh_log=embedded,
     )  # fmt: skip
 
 

@@ -96,7 +96,13 @@ class ResourceWindows(PartitionWindows):
 
 
 class ResourceStreamWorker:
-    """One member of the ``nettel-resources`` group: resource events into their tables."""
+    """One member of the ``nettel-resources`` group: resource events into their tables.
+
+    ``fresh_log``: the log began empty with this worker (the embedded broker), so points
+    stored under its epoch before this worker wrote any are an earlier log's (one with the
+    same epoch number) and are ignored, as :class:`~nettel.stream.worker.StreamWorker`
+    does; the same holds for the log of every epoch a rotation announces.
+    """
 
     def __init__(
         self,
@@ -113,6 +119,7 @@ class ResourceStreamWorker:
         rollup_interval_s: float = 0.0,
         seal_on_stop: bool = False,
         idle_timeout_s: float = 2.0,
+        fresh_log: bool = False,
     ) -> None:
         self.bootstrap_servers = bootstrap_servers
         self.table = table
@@ -129,6 +136,8 @@ class ResourceStreamWorker:
         self.windows_written = 0
         self._next_roll = 0.0
         self._windows: dict[int, ResourceWindows] = {}
+        self._fresh_epochs = {epoch} if fresh_log else set()
+        self._written: set[tuple[int, int]] = set()  # (epoch, partition) with points stored
         self._dlq: Any = None
         self._flush_lock = asyncio.Lock()
         self.runtime = ConsumerRuntime(
@@ -174,6 +183,8 @@ class ResourceStreamWorker:
             points: dict[int, ReplayPoint] = await asyncio.to_thread(
                 self.table.replay_points, self.group, self.topic, partitions, epoch=self.epoch
             )
+            if self.epoch in self._fresh_epochs:  # an earlier log's points: not ours
+                points = {p: v for p, v in points.items() if (self.epoch, p) in self._written}
             for p in partitions:
                 self._windows[p] = ResourceWindows(self.grace_ms, replay=points.get(p))
             return {p: 0 if p not in points else points[p].resume_offset for p in partitions}
@@ -208,6 +219,7 @@ class ResourceStreamWorker:
             if not sealed:
                 await self._flush_locked(seal=True)
             self.epoch = epoch
+            self._fresh_epochs.add(epoch)
             for p in self._windows:
                 self._windows[p] = ResourceWindows(self.grace_ms)
             return list(self._windows)
@@ -256,6 +268,7 @@ class ResourceStreamWorker:
         await asyncio.to_thread(
             self.table.append, rows, points, writer=self.group, epoch=self.epoch
         )
+        self._written.update((self.epoch, p.partition) for p in points)
         self.windows_written += len(rows)
         metrics.ROWS_WRITTEN.labels("resource_minute").inc(len(rows))
         loop = asyncio.get_running_loop()
