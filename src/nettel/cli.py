@@ -755,6 +755,19 @@ async def cmd_stream(settings: Settings) -> int:
     return 0
 
 
+async def cmd_resources(settings: Settings) -> int:
+    """Run the resource stream worker alone against ``KAFKA_BOOTSTRAP_SERVERS``."""
+    from nettel.broker import ensure_topics
+
+    if settings.kafka_bootstrap_servers is None:
+        raise ConfigError("KAFKA_BOOTSTRAP_SERVERS", None, "host:port of a running broker")
+    stop = asyncio.Event()
+    _install_signal_handlers(stop)
+    await ensure_topics(settings.kafka_bootstrap_servers, topic_partitions(settings))
+    await make_resource_stream(settings, settings.kafka_bootstrap_servers).run(stop)
+    return 0
+
+
 async def cmd_detect(settings: Settings) -> int:
     """Run the detector alone against ``KAFKA_BOOTSTRAP_SERVERS``."""
     from nettel.broker import ensure_topics
@@ -1132,6 +1145,11 @@ def build_parser() -> argparse.ArgumentParser:
         parents=[common],
         help="run the stream worker (samples, minute windows, rollups) against a broker",
     )
+    sub.add_parser(
+        "resources",
+        parents=[common],
+        help="run the resource stream worker (resource_minute, rollups) against a broker",
+    )
     store = sub.add_parser("store", help="operate on the data dir's tables")
     store_sub = store.add_subparsers(dest="store_command", required=True, metavar="ACTION")
     store_sub.add_parser("maintain", parents=[common],
@@ -1190,7 +1208,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 COMMANDS = {"up": cmd_up, "ingest": cmd_ingest, "stream": cmd_stream, "detect": cmd_detect,
-            "doctor": cmd_doctor}  # fmt: skip
+            "doctor": cmd_doctor, "resources": cmd_resources}  # fmt: skip
 REPORT_ARGS = ("report_date", "report_format", "report_out", "report_tz")
 SIM_ARGS = (
     "containers",
