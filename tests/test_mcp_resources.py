@@ -94,7 +94,7 @@ async def check_tools(client: Client, events: list[ResourceEvent]) -> None:
     assert client.server_info is not None
     assert client.server_info.name == "resource-monitor"
     names = {t.name for t in (await client.list_tools()).tools}
-    assert names == {"get_resource_stats", "get_top_resource_consumers"}
+    assert names == {"get_resource_stats", "get_top_resource_consumers", "get_resource_timeseries"}
     for _ in range(3):  # the expected window is known only within one minute
         t0 = time.time_ns() // 1_000_000
         one = await client.call_tool("get_resource_stats", {"container": "svc-3"})
@@ -107,6 +107,18 @@ async def check_tools(client: Client, events: list[ResourceEvent]) -> None:
     assert doc["timeframe"] == "hour"
     for field, value in expected(events, "svc-3", t0).items():
         assert close(doc["data"][field], value), (field, doc["data"][field], value)
+    for _ in range(3):
+        t0 = time.time_ns() // 1_000_000
+        series = await client.call_tool("get_resource_timeseries", {
+            "container": "svc-3", "timeframe": "hour", "metric": "disk_write_bytes"})  # fmt: skip
+        if t0 // 60_000 == time.time_ns() // 60_000_000:
+            break
+    assert not series.is_error, series.content
+    doc = series.structured_content
+    assert doc is not None
+    assert doc["bucket_seconds"] == 60
+    assert sum(p["value"] for p in doc["points"]) == expected(events, "svc-3", t0)[
+        "disk_write_bytes"]  # fmt: skip
     top = await client.call_tool("get_top_resource_consumers",
                                  {"timeframe": "hour", "resource": "cpu", "limit": 3})  # fmt: skip
     assert not top.is_error
@@ -174,6 +186,9 @@ async def test_every_resource_answer_fits_the_budget(
                 calls.append(("get_resource_stats", {"timeframe": tf, "aggregation": agg}))
         for resource in ("cpu", "memory", "disk_read", "disk_write", "pids"):
             calls.append(("get_top_resource_consumers", {"resource": resource, "limit": 50}))
+        for tf in ("hour", "month"):
+            calls.append(("get_resource_timeseries", {"container": "svc-1", "timeframe": tf,
+                                                      "max_points": 200}))  # fmt: skip
         for tool, args in calls:
             result = await client.call_tool(tool, args)
             text = " ".join(getattr(c, "text", "") for c in result.content)

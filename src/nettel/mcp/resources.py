@@ -19,13 +19,22 @@ from pydantic import BaseModel, Field, model_serializer
 from nettel.mcp.answers import page
 from nettel.mcp.server import (
     AggregationArg,
+    ContainerArg,
     CursorArg,
     Limit50,
     TelemetryServer,
     TimeframeArg,
     _answer,
 )
-from nettel.mcp.tools import Timeframe, _combine, _drop_none, iso, resolve_container, window
+from nettel.mcp.tools import (
+    Point,
+    Timeframe,
+    _combine,
+    _drop_none,
+    iso,
+    resolve_container,
+    window,
+)
 from nettel.store.query import Aggregation
 from nettel.store.resource_query import ResourceQuery
 
@@ -112,6 +121,41 @@ class ResourceTop(BaseModel):
     as_of: str | None = None
 
 
+SeriesMetric = Literal["cpu_percent", "memory_bytes", "disk_read_bytes", "disk_write_bytes",
+                       "pids"]  # fmt: skip
+SERIES_UNITS = {"cpu_percent": "percent of a core", "memory_bytes": "bytes (peak)",
+                "disk_read_bytes": "bytes", "disk_write_bytes": "bytes",
+                "pids": "processes (peak)"}  # fmt: skip
+
+
+class ResourceSeries(BaseModel):
+    """One container's resource over a timeframe in time buckets, with a summary."""
+
+    container: str
+    timeframe: Timeframe
+    metric: SeriesMetric
+    unit: str
+    bucket_seconds: int
+    points: list[Point]
+    summary: dict[str, float | None] = Field(description="min, max, avg, p95 of the points")
+    as_of: str | None = None
+
+
+def _summary(values: list[float]) -> dict[str, float | None]:
+    """min, max, avg and p95 (nearest rank) of ``values``.
+
+    Examples
+    --------
+    >>> _summary([1.0, 3.0, 2.0])
+    {'min': 1.0, 'max': 3.0, 'avg': 2.0, 'p95': 3.0}
+    """
+    if not values:
+        return dict.fromkeys(("min", "max", "avg", "p95"))
+    ordered = sorted(values)
+    p95 = ordered[min(len(ordered) - 1, max(0, -(-95 * len(ordered) // 100) - 1))]
+    return {"min": ordered[0], "max": ordered[-1], "avg": sum(values) / len(values), "p95": p95}
+
+
 def _data(values: dict[str, float | int | None]) -> ResourceData:
     return ResourceData.model_validate(values)
 
@@ -176,6 +220,21 @@ class ResourceTools:
             as_of=as_of,
         )  # fmt: skip
 
+    def series(self, container: str, timeframe: Timeframe, metric: SeriesMetric,
+               max_points: int = 60) -> ResourceSeries:  # fmt: skip
+        """``get_resource_timeseries``: buckets of the timeframe, empty ones left out."""
+        identity = self.resolve(container)
+        start, end = window(timeframe, self.now_ms())
+        bucket_ms, points = self.query.series(identity, start, end, metric, max_points)
+        values = [v for _, v in points if v is not None]
+        newest = points[-1][0] + bucket_ms if points else None
+        return ResourceSeries(
+            container=identity, timeframe=timeframe, metric=metric, unit=SERIES_UNITS[metric],
+            bucket_seconds=bucket_ms // 1000,
+            points=[Point(ts=iso(t), value=v) for t, v in points], summary=_summary(values),
+            as_of=None if newest is None else iso(min(newest, end)),
+        )  # fmt: skip
+
     def top_consumers(self, timeframe: Timeframe, resource: Resource, aggregation: Aggregation,
                       limit: int = 10) -> ResourceTop:  # fmt: skip
         """``get_top_resource_consumers``: under ``sum``, CPU ranks by CPU seconds, memory by
@@ -238,5 +297,17 @@ def build_resource_server(tools: ResourceTools) -> TelemetryServer:
         """Containers ranked by CPU, memory, disk read/write or pids over a timeframe, with
         share of the total where values add up."""
         return await _answer(lambda: tools.top_consumers(timeframe, resource, aggregation, limit))
+
+    @server.tool()
+    async def get_resource_timeseries(
+        container: ContainerArg,
+        timeframe: TimeframeArg = "day",
+        metric: Annotated[SeriesMetric, Field(description="which resource")] = "cpu_percent",
+        max_points: Annotated[int, Field(ge=2, le=200, description="2-200 buckets")] = 60,
+    ) -> ResourceSeries:
+        """One container's resource in at most max_points time buckets: mean cpu_percent,
+        peak memory_bytes and pids, disk bytes per bucket; with min/max/avg/p95. Empty
+        buckets left out."""
+        return await _answer(lambda: tools.series(container, timeframe, metric, max_points))
 
     return server

@@ -228,6 +228,12 @@ class ResourceQuery:
                 values=values_of(row, aggregation)))  # fmt: skip
         return out
 
+    def series(self, container: str, start_ms: int, end_ms: int, metric: str,
+               max_points: int) -> tuple[int, list[tuple[int, float | None]]]:  # fmt: skip
+        """(bucket ms, [(bucket start ms, value)]) of one container's ``metric`` over
+        [start, end) in at most ``max_points`` buckets (empty ones left out)."""
+        return _series_of(self, container, start_ms, end_ms, metric, max_points)
+
     def newest_end_ms(self) -> int | None:
         """The end of the newest window in ``resource_minute`` (None: none yet)."""
         frame = self._scan("resource_minute")
@@ -235,3 +241,51 @@ class ResourceQuery:
             return None
         newest = frame.select(pl.col("ts").max().dt.epoch("ms")).collect().item()
         return None if newest is None else int(newest) + 60_000
+
+
+#: What a resource series can show, and how a bucket's value is made from its rows.
+SERIES_METRICS = ("cpu_percent", "memory_bytes", "disk_read_bytes", "disk_write_bytes", "pids")
+
+
+def _bucket_value(metric: str) -> pl.Expr:
+    """A bucket's value: mean CPU (percent of a core), peak memory and pids, disk bytes."""
+    if metric == "cpu_percent":
+        return 100 * pl.col("cpu_usage_us").sum() / (pl.col("interval_ms").sum() * 1000)
+    if metric == "memory_bytes":
+        return pl.col("memory_bytes_max").max().cast(pl.Float64)
+    if metric == "pids":
+        return pl.col("pids_max").max().cast(pl.Float64)
+    column = "io_read_bytes" if metric == "disk_read_bytes" else "io_write_bytes"
+    return pl.col(column).sum().cast(pl.Float64)
+
+
+def bucket_ms_for(start_ms: int, end_ms: int, max_points: int, window_ms: int) -> int:
+    """The bucket size: the span over ``max_points``, a whole number of windows.
+
+    Examples
+    --------
+    >>> bucket_ms_for(0, 3_600_000, 60, 60_000), bucket_ms_for(0, 3_600_000, 7, 60_000)
+    (60000, 540000)
+    """
+    per = -(-(end_ms - start_ms) // max_points)
+    return max(window_ms, -(-per // window_ms) * window_ms)
+
+
+def _series_of(query: ResourceQuery, container: str, start_ms: int, end_ms: int, metric: str,
+               max_points: int) -> tuple[int, list[tuple[int, float | None]]]:  # fmt: skip
+    if metric not in SERIES_METRICS:
+        raise QueryError("metric", metric, SERIES_METRICS)
+    window_ms = 60_000 if query.table_for(start_ms, end_ms) == "resource_minute" else 3_600_000
+    bucket_ms = bucket_ms_for(start_ms, end_ms, max_points, window_ms)
+    rows = query.rows(start_ms, end_ms, [container])
+    if rows is None:
+        return bucket_ms, []
+    bucket = (pl.col("ts").dt.epoch("ms") - start_ms) // bucket_ms * bucket_ms + start_ms
+    out = (
+        rows.filter(pl.col("interval_ms") > 0)
+        .group_by(bucket.alias("bucket"))
+        .agg(_bucket_value(metric).alias("value"))
+        .sort("bucket")
+        .collect()
+    )
+    return bucket_ms, [(int(b), v) for b, v in out.iter_rows()]
