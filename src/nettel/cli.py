@@ -742,8 +742,9 @@ def check_data_dir(data_dir: str) -> Check:
     return ("data dir", True, f"{Path(data_dir).resolve()} writable", "")
 
 
-async def cmd_stream(settings: Settings) -> int:
-    """Run the stream worker alone against ``KAFKA_BOOTSTRAP_SERVERS``."""
+async def _consume_alone(settings: Settings,
+                         make: Callable[[Settings, str], Any]) -> int:  # fmt: skip
+    """Run the consumer ``make`` builds alone against ``KAFKA_BOOTSTRAP_SERVERS``."""
     from nettel.broker import ensure_topics
 
     if settings.kafka_bootstrap_servers is None:
@@ -751,21 +752,18 @@ async def cmd_stream(settings: Settings) -> int:
     stop = asyncio.Event()
     _install_signal_handlers(stop)
     await ensure_topics(settings.kafka_bootstrap_servers, topic_partitions(settings))
-    await make_stream(settings, settings.kafka_bootstrap_servers).run(stop)
+    await make(settings, settings.kafka_bootstrap_servers).run(stop)
     return 0
+
+
+async def cmd_stream(settings: Settings) -> int:
+    """Run the stream worker alone against ``KAFKA_BOOTSTRAP_SERVERS``."""
+    return await _consume_alone(settings, make_stream)
 
 
 async def cmd_resources(settings: Settings) -> int:
     """Run the resource stream worker alone against ``KAFKA_BOOTSTRAP_SERVERS``."""
-    from nettel.broker import ensure_topics
-
-    if settings.kafka_bootstrap_servers is None:
-        raise ConfigError("KAFKA_BOOTSTRAP_SERVERS", None, "host:port of a running broker")
-    stop = asyncio.Event()
-    _install_signal_handlers(stop)
-    await ensure_topics(settings.kafka_bootstrap_servers, topic_partitions(settings))
-    await make_resource_stream(settings, settings.kafka_bootstrap_servers).run(stop)
-    return 0
+    return await _consume_alone(settings, make_resource_stream)
 
 
 async def cmd_detect(settings: Settings) -> int:
