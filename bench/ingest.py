@@ -9,6 +9,11 @@ sample); busy ones in namespaces with their own small TCP hash table
 (``net.ipv4.tcp_child_ehash_entries``, set for the run and restored).
 
     python bench/ingest.py [--containers 10,50,100] [--ticks 30] [--interval 1]
+                           [--settings idle,busy,ehash] [--resources on,off]
+
+Resources (each container's cgroup files, read in the same job as its network counters
+and published on ``nettel.resources``) are on as in ``nettel up``; ``--resources on,off``
+measures both to give their cost.
 
 Needs root, Podman's API socket (DOCKER_HOST) and the local test image
 (scripts/setup-engine.sh). Writes bench/results/ingest.json.
@@ -32,7 +37,7 @@ from nettel.broker import EmbeddedBroker, ensure_topics, free_loopback_port
 from nettel.ingest.publisher import EventPublisher
 from nettel.ingest.sampler import Sampler
 from nettel.ingest.sources import EngineSource
-from nettel.models import encode_stat_event
+from nettel.models import encode_resource_event, encode_stat_event
 
 sys.path.insert(0, os.path.dirname(__file__))
 from common import write_result
@@ -71,39 +76,67 @@ def remove_containers() -> None:
     )  # fmt: skip
 
 
-async def measure(url: str, n: int, ticks: int, interval_s: float) -> dict[str, Any]:
+def cgroup_read_cost(source: EngineSource, passes: int = 20) -> float | None:
+    """CPU ms (this thread) of one read of a container's cgroup files, over every unit
+    ``passes`` times: what resources add to a container-sample, apart from the noise
+    of the whole process."""
+    reader = source.cgroups
+    units = [u for u in source.units() if u.pid is not None]
+    if reader is None or not units:
+        return None
+    t0 = time.thread_time()
+    for _ in range(passes):
+        for u in units:
+            reader.read(u.container_id, u.pid or 0)
+    return round((time.thread_time() - t0) * 1000 / (passes * len(units)), 4)
+
+
+async def measure(url: str, n: int, ticks: int, interval_s: float,
+                  resources: bool = True) -> dict[str, Any]:  # fmt: skip
     broker = EmbeddedBroker(free_loopback_port())
     await broker.start()
-    await ensure_topics(broker.bootstrap_servers, {"nettel.stats": 12})
+    await ensure_topics(broker.bootstrap_servers, {"nettel.stats": 12, "nettel.resources": 12})
     publisher = EventPublisher(broker.bootstrap_servers, "nettel.stats")
-    source = EngineSource(url)
+    resource_publisher = EventPublisher(broker.bootstrap_servers, "nettel.resources")
+    source = EngineSource(url, resources=resources)
     sent_events = 0
+    resource_events = 0
 
     def emit(ev: Any) -> None:
         nonlocal sent_events
         sent_events += 1
         publisher.publish(ev.identity.encode(), encode_stat_event(ev))
 
-    sampler = Sampler(source, emit, host="bench", interval_s=interval_s)
+    def emit_resources(ev: Any) -> None:
+        nonlocal resource_events
+        resource_events += 1
+        resource_publisher.publish(ev.identity.encode(), encode_resource_event(ev))
+
+    sampler = Sampler(source, emit, host="bench", interval_s=interval_s,
+                      emit_resources=emit_resources if resources else None)  # fmt: skip
     await publisher.start()
+    await resource_publisher.start()
     try:
         for _ in range(3):  # warm up: inventory, baselines, producer connection
             await sampler.tick()
             await asyncio.sleep(interval_s)
         units = len([u for u in source.units() if u.name.startswith("bench-ingest-")])
-        c0, w0, e0 = cpu_s(), time.monotonic(), sent_events
+        c0, w0, e0, r0 = cpu_s(), time.monotonic(), sent_events, resource_events
         tick_walls = []
         for _ in range(ticks):
             t = time.monotonic()
             await sampler.tick()
             tick_walls.append(time.monotonic() - t)
             await asyncio.sleep(max(0.0, interval_s - (time.monotonic() - t)))
-        while publisher.buffered:  # noqa: ASYNC110 - a bench polls
+        while publisher.buffered or resource_publisher.buffered:  # noqa: ASYNC110 - a bench polls
             await asyncio.sleep(0.05)
         cpu, wall, samples = cpu_s() - c0, time.monotonic() - w0, sent_events - e0
+        resource_samples = resource_events - r0
+        cgroup_read_ms = cgroup_read_cost(source) if resources else None
     finally:
         sampler.close()
         await publisher.stop()
+        await resource_publisher.stop()
         source.close()
         await broker.stop()
     tick_walls.sort()
@@ -112,6 +145,9 @@ async def measure(url: str, n: int, ticks: int, interval_s: float) -> dict[str, 
         "units_sampled": units,
         "ticks": ticks,
         "container_samples": samples,
+        "resources": resources,
+        "resource_samples": resource_samples,
+        "cgroup_read_cpu_ms_per_container": cgroup_read_ms,
         "cpu_s": round(cpu, 3),
         "cpu_ms_per_container_sample": round(cpu * 1000 / max(samples, 1), 4),
         "cpu_percent_of_one_core": round(100 * cpu / wall, 2),
@@ -129,11 +165,18 @@ def main() -> None:
     ap.add_argument("--containers", default="10,50,100")
     ap.add_argument("--ticks", type=int, default=30)
     ap.add_argument("--interval", type=float, default=1.0)
+    ap.add_argument("--settings", default="idle,busy,ehash", help="which of idle,busy,ehash")
+    ap.add_argument("--resources", default="on", help="on, off or on,off")
+    ap.add_argument("--result", default="ingest", help="name of the bench/results file")
     args = ap.parse_args()
+    chosen = set(args.settings.split(","))
+    with_resources = [r == "on" for r in args.resources.split(",")]
     url = os.environ.get("DOCKER_HOST", "unix:///run/podman/podman.sock")
     client = docker.DockerClient(base_url=url, timeout=120)
     runs = []
-    settings = [("idle", False, None), ("busy", True, None), ("busy, child ehash 1024", True, 1024)]
+    settings = [s for key, s in (("idle", ("idle", False, None)), ("busy", ("busy", True, None)),
+                                 ("ehash", ("busy, child ehash 1024", True, 1024)))
+                if key in chosen]  # fmt: skip
     with open(CHILD_EHASH, encoding="ascii") as f:
         child_ehash = f.read().strip()
     try:
@@ -143,16 +186,18 @@ def main() -> None:
             for n in [int(x) for x in args.containers.split(",")]:
                 remove_containers()
                 start_containers(client, n, busy)
-                result = {"setting": label}
-                result.update(asyncio.run(measure(url, n, args.ticks, args.interval)))
-                print(result, flush=True)
-                runs.append(result)
+                for resources in with_resources:
+                    result: dict[str, Any] = {"setting": label}
+                    result.update(asyncio.run(measure(url, n, args.ticks, args.interval,
+                                                      resources)))  # fmt: skip
+                    print(result, flush=True)
+                    runs.append(result)
     finally:
         remove_containers()
         with open(CHILD_EHASH, "w", encoding="ascii") as f:
             f.write(child_ehash)
     write_result(
-        "ingest",
+        args.result,
         {
             "runs": runs,
             "target_cpu_ms_per_container_sample": 0.5,

@@ -216,8 +216,16 @@ def test_up_fills_the_tables_from_real_traffic_exactly(engine: Engine, tmp_path:
         "reports_table",
         "bands",
         "detect_state",
+        "resource_minute",
+        "resource_hour",
+        "resource_day",
     }  # every table nettel writes
     # stopped: the open windows were sealed, so samples and minute hold every event
     samples = pl.scan_delta(str(data / "samples")).collect()
     assert samples.height >= len(events)
     assert windows_of(samples) == minute_windows(data)
+    # the resources role: the same containers' cgroup readings, in their own table
+    resources = pl.scan_delta(str(data / "resource_minute")).collect()
+    mine = resources.filter(pl.col("container") == client.name)
+    assert mine["samples"].sum() > 0
+    assert mine["cpu_usage_us"].sum() > 0

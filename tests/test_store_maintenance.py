@@ -94,7 +94,8 @@ def test_the_command_maintains_every_table_and_logs_each(tmp_path: Path) -> None
     done = [json.loads(x) for x in out.stderr.splitlines() if '"store_maintained"' in x]
     assert [r["table"] for r in done] == [  # every table nettel writes (maintenance_plan)
         "samples", "minute", "hour", "day", "alerts", "alert_feedback", "reports_table",
-        "bands", "detect_state", "directory",
+        "bands", "detect_state", "resource_minute", "resource_hour", "resource_day",
+        "directory",
     ]  # fmt: skip
     assert out.stdout == ""
     dates = sorted(p["date"] for p in DeltaTable(minute.uri).partitions())

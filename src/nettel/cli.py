@@ -43,6 +43,7 @@ if TYPE_CHECKING:
     from nettel.report import Prices
     from nettel.store.maintenance import MaintenanceReport
     from nettel.stream.detector import DetectWorker
+    from nettel.stream.resources import ResourceStreamWorker
     from nettel.stream.worker import StreamWorker
 
 
@@ -116,6 +117,7 @@ def open_source(settings: Settings) -> Source:
                 url,
                 proc_root=settings.proc_root,
                 inventory_interval_s=settings.inventory_interval_s,
+                resources=True,
             )
         except EngineUnavailableError as e:
             errors.append(str(e))
@@ -138,8 +140,10 @@ def open_source(settings: Settings) -> Source:
 def topic_partitions(settings: Settings) -> dict[str, int]:
     """nettel's topics and their partition counts."""
     return dict.fromkeys(
-        (settings.topic_stats, settings.topic_alerts, settings.topic_dlq), settings.partitions
-    )
+        (settings.topic_stats, settings.topic_alerts, settings.topic_dlq,
+         settings.topic_resources),
+        settings.partitions,
+    )  # fmt: skip
 
 
 def make_ingest(settings: Settings, bootstrap: str, source: Source) -> IngestService:
@@ -159,9 +163,13 @@ def make_ingest(settings: Settings, bootstrap: str, source: Source) -> IngestSer
         on_connect=on_connect,
     )  # fmt: skip
     samples = SamplesTable(table_uri(settings, "samples"))
+    resources = EventPublisher(
+        bootstrap, settings.topic_resources, max_buffer=settings.buffer_max_events,
+        on_connect=on_connect,
+    )  # fmt: skip
     return IngestService(
         source, publisher, host=settings.host_name, interval_s=settings.sample_interval_s,
-        durable_readings=samples.latest_readings,
+        durable_readings=samples.latest_readings, resource_publisher=resources,
     )  # fmt: skip
 
 
@@ -345,6 +353,27 @@ def make_stream(
     )  # fmt: skip
 
 
+def make_resource_stream(settings: Settings, bootstrap: str, *, epoch: int = 0,
+                         embedded: bool = False) -> ResourceStreamWorker:  # fmt: skip
+    """The resource stream worker: ``nettel.resources`` into ``resource_minute``, rolled
+    into ``resource_hour`` and ``resource_day`` (the network stream's windows and rules)."""
+    from nettel.store.resources import RESOURCE_ROLLUP, ResourceMinuteTable
+    from nettel.store.rollup import DAY_MS, HOUR_MS, RollupTable
+    from nettel.stream.resources import ResourceStreamWorker
+
+    minute = ResourceMinuteTable(table_uri(settings, "resource_minute"))
+    hour = RollupTable(table_uri(settings, "resource_hour"), minute, HOUR_MS,
+                       spec=RESOURCE_ROLLUP)  # fmt: skip
+    day = RollupTable(table_uri(settings, "resource_day"), hour, DAY_MS, spec=RESOURCE_ROLLUP)
+    return ResourceStreamWorker(
+        bootstrap, minute, topic=settings.topic_resources, dlq_topic=settings.topic_dlq,
+        grace_ms=round(settings.window_grace_s * 1000),
+        flush_interval_s=settings.flush_interval_s, rollups=[hour, day],
+        rollup_interval_s=settings.rollup_interval_s, epoch=epoch, seal_on_stop=embedded,
+        fresh_log=embedded,
+    )  # fmt: skip
+
+
 def maintenance_plan(settings: Settings) -> list[tuple[str, int]]:
     """(table, retention days; 0: forever) for every table nettel writes (how each is
     kept bounded: :data:`~nettel.store.maintenance.TABLE_RULES`)."""
@@ -360,6 +389,9 @@ def maintenance_plan(settings: Settings) -> list[tuple[str, int]]:
             ("reports_table", settings.retention_reports_days),
             ("bands", BANDS_RETENTION_DAYS),
             ("detect_state", 0),
+            ("resource_minute", settings.retention_minute_days),
+            ("resource_hour", settings.retention_hour_days),
+            ("resource_day", settings.retention_day_days),
             ("directory", DIRECTORY_RETENTION_DAYS)]  # fmt: skip
 
 
@@ -420,14 +452,18 @@ async def up_roles(settings: Settings, bootstrap: str, broker: EmbeddedBroker | 
                          embedded=broker is not None)  # fmt: skip
 
     detect = make_detect(settings, bootstrap, epoch=0 if broker is None else broker.epoch)
+    resources = make_resource_stream(settings, bootstrap,
+                                     epoch=0 if broker is None else broker.epoch,
+                                     embedded=broker is not None)  # fmt: skip
     server = mcp_server(settings)
+    more_servers = more_mcp_servers(settings)
     mcp_options = mcp_http_options(settings)
 
     async def maintain(stop: asyncio.Event) -> None:
         await maintain_on_schedule(settings, stop)
 
     async def serve_mcp(stop: asyncio.Event) -> None:
-        await serve_http(server, mcp_options, stop)
+        await serve_http(server, mcp_options, stop, more=more_servers)
 
     async def reports(stop: asyncio.Event) -> None:
         from nettel.report import report_on_schedule
@@ -446,6 +482,15 @@ async def up_roles(settings: Settings, bootstrap: str, broker: EmbeddedBroker | 
         ),
         Role("stream", stream.run, stage=1, drained=stream.drained, on_rotated=stream.rotated),
         Role("detect", detect.run, stage=1, drained=detect.drained, on_rotated=detect.rotated),
+        # the resource events' publisher is ingest's; given here so a rotation pauses it too
+        Role(
+            "resources",
+            resources.run,
+            stage=1,
+            drained=resources.drained,
+            on_rotated=resources.rotated,
+            producer=ingest.resource_publisher,
+        ),
         Role("maintenance", maintain, stage=2),
         Role("mcp", serve_mcp, stage=2),
         Role("reports", reports, stage=2),
@@ -700,8 +745,9 @@ def check_data_dir(data_dir: str) -> Check:
     return ("data dir", True, f"{Path(data_dir).resolve()} writable", "")
 
 
-async def cmd_stream(settings: Settings) -> int:
-    """Run the stream worker alone against ``KAFKA_BOOTSTRAP_SERVERS``."""
+async def _consume_alone(settings: Settings,
+                         make: Callable[[Settings, str], Any]) -> int:  # fmt: skip
+    """Run the consumer ``make`` builds alone against ``KAFKA_BOOTSTRAP_SERVERS``."""
     from nettel.broker import ensure_topics
 
     if settings.kafka_bootstrap_servers is None:
@@ -709,8 +755,18 @@ async def cmd_stream(settings: Settings) -> int:
     stop = asyncio.Event()
     _install_signal_handlers(stop)
     await ensure_topics(settings.kafka_bootstrap_servers, topic_partitions(settings))
-    await make_stream(settings, settings.kafka_bootstrap_servers).run(stop)
+    await make(settings, settings.kafka_bootstrap_servers).run(stop)
     return 0
+
+
+async def cmd_stream(settings: Settings) -> int:
+    """Run the stream worker alone against ``KAFKA_BOOTSTRAP_SERVERS``."""
+    return await _consume_alone(settings, make_stream)
+
+
+async def cmd_resources(settings: Settings) -> int:
+    """Run the resource stream worker alone against ``KAFKA_BOOTSTRAP_SERVERS``."""
+    return await _consume_alone(settings, make_resource_stream)
 
 
 async def cmd_detect(settings: Settings) -> int:
@@ -754,13 +810,27 @@ async def cmd_report(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
-def mcp_server(settings: Settings) -> MCPServer[Any]:
-    """The MCP server over the data dir's tables."""
+MCP_SERVERS = ("network-telemetry", "resource-monitor")
+
+
+def mcp_server(settings: Settings, name: str = "network-telemetry") -> MCPServer[Any]:
+    """The MCP server ``name`` (one of :data:`MCP_SERVERS`) over the data dir's tables."""
+    if name == "resource-monitor":
+        from nettel.mcp.resources import ResourceTools, build_resource_server
+
+        return build_resource_server(ResourceTools.for_data_dir(settings.data_dir))
     from nettel.mcp.server import build_server
     from nettel.mcp.tools import TelemetryTools
 
     return build_server(TelemetryTools.for_data_dir(
         settings.data_dir, partitions=settings.partitions, topic=settings.topic_stats))  # fmt: skip
+
+
+def more_mcp_servers(settings: Settings) -> dict[str, MCPServer[Any]]:
+    """The servers served beside ``network-telemetry`` over HTTP, by path."""
+    from nettel.mcp.resources import HTTP_PATH
+
+    return {HTTP_PATH: mcp_server(settings, "resource-monitor")}
 
 
 def mcp_http_options(settings: Settings) -> HttpOptions:
@@ -781,18 +851,21 @@ def _listed(text: str) -> tuple[str, ...]:
     return tuple(x.strip().rstrip("/") for x in text.split(",") if x.strip())
 
 
-async def cmd_mcp(settings: Settings, http: bool) -> int:
+async def cmd_mcp(settings: Settings, http: bool, name: str = "network-telemetry") -> int:
     """Serve the MCP tools over stdio (default) or streamable HTTP."""
     from nettel.mcp.server import serve_http, serve_stdio
 
-    server = mcp_server(settings)
+    server = mcp_server(settings, name)
     if not http:
         await serve_stdio(server)
         return 0
     options = mcp_http_options(settings)
     stop = asyncio.Event()
     _install_signal_handlers(stop)
-    await serve_http(server, options, stop)
+    if name != "network-telemetry":  # only that one, at /mcp
+        await serve_http(server, options, stop)
+    else:
+        await serve_http(server, options, stop, more=more_mcp_servers(settings))
     return 0
 
 
@@ -1073,6 +1146,11 @@ def build_parser() -> argparse.ArgumentParser:
         parents=[common],
         help="run the stream worker (samples, minute windows, rollups) against a broker",
     )
+    sub.add_parser(
+        "resources",
+        parents=[common],
+        help="run the resource stream worker (resource_minute, rollups) against a broker",
+    )
     store = sub.add_parser("store", help="operate on the data dir's tables")
     store_sub = store.add_subparsers(dest="store_command", required=True, metavar="ACTION")
     store_sub.add_parser("maintain", parents=[common],
@@ -1115,6 +1193,10 @@ def build_parser() -> argparse.ArgumentParser:
         "mcp", parents=[common],
         help="serve the MCP tools (network-telemetry) over stdio, or HTTP with --http",
     )  # fmt: skip
+    mcp.add_argument("--server", dest="mcp_server_name", choices=MCP_SERVERS,
+                     default="network-telemetry",
+                     help="which server over stdio (HTTP serves every one, each at its "
+                     "path: /mcp, /resource-monitor/mcp)")  # fmt: skip
     mcp.add_argument("--http", action="store_true",
                      help="streamable HTTP on NETTEL_MCP_HOST:NETTEL_MCP_PORT/mcp")  # fmt: skip
     mcp.add_argument("--host", dest="mcp_host", help="HTTP bind address (env NETTEL_MCP_HOST)")
@@ -1127,7 +1209,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 COMMANDS = {"up": cmd_up, "ingest": cmd_ingest, "stream": cmd_stream, "detect": cmd_detect,
-            "doctor": cmd_doctor}  # fmt: skip
+            "doctor": cmd_doctor, "resources": cmd_resources}  # fmt: skip
 REPORT_ARGS = ("report_date", "report_format", "report_out", "report_tz")
 SIM_ARGS = (
     "containers",
@@ -1145,8 +1227,8 @@ SIM_ARGS = (
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``nettel`` command."""
     args = build_parser().parse_args(argv)
-    skip = {"command", "store_command", "http", "rules_command", "rules_path", *SIM_ARGS,
-            *REPORT_ARGS}  # fmt: skip
+    skip = {"command", "store_command", "http", "mcp_server_name", "rules_command",
+            "rules_path", *SIM_ARGS, *REPORT_ARGS}  # fmt: skip
     overrides = {k: v for k, v in vars(args).items() if k not in skip}
     try:
         settings = Settings.from_env(**overrides)
@@ -1170,7 +1252,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "rules":
             return cmd_rules_check(args.rules_path)
         if args.command == "mcp":
-            return asyncio.run(cmd_mcp(settings, args.http))
+            return asyncio.run(cmd_mcp(settings, args.http, args.mcp_server_name))
         if args.command == "store":
             return asyncio.run(cmd_store_maintain(settings))
         return asyncio.run(COMMANDS[args.command](settings))

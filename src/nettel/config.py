@@ -80,6 +80,10 @@ class Settings:
     topic_stats: str = _field("nettel.stats", "NETTEL_TOPIC_STATS", "topic of sample events")
     topic_alerts: str = _field("nettel.alerts", "NETTEL_TOPIC_ALERTS", "topic of alerts")
     topic_dlq: str = _field("nettel.stats.dlq", "NETTEL_TOPIC_DLQ", "dead-letter topic")
+    topic_resources: str = _field(
+        "nettel.resources", "NETTEL_TOPIC_RESOURCES",
+        "topic of resource events (CPU, memory, block I/O, pids per container)",
+    )  # fmt: skip
     broker_port: int = _field(9092, "NETTEL_BROKER_PORT", "loopback port of the embedded broker")
     broker_max_rss_mb: int = _field(
         512,
@@ -174,7 +178,7 @@ class Settings:
         for name, number in _NUMBERS.items():
             value = getattr(self, name)
             _check(number.admits(value), name, value, number.allowed)
-        for name in ("topic_stats", "topic_alerts", "topic_dlq"):
+        for name in ("topic_stats", "topic_alerts", "topic_dlq", "topic_resources"):
             value = getattr(self, name)
             _check(
                 bool(value) and all(c.isalnum() or c in "._-" for c in value),

@@ -496,3 +496,194 @@ class ReplayPoint:
     event_time_ms: int
     next_offset: int
     written_through_ms: int
+
+
+# -- resources (the resource-monitor server): their own event on their own topic --------
+
+RESOURCE_SCHEMA_VERSION: Final = 1
+
+#: Cumulative cgroup counters a resource event carries as deltas, in table order.
+RESOURCE_COUNTERS: Final = (
+    "cpu_usage_us", "cpu_user_us", "cpu_system_us", "cpu_periods", "cpu_throttled_periods",
+    "cpu_throttled_us", "io_read_bytes", "io_write_bytes", "io_reads", "io_writes",
+    "oom_events", "oom_kills",
+)  # fmt: skip
+
+#: Gauges a resource event carries as read (0 for a limit: none set).
+RESOURCE_GAUGES: Final = (
+    "memory_bytes", "memory_limit_bytes", "memory_anon_bytes", "memory_file_bytes",
+    "memory_kernel_bytes", "pids", "pids_limit",
+)  # fmt: skip
+
+_Count = Annotated[int, msgspec.Meta(ge=0)]
+
+
+class ResourceEvent(msgspec.Struct, frozen=True, kw_only=True):
+    """One sample of one container's CPU, memory, block I/O and processes.
+
+    Counters (:data:`RESOURCE_COUNTERS`) are deltas over ``interval_ms`` ending at
+    ``ts_ms``, with the network counters' reset rule (``counter_reset``: they went down or
+    the container's main process changed, so they count from the reset); gauges
+    (:data:`RESOURCE_GAUGES`) are the values at ``ts_ms``. ``source`` says where they
+    were read: ``cgroup-v1``, ``cgroup-v2`` or ``engine-stats`` (the engine's one-shot
+    stats call, where the cgroup files cannot be read). It travels as JSON on its own
+    topic (``nettel.resources``), keyed by identity like :class:`StatEvent`.
+
+    Examples
+    --------
+    >>> ev = ResourceEvent(ts_ms=5000, host="h", container_id="c", identity="web",
+    ...                    name="web", interval_ms=5000, cpu_usage_us=250_000,
+    ...                    memory_bytes=1 << 20, source="cgroup-v2")
+    >>> decode_resource_event(encode_resource_event(ev)) == ev, ev.cpu_percent()
+    (True, 5.0)
+    """
+
+    ts_ms: Annotated[int, msgspec.Meta(ge=0)]
+    host: str
+    container_id: str
+    identity: Annotated[str, msgspec.Meta(min_length=1, max_length=512)]
+    name: str
+    image: str = ""
+    compose_project: str = ""
+    compose_service: str = ""
+    interval_ms: Annotated[int, msgspec.Meta(ge=0, le=2 * 86_400_000)]
+    source: str = "cgroup-v2"
+    counter_reset: bool = False
+    schema_version: int = RESOURCE_SCHEMA_VERSION
+    cpu_usage_us: _Count = 0
+    cpu_user_us: _Count = 0
+    cpu_system_us: _Count = 0
+    cpu_periods: _Count = 0
+    cpu_throttled_periods: _Count = 0
+    cpu_throttled_us: _Count = 0
+    io_read_bytes: _Count = 0
+    io_write_bytes: _Count = 0
+    io_reads: _Count = 0
+    io_writes: _Count = 0
+    oom_events: _Count = 0
+    oom_kills: _Count = 0
+    memory_bytes: _Count = 0
+    memory_limit_bytes: _Count = 0
+    memory_anon_bytes: _Count = 0
+    memory_file_bytes: _Count = 0
+    memory_kernel_bytes: _Count = 0
+    pids: _Count = 0
+    pids_limit: _Count = 0
+
+    def cpu_percent(self) -> float:
+        """CPU used over the interval, in percent of one core."""
+        return 100 * self.cpu_usage_us / (self.interval_ms * 1000) if self.interval_ms else 0.0
+
+
+_resource_encoder = msgspec.json.Encoder()
+_resource_decoder = msgspec.json.Decoder(ResourceEvent)
+
+
+def encode_resource_event(event: ResourceEvent) -> bytes:
+    """JSON bytes of ``event`` (what travels on the resources topic)."""
+    return _resource_encoder.encode(event)
+
+
+def decode_resource_event(data: bytes) -> ResourceEvent:
+    """A validated event from JSON bytes; raises ``msgspec.ValidationError``/``DecodeError``."""
+    return _resource_decoder.decode(data)
+
+
+#: Gauges whose windows keep last, max, min and sum (the mean is sum / samples).
+RESOURCE_GAUGE_STATS: Final = ("memory_bytes", "pids")
+#: Gauges whose windows keep last and max.
+RESOURCE_GAUGE_PEAKS: Final = ("memory_anon_bytes", "memory_file_bytes", "memory_kernel_bytes")
+#: Limits: windows keep the last one.
+RESOURCE_LIMITS: Final = ("memory_limit_bytes", "pids_limit")
+
+
+@dataclass(slots=True)
+class ResourceAggregate:
+    """One container's resources over one window, as the ``resource_minute`` table stores it.
+
+    Counters (:data:`RESOURCE_COUNTERS`): sums of deltas, and the peak CPU rate of a sample
+    (``cpu_peak_millicores``: thousandths of a core, an integer that stores compactly).
+    Gauges: last, max, min and sum over samples
+    (:data:`RESOURCE_GAUGE_STATS`), last and max (:data:`RESOURCE_GAUGE_PEAKS`), last
+    (:data:`RESOURCE_LIMITS`): all roll up exactly to hours and days.
+
+    Examples
+    --------
+    >>> ev = lambda ts, cpu, mem: ResourceEvent(ts_ms=ts, host="h", container_id="c",
+    ...     identity="web", name="web", interval_ms=5000, cpu_usage_us=cpu, memory_bytes=mem,
+    ...     memory_limit_bytes=1 << 30)
+    >>> w = ResourceAggregate.first(ev(65_000, 0, 0))
+    >>> w.add(ev(65_000, 500_000, 300)); w.add(ev(70_000, 2_500_000, 100))
+    >>> w.samples, w.sums["cpu_usage_us"], w.cpu_peak_millicores, w.cpu_percent()
+    (2, 3000000, 500, 30.0)
+    >>> w.gauge_last["memory_bytes"], w.gauge_max["memory_bytes"], w.gauge_sum["memory_bytes"]
+    (100, 300, 400)
+    """
+
+    identity: str
+    window_start_ms: int
+    window_ms: int
+    host: str
+    container_id: str
+    name: str
+    image: str
+    compose_project: str
+    compose_service: str
+    samples: int = 0
+    interval_ms: int = 0
+    resets: int = 0
+    source: str = ""
+    sums: dict[str, int] = field(default_factory=lambda: dict.fromkeys(RESOURCE_COUNTERS, 0))
+    cpu_peak_millicores: int | None = None
+    gauge_last: dict[str, int] = field(default_factory=dict)
+    gauge_max: dict[str, int] = field(default_factory=dict)
+    gauge_min: dict[str, int] = field(default_factory=dict)
+    gauge_sum: dict[str, int] = field(default_factory=dict)
+    partition: int = -1
+    _last_ts_ms: int = -1
+
+    @classmethod
+    def first(cls, ev: ResourceEvent, size_ms: int = WINDOW_MS) -> ResourceAggregate:
+        """An empty window for ``ev``'s container and time."""
+        return cls(
+            identity=ev.identity, window_start_ms=window_start(ev.ts_ms, size_ms),
+            window_ms=size_ms, host=ev.host, container_id=ev.container_id, name=ev.name,
+            image=ev.image, compose_project=ev.compose_project,
+            compose_service=ev.compose_service,
+        )  # fmt: skip
+
+    def add(self, ev: ResourceEvent) -> None:
+        """Fold one sample in."""
+        self.samples += 1
+        self.interval_ms += ev.interval_ms
+        self.resets += ev.counter_reset
+        sums = self.sums
+        for name in RESOURCE_COUNTERS:
+            sums[name] += getattr(ev, name)
+        if ev.interval_ms > 0:
+            peak = round(10 * ev.cpu_percent())
+            if self.cpu_peak_millicores is None or peak > self.cpu_peak_millicores:
+                self.cpu_peak_millicores = peak
+        newest = ev.ts_ms >= self._last_ts_ms
+        gmax, gmin, gsum, glast = self.gauge_max, self.gauge_min, self.gauge_sum, self.gauge_last
+        for name in RESOURCE_GAUGE_STATS:
+            v = getattr(ev, name)
+            gsum[name] = gsum.get(name, 0) + v
+            if name not in gmin or v < gmin[name]:
+                gmin[name] = v
+        for name in (*RESOURCE_GAUGE_STATS, *RESOURCE_GAUGE_PEAKS):
+            v = getattr(ev, name)
+            if name not in gmax or v > gmax[name]:
+                gmax[name] = v
+        if newest:
+            for name in (*RESOURCE_GAUGE_STATS, *RESOURCE_GAUGE_PEAKS, *RESOURCE_LIMITS):
+                glast[name] = getattr(ev, name)
+            self._last_ts_ms = ev.ts_ms
+            self.container_id, self.name, self.image = ev.container_id, ev.name, ev.image
+            self.source = ev.source
+
+    def cpu_percent(self) -> float:
+        """Mean CPU over the window's samples, in percent of one core."""
+        return (
+            100 * self.sums["cpu_usage_us"] / (self.interval_ms * 1000) if self.interval_ms else 0.0
+        )

@@ -19,9 +19,25 @@ True
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from nettel.ingest.procfs import COUNTER_NAMES, InterfaceCounters
+
+
+def counter_deltas(new: Sequence[int], old: Sequence[int]) -> list[int] | None:
+    """``new - old`` per counter, or None when any counter went down (a reset).
+
+    The one reset rule every cumulative counter nettel reads follows (network
+    interfaces here, cgroup CPU/IO counters in :mod:`nettel.ingest.cgroups`).
+
+    Examples
+    --------
+    >>> counter_deltas([5, 9], [2, 9]), counter_deltas([5, 1], [2, 9])
+    ([3, 0], None)
+    """
+    diffs = [a - b for a, b in zip(new, old, strict=True)]
+    return None if any(d < 0 for d in diffs) else diffs
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,8 +121,11 @@ class CounterTracker:
         if netns != last.netns:
             self._seeded.discard(key)
             return CounterDelta(counters, interval, reset=True)
-        diffs = [getattr(counters, n) - getattr(last.counters, n) for n in COUNTER_NAMES]
-        if any(d < 0 for d in diffs):
+        diffs = counter_deltas(
+            [getattr(counters, n) for n in COUNTER_NAMES],
+            [getattr(last.counters, n) for n in COUNTER_NAMES],
+        )
+        if diffs is None:
             self._seeded.discard(key)
             return CounterDelta(counters, interval, reset=True)
         catch_up = key in self._seeded

@@ -17,11 +17,20 @@ from collections.abc import Callable, Mapping
 import structlog
 
 from nettel.errors import SampleError
+from nettel.ingest.cgroups import ResourceDelta, ResourceTracker
 from nettel.ingest.counters import CounterDelta, CounterTracker
 from nettel.ingest.procfs import InterfaceCounters
 from nettel.ingest.sources import Reading, Source
 from nettel.ingest.units import Unit
-from nettel.models import COUNTERS, CounterReading, DurableReading, StatEvent
+from nettel.models import (
+    COUNTERS,
+    RESOURCE_COUNTERS,
+    RESOURCE_GAUGES,
+    CounterReading,
+    DurableReading,
+    ResourceEvent,
+    StatEvent,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -117,8 +126,35 @@ def build_event(
     )
 
 
+def build_resource_event(unit: Unit, ts_ms: int, delta: ResourceDelta, gauges: object,
+                         source: str, host: str) -> ResourceEvent:  # fmt: skip
+    """The resource event of one unit: ``delta``'s counters and the ``gauges`` read at ``ts_ms``.
+
+    Examples
+    --------
+    >>> from nettel.ingest.cgroups import ResourceCounters, ResourceGauges
+    >>> u = Unit(identity="shop/api", container_id="c1", name="api-1", pid=7)
+    >>> d = ResourceDelta(ResourceCounters(cpu_usage_us=500), interval_ms=5000, reset=False)
+    >>> ev = build_resource_event(u, 5000, d, ResourceGauges(memory_bytes=4096), "cgroup-v1", "h")
+    >>> ev.identity, ev.cpu_usage_us, ev.memory_bytes, ev.source
+    ('shop/api', 500, 4096, 'cgroup-v1')
+    """
+    values = {name: getattr(delta.counters, name) for name in RESOURCE_COUNTERS}
+    values.update((name, getattr(gauges, name)) for name in RESOURCE_GAUGES)
+    return ResourceEvent(
+        ts_ms=ts_ms, host=host, container_id=unit.container_id, identity=unit.identity,
+        name=unit.name, image=unit.image, compose_project=unit.compose_project,
+        compose_service=unit.compose_service, interval_ms=delta.interval_ms, source=source,
+        counter_reset=delta.reset, **values,
+    )  # fmt: skip
+
+
 class Sampler:
-    """Samples every unit of ``source`` each ``interval_s`` and hands events to ``emit``."""
+    """Samples every unit of ``source`` each ``interval_s`` and hands events to ``emit``.
+
+    ``emit_resources``: where the resource events go (one per unit per tick whose reading
+    carries a cgroup reading, from the same read); None: none are made.
+    """
 
     def __init__(
         self,
@@ -131,8 +167,12 @@ class Sampler:
         max_workers: int = 8,
         chunk_size: int = 32,
         boot_id: str | None = None,
+        emit_resources: Callable[[ResourceEvent], None] | None = None,
     ) -> None:
         self.source = source
+        self.emit_resources = emit_resources
+        self._resources = ResourceTracker()
+        self.resource_events = 0
         self.boot_id = (
             read_boot_id(getattr(source, "proc_root", "/proc")) if boot_id is None else boot_id
         )
@@ -217,6 +257,7 @@ class Sampler:
             fut.add_done_callback(functools.partial(self._done, [u.identity for u in job]))
             futures[fut] = job
         events: list[StatEvent] = []
+        resource_events: list[ResourceEvent] = []
         if futures:
             done, pending = await asyncio.wait(futures, timeout=deadline)
             for fut in pending:
@@ -236,10 +277,18 @@ class Sampler:
                         ev = self._event(unit, result)
                         if ev is not None:
                             events.append(ev)
+                        rev = self._resource_event(unit, result)
+                        if rev is not None:
+                            resource_events.append(rev)
         events.sort(key=lambda e: (e.identity, e.ts_ms))
         for ev in events:
             self.emit(ev)
         self.events += len(events)
+        if self.emit_resources is not None:
+            resource_events.sort(key=lambda e: (e.identity, e.ts_ms))
+            for rev in resource_events:
+                self.emit_resources(rev)
+            self.resource_events += len(resource_events)
         self.ticks += 1
         self._forget_stale()
         return events
@@ -302,6 +351,16 @@ class Sampler:
             log.info("counter_reset", container=unit.identity, container_id=unit.container_id[:12])
         return build_event(unit, reading, delta, self.host, self.boot_id)
 
+    def _resource_event(self, unit: Unit, reading: Reading) -> ResourceEvent | None:
+        res = reading.resources
+        if res is None or self.emit_resources is None:
+            return None
+        delta = self._resources.update(unit.identity, res, ts_ms=reading.ts_ms,
+                                       since_ms=unit.started_ms)  # fmt: skip
+        if delta is None:
+            return None
+        return build_resource_event(unit, reading.ts_ms, delta, res.gauges, res.source, self.host)
+
     def _forget_stale(self) -> None:
         if not self._last_seen_ms:
             return
@@ -309,6 +368,7 @@ class Sampler:
         for ident in [k for k, v in self._last_seen_ms.items() if v < cutoff]:
             del self._last_seen_ms[ident]
             self._tracker.forget(ident)
+            self._resources.forget(ident)
 
     def close(self) -> None:
         """Stop the reader threads (waits for none); safe to call twice."""

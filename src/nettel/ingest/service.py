@@ -11,7 +11,15 @@ import structlog
 from nettel.ingest.publisher import EventPublisher
 from nettel.ingest.sampler import MAX_CATCH_UP_MS, Sampler, counter_reading
 from nettel.ingest.sources import Source
-from nettel.models import COUNTERS, DurableReading, StatEvent, decode_stat_event, encode_stat_event
+from nettel.models import (
+    COUNTERS,
+    DurableReading,
+    ResourceEvent,
+    StatEvent,
+    decode_stat_event,
+    encode_resource_event,
+    encode_stat_event,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -75,6 +83,8 @@ class IngestService:
     ``durable_readings``: the newest sample of each container that reached the store.
     At start, each container counts from there (:meth:`Sampler.resume_from`); after the
     embedded broker died, :meth:`make_up_for_lost_log` counts what its log lost.
+    ``resource_publisher``: where the resource events of the same ticks go (their own
+    topic, so the network events and their consumers stay as they are); None: none.
     """
 
     def __init__(
@@ -85,16 +95,25 @@ class IngestService:
         host: str,
         interval_s: float,
         durable_readings: DurableReadings | None = None,
+        resource_publisher: EventPublisher | None = None,
     ) -> None:
         self.source = source
         self.publisher = publisher
+        self.resource_publisher = resource_publisher
         self.durable_readings = durable_readings
-        self.sampler = Sampler(source, self._emit, host=host, interval_s=interval_s)
+        self.sampler = Sampler(
+            source, self._emit, host=host, interval_s=interval_s,
+            emit_resources=None if resource_publisher is None else self._emit_resources,
+        )  # fmt: skip
         self._resumed = False
         self._closed = False
 
     def _emit(self, event: StatEvent) -> None:
         self.publisher.publish(event.identity.encode(), encode_stat_event(event))
+
+    def _emit_resources(self, event: ResourceEvent) -> None:
+        if self.resource_publisher is not None:
+            self.resource_publisher.publish(event.identity.encode(), encode_resource_event(event))
 
     async def _durable(self) -> Mapping[str, DurableReading]:
         if self.durable_readings is None:
@@ -118,6 +137,8 @@ class IngestService:
             self._resumed = True
             log.info("ingest_resuming", containers=len(durable))
         await self.publisher.start()
+        if self.resource_publisher is not None:
+            await self.resource_publisher.start()
         log.info(
             "ingest_started",
             source=self.source.name,
@@ -183,6 +204,8 @@ class IngestService:
         self._closed = True
         self.sampler.close()
         await self.publisher.stop()
+        if self.resource_publisher is not None:
+            await self.resource_publisher.stop()
         self.source.close()
         log.info(
             "ingest_stopped",

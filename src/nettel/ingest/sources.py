@@ -10,6 +10,7 @@ network namespace on the host is a unit.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import threading
 import time
@@ -23,6 +24,12 @@ import docker.errors
 import structlog
 
 from nettel.errors import EngineUnavailableError, SampleError
+from nettel.ingest.cgroups import (
+    CgroupReader,
+    ResourceReading,
+    engine_stats_reading,
+    read_unit_resources,
+)
 from nettel.ingest.procfs import InterfaceCounters, NetnsReader, select_interfaces
 from nettel.ingest.units import COMPOSE_PROJECT, COMPOSE_SERVICE, Unit, stable_identity
 from nettel.models import TcpStates
@@ -32,13 +39,15 @@ log = structlog.get_logger(__name__)
 
 @dataclass(frozen=True, slots=True)
 class Reading:
-    """One sample of a unit: cumulative counters, socket states, and when it was taken."""
+    """One sample of a unit: cumulative counters, socket states, and when it was taken;
+    ``resources``: its cgroup reading, where the source reads resources too."""
 
     ts_ms: int
     netns: int
     counters: InterfaceCounters
     tcp: TcpStates | None
     source: str
+    resources: ResourceReading | None = None
 
 
 class Source(Protocol):
@@ -112,10 +121,20 @@ class EngineSource:
         inventory_interval_s: float = 30.0,
         timeout_s: float = 10.0,
         client_factory: Callable[..., Any] = docker.DockerClient,
+        resources: bool = False,
+        cgroup_root: str = "/sys/fs/cgroup",
     ) -> None:
         self.base_url = base_url
         self.proc_root = proc_root
         self.netns = NetnsReader(proc_root)
+        #: read each container's cgroup too (:mod:`nettel.ingest.cgroups`), in the same
+        #: job as its network counters; None: resources are not sampled
+        self.cgroups = (
+            CgroupReader(proc_root=proc_root, cgroup_root=cgroup_root) if resources else None
+        )
+        #: containers whose cgroup files could not be read: their resources come from
+        #: the engine's stats call, in a job of their own
+        self._cgroup_unreadable: set[str] = set()
         self.inventory_interval_s = inventory_interval_s
         self._watch_start_ms = _now_ms()
         try:
@@ -165,6 +184,9 @@ class EngineSource:
             self._units = fresh
         for cid in set(known) - set(fresh):
             log.info("container_gone", container=known[cid].identity, container_id=cid[:12])
+            self._cgroup_unreadable.discard(cid)
+            if self.cgroups is not None:
+                self.cgroups.forget(cid)
         for cid in set(fresh) - set(known):
             log.info("container_found", container=fresh[cid].identity, container_id=cid[:12])
 
@@ -198,24 +220,47 @@ class EngineSource:
             started_ms=started_ms if started_ms and started_ms > self._watch_start_ms else None,
         )
 
-    def reads_fast(self, unit: Unit) -> bool:
+    def _procfs_readable(self, unit: Unit) -> bool:
         return unit.pid is not None and os.access(f"{self.proc_root}/{unit.pid}/net/dev", os.R_OK)
 
+    def reads_fast(self, unit: Unit) -> bool:
+        return self._procfs_readable(unit) and unit.container_id not in self._cgroup_unreadable
+
     def read(self, unit: Unit) -> Reading:
-        if self.reads_fast(unit):
+        if self._procfs_readable(unit):
             try:
-                return read_procfs_unit(unit, self.netns, source="engine+procfs")
+                reading = read_procfs_unit(unit, self.netns, source="engine+procfs")
             except SampleError:
                 self._dirty.set()
                 raise
+            if self.cgroups is None:
+                return reading
+            if unit.container_id not in self._cgroup_unreadable:
+                try:
+                    resources = read_unit_resources(self.cgroups, unit.container_id, unit.pid)
+                    return dataclasses.replace(reading, resources=resources)
+                except SampleError as e:
+                    self._cgroup_unreadable.add(unit.container_id)
+                    log.warning("cgroup_unreadable", container=unit.identity, error=str(e),
+                                fallback="engine stats")  # fmt: skip
+            stats = self._stats(unit)
+            return dataclasses.replace(
+                reading, resources=engine_stats_reading(stats, unit.pid or 0)
+            )
         return self._read_stats(unit)
 
-    def _read_stats(self, unit: Unit) -> Reading:
+    def _stats(self, unit: Unit) -> dict[str, Any]:
         try:
-            stats = self._client.api.stats(unit.container_id, stream=False, one_shot=True)
+            stats: dict[str, Any] = self._client.api.stats(
+                unit.container_id, stream=False, one_shot=True
+            )
         except Exception as e:
             self._dirty.set()
             raise SampleError(f"{unit.identity}: engine stats failed: {e}") from e
+        return stats
+
+    def _read_stats(self, unit: Unit) -> Reading:
+        stats = self._stats(unit)
         nets: dict[str, dict[str, int]] = stats.get("networks") or {}
         counters = select_interfaces(
             {
@@ -234,7 +279,8 @@ class EngineSource:
             unit.exclude_interfaces,
         )
         # Without /proc there is no namespace inode: the PID stands for the incarnation.
-        return Reading(_now_ms(), unit.pid or 0, counters, None, "engine-stats")
+        resources = None if self.cgroups is None else engine_stats_reading(stats, unit.pid or 0)
+        return Reading(_now_ms(), unit.pid or 0, counters, None, "engine-stats", resources)
 
     def _follow_events(self) -> None:
         backoff = 0.5
@@ -263,6 +309,8 @@ class EngineSource:
         if self._closed.is_set():
             return
         self._closed.set()
+        if self.cgroups is not None:
+            self.cgroups.close()
         with contextlib.suppress(Exception):
             self._client.close()
 

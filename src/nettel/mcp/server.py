@@ -30,7 +30,7 @@ import ipaddress
 import json
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal, TypeVar
 
@@ -43,6 +43,7 @@ from mcp.server.transport_security import TransportSecuritySettings
 from mcp.types import CallToolResult, TextContent
 from mcp.types import Tool as MCPTool
 from pydantic import Field, ValidationError
+from starlette.applications import Starlette
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from nettel import metrics, version
@@ -686,25 +687,63 @@ async def _plain(send: Send, status: int, text: str,
     await _send(send, status, text.encode(), b"text/plain; charset=utf-8", extra)
 
 
-def http_app(server: MCPServer[Any], options: HttpOptions) -> ASGIApp:
-    """The streamable-HTTP ASGI app at ``/mcp``, behind the guard."""
+class _ByPath:
+    """Several servers' streamable-HTTP apps on one port, each at its own path: a request
+    goes to the app serving its path (else the first, which answers 404); the lifespan
+    runs every app's (each starts its own session manager)."""
+
+    def __init__(self, apps: Mapping[str, Starlette]) -> None:
+        self.apps = dict(apps)
+        self.default = next(iter(self.apps.values()))
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+            return
+        app = self.apps.get(str(scope.get("path", "")).rstrip("/"), self.default)
+        await app(scope, receive, send)
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        await receive()  # lifespan.startup
+        try:
+            async with contextlib.AsyncExitStack() as stack:
+                for app in self.apps.values():
+                    await stack.enter_async_context(app.router.lifespan_context(app))
+                await send({"type": "lifespan.startup.complete"})
+                await receive()  # lifespan.shutdown
+        except Exception as e:
+            await send({"type": "lifespan.startup.failed", "message": repr(e)[:300]})
+            raise
+        await send({"type": "lifespan.shutdown.complete"})
+
+
+def http_app(server: MCPServer[Any], options: HttpOptions,
+             more: Mapping[str, MCPServer[Any]] | None = None) -> ASGIApp:  # fmt: skip
+    """The streamable-HTTP ASGI app at ``/mcp`` (and each of ``more``'s servers at its
+    path), behind the guard."""
     options.check()
-    app = server.streamable_http_app(
-        streamable_http_path="/mcp",
-        max_request_body_size=options.max_body_bytes,
-        transport_security=options.security(),
-        host=options.host,
-    )
+    apps = {
+        path: srv.streamable_http_app(
+            streamable_http_path=path,
+            max_request_body_size=options.max_body_bytes,
+            transport_security=options.security(),
+            host=options.host,
+        )
+        for path, srv in {"/mcp": server, **(more or {})}.items()
+    }
+    app: ASGIApp = apps["/mcp"] if len(apps) == 1 else _ByPath(apps)
     return _Guard(app, options)
 
 
 async def serve_http(server: MCPServer[Any], options: HttpOptions,
-                     stop: asyncio.Event | None = None) -> None:  # fmt: skip
+                     stop: asyncio.Event | None = None,
+                     more: Mapping[str, MCPServer[Any]] | None = None) -> None:  # fmt: skip
     """Serve over streamable HTTP until ``stop`` is set (or cancelled); the caller owns
-    the signals (uvicorn's own handlers are left out)."""
+    the signals (uvicorn's own handlers are left out). ``more``: other servers of the
+    product, by HTTP path (e.g. ``/resource-monitor/mcp``)."""
     import uvicorn
 
-    app = http_app(server, options)
+    app = http_app(server, options, more)
     config = uvicorn.Config(app, host=options.host, port=options.port, log_level="warning",
                             lifespan="on", access_log=False)  # fmt: skip
     uv = uvicorn.Server(config)
@@ -720,7 +759,7 @@ async def serve_http(server: MCPServer[Any], options: HttpOptions,
                           f"{options.port} (port in use?)") from e  # fmt: skip
 
     serving = asyncio.create_task(serve())
-    warming = asyncio.create_task(_warm(server))
+    warming = asyncio.gather(*(_warm(srv) for srv in (server, *(more or {}).values())))
     try:
         if stop is None:
             await serving

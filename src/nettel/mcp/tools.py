@@ -401,6 +401,34 @@ def _provisional(fresh: Sequence[OpenTraffic]) -> Provisional | None:
     )  # fmt: skip
 
 
+def resolve_container(name: str, known: Sequence[Any], listing: str = "list_containers") -> str:
+    """The identity of the container ``name`` designates among ``known`` (records with
+    ``container``, ``name``, ``compose_service``, ``compose_project``, ``container_id``):
+    an identity, a name, a compose service or project, or an id prefix of 4+ characters.
+    ``listing``: the tool an error points to for the known names.
+
+    Examples
+    --------
+    >>> from types import SimpleNamespace as C
+    >>> known = [C(container="shop/api", name="api-1", compose_service="api",
+    ...            compose_project="shop", container_id="abcdef")]
+    >>> resolve_container("api-1", known), resolve_container("abcd", known)
+    ('shop/api', 'shop/api')
+    """
+    name = name.strip()
+    if not name:
+        raise ToolInputError(f"container is empty: name one (see {listing})")
+    found = _matches(name, known)
+    if found is not None:
+        return found
+    names = sorted({s.container for s in known} | {s.name for s in known if s.name})
+    close = difflib.get_close_matches(name, names, n=5, cutoff=0.3)
+    hint = f"closest known: {', '.join(close)}" if close else "no container is close"
+    if not names:
+        hint = "no container has data yet"
+    raise ToolInputError(f"unknown container {quoted(name)}: {hint} (see {listing})")
+
+
 @dataclass
 class StoreReaders:
     """What the tools read: the window tables, and the tables beside them (None: absent)."""
@@ -538,21 +566,10 @@ class TelemetryTools:
     def resolve(self, name: str) -> str:
         """The identity of the container ``name`` designates (see the module docstring)."""
         name = name.strip()
-        if not name:
-            raise ToolInputError("container is empty: name one (see list_containers)")
-        known = self._known()
-        found = _matches(name, known)
-        if found is None:  # a container newer than the directory this server holds?
-            known = self._known(fresh=True)
-            found = _matches(name, known)
-        if found is not None:
-            return found
-        names = sorted({s.container for s in known} | {s.name for s in known if s.name})
-        close = difflib.get_close_matches(name, names, n=5, cutoff=0.3)
-        hint = f"closest known: {', '.join(close)}" if close else "no container is close"
-        if not names:
-            hint = "no container has data yet"
-        raise ToolInputError(f"unknown container {quoted(name)}: {hint} (see list_containers)")
+        if name and _matches(name, self._known()) is None:
+            # a container newer than the directory this server holds?
+            return resolve_container(name, self._known(fresh=True))
+        return resolve_container(name, self._known())
 
     def network_stats(self, container: str | None, timeframe: Timeframe,
                       aggregation: Aggregation, limit: int = 10,
@@ -1116,7 +1133,7 @@ def hour_of_week(ts_ms: int) -> int:
     return (ts_ms // 3_600_000 + 72) % 168
 
 
-def _matches(name: str, known: Sequence[DirectoryEntry]) -> str | None:
+def _matches(name: str, known: Sequence[Any]) -> str | None:
     """The one identity ``name`` designates among ``known`` (None: none); raises when it
     designates several. Tried in order: identity, name/service/project, id prefix."""
     for match in (
@@ -1126,7 +1143,7 @@ def _matches(name: str, known: Sequence[DirectoryEntry]) -> str | None:
     ):
         found = sorted({s.container for s in known if match(s)})
         if len(found) == 1:
-            return found[0]
+            return str(found[0])
         if len(found) > 1:
             raise ToolInputError(
                 f"container {quoted(name)} matches several: {', '.join(found[:10])}; name one"

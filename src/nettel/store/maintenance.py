@@ -41,12 +41,20 @@ from nettel.store.bands import (
     state_writer_properties,
 )
 from nettel.store.directory import DIRECTORY_RETENTION_DAYS
-from nettel.store.minute import minute_schema, writer_properties
-from nettel.store.rollup import DAY_MS, HOUR_MS, rollup_frame
+from nettel.store.minute import writer_properties
+from nettel.store.resources import RESOURCE_ROLLUP
+from nettel.store.rollup import DAY_MS, HOUR_MS, NETWORK_ROLLUP, RollupSpec, rollup_frame
 
 #: Window tables whose partitions maintenance rewrites into one ordered file, and the
 #: period their partial rows are merged to (None: rows kept as they are).
-LAYOUT_TABLES: Mapping[str, int | None] = {"minute": None, "hour": HOUR_MS, "day": DAY_MS}
+LAYOUT_TABLES: Mapping[str, int | None] = {
+    "minute": None, "hour": HOUR_MS, "day": DAY_MS,
+    "resource_minute": None, "resource_hour": HOUR_MS, "resource_day": DAY_MS,
+}  # fmt: skip
+#: The columns of each window table and how its rows add up (the network tables' else).
+WINDOW_SPECS: Mapping[str, RollupSpec] = dict.fromkeys(
+    ("resource_minute", "resource_hour", "resource_day"), RESOURCE_ROLLUP
+)
 #: File-name prefix of a partition's rewritten file (one per partition after a rewrite).
 LAYOUT_PREFIX = "sorted-"
 #: Rows are ordered by (hour, container, ts): row groups of about this many rows then
@@ -58,6 +66,7 @@ DEFAULT_RETENTION_DAYS: Mapping[str, int | None] = {
     "samples": 2, "minute": 14, "hour": 400, "day": None, "alerts": 90, "alert_feedback": 90,
     "reports_table": 400, "bands": BANDS_RETENTION_DAYS, "detect_state": None,
     "directory": DIRECTORY_RETENTION_DAYS,
+    "resource_minute": 14, "resource_hour": 400, "resource_day": None,
 }  # fmt: skip
 
 #: Log settings of the data tables: a checkpoint every 100 commits, logs kept two days,
@@ -103,6 +112,9 @@ TABLE_RULES: Mapping[str, TableRule] = {
     "detect_state": TableRule("none", "", 1, STATE_TABLE_CONFIGURATION),
     # one row per container, merged: a container unseen for the retention goes
     "directory": TableRule("column", "last_seen", 1, STATE_TABLE_CONFIGURATION),
+    "resource_minute": TableRule("partition"),
+    "resource_hour": TableRule("partition"),
+    "resource_day": TableRule("partition"),
 }
 
 
@@ -181,7 +193,7 @@ def _writer_props(name: str) -> WriterProperties:
         return state_writer_properties()
     if name == "alerts":
         return writer_properties(alerts_schema())
-    return writer_properties(minute_schema())
+    return writer_properties(WINDOW_SPECS.get(name, NETWORK_ROLLUP).schema())
 
 
 def _ensure_properties(table: DeltaTable, wanted: Mapping[str, str]) -> None:
@@ -286,7 +298,9 @@ def rewrite_partitions(table: DeltaTable, path: str, name: str) -> int:
     files = pl.DataFrame(table.get_add_actions(flatten=True))
     if not files.height:
         return 0
-    props = writer_properties(minute_schema())
+    spec = WINDOW_SPECS.get(name, NETWORK_ROLLUP)
+    schema = spec.schema()
+    props = writer_properties(schema)
     props.max_row_group_size = ROW_GROUP_ROWS
     done = 0
     for (date,), group in files.group_by("partition.date", maintain_order=True):
@@ -299,10 +313,10 @@ def rewrite_partitions(table: DeltaTable, path: str, name: str) -> int:
         rows = (
             pl.scan_parquet([f"{path}/{unquote(p)}" for p in paths], hive_partitioning=True,
                             hive_schema={"date": pl.String()})
-            .select(list(minute_schema())).collect()
+            .select(list(schema)).collect()
         )  # fmt: skip
         if period_ms is not None:
-            rows = rollup_frame(rows, period_ms)
+            rows = rollup_frame(rows, period_ms, spec)
         hour = pl.col("ts").dt.truncate("1h")
         rows = rows.sort(hour, "container", "ts")
         staging = f"{path}/_nettel_rewrite_{uuid.uuid4().hex}"

@@ -142,11 +142,19 @@ class MinuteTable:
     def __init__(self, uri: str, *, storage_options: dict[str, str] | None = None) -> None:
         self.uri = uri
         self.storage_options = storage_options
-        self._schema = minute_schema()
+        self._schema = self.columns()
         self._props = writer_properties(self._schema)
         #: app transactions this object last committed: a flush with no rows and the
         #: same points is not committed again (an idle service makes no commits)
         self._committed: dict[str, int] = {}
+
+    def columns(self) -> dict[str, pl.DataType]:
+        """The table's columns, in order (a sibling window table gives its own)."""
+        return minute_schema()
+
+    def frame(self, rows: Sequence[Any]) -> pl.DataFrame:
+        """The frame of window ``rows`` (:class:`~nettel.models.WindowAggregate` here)."""
+        return rows_frame(rows)
 
     @staticmethod
     def app_id(writer: str, topic: str, partition: int, epoch: int, field: str) -> str:
@@ -159,7 +167,7 @@ class MinuteTable:
         """
         return f"{writer}/{topic}/{partition}/e{epoch}/{field}"
 
-    def append(self, rows: Sequence[WindowAggregate], points: Sequence[PartitionPoint], *,
+    def append(self, rows: Sequence[Any], points: Sequence[PartitionPoint], *,
                writer: str, epoch: int) -> None:  # fmt: skip
         """Append ``rows`` and record ``points`` in one commit (rows may be empty; with
         no rows and the points this table last committed, nothing is committed)."""
@@ -170,7 +178,7 @@ class MinuteTable:
         ]
         if not rows and all(self._committed.get(t.app_id) == t.version for t in txns):
             return
-        self.append_frame(rows_frame(rows), txns)
+        self.append_frame(self.frame(rows), txns)
         self._committed.update((t.app_id, t.version) for t in txns)
 
     def append_frame(self, frame: pl.DataFrame, txns: Sequence[Transaction], *,

@@ -11,6 +11,9 @@ min, maxes the max, ``connections_last`` the latest). Compaction may merge them.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import polars as pl
 from deltalake import DeltaTable, Transaction
 from deltalake.exceptions import TableNotFoundError
@@ -23,8 +26,34 @@ DAY_MS = 86_400_000
 IDENTITY = ("host", "container_id", "name", "image", "compose_project", "compose_service")
 
 
-def rollup_frame(frame: pl.DataFrame, period_ms: int) -> pl.DataFrame:
-    """Rows of ``frame`` (window-table schema) aggregated per container, partition, period.
+@dataclass(frozen=True)
+class RollupSpec:
+    """How a window table's rows add up: its schema and, per column, the aggregation
+    (``sums`` add, ``mins``/``maxes`` take the extreme, ``lasts`` the latest non-null).
+    Columns in none of them but ``ts``, ``window_ms``, ``date`` and the keys are nulls."""
+
+    schema: Callable[[], dict[str, pl.DataType]]
+    sums: tuple[str, ...]
+    mins: tuple[str, ...]
+    maxes: tuple[str, ...]
+    lasts: tuple[str, ...]
+
+
+#: The network window tables (``minute``, ``hour``, ``day``).
+NETWORK_ROLLUP = RollupSpec(
+    minute_schema,
+    sums=("samples", "interval_ms", "resets", *COUNTERS, "connections_sum",
+          "connections_samples"),
+    mins=(*(f"{c}_rate_min" for c in RATE_METRICS), "connections_min"),
+    maxes=(*(f"{c}_rate_max" for c in RATE_METRICS), "connections_max",
+           *(f"tcp_{s}_max" for s in TCP_STATES)),
+    lasts=("connections_last", *IDENTITY),
+)  # fmt: skip
+
+
+def rollup_frame(frame: pl.DataFrame, period_ms: int,
+                 spec: RollupSpec = NETWORK_ROLLUP) -> pl.DataFrame:  # fmt: skip
+    """Rows of ``frame`` (``spec``'s schema) aggregated per container, partition, period.
 
     Examples
     --------
@@ -41,22 +70,17 @@ def rollup_frame(frame: pl.DataFrame, period_ms: int) -> pl.DataFrame:
     >>> out.select("ts", "rx_bytes", "rx_bytes_rate_max", "connections_last").row(0)[1:]
     (6, 9.0, 7)
     """
-    schema = minute_schema()
-    sums = ["samples", "interval_ms", "resets", *COUNTERS, "connections_sum",
-            "connections_samples"]  # fmt: skip
+    schema = spec.schema()
     period = (pl.col("ts").dt.epoch("ms") // period_ms) * period_ms
     out = (
         frame.sort("ts")
         .with_columns(_period=period)
         .group_by("container", "partition", "_period", maintain_order=True)
         .agg(
-            [pl.col(c).sum() for c in sums]
-            + [pl.col(f"{c}_rate_min").min() for c in RATE_METRICS]
-            + [pl.col(f"{c}_rate_max").max() for c in RATE_METRICS]
-            + [pl.col("connections_max").max(), pl.col("connections_min").min()]
-            + [pl.col("connections_last").drop_nulls().last()]
-            + [pl.col(f"tcp_{s}_max").max() for s in TCP_STATES]
-            + [pl.col(c).drop_nulls().last() for c in IDENTITY]
+            [pl.col(c).sum() for c in spec.sums]
+            + [pl.col(c).min() for c in spec.mins]
+            + [pl.col(c).max() for c in spec.maxes]
+            + [pl.col(c).drop_nulls().last() for c in spec.lasts]
         )
         .with_columns(
             ts=pl.from_epoch("_period", time_unit="ms").dt.replace_time_zone("UTC"),
@@ -68,7 +92,11 @@ def rollup_frame(frame: pl.DataFrame, period_ms: int) -> pl.DataFrame:
 
 
 def inserted_rows(
-    table: DeltaTable, first_version: int, last_version: int, partition: int
+    table: DeltaTable,
+    first_version: int,
+    last_version: int,
+    partition: int,
+    spec: RollupSpec = NETWORK_ROLLUP,
 ) -> pl.DataFrame:
     """Rows inserted into ``table`` for ``partition`` in versions [first, last] (its CDF).
 
@@ -79,21 +107,29 @@ def inserted_rows(
     changes = pl.DataFrame(pl.from_arrow(cdf))
     if changes.width == 1 and changes.dtypes[0] == pl.Struct:
         changes = changes.unnest(changes.columns[0])
+    schema = spec.schema()
     if not changes.height:
-        return pl.DataFrame(schema=minute_schema())
+        return pl.DataFrame(schema=schema)
     return changes.filter(pl.col("_change_type") == "insert").select(
-        [pl.col(c).cast(t) for c, t in minute_schema().items()]
+        [pl.col(c).cast(t) for c, t in schema.items()]
     )
 
 
 class RollupTable(MinuteTable):
-    """A coarser table (``hour``, ``day``) rolled from ``source``'s change data feed."""
+    """A coarser table (``hour``, ``day``) rolled from ``source``'s change data feed;
+    ``spec``: the source's columns and how they add up (the network tables' by default)."""
 
     def __init__(self, uri: str, source: MinuteTable, period_ms: int, *,
-                 storage_options: dict[str, str] | None = None) -> None:  # fmt: skip
+                 storage_options: dict[str, str] | None = None,
+                 spec: RollupSpec = NETWORK_ROLLUP) -> None:  # fmt: skip
+        self.spec = spec
         super().__init__(uri, storage_options=storage_options)
         self.source = source
         self.period_ms = period_ms
+
+    def columns(self) -> dict[str, pl.DataType]:
+        """The rolled table's columns: its source's."""
+        return self.spec.schema()
 
     def consumed_version(self, writer: str, topic: str, partition: int) -> int:
         """The source version this table has rolled through for ``partition`` (-1: none).
@@ -118,11 +154,11 @@ class RollupTable(MinuteTable):
         done = self.consumed_version(writer, topic, partition)
         if latest <= done:
             return 0
-        changes = inserted_rows(src, done + 1, latest, partition)
+        changes = inserted_rows(src, done + 1, latest, partition, self.spec)
         rows = (
-            rollup_frame(changes, self.period_ms)
+            rollup_frame(changes, self.period_ms, self.spec)
             if changes.height
-            else pl.DataFrame(schema=minute_schema())
+            else pl.DataFrame(schema=self.columns())
         )
         txn = Transaction(self.app_id(writer, topic, partition, 0, "source"), latest)
         self.append_frame(rows.sort("container", "ts"), [txn])

@@ -1,0 +1,141 @@
+"""Resource signals per container: a memory leak heading for its limit, CPU throttling,
+OOM kills. Pure: resource events in, findings out (no Kafka, no files).
+
+A **memory leak** is memory that keeps rising towards ``memory.max``: over the last
+``window_s`` of samples (at least ``min_samples``), a least-squares line through memory
+over time has a positive slope that explains most of the variation (R² of at least
+``min_r2``) and, carried on, reaches the limit within ``horizon_s``; the finding carries
+that projected time to the limit. A container without a limit has nothing to run into.
+**Throttling** is a share of CFS periods throttled of at least ``throttled_share`` over
+the window. An **OOM kill** is reported as soon as a sample counts one.
+
+Not yet wired to the alert lifecycle (:mod:`nettel.detect.alerts`) nor run by a worker.
+
+Examples
+--------
+>>> from nettel.models import ResourceEvent
+>>> sig = ResourceSignals(min_samples=4, horizon_s=600)
+>>> ev = lambda t, mem: ResourceEvent(ts_ms=t * 1000, host="h", container_id="c",
+...     identity="web", name="web", interval_ms=5000, memory_bytes=mem,
+...     memory_limit_bytes=100 << 20)
+>>> found = [f for t in range(0, 40, 5) for f in sig.update(ev(t, (20 << 20) + t * (1 << 20)))]
+>>> f = found[-1]
+>>> f.kind, round(f.time_to_limit_s), round(f.slope_bytes_per_s / (1 << 20), 2)
+('memory_leak', 45, 1.0)
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from nettel.models import ResourceEvent
+
+
+@dataclass(frozen=True, slots=True)
+class ResourceFinding:
+    """What a signal found about one container at ``ts_ms``, with why."""
+
+    kind: str  # memory_leak, cpu_throttling, oom_kill
+    identity: str
+    ts_ms: int
+    observed: float
+    explanation: str
+    time_to_limit_s: float | None = None
+    slope_bytes_per_s: float | None = None
+
+
+@dataclass(slots=True)
+class _History:
+    points: deque[tuple[float, float]] = field(default_factory=deque)  # (seconds, bytes)
+    periods: deque[tuple[float, int, int]] = field(default_factory=deque)  # (s, all, throttled)
+
+
+def fit_line(points: list[tuple[float, float]]) -> tuple[float, float]:
+    """(slope, R²) of the least-squares line through ``points`` (R² 0 for a flat set).
+
+    Examples
+    --------
+    >>> fit_line([(0, 1), (1, 3), (2, 5)])
+    (2.0, 1.0)
+    >>> fit_line([(0, 4), (1, 4)])
+    (0.0, 0.0)
+    """
+    n = len(points)
+    mx = sum(x for x, _ in points) / n
+    my = sum(y for _, y in points) / n
+    sxx = sum((x - mx) ** 2 for x, _ in points)
+    syy = sum((y - my) ** 2 for _, y in points)
+    sxy = sum((x - mx) * (y - my) for x, y in points)
+    if sxx == 0 or syy == 0:
+        return 0.0, 0.0
+    return sxy / sxx, sxy * sxy / (sxx * syy)
+
+
+class ResourceSignals:
+    """The resource signals of every container seen, over a sliding window each."""
+
+    def __init__(self, *, window_s: float = 600.0, min_samples: int = 6,
+                 min_r2: float = 0.8, horizon_s: float = 3600.0,
+                 throttled_share: float = 0.25) -> None:  # fmt: skip
+        self.window_s = window_s
+        self.min_samples = min_samples
+        self.min_r2 = min_r2
+        self.horizon_s = horizon_s
+        self.throttled_share = throttled_share
+        self._history: dict[str, _History] = {}
+
+    def update(self, ev: ResourceEvent) -> list[ResourceFinding]:
+        """Fold in one sample; what it shows now (a leak, throttling, an OOM kill)."""
+        h = self._history.setdefault(ev.identity, _History())
+        if ev.counter_reset:  # a new process: its memory history starts again
+            h.points.clear()
+            h.periods.clear()
+        now_s = ev.ts_ms / 1000
+        h.points.append((now_s, float(ev.memory_bytes)))
+        h.periods.append((now_s, ev.cpu_periods, ev.cpu_throttled_periods))
+        while h.points and h.points[0][0] < now_s - self.window_s:
+            h.points.popleft()
+        while h.periods and h.periods[0][0] < now_s - self.window_s:
+            h.periods.popleft()
+        out = []
+        if ev.oom_kills:
+            out.append(ResourceFinding("oom_kill", ev.identity, ev.ts_ms, ev.oom_kills,
+                                       f"{ev.oom_kills} process(es) killed for memory at "
+                                       f"limit {ev.memory_limit_bytes} bytes"))  # fmt: skip
+        leak = self._leak(ev, h)
+        if leak is not None:
+            out.append(leak)
+        periods = sum(p for _, p, _ in h.periods)
+        throttled = sum(t for _, _, t in h.periods)
+        if (
+            len(h.periods) >= self.min_samples
+            and periods
+            and (throttled / periods >= self.throttled_share)
+        ):
+            share = throttled / periods
+            out.append(ResourceFinding(
+                "cpu_throttling", ev.identity, ev.ts_ms, share,
+                f"{100 * share:.0f}% of CPU periods throttled over the last "
+                f"{len(h.periods)} samples: the CPU limit holds it back"))  # fmt: skip
+        return out
+
+    def _leak(self, ev: ResourceEvent, h: _History) -> ResourceFinding | None:
+        limit = ev.memory_limit_bytes
+        if not limit or len(h.points) < self.min_samples:
+            return None
+        slope, r2 = fit_line(list(h.points))
+        if slope <= 0 or r2 < self.min_r2:
+            return None
+        eta = max(0.0, (limit - ev.memory_bytes) / slope)
+        if eta > self.horizon_s:
+            return None
+        return ResourceFinding(
+            "memory_leak", ev.identity, ev.ts_ms, float(ev.memory_bytes),
+            f"memory rose {slope / (1 << 20):.3g} MiB/s over {len(h.points)} samples "
+            f"(R² {r2:.2f}); at this pace it reaches its limit of {limit} bytes in "
+            f"{eta:.0f} s", time_to_limit_s=eta, slope_bytes_per_s=slope)  # fmt: skip
+
+    def forget(self, identity: str) -> None:
+        """Drop a container that is gone."""
+        self._history.pop(identity, None)

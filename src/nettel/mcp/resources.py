@@ -1,0 +1,313 @@
+"""The ``resource-monitor`` MCP server: CPU, memory, disk I/O and processes per container.
+
+One more server of the same product: the same answer shaping, budget, errors and audit
+lines as ``network-telemetry`` (:class:`~nettel.mcp.server.TelemetryServer`), the same
+container naming (:func:`~nettel.mcp.tools.resolve_container`), and answers read only
+through the store (:class:`~nettel.store.resource_query.ResourceQuery`). Served over
+stdio with ``nettel mcp --server resource-monitor`` and over HTTP at
+``/resource-monitor/mcp`` beside ``/mcp`` on the same port.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, Field, model_serializer
+
+from nettel.mcp.answers import page
+from nettel.mcp.server import (
+    AggregationArg,
+    ContainerArg,
+    CursorArg,
+    Limit50,
+    TelemetryServer,
+    TimeframeArg,
+    _answer,
+)
+from nettel.mcp.tools import (
+    Point,
+    Timeframe,
+    _combine,
+    _drop_none,
+    iso,
+    resolve_container,
+    window,
+)
+from nettel.store.query import Aggregation
+from nettel.store.resource_query import ResourceQuery
+
+SERVER_NAME = "resource-monitor"
+HTTP_PATH = "/resource-monitor/mcp"
+INSTRUCTIONS = (
+    "CPU, memory, disk I/O and processes of this host's containers, from the last minutes "
+    "to 30 days (cgroup counters sampled with the network ones). cpu_percent is percent of "
+    "one core. Answers are compact JSON with as_of; lists are ranked and paged (limit, "
+    "cursor: pass 'next' back)."
+)
+
+Resource = Literal["cpu", "memory", "disk_read", "disk_write", "pids"]
+#: What each rankable resource ranks by under ``sum``, and its unit.
+RANKED_BY: dict[str, tuple[str, str]] = {
+    "cpu": ("cpu_seconds", "cpu seconds"), "memory": ("memory_bytes", "bytes"),
+    "disk_read": ("disk_read_bytes", "bytes"), "disk_write": ("disk_write_bytes", "bytes"),
+    "pids": ("pids", "processes"),
+}  # fmt: skip
+
+Number = int | float
+
+
+class ResourceData(BaseModel):
+    """One container's (or all containers') resources under one aggregation: see
+    :mod:`nettel.store.resource_query` for what each value means per aggregation."""
+
+    cpu_percent: Number | None
+    memory_bytes: Number | None
+    memory_limit_bytes: Number | None
+    disk_read_bytes: Number | None
+    disk_write_bytes: Number | None
+    pids: Number | None
+    cpu_seconds: Number | None = None
+    cpu_throttled_percent: Number | None = None
+    oom_kills: int | None = None
+
+    @model_serializer(mode="wrap")
+    def _serialize(self, handler: Callable[[Any], dict[str, Any]]) -> dict[str, Any]:
+        return _drop_none(self, handler)
+
+
+class ResourceStatsOut(BaseModel):
+    """``{"container", "timeframe", "data"}`` (the shape of ``get_network_stats``); for
+    every container together ``container`` is ``"*"`` and ``containers`` lists a page of
+    them, the busiest CPU first."""
+
+    container: str
+    timeframe: Timeframe
+    data: ResourceData
+    containers: list[ResourceStatsOut] | None = None
+    total: int | None = Field(default=None, description="containers in all")
+    next: str | None = Field(default=None, description="cursor of the next page")
+    hint: str | None = None
+    as_of: str | None = None
+
+    @model_serializer(mode="wrap")
+    def _serialize(self, handler: Callable[[Any], dict[str, Any]]) -> dict[str, Any]:
+        return _drop_none(self, handler)
+
+
+class ResourceTopEntry(BaseModel):
+    """One ranked container."""
+
+    container: str
+    value: Number
+    share: float | None = Field(default=None, description="of all containers' total, percent")
+    memory_limit_bytes: int | None = None
+
+    @model_serializer(mode="wrap")
+    def _serialize(self, handler: Callable[[Any], dict[str, Any]]) -> dict[str, Any]:
+        return _drop_none(self, handler)
+
+
+class ResourceTop(BaseModel):
+    """Containers ranked by a resource over a timeframe."""
+
+    timeframe: Timeframe
+    resource: Resource
+    aggregation: Aggregation
+    unit: str
+    top: list[ResourceTopEntry]
+    total: int
+    as_of: str | None = None
+
+
+SeriesMetric = Literal["cpu_percent", "memory_bytes", "disk_read_bytes", "disk_write_bytes",
+                       "pids"]  # fmt: skip
+SERIES_UNITS = {"cpu_percent": "percent of a core", "memory_bytes": "bytes (peak)",
+                "disk_read_bytes": "bytes", "disk_write_bytes": "bytes",
+                "pids": "processes (peak)"}  # fmt: skip
+
+
+class ResourceSeries(BaseModel):
+    """One container's resource over a timeframe in time buckets, with a summary."""
+
+    container: str
+    timeframe: Timeframe
+    metric: SeriesMetric
+    unit: str
+    bucket_seconds: int
+    points: list[Point]
+    summary: dict[str, float | None] = Field(description="min, max, avg, p95 of the points")
+    as_of: str | None = None
+
+
+def _summary(values: list[float]) -> dict[str, float | None]:
+    """min, max, avg and p95 (nearest rank) of ``values``.
+
+    Examples
+    --------
+    >>> _summary([1.0, 3.0, 2.0])
+    {'min': 1.0, 'max': 3.0, 'avg': 2.0, 'p95': 3.0}
+    """
+    if not values:
+        return dict.fromkeys(("min", "max", "avg", "p95"))
+    ordered = sorted(values)
+    p95 = ordered[min(len(ordered) - 1, max(0, -(-95 * len(ordered) // 100) - 1))]
+    return {"min": ordered[0], "max": ordered[-1], "avg": sum(values) / len(values), "p95": p95}
+
+
+def _data(values: dict[str, float | int | None]) -> ResourceData:
+    return ResourceData.model_validate(values)
+
+
+class ResourceTools:
+    """The answers behind the resource-monitor tools."""
+
+    def __init__(self, query: ResourceQuery, *, clock: Callable[[], float] = time.time) -> None:
+        self.query = query
+        self.clock = clock
+
+    @classmethod
+    def for_data_dir(cls, data_dir: str, *,
+                     storage_options: dict[str, str] | None = None) -> ResourceTools:  # fmt: skip
+        """Tools over the resource tables under ``data_dir``."""
+        return cls(ResourceQuery(data_dir, storage_options=storage_options))
+
+    def now_ms(self) -> int:
+        """Now, in ms since the epoch."""
+        return int(self.clock() * 1000)
+
+    def as_of(self) -> str:
+        """The end of the newest minute in the store (UTC)."""
+        newest = self.query.newest_end_ms()
+        return "no data yet" if newest is None else iso(min(newest, self.now_ms()))
+
+    def warm(self) -> None:
+        """Load the newest minute once (the server calls it at start)."""
+        self.query.newest_end_ms()
+
+    def resolve(self, name: str) -> str:
+        """The identity ``name`` designates among containers with resource data (a month)."""
+        now = self.now_ms()
+        known = self.query.stats(now - 30 * 86_400_000, now + 60_000)
+        return resolve_container(name, known, listing="get_resource_stats")
+
+    def resource_stats(self, container: str | None, timeframe: Timeframe,
+                       aggregation: Aggregation, limit: int = 10,
+                       cursor: str | None = None) -> ResourceStatsOut:  # fmt: skip
+        """``get_resource_stats``."""
+        start, end = window(timeframe, self.now_ms())
+        named = [self.resolve(container)] if container is not None else None
+        rows = self.query.stats(start, end, aggregation=aggregation, containers=named)
+        newest = max((s.through_ms for s in rows), default=None)
+        as_of = None if newest is None else iso(newest)
+        if named is not None:
+            found = next((s for s in rows if s.container == named[0]), None)
+            values = found.values if found else dict.fromkeys(ResourceData.model_fields)
+            return ResourceStatsOut(container=named[0], timeframe=timeframe,
+                                    data=_data(values), as_of=as_of)  # fmt: skip
+        ranked = sorted(rows, key=lambda s: -(s.values["cpu_seconds"] or 0))
+        together = {f: _combine([s.values.get(f) for s in rows], aggregation)
+                    for f in ResourceData.model_fields}  # fmt: skip
+        together["oom_kills"] = sum(int(s.values["oom_kills"] or 0) for s in rows)
+        together["cpu_throttled_percent"] = None  # a mean of percents would mislead
+        p = page("get_resource_stats", ranked, cursor, limit)
+        return ResourceStatsOut(
+            container="*", timeframe=timeframe, data=_data(together),
+            containers=[ResourceStatsOut(container=s.container, timeframe=timeframe,
+                                         data=_data(s.values)) for s in p.items],
+            total=p.total, next=p.next_cursor, hint=p.hint("busiest CPU first"),
+            as_of=as_of,
+        )  # fmt: skip
+
+    def series(self, container: str, timeframe: Timeframe, metric: SeriesMetric,
+               max_points: int = 60) -> ResourceSeries:  # fmt: skip
+        """``get_resource_timeseries``: buckets of the timeframe, empty ones left out."""
+        identity = self.resolve(container)
+        start, end = window(timeframe, self.now_ms())
+        bucket_ms, points = self.query.series(identity, start, end, metric, max_points)
+        values = [v for _, v in points if v is not None]
+        newest = points[-1][0] + bucket_ms if points else None
+        return ResourceSeries(
+            container=identity, timeframe=timeframe, metric=metric, unit=SERIES_UNITS[metric],
+            bucket_seconds=bucket_ms // 1000,
+            points=[Point(ts=iso(t), value=v) for t, v in points], summary=_summary(values),
+            as_of=None if newest is None else iso(min(newest, end)),
+        )  # fmt: skip
+
+    def top_consumers(self, timeframe: Timeframe, resource: Resource, aggregation: Aggregation,
+                      limit: int = 10) -> ResourceTop:  # fmt: skip
+        """``get_top_resource_consumers``: under ``sum``, CPU ranks by CPU seconds, memory by
+        the last value, disk by bytes; the others rank by the aggregation's value."""
+        start, end = window(timeframe, self.now_ms())
+        rows = self.query.stats(start, end, aggregation=aggregation)
+        key, unit = RANKED_BY[resource]
+        if aggregation != "sum" and resource == "cpu":
+            key, unit = "cpu_percent", "percent of a core"
+        elif aggregation != "sum" and resource.startswith("disk"):
+            unit = "bytes/s"
+        have = [(s, s.values[key]) for s in rows if s.values[key] is not None]
+        have.sort(key=lambda sv: -float(sv[1] or 0))
+        summable = aggregation in ("sum", "avg") and resource != "memory"
+        total = sum(float(v or 0) for _, v in have)
+        top = [ResourceTopEntry(
+            container=s.container, value=v or 0,
+            share=round(100 * float(v or 0) / total, 2) if summable and total else None,
+            memory_limit_bytes=(int(s.values["memory_limit_bytes"] or 0) or None)
+            if resource == "memory" else None,
+        ) for s, v in have[:limit]]  # fmt: skip
+        newest = max((s.through_ms for s in rows), default=None)
+        return ResourceTop(timeframe=timeframe, resource=resource, aggregation=aggregation,
+                           unit=unit, top=top, total=len(have),
+                           as_of=None if newest is None else iso(newest))  # fmt: skip
+
+
+def build_resource_server(tools: ResourceTools) -> TelemetryServer:
+    """The ``resource-monitor`` MCP server over ``tools``."""
+    from nettel import version
+
+    server = TelemetryServer(SERVER_NAME, instructions=INSTRUCTIONS, as_of=tools.as_of,
+                             version=version())  # fmt: skip
+    server.warm = tools.warm
+
+    @server.tool()
+    async def get_resource_stats(
+        timeframe: TimeframeArg = "hour",
+        aggregation: AggregationArg = "sum",
+        container: Annotated[str | None, Field(description="one container; omit for all")] = None,
+        limit: Limit50 = 10,
+        cursor: CursorArg = None,
+    ) -> ResourceStatsOut:
+        """Resources of one container or all over a timeframe: {container, timeframe, data:
+        {cpu_percent, memory_bytes, memory_limit_bytes, disk_read_bytes, disk_write_bytes,
+        pids}}. sum: mean cpu_percent, last memory/pids, total disk bytes, cpu_seconds;
+        avg: means (disk bytes/s); max/min: peaks/lows. All: container "*", busiest CPU
+        first."""
+        return await _answer(
+            lambda: tools.resource_stats(container, timeframe, aggregation, limit, cursor)
+        )
+
+    @server.tool()
+    async def get_top_resource_consumers(
+        timeframe: TimeframeArg = "day",
+        resource: Annotated[Resource, Field(description="what to rank by")] = "cpu",
+        aggregation: AggregationArg = "sum",
+        limit: Limit50 = 10,
+    ) -> ResourceTop:
+        """Containers ranked by CPU, memory, disk read/write or pids over a timeframe, with
+        share of the total where values add up."""
+        return await _answer(lambda: tools.top_consumers(timeframe, resource, aggregation, limit))
+
+    @server.tool()
+    async def get_resource_timeseries(
+        container: ContainerArg,
+        timeframe: TimeframeArg = "day",
+        metric: Annotated[SeriesMetric, Field(description="which resource")] = "cpu_percent",
+        max_points: Annotated[int, Field(ge=2, le=200, description="2-200 buckets")] = 60,
+    ) -> ResourceSeries:
+        """One container's resource in at most max_points time buckets: mean cpu_percent,
+        peak memory_bytes and pids, disk bytes per bucket; with min/max/avg/p95. Empty
+        buckets left out."""
+        return await _answer(lambda: tools.series(container, timeframe, metric, max_points))
+
+    return server
