@@ -171,6 +171,8 @@ async def test_two_stream_workers_one_killed_detect_and_mcp_share_one_s3_store(
         expected = expected_windows(events, cutoff)
         await wait_for(lambda: table_windows(table, cutoff) == expected, 120,
                        "every window on S3, once", 1.0)  # fmt: skip
+        await wait_for(lambda: samples.scan().select(pl.len()).collect().item() >= len(events),
+                       60, "every sample on S3")  # fmt: skip
         await wait_for(lambda: version(f"{data}/detect_state") >= 0, 30,
                        "the detector's checkpoint on S3", 0.5)  # fmt: skip
         for proc in (survivor, detect):
