@@ -30,6 +30,9 @@ from mcp.client.stdio import StdioServerParameters
 
 from conftest import require, wait_for
 from nettel.broker import EmbeddedBroker
+from nettel.cli import check_data_dir
+from nettel.config import Settings
+from nettel.errors import ConfigError
 from nettel.store.maintenance import LAYOUT_PREFIX
 from nettel.store.minute import MinuteTable
 from nettel.store.samples import SamplesTable
@@ -204,6 +207,12 @@ async def test_two_stream_workers_one_killed_detect_and_mcp_share_one_s3_store(
     assert_exact(table, events, cutoff)
     state = pl.read_delta(f"{data}/detect_state")
     assert state.height > 0
+    # `nettel doctor` probes the store: this bucket answers, a missing one is named
+    assert check_data_dir(data)[1]
+    name, ok, found, hint = check_data_dir("s3://no-such-bucket/nettel")
+    assert not ok
+    assert "no-such-bucket" in found
+    assert "AWS_ENDPOINT_URL" in hint
     # the MCP server reads the same store
     params = StdioServerParameters(command=NETTEL, args=["mcp"], env=env)
     async with Client(params, read_timeout_seconds=60) as client:
@@ -212,3 +221,32 @@ async def test_two_stream_workers_one_killed_detect_and_mcp_share_one_s3_store(
         answer = json.loads(getattr(res.content[0], "text", ""))
     assert answer["data"]["bytes_sent"] == sum(ev.tx_bytes for ev in events)
     assert answer["data"]["bytes_received"] == sum(ev.rx_bytes for ev in events)
+
+
+@pytest.mark.parametrize(
+    ("env", "setting"),
+    [
+        ({"NETTEL_DATA_DIR": "s3://"}, "NETTEL_DATA_DIR"),
+        ({"NETTEL_DATA_DIR": "gs://bucket/nettel"}, "NETTEL_DATA_DIR"),
+        ({"NETTEL_DATA_DIR": "s3://b/n", "AWS_ENDPOINT_URL": "http://127.0.0.1:9000"},
+         "AWS_ALLOW_HTTP"),
+        ({"NETTEL_DATA_DIR": "s3://b/n", "AWS_CONDITIONAL_PUT": "disabled"},
+         "AWS_CONDITIONAL_PUT"),
+        ({"NETTEL_DATA_DIR": "/d", "NETTEL_LOCAL_DIR": "s3://b/local"}, "NETTEL_LOCAL_DIR"),
+    ],
+)  # fmt: skip
+def test_s3_settings_that_would_fail_deep_in_a_write_stop_at_start(
+    env: dict[str, str], setting: str
+) -> None:
+    with pytest.raises(ConfigError) as caught:
+        Settings.from_env(env)
+    assert caught.value.setting == setting
+
+
+def test_files_of_the_host_stay_local_when_the_data_dir_is_s3() -> None:
+    home = {"HOME": "/home/ann", "XDG_DATA_HOME": "/x/share"}
+    on_s3 = Settings.from_env({**home, "NETTEL_DATA_DIR": "s3://b/nettel"})
+    assert on_s3.local_dir in ("/x/share/nettel", "/var/lib/nettel")  # root: /var/lib
+    assert Settings.from_env({**home, "NETTEL_DATA_DIR": "/d"}).local_dir == "/d"
+    given = Settings.from_env({"NETTEL_DATA_DIR": "s3://b/n", "NETTEL_LOCAL_DIR": "/l"})
+    assert given.local_dir == "/l"

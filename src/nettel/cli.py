@@ -708,7 +708,7 @@ def _check_object_store(data_dir: str, timeout_s: float = 15.0) -> Check:
             store = DeltaFileSystemHandler(data_dir)
             out = store.open_output_stream("_nettel_probe")
             out.write(b"nettel doctor\n")
-            out.close()
+            out.close()  # type: ignore[attr-defined]  # there, but not in the stubs
             store.delete_file("_nettel_probe")
         except Exception as e:  # any failure is the answer
             failure.append(str(e).splitlines()[0][:200])
