@@ -1,7 +1,7 @@
 """Scale-out: 1, 2 and 4 stream worker processes sharing the partitions of one topic.
 
-A simulated span of traffic (`nettel simulate`'s generator) is published once to the
-embedded broker (12 partitions, the default). For each process count, that many worker
+A simulated span of traffic is published once by `nettel simulate` to the embedded
+broker (12 partitions, the default). For each process count, that many worker
 processes (started with ``spawn``, as separate `nettel stream` processes are) join the
 group ``nettel-stream`` on a fresh data dir; each builds its worker with
 ``nettel.cli.make_stream`` and the default settings (samples on, flush every 30 s,
@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import multiprocessing as mp
 import os
 import queue
@@ -43,10 +44,6 @@ from pathlib import Path
 from typing import Any
 
 from nettel.broker import EmbeddedBroker, free_loopback_port
-from nettel.ingest.publisher import EventPublisher
-from nettel.ingest.simulate import TrafficSimulator
-from nettel.models import encode_stat_event
-from nettel.store.rollup import HOUR_MS
 
 sys.path.insert(0, os.path.dirname(__file__))
 from common import write_result
@@ -204,18 +201,19 @@ def process_cpu_s(pid: int) -> float:
 
 
 async def publish(bootstrap: str, containers: int, hours: float) -> int:
-    sim = TrafficSimulator(containers, seed=3)
-    start_ms = time.time_ns() // 1_000_000 - int((hours + 1) * HOUR_MS)
-    total = 0
-    publisher = EventPublisher(bootstrap, TOPIC, max_buffer=2_000_000)
-    async with publisher:
-        for ev in sim.events(start_ms, int(hours * HOUR_MS)):
-            publisher.publish(ev.identity.encode(), encode_stat_event(ev))
-            total += 1
-            if publisher.buffered > 200_000:
-                await publisher.drained(50_000)
-        await publisher.drained(0)
-    return total
+    """`nettel simulate` as a user runs it, as fast as it can; returns the events sent."""
+    env = {**os.environ, "KAFKA_BOOTSTRAP_SERVERS": bootstrap, "NETTEL_LOG_FORMAT": "json",
+           "NETTEL_PARTITIONS": str(PARTITIONS)}  # fmt: skip
+    proc = await asyncio.create_subprocess_exec(
+        str(Path(sys.executable).with_name("nettel")), "simulate", "--containers",
+        str(containers), "--hours", str(hours), "--rate", "0", "--seed", "3",
+        env=env, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    _, err = await proc.communicate()
+    for line in err.decode().splitlines():
+        if '"simulated"' in line:
+            return int(json.loads(line)["events"])
+    raise SystemExit(f"nettel simulate failed: {err.decode()[-1000:]}")
 
 
 async def measure(args: argparse.Namespace) -> dict[str, Any]:
