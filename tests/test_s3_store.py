@@ -163,7 +163,7 @@ async def test_two_stream_workers_one_killed_detect_and_mcp_share_one_s3_store(
     try:
         # both workers share the partitions before one of them dies mid-run
         await wait_for(lambda: all(len(assigned(logs[w]) or ()) == 2
-                                   for w in ("victim", "survivor")), 60,
+                                   for w in ("victim", "survivor")), 180,
                        "two partitions for each worker", 0.3)  # fmt: skip
         await publish(bootstrap, events[third : 2 * third])
         await wait_for(lambda: version(table.uri) >= 0, 60, "minute commits on S3", 0.2)
@@ -172,11 +172,11 @@ async def test_two_stream_workers_one_killed_detect_and_mcp_share_one_s3_store(
         # the last third reaches every partition: only the survivor can have written it
         await publish(bootstrap, events[2 * third :])
         expected = expected_windows(events, cutoff)
-        await wait_for(lambda: table_windows(table, cutoff) == expected, 120,
+        await wait_for(lambda: table_windows(table, cutoff) == expected, 180,
                        "every window on S3, once", 1.0)  # fmt: skip
         await wait_for(lambda: samples.scan().select(pl.len()).collect().item() >= len(events),
                        60, "every sample on S3")  # fmt: skip
-        await wait_for(lambda: version(f"{data}/detect_state") >= 0, 30,
+        await wait_for(lambda: version(f"{data}/detect_state") >= 0, 60,
                        "the detector's checkpoint on S3", 0.5)  # fmt: skip
         for proc in (survivor, detect):
             proc.send_signal(signal.SIGTERM)
