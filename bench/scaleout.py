@@ -166,8 +166,9 @@ def free_ports(n: int) -> list[int]:
     return ports
 
 
-def start_seaweedfs(folder: str) -> tuple[subprocess.Popen[bytes], dict[str, str]]:
-    """SeaweedFS (``weed server -s3``) on loopback with a bucket; the env reaching it."""
+def start_seaweedfs(folder: str) -> tuple[subprocess.Popen[bytes], dict[str, str], list[int]]:
+    """SeaweedFS (``weed server -s3``) on loopback with a bucket; the env reaching it and
+    its ports."""
     weed = Path(sys.executable).with_name("weed")
     names = ("s3.port", "s3.port.grpc", "master.port", "master.port.grpc", "volume.port",
              "volume.port.grpc", "filer.port", "filer.port.grpc")  # fmt: skip
@@ -176,7 +177,8 @@ def start_seaweedfs(folder: str) -> tuple[subprocess.Popen[bytes], dict[str, str
     proc = subprocess.Popen(
         [str(weed), f"-logdir={folder}", "server", f"-dir={folder}/weed", "-ip=127.0.0.1",
          "-ip.bind=127.0.0.1", "-s3", "-master.telemetry=false", "-s3.port.iceberg=0",
-         "-s3.port.lance=0", *(f"-{k}={v}" for k, v in ports.items())],
+         "-s3.port.lance=0", *(f"-{k}={v}" for k, v in ports.items()),
+         f"-filer.localSocket={folder}/filer.sock", f"-s3.localSocket={folder}/s3.sock"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     endpoint = f"http://127.0.0.1:{ports['s3.port']}"
@@ -193,7 +195,14 @@ def start_seaweedfs(folder: str) -> tuple[subprocess.Popen[bytes], dict[str, str
     env = {"AWS_ENDPOINT_URL": endpoint, "AWS_ALLOW_HTTP": "true", "AWS_REGION": "us-east-1",
            "AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
            "AWS_CONDITIONAL_PUT": "etag"}  # fmt: skip
-    return proc, env
+    return proc, env, list(ports.values())
+
+
+def remove_sockets(ports: list[int]) -> None:
+    """The gRPC sockets SeaweedFS leaves in /tmp (named by its ports: ours)."""
+    for port in ports:
+        for sock in Path("/tmp").glob(f"seaweedfs-*-{port}.sock"):  # nosec B108
+            sock.unlink(missing_ok=True)
 
 
 def process_cpu_s(pid: int) -> float:
@@ -225,13 +234,14 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
     await broker.start(topics={TOPIC: PARTITIONS, "nettel.stats.dlq": 1})
     runs = []
     weed: subprocess.Popen[bytes] | None = None
+    weed_ports: list[int] = []
     try:
         total = await publish(broker.bootstrap_servers, args.containers, args.hours)
         print(f"published {total} events", flush=True)
         with tempfile.TemporaryDirectory() as tmp:
             env: dict[str, str] = {"NETTEL_PARTITIONS": str(PARTITIONS)}
             if args.store == "s3":
-                weed, s3_env = start_seaweedfs(f"{tmp}/s3")
+                weed, s3_env, weed_ports = start_seaweedfs(f"{tmp}/s3")
                 env.update(s3_env)
             for n in counts:
                 data = (f"s3://nettel-bench/run{n}" if args.store == "s3"
@@ -250,6 +260,7 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
         if weed is not None:
             weed.send_signal(signal.SIGKILL)
             weed.wait()
+        remove_sockets(weed_ports)
         await broker.stop()
     base = runs[0]["events_per_cpu_s"]
     for run in runs:
