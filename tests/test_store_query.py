@@ -17,7 +17,7 @@ from nettel.broker import EmbeddedBroker
 from nettel.errors import QueryError
 from nettel.models import COUNTERS, TOTALS, StatEvent, window_start
 from nettel.store.maintenance import maintain_table, rewrite_partitions
-from nettel.store.minute import MinuteTable
+from nettel.store.minute import MinuteTable, round_rates
 from nettel.store.query import (
     AGGREGATIONS,
     RESOLUTIONS,
@@ -55,6 +55,11 @@ def metric_value(e: StatEvent, metric: str) -> int | None:
 Expected = dict[tuple[str, int], float | int | None]
 
 
+def stored_rate(rate: float) -> float:
+    """A rate as the tables keep it (``RATE_MANTISSA_BITS`` of mantissa)."""
+    return float(round_rates(pl.DataFrame({"r": [float(rate)]}))["r"][0])
+
+
 def expected_series(events: list[StatEvent], start: int, end: int, bucket: Callable[[int], int],
                     metric: str, agg: Aggregation) -> Expected:  # fmt: skip
     """Each container's value per bucket, computed from the events alone."""
@@ -77,7 +82,7 @@ def expected_series(events: list[StatEvent], start: int, end: int, bucket: Calla
             out[key] = sum(v or 0 for v, _ in vals) / (sum(i for _, i in vals) / 1000)
         else:
             rates = [(v or 0) / (i / 1000) for v, i in vals if i > 0]
-            out[key] = (max if agg == "max" else min)(rates)
+            out[key] = stored_rate((max if agg == "max" else min)(rates))
     return out
 
 

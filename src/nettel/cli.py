@@ -22,13 +22,14 @@ import os
 import signal
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from nettel.config import Settings
+from nettel.config import Settings, is_remote
 from nettel.errors import ConfigError, EngineUnavailableError, NettelError
 
 if TYPE_CHECKING:
@@ -571,11 +572,10 @@ async def cmd_up(settings: Settings) -> int:
     broker: EmbeddedBroker | None = None
     bootstrap = settings.kafka_bootstrap_servers
     if bootstrap is None:
-        log_path = epoch_path = pid_path = None
-        if "://" not in settings.data_dir:
-            log_path = os.path.join(settings.data_dir, "logs", "broker.log")
-            epoch_path = os.path.join(settings.data_dir, "broker-epoch")
-            pid_path = os.path.join(settings.data_dir, "broker.pid")  # an orphan's, reaped
+        # files of this host (on an s3:// data dir too: the epoch is what recovery needs)
+        log_path = os.path.join(settings.local_dir, "logs", "broker.log")
+        epoch_path = os.path.join(settings.local_dir, "broker-epoch")
+        pid_path = os.path.join(settings.local_dir, "broker.pid")  # an orphan's, reaped
         broker = EmbeddedBroker(settings.broker_port, log_path=log_path, epoch_path=epoch_path,
                                 pid_path=pid_path)  # fmt: skip
         await broker.start(topics=topics)
@@ -733,9 +733,10 @@ def health_check(health: dict[str, Any]) -> Check:
 
 
 def check_data_dir(data_dir: str) -> Check:
-    """Whether the data dir can be written."""
-    if "://" in data_dir:
-        return ("data dir", True, f"{data_dir} (object store: not probed)", "")
+    """Whether the data dir can be written (an object store: a probe object written and
+    deleted with the AWS_* storage options, within 15 s)."""
+    if is_remote(data_dir):
+        return _check_object_store(data_dir)
     try:
         Path(data_dir).mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=data_dir):
@@ -743,6 +744,33 @@ def check_data_dir(data_dir: str) -> Check:
     except OSError as e:
         return ("data dir", False, f"{data_dir}: {e}", "set NETTEL_DATA_DIR to a writable dir")
     return ("data dir", True, f"{Path(data_dir).resolve()} writable", "")
+
+
+def _check_object_store(data_dir: str, timeout_s: float = 15.0) -> Check:
+    from deltalake._internal import DeltaFileSystemHandler
+
+    failure: list[str] = []
+
+    def probe() -> None:
+        try:
+            store = DeltaFileSystemHandler(data_dir)
+            out = store.open_output_stream("_nettel_probe")
+            out.write(b"nettel doctor\n")
+            out.close()  # type: ignore[attr-defined]  # there, but not in the stubs
+            store.delete_file("_nettel_probe")
+        except Exception as e:  # any failure is the answer
+            failure.append(str(e).splitlines()[0][:200])
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    hint = ("check AWS_ENDPOINT_URL, AWS_REGION, AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY "
+            "(README: Configuration, S3)")  # fmt: skip
+    if thread.is_alive():
+        return ("data dir", False, f"{data_dir}: no answer in {timeout_s:.0f} s", hint)
+    if failure:
+        return ("data dir", False, f"{data_dir}: {failure[0]}", hint)
+    return ("data dir", True, f"{data_dir} writable (object store)", "")
 
 
 async def _consume_alone(settings: Settings,

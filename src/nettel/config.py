@@ -95,6 +95,11 @@ class Settings:
         "data dir (path or s3:// URI); unset: $XDG_DATA_HOME/nettel (~/.local/share/nettel), "
         "/var/lib/nettel for root",
     )  # fmt: skip
+    local_dir: str = _field(
+        "", "NETTEL_LOCAL_DIR",
+        "where files that stay on this host go (the embedded broker's log, epoch and pid); "
+        "unset: the data dir, or the default local data dir when the data dir is s3://",
+    )  # fmt: skip
     window_grace_s: float = _field(
         30.0, "NETTEL_WINDOW_GRACE_S", "seconds a minute window waits for late samples"
     )
@@ -175,6 +180,11 @@ class Settings:
     def __post_init__(self) -> None:
         if not self.data_dir:
             object.__setattr__(self, "data_dir", default_data_dir(os.environ))
+        _check_data_dir(self.data_dir)
+        if not self.local_dir:
+            local = default_data_dir(os.environ) if is_remote(self.data_dir) else self.data_dir
+            object.__setattr__(self, "local_dir", local)
+        _check("://" not in self.local_dir, "local_dir", self.local_dir, "a local path")
         for name, number in _NUMBERS.items():
             value = getattr(self, name)
             _check(number.admits(value), name, value, number.allowed)
@@ -229,6 +239,9 @@ class Settings:
                 values[f.name] = _parse(f.name, setting.env, raw)
         values.update({k: v for k, v in overrides.items() if v is not None})
         values.setdefault("data_dir", default_data_dir(env))
+        if is_remote(values["data_dir"]):
+            values.setdefault("local_dir", default_data_dir(env))
+            check_object_store_env(env)
         return cls(**values)
 
     @classmethod
@@ -268,6 +281,53 @@ def default_data_dir(env: Mapping[str, str], uid: int | None = None) -> str:
         return os.path.join(xdg, "nettel")
     home = env.get("HOME") or os.path.expanduser("~")
     return os.path.join(home, ".local", "share", "nettel")
+
+
+#: URI schemes a data dir may have besides a plain path (``s3a`` is read as ``s3``).
+DATA_DIR_SCHEMES = ("s3", "s3a", "file")
+
+
+def is_remote(data_dir: str) -> bool:
+    """Whether ``data_dir`` is an object-store URI rather than a local path.
+
+    Examples
+    --------
+    >>> is_remote("s3://bucket/nettel"), is_remote("/var/lib/nettel"), is_remote("file:///d")
+    (True, False, False)
+    """
+    return "://" in data_dir and not data_dir.startswith("file://")
+
+
+def _check_data_dir(data_dir: str) -> None:
+    """A path, or a URI of a supported scheme with a bucket."""
+    if "://" not in data_dir:
+        return
+    scheme, _, rest = data_dir.partition("://")
+    allowed = "a local path or s3://BUCKET[/PREFIX] (storage options: the AWS_* env vars)"
+    _check(scheme in DATA_DIR_SCHEMES, "data_dir", data_dir, allowed)
+    _check(scheme == "file" or bool(rest.split("/", 1)[0]), "data_dir", data_dir, allowed)
+
+
+def check_object_store_env(env: Mapping[str, str]) -> None:
+    """The AWS_* storage options an ``s3://`` data dir is reached with, where a wrong
+    combination would only fail later, deep in a write.
+
+    Examples
+    --------
+    >>> check_object_store_env({"AWS_ENDPOINT_URL": "https://s3.example.com"})
+    >>> try:
+    ...     check_object_store_env({"AWS_ENDPOINT_URL": "http://127.0.0.1:8333"})
+    ... except ConfigError as e:
+    ...     print(e)
+    AWS_ALLOW_HTTP=None is not valid: expected true when AWS_ENDPOINT_URL is http://
+    """
+    endpoint = env.get("AWS_ENDPOINT_URL") or env.get("AWS_ENDPOINT") or ""
+    if endpoint.startswith("http://") and env.get("AWS_ALLOW_HTTP", "").lower() != "true":
+        raise ConfigError("AWS_ALLOW_HTTP", env.get("AWS_ALLOW_HTTP"),
+                          "true when AWS_ENDPOINT_URL is http://")  # fmt: skip
+    if env.get("AWS_CONDITIONAL_PUT", "").lower() == "disabled":
+        raise ConfigError("AWS_CONDITIONAL_PUT", "disabled",
+                          "etag or unset: Delta commits need conditional PUT")  # fmt: skip
 
 
 _LITERALS: dict[str, Any] = {"source": Source, "log_format": LogFormat, "log_level": LogLevel}

@@ -7,9 +7,9 @@ how long vacuum keeps removed files. One pass per table: make sure the table's l
 settings are set, delete what expired, compact small files with the table's writer
 properties, and vacuum files no longer referenced, keeping a retention window so
 that readers on an older snapshot never lose a file under them. A pass with nothing to
-do commits nothing (an idle service's tables stay at their version). On local disk the
-window tables' partitions are compacted by a rewrite into one file each, in time order
-with hour-sized row groups and the rollups' partial rows merged
+do commits nothing (an idle service's tables stay at their version). The window
+tables' partitions (on local disk and on S3) are compacted by a rewrite into one file
+each, in time order with hour-sized row groups and the rollups' partial rows merged
 (:func:`rewrite_partitions`): what keeps queries fast. None of it changes what a reader
 sees: compaction and rewrites are ``dataChange=false`` (invisible to readers and to the
 change data feed the rollups read), retention removes only expired days.
@@ -31,9 +31,11 @@ from urllib.parse import unquote
 
 import polars as pl
 from deltalake import DeltaTable, WriterProperties
+from deltalake._internal import DeltaFileSystemHandler
 from deltalake.exceptions import CommitFailedError, TableNotFoundError
 from deltalake.transaction import AddAction, RemoveAction
 
+from nettel.config import is_remote
 from nettel.store.alerts import alerts_schema
 from nettel.store.bands import (
     BANDS_RETENTION_DAYS,
@@ -41,7 +43,7 @@ from nettel.store.bands import (
     state_writer_properties,
 )
 from nettel.store.directory import DIRECTORY_RETENTION_DAYS
-from nettel.store.minute import writer_properties
+from nettel.store.minute import round_rates, writer_properties
 from nettel.store.resources import RESOURCE_ROLLUP
 from nettel.store.rollup import DAY_MS, HOUR_MS, NETWORK_ROLLUP, RollupSpec, rollup_frame
 
@@ -174,8 +176,10 @@ def maintain_table(
             say(f"{name}: deleting rows before {cutoff}")
             report.rows_deleted = _delete_before(table, rule.column, cutoff, rule.group)
     say(f"{name}: compacting")
-    if name in LAYOUT_TABLES and ("://" not in uri or uri.startswith("file://")):
-        report.partitions_rewritten = rewrite_partitions(table, uri.removeprefix("file://"), name)
+    if name in LAYOUT_TABLES:
+        report.partitions_rewritten = rewrite_partitions(
+            table, uri.removeprefix("file://"), name, storage_options
+        )
     table.optimize.compact(writer_properties=writer_props or _writer_props(name))
     say(f"{name}: vacuuming")
     hours = vacuum_retention_hours
@@ -277,18 +281,21 @@ def _stats(frame: pl.DataFrame) -> str:
     })  # fmt: skip
 
 
-def rewrite_partitions(table: DeltaTable, path: str, name: str) -> int:
-    """Rewrite each ``date`` partition of a local window table into one ordered file;
-    returns the partitions rewritten.
+def rewrite_partitions(table: DeltaTable, path: str, name: str,
+                       storage_options: dict[str, str] | None = None) -> int:  # fmt: skip
+    """Rewrite each ``date`` partition of a window table (a local path or an ``s3://``
+    URI) into one ordered file; returns the partitions rewritten.
 
     Rows go in (hour, container, ts) order with row groups of :data:`ROW_GROUP_ROWS`:
     sorted by container within each hour (runs that compress as well as the DESIGN's
-    (container, ts) order) while a time range reads only the row groups of its hours.
+    (container, ts) order) while a time range reads only the row groups of its hours;
+    rates rounded as every writer stores them (:func:`~nettel.store.minute.round_rates`).
     Rollup tables (``hour``, ``day``) also merge the partial rows their rolls leave
     (one per roll: a day holds 288 per container) into one row per container,
     partition and period: readers add them up, so no answer changes.
 
-    The new file replaces the old ones in one ``dataChange=false`` commit, like
+    The new file is written beside the table (a staging table under it), moved into the
+    partition and replaces the old ones in one ``dataChange=false`` commit, like
     compaction: invisible to the change data feed that rollups and queries read, and
     to readers (vacuum keeps the old files for snapshots that still list them). Files
     appended meanwhile are not in the commit and stay. A partition that already is
@@ -302,6 +309,7 @@ def rewrite_partitions(table: DeltaTable, path: str, name: str) -> int:
     schema = spec.schema()
     props = writer_properties(schema)
     props.max_row_group_size = ROW_GROUP_ROWS
+    store = DeltaFileSystemHandler(path, storage_options)
     done = 0
     for (date,), group in files.group_by("partition.date", maintain_order=True):
         paths = group["path"].to_list()
@@ -312,27 +320,31 @@ def rewrite_partitions(table: DeltaTable, path: str, name: str) -> int:
         # exactly the files the commit removes (not the newest snapshot: it may hold more)
         rows = (
             pl.scan_parquet([f"{path}/{unquote(p)}" for p in paths], hive_partitioning=True,
-                            hive_schema={"date": pl.String()})
+                            hive_schema={"date": pl.String()}, storage_options=storage_options)
             .select(list(schema)).collect()
         )  # fmt: skip
         if period_ms is not None:
             rows = rollup_frame(rows, period_ms, spec)
         hour = pl.col("ts").dt.truncate("1h")
-        rows = rows.sort(hour, "container", "ts")
-        staging = f"{path}/_nettel_rewrite_{uuid.uuid4().hex}"
+        rows = round_rates(rows.sort(hour, "container", "ts"))
+        staging = f"_nettel_rewrite_{uuid.uuid4().hex}"
         rel = f"date={date}/{LAYOUT_PREFIX}{uuid.uuid4().hex}.parquet"
         try:
-            rows.write_delta(staging, mode="overwrite", delta_write_options={
-                "partition_by": ["date"], "writer_properties": props})  # fmt: skip
-            written = DeltaTable(staging).file_uris()
-            if len(written) != 1:
+            rows.write_delta(f"{path}/{staging}", mode="overwrite",
+                             storage_options=storage_options, delta_write_options={
+                                 "partition_by": ["date"], "writer_properties": props})  # fmt: skip
+            written = pl.DataFrame(DeltaTable(f"{path}/{staging}", storage_options=storage_options)
+                                   .get_add_actions(flatten=True))  # fmt: skip
+            if written.height != 1:
                 continue
-            os.replace(written[0].removeprefix("file://"), f"{path}/{rel}")
+            new_size = int(written["size_bytes"][0])
+            store.move_file(f"{staging}/{unquote(written['path'][0])}", rel)
         finally:
-            shutil.rmtree(staging, ignore_errors=True)
+            store.delete_dir(staging)
+            if not is_remote(path):
+                shutil.rmtree(f"{path}/{staging}", ignore_errors=True)  # empty folders stay
         now_ms = time.time_ns() // 1_000_000
-        add = AddAction(rel, os.path.getsize(f"{path}/{rel}"), {"date": date}, now_ms, False,
-                        _stats(rows))  # fmt: skip
+        add = AddAction(rel, new_size, {"date": date}, now_ms, False, _stats(rows))
         removes = [RemoveAction(p, False, now_ms, size, {"date": date})
                    for p, size in group.select("path", "size_bytes").iter_rows()]  # fmt: skip
         try:
@@ -340,10 +352,10 @@ def rewrite_partitions(table: DeltaTable, path: str, name: str) -> int:
                 [add, *removes], mode="append", schema=table.schema(), partition_by=["date"]
             )
         except CommitFailedError:
-            os.remove(f"{path}/{rel}")  # a concurrent change: tried again next pass
+            store.delete_file(rel)  # a concurrent change: tried again next pass
             continue
         except BaseException:
-            os.remove(f"{path}/{rel}")
+            store.delete_file(rel)
             raise
         table.update_incremental()
         done += 1

@@ -8,7 +8,8 @@ committed offsets.
 
 Layout (DESIGN.md, Delta notes): partitioned by ``date``; rows sorted by (container,
 time); zstd 3; integer and timestamp columns DELTA_BINARY_PACKED without dictionary;
-ids as strings; timestamps timezone-aware UTC.
+float (rate) columns BYTE_STREAM_SPLIT, rounded to :data:`RATE_MANTISSA_BITS` bits of
+mantissa; ids as strings; timestamps timezone-aware UTC.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import polars as pl
 import structlog
 from deltalake import (
@@ -79,6 +81,40 @@ def minute_schema() -> dict[str, pl.DataType]:
     for state in TCP_STATES:
         schema[f"tcp_{state}_max"] = pl.Int64()
     return schema
+
+
+#: Mantissa bits a stored rate keeps (of a float64's 52): a relative error under
+#: 2**-17 (7.6e-6), five significant digits, past the four every answer shows and the
+#: jitter of the sample interval the rates are divided by. With the bits below them zero,
+#: BYTE_STREAM_SPLIT and zstd keep a rate in about 2 bytes instead of 7.
+RATE_MANTISSA_BITS = 16
+
+
+def round_rates(frame: pl.DataFrame) -> pl.DataFrame:
+    """``frame`` with every float64 column rounded to :data:`RATE_MANTISSA_BITS` bits of
+    mantissa (to nearest; nulls stay null; rounding twice changes nothing).
+
+    Examples
+    --------
+    >>> f = round_rates(pl.DataFrame({"r": [1234.56789, None, 0.2], "n": [1, 2, 3]}))
+    >>> f["r"].to_list(), f["n"].to_list()
+    ([1234.5625, None, 0.20000076293945312], [1, 2, 3])
+    >>> round_rates(f).equals(f)
+    True
+    """
+    drop = 52 - RATE_MANTISSA_BITS
+    half, keep = np.uint64(1 << (drop - 1)), ~np.uint64((1 << drop) - 1)
+    rounded = []
+    for name, dtype in frame.schema.items():
+        if dtype != pl.Float64 or not frame.height:
+            continue
+        column = frame[name]
+        bits = column.fill_null(0.0).to_numpy().view(np.uint64)
+        values = pl.Series(name, ((bits + half) & keep).view(np.float64))
+        rounded.append(values if not column.has_nulls()
+                       else pl.select(pl.when(column.is_null()).then(None)
+                                      .otherwise(values)).to_series().alias(name))  # fmt: skip
+    return frame.with_columns(rounded) if rounded else frame
 
 
 def writer_properties(schema: Mapping[str, pl.DataType]) -> WriterProperties:
@@ -193,7 +229,7 @@ class MinuteTable:
         merge: dict[str, Any] = {"schema_mode": mode} if mode else {}
         for attempt in range(1, attempts + 1):
             try:
-                frame.write_delta(
+                round_rates(frame).write_delta(
                     self.uri,
                     mode="append",
                     storage_options=self.storage_options,
