@@ -1,0 +1,676 @@
+"""Every metric baseline of a partition in one set of numpy arrays, scored a batch at a time.
+
+A :class:`BaselineStore` holds one row per (container, metric): the novelty-of-extremes
+baseline that :class:`~nettel.detect.baseline.TrafficBaseline` describes, as columns
+(``[rows]`` arrays of the running numbers, ``[rows, depth]`` rings of 5-minute buckets)
+and seasonal slots (15-minute slots of the day and hours of the week side by side,
+``[rows, 264]``). :meth:`BaselineStore.score_learn` scores and learns any set of distinct
+rows at once, every step a numpy operation over those rows, so a partition's events are
+scored in rounds (one event per container per round) at a cost per round, not per metric.
+
+What a row costs: the slots' visit counts (uint16) always; their levels and spreads
+(float32) and last-flag marks (uint16) only once the row learned a level other than 0
+(most containers never have errors, drops, SYN_RECV or CLOSE_WAIT: a slot of such a row
+is 0 once visited, and nothing else). Rows of forgotten containers are reused.
+
+Examples
+--------
+>>> import numpy as np
+>>> store = BaselineStore(warmup=10)
+>>> rows = np.array([store.add_row(), store.add_row()])
+>>> for i in range(200):
+...     _ = store.score_learn(rows, np.array([100.0 + i % 7, 5.0 + i % 3]),
+...                           np.full(2, i * 60_000, dtype=np.int64))
+>>> score, raw = store.score_learn(rows, np.array([104.0, 500.0]),
+...                                np.full(2, 200 * 60_000, dtype=np.int64))
+>>> float(score[0]), bool(score[1] > 1)
+(0.0, True)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any, Final
+
+import numpy as np
+import numpy.typing as npt
+
+#: A few milliseconds' worth of names shared with :mod:`nettel.detect.baseline`.
+MINUTE_MS: Final = 60_000
+HOUR_MS: Final = 3_600_000
+DAY_MS: Final = 24 * HOUR_MS
+WEEK_MS: Final = 7 * DAY_MS
+#: 1970-01-01 was a Thursday: shifting by 3 days puts slot 0 of a week on Monday 00:00 UTC.
+MONDAY_OFFSET_MS: Final = 3 * DAY_MS
+#: Points learned before flags count as events that can recur.
+RECURRING_AFTER: Final = 100
+#: 15-minute slots of the day, hours of the week.
+DEFAULT_SEASONS: Final = ((DAY_MS, 15 * MINUTE_MS), (WEEK_MS, HOUR_MS))
+#: Samples are gathered into buckets of this length for the moving averages.
+BUCKET_MS: Final = 5 * MINUTE_MS
+#: "No timestamp yet" in the int64 time columns.
+NO_TS: Final = np.iinfo(np.int64).min
+
+Floats = npt.NDArray[np.float64]
+Ints = npt.NDArray[np.int64]
+
+
+def _buckets(duration_ms: int, bucket_ms: int) -> int:
+    return max(1, round(duration_ms / bucket_ms))
+
+
+#: Per-row columns: name -> (dtype, initial value, width: 0 for [rows], else a key).
+_SCALARS: Final = {
+    "n": (np.int64, 0), "lo": (np.float64, math.inf), "hi": (np.float64, -math.inf),
+    "first_ts": (np.int64, NO_TS), "last_ts": (np.int64, NO_TS),
+    "last_raw": (np.float64, 0.0), "dt": (np.float64, 0.0), "k": (np.int64, 1),
+    "mean": (np.float64, math.nan), "spread": (np.float64, 0.0),
+    "noise": (np.float64, 0.0), "rel_noise": (np.float64, 0.0),
+    "fine_last": (np.float64, 0.0), "pos": (np.int64, -1), "filled": (np.int64, 0),
+    "bucket_sum": (np.float64, 0.0), "bucket_n": (np.int64, 0),
+    "bucket_peak": (np.float64, 0.0), "level_row": (np.int32, -1),
+    "flagged_since": (np.int64, -1), "flagged_run": (np.int64, 0),
+}  # fmt: skip
+
+
+class BaselineStore:
+    """Rows of metric baselines (see the module docstring); the parameters are those of
+    :class:`~nettel.detect.baseline.TrafficBaseline`, which documents them.
+
+    Rows are added with :meth:`add_row`, given back with :meth:`release` (and reused),
+    scored and learned with :meth:`score_learn`, queried with :meth:`band`.
+    """
+
+    def __init__(
+        self,
+        scales_ms: Sequence[int] = (30 * MINUTE_MS, 2 * HOUR_MS),
+        bucket_ms: int = BUCKET_MS,
+        seasons: Sequence[tuple[int, int]] = DEFAULT_SEASONS,
+        seasonal_smoothing_ms: int = 30 * MINUTE_MS,
+        seasonal_rate: float = 0.15,
+        seasonal_weight: float = 0.5,
+        seasonal_warmup: int = 288,
+        rest_ms: int = 125 * MINUTE_MS,
+        refire_ratio: float = 2.0,
+        warmup: int = 60,
+        learn_recurring: bool = True,
+        noise_margin: float = 3.0,
+        noise_ms: int = DAY_MS,
+        fine_margin: float = 10.0,
+        quiet_ms: int = DAY_MS,
+        quiet_below: float = 1.0,
+    ) -> None:
+        self.scales_ms = tuple(scales_ms)
+        self.bucket_ms = bucket_ms
+        self.seasons = tuple((int(p), int(s)) for p, s in seasons)
+        self.seasonal_smoothing_ms = seasonal_smoothing_ms
+        self.seasonal_rate = seasonal_rate
+        self.seasonal_weight = seasonal_weight
+        self.seasonal_warmup = seasonal_warmup
+        self.rest_ms = rest_ms
+        self.refire_ratio = refire_ratio
+        self.warmup = warmup
+        self.learn_recurring = learn_recurring
+        self.noise_margin = noise_margin
+        self.noise_ms = noise_ms
+        self.fine_margin = fine_margin
+        self.quiet_ms = quiet_ms
+        self.quiet_below = quiet_below
+        # Moving averages over m buckets: the last m - 1 full buckets and the one filling.
+        lengths = (*self.scales_ms, seasonal_smoothing_ms)
+        self._ms = sorted({_buckets(d, bucket_ms) for d in lengths})
+        self._scale_at = [self._ms.index(_buckets(d, bucket_ms)) for d in self.scales_ms]
+        self._smooth_at = self._ms.index(_buckets(seasonal_smoothing_ms, bucket_ms))
+        self._rest = _buckets(rest_ms, bucket_ms) if rest_ms > 0 else 0
+        self._depth = max(*self._ms, self._rest, 1)
+        # Seasons side by side on one slot axis: season j's slots start at _offsets[j].
+        self._widths = [max(1, p // s) for p, s in self.seasons]
+        self._offsets = [sum(self._widths[:j]) for j in range(len(self.seasons))]
+        self._slots = sum(self._widths)
+        # Longest period first, for bands.
+        self._by_period = sorted(range(len(self.seasons)), key=lambda j: -self.seasons[j][0])
+        self._capacity = 0
+        self._free: list[int] = []
+        self._size = 0  # rows ever handed out (free ones included)
+        self._level_capacity = 0
+        self._level_free: list[int] = []
+        self._level_size = 0
+        self.cols: dict[str, np.ndarray[Any, Any]] = {}
+        for name, (dtype, _) in _SCALARS.items():
+            self.cols[name] = np.empty(0, dtype=dtype)
+        ns, nm, ne = len(self.scales_ms), len(self._ms), len(self.seasons)
+        self.cols["scale_lo"] = np.empty((0, ns))
+        self.cols["scale_hi"] = np.empty((0, ns))
+        self.cols["tails"] = np.empty((0, nm))
+        self.cols["tail_n"] = np.empty((0, nm), dtype=np.int64)
+        self.cols["sums"] = np.empty((0, self._depth))
+        self.cols["counts"] = np.empty((0, self._depth), dtype=np.uint16)
+        self.cols["peaks"] = np.empty((0, self._depth), dtype=np.float32)
+        self.cols["residuals"] = np.empty((0, ne), dtype=np.int64)
+        self.cols["res_lo"] = np.empty((0, ne))
+        self.cols["res_hi"] = np.empty((0, ne))
+        self.cols["visits"] = np.empty((0, self._slots), dtype=np.uint16)
+        # Only rows that learned a level other than 0 (see level_row):
+        self.levels = np.empty((0, self._slots), dtype=np.float32)
+        self.spreads = np.empty((0, self._slots), dtype=np.float32)
+        self.flags = np.empty((0, self._slots), dtype=np.uint16)
+
+    # -- rows ---------------------------------------------------------------------------
+
+    @property
+    def params(self) -> dict[str, Any]:
+        """The constructor parameters."""
+        names = (
+            "scales_ms", "bucket_ms", "seasons", "seasonal_smoothing_ms", "seasonal_rate",
+            "seasonal_weight", "seasonal_warmup", "rest_ms", "refire_ratio", "warmup",
+            "learn_recurring", "noise_margin", "noise_ms", "fine_margin", "quiet_ms",
+            "quiet_below",
+        )  # fmt: skip
+        return {k: getattr(self, k) for k in names}
+
+    @property
+    def rows(self) -> int:
+        """Rows in use."""
+        return self._size - len(self._free)
+
+    def add_row(self) -> int:
+        """A fresh row (a reused one when a row was released)."""
+        if self._free:
+            row = self._free.pop()
+        else:
+            if self._size == self._capacity:
+                self._grow(max(16, self._capacity // 4))
+            row = self._size
+            self._size += 1
+        self._reset(row)
+        return row
+
+    def release(self, row: int) -> None:
+        """Give ``row`` back (its container was forgotten)."""
+        self.release_levels(row)
+        self._free.append(row)
+
+    def _grow(self, extra: int) -> None:
+        self._capacity += extra
+        for name, arr in self.cols.items():
+            bigger = np.zeros((self._capacity, *arr.shape[1:]), dtype=arr.dtype)
+            bigger[: len(arr)] = arr
+            self.cols[name] = bigger
+
+    def _reset(self, row: int) -> None:
+        c = self.cols
+        for name, (_, initial) in _SCALARS.items():
+            c[name][row] = initial
+        c["scale_lo"][row] = math.inf
+        c["scale_hi"][row] = -math.inf
+        for name in ("tails", "tail_n", "sums", "counts", "peaks", "residuals", "visits"):
+            c[name][row] = 0
+        c["res_lo"][row] = math.inf
+        c["res_hi"][row] = -math.inf
+
+    def _level_row(self, row: int) -> int:
+        """The row's slot levels, made when first needed: until then every visited slot's
+        level is 0 with no spread and no flag (all the row ever learned was 0)."""
+        level = int(self.cols["level_row"][row])
+        if level >= 0:
+            return level
+        if self._level_free:
+            level = self._level_free.pop()
+        else:
+            if self._level_size == self._level_capacity:
+                self._level_capacity += max(16, self._level_capacity // 4)
+                for name in ("levels", "spreads", "flags"):
+                    arr = getattr(self, name)
+                    bigger = np.zeros((self._level_capacity, self._slots), dtype=arr.dtype)
+                    bigger[: len(arr)] = arr
+                    setattr(self, name, bigger)
+            level = self._level_size
+            self._level_size += 1
+        visited = self.cols["visits"][row] > 0
+        self.levels[level] = np.where(visited, np.float32(0.0), np.float32(np.nan))
+        self.spreads[level] = 0.0
+        self.flags[level] = 0
+        self.cols["level_row"][row] = level
+        return level
+
+    def copy_row(self, src: int, dst: int, source: BaselineStore | None = None) -> None:
+        """Make ``dst`` hold what ``src`` (of ``source``, this store by default) holds."""
+        origin = self if source is None else source
+        for name, arr in self.cols.items():
+            if name != "level_row":
+                arr[dst] = origin.cols[name][src]
+        level = int(origin.cols["level_row"][src])
+        if level >= 0:
+            mine = self._level_row(dst)
+            self.levels[mine] = origin.levels[level]
+            self.spreads[mine] = origin.spreads[level]
+            self.flags[mine] = origin.flags[level]
+        elif int(self.cols["level_row"][dst]) >= 0:
+            self.release_levels(dst)
+
+    def release_levels(self, row: int) -> None:
+        """Drop ``row``'s slot levels (it learned 0 only)."""
+        level = int(self.cols["level_row"][row])
+        if level >= 0:
+            self._level_free.append(level)
+            self.cols["level_row"][row] = -1
+
+    def forget_recent(self, row: int) -> None:
+        """Drop what ``row`` saw recently (its buckets, detections, last time), keeping what
+        it learned: a prior for a new container."""
+        c = self.cols
+        for name in ("peaks", "tails", "tail_n"):
+            c[name][row] = 0
+        c["last_ts"][row] = NO_TS
+        c["filled"][row] = 0
+        c["pos"][row] = -1
+        c["bucket_sum"][row] = c["bucket_peak"][row] = c["fine_last"][row] = 0.0
+        c["bucket_n"][row] = 0
+        c["flagged_since"][row] = -1
+        c["flagged_run"][row] = 0
+
+    # -- slots --------------------------------------------------------------------------
+
+    def _slot_columns(self, ts_ms: Ints) -> list[Ints]:
+        shifted = ts_ms + MONDAY_OFFSET_MS
+        return [off + (shifted % p) // s
+                for off, (p, s) in zip(self._offsets, self.seasons, strict=True)]  # fmt: skip
+
+    def _slot_values(self, rows: Ints, col: Ints) -> tuple[Floats, Floats]:
+        """(level, spread) of each row's slot ``col`` (NaN level: never visited)."""
+        level_rows = self.cols["level_row"][rows]
+        made = level_rows >= 0
+        if made.all():
+            return (self.levels[level_rows, col].astype(np.float64),
+                    self.spreads[level_rows, col].astype(np.float64))  # fmt: skip
+        visited = self.cols["visits"][rows, col] > 0
+        level = np.where(visited, 0.0, np.nan)
+        spread = np.zeros(len(rows))
+        if made.any():
+            lr, c = level_rows[made], col[made]
+            level[made] = self.levels[lr, c]
+            spread[made] = self.spreads[lr, c]
+        return level, spread
+
+    # -- scoring ------------------------------------------------------------------------
+
+    def score_learn(
+        self, rows: Ints, values: Floats, ts_ms: Ints, learn_below: Floats | float = math.inf
+    ) -> tuple[Floats, Floats]:
+        """Score each row's value, then learn it where its evidence is below
+        ``learn_below``; one pass. ``rows`` must be distinct. Returns (score, evidence):
+        the evidence (``last_raw``) stays high for as long as an anomaly lasts, where the
+        score fires once (see :class:`~nettel.detect.baseline.TrafficBaseline`)."""
+        c = self.cols
+        n = c["n"][rows]
+        raw, averages, valid, fine = self._raw(rows, values, ts_ms, n)
+        warm = n >= max(self.warmup, 1)
+        score = np.where(warm & self.scores_at(rows, raw, ts_ms), self._suppressed(rows, raw), 0.0)
+        last_raw = np.where(warm, raw, 0.0)
+        c["last_raw"][rows] = last_raw
+        learn = last_raw < learn_below
+        flagged = ~learn
+        if flagged.any() and self.learn_recurring:
+            for i in np.flatnonzero(flagged & (n >= RECURRING_AFTER)):
+                if self._recurring_flag(int(rows[i]), int(ts_ms[i])):
+                    learn[i] = True
+        if learn.all():
+            self._learn(rows, values, ts_ms, averages, valid)
+        elif learn.any():
+            self._learn(rows[learn], values[learn], ts_ms[learn],
+                        [a[learn] for a in averages], [v[learn] for v in valid])  # fmt: skip
+        self._push(rows, values, ts_ms, raw, fine)
+        return score, last_raw
+
+    def score_only(self, rows: Ints, values: Floats, ts_ms: Ints) -> Floats:
+        """Scores, learning nothing (0 while warming up)."""
+        n = self.cols["n"][rows]
+        raw, _, _, _ = self._raw(rows, values, ts_ms, n)
+        warm = n >= max(self.warmup, 1)
+        return np.where(warm & self.scores_at(rows, raw, ts_ms), self._suppressed(rows, raw), 0.0)
+
+    def scores_at(self, rows: Ints, raw: Floats, ts_ms: Ints) -> npt.NDArray[np.bool_]:
+        """Whether each evidence counts (see :meth:`counts`)."""
+        first = self.cols["first_ts"][rows]
+        return (raw >= self.quiet_below) | ((first != NO_TS) & (ts_ms - first >= self.quiet_ms))
+
+    def counts(self, row: int, evidence: float, ts_ms: int) -> bool:
+        """Whether ``evidence`` at ``ts_ms`` scores for ``row`` (see
+        :meth:`~nettel.detect.baseline.TrafficBaseline.counts`)."""
+        if evidence >= self.quiet_below:
+            return True
+        first = int(self.cols["first_ts"][row])
+        return first != NO_TS and ts_ms - first >= self.quiet_ms
+
+    def _averages(self, rows: Ints, values: Floats) -> tuple[list[Floats], list[Any]]:
+        c = self.cols
+        s = c["bucket_sum"][rows] + values
+        n = c["bucket_n"][rows] + 1
+        filled = c["filled"][rows]
+        tails, tail_n = c["tails"][rows], c["tail_n"][rows]
+        averages = [(tails[:, j] + s) / (tail_n[:, j] + n) for j in range(len(self._ms))]
+        valid = [filled >= m - 1 for m in self._ms]
+        return averages, valid
+
+    def _raw(
+        self, rows: Ints, values: Floats, ts_ms: Ints, n: Ints
+    ) -> tuple[Floats, list[Floats], list[Any], Floats]:
+        """(evidence, moving averages, which are filled, fine excess) of each row."""
+        c = self.cols
+        averages, valid = self._averages(rows, values)
+        lo, hi = c["lo"][rows], c["hi"][rows]
+        span = hi - lo
+        ranged = span > 0
+        unit = np.where(ranged, span, 1.0)
+        fast = c["k"][rows] > 1
+        margin = np.where(fast, self.noise_margin * c["noise"][rows], 0.0)
+        with np.errstate(invalid="ignore"):
+            below = np.where(values < lo - margin, (lo - margin - values) / unit, 0.0)
+            raw = np.where(values > hi + margin, (values - hi - margin) / unit, below)
+            lows, highs = c["scale_lo"][rows], c["scale_hi"][rows]
+            for i, j in enumerate(self._scale_at):
+                v, low, high = averages[j], lows[:, i], highs[:, i]
+                excess = np.where(v > high, (v - high) / unit,
+                                  np.where(v < low, (low - v) / unit, 0.0))  # fmt: skip
+                raw = np.where(valid[j] & (high >= low), np.maximum(raw, excess), raw)
+        fine = np.zeros(len(rows))
+        if self.seasons:
+            seasonal, fine, any_on = self._seasonal(rows, values, ts_ms, averages, unit)
+            smooth_ok = valid[self._smooth_at] & any_on
+            raw = np.where(smooth_ok, np.maximum(raw, self.seasonal_weight * seasonal), raw)
+            fine = np.where(fast & ranged & (n > 0), fine, 0.0)
+            both = np.minimum(fine, c["fine_last"][rows])
+            raw = np.where(fast, np.maximum(raw, self.seasonal_weight * both), raw)
+        raw = np.minimum(raw, 1e3)
+        plain = np.where((values == hi) | (n == 0), 0.0, 1.0)
+        raw = np.where(ranged, raw, plain)
+        raw = np.where(n > 0, raw, 0.0)
+        return raw, averages, valid, fine
+
+    def _seasonal(
+        self, rows: Ints, values: Floats, ts_ms: Ints, averages: list[Floats], unit: Floats
+    ) -> tuple[Floats, Floats, Any]:
+        """(seasonal excess of the smoothed level, fine excess of the sample, whether any
+        season scores) over the seasons that score and have a level at ts_ms's slot."""
+        c = self.cols
+        smooth = averages[self._smooth_at]
+        first = c["first_ts"][rows]
+        history = np.where(first != NO_TS, ts_ms - first, -1)
+        residuals = c["residuals"][rows]
+        res_lo, res_hi = c["res_lo"][rows], c["res_hi"][rows]
+        noise = self.fine_margin * c["rel_noise"][rows]
+        seasonal = np.full(len(rows), np.inf)
+        fine = np.full(len(rows), np.inf)
+        any_on = np.zeros(len(rows), dtype=bool)
+        for j, col in enumerate(self._slot_columns(ts_ms)):
+            period = self.seasons[j][0]
+            needed = period if period <= DAY_MS else 2 * period
+            on = (residuals[:, j] >= self.seasonal_warmup) & (first != NO_TS) & (history >= needed)
+            if not on.any():
+                continue
+            level, spread = self._slot_values(rows, col)
+            on &= ~np.isnan(level)
+            d = smooth - level
+            lo, hi = res_lo[:, j], res_hi[:, j]
+            with np.errstate(invalid="ignore"):
+                excess = np.where(d > hi, (d - hi) / unit,
+                                  np.where(d < lo, (lo - smooth + level) / unit, 0.0))  # fmt: skip
+                off = np.abs(values - level) - noise * np.abs(level) - 3.0 * spread
+                f = np.maximum(0.0, off) / unit
+            seasonal = np.where(on, np.minimum(seasonal, excess), seasonal)
+            fine = np.where(on, np.minimum(fine, f), fine)
+            any_on |= on
+        return seasonal, np.where(any_on, fine, 0.0), any_on
+
+    def _suppressed(self, rows: Ints, raw: Floats) -> Floats:
+        """``raw``, or 0 where a detection within ``rest_ms`` was at least 1/refire_ratio
+        of it (a repeat)."""
+        if self._rest <= 0:
+            return np.where(raw > 0, raw, 0.0)
+        c = self.cols
+        filled = np.minimum(c["filled"][rows], self._rest)
+        age = (c["pos"][rows][:, None] - np.arange(self._depth)) % self._depth
+        peaks = np.where(age < filled[:, None], c["peaks"][rows], 0.0).max(axis=1)
+        recent = np.maximum(peaks, c["bucket_peak"][rows])
+        return np.where((raw > 0) & (self.refire_ratio * recent < raw), raw, 0.0)
+
+    def _recurring_flag(self, row: int, ts_ms: int) -> bool:
+        """Whether a point flagged now was flagged at this time of a previous period too
+        (this slot or a neighbour); marks the slot either way."""
+        level = self._level_row(row)
+        flags = self.flags[level]
+        shifted = ts_ms + MONDAY_OFFSET_MS
+        seen = False
+        for off, width, (period, slot) in zip(self._offsets, self._widths, self.seasons,
+                                              strict=True):  # fmt: skip
+            i = (shifted % period) // slot
+            mark = min(shifted // period, 0xFFFE) + 1
+            if width > 2 and any(0 < flags[off + j % width] < mark for j in (i - 1, i, i + 1)):
+                seen = True
+            flags[off + i] = mark
+        return seen
+
+    # -- learning -----------------------------------------------------------------------
+
+    def _learn(
+        self, rows: Ints, values: Floats, ts_ms: Ints, averages: list[Floats], valid: list[Any]
+    ) -> None:
+        c = self.cols
+        lows, highs = c["scale_lo"][rows], c["scale_hi"][rows]
+        for i, j in enumerate(self._scale_at):
+            v, ok = averages[j], valid[j]
+            lows[:, i] = np.where(ok, np.minimum(lows[:, i], v), lows[:, i])
+            highs[:, i] = np.where(ok, np.maximum(highs[:, i], v), highs[:, i])
+        c["scale_lo"][rows], c["scale_hi"][rows] = lows, highs
+        c["lo"][rows] = np.minimum(c["lo"][rows], values)
+        c["hi"][rows] = np.maximum(c["hi"][rows], values)
+        first = c["first_ts"][rows]
+        c["first_ts"][rows] = np.where(first == NO_TS, ts_ms, first)
+        # Until the smoothing length is filled, the recent level is the mean of all so
+        # far: the same sum, as the tails hold every bucket until then.
+        level = averages[self._smooth_at]
+        n = c["n"][rows]
+        dt = c["dt"][rows]
+        a = np.minimum(1.0, np.maximum(np.where(dt != 0, dt, self.bucket_ms) / self.noise_ms,
+                                       1 / (n + 1)))  # fmt: skip
+        off = np.abs(values - level)
+        noise = c["noise"][rows]
+        c["noise"][rows] = noise + a * (off - noise)
+        rel = c["rel_noise"][rows]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            c["rel_noise"][rows] = np.where(level != 0, rel + a * (off / np.abs(level) - rel), rel)
+        mean, spread = c["mean"][rows], c["spread"][rows]
+        fresh = np.isnan(mean)
+        c["spread"][rows] = np.where(fresh, spread, spread + a * (np.abs(level - mean) - spread))
+        c["mean"][rows] = np.where(fresh, level, mean + a * (level - mean))
+        smooth_ok = valid[self._smooth_at]
+        if self.seasons and smooth_ok.any():
+            if smooth_ok.all():
+                self._learn_seasons(rows, level, ts_ms, dt)
+            else:
+                self._learn_seasons(rows[smooth_ok], level[smooth_ok], ts_ms[smooth_ok],
+                                    dt[smooth_ok])  # fmt: skip
+        c["n"][rows] = n + 1
+
+    def _learn_seasons(self, rows: Ints, v: Floats, ts_ms: Ints, dt: Floats) -> None:
+        c = self.cols
+        dt = np.where(dt != 0, dt, float(self.seasons[0][1]))
+        level_rows = c["level_row"][rows]
+        need = (level_rows < 0) & (v != 0)
+        for i in np.flatnonzero(need):
+            level_rows[i] = self._level_row(int(rows[i]))
+        made = level_rows >= 0
+        residuals, res_lo, res_hi = c["residuals"][rows], c["res_lo"][rows], c["res_hi"][rows]
+        for j, col in enumerate(self._slot_columns(ts_ms)):
+            slot_ms = self.seasons[j][1]
+            level, spread = self._slot_values(rows, col)  # before the visit is counted
+            count = c["visits"][rows, col].astype(np.int64)
+            count = np.where(count < 0xFFFF, count + 1, count)
+            c["visits"][rows, col] = count
+            first = np.isnan(level)
+            d = v - level
+            seen = ~first
+            residuals[:, j] += seen
+            res_lo[:, j] = np.where(seen & (d < res_lo[:, j]), d, res_lo[:, j])
+            res_hi[:, j] = np.where(seen & (d > res_hi[:, j]), d, res_hi[:, j])
+            if not made.any():
+                continue  # every row learned 0 only: its levels stay 0
+            r = self.seasonal_rate * np.minimum(dt, slot_ms) / slot_ms
+            r = np.minimum(np.maximum(r, 1.0 / count), 1.0)
+            new_level = np.where(first, v, level + r * d)
+            new_spread = np.where(first, spread, spread + r * (np.abs(d) - spread))
+            lr, cm = level_rows[made], col[made]
+            self.levels[lr, cm] = new_level[made]
+            self.spreads[lr, cm] = new_spread[made]
+        c["residuals"][rows], c["res_lo"][rows], c["res_hi"][rows] = residuals, res_lo, res_hi
+
+    def _push(self, rows: Ints, values: Floats, ts_ms: Ints, raw: Floats, fine: Floats) -> None:
+        """The input window moves on whether or not the point was learned."""
+        c = self.cols
+        last = c["last_ts"][rows]
+        later = (last != NO_TS) & (ts_ms > last)
+        if later.any():
+            dt = c["dt"][rows]
+            step = (ts_ms - last).astype(np.float64)
+            dt = np.where(later, np.where(dt == 0, step,
+                                          np.where(step < 4 * dt, dt + 0.05 * (step - dt), dt)),
+                          dt)  # fmt: skip
+            c["dt"][rows] = dt
+            k = np.maximum(1, np.rint(self.bucket_ms / np.where(dt > 0, dt, self.bucket_ms)))
+            k = k.astype(np.int64)
+            c["k"][rows] = np.where(later, k, c["k"][rows])
+        c["last_ts"][rows] = ts_ms
+        c["fine_last"][rows] = fine
+        c["bucket_sum"][rows] += values
+        bucket_n = c["bucket_n"][rows] + 1
+        c["bucket_n"][rows] = bucket_n
+        peak = c["bucket_peak"][rows]
+        c["bucket_peak"][rows] = np.where(raw > peak, np.minimum(raw, 1e30), peak)
+        full = bucket_n >= c["k"][rows]
+        if full.any():
+            self._close_buckets(rows[full])
+
+    def _close_buckets(self, rows: Ints) -> None:
+        c = self.cols
+        depth = self._depth
+        s = c["bucket_sum"][rows]
+        n = np.minimum(c["bucket_n"][rows], 0xFFFF)
+        pos, filled = c["pos"][rows], c["filled"][rows]
+        sums, counts = c["sums"], c["counts"]
+        for j, m in enumerate(self._ms):
+            if m > 1:
+                tail = c["tails"][rows, j] + s
+                tail_n = c["tail_n"][rows, j] + n
+                full = filled >= m - 1
+                leaving = (pos - (m - 2)) % depth
+                tail = np.where(full, tail - sums[rows, leaving], tail)
+                tail_n = np.where(full, tail_n - counts[rows, leaving], tail_n)
+                c["tails"][rows, j], c["tail_n"][rows, j] = tail, tail_n
+        pos = (pos + 1) % depth
+        c["pos"][rows] = pos
+        sums[rows, pos] = s
+        counts[rows, pos] = n
+        c["peaks"][rows, pos] = c["bucket_peak"][rows]
+        c["filled"][rows] = np.minimum(filled + 1, depth)
+        c["bucket_sum"][rows] = 0.0
+        c["bucket_n"][rows] = 0
+        c["bucket_peak"][rows] = 0.0
+        for row in rows[pos == 0]:  # once per turn of the ring, sum afresh (no drift)
+            self._resum(int(row))
+
+    def _resum(self, row: int) -> None:
+        c = self.cols
+        depth, pos, filled = self._depth, int(c["pos"][row]), int(c["filled"][row])
+        sums, counts = c["sums"][row].tolist(), c["counts"][row].tolist()
+        for j, m in enumerate(self._ms):
+            at = [(pos - i) % depth for i in range(min(filled, m - 1))]
+            c["tails"][row, j] = sum(sums[i] for i in at)
+            c["tail_n"][row, j] = sum(counts[i] for i in at)
+
+    # -- what a row knows ---------------------------------------------------------------
+
+    def expected(self, rows: Ints, ts_ms: Ints) -> Floats:
+        """The expected value of each row at ts_ms (the middle of :meth:`band`)."""
+        out = np.full(len(rows), np.nan)
+        cols = self._slot_columns(ts_ms)
+        for j in self._by_period:
+            level, _ = self._slot_values(rows, cols[j])
+            out = np.where(np.isnan(out), level, out)
+        recent = self.cols["mean"][rows]
+        out = np.where(np.isnan(out), recent, out)
+        return np.where(np.isnan(out), 0.0, out)
+
+    def band(self, row: int, ts_ms: int) -> tuple[float, float, str]:
+        """(expected, spread, basis) at ``ts_ms`` for ``row``: the longest period's slot
+        that was seen, else the recent level ("recent"), else nothing ("")."""
+        c = self.cols
+        shifted = ts_ms + MONDAY_OFFSET_MS
+        level_row = int(c["level_row"][row])
+        for j in self._by_period:
+            period, slot = self.seasons[j]
+            col = self._offsets[j] + (shifted % period) // slot
+            if level_row >= 0:
+                level = float(self.levels[level_row, col])
+                spread = float(self.spreads[level_row, col])
+            else:
+                level = 0.0 if c["visits"][row, col] > 0 else math.nan
+                spread = 0.0
+            if not math.isnan(level):
+                spread = max(spread, float(c["spread"][row]) * 0.25)
+                basis = "week" if period == WEEK_MS else "day" if period == DAY_MS else "slot"
+                return level, spread, basis
+        mean = float(c["mean"][row])
+        if math.isnan(mean):
+            return 0.0, 0.0, ""
+        return mean, float(c["spread"][row]), "recent"
+
+    def value(self, name: str, row: int) -> float:
+        """One per-row number (``n``, ``hi``, ``dt``, ``last_raw`` ...) as a float."""
+        return float(self.cols[name][row])
+
+    def warm_start(self, row: int, rows: Sequence[tuple[int, float, float, float]]) -> None:
+        """Seed ``row`` from ``(slot_start_ms, mean, low, high)`` rows in time order."""
+        c = self.cols
+        self._level_row(row)
+        r = np.array([row])
+        for start_ms, mean, low, high in rows:
+            c["lo"][row] = min(c["lo"][row], low)
+            c["hi"][row] = max(c["hi"][row], high)
+            c["scale_lo"][row] = np.minimum(c["scale_lo"][row], low)
+            c["scale_hi"][row] = np.maximum(c["scale_hi"][row], high)
+            if c["first_ts"][row] == NO_TS:
+                c["first_ts"][row] = start_ms
+            c["residuals"][row] = np.maximum(c["residuals"][row], self.seasonal_warmup)
+            dt = float(min(s for _, s in self.seasons) if self.seasons else HOUR_MS)
+            a = min(1.0, dt / self.noise_ms)
+            m = float(c["mean"][row])
+            if math.isnan(m):
+                c["mean"][row] = mean
+            else:
+                c["spread"][row] += a * (abs(mean - m) - c["spread"][row])
+                c["mean"][row] = m + a * (mean - m)
+            self._learn_seasons(r, np.array([float(mean)]), np.array([start_ms]), np.array([dt]))
+            c["res_lo"][row] = np.minimum(c["res_lo"][row], low - mean)
+            c["res_hi"][row] = np.maximum(c["res_hi"][row], high - mean)
+            c["n"][row] = max(int(c["n"][row]), self.warmup)
+
+    def accept(self, row: int, value: float, ts_ms: int) -> None:
+        """``value`` at ``ts_ms`` was normal: learn it and widen its slots to hold it."""
+        c = self.cols
+        c["scale_lo"][row] = np.minimum(c["scale_lo"][row], value)
+        c["scale_hi"][row] = np.maximum(c["scale_hi"][row], value)
+        c["lo"][row] = min(c["lo"][row], value)
+        c["hi"][row] = max(c["hi"][row], value)
+        level_row = self._level_row(row)
+        shifted = ts_ms + MONDAY_OFFSET_MS
+        for j, (period, slot) in enumerate(self.seasons):
+            col = self._offsets[j] + (shifted % period) // slot
+            level = float(self.levels[level_row, col])
+            if level != level:
+                self.levels[level_row, col] = level = value
+            d = value - level
+            c["res_lo"][row, j] = min(c["res_lo"][row, j], d)
+            c["res_hi"][row, j] = max(c["res_hi"][row, j], d)
+            spread = max(float(self.spreads[level_row, col]), 1.01 * abs(d) / 3.0)
+            self.spreads[level_row, col] = spread  # float32: a margin above
