@@ -213,6 +213,7 @@ class ContainerDetector(AnomalyDetector):
         # needed) or its partition's (FleetDetector.attach).
         self._store: BaselineStore | None = None
         self._rows: dict[str, int] = {}
+        self._row_sets: dict[int, list[int]] = {}  # rows_for's, by the set's length
 
     def new_store(self) -> BaselineStore:
         """An empty store for models of this detector's baseline parameters."""
@@ -239,12 +240,20 @@ class ContainerDetector(AnomalyDetector):
             row = self._rows[metric] = self.store.add_row()
         return row
 
+    def rows_for(self, metrics: tuple[str, ...]) -> list[int]:
+        """The rows of ``metrics`` (one of a few fixed sets, told apart by length)."""
+        rows = self._row_sets.get(len(metrics))
+        if rows is None:
+            rows = self._row_sets[len(metrics)] = [self.row(m) for m in metrics]
+        return rows
+
     def release(self) -> None:
         """Give this detector's rows back to its store (it is forgotten)."""
         if self._store is not None:
             for row in self._rows.values():
                 self._store.release(row)
         self._rows = {}
+        self._row_sets = {}
 
     @property
     def _models(self) -> dict[str, TrafficBaseline]:
@@ -402,6 +411,7 @@ class ContainerDetector(AnomalyDetector):
         twin = copy.copy(self)
         store = self.store
         twin._rows = {}
+        twin._row_sets = {}
         for metric, row in self._rows.items():
             new = twin._rows[metric] = store.add_row()
             store.copy_row(row, new)

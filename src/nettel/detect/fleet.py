@@ -48,7 +48,9 @@ import numpy as np
 from nettel.detect.alerts import Alert, AlertTracker, Direction, Signal, related_moves
 from nettel.detect.baseline import DAY_MS, HOUR_MS, Band
 from nettel.detect.container import (
+    GAUGE_METRICS,
     METRICS,
+    RATE_METRICS,
     ContainerDetector,
     MetricScore,
     make_detector,
@@ -57,6 +59,14 @@ from nettel.detect.rules import Rule, RuleSet
 from nettel.models import StatEvent
 
 RESTART_MEMORY_MS: Final = HOUR_MS
+#: The metrics of an event, by how many it has: the rates, plus the connection count,
+#: plus the TCP states (an event may lack either).
+METRIC_SETS: Final = {
+    6: RATE_METRICS,
+    7: (*RATE_METRICS, "connections"),
+    10: (*RATE_METRICS, *GAUGE_METRICS[1:]),
+    11: METRICS,
+}
 #: Event time after which a container that sent nothing is forgotten.
 FORGET_AFTER_MS: Final = 7 * DAY_MS
 
@@ -108,7 +118,8 @@ class FleetDetector:
             for r in rules
         }
         self._store = self.template.new_store()
-        self._floors = [self.template.min_volume.get(m, 0.0) for m in METRICS]
+        floor = self.template.min_volume
+        self._floors = {k: [floor.get(m, 0.0) for m in ms] for k, ms in METRIC_SETS.items()}
         self._containers: dict[str, ContainerDetector] = {}
         self._groups: dict[str, str] = {}  # "service:<p>/<s>" or "image:<i>" -> identity
         self._restarts: dict[str, deque[int]] = {}
@@ -231,65 +242,60 @@ class FleetDetector:
         """Score one event of each of several containers, every metric at once."""
         rows: list[int] = []
         values: list[float] = []
-        metric_at: list[int] = []
-        spans: list[tuple[int, int]] = []  # each event's slice of rows
-        floors = self._floors
+        floors: list[float] = []
+        sets: list[int] = []  # each event's metric set (METRIC_SETS), 0 for none
+        containers = self._containers
         for i in indices:
             ev = events[i]
-            start = len(rows)
-            if not (ev.counter_reset or ev.catch_up):
-                det = self._containers[ev.identity]
-                det_rows = det._rows
-                seconds = ev.interval_ms / 1000 if ev.interval_ms > 0 else 1.0
-                feats = [ev.rx_bytes / seconds, ev.tx_bytes / seconds,
-                         ev.rx_packets / seconds, ev.tx_packets / seconds,
-                         (ev.rx_errors + ev.tx_errors) / seconds,
-                         (ev.rx_drops + ev.tx_drops) / seconds]  # fmt: skip
-                if ev.connections is not None:
-                    feats.append(float(ev.connections))
-                if ev.tcp is not None:
-                    if ev.connections is None:
-                        feats.append(None)  # type: ignore[arg-type]
-                    t = ev.tcp
-                    feats += [float(t.syn_recv), float(t.time_wait), float(t.close_wait),
-                              float(t.established)]  # fmt: skip
-                for m, v in enumerate(feats):
-                    if v is None:
-                        continue
-                    metric = METRICS[m]
-                    row = det_rows.get(metric)
-                    rows.append(det.row(metric) if row is None else row)
-                    values.append(v)
-                    metric_at.append(m)
-            spans.append((start, len(rows)))
+            if ev.counter_reset or ev.catch_up:
+                sets.append(0)
+                continue
+            seconds = ev.interval_ms / 1000 if ev.interval_ms > 0 else 1.0
+            values += (ev.rx_bytes / seconds, ev.tx_bytes / seconds, ev.rx_packets / seconds,
+                       ev.tx_packets / seconds, (ev.rx_errors + ev.tx_errors) / seconds,
+                       (ev.rx_drops + ev.tx_drops) / seconds)  # fmt: skip
+            key = 6
+            if ev.connections is not None:
+                values.append(float(ev.connections))
+                key = 7
+            if ev.tcp is not None:
+                t = ev.tcp
+                values += (float(t.syn_recv), float(t.time_wait), float(t.close_wait),
+                           float(t.established))  # fmt: skip
+                key += 4
+            sets.append(key)
+            rows += containers[ev.identity].rows_for(METRIC_SETS[key])
+            floors += self._floors[key]
+        score = evidence = np.zeros(0)
+        hot_events: list[bool] = [False] * len(indices)
         if rows:
-            at = np.array(metric_at)
-            ts = np.repeat(np.array([events[i].ts_ms for i in indices], dtype=np.int64),
-                           [b - a for a, b in spans])  # fmt: skip
+            ts = np.repeat(np.array([events[i].ts_ms for i in indices], dtype=np.int64), sets)
             score, evidence = self.template.score_rows(
-                np.array(rows, dtype=np.int64), np.array(values), ts,
-                np.array(floors)[at], self._store)  # fmt: skip
-            hot = evidence >= self.tracker.close_at
-        else:
-            score = evidence = np.zeros(0)
-            hot = np.zeros(0, dtype=bool)
+                np.array(rows, dtype=np.int64), np.array(values), ts, np.array(floors),
+                self._store)  # fmt: skip
+            hot = np.flatnonzero(evidence >= self.tracker.close_at)
+            if len(hot):
+                owner = np.repeat(np.arange(len(indices)), sets)
+                for k in set(owner[hot].tolist()):
+                    hot_events[k] = True
         tracker = self.tracker
         store = self._store
-        for (a, b), i in zip(spans, indices, strict=True):
+        start = 0
+        for k, i in enumerate(indices):
             ev = events[i]
+            end = start + sets[k]
             self._last_seen[ev.identity] = ev.ts_ms
             restarts = self._restarts.setdefault(ev.identity, deque())
             if ev.counter_reset:
                 restarts.append(ev.ts_ms)
             while restarts and restarts[0] < ev.ts_ms - RESTART_MEMORY_MS:
                 restarts.popleft()
-            tracked = tracker.tracked(ev.identity)
-            if (tracked or hot[a:b].any()) and b > a:
+            if end > start and (hot_events[k] or tracker.tracked(ev.identity)):
+                names = METRIC_SETS[sets[k]]
                 scores = {
-                    METRICS[metric_at[r]]: MetricScore(
-                        METRICS[metric_at[r]], values[r], float(score[r]), float(evidence[r]),
-                        ts_ms=ev.ts_ms, store=store, row=rows[r])
-                    for r in range(a, b)
+                    m: MetricScore(m, values[r], float(score[r]), float(evidence[r]),
+                                   ts_ms=ev.ts_ms, store=store, row=rows[r])
+                    for m, r in zip(names, range(start, end), strict=True)
                 }  # fmt: skip
                 alert = self._observe(ev, scores, len(restarts))
                 if alert is not None:
@@ -297,6 +303,7 @@ class FleetDetector:
             if self.rules.rules:
                 for alert in self._apply_rules(ev, len(restarts)):
                     out.append((i, alert))
+            start = end
 
     def _observe(
         self, ev: StatEvent, scores: dict[str, MetricScore], restarts: int

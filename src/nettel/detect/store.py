@@ -128,6 +128,12 @@ class BaselineStore:
         self._widths = [max(1, p // s) for p, s in self.seasons]
         self._offsets = [sum(self._widths[:j]) for j in range(len(self.seasons))]
         self._slots = sum(self._widths)
+        self._offset_arr = np.array(self._offsets, dtype=np.int64)
+        self._period_arr = np.array([p for p, _ in self.seasons], dtype=np.int64)
+        self._slot_arr = np.array([s for _, s in self.seasons], dtype=np.int64)
+        #: History a season needs before it scores: its period (two when over a day).
+        self._needed_arr = np.array([p if p <= DAY_MS else 2 * p for p, _ in self.seasons],
+                                    dtype=np.int64)  # fmt: skip
         # Longest period first, for bands.
         self._by_period = sorted(range(len(self.seasons)), key=lambda j: -self.seasons[j][0])
         self._capacity = 0
@@ -272,25 +278,27 @@ class BaselineStore:
 
     # -- slots --------------------------------------------------------------------------
 
-    def _slot_columns(self, ts_ms: Ints) -> list[Ints]:
-        shifted = ts_ms + MONDAY_OFFSET_MS
-        return [off + (shifted % p) // s
-                for off, (p, s) in zip(self._offsets, self.seasons, strict=True)]  # fmt: skip
+    def _slot_columns(self, ts_ms: Ints) -> Ints:
+        """``[rows, seasons]``: the slot column of each ts_ms in every season."""
+        shifted = (ts_ms + MONDAY_OFFSET_MS)[:, None]
+        return self._offset_arr + (shifted % self._period_arr) // self._slot_arr
 
-    def _slot_values(self, rows: Ints, col: Ints) -> tuple[Floats, Floats]:
-        """(level, spread) of each row's slot ``col`` (NaN level: never visited)."""
+    def _slot_values(self, rows: Ints, cols: Ints) -> tuple[Floats, Floats]:
+        """(level, spread) of each row's slots ``cols`` (``[rows, seasons]``; a NaN level:
+        never visited)."""
         level_rows = self.cols["level_row"][rows]
         made = level_rows >= 0
         if made.all():
-            return (self.levels[level_rows, col].astype(np.float64),
-                    self.spreads[level_rows, col].astype(np.float64))  # fmt: skip
-        visited = self.cols["visits"][rows, col] > 0
+            at = level_rows[:, None]
+            return (self.levels[at, cols].astype(np.float64),
+                    self.spreads[at, cols].astype(np.float64))  # fmt: skip
+        visited = self.cols["visits"][rows[:, None], cols] > 0
         level = np.where(visited, 0.0, np.nan)
-        spread = np.zeros(len(rows))
+        spread = np.zeros(level.shape)
         if made.any():
-            lr, c = level_rows[made], col[made]
-            level[made] = self.levels[lr, c]
-            spread[made] = self.spreads[lr, c]
+            at, c = level_rows[made][:, None], cols[made]
+            level[made] = self.levels[at, c]
+            spread[made] = self.spreads[at, c]
         return level, spread
 
     # -- scoring ------------------------------------------------------------------------
@@ -394,34 +402,27 @@ class BaselineStore:
         """(seasonal excess of the smoothed level, fine excess of the sample, whether any
         season scores) over the seasons that score and have a level at ts_ms's slot."""
         c = self.cols
-        smooth = averages[self._smooth_at]
+        smooth = averages[self._smooth_at][:, None]
         first = c["first_ts"][rows]
-        history = np.where(first != NO_TS, ts_ms - first, -1)
-        residuals = c["residuals"][rows]
+        history = np.where(first != NO_TS, ts_ms - first, -1)[:, None]
+        on = (c["residuals"][rows] >= self.seasonal_warmup) & (history >= self._needed_arr)
+        if not on.any():
+            zero = np.zeros(len(rows))
+            return zero, zero, np.zeros(len(rows), dtype=bool)
+        level, spread = self._slot_values(rows, self._slot_columns(ts_ms))
+        on &= ~np.isnan(level)
         res_lo, res_hi = c["res_lo"][rows], c["res_hi"][rows]
-        noise = self.fine_margin * c["rel_noise"][rows]
-        seasonal = np.full(len(rows), np.inf)
-        fine = np.full(len(rows), np.inf)
-        any_on = np.zeros(len(rows), dtype=bool)
-        for j, col in enumerate(self._slot_columns(ts_ms)):
-            period = self.seasons[j][0]
-            needed = period if period <= DAY_MS else 2 * period
-            on = (residuals[:, j] >= self.seasonal_warmup) & (first != NO_TS) & (history >= needed)
-            if not on.any():
-                continue
-            level, spread = self._slot_values(rows, col)
-            on &= ~np.isnan(level)
-            d = smooth - level
-            lo, hi = res_lo[:, j], res_hi[:, j]
-            with np.errstate(invalid="ignore"):
-                excess = np.where(d > hi, (d - hi) / unit,
-                                  np.where(d < lo, (lo - smooth + level) / unit, 0.0))  # fmt: skip
-                off = np.abs(values - level) - noise * np.abs(level) - 3.0 * spread
-                f = np.maximum(0.0, off) / unit
-            seasonal = np.where(on, np.minimum(seasonal, excess), seasonal)
-            fine = np.where(on, np.minimum(fine, f), fine)
-            any_on |= on
-        return seasonal, np.where(any_on, fine, 0.0), any_on
+        noise = (self.fine_margin * c["rel_noise"][rows])[:, None]
+        per = unit[:, None]
+        d = smooth - level
+        with np.errstate(invalid="ignore"):
+            below = np.where(d < res_lo, (res_lo - smooth + level) / per, 0.0)
+            excess = np.where(d > res_hi, (d - res_hi) / per, below)
+            off = np.abs(values[:, None] - level) - noise * np.abs(level) - 3.0 * spread
+            fine = np.maximum(0.0, off) / per
+        any_on = on.any(axis=1)
+        seasonal = np.where(on, excess, np.inf).min(axis=1)
+        return seasonal, np.where(any_on, np.where(on, fine, np.inf).min(axis=1), 0.0), any_on
 
     def _suppressed(self, rows: Ints, raw: Floats) -> Floats:
         """``raw``, or 0 where a detection within ``rest_ms`` was at least 1/refire_ratio
@@ -495,35 +496,35 @@ class BaselineStore:
 
     def _learn_seasons(self, rows: Ints, v: Floats, ts_ms: Ints, dt: Floats) -> None:
         c = self.cols
-        dt = np.where(dt != 0, dt, float(self.seasons[0][1]))
+        dt = np.where(dt != 0, dt, float(self.seasons[0][1]))[:, None]
         level_rows = c["level_row"][rows]
         need = (level_rows < 0) & (v != 0)
         for i in np.flatnonzero(need):
             level_rows[i] = self._level_row(int(rows[i]))
+        cols = self._slot_columns(ts_ms)
+        level, spread = self._slot_values(rows, cols)  # before the visit is counted
+        at = rows[:, None]
+        count = c["visits"][at, cols].astype(np.int64)
+        count = np.where(count < 0xFFFF, count + 1, count)
+        c["visits"][at, cols] = count
+        first = np.isnan(level)
+        d = v[:, None] - level
+        seen = ~first
+        res_lo, res_hi = c["res_lo"][rows], c["res_hi"][rows]
+        c["residuals"][rows] += seen
+        c["res_lo"][rows] = np.where(seen & (d < res_lo), d, res_lo)
+        c["res_hi"][rows] = np.where(seen & (d > res_hi), d, res_hi)
         made = level_rows >= 0
-        residuals, res_lo, res_hi = c["residuals"][rows], c["res_lo"][rows], c["res_hi"][rows]
-        for j, col in enumerate(self._slot_columns(ts_ms)):
-            slot_ms = self.seasons[j][1]
-            level, spread = self._slot_values(rows, col)  # before the visit is counted
-            count = c["visits"][rows, col].astype(np.int64)
-            count = np.where(count < 0xFFFF, count + 1, count)
-            c["visits"][rows, col] = count
-            first = np.isnan(level)
-            d = v - level
-            seen = ~first
-            residuals[:, j] += seen
-            res_lo[:, j] = np.where(seen & (d < res_lo[:, j]), d, res_lo[:, j])
-            res_hi[:, j] = np.where(seen & (d > res_hi[:, j]), d, res_hi[:, j])
-            if not made.any():
-                continue  # every row learned 0 only: its levels stay 0
-            r = self.seasonal_rate * np.minimum(dt, slot_ms) / slot_ms
-            r = np.minimum(np.maximum(r, 1.0 / count), 1.0)
-            new_level = np.where(first, v, level + r * d)
-            new_spread = np.where(first, spread, spread + r * (np.abs(d) - spread))
-            lr, cm = level_rows[made], col[made]
-            self.levels[lr, cm] = new_level[made]
-            self.spreads[lr, cm] = new_spread[made]
-        c["residuals"][rows], c["res_lo"][rows], c["res_hi"][rows] = residuals, res_lo, res_hi
+        if not made.any():
+            return  # every row learned 0 only: its levels stay 0
+        slot_ms = self._slot_arr
+        r = self.seasonal_rate * np.minimum(dt, slot_ms) / slot_ms
+        r = np.minimum(np.maximum(r, 1.0 / count), 1.0)
+        new_level = np.where(first, v[:, None], level + r * d)
+        new_spread = np.where(first, spread, spread + r * (np.abs(d) - spread))
+        lr, cm = level_rows[made][:, None], cols[made]
+        self.levels[lr, cm] = new_level[made]
+        self.spreads[lr, cm] = new_spread[made]
 
     def _push(self, rows: Ints, values: Floats, ts_ms: Ints, raw: Floats, fine: Floats) -> None:
         """The input window moves on whether or not the point was learned."""
@@ -593,10 +594,10 @@ class BaselineStore:
     def expected(self, rows: Ints, ts_ms: Ints) -> Floats:
         """The expected value of each row at ts_ms (the middle of :meth:`band`)."""
         out = np.full(len(rows), np.nan)
-        cols = self._slot_columns(ts_ms)
-        for j in self._by_period:
-            level, _ = self._slot_values(rows, cols[j])
-            out = np.where(np.isnan(out), level, out)
+        if self.seasons:
+            level, _ = self._slot_values(rows, self._slot_columns(ts_ms))
+            for j in self._by_period:
+                out = np.where(np.isnan(out), level[:, j], out)
         recent = self.cols["mean"][rows]
         out = np.where(np.isnan(out), recent, out)
         return np.where(np.isnan(out), 0.0, out)
