@@ -114,7 +114,7 @@ def test_a_pickle_payload_is_refused_without_running(tmp_path: Path) -> None:
         (["o", 0, "nettel.detect.rules:RulesError", {}], "cannot be restored"),
         (["o", 0, "river.stats.nothing:Mean", {}], "not allowed"),
         (["o", 0, "river.anomaly:HalfSpaceTrees", {}], "not allowed"),
-        (["o", 0, "nettel.detect.baseline:_Season", {"__class__": 1}], "attribute name"),
+        (["o", 0, "nettel.detect.store:BaselineStore", {"__class__": 1}], "attribute name"),
         (["x", 0, "nettel.detect.fleet:FleetDetector", [], b""], "Rust statistics"),
         (["n", 0, "|O", [1], b"\x00" * 8], "dtype"),
         (["a", 0, "u", b"abcd"], "type code"),
