@@ -81,6 +81,7 @@ def test_rounds_of_a_batch_equal_each_series_alone_and_one_event_at_a_time() -> 
             assert fleet_det.weekly_bands(metric) == single.weekly_bands(metric)
     # Metrics that never left 0 keep no slot levels (only their visit counts).
     level_rows = store.cols["level_row"]
-    det = batched.detector("mid")
-    assert det is not None
-    assert level_rows[det.row("errors")] == -1 and level_rows[det.row("rx_bytes")] >= 0
+    mid = batched.detector("mid")
+    assert mid is not None
+    assert level_rows[mid.row("errors")] == -1
+    assert level_rows[mid.row("rx_bytes")] >= 0

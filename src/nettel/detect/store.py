@@ -340,8 +340,11 @@ class BaselineStore:
 
     def scores_at(self, rows: Ints, raw: Floats, ts_ms: Ints) -> npt.NDArray[np.bool_]:
         """Whether each evidence counts (see :meth:`counts`)."""
-        first = self.cols["first_ts"][rows]
-        return (raw >= self.quiet_below) | ((first != NO_TS) & (ts_ms - first >= self.quiet_ms))
+        first: Ints = self.cols["first_ts"][rows]
+        out: npt.NDArray[np.bool_] = (raw >= self.quiet_below) | (
+            (first != NO_TS) & (ts_ms - first >= self.quiet_ms)
+        )
+        return out
 
     def counts(self, row: int, evidence: float, ts_ms: int) -> bool:
         """Whether ``evidence`` at ``ts_ms`` scores for ``row`` (see
