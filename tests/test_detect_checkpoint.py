@@ -58,12 +58,11 @@ def test_a_fleet_with_rules_resumes_with_exactly_the_same_alerts() -> None:
                         'above = 300000\n')  # fmt: skip
     fleet = FleetDetector(rules=rules)
     half = len(events) // 2
-    for ev in events[:half]:
-        fleet.process(ev)
+    fleet.process_batch(events[:half])
     blob = encode_checkpoint(fleet)
     resumed = decode_checkpoint(blob, FleetDetector)
-    straight = [a for ev in events[half:] for a in fleet.process(ev)]
-    again = [a for ev in events[half:] for a in resumed.process(ev)]
+    straight = fleet.process_batch(events[half:])
+    again = resumed.process_batch(events[half:])
     assert straight == again
     assert {a.rule for a in straight} == {"", "burst"}  # model and rule alerts both resumed
     assert encode_checkpoint(resumed) == encode_checkpoint(fleet)  # the same state after

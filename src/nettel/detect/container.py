@@ -36,7 +36,7 @@ from nettel.detect.baseline import (
     TrafficBaseline,
     band_of,
 )
-from nettel.detect.store import BaselineStore
+from nettel.detect.store import BaselineStore, row_index
 from nettel.models import StatEvent
 
 Floats = npt.NDArray[np.float64]
@@ -341,19 +341,20 @@ class ContainerDetector(AnomalyDetector):
         container's rows of a round through its template's, on its own ``store``."""
         store = self.store if store is None else store
         c = store.cols
-        since, run = c["flagged_since"][rows], c["flagged_run"][rows]
+        at = row_index(rows)
+        since, run = c["flagged_since"][at], c["flagged_run"][at]
         protect = (since < 0) | (run < self.protected_samples) | (ts_ms - since < self.protected_ms)
         limit = np.where(protect, self.guard_threshold, np.inf)
         # Below the floor, and never above it or not expected above it: quiet.
         quiet = (floors > 0) & (values < floors)
         if quiet.any():
-            ask = quiet & (c["hi"][rows] >= floors)
+            ask = quiet & (c["hi"][at] >= floors)
             if ask.any():
                 quiet[ask] = store.expected(rows[ask], ts_ms[ask]) < floors[ask]
         score, raw = store.score_learn(rows, values, ts_ms, limit)
         calm = raw < self.guard_threshold
-        c["flagged_since"][rows] = np.where(calm, -1, np.where(since < 0, ts_ms, since))
-        c["flagged_run"][rows] = np.where(calm, 0, run + 1)
+        c["flagged_since"][at] = np.where(calm, -1, np.where(since < 0, ts_ms, since))
+        c["flagged_run"][at] = np.where(calm, 0, run + 1)
         shown = ~quiet & store.scores_at(rows, raw, ts_ms)
         unit = self.alert_threshold
         return np.where(shown, score / unit, 0.0), np.where(shown, raw / unit, 0.0)

@@ -270,9 +270,16 @@ class FleetDetector:
         hot_events: list[bool] = [False] * len(indices)
         if rows:
             ts = np.repeat(np.array([events[i].ts_ms for i in indices], dtype=np.int64), sets)
-            score, evidence = self.template.score_rows(
-                np.array(rows, dtype=np.int64), np.array(values), ts, np.array(floors),
-                self._store)  # fmt: skip
+            at = np.array(rows, dtype=np.int64)
+            if bool((np.diff(at) > 0).all()):
+                score, evidence = self.template.score_rows(
+                    at, np.array(values), ts, np.array(floors), self._store)  # fmt: skip
+            else:  # in row order: consecutive rows are read and written as slices
+                order = np.argsort(at)
+                score, evidence = np.empty(len(at)), np.empty(len(at))
+                score[order], evidence[order] = self.template.score_rows(
+                    at[order], np.array(values)[order], ts[order], np.array(floors)[order],
+                    self._store)  # fmt: skip
             hot = np.flatnonzero(evidence >= self.tracker.close_at)
             if len(hot):
                 owner = np.repeat(np.arange(len(indices)), sets)

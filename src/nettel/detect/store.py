@@ -54,6 +54,30 @@ NO_TS: Final = np.iinfo(np.int64).min
 
 Floats = npt.NDArray[np.float64]
 Ints = npt.NDArray[np.int64]
+#: Rows to work on: an array of distinct rows, or a slice when they are consecutive (the
+#: usual case: a container's rows are made together, and a round has every container),
+#: where reading a column is a view and writing it costs no gather.
+Index = slice | Ints
+
+
+def row_index(rows: Ints) -> Index:
+    """``rows`` as a slice when they are consecutive and increasing, else as they are.
+
+    Examples
+    --------
+    >>> row_index(np.array([3, 4, 5])), row_index(np.array([3, 5])).tolist()
+    (slice(3, 6, None), [3, 5])
+    """
+    n = len(rows)
+    if n > 1 and rows[-1] - rows[0] == n - 1 and bool((np.diff(rows) > 0).all()):
+        return slice(int(rows[0]), int(rows[-1]) + 1)
+    return rows
+
+
+def _array(rows: Index) -> Ints:
+    if isinstance(rows, slice):
+        return np.arange(rows.start, rows.stop, dtype=np.int64)
+    return rows
 
 
 def _buckets(duration_ms: int, bucket_ms: int) -> int:
@@ -283,7 +307,7 @@ class BaselineStore:
         shifted = (ts_ms + MONDAY_OFFSET_MS)[:, None]
         return self._offset_arr + (shifted % self._period_arr) // self._slot_arr
 
-    def _slot_values(self, rows: Ints, cols: Ints) -> tuple[Floats, Floats]:
+    def _slot_values(self, rows: Index, cols: Ints) -> tuple[Floats, Floats]:
         """(level, spread) of each row's slots ``cols`` (``[rows, seasons]``; a NaN level:
         never visited)."""
         level_rows = self.cols["level_row"][rows]
@@ -292,7 +316,7 @@ class BaselineStore:
             at = level_rows[:, None]
             return (self.levels[at, cols].astype(np.float64),
                     self.spreads[at, cols].astype(np.float64))  # fmt: skip
-        visited = self.cols["visits"][rows[:, None], cols] > 0
+        visited = self.cols["visits"][_array(rows)[:, None], cols] > 0
         level = np.where(visited, 0.0, np.nan)
         spread = np.zeros(level.shape)
         if made.any():
@@ -311,6 +335,7 @@ class BaselineStore:
         the evidence (``last_raw``) stays high for as long as an anomaly lasts, where the
         score fires once (see :class:`~nettel.detect.baseline.TrafficBaseline`)."""
         c = self.cols
+        arr, rows = rows, row_index(rows)
         n = c["n"][rows]
         raw, averages, valid, fine = self._raw(rows, values, ts_ms, n)
         warm = n >= max(self.warmup, 1)
@@ -321,12 +346,12 @@ class BaselineStore:
         flagged = ~learn
         if flagged.any() and self.learn_recurring:
             for i in np.flatnonzero(flagged & (n >= RECURRING_AFTER)):
-                if self._recurring_flag(int(rows[i]), int(ts_ms[i])):
+                if self._recurring_flag(int(arr[i]), int(ts_ms[i])):
                     learn[i] = True
         if learn.all():
             self._learn(rows, values, ts_ms, averages, valid)
         elif learn.any():
-            self._learn(rows[learn], values[learn], ts_ms[learn],
+            self._learn(arr[learn], values[learn], ts_ms[learn],
                         [a[learn] for a in averages], [v[learn] for v in valid])  # fmt: skip
         self._push(rows, values, ts_ms, raw, fine)
         return score, last_raw
@@ -338,7 +363,7 @@ class BaselineStore:
         warm = n >= max(self.warmup, 1)
         return np.where(warm & self.scores_at(rows, raw, ts_ms), self._suppressed(rows, raw), 0.0)
 
-    def scores_at(self, rows: Ints, raw: Floats, ts_ms: Ints) -> npt.NDArray[np.bool_]:
+    def scores_at(self, rows: Index, raw: Floats, ts_ms: Ints) -> npt.NDArray[np.bool_]:
         """Whether each evidence counts (see :meth:`counts`)."""
         first: Ints = self.cols["first_ts"][rows]
         out: npt.NDArray[np.bool_] = (raw >= self.quiet_below) | (
@@ -354,7 +379,7 @@ class BaselineStore:
         first = int(self.cols["first_ts"][row])
         return first != NO_TS and ts_ms - first >= self.quiet_ms
 
-    def _averages(self, rows: Ints, values: Floats) -> tuple[list[Floats], list[Any]]:
+    def _averages(self, rows: Index, values: Floats) -> tuple[list[Floats], list[Any]]:
         c = self.cols
         s = c["bucket_sum"][rows] + values
         n = c["bucket_n"][rows] + 1
@@ -365,7 +390,7 @@ class BaselineStore:
         return averages, valid
 
     def _raw(
-        self, rows: Ints, values: Floats, ts_ms: Ints, n: Ints
+        self, rows: Index, values: Floats, ts_ms: Ints, n: Ints
     ) -> tuple[Floats, list[Floats], list[Any], Floats]:
         """(evidence, moving averages, which are filled, fine excess) of each row."""
         c = self.cols
@@ -385,7 +410,7 @@ class BaselineStore:
                 excess = np.where(v > high, (v - high) / unit,
                                   np.where(v < low, (low - v) / unit, 0.0))  # fmt: skip
                 raw = np.where(valid[j] & (high >= low), np.maximum(raw, excess), raw)
-        fine = np.zeros(len(rows))
+        fine = np.zeros(len(ts_ms))
         if self.seasons:
             seasonal, fine, any_on = self._seasonal(rows, values, ts_ms, averages, unit)
             smooth_ok = valid[self._smooth_at] & any_on
@@ -400,7 +425,7 @@ class BaselineStore:
         return raw, averages, valid, fine
 
     def _seasonal(
-        self, rows: Ints, values: Floats, ts_ms: Ints, averages: list[Floats], unit: Floats
+        self, rows: Index, values: Floats, ts_ms: Ints, averages: list[Floats], unit: Floats
     ) -> tuple[Floats, Floats, Any]:
         """(seasonal excess of the smoothed level, fine excess of the sample, whether any
         season scores) over the seasons that score and have a level at ts_ms's slot."""
@@ -410,8 +435,8 @@ class BaselineStore:
         history = np.where(first != NO_TS, ts_ms - first, -1)[:, None]
         on = (c["residuals"][rows] >= self.seasonal_warmup) & (history >= self._needed_arr)
         if not on.any():
-            zero = np.zeros(len(rows))
-            return zero, zero, np.zeros(len(rows), dtype=bool)
+            zero = np.zeros(len(ts_ms))
+            return zero, zero, np.zeros(len(ts_ms), dtype=bool)
         level, spread = self._slot_values(rows, self._slot_columns(ts_ms))
         on &= ~np.isnan(level)
         res_lo, res_hi = c["res_lo"][rows], c["res_hi"][rows]
@@ -427,7 +452,7 @@ class BaselineStore:
         seasonal = np.where(on, excess, np.inf).min(axis=1)
         return seasonal, np.where(any_on, np.where(on, fine, np.inf).min(axis=1), 0.0), any_on
 
-    def _suppressed(self, rows: Ints, raw: Floats) -> Floats:
+    def _suppressed(self, rows: Index, raw: Floats) -> Floats:
         """``raw``, or 0 where a detection within ``rest_ms`` was at least 1/refire_ratio
         of it (a repeat)."""
         if self._rest <= 0:
@@ -458,7 +483,7 @@ class BaselineStore:
     # -- learning -----------------------------------------------------------------------
 
     def _learn(
-        self, rows: Ints, values: Floats, ts_ms: Ints, averages: list[Floats], valid: list[Any]
+        self, rows: Index, values: Floats, ts_ms: Ints, averages: list[Floats], valid: list[Any]
     ) -> None:
         c = self.cols
         lows, highs = c["scale_lo"][rows], c["scale_hi"][rows]
@@ -493,20 +518,20 @@ class BaselineStore:
             if smooth_ok.all():
                 self._learn_seasons(rows, level, ts_ms, dt)
             else:
-                self._learn_seasons(rows[smooth_ok], level[smooth_ok], ts_ms[smooth_ok],
+                self._learn_seasons(_array(rows)[smooth_ok], level[smooth_ok], ts_ms[smooth_ok],
                                     dt[smooth_ok])  # fmt: skip
         c["n"][rows] = n + 1
 
-    def _learn_seasons(self, rows: Ints, v: Floats, ts_ms: Ints, dt: Floats) -> None:
+    def _learn_seasons(self, rows: Index, v: Floats, ts_ms: Ints, dt: Floats) -> None:
         c = self.cols
         dt = np.where(dt != 0, dt, float(self.seasons[0][1]))[:, None]
         level_rows = c["level_row"][rows]
         need = (level_rows < 0) & (v != 0)
         for i in np.flatnonzero(need):
-            level_rows[i] = self._level_row(int(rows[i]))
+            level_rows[i] = self._level_row(int(_array(rows)[i]))
         cols = self._slot_columns(ts_ms)
         level, spread = self._slot_values(rows, cols)  # before the visit is counted
-        at = rows[:, None]
+        at = _array(rows)[:, None]
         count = c["visits"][at, cols].astype(np.int64)
         count = np.where(count < 0xFFFF, count + 1, count)
         c["visits"][at, cols] = count
@@ -529,7 +554,7 @@ class BaselineStore:
         self.levels[lr, cm] = new_level[made]
         self.spreads[lr, cm] = new_spread[made]
 
-    def _push(self, rows: Ints, values: Floats, ts_ms: Ints, raw: Floats, fine: Floats) -> None:
+    def _push(self, rows: Index, values: Floats, ts_ms: Ints, raw: Floats, fine: Floats) -> None:
         """The input window moves on whether or not the point was learned."""
         c = self.cols
         last = c["last_ts"][rows]
@@ -553,7 +578,7 @@ class BaselineStore:
         c["bucket_peak"][rows] = np.where(raw > peak, np.minimum(raw, 1e30), peak)
         full = bucket_n >= c["k"][rows]
         if full.any():
-            self._close_buckets(rows[full])
+            self._close_buckets(_array(rows)[full])
 
     def _close_buckets(self, rows: Ints) -> None:
         c = self.cols
@@ -596,7 +621,7 @@ class BaselineStore:
 
     def expected(self, rows: Ints, ts_ms: Ints) -> Floats:
         """The expected value of each row at ts_ms (the middle of :meth:`band`)."""
-        out = np.full(len(rows), np.nan)
+        out = np.full(len(ts_ms), np.nan)
         if self.seasons:
             level, _ = self._slot_values(rows, self._slot_columns(ts_ms))
             for j in self._by_period:
