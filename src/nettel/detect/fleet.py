@@ -292,11 +292,19 @@ class FleetDetector:
             ev = events[i]
             end = start + sets[k]
             self._last_seen[ev.identity] = ev.ts_ms
-            restarts = self._restarts.setdefault(ev.identity, deque())
+            # restarts within RESTART_MEMORY_MS, kept only for containers that had some
+            restarts = self._restarts.get(ev.identity)
             if ev.counter_reset:
+                if restarts is None:
+                    restarts = self._restarts[ev.identity] = deque()
                 restarts.append(ev.ts_ms)
-            while restarts and restarts[0] < ev.ts_ms - RESTART_MEMORY_MS:
-                restarts.popleft()
+            recent = 0
+            if restarts is not None:
+                while restarts and restarts[0] < ev.ts_ms - RESTART_MEMORY_MS:
+                    restarts.popleft()
+                recent = len(restarts)
+                if not recent:
+                    del self._restarts[ev.identity]
             if end > start and (hot_events[k] or tracker.tracked(ev.identity)):
                 names = METRIC_SETS[sets[k]]
                 scores = {
@@ -304,11 +312,11 @@ class FleetDetector:
                                    ts_ms=ev.ts_ms, store=store, row=rows[r])
                     for m, r in zip(names, range(start, end), strict=True)
                 }  # fmt: skip
-                alert = self._observe(ev, scores, len(restarts))
+                alert = self._observe(ev, scores, recent)
                 if alert is not None:
                     out.append((i, alert))
             if self.rules.rules:
-                for alert in self._apply_rules(ev, len(restarts)):
+                for alert in self._apply_rules(ev, recent):
                     out.append((i, alert))
             start = end
 

@@ -334,6 +334,12 @@ class BaselineStore:
         ``learn_below``; one pass. ``rows`` must be distinct. Returns (score, evidence):
         the evidence (``last_raw``) stays high for as long as an anomaly lasts, where the
         score fires once (see :class:`~nettel.detect.baseline.TrafficBaseline`)."""
+        with np.errstate(divide="ignore", invalid="ignore"):  # of rows masked out
+            return self._score_learn(rows, values, ts_ms, learn_below)
+
+    def _score_learn(
+        self, rows: Ints, values: Floats, ts_ms: Ints, learn_below: Floats | float
+    ) -> tuple[Floats, Floats]:
         c = self.cols
         arr, rows = rows, row_index(rows)
         n = c["n"][rows]
@@ -401,15 +407,14 @@ class BaselineStore:
         unit = np.where(ranged, span, 1.0)
         fast = c["k"][rows] > 1
         margin = np.where(fast, self.noise_margin * c["noise"][rows], 0.0)
-        with np.errstate(invalid="ignore"):
-            below = np.where(values < lo - margin, (lo - margin - values) / unit, 0.0)
-            raw = np.where(values > hi + margin, (values - hi - margin) / unit, below)
-            lows, highs = c["scale_lo"][rows], c["scale_hi"][rows]
-            for i, j in enumerate(self._scale_at):
-                v, low, high = averages[j], lows[:, i], highs[:, i]
-                excess = np.where(v > high, (v - high) / unit,
-                                  np.where(v < low, (low - v) / unit, 0.0))  # fmt: skip
-                raw = np.where(valid[j] & (high >= low), np.maximum(raw, excess), raw)
+        below = np.where(values < lo - margin, (lo - margin - values) / unit, 0.0)
+        raw = np.where(values > hi + margin, (values - hi - margin) / unit, below)
+        lows, highs = c["scale_lo"][rows], c["scale_hi"][rows]
+        for i, j in enumerate(self._scale_at):
+            v, low, high = averages[j], lows[:, i], highs[:, i]
+            excess = np.where(v > high, (v - high) / unit,
+                              np.where(v < low, (low - v) / unit, 0.0))  # fmt: skip
+            raw = np.where(valid[j] & (high >= low), np.maximum(raw, excess), raw)
         fine = np.zeros(len(ts_ms))
         if self.seasons:
             seasonal, fine, any_on = self._seasonal(rows, values, ts_ms, averages, unit)
@@ -443,11 +448,10 @@ class BaselineStore:
         noise = (self.fine_margin * c["rel_noise"][rows])[:, None]
         per = unit[:, None]
         d = smooth - level
-        with np.errstate(invalid="ignore"):
-            below = np.where(d < res_lo, (res_lo - smooth + level) / per, 0.0)
-            excess = np.where(d > res_hi, (d - res_hi) / per, below)
-            off = np.abs(values[:, None] - level) - noise * np.abs(level) - 3.0 * spread
-            fine = np.maximum(0.0, off) / per
+        below = np.where(d < res_lo, (res_lo - smooth + level) / per, 0.0)
+        excess = np.where(d > res_hi, (d - res_hi) / per, below)
+        off = np.abs(values[:, None] - level) - noise * np.abs(level) - 3.0 * spread
+        fine = np.maximum(0.0, off) / per
         any_on = on.any(axis=1)
         seasonal = np.where(on, excess, np.inf).min(axis=1)
         return seasonal, np.where(any_on, np.where(on, fine, np.inf).min(axis=1), 0.0), any_on
@@ -507,8 +511,7 @@ class BaselineStore:
         noise = c["noise"][rows]
         c["noise"][rows] = noise + a * (off - noise)
         rel = c["rel_noise"][rows]
-        with np.errstate(divide="ignore", invalid="ignore"):
-            c["rel_noise"][rows] = np.where(level != 0, rel + a * (off / np.abs(level) - rel), rel)
+        c["rel_noise"][rows] = np.where(level != 0, rel + a * (off / np.abs(level) - rel), rel)
         mean, spread = c["mean"][rows], c["spread"][rows]
         fresh = np.isnan(mean)
         c["spread"][rows] = np.where(fresh, spread, spread + a * (np.abs(level - mean) - spread))
