@@ -85,7 +85,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     store = clone._store
     store_bytes = sum(a.nbytes for a in store.cols.values()) + sum(
         a.nbytes for a in (store.levels, store.spreads, store.flags)
-    )
+    )  # with its growth room
     n = len(events)
     figures = {
         "containers": args.containers,
@@ -100,7 +100,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         "heap_bytes_per_container": round(heap / args.containers),
         "store_array_bytes_per_container": round(store_bytes / args.containers),
         "store_rows": store.rows,
-        "store_rows_with_slot_levels": store._level_size - len(store._level_free),
+        "store_rows_with_slot_levels": store.pooled_rows("level_row"),
+        "store_rows_with_flag_marks": store.pooled_rows("flag_row"),
         "targets": {"events_per_s_per_core": 50_000, "heap_bytes_per_container": 50_000},
         "load_average_at_end": os.getloadavg(),
         "note": "CPU shared with other work while measured (2 cores); process CPU time used",

@@ -93,7 +93,7 @@ _SCALARS: Final = {
     "noise": (np.float64, 0.0), "rel_noise": (np.float64, 0.0),
     "fine_last": (np.float64, 0.0), "pos": (np.int64, -1), "filled": (np.int64, 0),
     "bucket_sum": (np.float64, 0.0), "bucket_n": (np.int64, 0),
-    "bucket_peak": (np.float64, 0.0), "level_row": (np.int32, -1),
+    "bucket_peak": (np.float64, 0.0), "level_row": (np.int32, -1), "flag_row": (np.int32, -1),
     "flagged_since": (np.int64, -1), "flagged_run": (np.int64, 0),
 }  # fmt: skip
 
@@ -163,9 +163,11 @@ class BaselineStore:
         self._capacity = 0
         self._free: list[int] = []
         self._size = 0  # rows ever handed out (free ones included)
-        self._level_capacity = 0
-        self._level_free: list[int] = []
-        self._level_size = 0
+        # Pools of rows made only when a row needs them: its pointer column -> the arrays.
+        self._pools = {"level_row": ("levels", "spreads"), "flag_row": ("flags",)}
+        self._pool_capacity = dict.fromkeys(self._pools, 0)
+        self._pool_size = dict.fromkeys(self._pools, 0)
+        self._pool_free: dict[str, list[int]] = {k: [] for k in self._pools}
         self.cols: dict[str, np.ndarray[Any, Any]] = {}
         for name, (dtype, _) in _SCALARS.items():
             self.cols[name] = np.empty(0, dtype=dtype)
@@ -184,6 +186,8 @@ class BaselineStore:
         # Only rows that learned a level other than 0 (see level_row):
         self.levels = np.empty((0, self._slots), dtype=np.float32)
         self.spreads = np.empty((0, self._slots), dtype=np.float32)
+        # Only rows that had a point flagged once they knew their range (flag_row): 1 + the
+        # period number of each slot's last flag.
         self.flags = np.empty((0, self._slots), dtype=np.uint16)
 
     # -- rows ---------------------------------------------------------------------------
@@ -210,7 +214,7 @@ class BaselineStore:
             row = self._free.pop()
         else:
             if self._size == self._capacity:
-                self._grow(max(16, self._capacity // 4))
+                self._grow(max(16, self._capacity // 8))
             row = self._size
             self._size += 1
         self._reset(row)
@@ -218,7 +222,8 @@ class BaselineStore:
 
     def release(self, row: int) -> None:
         """Give ``row`` back (its container was forgotten)."""
-        self.release_levels(row)
+        for pointer in self._pools:
+            self._release_pooled(row, pointer)
         self._free.append(row)
 
     def _grow(self, extra: int) -> None:
@@ -239,52 +244,65 @@ class BaselineStore:
         c["res_lo"][row] = math.inf
         c["res_hi"][row] = -math.inf
 
-    def _level_row(self, row: int) -> int:
-        """The row's slot levels, made when first needed: until then every visited slot's
-        level is 0 with no spread and no flag (all the row ever learned was 0)."""
-        level = int(self.cols["level_row"][row])
-        if level >= 0:
-            return level
-        if self._level_free:
-            level = self._level_free.pop()
+    def _pooled(self, row: int, pointer: str) -> int:
+        """``row``'s place in the pool of ``pointer`` (``level_row``, ``flag_row``), made
+        when first needed."""
+        at = int(self.cols[pointer][row])
+        if at >= 0:
+            return at
+        free = self._pool_free[pointer]
+        if free:
+            at = free.pop()
         else:
-            if self._level_size == self._level_capacity:
-                self._level_capacity += max(16, self._level_capacity // 4)
-                for name in ("levels", "spreads", "flags"):
+            if self._pool_size[pointer] == self._pool_capacity[pointer]:
+                capacity = self._pool_capacity[pointer]
+                capacity = self._pool_capacity[pointer] = capacity + max(16, capacity // 8)
+                for name in self._pools[pointer]:
                     arr = getattr(self, name)
-                    bigger = np.zeros((self._level_capacity, self._slots), dtype=arr.dtype)
+                    bigger = np.zeros((capacity, self._slots), dtype=arr.dtype)
                     bigger[: len(arr)] = arr
                     setattr(self, name, bigger)
-            level = self._level_size
-            self._level_size += 1
-        visited = self.cols["visits"][row] > 0
-        self.levels[level] = np.where(visited, np.float32(0.0), np.float32(np.nan))
-        self.spreads[level] = 0.0
-        self.flags[level] = 0
-        self.cols["level_row"][row] = level
-        return level
+            at = self._pool_size[pointer]
+            self._pool_size[pointer] += 1
+        if pointer == "level_row":
+            # Until now every visited slot's level was 0 with no spread.
+            visited = self.cols["visits"][row] > 0
+            self.levels[at] = np.where(visited, np.float32(0.0), np.float32(np.nan))
+            self.spreads[at] = 0.0
+        else:
+            self.flags[at] = 0
+        self.cols[pointer][row] = at
+        return at
+
+    def _release_pooled(self, row: int, pointer: str) -> None:
+        at = int(self.cols[pointer][row])
+        if at >= 0:
+            self._pool_free[pointer].append(at)
+            self.cols[pointer][row] = -1
+
+    def _level_row(self, row: int) -> int:
+        """The row's slot levels, made when first needed: until then every visited slot's
+        level is 0 with no spread (all the row ever learned was 0)."""
+        return self._pooled(row, "level_row")
+
+    def pooled_rows(self, pointer: str) -> int:
+        """Rows holding a place in the pool of ``pointer`` (``level_row``, ``flag_row``)."""
+        return self._pool_size[pointer] - len(self._pool_free[pointer])
 
     def copy_row(self, src: int, dst: int, source: BaselineStore | None = None) -> None:
         """Make ``dst`` hold what ``src`` (of ``source``, this store by default) holds."""
         origin = self if source is None else source
         for name, arr in self.cols.items():
-            if name != "level_row":
+            if name not in self._pools:
                 arr[dst] = origin.cols[name][src]
-        level = int(origin.cols["level_row"][src])
-        if level >= 0:
-            mine = self._level_row(dst)
-            self.levels[mine] = origin.levels[level]
-            self.spreads[mine] = origin.spreads[level]
-            self.flags[mine] = origin.flags[level]
-        elif int(self.cols["level_row"][dst]) >= 0:
-            self.release_levels(dst)
-
-    def release_levels(self, row: int) -> None:
-        """Drop ``row``'s slot levels (it learned 0 only)."""
-        level = int(self.cols["level_row"][row])
-        if level >= 0:
-            self._level_free.append(level)
-            self.cols["level_row"][row] = -1
+        for pointer, names in self._pools.items():
+            at = int(origin.cols[pointer][src])
+            if at >= 0:
+                mine = self._pooled(dst, pointer)
+                for name in names:
+                    getattr(self, name)[mine] = getattr(origin, name)[at]
+            else:
+                self._release_pooled(dst, pointer)
 
     def forget_recent(self, row: int) -> None:
         """Drop what ``row`` saw recently (its buckets, detections, last time), keeping what
@@ -471,8 +489,8 @@ class BaselineStore:
     def _recurring_flag(self, row: int, ts_ms: int) -> bool:
         """Whether a point flagged now was flagged at this time of a previous period too
         (this slot or a neighbour); marks the slot either way."""
-        level = self._level_row(row)
-        flags = self.flags[level]
+        at = self._pooled(row, "flag_row")  # first: it may grow the flags array
+        flags = self.flags[at]
         shifted = ts_ms + MONDAY_OFFSET_MS
         seen = False
         for off, width, (period, slot) in zip(self._offsets, self._widths, self.seasons,
