@@ -239,7 +239,7 @@ class TrafficBaseline(AnomalyDetector):
 
         Examples
         --------
-        >>> store = BaselineStore(warmup=3)
+        >>> store = TrafficBaseline(warmup=3).new_store()
         >>> m = TrafficBaseline.on_row(store, store.add_row())
         >>> m.warmup, m.n_learned
         (3, 0)
@@ -249,9 +249,13 @@ class TrafficBaseline(AnomalyDetector):
         view._store, view._row = store, row
         return view
 
+    def new_store(self) -> BaselineStore:
+        """An empty store for rows of this model's parameters."""
+        return BaselineStore(self._get_params())
+
     def _state(self) -> tuple[BaselineStore, int]:
         if self._store is None:
-            self._store = BaselineStore(**self._get_params())
+            self._store = self.new_store()
             self._row = self._store.add_row()
         return self._store, self._row
 
@@ -413,7 +417,7 @@ def band_of(store: BaselineStore, row: int, ts_ms: int, width: float = 3.0) -> B
 
     Examples
     --------
-    >>> store = BaselineStore()
+    >>> store = TrafficBaseline().new_store()
     >>> band_of(store, store.add_row(), 0)
     Band(low=0.0, expected=0.0, high=0.0, basis='')
     """

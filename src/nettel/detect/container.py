@@ -218,7 +218,7 @@ class ContainerDetector(AnomalyDetector):
     def new_store(self) -> BaselineStore:
         """An empty store for models of this detector's baseline parameters."""
         template = self.baseline if self.baseline is not None else TrafficBaseline()
-        return BaselineStore(**template._get_params())
+        return template.new_store()
 
     @property
     def store(self) -> BaselineStore:

@@ -16,7 +16,8 @@ is 0 once visited, and nothing else). Rows of forgotten containers are reused.
 Examples
 --------
 >>> import numpy as np
->>> store = BaselineStore(warmup=10)
+>>> from nettel.detect.baseline import TrafficBaseline
+>>> store = TrafficBaseline(warmup=10).new_store()
 >>> rows = np.array([store.add_row(), store.add_row()])
 >>> for i in range(200):
 ...     _ = store.score_learn(rows, np.array([100.0 + i % 7, 5.0 + i % 3]),
@@ -30,7 +31,7 @@ Examples
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Final
 
 import numpy as np
@@ -98,49 +99,45 @@ _SCALARS: Final = {
 }  # fmt: skip
 
 
+#: The parameters a store needs: :class:`~nettel.detect.baseline.TrafficBaseline`'s.
+PARAMETERS: Final = (
+    "scales_ms", "bucket_ms", "seasons", "seasonal_smoothing_ms", "seasonal_rate",
+    "seasonal_weight", "seasonal_warmup", "rest_ms", "refire_ratio", "warmup",
+    "learn_recurring", "noise_margin", "noise_ms", "fine_margin", "quiet_ms", "quiet_below",
+)  # fmt: skip
+
+
 class BaselineStore:
-    """Rows of metric baselines (see the module docstring); the parameters are those of
-    :class:`~nettel.detect.baseline.TrafficBaseline`, which documents them.
+    """Rows of metric baselines (see the module docstring); ``params`` are the parameters
+    of :class:`~nettel.detect.baseline.TrafficBaseline`, which documents them
+    (``TrafficBaseline(...).new_store()`` makes a store of its parameters).
 
     Rows are added with :meth:`add_row`, given back with :meth:`release` (and reused),
     scored and learned with :meth:`score_learn`, queried with :meth:`band`.
     """
 
-    def __init__(
-        self,
-        scales_ms: Sequence[int] = (30 * MINUTE_MS, 2 * HOUR_MS),
-        bucket_ms: int = BUCKET_MS,
-        seasons: Sequence[tuple[int, int]] = DEFAULT_SEASONS,
-        seasonal_smoothing_ms: int = 30 * MINUTE_MS,
-        seasonal_rate: float = 0.15,
-        seasonal_weight: float = 0.5,
-        seasonal_warmup: int = 288,
-        rest_ms: int = 125 * MINUTE_MS,
-        refire_ratio: float = 2.0,
-        warmup: int = 60,
-        learn_recurring: bool = True,
-        noise_margin: float = 3.0,
-        noise_ms: int = DAY_MS,
-        fine_margin: float = 10.0,
-        quiet_ms: int = DAY_MS,
-        quiet_below: float = 1.0,
-    ) -> None:
-        self.scales_ms = tuple(scales_ms)
-        self.bucket_ms = bucket_ms
-        self.seasons = tuple((int(p), int(s)) for p, s in seasons)
-        self.seasonal_smoothing_ms = seasonal_smoothing_ms
-        self.seasonal_rate = seasonal_rate
-        self.seasonal_weight = seasonal_weight
-        self.seasonal_warmup = seasonal_warmup
-        self.rest_ms = rest_ms
-        self.refire_ratio = refire_ratio
-        self.warmup = warmup
-        self.learn_recurring = learn_recurring
-        self.noise_margin = noise_margin
-        self.noise_ms = noise_ms
-        self.fine_margin = fine_margin
-        self.quiet_ms = quiet_ms
-        self.quiet_below = quiet_below
+    def __init__(self, params: Mapping[str, Any]) -> None:
+        missing = [k for k in PARAMETERS if k not in params]
+        if missing:
+            raise ValueError(f"a store needs every baseline parameter; missing: {missing}")
+        self.params = {k: params[k] for k in PARAMETERS}
+        self.scales_ms: tuple[int, ...] = tuple(params["scales_ms"])
+        self.bucket_ms: int = params["bucket_ms"]
+        self.seasons = tuple((int(p), int(s)) for p, s in params["seasons"])
+        seasonal_smoothing_ms: int = params["seasonal_smoothing_ms"]
+        self.seasonal_rate: float = params["seasonal_rate"]
+        self.seasonal_weight: float = params["seasonal_weight"]
+        self.seasonal_warmup: int = params["seasonal_warmup"]
+        rest_ms: int = params["rest_ms"]
+        self.refire_ratio: float = params["refire_ratio"]
+        self.warmup: int = params["warmup"]
+        self.learn_recurring: bool = params["learn_recurring"]
+        self.noise_margin: float = params["noise_margin"]
+        self.noise_ms: int = params["noise_ms"]
+        self.fine_margin: float = params["fine_margin"]
+        self.quiet_ms: int = params["quiet_ms"]
+        self.quiet_below: float = params["quiet_below"]
+        bucket_ms = self.bucket_ms
         # Moving averages over m buckets: the last m - 1 full buckets and the one filling.
         lengths = (*self.scales_ms, seasonal_smoothing_ms)
         self._ms = sorted({_buckets(d, bucket_ms) for d in lengths})
@@ -191,17 +188,6 @@ class BaselineStore:
         self.flags = np.empty((0, self._slots), dtype=np.uint16)
 
     # -- rows ---------------------------------------------------------------------------
-
-    @property
-    def params(self) -> dict[str, Any]:
-        """The constructor parameters."""
-        names = (
-            "scales_ms", "bucket_ms", "seasons", "seasonal_smoothing_ms", "seasonal_rate",
-            "seasonal_weight", "seasonal_warmup", "rest_ms", "refire_ratio", "warmup",
-            "learn_recurring", "noise_margin", "noise_ms", "fine_margin", "quiet_ms",
-            "quiet_below",
-        )  # fmt: skip
-        return {k: getattr(self, k) for k in names}
 
     @property
     def rows(self) -> int:
@@ -356,10 +342,10 @@ class BaselineStore:
             return self._score_learn(rows, values, ts_ms, learn_below)
 
     def _score_learn(
-        self, rows: Ints, values: Floats, ts_ms: Ints, learn_below: Floats | float
+        self, arr: Ints, values: Floats, ts_ms: Ints, learn_below: Floats | float
     ) -> tuple[Floats, Floats]:
         c = self.cols
-        arr, rows = rows, row_index(rows)
+        rows = row_index(arr)
         n = c["n"][rows]
         raw, averages, valid, fine = self._raw(rows, values, ts_ms, n)
         warm = n >= max(self.warmup, 1)
