@@ -8,10 +8,14 @@ DIR is laid out like NAB: ``data/<category>/<file>.csv`` (``timestamp,value``) a
 
 Every series is read once, in order, by a fresh detector built by
 :func:`nettel.detect.container.make_detector` (what ``nettel up`` and ``nettel detect``
-build for each container, with the same defaults), fed as one metric of its own
-(``update_metric``): nothing about the file, its name or its category reaches it; the
-sampling interval is learned from the timestamps. Its score (1.0 = the service alerts)
-is mapped into [0, 1] as ``s / (1 + s)``, so the shipped threshold is 0.5 there.
+build for each container, with the same defaults), fed as one metric of its own:
+nothing about the file, its name or its category reaches it; the sampling interval is
+learned from the timestamps. The series of a worker are scored together as a partition's
+containers are: their models in one store, one sample of each per round
+(``ContainerDetector.score_rows``, what ``FleetDetector.process_batch`` runs), which gives
+each series the scores it gets alone (``update_metric``; ``tests/test_detect_store.py``).
+Its score (1.0 = the service alerts) is mapped into [0, 1] as ``s / (1 + s)``, so the
+shipped threshold is 0.5 there.
 Scores go to ``<out>/<category>/<file>.csv`` as ``timestamp,anomaly_score`` when
 ``--out`` is given.
 
@@ -38,6 +42,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from bench.common import write_result
 
 from nettel.detect.container import SHIPPED_THRESHOLD, ContainerDetector, make_detector
@@ -84,25 +89,48 @@ def _ts_ms(text: str) -> int:
     return int(datetime.fromisoformat(text).replace(tzinfo=UTC).timestamp() * 1000)
 
 
-def run_file(
-    path: Path, windows: Sequence[Sequence[str]], name: str
-) -> tuple[NabSeries, list[str]]:
-    """Score one series in streaming order; its windows as row indices."""
-    stamps: list[str] = []
-    scores: list[float] = []
-    det = detector_for_series()
+def read_file(path: Path) -> tuple[list[str], list[float]]:
+    """The timestamps and values of one series."""
     with path.open(newline="") as f:
-        for row in csv.DictReader(f):
-            stamps.append(row["timestamp"])
-            s = det.update_metric(METRIC, float(row["value"]), _ts_ms(row["timestamp"])).score
-            scores.append(s / (1.0 + s))  # into [0, 1], same order
-    rows: list[tuple[int, int]] = []
-    times = [_ts_ms(t) for t in stamps]
-    for start, end in windows:
-        lo_ms, hi_ms = _ts_ms(start.split(".")[0]), _ts_ms(end.split(".")[0])
-        inside = [i for i, t in enumerate(times) if lo_ms <= t <= hi_ms]
-        rows.append((inside[0], inside[-1]))
-    return NabSeries(name, scores, rows, probation_rows(len(scores))), stamps
+        rows = list(csv.DictReader(f))
+    return [r["timestamp"] for r in rows], [float(r["value"]) for r in rows]
+
+
+def score_together(series: Sequence[tuple[Sequence[int], Sequence[float]]]) -> list[list[float]]:
+    """Each series' scores mapped into [0, 1], every series scored in streaming order by a
+    detector of its own, all of them a round (one sample of each) at a time."""
+    dets = [detector_for_series() for _ in series]
+    store = dets[0].new_store()
+    for det in dets:
+        det.attach(store)
+    rows = np.array([det.row(METRIC) for det in dets], dtype=np.int64)
+    out: list[list[float]] = [[] for _ in series]
+    for k in range(max((len(ts) for ts, _ in series), default=0)):
+        live = [i for i, (ts, _) in enumerate(series) if k < len(ts)]
+        ts_ms = np.array([series[i][0][k] for i in live], dtype=np.int64)
+        values = np.array([series[i][1][k] for i in live])
+        score, _ = dets[0].score_rows(rows[live], values, ts_ms, np.zeros(len(live)), store)
+        for i, s in zip(live, score.tolist(), strict=True):
+            out[i].append(s / (1.0 + s))  # into [0, 1], same order
+    return out
+
+
+def run_files(
+    paths: Sequence[Path], windows: Sequence[Sequence[Sequence[str]]], names: Sequence[str]
+) -> list[tuple[NabSeries, list[str]]]:
+    """Score several series together; each with its windows as row indices."""
+    read = [read_file(p) for p in paths]
+    times = [[_ts_ms(t) for t in stamps] for stamps, _ in read]
+    scores = score_together([(t, values) for t, (_, values) in zip(times, read, strict=True)])
+    out = []
+    for (stamps, _), ts, sc, wins, name in zip(read, times, scores, windows, names, strict=True):
+        rows: list[tuple[int, int]] = []
+        for start, end in wins:
+            lo_ms, hi_ms = _ts_ms(start.split(".")[0]), _ts_ms(end.split(".")[0])
+            inside = [i for i, t in enumerate(ts) if lo_ms <= t <= hi_ms]
+            rows.append((inside[0], inside[-1]))
+        out.append((NabSeries(name, sc, rows, probation_rows(len(sc))), stamps))
+    return out
 
 
 def score_at(part: Sequence[NabSeries], profile: Profile, threshold: float) -> float:
@@ -153,9 +181,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     windows: dict[str, list[list[str]]] = json.loads((root / "combined_windows.json").read_text())
     names = sorted(str(p.relative_to(root / "data")) for p in (root / "data").glob("*/*.csv"))
     started = time.perf_counter()
+    groups = [names[w :: args.workers] for w in range(args.workers)]
     with ProcessPoolExecutor(max_workers=args.workers) as pool:
-        futures = [pool.submit(run_file, root / "data" / n, windows.get(n, []), n) for n in names]
-        results = [f.result() for f in futures]
+        futures = [pool.submit(run_files, [root / "data" / n for n in group],
+                               [windows.get(n, []) for n in group], group)
+                   for group in groups if group]  # fmt: skip
+        by_name = {series.name: (series, stamps) for f in futures for series, stamps in f.result()}
+        results = [by_name[n] for n in names]
     seconds = time.perf_counter() - started
     corpus = [series for series, _ in results]
     if args.out:

@@ -25,7 +25,7 @@ def quiet_simulator(containers: int = 1, seed: int = 5) -> TrafficSimulator:
 
 
 def replay(fleet: FleetDetector, events: Iterator[StatEvent]) -> list[Alert]:
-    return [a for ev in events for a in fleet.process(ev)]
+    return fleet.process_batch(list(events))  # the worker's way: a batch at a time
 
 
 def test_recurring_daily_peak_is_normal_and_the_same_peak_at_an_odd_hour_is_not() -> None:

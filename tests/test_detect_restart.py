@@ -74,10 +74,10 @@ async def test_killed_detector_resumes_without_losing_or_duplicating(
     versions: list[tuple[str, str, int]] = []
     for p in range(PARTITIONS):
         fleet = FleetDetector()
-        for r in sorted((r for r in records if r.partition == p), key=lambda r: r.offset):
-            for a in fleet.process(decode_stat_event(r.value)):
-                replayed[a.id] = a
-                versions.append((a.id, a.status, a.updated_ms))
+        mine = sorted((r for r in records if r.partition == p), key=lambda r: r.offset)
+        for a in fleet.process_batch([decode_stat_event(r.value) for r in mine]):
+            replayed[a.id] = a
+            versions.append((a.id, a.status, a.updated_ms))
     assert replayed, "the spikes raised no alert"
     raw = await consume_all(bootstrap, "nettel.alerts")
     on_topic = [decode_alert(r.value) for r in raw]

@@ -143,9 +143,9 @@ async def _fill(data_dir: str) -> tuple[list[StatEvent], dict[str, Alert], list[
         for p in range(PARTITIONS):
             fleet = FleetDetector()
             fleets.append(fleet)
-            for r in sorted((r for r in records if r.partition == p), key=lambda r: r.offset):
-                for a in fleet.process(decode_stat_event(r.value)):
-                    replayed[a.id] = a
+            mine = sorted((r for r in records if r.partition == p), key=lambda r: r.offset)
+            for a in fleet.process_batch([decode_stat_event(r.value) for r in mine]):
+                replayed[a.id] = a
         return events, replayed, fleets
     finally:
         await b.stop()

@@ -62,9 +62,12 @@ from nettel.errors import NettelError
 
 #: What every checkpoint starts with.
 MAGIC: Final = b"NTCK"
-#: The format written; :func:`decode_checkpoint` reads exactly these versions.
-VERSION: Final = 1
-READABLE_VERSIONS: Final = frozenset({1})
+#: The format written; :func:`decode_checkpoint` reads exactly these versions. Version 2:
+#: a fleet's models are rows of one :class:`~nettel.detect.store.BaselineStore` (numpy
+#: arrays); a version-1 blob (one object per metric model) is refused, and its partition
+#: starts cold and reads its log again.
+VERSION: Final = 2
+READABLE_VERSIONS: Final = frozenset({2})
 
 #: Modules whose classes a checkpoint may hold (exact names, or prefixes ending in ".").
 ALLOWED_MODULES: Final = ("nettel.detect.", "nettel.models", "river.stats.")
@@ -208,7 +211,7 @@ def encode_checkpoint(obj: Any) -> bytes:
     --------
     >>> blob = encode_checkpoint({"n": 1})
     >>> blob[:4], blob[4]
-    (b'NTCK', 1)
+    (b'NTCK', 2)
     >>> try:
     ...     encode_checkpoint({"f": len})
     ... except CheckpointError as e:
@@ -408,7 +411,7 @@ def decode_checkpoint(blob: bytes, expect: type[T] | None = None) -> Any:
     ...         decode_checkpoint(blob, expect=dict)
     ...     except CheckpointError as e:
     ...         print(e)
-    checkpoint format version 9 is not one this nettel reads (1)
+    checkpoint format version 9 is not one this nettel reads (2)
     the checkpoint holds a list, not a dict
     """
     if blob[:4] != MAGIC or len(blob) < 5:

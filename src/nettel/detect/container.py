@@ -20,10 +20,11 @@ Examples
 from __future__ import annotations
 
 import copy
-import math
 from collections.abc import Iterable, Mapping
 from typing import Final
 
+import numpy as np
+import numpy.typing as npt
 from river.base import AnomalyDetector
 
 from nettel.detect.baseline import (
@@ -33,8 +34,13 @@ from nettel.detect.baseline import (
     Band,
     Features,
     TrafficBaseline,
+    band_of,
 )
+from nettel.detect.store import BaselineStore, row_index
 from nettel.models import StatEvent
+
+Floats = npt.NDArray[np.float64]
+Ints = npt.NDArray[np.int64]
 
 #: Rates per second derived from the event's counters.
 RATE_METRICS: Final = ("rx_bytes", "tx_bytes", "rx_packets", "tx_packets", "errors", "drops")
@@ -81,11 +87,13 @@ class MetricScore:
     """One metric of one event: its value, anomaly score, lasting evidence and band (the
     band is computed when first asked for: most points never need it)."""
 
-    __slots__ = ("_band", "_model", "_ts_ms", "evidence", "metric", "score", "value")
+    __slots__ = ("_band", "_model", "_row", "_store", "_ts_ms", "evidence", "metric", "score",
+                 "value")  # fmt: skip
 
     def __init__(self, metric: str, value: float, score: float, evidence: float,
                  band: Band | None = None, model: TrafficBaseline | None = None,
-                 ts_ms: int = 0) -> None:  # fmt: skip
+                 ts_ms: int = 0, store: BaselineStore | None = None,
+                 row: int = -1) -> None:  # fmt: skip
         self.metric = metric
         self.value = value
         self.score = score
@@ -93,13 +101,19 @@ class MetricScore:
         self._band = band
         self._model = model
         self._ts_ms = ts_ms
+        self._store = store
+        self._row = row
 
     @property
     def band(self) -> Band:
         """What the metric usually does at this hour."""
         if self._band is None:
-            model = self._model
-            self._band = model.band(self._ts_ms) if model else Band(0.0, 0.0, 0.0, "")
+            if self._store is not None:
+                self._band = band_of(self._store, self._row, self._ts_ms)
+            elif self._model is not None:
+                self._band = self._model.band(self._ts_ms)
+            else:
+                self._band = Band(0.0, 0.0, 0.0, "")
         return self._band
 
     def __repr__(self) -> str:
@@ -195,19 +209,56 @@ class ContainerDetector(AnomalyDetector):
         self.protected_ms = protected_ms
         self.protected_samples = protected_samples
         self.min_volume = dict(DEFAULT_MIN_VOLUME if min_volume is None else min_volume)
-        self._models: dict[str, TrafficBaseline] = {}
-        # Per metric: when its run of flagged points began (-1: none) and how long it is.
-        self._flagged_since: dict[str, int] = {}
-        self._flagged_run: dict[str, int] = {}
+        # Each metric's model is a row of a store: the detector's own (made when first
+        # needed) or its partition's (FleetDetector.attach).
+        self._store: BaselineStore | None = None
+        self._rows: dict[str, int] = {}
+        self._row_sets: dict[int, list[int]] = {}  # rows_for's, by the set's length
 
-    def _model(self, metric: str) -> TrafficBaseline:
-        m = self._models.get(metric)
-        if m is None:
-            template = self.baseline if self.baseline is not None else TrafficBaseline()
-            m = self._models[metric] = template.clone()
-            self._flagged_since[metric] = -1
-            self._flagged_run[metric] = 0
-        return m
+    def new_store(self) -> BaselineStore:
+        """An empty store for models of this detector's baseline parameters."""
+        template = self.baseline if self.baseline is not None else TrafficBaseline()
+        return template.new_store()
+
+    @property
+    def store(self) -> BaselineStore:
+        """The store holding this detector's models."""
+        if self._store is None:
+            self._store = self.new_store()
+        return self._store
+
+    def attach(self, store: BaselineStore) -> None:
+        """Keep this detector's models in ``store`` (a partition's), before it has any."""
+        if self._rows:
+            raise ValueError("attach a detector to a store before it learns anything")
+        self._store = store
+
+    def row(self, metric: str) -> int:
+        """The store row of ``metric``'s model (made when first needed)."""
+        row = self._rows.get(metric)
+        if row is None:
+            row = self._rows[metric] = self.store.add_row()
+        return row
+
+    def rows_for(self, metrics: tuple[str, ...]) -> list[int]:
+        """The rows of ``metrics`` (one of a few fixed sets, told apart by length)."""
+        rows = self._row_sets.get(len(metrics))
+        if rows is None:
+            rows = self._row_sets[len(metrics)] = [self.row(m) for m in metrics]
+        return rows
+
+    def release(self) -> None:
+        """Give this detector's rows back to its store (it is forgotten)."""
+        if self._store is not None:
+            for row in self._rows.values():
+                self._store.release(row)
+        self._rows = {}
+        self._row_sets = {}
+
+    @property
+    def _models(self) -> dict[str, TrafficBaseline]:
+        """Each metric's model (views on the store's rows)."""
+        return {m: TrafficBaseline.on_row(self.store, r) for m, r in self._rows.items()}
 
     def learn_one(self, x: Features) -> None:
         """Learn every metric of ``x`` (unless flagged; a counter reset is skipped)."""
@@ -223,13 +274,18 @@ class ContainerDetector(AnomalyDetector):
         if x.get("counter_reset") or x.get("catch_up"):
             return out
         ts_ms = int(x["ts_ms"])
-        unit = self.alert_threshold
+        store = self.store
         for metric in METRICS:
-            if metric in x and metric in self._models:
-                model = self._models[metric]
+            if metric in x and metric in self._rows:
+                row = self._rows[metric]
                 value = float(x[metric])
-                score = model.score_one({"value": value, "ts_ms": ts_ms}) / unit
-                out[metric] = self._guarded(metric, value, score, score, model.band(ts_ms))
+                score = store.score_only(np.array([row]), np.array([value]),
+                                         np.array([ts_ms]))[0] / self.alert_threshold  # fmt: skip
+                band = band_of(store, row, ts_ms)
+                floor = self.min_volume.get(metric, 0.0)
+                if value < floor and band.expected < floor:
+                    score = 0.0
+                out[metric] = MetricScore(metric, value, float(score), float(score), band)
         return out
 
     def update(self, x: Features) -> dict[str, MetricScore]:
@@ -238,14 +294,20 @@ class ContainerDetector(AnomalyDetector):
         A counter reset (restart) is neither scored nor learned: it is never a spike; nor
         is a catch-up (a gap after nettel's restart, counted over its real interval).
         """
-        out: dict[str, MetricScore] = {}
         if x.get("counter_reset") or x.get("catch_up"):
-            return out
+            return {}
         ts_ms = int(x["ts_ms"])
-        for metric in METRICS:
-            if metric in x:
-                out[metric] = self.update_metric(metric, float(x[metric]), ts_ms)
-        return out
+        metrics = [m for m in METRICS if m in x]
+        values = np.array([float(x[m]) for m in metrics])
+        rows = np.array([self.row(m) for m in metrics], dtype=np.int64)
+        floors = np.array([self.min_volume.get(m, 0.0) for m in metrics])
+        score, evidence = self.score_rows(rows, values, np.full(len(rows), ts_ms), floors)
+        store = self.store
+        return {
+            m: MetricScore(m, float(values[i]), float(score[i]), float(evidence[i]),
+                           ts_ms=ts_ms, store=store, row=int(rows[i]))
+            for i, m in enumerate(metrics)
+        }  # fmt: skip
 
     def update_metric(self, metric: str, value: float, ts_ms: int) -> MetricScore:
         """Score one metric's value, then learn it unless flagged; one pass.
@@ -257,41 +319,50 @@ class ContainerDetector(AnomalyDetector):
         ...  for i, v in enumerate([10, 20, 10, 20, 90])]
         [0.0, 0.0, 0.0, 0.0, 466.7]
         """
-        model = self._model(metric)
-        since, run = self._flagged_since[metric], self._flagged_run[metric]
-        protect = since < 0 or run < self.protected_samples or ts_ms - since < self.protected_ms
-        limit = self.guard_threshold if protect else math.inf
-        floor = self.min_volume.get(metric, 0.0)
-        # Below the floor, and never above it (no band needed) or not expected above it.
-        quiet = (
-            floor > 0
-            and value < floor
-            and (model.highest < floor or model.band(ts_ms).expected < floor)
-        )
-        unit = self.alert_threshold
-        score = model.score_learn_value(value, ts_ms, learn_below=limit) / unit
-        raw = model.last_raw
-        if raw < self.guard_threshold:
-            self._flagged_since[metric], self._flagged_run[metric] = -1, 0
-        else:
-            self._flagged_since[metric] = ts_ms if since < 0 else since
-            self._flagged_run[metric] = run + 1
-        if quiet or not model.counts(raw, ts_ms):
-            return MetricScore(metric, value, 0.0, 0.0, None, model, ts_ms)
-        return MetricScore(metric, value, score, raw / unit, None, model, ts_ms)
+        row = self.row(metric)
+        score, evidence = self.score_rows(
+            np.array([row]), np.array([value], dtype=np.float64),
+            np.array([ts_ms], dtype=np.int64), np.array([self.min_volume.get(metric, 0.0)]),
+        )  # fmt: skip
+        return MetricScore(metric, value, float(score[0]), float(evidence[0]), ts_ms=ts_ms,
+                           store=self.store, row=row)  # fmt: skip
 
-    def _guarded(
-        self, metric: str, value: float, score: float, evidence: float, band: Band
-    ) -> MetricScore:
-        floor = self.min_volume.get(metric, 0.0)
-        if value < floor and band.expected < floor:
-            score = evidence = 0.0
-        return MetricScore(metric, value, score, evidence, band)
+    def score_rows(
+        self,
+        rows: Ints,
+        values: Floats,
+        ts_ms: Ints,
+        floors: Floats,
+        store: BaselineStore | None = None,
+    ) -> tuple[Floats, Floats]:
+        """Score and learn distinct ``rows`` of this detector's store at once, with this
+        detector's guard, floors (``min_volume`` of each row's metric) and alert unit:
+        (scores, evidence), both in multiples of ``alert_threshold``. A fleet scores every
+        container's rows of a round through its template's, on its own ``store``."""
+        store = self.store if store is None else store
+        c = store.cols
+        at = row_index(rows)
+        since, run = c["flagged_since"][at], c["flagged_run"][at]
+        protect = (since < 0) | (run < self.protected_samples) | (ts_ms - since < self.protected_ms)
+        limit = np.where(protect, self.guard_threshold, np.inf)
+        # Below the floor, and never above it or not expected above it: quiet.
+        quiet = (floors > 0) & (values < floors)
+        if quiet.any():
+            ask = quiet & (c["hi"][at] >= floors)
+            if ask.any():
+                quiet[ask] = store.expected(rows[ask], ts_ms[ask]) < floors[ask]
+        score, raw = store.score_learn(rows, values, ts_ms, limit)
+        calm = raw < self.guard_threshold
+        c["flagged_since"][at] = np.where(calm, -1, np.where(since < 0, ts_ms, since))
+        c["flagged_run"][at] = np.where(calm, 0, run + 1)
+        shown = ~quiet & store.scores_at(rows, raw, ts_ms)
+        unit = self.alert_threshold
+        return np.where(shown, score / unit, 0.0), np.where(shown, raw / unit, 0.0)
 
     def band(self, metric: str, ts_ms: int) -> Band:
         """What ``metric`` usually does at ``ts_ms``'s hour of the week."""
-        model = self._models.get(metric)
-        return model.band(ts_ms) if model is not None else Band(0.0, 0.0, 0.0, "")
+        row = self._rows.get(metric)
+        return band_of(self.store, row, ts_ms) if row is not None else Band(0.0, 0.0, 0.0, "")
 
     def weekly_bands(self, metric: str, week_start_ms: int = 4 * DAY_MS) -> list[Band]:
         """The expected band of ``metric`` for each of the 168 hours of a week, from
@@ -307,25 +378,27 @@ class ContainerDetector(AnomalyDetector):
     @property
     def n_learned(self) -> int:
         """Metric points learned so far, over all metrics."""
-        return sum(m.n_learned for m in self._models.values())
+        if not self._rows:
+            return 0
+        return int(self.store.cols["n"][list(self._rows.values())].sum())
 
     @property
     def metrics(self) -> list[str]:
         """The metrics seen so far."""
-        return list(self._models)
+        return list(self._rows)
 
     def warm_start(self, metric: str, rows: Iterable[tuple[int, float, float, float]]) -> None:
         """Seed ``metric`` from stored hourly rollups ``(hour_start_ms, mean, low, high)``."""
-        self._model(metric).warm_start(rows)
+        self.store.warm_start(self.row(metric), list(rows))
 
     def false_positive(self, metric: str, ts_ms: int, value: float) -> None:
         """Feedback on an alert: ``value`` of ``metric`` at ``ts_ms`` was normal; the band
         of that metric at that hour widens to hold it."""
-        self._model(metric).accept(value, ts_ms)
+        self.store.accept(self.row(metric), value, ts_ms)
 
     def prior(self) -> ContainerDetector:
         """What this container learned, to start a new container of the same image or
-        compose service warm.
+        compose service warm (in the same store).
 
         Examples
         --------
@@ -337,7 +410,11 @@ class ContainerDetector(AnomalyDetector):
         (0.0, ['tx_bytes'])
         """
         twin = copy.copy(self)
-        twin._models = {k: m.prior() for k, m in self._models.items()}
-        twin._flagged_since = dict.fromkeys(self._models, -1)
-        twin._flagged_run = dict.fromkeys(self._models, 0)
+        store = self.store
+        twin._rows = {}
+        twin._row_sets = {}
+        for metric, row in self._rows.items():
+            new = twin._rows[metric] = store.add_row()
+            store.copy_row(row, new)
+            store.forget_recent(new)
         return twin

@@ -1,7 +1,15 @@
 """All containers' detectors, rules and alert lifecycles: events in, alerts out.
 
-:class:`FleetDetector` is what a worker drives (it does no I/O): :meth:`~FleetDetector.
-process` takes one :class:`~nettel.models.StatEvent` and returns the alerts to publish.
+:class:`FleetDetector` is what a worker drives (it does no I/O):
+:meth:`~FleetDetector.process_batch` takes a partition's batch of
+:class:`~nettel.models.StatEvent` and returns the alerts to publish (:meth:`~FleetDetector.
+process`: one event). Every model of every container lives in one
+:class:`~nettel.detect.store.BaselineStore`, and a batch is scored in rounds: one event per
+container per round, every metric of the round at once with numpy; Python work per event
+is left for the alert lifecycle of the few whose evidence is not calm. The result is that
+of scoring the events one by one in order (each container's events keep their order;
+containers share nothing but the store; a new container, whose prior is another's state,
+and the hourly sweep start a new series of rounds).
 A container seen for the first time starts from a prior: the learned state of another
 container of the same compose service, else of the same image. A container unseen for
 ``forget_after_ms`` of event time (7 days by default) is forgotten (checked once an
@@ -35,13 +43,30 @@ from collections import deque
 from collections.abc import Sequence
 from typing import Final
 
+import numpy as np
+
 from nettel.detect.alerts import Alert, AlertTracker, Direction, Signal, related_moves
 from nettel.detect.baseline import DAY_MS, HOUR_MS, Band
-from nettel.detect.container import ContainerDetector, event_features, make_detector
+from nettel.detect.container import (
+    GAUGE_METRICS,
+    METRICS,
+    RATE_METRICS,
+    ContainerDetector,
+    MetricScore,
+    make_detector,
+)
 from nettel.detect.rules import Rule, RuleSet
 from nettel.models import StatEvent
 
 RESTART_MEMORY_MS: Final = HOUR_MS
+#: The metrics of an event, by how many it has: the rates, plus the connection count,
+#: plus the TCP states (an event may lack either).
+METRIC_SETS: Final = {
+    6: RATE_METRICS,
+    7: (*RATE_METRICS, "connections"),
+    10: (*RATE_METRICS, *GAUGE_METRICS[1:]),
+    11: METRICS,
+}
 #: Event time after which a container that sent nothing is forgotten.
 FORGET_AFTER_MS: Final = 7 * DAY_MS
 
@@ -92,6 +117,9 @@ class FleetDetector:
             )
             for r in rules
         }
+        self._store = self.template.new_store()
+        floor = self.template.min_volume
+        self._floors = {k: [floor.get(m, 0.0) for m in ms] for k, ms in METRIC_SETS.items()}
         self._containers: dict[str, ContainerDetector] = {}
         self._groups: dict[str, str] = {}  # "service:<p>/<s>" or "image:<i>" -> identity
         self._restarts: dict[str, deque[int]] = {}
@@ -123,7 +151,11 @@ class FleetDetector:
         if ev.image:
             keys.append(f"image:{ev.image}")
         prior = next((self._containers[self._groups[k]] for k in keys if k in self._groups), None)
-        det = prior.prior() if prior is not None else self.template.clone()
+        if prior is not None:
+            det = prior.prior()
+        else:
+            det = self.template.clone()
+            det.attach(self._store)
         self._containers[ev.identity] = det
         for k in keys:
             self._groups.setdefault(k, ev.identity)
@@ -139,53 +171,189 @@ class FleetDetector:
                 continue
             for t in trackers:
                 t.forget(identity)
-            for state in (self._containers, self._restarts, self._last_seen):
+            det = self._containers.pop(identity, None)
+            if det is not None:
+                det.release()
+            for state in (self._restarts, self._last_seen):
                 state.pop(identity, None)
             for k in [k for k, i in self._groups.items() if i == identity]:
                 del self._groups[k]
 
     def process(self, ev: StatEvent) -> list[Alert]:
         """Score and learn one event; the alerts it opens, grows or resolves."""
-        self._last_seen[ev.identity] = ev.ts_ms
-        if ev.ts_ms >= self._next_sweep_ms:
-            self._sweep(ev.ts_ms)
-            self._next_sweep_ms = ev.ts_ms + HOUR_MS
-        det = self._detector_for(ev)
-        restarts = self._restarts.setdefault(ev.identity, deque())
-        if ev.counter_reset:
-            restarts.append(ev.ts_ms)
-        while restarts and restarts[0] < ev.ts_ms - RESTART_MEMORY_MS:
-            restarts.popleft()
-        out: list[Alert] = []
-        scores = det.update(event_features(ev))
+        return self.process_batch([ev])
+
+    def process_batch(self, events: Sequence[StatEvent]) -> list[Alert]:
+        """Score and learn ``events`` (in order); the alerts they open, grow or resolve, in
+        the order of the events that raised them.
+
+        Examples
+        --------
+        >>> fleet = FleetDetector()
+        >>> def ev(name, i, rx):
+        ...     return StatEvent(ts_ms=i * 5000, host="h", container_id=name, identity=name,
+        ...                      name=name, interval_ms=5000, rx_bytes=rx)
+        >>> batch = [ev(n, i, 500_000 + i % 7 * 9000) for i in range(400) for n in "ab"]
+        >>> fleet.process_batch(batch)
+        []
+        >>> [a.identity for a in fleet.process_batch([ev("b", 400, 9e7), ev("a", 400, 530_000)])]
+        ['b']
+        """
+        return [a for _, a in self.process_indexed(events)]
+
+    def process_indexed(self, events: Sequence[StatEvent]) -> list[tuple[int, Alert]]:
+        """:meth:`process_batch`, each alert with the index of the event that raised it."""
+        out: list[tuple[int, Alert]] = []
+        segment: list[int] = []
+        for i, ev in enumerate(events):
+            sweep = ev.ts_ms >= self._next_sweep_ms
+            if sweep or ev.identity not in self._containers:
+                self._score_rounds(events, segment, out)
+                segment = []
+                if sweep:
+                    self._last_seen[ev.identity] = ev.ts_ms
+                    self._sweep(ev.ts_ms)
+                    self._next_sweep_ms = ev.ts_ms + HOUR_MS
+                self._detector_for(ev)
+            segment.append(i)
+        self._score_rounds(events, segment, out)
+        out.sort(key=lambda pair: pair[0])
+        return out
+
+    def _score_rounds(
+        self, events: Sequence[StatEvent], segment: list[int], out: list[tuple[int, Alert]]
+    ) -> None:
+        """Score ``segment`` (indices of ``events`` whose containers are known) in rounds."""
+        rounds: list[list[int]] = []
+        depth: dict[str, int] = {}
+        for i in segment:
+            identity = events[i].identity
+            r = depth.get(identity, 0)
+            depth[identity] = r + 1
+            if r == len(rounds):
+                rounds.append([])
+            rounds[r].append(i)
+        for indices in rounds:
+            self._score_round(events, indices, out)
+
+    def _score_round(
+        self, events: Sequence[StatEvent], indices: list[int], out: list[tuple[int, Alert]]
+    ) -> None:
+        """Score one event of each of several containers, every metric at once."""
+        rows: list[int] = []
+        values: list[float] = []
+        floors: list[float] = []
+        sets: list[int] = []  # each event's metric set (METRIC_SETS), 0 for none
+        containers = self._containers
+        for i in indices:
+            ev = events[i]
+            if ev.counter_reset or ev.catch_up:
+                sets.append(0)
+                continue
+            seconds = ev.interval_ms / 1000 if ev.interval_ms > 0 else 1.0
+            values += (ev.rx_bytes / seconds, ev.tx_bytes / seconds, ev.rx_packets / seconds,
+                       ev.tx_packets / seconds, (ev.rx_errors + ev.tx_errors) / seconds,
+                       (ev.rx_drops + ev.tx_drops) / seconds)  # fmt: skip
+            key = 6
+            if ev.connections is not None:
+                values.append(float(ev.connections))
+                key = 7
+            if ev.tcp is not None:
+                t = ev.tcp
+                values += (float(t.syn_recv), float(t.time_wait), float(t.close_wait),
+                           float(t.established))  # fmt: skip
+                key += 4
+            sets.append(key)
+            rows += containers[ev.identity].rows_for(METRIC_SETS[key])
+            floors += self._floors[key]
+        score = evidence = np.zeros(0)
+        hot_events: list[bool] = [False] * len(indices)
+        if rows:
+            ts = np.repeat(np.array([events[i].ts_ms for i in indices], dtype=np.int64), sets)
+            at = np.array(rows, dtype=np.int64)
+            if bool((np.diff(at) > 0).all()):
+                score, evidence = self.template.score_rows(
+                    at, np.array(values), ts, np.array(floors), self._store)  # fmt: skip
+            else:  # in row order: consecutive rows are read and written as slices
+                order = np.argsort(at)
+                score, evidence = np.empty(len(at)), np.empty(len(at))
+                score[order], evidence[order] = self.template.score_rows(
+                    at[order], np.array(values)[order], ts[order], np.array(floors)[order],
+                    self._store)  # fmt: skip
+            hot = np.flatnonzero(evidence >= self.tracker.close_at)
+            if len(hot):
+                owner = np.repeat(np.arange(len(indices)), sets)
+                for k in set(owner[hot].tolist()):
+                    hot_events[k] = True
+        tracker = self.tracker
+        store = self._store
+        start = 0
+        for k, i in enumerate(indices):
+            ev = events[i]
+            end = start + sets[k]
+            self._last_seen[ev.identity] = ev.ts_ms
+            # restarts within RESTART_MEMORY_MS, kept only for containers that had some
+            restarts = self._restarts.get(ev.identity)
+            if ev.counter_reset:
+                if restarts is None:
+                    restarts = self._restarts[ev.identity] = deque()
+                restarts.append(ev.ts_ms)
+            recent = 0
+            if restarts is not None:
+                while restarts and restarts[0] < ev.ts_ms - RESTART_MEMORY_MS:
+                    restarts.popleft()
+                recent = len(restarts)
+                if not recent:
+                    del self._restarts[ev.identity]
+            if end > start and (hot_events[k] or tracker.tracked(ev.identity)):
+                names = METRIC_SETS[sets[k]]
+                scores = {
+                    m: MetricScore(m, values[r], float(score[r]), float(evidence[r]),
+                                   ts_ms=ev.ts_ms, store=store, row=rows[r])
+                    for m, r in zip(names, range(start, end), strict=True)
+                }  # fmt: skip
+                alert = self._observe(ev, scores, recent)
+                if alert is not None:
+                    out.append((i, alert))
+            if self.rules.rules:
+                for alert in self._apply_rules(ev, recent):
+                    out.append((i, alert))
+            start = end
+
+    def _observe(
+        self, ev: StatEvent, scores: dict[str, MetricScore], restarts: int
+    ) -> Alert | None:
+        """The model alert lifecycle for one event's metric scores."""
         tracker = self.tracker
         # Most samples of most metrics are unremarkable and followed by no incident: skip.
         tracked = tracker.tracked(ev.identity)
         live = [s for s in scores.values() if s.evidence >= tracker.close_at or s.metric in tracked]
-        if live:
-            floor = det.min_volume
-            moves = [
-                (m, s.value, s.band.expected)
-                for m, s in scores.items()
-                if max(s.value, s.band.expected) >= floor.get(m, 0.0)
-            ]
-            signals = [
-                Signal(ev.identity, s.metric, ev.ts_ms, s.evidence, s.value, s.band,
-                       host=ev.host, container_id=ev.container_id, restarts=len(restarts),
-                       related=related_moves(moves, s.metric)
-                       if s.evidence >= tracker.close_at else {})
-                for s in live
-            ]  # fmt: skip
-            alert = tracker.observe_sample(signals)
-            if alert is not None:
-                out.append(alert)
+        if not live:
+            return None
+        floor = self.template.min_volume
+        moves = [
+            (m, s.value, s.band.expected)
+            for m, s in scores.items()
+            if max(s.value, s.band.expected) >= floor.get(m, 0.0)
+        ]
+        signals = [
+            Signal(ev.identity, s.metric, ev.ts_ms, s.evidence, s.value, s.band,
+                   host=ev.host, container_id=ev.container_id, restarts=restarts,
+                   related=related_moves(moves, s.metric)
+                   if s.evidence >= tracker.close_at else {})
+            for s in live
+        ]  # fmt: skip
+        return tracker.observe_sample(signals)
+
+    def _apply_rules(self, ev: StatEvent, restarts: int) -> list[Alert]:
+        out = []
         for hit in self.rules.evaluate(ev):
             tracker = self._rule_trackers[hit.rule.name]
             alert = tracker.observe(
                 Signal(ev.identity, hit.rule.metric, ev.ts_ms, 1.0 if hit.holds else 0.0,
                        hit.value, Band(0.0, 0.0, 0.0, ""), rule=hit.rule.name,
                        limit=hit.rule.describe_limit(), host=ev.host,
-                       container_id=ev.container_id, restarts=len(restarts),
+                       container_id=ev.container_id, restarts=restarts,
                        direction=_rule_direction(hit.rule))
             )  # fmt: skip
             if alert is not None:

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -46,6 +47,7 @@ from nettel.detect.alerts import Alert, encode_alert
 from nettel.detect.bands import BandTracker
 from nettel.detect.checkpoint import CheckpointError, decode_checkpoint, encode_checkpoint
 from nettel.detect.fleet import FleetDetector
+from nettel.models import StatEvent
 from nettel.store.alerts import AlertTable, DetectState, DetectStateTable, FeedbackTable
 from nettel.store.bands import BandTable
 from nettel.stream.runtime import ConsumerRuntime, ConsumerSettings, completed
@@ -406,20 +408,28 @@ class DetectWorker:
             await self._handle(batch)
 
     async def _handle(self, batch: Mapping[int, Sequence[Any]]) -> None:
-        """Score every record of ``batch`` and publish the alerts, event by event."""
+        """Score each partition's records of ``batch`` at once (the fleet scores them in
+        rounds, as if one by one) and publish the alerts in the order of their events."""
         for partition, records in batch.items():
-            if partition not in self._parts:
+            part = self._parts.get(partition)
+            if part is None:
                 continue
+            events: list[StatEvent] = []
+            offsets: list[int] = []
+            now_ms = time.time_ns() // 1_000_000
             for record in records:
-                part = self._parts.get(partition)
-                if part is None or record.offset < part.next_offset:
+                if record.offset < part.next_offset:
                     continue
                 self.stats.consumed += 1
                 part.next_offset = record.offset + 1
-                ev, _ = read_event(record.value, time.time_ns() // 1_000_000)
+                ev, _ = read_event(record.value, now_ms)
                 if ev is None:
                     self.stats.invalid += 1  # the stream worker dead-letters it
                     continue
-                alerts = part.fleet.process(ev)
-                if alerts:
-                    await self._publish(partition, record.offset, alerts)
+                events.append(ev)
+                offsets.append(record.offset)
+            if not events:
+                continue
+            raised = part.fleet.process_indexed(events)
+            for i, group in itertools.groupby(raised, key=lambda pair: pair[0]):
+                await self._publish(partition, offsets[i], [a for _, a in group])
