@@ -1,14 +1,26 @@
 """Alerts: the record, its lifecycle, and the sentence that explains it.
 
 An :class:`AlertTracker` follows **incidents**: one per ``(container, rule)``. An incident
-opens when one of the container's metrics reaches ``open_at``; every other metric that
+opens when one of the container's metrics is **confirmed**: ``confirm_samples`` samples
+in a row at ``open_at`` or above, or one sample at ``confirm_at`` or above (a single
+unusual sample is most often noise; a very strong one is not). Every other metric that
 reaches ``open_at`` while it lasts joins it (the metrics of one container that break
 their bands together are one event, so a consumer is paged once). It is published
 again when it grows (a metric joins, the severity rises, the evidence doubles) and
-resolves once, after ``resolve_after`` samples in a row where none of its metrics is at
-``close_at`` or above (hysteresis: ``close_at`` < ``open_at``); then the container is
-not raised again for ``cooldown_ms``. The model's metrics share one incident per
-container; each custom rule has its own tracker, so rules keep their own alerts.
+resolves once, after ``resolve_after`` calm samples in a row (hysteresis: ``close_at``
+< ``open_at``); then the container is not raised again for ``cooldown_ms``. A sample is
+**calm** when none of the incident's metrics is at ``close_at`` or above and, within
+``hold_ms`` of the last such sample, none still lies beyond its band in its direction:
+a model adapts to a new level (a level shift, a ramp) within tens of samples and stops
+flagging it, but the episode lasts as long as the traffic stays out of its band, so it
+stays one incident. ``resolved_ms`` is the first calm sample of the run that resolved
+it (the episode's span is ``[started_ms, resolved_ms)``), published once that run is
+``resolve_after`` samples long. The model's metrics share one incident per container;
+each custom rule has its own tracker, so rules keep their own alerts.
+
+What each costs: confirmation delays an incident by ``confirm_samples - 1`` samples
+unless a sample reaches ``confirm_at``; the hold delays the *resolved* version (never
+its ``resolved_ms``) by up to ``hold_ms`` while the traffic stays beyond its band.
 
 Each metric of an incident keeps what is true of its whole episode:
 
@@ -35,7 +47,7 @@ Examples
 ...     return a and (a.status, a.started_ms, a.resolved_ms, a.peak)
 >>> [step(0, 0.1, 150.0), step(5000, 3.0), step(10_000, 2.0, 9000.0), step(15_000, 0.2, 150.0),
 ...  step(20_000, 0.2, 150.0), step(30_000, 3.0)]
-[None, ('open', 5000, None, 5000.0), None, None, ('resolved', 5000, 20000, 9000.0), None]
+[None, None, ('open', 5000, None, 9000.0), None, ('resolved', 5000, 15000, 9000.0), None]
 """
 
 from __future__ import annotations
@@ -286,9 +298,16 @@ class Signal:
     direction: Direction | None = None
 
 
-@dataclass(slots=True)
+def direction_of(s: Signal) -> Direction:
+    """The way ``s`` is anomalous: its own, else a spike at or above the band's expected
+    value and a dip below it."""
+    return s.direction or ("spike" if s.observed >= s.band.expected else "dip")
+
+
+@dataclass
 class _Episode:
-    """One metric's anomalous run: from its first anomalous sample on."""
+    """One metric's anomalous run: from its first anomalous sample on. (No ``slots``:
+    a field added later has a class default, so an older checkpoint still reads.)"""
 
     metric: str
     direction: Direction
@@ -298,12 +317,15 @@ class _Episode:
     peak_band: Band
     observed: float
     score: float
+    #: samples in a row at ``open_at`` or above, up to the latest
+    breaking: int = 0
+    #: the band at the first sample
+    start_band: Band = Band(0.0, 0.0, 0.0, "")
 
     @classmethod
     def first(cls, s: Signal) -> _Episode:
-        direction = s.direction or ("spike" if s.observed >= s.band.expected else "dip")
-        return cls(s.metric, direction, s.ts_ms, s.ts_ms, s.observed, s.band, s.observed,
-                   s.evidence)  # fmt: skip
+        return cls(s.metric, direction_of(s), s.ts_ms, s.ts_ms, s.observed, s.band,
+                   s.observed, s.evidence, start_band=s.band)  # fmt: skip
 
     def see(self, s: Signal) -> None:
         """One more sample of the run: the peak moves only to a more extreme value."""
@@ -312,6 +334,16 @@ class _Episode:
         v = s.observed
         if v > self.peak if self.direction == "spike" else v < self.peak:
             self.peak, self.peak_ms, self.peak_band = v, s.ts_ms, s.band
+
+    def beyond_band(self, s: Signal) -> bool:
+        """Whether ``s`` lies outside its band in the episode's direction, or outside the
+        band of the episode's first sample (a model learns a lasting level into its band
+        within tens of samples; the band before the episode does not move). A rule's
+        signal has no band: never."""
+        v = s.observed
+        if self.direction == "spike":
+            return any(b.basis and v > b.high for b in (s.band, self.start_band))
+        return any(b.basis and v < b.low for b in (s.band, self.start_band))
 
     def evidence(self) -> MetricEvidence:
         b = self.peak_band
@@ -337,6 +369,10 @@ class _Incident:
     related: dict[str, float] = field(default_factory=dict)
     calm: int = 0
     last_emitted_score: float = 0.0
+    #: the last sample with a metric at close_at or above
+    last_active_ms: int = 0
+    #: the first calm sample of the current calm run
+    calm_since_ms: int = 0
 
 
 #: (container, rule) of an incident; a metric's pending run adds the metric.
@@ -352,21 +388,35 @@ class AlertTracker:
     any of its metrics reached.
     """
 
+    # Defaults of attributes added after checkpoints existed (a restored tracker has
+    # only the attributes it was written with).
+    confirm_samples: int = 1
+    confirm_at: float = 1.0
+    hold_ms: int = 0
+
     def __init__(
         self,
         open_at: float = 1.0,
         close_at: float = 0.3,
         resolve_after: int = 3,
-        cooldown_ms: int = 15 * 60_000,
+        cooldown_ms: int = 5 * 60_000,
         warning_ratio: float = 3.0,
         critical_ratio: float = 10.0,
+        confirm_samples: int = 2,
+        confirm_at: float = 40.0,
+        hold_ms: int = 30 * 60_000,
     ) -> None:
         if not close_at <= open_at:
             raise ValueError(f"close_at ({close_at}) must be <= open_at ({open_at})")
+        if confirm_samples < 1 or resolve_after < 1:
+            raise ValueError("confirm_samples and resolve_after must be >= 1")
         self.open_at = open_at
         self.close_at = close_at
         self.resolve_after = resolve_after
         self.cooldown_ms = cooldown_ms
+        self.confirm_samples = confirm_samples
+        self.confirm_at = max(confirm_at, open_at)
+        self.hold_ms = hold_ms
         self.warning_ratio = warning_ratio
         self.critical_ratio = critical_ratio
         self._open: dict[_Key, _Incident] = {}
@@ -463,15 +513,18 @@ class AlertTracker:
         for s in signals:
             run = runs.get(s.metric)
             if s.evidence < self.close_at:
-                if run is not None:
+                if run is not None and run.breaking and run.beyond_band(s):
+                    run.see(s)  # a sample after a break, still out of its band
+                    run.breaking += 1
+                elif run is not None:
                     del runs[s.metric]
                 continue
-            if run is None or run.direction != (
-                s.direction or ("spike" if s.observed >= s.band.expected else "dip")
-            ):
-                runs[s.metric] = _Episode.first(s)
+            if run is None or run.direction != direction_of(s):
+                run = runs[s.metric] = _Episode.first(s)
             else:
                 run.see(s)
+            breaks = s.evidence >= self.open_at or (run.breaking and run.beyond_band(s))
+            run.breaking = run.breaking + 1 if breaks else 0
         if runs:
             self._pending[key] = runs
         else:
@@ -481,9 +534,11 @@ class AlertTracker:
     def _maybe_open(self, key: _Key, signals: Sequence[Signal],
                     pending: dict[str, _Episode] | None) -> Alert | None:  # fmt: skip
         runs = self._runs(key, signals, pending)
-        breaking = [s for s in signals if s.evidence >= self.open_at]
-        if not breaking:
+        confirmed = {s.metric for s in signals if s.metric in runs and (
+            s.evidence >= self.confirm_at or runs[s.metric].breaking >= self.confirm_samples)}
+        if not confirmed:
             return None
+        breaking = [s for s in signals if s.evidence >= self.open_at or s.metric in confirmed]
         members = {s.metric: runs.pop(s.metric) for s in breaking}
         if not runs:
             self._pending.pop(key, None)
@@ -497,6 +552,7 @@ class AlertTracker:
         )  # fmt: skip
         self._relate(incident, signals)
         self._open[key] = incident
+        incident.last_active_ms = lead.ts_ms
         incident.last_emitted_score = max(m.score for m in members.values())
         return self._version(key, incident, "open", lead.ts_ms)
 
@@ -506,20 +562,27 @@ class AlertTracker:
         others = [s for s in signals if s.metric not in members]
         runs = self._runs(key, others, pending)
         grown = False
-        active = False
+        active = held = False
+        ts_ms = signals[0].ts_ms
+        holding = ts_ms - incident.last_active_ms < self.hold_ms
         for s in signals:
             member = members.get(s.metric)
             if member is not None:
                 member.see(s)
                 active = active or s.evidence >= self.close_at
+                held = held or (holding and member.beyond_band(s))
             elif s.evidence >= self.open_at:  # another metric breaks: it joins
                 members[s.metric] = runs.pop(s.metric)
                 grown = active = True
         if not runs:
             self._pending.pop(key, None)
-        ts_ms = signals[0].ts_ms
         if not active:
+            if held:  # still out of its band: the episode goes on
+                incident.calm = 0
+                return None
             incident.calm += 1
+            if incident.calm == 1:
+                incident.calm_since_ms = ts_ms
             if incident.calm < self.resolve_after:
                 return None
             del self._open[key]
@@ -527,6 +590,7 @@ class AlertTracker:
             self._quiet_until[key] = ts_ms + self.cooldown_ms
             return self._version(key, incident, "resolved", ts_ms)
         incident.calm = 0
+        incident.last_active_ms = ts_ms
         self._relate(incident, signals)
         severity = max((self._severity_of(m) for m in members.values()), key=_rank)
         score = max(m.score for m in members.values())
@@ -560,7 +624,8 @@ class AlertTracker:
             id=incident.id, status=status, identity=identity, metric=lead.metric, rule=rule,
             host=incident.host, container_id=incident.container_id,
             started_ms=incident.started_ms, updated_ms=ts_ms,
-            resolved_ms=ts_ms if status == "resolved" else None, observed=lead.observed,
+            resolved_ms=incident.calm_since_ms if status == "resolved" else None,
+            observed=lead.observed,
             peak=lead.peak, expected=band.expected, band_low=band.low, band_high=band.high,
             band_basis=band.basis, score=max(m.score for m in episodes),
             severity=incident.severity, related=dict(incident.related),

@@ -42,6 +42,12 @@ from nettel.detect.rules import Rule, RuleSet
 from nettel.models import StatEvent
 
 RESTART_MEMORY_MS: Final = HOUR_MS
+#: Traffic metrics checked for an outage (a fall to about nothing).
+OUTAGE_METRICS: Final = frozenset({"rx_bytes", "tx_bytes", "rx_packets", "tx_packets"})
+#: An outage: the value below this share of its band's low.
+OUTAGE_FRACTION: Final = 0.1
+#: Metrics whose fall is good news (fewer errors, drops, half-open or closing sockets).
+GOOD_WHEN_LOW: Final = frozenset({"errors", "drops", "syn_recv", "close_wait"})
 #: Event time after which a container that sent nothing is forgotten.
 FORGET_AFTER_MS: Final = 7 * DAY_MS
 
@@ -88,7 +94,8 @@ class FleetDetector:
         self.rules = RuleSet(rules)
         self._rule_trackers = {
             r.name: AlertTracker(
-                open_at=1.0, close_at=1.0, resolve_after=1, cooldown_ms=r.cooldown_ms
+                open_at=1.0, close_at=1.0, resolve_after=1, cooldown_ms=r.cooldown_ms,
+                confirm_samples=1, hold_ms=0,
             )
             for r in rules
         }
@@ -159,21 +166,26 @@ class FleetDetector:
         out: list[Alert] = []
         scores = det.update(event_features(ev))
         tracker = self.tracker
+        floor = det.min_volume
         # Most samples of most metrics are unremarkable and followed by no incident: skip.
         tracked = tracker.tracked(ev.identity)
-        live = [s for s in scores.values() if s.evidence >= tracker.close_at or s.metric in tracked]
+        evidence = {
+            m: _alert_evidence(m, s.evidence, s.value, s.band, floor.get(m, 0.0), tracker.open_at)
+            for m, s in scores.items()
+            if s.evidence >= tracker.close_at or m in tracked or m in OUTAGE_METRICS
+        }
+        live = [scores[m] for m, e in evidence.items() if e >= tracker.close_at or m in tracked]
         if live:
-            floor = det.min_volume
             moves = [
                 (m, s.value, s.band.expected)
                 for m, s in scores.items()
                 if max(s.value, s.band.expected) >= floor.get(m, 0.0)
             ]
             signals = [
-                Signal(ev.identity, s.metric, ev.ts_ms, s.evidence, s.value, s.band,
+                Signal(ev.identity, s.metric, ev.ts_ms, evidence[s.metric], s.value, s.band,
                        host=ev.host, container_id=ev.container_id, restarts=len(restarts),
                        related=related_moves(moves, s.metric)
-                       if s.evidence >= tracker.close_at else {})
+                       if evidence[s.metric] >= tracker.close_at else {})
                 for s in live
             ]  # fmt: skip
             alert = tracker.observe_sample(signals)
@@ -191,6 +203,38 @@ class FleetDetector:
             if alert is not None:
                 out.append(alert)
         return out
+
+
+def _alert_evidence(
+    metric: str, evidence: float, value: float, band: Band, floor: float, outage: float
+) -> float:
+    """The evidence the alert layer goes by for one metric's sample: the model's, except
+    that a fall of a metric whose fall is good news (:data:`GOOD_WHEN_LOW`) is no
+    incident, and that a traffic metric (:data:`OUTAGE_METRICS`) fallen below
+    :data:`OUTAGE_FRACTION` of its band's low, where it is expected at or above its
+    minimum volume, is an outage (evidence ``outage``, the tracker's ``open_at``: it opens
+    when confirmed, like any other). The model looks for what traffic never did; a
+    container that stops talking did nothing new, so the alert layer checks it.
+
+    Examples
+    --------
+    >>> busy = Band(40_000.0, 60_000.0, 80_000.0, "week")
+    >>> _alert_evidence("rx_bytes", 0.0, 120.0, busy, 10_240.0, 1.0)  # ~0 where 40-80 KB/s
+    1.0
+    >>> _alert_evidence("rx_bytes", 0.0, 120.0, Band(0.0, 5_000.0, 9_000.0, "week"), 10_240.0, 1.0)
+    0.0
+    >>> _alert_evidence("errors", 4.0, 0.0, Band(2.0, 5.0, 8.0, "day"), 1.0, 1.0)  # fewer errors
+    0.0
+    """
+    if metric in OUTAGE_METRICS:
+        if evidence < outage and value < floor:
+            band_low = band.low
+            if band.expected >= floor and value <= OUTAGE_FRACTION * band_low:
+                return outage
+        return evidence
+    if metric in GOOD_WHEN_LOW and evidence > 0 and value < band.expected:
+        return 0.0
+    return evidence
 
 
 def _rule_direction(rule: Rule) -> Direction:
