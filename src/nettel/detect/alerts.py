@@ -53,6 +53,7 @@ Examples
 from __future__ import annotations
 
 import hashlib
+import math
 import time
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -65,6 +66,11 @@ from nettel.detect.container import UNITS
 
 #: 2: one alert per incident (``direction`` and ``metrics`` added; version 1 alerts still decode).
 ALERT_SCHEMA_VERSION: Final = 2
+
+#: A sample confirms a break (before or after it) when it lies beyond its band by this
+#: many times the band's half-width (twice as far from the expected value as the band's
+#: edge): a sample just outside the band is common in noisy traffic.
+CONFIRM_MARGIN: Final = 1.0
 
 Status = Literal["open", "update", "resolved"]
 Severity = Literal["info", "warning", "critical"]
@@ -281,6 +287,9 @@ class Signal:
 
     ``direction``: which way the value is anomalous; ``None`` (the model's signals):
     a spike when the value is at or above the band's expected value, else a dip.
+    ``previous``: the metric's ``(ts_ms, value)`` in the container's sample before, if
+    known; a run that breaks starts there when that value was already beyond the band
+    (a model may need two samples to be sure; the episode began with the first).
     """
 
     identity: str
@@ -296,6 +305,7 @@ class Signal:
     related: Mapping[str, float] = field(default_factory=dict)
     restarts: int = 0
     direction: Direction | None = None
+    previous: tuple[int, float] | None = None
 
 
 def direction_of(s: Signal) -> Direction:
@@ -323,9 +333,19 @@ class _Episode:
     start_band: Band = Band(0.0, 0.0, 0.0, "")
 
     @classmethod
-    def first(cls, s: Signal) -> _Episode:
-        return cls(s.metric, direction_of(s), s.ts_ms, s.ts_ms, s.observed, s.band,
-                   s.observed, s.evidence, start_band=s.band)  # fmt: skip
+    def first(cls, s: Signal, open_at: float = math.inf) -> _Episode:
+        """The run that ``s`` begins; when ``s`` breaks ``open_at`` and its metric's
+        previous sample was beyond the band already, the run begins there."""
+        run = cls(s.metric, direction_of(s), s.ts_ms, s.ts_ms, s.observed, s.band,
+                  s.observed, s.evidence, start_band=s.band)  # fmt: skip
+        if s.previous is not None and s.evidence >= open_at:
+            ts_ms, value = s.previous
+            before = Signal(s.identity, s.metric, ts_ms, 0.0, value, s.band)
+            if ts_ms < s.ts_ms and run.beyond_band(before, CONFIRM_MARGIN):
+                run.started_ms, run.breaking = ts_ms, 1
+                if value > s.observed if run.direction == "spike" else value < s.observed:
+                    run.peak, run.peak_ms = value, ts_ms
+        return run
 
     def see(self, s: Signal) -> None:
         """One more sample of the run: the peak moves only to a more extreme value."""
@@ -335,15 +355,18 @@ class _Episode:
         if v > self.peak if self.direction == "spike" else v < self.peak:
             self.peak, self.peak_ms, self.peak_band = v, s.ts_ms, s.band
 
-    def beyond_band(self, s: Signal) -> bool:
+    def beyond_band(self, s: Signal, margin: float = 0.0) -> bool:
         """Whether ``s`` lies outside its band in the episode's direction, or outside the
         band of the episode's first sample (a model learns a lasting level into its band
-        within tens of samples; the band before the episode does not move). A rule's
-        signal has no band: never."""
+        within tens of samples; the band before the episode does not move), by
+        ``margin`` times the band's half-width beyond its edge. A rule's signal has no
+        band: never."""
         v = s.observed
         if self.direction == "spike":
-            return any(b.basis and v > b.high for b in (s.band, self.start_band))
-        return any(b.basis and v < b.low for b in (s.band, self.start_band))
+            return any(b.basis and v > b.high + margin * (b.high - b.expected)
+                       for b in (s.band, self.start_band))  # fmt: skip
+        return any(b.basis and v < b.low - margin * (b.expected - b.low)
+                   for b in (s.band, self.start_band))  # fmt: skip
 
     def evidence(self) -> MetricEvidence:
         b = self.peak_band
@@ -513,17 +536,18 @@ class AlertTracker:
         for s in signals:
             run = runs.get(s.metric)
             if s.evidence < self.close_at:
-                if run is not None and run.breaking and run.beyond_band(s):
+                if run is not None and run.breaking and run.beyond_band(s, CONFIRM_MARGIN):
                     run.see(s)  # a sample after a break, still out of its band
                     run.breaking += 1
                 elif run is not None:
                     del runs[s.metric]
                 continue
             if run is None or run.direction != direction_of(s):
-                run = runs[s.metric] = _Episode.first(s)
+                run = runs[s.metric] = _Episode.first(s, self.open_at)
             else:
                 run.see(s)
-            breaks = s.evidence >= self.open_at or (run.breaking and run.beyond_band(s))
+            breaks = s.evidence >= self.open_at or (
+                run.breaking > 0 and run.beyond_band(s, CONFIRM_MARGIN))
             run.breaking = run.breaking + 1 if breaks else 0
         if runs:
             self._pending[key] = runs

@@ -36,7 +36,7 @@ from collections.abc import Sequence
 from typing import Final
 
 from nettel.detect.alerts import Alert, AlertTracker, Direction, Signal, related_moves
-from nettel.detect.baseline import DAY_MS, HOUR_MS, Band
+from nettel.detect.baseline import DAY_MS, HOUR_MS, Band, Features
 from nettel.detect.container import ContainerDetector, event_features, make_detector
 from nettel.detect.rules import Rule, RuleSet
 from nettel.models import StatEvent
@@ -103,6 +103,8 @@ class FleetDetector:
         self._groups: dict[str, str] = {}  # "service:<p>/<s>" or "image:<i>" -> identity
         self._restarts: dict[str, deque[int]] = {}
         self._last_seen: dict[str, int] = {}
+        #: each container's last event's features (the alert layer looks one sample back)
+        self._previous: dict[str, Features] = {}
         self._next_sweep_ms = 0
 
     def detector(self, identity: str) -> ContainerDetector | None:
@@ -146,7 +148,7 @@ class FleetDetector:
                 continue
             for t in trackers:
                 t.forget(identity)
-            for state in (self._containers, self._restarts, self._last_seen):
+            for state in (self._containers, self._restarts, self._last_seen, self._previous):
                 state.pop(identity, None)
             for k in [k for k, i in self._groups.items() if i == identity]:
                 del self._groups[k]
@@ -164,7 +166,12 @@ class FleetDetector:
         while restarts and restarts[0] < ev.ts_ms - RESTART_MEMORY_MS:
             restarts.popleft()
         out: list[Alert] = []
-        scores = det.update(event_features(ev))
+        x = event_features(ev)
+        previous = self._previous.get(ev.identity)
+        self._previous[ev.identity] = x
+        if x["counter_reset"] or x["catch_up"]:
+            self._previous.pop(ev.identity)  # no rate to compare with
+        scores = det.update(x)
         tracker = self.tracker
         floor = det.min_volume
         # Most samples of most metrics are unremarkable and followed by no incident: skip.
@@ -185,7 +192,9 @@ class FleetDetector:
                 Signal(ev.identity, s.metric, ev.ts_ms, evidence[s.metric], s.value, s.band,
                        host=ev.host, container_id=ev.container_id, restarts=len(restarts),
                        related=related_moves(moves, s.metric)
-                       if evidence[s.metric] >= tracker.close_at else {})
+                       if evidence[s.metric] >= tracker.close_at else {},
+                       previous=(previous["ts_ms"], previous[s.metric])
+                       if previous is not None and s.metric in previous else None)
                 for s in live
             ]  # fmt: skip
             alert = tracker.observe_sample(signals)
