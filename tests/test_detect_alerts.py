@@ -21,6 +21,11 @@ from nettel.models import StatEvent
 BAND = Band(100.0, 200.0, 300.0, "week")
 
 
+def lifecycle(**kwargs: float) -> AlertTracker:
+    """A tracker without confirmation or hold: the open/update/resolve mechanics alone."""
+    return AlertTracker(confirm_samples=1, hold_ms=0, **kwargs)  # type: ignore[arg-type]
+
+
 def run(tracker: AlertTracker, evidence: list[float], step_ms: int = 5000) -> list[Alert]:
     out = []
     for i, e in enumerate(evidence):
@@ -31,13 +36,16 @@ def run(tracker: AlertTracker, evidence: list[float], step_ms: int = 5000) -> li
 
 
 def test_opens_updates_and_resolves_with_hysteresis() -> None:
-    t = AlertTracker(open_at=1.0, close_at=0.4, resolve_after=3, cooldown_ms=0)
+    t = lifecycle(open_at=1.0, close_at=0.4, resolve_after=3, cooldown_ms=0)
     # Dips between close_at and open_at do not resolve it; three calm samples in a row do.
     alerts = run(t, [0.2, 1.5, 0.5, 0.6, 3.5, 0.3, 0.9, 0.3, 0.3, 0.3, 0.2])
     assert [a.status for a in alerts] == ["open", "update", "resolved"]
     opened, grown, resolved = alerts
     assert opened.id == grown.id == resolved.id
-    assert (opened.started_ms, resolved.resolved_ms) == (5000, 45_000)
+    # resolved at the first calm sample of the run that resolved it (the episode's end),
+    # published at the third
+    assert (opened.started_ms, resolved.resolved_ms, resolved.updated_ms) == (5000, 35_000,
+                                                                             45_000)  # fmt: skip
     assert grown.score == 3.5
     assert grown.severity == "critical"
     assert resolved.peak == 250.0 + 3500
@@ -49,7 +57,7 @@ def test_evidence_between_the_thresholds_never_opens() -> None:
 
 
 def test_cooldown_before_raising_again() -> None:
-    t = AlertTracker(open_at=1.0, close_at=0.4, resolve_after=1, cooldown_ms=60_000)
+    t = lifecycle(open_at=1.0, close_at=0.4, resolve_after=1, cooldown_ms=60_000)
     # open at 5 s, resolved at 10 s; quiet until 70 s; the 40 s spike is not raised.
     evidence = [0.0] * 20
     evidence[1] = evidence[8] = evidence[15] = 2.0
@@ -60,10 +68,10 @@ def test_cooldown_before_raising_again() -> None:
 
 
 def test_replay_gives_the_same_ids() -> None:
-    first = run(AlertTracker(), [0, 2, 2, 0, 0, 0, 0, 5, 0, 0, 0])
-    again = run(AlertTracker(), [0, 2, 2, 0, 0, 0, 0, 5, 0, 0, 0])
-    assert [a.id for a in first] == [a.id for a in again]
-    other = [a.id for a in run(AlertTracker(), [0, 0, 2, 0, 0, 0])]
+    first = run(AlertTracker(), [0, 2, 2, 0, 0, 0, 0, 5, 5, 0, 0])
+    again = run(AlertTracker(), [0, 2, 2, 0, 0, 0, 0, 5, 5, 0, 0])
+    assert first and [a.id for a in first] == [a.id for a in again]
+    other = [a.id for a in run(AlertTracker(), [0, 0, 2, 2, 0, 0])]
     assert other[0] != first[0].id  # another start time, another alert
 
 
@@ -116,7 +124,7 @@ def test_a_burst_of_several_metrics_is_one_incident() -> None:
 def test_a_normal_sample_never_replaces_the_peak() -> None:
     """The bug of the first version: a sample back in the band (evidence still above
     close_at) became the "peak" and rewrote the explanation."""
-    t = AlertTracker(open_at=1.0, close_at=0.3, resolve_after=3, cooldown_ms=0)
+    t = lifecycle(open_at=1.0, close_at=0.3, resolve_after=3, cooldown_ms=0)
     band = Band(400_000.0, 600_000.0, 900_000.0, "day")
 
     def step(ts: int, evidence: float, value: float) -> Alert | None:
@@ -134,7 +142,7 @@ def test_a_normal_sample_never_replaces_the_peak() -> None:
 
 
 def test_a_dip_keeps_its_direction_and_lowest_value() -> None:
-    t = AlertTracker(open_at=1.0, close_at=0.3, resolve_after=2, cooldown_ms=0)
+    t = lifecycle(open_at=1.0, close_at=0.3, resolve_after=2, cooldown_ms=0)
     band = Band(1e6, 2e6, 3e6, "day")
     values = [(2.0, 50_000.0), (3.0, 0.0), (0.5, 2.5e6), (0.4, 200_000.0), (0.1, 2e6), (0.1, 2e6)]
     alerts = [
@@ -150,7 +158,7 @@ def test_a_dip_keeps_its_direction_and_lowest_value() -> None:
 def test_started_is_the_first_anomalous_sample() -> None:
     """Evidence that builds up over samples: the incident starts at the first sample of
     the run that led to it, and that run's values count for the peak."""
-    t = AlertTracker(open_at=1.0, close_at=0.3, resolve_after=2, cooldown_ms=0)
+    t = lifecycle(open_at=1.0, close_at=0.3, resolve_after=2, cooldown_ms=0)
     band = Band(100.0, 200.0, 300.0, "week")
     run = [(0.1, 250.0), (0.2, 260.0), (0.5, 5000.0), (0.8, 3000.0), (1.4, 4000.0)]
     alerts = [
@@ -168,7 +176,7 @@ def sig(metric: str, ts: int, evidence: float, value: float) -> Signal:
 
 
 def test_metrics_that_break_together_open_once_grow_and_resolve_once() -> None:
-    t = AlertTracker(open_at=1.0, close_at=0.4, resolve_after=2, cooldown_ms=60_000)
+    t = lifecycle(open_at=1.0, close_at=0.4, resolve_after=2, cooldown_ms=60_000)
     samples = [
         [sig("rx_bytes", 0, 2.0, 900.0), sig("rx_packets", 0, 1.5, 800.0)],
         [sig("rx_bytes", 1, 0.1, 250.0), sig("rx_packets", 1, 0.5, 700.0),
@@ -223,14 +231,18 @@ def test_rules_keep_their_own_alerts() -> None:
     ),
     fixed_band=st.booleans(),
     resolve_after=st.integers(1, 4),
+    confirm_samples=st.integers(1, 3),
+    hold_ms=st.sampled_from([0, 5000, 3_600_000]),
 )  # fmt: skip
 def test_peak_is_the_true_extreme_of_the_alert_span(
-    samples: list[tuple[float, float, float, float]], fixed_band: bool, resolve_after: int
-) -> None:
+    samples: list[tuple[float, float, float, float]], fixed_band: bool, resolve_after: int,
+    confirm_samples: int, hold_ms: int,
+) -> None:  # fmt: skip
     """Over random series: every alert version's peak is the extreme value (the highest
     of a spike, the lowest of a dip) over [started, this version], and it quotes the band
-    of the first sample that reached it."""
-    t = AlertTracker(open_at=1.0, close_at=0.4, resolve_after=resolve_after, cooldown_ms=0)
+    of the first sample that reached it; a resolved version's end lies in that span."""
+    t = AlertTracker(open_at=1.0, close_at=0.4, resolve_after=resolve_after, cooldown_ms=0,
+                     confirm_samples=confirm_samples, hold_ms=hold_ms)  # fmt: skip
     bands = [
         Band(lo, lo + w / 2, lo + w, "day") if not fixed_band else BAND
         for _, _, lo, w in samples
@@ -250,6 +262,9 @@ def test_peak_is_the_true_extreme_of_the_alert_span(
         assert (a.band_low, a.band_high) == (band.low, band.high)
         assert a.metrics[0].peak == a.peak
         assert a.explanation.split(" vs ")[0].endswith(human(a.peak, "B/s"))
+        if a.status == "resolved":
+            assert a.resolved_ms is not None
+            assert a.started_ms < a.resolved_ms <= a.updated_ms
 
 
 def test_a_checkpointed_fleet_resumes_exactly() -> None:

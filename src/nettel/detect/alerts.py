@@ -67,10 +67,13 @@ from nettel.detect.container import UNITS
 #: 2: one alert per incident (``direction`` and ``metrics`` added; version 1 alerts still decode).
 ALERT_SCHEMA_VERSION: Final = 2
 
-#: A sample confirms a break (before or after it) when it lies beyond its band by this
-#: many times the band's half-width (twice as far from the expected value as the band's
-#: edge): a sample just outside the band is common in noisy traffic.
-CONFIRM_MARGIN: Final = 1.0
+#: A sample is clearly beyond its band (it confirms a break next to it) when it passes
+#: the band's edge by this share of the edge: above 1.5 times the top, below two thirds
+#: of the bottom.
+BEYOND: Final = 0.5
+#: An open incident's metric holds it open (while the model no longer flags it) when its
+#: value is at least this share of the way from its normal level to the episode's peak.
+HOLD_SHARE: Final = 0.5
 
 Status = Literal["open", "update", "resolved"]
 Severity = Literal["info", "warning", "critical"]
@@ -341,7 +344,7 @@ class _Episode:
         if s.previous is not None and s.evidence >= open_at:
             ts_ms, value = s.previous
             before = Signal(s.identity, s.metric, ts_ms, 0.0, value, s.band)
-            if ts_ms < s.ts_ms and run.beyond_band(before, CONFIRM_MARGIN):
+            if ts_ms < s.ts_ms and run.beyond_band(before):
                 run.started_ms, run.breaking = ts_ms, 1
                 if value > s.observed if run.direction == "spike" else value < s.observed:
                     run.peak, run.peak_ms = value, ts_ms
@@ -355,18 +358,31 @@ class _Episode:
         if v > self.peak if self.direction == "spike" else v < self.peak:
             self.peak, self.peak_ms, self.peak_band = v, s.ts_ms, s.band
 
-    def beyond_band(self, s: Signal, margin: float = 0.0) -> bool:
-        """Whether ``s`` lies outside its band in the episode's direction, or outside the
-        band of the episode's first sample (a model learns a lasting level into its band
-        within tens of samples; the band before the episode does not move), by
-        ``margin`` times the band's half-width beyond its edge. A rule's signal has no
-        band: never."""
-        v = s.observed
+    def goes_on(self, s: Signal) -> bool:
+        """Whether ``s`` is still part of the episode though the model no longer flags it:
+        outside the band of the episode's first sample and at least :data:`HOLD_SHARE`
+        of the way from that band's expected value to the episode's peak (a model learns
+        a lasting level, a level shift or a ramp, into its band within tens of samples;
+        the band before the episode does not move). A rule's signal has no band: never."""
+        b = self.start_band
+        if not b.basis:
+            return False
+        v, e = s.observed, b.expected
         if self.direction == "spike":
-            return any(b.basis and v > b.high + margin * (b.high - b.expected)
-                       for b in (s.band, self.start_band))  # fmt: skip
-        return any(b.basis and v < b.low - margin * (b.expected - b.low)
-                   for b in (s.band, self.start_band))  # fmt: skip
+            return v > b.high and v - e >= HOLD_SHARE * (self.peak - e)
+        return v < b.low and e - v >= HOLD_SHARE * (e - self.peak)
+
+    def beyond_band(self, s: Signal) -> bool:
+        """Whether ``s`` lies clearly outside its band in the episode's direction, or
+        outside the band of the episode's first sample (a model learns a lasting level
+        into its band within tens of samples; the band before the episode does not move).
+        Clearly: :data:`BEYOND` beyond the band's edge, relative to it (a band describes
+        a smoothed level, and single samples stray outside it). A rule's signal has no
+        band: never."""
+        v, far = s.observed, 1.0 + BEYOND
+        if self.direction == "spike":
+            return any(b.basis and v > b.high * far for b in (s.band, self.start_band))
+        return any(b.basis and v * far < b.low for b in (s.band, self.start_band))
 
     def evidence(self) -> MetricEvidence:
         b = self.peak_band
@@ -536,7 +552,7 @@ class AlertTracker:
         for s in signals:
             run = runs.get(s.metric)
             if s.evidence < self.close_at:
-                if run is not None and run.breaking and run.beyond_band(s, CONFIRM_MARGIN):
+                if run is not None and run.breaking and run.beyond_band(s):
                     run.see(s)  # a sample after a break, still out of its band
                     run.breaking += 1
                 elif run is not None:
@@ -547,7 +563,7 @@ class AlertTracker:
             else:
                 run.see(s)
             breaks = s.evidence >= self.open_at or (
-                run.breaking > 0 and run.beyond_band(s, CONFIRM_MARGIN))
+                run.breaking > 0 and run.beyond_band(s))
             run.breaking = run.breaking + 1 if breaks else 0
         if runs:
             self._pending[key] = runs
@@ -594,7 +610,7 @@ class AlertTracker:
             if member is not None:
                 member.see(s)
                 active = active or s.evidence >= self.close_at
-                held = held or (holding and member.beyond_band(s))
+                held = held or (holding and (member.goes_on(s) or member.beyond_band(s)))
             elif s.evidence >= self.open_at:  # another metric breaks: it joins
                 members[s.metric] = runs.pop(s.metric)
                 grown = active = True
