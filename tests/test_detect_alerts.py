@@ -286,3 +286,80 @@ def test_a_checkpointed_fleet_resumes_exactly() -> None:
     again = [a for ev in events[half:] for a in resumed.process(ev)]
     assert straight == again
     assert {a.identity for a in straight if a.status == "open"} >= {s.identity for s in spikes}
+
+
+def test_a_lone_sample_raises_nothing_two_in_a_row_or_a_strong_one_do() -> None:
+    """Confirmation: one sample at open_at is most often noise; a second in a row opens
+    the incident (started at the first), and one far above the threshold opens at once."""
+    assert run(AlertTracker(), [0, 2.0, 0, 0, 0, 3.0, 0.1, 0]) == []
+    alerts = run(AlertTracker(), [0, 2.0, 1.5, 0, 0, 0, 0])
+    assert [(a.status, a.started_ms, a.updated_ms) for a in alerts][:1] == [("open", 5000, 10_000)]
+    strong = run(AlertTracker(confirm_at=40.0), [0, 50.0, 0, 0, 0, 0])
+    assert [(a.status, a.started_ms, a.updated_ms) for a in strong][:1] == [("open", 5000, 5000)]
+
+
+def test_a_break_right_after_a_sample_already_out_of_its_band_starts_there() -> None:
+    """A model may flag a burst only at its second sample: when the sample before was
+    clearly out of its band, the incident opens at once, starts there and quotes it."""
+    t = AlertTracker(confirm_at=40.0)
+    band = Band(100.0, 200.0, 300.0, "day")
+    flagged = Signal("shop/web", "tx_bytes", 10_000, 2.0, 3000.0, band, previous=(5000, 4000.0))
+    opened = t.observe(flagged)
+    assert opened is not None
+    assert (opened.started_ms, opened.peak, opened.metrics[0].peak_ms) == (5000, 4000.0, 5000)
+    # the sample before within its band (noise): no incident yet
+    t2 = AlertTracker(confirm_at=40.0)
+    assert t2.observe(Signal("shop/web", "tx_bytes", 10_000, 2.0, 3000.0, band,
+                             previous=(5000, 350.0))) is None  # fmt: skip
+
+
+def test_a_level_the_model_adapts_to_stays_one_incident_until_traffic_is_back() -> None:
+    """A level shift: the model flags its first samples, then learns the new level (its
+    evidence falls to 0, its band widens); the traffic stays up for 25 samples. One
+    incident, resolved once, ``resolved_ms`` at the first sample back in the band."""
+    t = AlertTracker(resolve_after=3, hold_ms=30 * 60_000)
+    band = Band(800.0, 1000.0, 1200.0, "day")
+    shifted = [(5.0 if i < 3 else 0.0, 4000.0 + 100 * (i % 3)) for i in range(25)]
+    back = [(0.0, 1000.0)] * 5
+    alerts = []
+    for i, (evidence, value) in enumerate(shifted + back):
+        widened = Band(800.0, 1000.0 + 80 * i, 1200.0 + 200 * i, "day")  # the model adapts
+        a = t.observe(Signal("shop/db", "rx_bytes", i * 60_000, evidence, value,
+                             band if i == 0 else widened))  # fmt: skip
+        if a is not None:
+            alerts.append(a)
+    assert [a.status for a in alerts] == ["open", "resolved"]
+    assert alerts[-1].resolved_ms == 25 * 60_000
+    assert alerts[-1].peak == 4200.0
+    # the hold ends hold_ms after the model's last flag, even if the level stays
+    t = AlertTracker(resolve_after=3, hold_ms=10 * 60_000)
+    stays = [(5.0 if i < 3 else 0.0, 4000.0) for i in range(40)]
+    ends = [a for i, (e, v) in enumerate(stays)
+            if (a := t.observe(Signal("shop/db", "rx_bytes", i * 60_000, e, v, band)))]  # fmt: skip
+    assert [(a.status, a.resolved_ms) for a in ends] == [("open", None), ("resolved", 12 * 60_000)]
+
+
+def test_an_outage_is_one_dip_incident_and_fewer_errors_none() -> None:
+    """Traffic that falls to nothing where the band expects plenty is an outage (the
+    model looks for what traffic never did; the alert layer checks this); fewer errors
+    than usual is no incident."""
+
+    def ev(i: int, rx: int, errors: int = 0) -> StatEvent:
+        return StatEvent(ts_ms=1_795_392_000_000 + i * 5000, host="h", container_id="c",
+                         identity="shop/api", name="api", interval_ms=5000, rx_bytes=rx,
+                         tx_bytes=rx, rx_errors=errors)  # fmt: skip
+
+    steady = [ev(i, 300_000 + (i % 5) * 20_000, 20 + i % 3) for i in range(700)]
+    down = [ev(i, 0) for i in range(700, 706)]
+    after = [ev(i, 300_000 + (i % 5) * 20_000, 20 + i % 3) for i in range(706, 760)]
+    fleet = FleetDetector()
+    alerts = [(i, a) for i, e in enumerate(steady + down + after) for a in fleet.process(e)]
+    opened = [(i, a) for i, a in alerts if a.status == "open"]
+    assert len(opened) == 1, alerts
+    at, incident = opened[0]
+    assert at in (700, 701)  # at once (the model flags it too here) or when confirmed
+    assert incident.started_ms == down[0].ts_ms
+    assert (incident.metric, incident.direction, incident.peak) == ("rx_bytes", "dip", 0.0)
+    assert "rx_bytes/s down to 0 B/s" in incident.explanation
+    assert "errors" not in {m.metric for _, a in alerts for m in a.metrics}
+    assert [a.status for _, a in alerts].count("resolved") == 1

@@ -1,32 +1,42 @@
 """Alerts: the record, its lifecycle, and the sentence that explains it.
 
 An :class:`AlertTracker` follows **incidents**: one per ``(container, rule)``. An incident
-opens when one of the container's metrics is **confirmed**: ``confirm_samples`` samples
-in a row at ``open_at`` or above, or one sample at ``confirm_at`` or above (a single
-unusual sample is most often noise; a very strong one is not). Every other metric that
-reaches ``open_at`` while it lasts joins it (the metrics of one container that break
-their bands together are one event, so a consumer is paged once). It is published
-again when it grows (a metric joins, the severity rises, the evidence doubles) and
-resolves once, after ``resolve_after`` calm samples in a row (hysteresis: ``close_at``
-< ``open_at``); then the container is not raised again for ``cooldown_ms``. A sample is
-**calm** when none of the incident's metrics is at ``close_at`` or above and, within
-``hold_ms`` of the last such sample, none still lies beyond its band in its direction:
-a model adapts to a new level (a level shift, a ramp) within tens of samples and stops
-flagging it, but the episode lasts as long as the traffic stays out of its band, so it
-stays one incident. ``resolved_ms`` is the first calm sample of the run that resolved
-it (the episode's span is ``[started_ms, resolved_ms)``), published once that run is
-``resolve_after`` samples long. The model's metrics share one incident per container;
-each custom rule has its own tracker, so rules keep their own alerts.
+opens when one of the container's metrics is **confirmed**: ``confirm_samples`` anomalous
+samples in a row, or one sample at ``confirm_at`` or above (a single unusual sample is
+most often noise; a very strong one is not). Anomalous in a row: a sample at ``open_at``
+or above, and next to it (before or after) another at ``open_at`` or clearly beyond its
+band (:data:`BEYOND`): a model may need two samples to be sure of a burst, so the
+sample before the first flagged one counts when it was already clearly out of its band
+(:attr:`Signal.previous`). Every other metric that reaches ``open_at`` while the
+incident lasts joins it (the metrics of one container that break their bands together
+are one event, so a consumer is paged once). It is published again when it grows (a
+metric joins, the severity rises, the evidence doubles) and resolves once, after
+``resolve_after`` calm samples in a row (hysteresis: ``close_at`` < ``open_at``); then
+the container is not raised again for ``cooldown_ms``.
 
-What each costs: confirmation delays an incident by ``confirm_samples - 1`` samples
-unless a sample reaches ``confirm_at``; the hold delays the *resolved* version (never
-its ``resolved_ms``) by up to ``hold_ms`` while the traffic stays beyond its band.
+A sample is **calm** when none of the incident's metrics is at ``close_at`` or above
+and, within ``hold_ms`` of the last sample where one was, none still goes on: clearly
+beyond its band, or beyond the band of its episode's first sample and at least
+:data:`HOLD_SHARE` of the way to its peak. A model adapts to a lasting new level (a
+level shift, a ramp) within tens of samples and stops flagging it; the episode lasts
+as long as the traffic stays out, so it stays one incident. ``resolved_ms`` is the
+first calm sample of the run that resolved it (the episode's span is ``[started_ms,
+resolved_ms)``), published once that run is ``resolve_after`` samples long. The
+model's metrics share one incident per container; each custom rule has its own
+tracker (no confirmation, no hold), so rules keep their own alerts.
+
+What each costs: confirmation delays an incident by one sample unless its first sample
+reaches ``confirm_at`` or the sample before it was already out of its band (it never
+moves ``started_ms``); a lone anomalous sample under ``confirm_at`` raises nothing.
+The hold delays the *resolved* version (never its ``resolved_ms``) by as long as the
+traffic stays out, at most ``hold_ms`` after the model's last flag.
 
 Each metric of an incident keeps what is true of its whole episode:
 
 - its **direction** (``spike`` or ``dip``), fixed by the sample that made it anomalous;
 - ``started_ms``: its first anomalous sample, the first of the uninterrupted run of
-  samples at ``close_at`` or above that led to it breaking ``open_at``;
+  samples at ``close_at`` or above (or clearly out of its band just before a break)
+  that led to it breaking ``open_at``;
 - its **peak**: its most extreme value in its direction over the episode (the highest
   of a spike, the lowest of a dip; never replaced by a later, less extreme one), with
   the band it broke (the band at that sample).
@@ -105,6 +115,7 @@ class Alert(msgspec.Struct, frozen=True, kw_only=True):
     ``band_high``, ``band_basis``: the band the peak broke) are those of the metric that
     named the incident; ``metrics`` lists every metric of the incident, that one first,
     each with its own peak and band (empty in alerts written before incidents existed).
+    ``resolved_ms`` (resolved versions): the episode's end, its first calm sample.
     ``rule`` is the custom rule's name, empty for the model's alerts. ``related`` maps
     other metrics of the container that moved at the same time (without breaking their
     bands) to their value as a multiple of what was expected; ``restarts`` counts the
