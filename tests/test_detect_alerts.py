@@ -70,7 +70,8 @@ def test_cooldown_before_raising_again() -> None:
 def test_replay_gives_the_same_ids() -> None:
     first = run(AlertTracker(), [0, 2, 2, 0, 0, 0, 0, 5, 5, 0, 0])
     again = run(AlertTracker(), [0, 2, 2, 0, 0, 0, 0, 5, 5, 0, 0])
-    assert first and [a.id for a in first] == [a.id for a in again]
+    assert first
+    assert [a.id for a in first] == [a.id for a in again]
     other = [a.id for a in run(AlertTracker(), [0, 0, 2, 2, 0, 0])]
     assert other[0] != first[0].id  # another start time, another alert
 

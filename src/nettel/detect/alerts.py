@@ -322,6 +322,10 @@ class Signal:
     previous: tuple[int, float] | None = None
 
 
+#: No band (a rule's signal), also the default of an episode restored from an older checkpoint.
+_NO_BAND: Final = Band(0.0, 0.0, 0.0, "")
+
+
 def direction_of(s: Signal) -> Direction:
     """The way ``s`` is anomalous: its own, else a spike at or above the band's expected
     value and a dip below it."""
@@ -344,7 +348,7 @@ class _Episode:
     #: samples in a row at ``open_at`` or above, up to the latest
     breaking: int = 0
     #: the band at the first sample
-    start_band: Band = Band(0.0, 0.0, 0.0, "")
+    start_band: Band = _NO_BAND
 
     @classmethod
     def first(cls, s: Signal, open_at: float = math.inf) -> _Episode:
@@ -573,8 +577,7 @@ class AlertTracker:
                 run = runs[s.metric] = _Episode.first(s, self.open_at)
             else:
                 run.see(s)
-            breaks = s.evidence >= self.open_at or (
-                run.breaking > 0 and run.beyond_band(s))
+            breaks = s.evidence >= self.open_at or (run.breaking > 0 and run.beyond_band(s))
             run.breaking = run.breaking + 1 if breaks else 0
         if runs:
             self._pending[key] = runs
@@ -585,8 +588,12 @@ class AlertTracker:
     def _maybe_open(self, key: _Key, signals: Sequence[Signal],
                     pending: dict[str, _Episode] | None) -> Alert | None:  # fmt: skip
         runs = self._runs(key, signals, pending)
-        confirmed = {s.metric for s in signals if s.metric in runs and (
-            s.evidence >= self.confirm_at or runs[s.metric].breaking >= self.confirm_samples)}
+        confirmed = {
+            s.metric
+            for s in signals
+            if s.metric in runs
+            and (s.evidence >= self.confirm_at or runs[s.metric].breaking >= self.confirm_samples)
+        }
         if not confirmed:
             return None
         breaking = [s for s in signals if s.evidence >= self.open_at or s.metric in confirmed]

@@ -94,8 +94,12 @@ class FleetDetector:
         self.rules = RuleSet(rules)
         self._rule_trackers = {
             r.name: AlertTracker(
-                open_at=1.0, close_at=1.0, resolve_after=1, cooldown_ms=r.cooldown_ms,
-                confirm_samples=1, hold_ms=0,
+                open_at=1.0,
+                close_at=1.0,
+                resolve_after=1,
+                cooldown_ms=r.cooldown_ms,
+                confirm_samples=1,
+                hold_ms=0,
             )
             for r in rules
         }
