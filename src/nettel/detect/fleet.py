@@ -6,7 +6,11 @@ A container seen for the first time starts from a prior: the learned state of an
 container of the same compose service, else of the same image. A container unseen for
 ``forget_after_ms`` of event time (7 days by default) is forgotten (checked once an
 hour, never while it has an open alert), so a fleet whose containers come and go keeps
-a bounded state. The whole object is plain
+a bounded state. Before the alert lifecycle, two checks of the alert layer adjust the
+model's evidence (:func:`_alert_evidence`): traffic fallen to about nothing where its
+band expects plenty is an outage, and a fall of errors, drops or half-open sockets is
+no incident; each signal carries its metric's value in the container's previous
+sample, so a burst the model confirms only at its second sample starts at its first. The whole object is plain
 data (:mod:`nettel.detect.checkpoint`), so a worker checkpoints it with the offsets it has
 consumed.
 
