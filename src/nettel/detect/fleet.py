@@ -10,9 +10,9 @@ a bounded state. Before the alert lifecycle, two checks of the alert layer adjus
 model's evidence (:func:`_alert_evidence`): traffic fallen to about nothing where its
 band expects plenty is an outage, and a fall of errors, drops or half-open sockets is
 no incident; each signal carries its metric's value in the container's previous
-sample, so a burst the model confirms only at its second sample starts at its first. The whole object is plain
-data (:mod:`nettel.detect.checkpoint`), so a worker checkpoints it with the offsets it has
-consumed.
+sample, so a burst the model confirms only at its second sample starts at its first.
+The whole object is plain data (:mod:`nettel.detect.checkpoint`), so a worker
+checkpoints it with the offsets it has consumed.
 
 Examples
 --------
