@@ -41,7 +41,12 @@ from typing import Final
 
 from nettel.detect.alerts import Alert, AlertTracker, Direction, Signal, related_moves
 from nettel.detect.baseline import DAY_MS, HOUR_MS, Band, Features
-from nettel.detect.container import ContainerDetector, event_features, make_detector
+from nettel.detect.container import (
+    ContainerDetector,
+    MetricScore,
+    event_features,
+    make_detector,
+)
 from nettel.detect.rules import Rule, RuleSet
 from nettel.models import StatEvent
 
@@ -185,7 +190,7 @@ class FleetDetector:
         # Most samples of most metrics are unremarkable and followed by no incident: skip.
         tracked = tracker.tracked(ev.identity)
         evidence = {
-            m: _alert_evidence(m, s.evidence, s.value, s.band, floor.get(m, 0.0), tracker.open_at)
+            m: _alert_evidence(s, floor.get(m, 0.0), tracker.open_at)
             for m, s in scores.items()
             if s.evidence >= tracker.close_at or m in tracked or m in OUTAGE_METRICS
         }
@@ -222,34 +227,36 @@ class FleetDetector:
         return out
 
 
-def _alert_evidence(
-    metric: str, evidence: float, value: float, band: Band, floor: float, outage: float
-) -> float:
+def _alert_evidence(s: MetricScore, floor: float, outage: float) -> float:
     """The evidence the alert layer goes by for one metric's sample: the model's, except
     that a fall of a metric whose fall is good news (:data:`GOOD_WHEN_LOW`) is no
     incident, and that a traffic metric (:data:`OUTAGE_METRICS`) fallen below
     :data:`OUTAGE_FRACTION` of its band's low, where it is expected at or above its
     minimum volume, is an outage (evidence ``outage``, the tracker's ``open_at``: it opens
     when confirmed, like any other). The model looks for what traffic never did; a
-    container that stops talking did nothing new, so the alert layer checks it.
+    container that stops talking did nothing new, so the alert layer checks it. The band
+    (computed on demand) is asked for only below the minimum volume or for such a fall.
 
     Examples
     --------
+    >>> def score(metric, value, evidence, band):
+    ...     return MetricScore(metric, value, evidence, evidence, band)
     >>> busy = Band(40_000.0, 60_000.0, 80_000.0, "week")
-    >>> _alert_evidence("rx_bytes", 0.0, 120.0, busy, 10_240.0, 1.0)  # ~0 where 40-80 KB/s
+    >>> _alert_evidence(score("rx_bytes", 120.0, 0.0, busy), 10_240.0, 1.0)  # ~0: 40-80 KB/s
     1.0
-    >>> _alert_evidence("rx_bytes", 0.0, 120.0, Band(0.0, 5_000.0, 9_000.0, "week"), 10_240.0, 1.0)
+    >>> _alert_evidence(score("rx_bytes", 120.0, 0.0, Band(0.0, 5e3, 9e3, "week")), 10_240.0, 1.0)
     0.0
-    >>> _alert_evidence("errors", 4.0, 0.0, Band(2.0, 5.0, 8.0, "day"), 1.0, 1.0)  # fewer errors
+    >>> _alert_evidence(score("errors", 0.0, 4.0, Band(2.0, 5.0, 8.0, "day")), 1.0, 1.0)  # fewer
     0.0
     """
+    metric, evidence, value = s.metric, s.evidence, s.value
     if metric in OUTAGE_METRICS:
         if evidence < outage and value < floor:
-            band_low = band.low
-            if band.expected >= floor and value <= OUTAGE_FRACTION * band_low:
+            band = s.band
+            if band.expected >= floor and value <= OUTAGE_FRACTION * band.low:
                 return outage
         return evidence
-    if metric in GOOD_WHEN_LOW and evidence > 0 and value < band.expected:
+    if metric in GOOD_WHEN_LOW and evidence > 0 and value < s.band.expected:
         return 0.0
     return evidence
 
