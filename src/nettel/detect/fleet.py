@@ -168,6 +168,7 @@ class FleetDetector:
 
     def process(self, ev: StatEvent) -> list[Alert]:
         """Score and learn one event; the alerts it opens, grows or resolves."""
+        last: dict[str, Features] = self.__dict__.setdefault("_previous", {})  # older checkpoints
         self._last_seen[ev.identity] = ev.ts_ms
         if ev.ts_ms >= self._next_sweep_ms:
             self._sweep(ev.ts_ms)
@@ -180,10 +181,10 @@ class FleetDetector:
             restarts.popleft()
         out: list[Alert] = []
         x = event_features(ev)
-        previous = self._previous.get(ev.identity)
-        self._previous[ev.identity] = x
+        previous = last.get(ev.identity)
+        last[ev.identity] = x
         if x["counter_reset"] or x["catch_up"]:
-            self._previous.pop(ev.identity)  # no rate to compare with
+            del last[ev.identity]  # no rate to compare with
         scores = det.update(x)
         tracker = self.tracker
         floor = det.min_volume
