@@ -85,6 +85,8 @@ HOUR_MS = 3_600_000
 LATE_SAMPLES = 3
 #: A false alert within this long after a normal event is put down to that event.
 AFTER_NORMAL_MS = 6 * HOUR_MS
+#: Both consumers idle this long (and past the events published): everything is in.
+SETTLE_S = 15.0
 
 
 def metric_value(ev: StatEvent, metric: str) -> float:
@@ -302,8 +304,15 @@ async def run(containers: int, days: float, warmup_days: float, interval_s: floa
                 "--start-ms", str(start_ms), "--seed", str(seed),
             ], f"{data}/truth.jsonl")  # fmt: skip
             published_s = time.monotonic() - t0
-            while detect.stats.consumed < total or stream.stats.consumed < total:
-                if any(t.done() for t in tasks):
+            # Every event is on the broker now. A publisher that retried a timed-out send
+            # may have written some twice, so "consumed >= total" can come early: wait
+            # until both consumers have stopped advancing too.
+            seen, still_since = (-1, -1), time.monotonic()
+            while not any(t.done() for t in tasks):
+                now = (detect.stats.consumed, stream.stats.consumed)
+                if now != seen:
+                    seen, still_since = now, time.monotonic()
+                elif min(now) >= total and time.monotonic() - still_since >= SETTLE_S:
                     break
                 await asyncio.sleep(0.5)
             for stop in stops:

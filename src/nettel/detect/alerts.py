@@ -1,20 +1,42 @@
 """Alerts: the record, its lifecycle, and the sentence that explains it.
 
 An :class:`AlertTracker` follows **incidents**: one per ``(container, rule)``. An incident
-opens when one of the container's metrics reaches ``open_at``; every other metric that
-reaches ``open_at`` while it lasts joins it (the metrics of one container that break
-their bands together are one event, so a consumer is paged once). It is published
-again when it grows (a metric joins, the severity rises, the evidence doubles) and
-resolves once, after ``resolve_after`` samples in a row where none of its metrics is at
-``close_at`` or above (hysteresis: ``close_at`` < ``open_at``); then the container is
-not raised again for ``cooldown_ms``. The model's metrics share one incident per
-container; each custom rule has its own tracker, so rules keep their own alerts.
+opens when one of the container's metrics is **confirmed**: ``confirm_samples`` anomalous
+samples in a row, or one sample at ``confirm_at`` or above (a single unusual sample is
+most often noise; a very strong one is not). Anomalous in a row: a sample at ``open_at``
+or above, and next to it (before or after) another at ``open_at`` or clearly beyond its
+band (:data:`BEYOND`): a model may need two samples to be sure of a burst, so the
+sample before the first flagged one counts when it was already clearly out of its band
+(:attr:`Signal.previous`). Every other metric that reaches ``open_at`` while the
+incident lasts joins it (the metrics of one container that break their bands together
+are one event, so a consumer is paged once). It is published again when it grows (a
+metric joins, the severity rises, the evidence doubles) and resolves once, after
+``resolve_after`` calm samples in a row (hysteresis: ``close_at`` < ``open_at``); then
+the container is not raised again for ``cooldown_ms``.
+
+A sample is **calm** when none of the incident's metrics is at ``close_at`` or above
+and, within ``hold_ms`` of the last sample where one was, none still goes on: clearly
+beyond its band, or beyond the band of its episode's first sample and at least
+:data:`HOLD_SHARE` of the way to its peak. A model adapts to a lasting new level (a
+level shift, a ramp) within tens of samples and stops flagging it; the episode lasts
+as long as the traffic stays out, so it stays one incident. ``resolved_ms`` is the
+first calm sample of the run that resolved it (the episode's span is ``[started_ms,
+resolved_ms)``), published once that run is ``resolve_after`` samples long. The
+model's metrics share one incident per container; each custom rule has its own
+tracker (no confirmation, no hold), so rules keep their own alerts.
+
+What each costs: confirmation delays an incident by one sample unless its first sample
+reaches ``confirm_at`` or the sample before it was already out of its band (it never
+moves ``started_ms``); a lone anomalous sample under ``confirm_at`` raises nothing.
+The hold delays the *resolved* version (never its ``resolved_ms``) by as long as the
+traffic stays out, at most ``hold_ms`` after the model's last flag.
 
 Each metric of an incident keeps what is true of its whole episode:
 
 - its **direction** (``spike`` or ``dip``), fixed by the sample that made it anomalous;
 - ``started_ms``: its first anomalous sample, the first of the uninterrupted run of
-  samples at ``close_at`` or above that led to it breaking ``open_at``;
+  samples at ``close_at`` or above (or clearly out of its band just before a break)
+  that led to it breaking ``open_at``;
 - its **peak**: its most extreme value in its direction over the episode (the highest
   of a spike, the lowest of a dip; never replaced by a later, less extreme one), with
   the band it broke (the band at that sample).
@@ -35,12 +57,13 @@ Examples
 ...     return a and (a.status, a.started_ms, a.resolved_ms, a.peak)
 >>> [step(0, 0.1, 150.0), step(5000, 3.0), step(10_000, 2.0, 9000.0), step(15_000, 0.2, 150.0),
 ...  step(20_000, 0.2, 150.0), step(30_000, 3.0)]
-[None, ('open', 5000, None, 5000.0), None, None, ('resolved', 5000, 20000, 9000.0), None]
+[None, None, ('open', 5000, None, 9000.0), None, ('resolved', 5000, 15000, 9000.0), None]
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 import time
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -53,6 +76,14 @@ from nettel.detect.container import UNITS
 
 #: 2: one alert per incident (``direction`` and ``metrics`` added; version 1 alerts still decode).
 ALERT_SCHEMA_VERSION: Final = 2
+
+#: A sample is clearly beyond its band (it confirms a break next to it) when it passes
+#: the band's edge by this share of the edge: above 1.5 times the top, below two thirds
+#: of the bottom.
+BEYOND: Final = 0.5
+#: An open incident's metric holds it open (while the model no longer flags it) when its
+#: value is at least this share of the way from its normal level to the episode's peak.
+HOLD_SHARE: Final = 0.5
 
 Status = Literal["open", "update", "resolved"]
 Severity = Literal["info", "warning", "critical"]
@@ -84,6 +115,7 @@ class Alert(msgspec.Struct, frozen=True, kw_only=True):
     ``band_high``, ``band_basis``: the band the peak broke) are those of the metric that
     named the incident; ``metrics`` lists every metric of the incident, that one first,
     each with its own peak and band (empty in alerts written before incidents existed).
+    ``resolved_ms`` (resolved versions): the episode's end, its first calm sample.
     ``rule`` is the custom rule's name, empty for the model's alerts. ``related`` maps
     other metrics of the container that moved at the same time (without breaking their
     bands) to their value as a multiple of what was expected; ``restarts`` counts the
@@ -269,6 +301,9 @@ class Signal:
 
     ``direction``: which way the value is anomalous; ``None`` (the model's signals):
     a spike when the value is at or above the band's expected value, else a dip.
+    ``previous``: the metric's ``(ts_ms, value)`` in the container's sample before, if
+    known; a run that breaks starts there when that value was already beyond the band
+    (a model may need two samples to be sure; the episode began with the first).
     """
 
     identity: str
@@ -284,11 +319,23 @@ class Signal:
     related: Mapping[str, float] = field(default_factory=dict)
     restarts: int = 0
     direction: Direction | None = None
+    previous: tuple[int, float] | None = None
 
 
-@dataclass(slots=True)
+#: No band (a rule's signal), also the default of an episode restored from an older checkpoint.
+_NO_BAND: Final = Band(0.0, 0.0, 0.0, "")
+
+
+def direction_of(s: Signal) -> Direction:
+    """The way ``s`` is anomalous: its own, else a spike at or above the band's expected
+    value and a dip below it."""
+    return s.direction or ("spike" if s.observed >= s.band.expected else "dip")
+
+
+@dataclass
 class _Episode:
-    """One metric's anomalous run: from its first anomalous sample on."""
+    """One metric's anomalous run: from its first anomalous sample on. (No ``slots``:
+    a field added later has a class default, so an older checkpoint still reads.)"""
 
     metric: str
     direction: Direction
@@ -298,12 +345,25 @@ class _Episode:
     peak_band: Band
     observed: float
     score: float
+    #: samples in a row at ``open_at`` or above, up to the latest
+    breaking: int = 0
+    #: the band at the first sample
+    start_band: Band = _NO_BAND
 
     @classmethod
-    def first(cls, s: Signal) -> _Episode:
-        direction = s.direction or ("spike" if s.observed >= s.band.expected else "dip")
-        return cls(s.metric, direction, s.ts_ms, s.ts_ms, s.observed, s.band, s.observed,
-                   s.evidence)  # fmt: skip
+    def first(cls, s: Signal, open_at: float = math.inf) -> _Episode:
+        """The run that ``s`` begins; when ``s`` breaks ``open_at`` and its metric's
+        previous sample was beyond the band already, the run begins there."""
+        run = cls(s.metric, direction_of(s), s.ts_ms, s.ts_ms, s.observed, s.band,
+                  s.observed, s.evidence, start_band=s.band)  # fmt: skip
+        if s.previous is not None and s.evidence >= open_at:
+            ts_ms, value = s.previous
+            before = Signal(s.identity, s.metric, ts_ms, 0.0, value, s.band)
+            if ts_ms < s.ts_ms and run.beyond_band(before):
+                run.started_ms, run.breaking = ts_ms, 1
+                if value > s.observed if run.direction == "spike" else value < s.observed:
+                    run.peak, run.peak_ms = value, ts_ms
+        return run
 
     def see(self, s: Signal) -> None:
         """One more sample of the run: the peak moves only to a more extreme value."""
@@ -312,6 +372,32 @@ class _Episode:
         v = s.observed
         if v > self.peak if self.direction == "spike" else v < self.peak:
             self.peak, self.peak_ms, self.peak_band = v, s.ts_ms, s.band
+
+    def goes_on(self, s: Signal) -> bool:
+        """Whether ``s`` is still part of the episode though the model no longer flags it:
+        outside the band of the episode's first sample and at least :data:`HOLD_SHARE`
+        of the way from that band's expected value to the episode's peak (a model learns
+        a lasting level, a level shift or a ramp, into its band within tens of samples;
+        the band before the episode does not move). A rule's signal has no band: never."""
+        b = self.start_band
+        if not b.basis:
+            return False
+        v, e = s.observed, b.expected
+        if self.direction == "spike":
+            return v > b.high and v - e >= HOLD_SHARE * (self.peak - e)
+        return v < b.low and e - v >= HOLD_SHARE * (e - self.peak)
+
+    def beyond_band(self, s: Signal) -> bool:
+        """Whether ``s`` lies clearly outside its band in the episode's direction, or
+        outside the band of the episode's first sample (a model learns a lasting level
+        into its band within tens of samples; the band before the episode does not move).
+        Clearly: :data:`BEYOND` beyond the band's edge, relative to it (a band describes
+        a smoothed level, and single samples stray outside it). A rule's signal has no
+        band: never."""
+        v, far = s.observed, 1.0 + BEYOND
+        if self.direction == "spike":
+            return any(b.basis and v > b.high * far for b in (s.band, self.start_band))
+        return any(b.basis and v * far < b.low for b in (s.band, self.start_band))
 
     def evidence(self) -> MetricEvidence:
         b = self.peak_band
@@ -337,6 +423,10 @@ class _Incident:
     related: dict[str, float] = field(default_factory=dict)
     calm: int = 0
     last_emitted_score: float = 0.0
+    #: the last sample with a metric at close_at or above
+    last_active_ms: int = 0
+    #: the first calm sample of the current calm run
+    calm_since_ms: int = 0
 
 
 #: (container, rule) of an incident; a metric's pending run adds the metric.
@@ -352,21 +442,35 @@ class AlertTracker:
     any of its metrics reached.
     """
 
+    # Defaults of attributes added after checkpoints existed (a restored tracker has
+    # only the attributes it was written with).
+    confirm_samples: int = 1
+    confirm_at: float = 1.0
+    hold_ms: int = 0
+
     def __init__(
         self,
         open_at: float = 1.0,
         close_at: float = 0.3,
         resolve_after: int = 3,
-        cooldown_ms: int = 15 * 60_000,
+        cooldown_ms: int = 5 * 60_000,
         warning_ratio: float = 3.0,
         critical_ratio: float = 10.0,
+        confirm_samples: int = 2,
+        confirm_at: float = 40.0,
+        hold_ms: int = 30 * 60_000,
     ) -> None:
         if not close_at <= open_at:
             raise ValueError(f"close_at ({close_at}) must be <= open_at ({open_at})")
+        if confirm_samples < 1 or resolve_after < 1:
+            raise ValueError("confirm_samples and resolve_after must be >= 1")
         self.open_at = open_at
         self.close_at = close_at
         self.resolve_after = resolve_after
         self.cooldown_ms = cooldown_ms
+        self.confirm_samples = confirm_samples
+        self.confirm_at = max(confirm_at, open_at)
+        self.hold_ms = hold_ms
         self.warning_ratio = warning_ratio
         self.critical_ratio = critical_ratio
         self._open: dict[_Key, _Incident] = {}
@@ -463,15 +567,18 @@ class AlertTracker:
         for s in signals:
             run = runs.get(s.metric)
             if s.evidence < self.close_at:
-                if run is not None:
+                if run is not None and run.breaking and run.beyond_band(s):
+                    run.see(s)  # a sample after a break, still out of its band
+                    run.breaking += 1
+                elif run is not None:
                     del runs[s.metric]
                 continue
-            if run is None or run.direction != (
-                s.direction or ("spike" if s.observed >= s.band.expected else "dip")
-            ):
-                runs[s.metric] = _Episode.first(s)
+            if run is None or run.direction != direction_of(s):
+                run = runs[s.metric] = _Episode.first(s, self.open_at)
             else:
                 run.see(s)
+            breaks = s.evidence >= self.open_at or (run.breaking > 0 and run.beyond_band(s))
+            run.breaking = run.breaking + 1 if breaks else 0
         if runs:
             self._pending[key] = runs
         else:
@@ -481,9 +588,15 @@ class AlertTracker:
     def _maybe_open(self, key: _Key, signals: Sequence[Signal],
                     pending: dict[str, _Episode] | None) -> Alert | None:  # fmt: skip
         runs = self._runs(key, signals, pending)
-        breaking = [s for s in signals if s.evidence >= self.open_at]
-        if not breaking:
+        confirmed = {
+            s.metric
+            for s in signals
+            if s.metric in runs
+            and (s.evidence >= self.confirm_at or runs[s.metric].breaking >= self.confirm_samples)
+        }
+        if not confirmed:
             return None
+        breaking = [s for s in signals if s.evidence >= self.open_at or s.metric in confirmed]
         members = {s.metric: runs.pop(s.metric) for s in breaking}
         if not runs:
             self._pending.pop(key, None)
@@ -497,6 +610,7 @@ class AlertTracker:
         )  # fmt: skip
         self._relate(incident, signals)
         self._open[key] = incident
+        incident.last_active_ms = lead.ts_ms
         incident.last_emitted_score = max(m.score for m in members.values())
         return self._version(key, incident, "open", lead.ts_ms)
 
@@ -506,20 +620,27 @@ class AlertTracker:
         others = [s for s in signals if s.metric not in members]
         runs = self._runs(key, others, pending)
         grown = False
-        active = False
+        active = held = False
+        ts_ms = signals[0].ts_ms
+        holding = ts_ms - incident.last_active_ms < self.hold_ms
         for s in signals:
             member = members.get(s.metric)
             if member is not None:
                 member.see(s)
                 active = active or s.evidence >= self.close_at
+                held = held or (holding and (member.goes_on(s) or member.beyond_band(s)))
             elif s.evidence >= self.open_at:  # another metric breaks: it joins
                 members[s.metric] = runs.pop(s.metric)
                 grown = active = True
         if not runs:
             self._pending.pop(key, None)
-        ts_ms = signals[0].ts_ms
         if not active:
+            if held:  # still out of its band: the episode goes on
+                incident.calm = 0
+                return None
             incident.calm += 1
+            if incident.calm == 1:
+                incident.calm_since_ms = ts_ms
             if incident.calm < self.resolve_after:
                 return None
             del self._open[key]
@@ -527,6 +648,7 @@ class AlertTracker:
             self._quiet_until[key] = ts_ms + self.cooldown_ms
             return self._version(key, incident, "resolved", ts_ms)
         incident.calm = 0
+        incident.last_active_ms = ts_ms
         self._relate(incident, signals)
         severity = max((self._severity_of(m) for m in members.values()), key=_rank)
         score = max(m.score for m in members.values())
@@ -560,7 +682,8 @@ class AlertTracker:
             id=incident.id, status=status, identity=identity, metric=lead.metric, rule=rule,
             host=incident.host, container_id=incident.container_id,
             started_ms=incident.started_ms, updated_ms=ts_ms,
-            resolved_ms=ts_ms if status == "resolved" else None, observed=lead.observed,
+            resolved_ms=incident.calm_since_ms if status == "resolved" else None,
+            observed=lead.observed,
             peak=lead.peak, expected=band.expected, band_low=band.low, band_high=band.high,
             band_basis=band.basis, score=max(m.score for m in episodes),
             severity=incident.severity, related=dict(incident.related),

@@ -14,9 +14,13 @@ A container seen for the first time starts from a prior: the learned state of an
 container of the same compose service, else of the same image. A container unseen for
 ``forget_after_ms`` of event time (7 days by default) is forgotten (checked once an
 hour, never while it has an open alert), so a fleet whose containers come and go keeps
-a bounded state. The whole object is plain
-data (:mod:`nettel.detect.checkpoint`), so a worker checkpoints it with the offsets it has
-consumed.
+a bounded state. Before the alert lifecycle, two checks of the alert layer adjust the
+model's evidence (:func:`_alert_evidence`): traffic fallen to about nothing where its
+band expects plenty is an outage, and a fall of errors, drops or half-open sockets is
+no incident; each signal carries its metric's value in the container's previous
+sample, so a burst the model confirms only at its second sample starts at its first.
+The whole object is plain data (:mod:`nettel.detect.checkpoint`), so a worker
+checkpoints it with the offsets it has consumed.
 
 Examples
 --------
@@ -67,6 +71,12 @@ METRIC_SETS: Final = {
     10: (*RATE_METRICS, *GAUGE_METRICS[1:]),
     11: METRICS,
 }
+#: Traffic metrics checked for an outage (a fall to about nothing).
+OUTAGE_METRICS: Final = frozenset({"rx_bytes", "tx_bytes", "rx_packets", "tx_packets"})
+#: An outage: the value below this share of its band's low.
+OUTAGE_FRACTION: Final = 0.1
+#: Metrics whose fall is good news (fewer errors, drops, half-open or closing sockets).
+GOOD_WHEN_LOW: Final = frozenset({"errors", "drops", "syn_recv", "close_wait"})
 #: Event time after which a container that sent nothing is forgotten.
 FORGET_AFTER_MS: Final = 7 * DAY_MS
 
@@ -113,17 +123,26 @@ class FleetDetector:
         self.rules = RuleSet(rules)
         self._rule_trackers = {
             r.name: AlertTracker(
-                open_at=1.0, close_at=1.0, resolve_after=1, cooldown_ms=r.cooldown_ms
+                open_at=1.0,
+                close_at=1.0,
+                resolve_after=1,
+                cooldown_ms=r.cooldown_ms,
+                confirm_samples=1,
+                hold_ms=0,
             )
             for r in rules
         }
         self._store = self.template.new_store()
         floor = self.template.min_volume
         self._floors = {k: [floor.get(m, 0.0) for m in ms] for k, ms in METRIC_SETS.items()}
+        self._outage_mask = {k: [m in OUTAGE_METRICS for m in ms] for k, ms in METRIC_SETS.items()}
         self._containers: dict[str, ContainerDetector] = {}
         self._groups: dict[str, str] = {}  # "service:<p>/<s>" or "image:<i>" -> identity
         self._restarts: dict[str, deque[int]] = {}
         self._last_seen: dict[str, int] = {}
+        #: each container's last scored event (ts_ms, metric names, values): the alert
+        #: layer looks one sample back
+        self._previous: dict[str, tuple[int, tuple[str, ...], list[float]]] = {}
         self._next_sweep_ms = 0
 
     def detector(self, identity: str) -> ContainerDetector | None:
@@ -174,7 +193,7 @@ class FleetDetector:
             det = self._containers.pop(identity, None)
             if det is not None:
                 det.release()
-            for state in (self._restarts, self._last_seen):
+            for state in (self._restarts, self._last_seen, self._previous):
                 state.pop(identity, None)
             for k in [k for k, i in self._groups.items() if i == identity]:
                 del self._groups[k]
@@ -243,6 +262,7 @@ class FleetDetector:
         rows: list[int] = []
         values: list[float] = []
         floors: list[float] = []
+        outage: list[bool] = []  # rows of metrics checked for an outage (OUTAGE_METRICS)
         sets: list[int] = []  # each event's metric set (METRIC_SETS), 0 for none
         containers = self._containers
         for i in indices:
@@ -266,6 +286,7 @@ class FleetDetector:
             sets.append(key)
             rows += containers[ev.identity].rows_for(METRIC_SETS[key])
             floors += self._floors[key]
+            outage += self._outage_mask[key]
         score = evidence = np.zeros(0)
         hot_events: list[bool] = [False] * len(indices)
         if rows:
@@ -280,7 +301,13 @@ class FleetDetector:
                 score[order], evidence[order] = self.template.score_rows(
                     at[order], np.array(values)[order], ts[order], np.array(floors)[order],
                     self._store)  # fmt: skip
-            hot = np.flatnonzero(evidence >= self.tracker.close_at)
+            # hot: evidence to act on, or a traffic metric below its minimum volume (an
+            # outage is judged against its band, see _alert_evidence)
+            value_of = np.array(values)
+            hot = np.flatnonzero(
+                (evidence >= self.tracker.close_at)
+                | (np.array(outage, dtype=bool) & (value_of < np.array(floors)))
+            )
             if len(hot):
                 owner = np.repeat(np.arange(len(indices)), sets)
                 for k in set(owner[hot].tolist()):
@@ -305,42 +332,60 @@ class FleetDetector:
                 recent = len(restarts)
                 if not recent:
                     del self._restarts[ev.identity]
-            if end > start and (hot_events[k] or tracker.tracked(ev.identity)):
+            previous = self._previous.pop(ev.identity, None)
+            if end > start:
                 names = METRIC_SETS[sets[k]]
-                scores = {
-                    m: MetricScore(m, values[r], float(score[r]), float(evidence[r]),
-                                   ts_ms=ev.ts_ms, store=store, row=rows[r])
-                    for m, r in zip(names, range(start, end), strict=True)
-                }  # fmt: skip
-                alert = self._observe(ev, scores, recent)
-                if alert is not None:
-                    out.append((i, alert))
+                if hot_events[k] or tracker.tracked(ev.identity):
+                    scores = {
+                        m: MetricScore(m, values[r], float(score[r]), float(evidence[r]),
+                                       ts_ms=ev.ts_ms, store=store, row=rows[r])
+                        for m, r in zip(names, range(start, end), strict=True)
+                    }  # fmt: skip
+                    alert = self._observe(ev, scores, recent, previous)
+                    if alert is not None:
+                        out.append((i, alert))
+                self._previous[ev.identity] = (ev.ts_ms, names, values[start:end])
             if self.rules.rules:
                 for alert in self._apply_rules(ev, recent):
                     out.append((i, alert))
             start = end
 
     def _observe(
-        self, ev: StatEvent, scores: dict[str, MetricScore], restarts: int
+        self,
+        ev: StatEvent,
+        scores: dict[str, MetricScore],
+        restarts: int,
+        previous: tuple[int, tuple[str, ...], list[float]] | None,
     ) -> Alert | None:
-        """The model alert lifecycle for one event's metric scores."""
+        """The model alert lifecycle for one event's metric scores (``previous``: the
+        container's last scored event, see ``_previous``)."""
         tracker = self.tracker
+        floor = self.template.min_volume
         # Most samples of most metrics are unremarkable and followed by no incident: skip.
         tracked = tracker.tracked(ev.identity)
-        live = [s for s in scores.values() if s.evidence >= tracker.close_at or s.metric in tracked]
+        evidence = {
+            m: _alert_evidence(s, floor.get(m, 0.0), tracker.open_at)
+            for m, s in scores.items()
+            if s.evidence >= tracker.close_at or m in tracked or m in OUTAGE_METRICS
+        }
+        live = [scores[m] for m, e in evidence.items() if e >= tracker.close_at or m in tracked]
         if not live:
             return None
-        floor = self.template.min_volume
         moves = [
             (m, s.value, s.band.expected)
             for m, s in scores.items()
             if max(s.value, s.band.expected) >= floor.get(m, 0.0)
         ]
+        before: dict[str, float] = {}
+        if previous is not None:
+            before = dict(zip(previous[1], previous[2], strict=True))
         signals = [
-            Signal(ev.identity, s.metric, ev.ts_ms, s.evidence, s.value, s.band,
+            Signal(ev.identity, s.metric, ev.ts_ms, evidence[s.metric], s.value, s.band,
                    host=ev.host, container_id=ev.container_id, restarts=restarts,
                    related=related_moves(moves, s.metric)
-                   if s.evidence >= tracker.close_at else {})
+                   if evidence[s.metric] >= tracker.close_at else {},
+                   previous=(previous[0], before[s.metric])
+                   if previous is not None and s.metric in before else None)
             for s in live
         ]  # fmt: skip
         return tracker.observe_sample(signals)
@@ -359,6 +404,40 @@ class FleetDetector:
             if alert is not None:
                 out.append(alert)
         return out
+
+
+def _alert_evidence(s: MetricScore, floor: float, outage: float) -> float:
+    """The evidence the alert layer goes by for one metric's sample: the model's, except
+    that a fall of a metric whose fall is good news (:data:`GOOD_WHEN_LOW`) is no
+    incident, and that a traffic metric (:data:`OUTAGE_METRICS`) fallen below
+    :data:`OUTAGE_FRACTION` of its band's low, where it is expected at or above its
+    minimum volume, is an outage (evidence ``outage``, the tracker's ``open_at``: it opens
+    when confirmed, like any other). The model looks for what traffic never did; a
+    container that stops talking did nothing new, so the alert layer checks it. The band
+    (computed on demand) is asked for only below the minimum volume or for such a fall.
+
+    Examples
+    --------
+    >>> def score(metric, value, evidence, band):
+    ...     return MetricScore(metric, value, evidence, evidence, band)
+    >>> busy = Band(40_000.0, 60_000.0, 80_000.0, "week")
+    >>> _alert_evidence(score("rx_bytes", 120.0, 0.0, busy), 10_240.0, 1.0)  # ~0: 40-80 KB/s
+    1.0
+    >>> _alert_evidence(score("rx_bytes", 120.0, 0.0, Band(0.0, 5e3, 9e3, "week")), 10_240.0, 1.0)
+    0.0
+    >>> _alert_evidence(score("errors", 0.0, 4.0, Band(2.0, 5.0, 8.0, "day")), 1.0, 1.0)  # fewer
+    0.0
+    """
+    metric, evidence, value = s.metric, s.evidence, s.value
+    if metric in OUTAGE_METRICS:
+        if evidence < outage and value < floor:
+            band = s.band
+            if band.expected >= floor and value <= OUTAGE_FRACTION * band.low:
+                return outage
+        return evidence
+    if metric in GOOD_WHEN_LOW and evidence > 0 and value < s.band.expected:
+        return 0.0
+    return evidence
 
 
 def _rule_direction(rule: Rule) -> Direction:
