@@ -136,9 +136,6 @@ class MinuteTable:
     ``hour`` and ``day`` (:mod:`nettel.store.rollup`) share its layout and schema.
     """
 
-    #: ``schema_mode`` of appends (``"merge"``: add the frame's new columns to the table).
-    schema_mode: str | None = None
-
     def __init__(self, uri: str, *, storage_options: dict[str, str] | None = None) -> None:
         self.uri = uri
         self.storage_options = storage_options
@@ -181,8 +178,7 @@ class MinuteTable:
         written then): the whole write is tried again, up to ``attempts`` times.
         ``merge_schema``: columns the table lacks are added (null in its older rows).
         """
-        mode = "merge" if merge_schema else self.schema_mode
-        merge: dict[str, Any] = {"schema_mode": mode} if mode else {}
+        merge: dict[str, Any] = {"schema_mode": "merge"} if merge_schema else {}
         for attempt in range(1, attempts + 1):
             try:
                 frame.write_delta(
