@@ -280,6 +280,7 @@ _Count = Annotated[int, msgspec.Meta(ge=0, le=_MAX_WIRE_INT)]
 _Time = Annotated[int, msgspec.Meta(ge=0, le=_MAX_WIRE_INT)]
 _Name = Annotated[str, msgspec.Meta(min_length=1)]
 _Sockets = Annotated[int, msgspec.Meta(ge=0, le=MAX_SOCKETS)]
+_Int64 = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]
 _Row = tuple[
     Literal[2], _Time, str, str, _Name, str, str, str, str, _Count,
     _Count, _Count, _Count, _Count, _Count, _Count, _Count, _Count,
@@ -287,7 +288,7 @@ _Row = tuple[
     tuple[_Sockets, _Sockets, _Sockets, _Sockets, _Sockets, _Sockets, _Sockets, _Sockets,
           _Sockets, _Sockets, _Sockets] | None,
     bool, str,
-    tuple[tuple[_Count, _Count, _Count, _Count, _Count, _Count, _Count, _Count], int, str]
+    tuple[tuple[_Int64, _Int64, _Int64, _Int64, _Int64, _Int64, _Int64, _Int64], _Int64, str]
     | None,
     bool,
 ]  # fmt: skip

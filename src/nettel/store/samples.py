@@ -145,7 +145,7 @@ def events_frame(rows: Sequence[tuple[Any, ...]], partitions: Sequence[int],
     values = (partitions, offsets, ts, host, container_id, identity, name, image, project,
               service, interval, rxb, txb, rxp, txp, rxe, txe, rxd, txd, conns,
               *tcp_columns, reset, source, *reading_columns, netns, boot_id, catch_up)  # fmt: skip
-    return pl.DataFrame([pl.Series(name, column, dtype=dtype, strict=False)
+    return pl.DataFrame([pl.Series(name, column, dtype=dtype)
                          for (name, dtype), column in zip(EVENT_COLUMNS.items(), values,
                                                           strict=True)])  # fmt: skip
 
