@@ -5,10 +5,9 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Any
 
+import msgspec
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-import msgspec
 
 from nettel.models import COUNTERS, StatEvent, TcpStates, event_row
 from nettel.store.samples import events_frame
@@ -169,15 +168,19 @@ def test_folding_whole_batches_equals_adding_one_event_at_a_time(
         for lo, hi in batches:
             part = list(range(lo, hi))
             if batched:
-                frame = events_frame([event_row(stream[k][1]) for k in part],
-                                     [stream[k][0] for k in part], [offsets[k] for k in part])
+                frame = events_frame(
+                    [event_row(stream[k][1]) for k in part],
+                    [stream[k][0] for k in part],
+                    [offsets[k] for k in part],
+                )
                 assert fold_events(windows, frame) == []
             else:
                 for k in part:
                     assert windows[stream[k][0]].add(stream[k][1], offsets[k]) is None
             for p in range(3):
-                written.append(sorted(windows[p].close_ready(),
-                                      key=lambda w: (w.identity, w.window_start_ms)))
+                written.append(
+                    sorted(windows[p].close_ready(), key=lambda w: (w.identity, w.window_start_ms))
+                )
                 points.append((windows[p].replay_point(), windows[p].late,
                                windows[p].open_windows()))  # fmt: skip
         return written, points

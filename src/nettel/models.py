@@ -16,9 +16,9 @@ True
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from operator import attrgetter
-from collections.abc import Sequence
 from typing import Annotated, Any, Final, Literal
 
 import msgspec

@@ -11,7 +11,7 @@ import structlog
 from nettel.ingest.publisher import EventPublisher
 from nettel.ingest.sampler import MAX_CATCH_UP_MS, Sampler, counter_reading
 from nettel.ingest.sources import Source
-from nettel.models import COUNTERS, DurableReading, StatEvent, decode_stat_event, encode_stat_event
+from nettel.models import COUNTERS, DurableReading, StatEvent, decode_stat_event
 
 log = structlog.get_logger(__name__)
 
@@ -94,7 +94,7 @@ class IngestService:
         self._closed = False
 
     def _emit(self, event: StatEvent) -> None:
-        self.publisher.publish(event.identity.encode(), encode_stat_event(event))
+        self.publisher.publish_event(event)
 
     async def _durable(self) -> Mapping[str, DurableReading]:
         if self.durable_readings is None:
@@ -155,9 +155,7 @@ class IngestService:
             if bridge is not None:
                 bridges.append(bridge)
         bridges.sort(key=lambda e: e.ts_ms)
-        self.publisher.publish_first(
-            [(ev.identity.encode(), encode_stat_event(ev)) for ev in bridges]
-        )
+        self.publisher.publish_first([self.publisher.record(ev) for ev in bridges])
         log.info("lost_log_made_up", epoch=epoch, containers=len(bridges),
                  bytes=sum(ev.rx_bytes + ev.tx_bytes for ev in bridges))  # fmt: skip
         return len(bridges)

@@ -197,8 +197,11 @@ def frame_events(frame: pl.DataFrame) -> list[StatEvent]:
     for row in frame.iter_rows(named=True):
         tcp = [row[f"tcp_{state}"] for state in TCP_STATES]
         counters = tuple(row[f"reading_{c}"] for c in COUNTERS)
-        reading = None if row["netns"] is None else CounterReading(
-            counters=counters, netns=row["netns"], boot_id=row["boot_id"])  # type: ignore[arg-type]
+        reading = (
+            None
+            if row["netns"] is None
+            else CounterReading(counters=counters, netns=row["netns"], boot_id=row["boot_id"])
+        )
         out.append(StatEvent(
             ts_ms=row["ts_ms"], identity=row["container"], reading=reading,
             tcp=None if tcp[0] is None else TcpStates(**dict(zip(TCP_STATES, tcp,

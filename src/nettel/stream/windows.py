@@ -23,7 +23,7 @@ it is refused (:meth:`PartitionWindows.add` says why).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -310,14 +310,32 @@ _N_RATES: Final = len(RATE_METRICS)
 def _merge(agg: WindowAggregate, row: tuple[Any, ...]) -> None:
     """Fold one batch aggregate (a row of ``_AGGREGATES`` after the keys) into ``agg``:
     the same result as adding the batch's events one at a time."""
-    (_, _, _, _, _, samples, interval_ms, resets, newest_ts, container_id, name, image,
-     conn_last, conn_last_ts, conn_max, conn_min, conn_sum, conn_count) = row[3:_N_HEAD + 1]
+    (
+        _,
+        _,
+        _,
+        _,
+        _,
+        samples,
+        interval_ms,
+        resets,
+        newest_ts,
+        container_id,
+        name,
+        image,
+        conn_last,
+        conn_last_ts,
+        conn_max,
+        conn_min,
+        conn_sum,
+        conn_count,
+    ) = row[3 : _N_HEAD + 1]
     agg.samples += samples
     agg.interval_ms += interval_ms
     agg.resets += resets
     sums = agg.sums
     at = _N_HEAD + 1
-    for c, v in zip(COUNTERS, row[at:at + len(COUNTERS)], strict=True):
+    for c, v in zip(COUNTERS, row[at : at + len(COUNTERS)], strict=True):
         sums[c] += v
     at += len(COUNTERS)
     rmin, rmax = agg.rate_min, agg.rate_max
@@ -369,8 +387,10 @@ def fold_events(windows: Mapping[int, PartitionWindows],
     []
     >>> for offset, ev in enumerate(evs):
     ...     _ = one_by_one.add(ev, offset)
-    >>> batch.close_ready() == one_by_one.close_ready(), batch.replay_point() == one_by_one.replay_point()
-    (True, True)
+    >>> batch.close_ready() == one_by_one.close_ready()
+    True
+    >>> batch.replay_point() == one_by_one.replay_point()
+    True
     """
     refused: list[tuple[int, int, str]] = []
     owned = [p for p in frame["partition"].unique().to_list() if p in windows]
