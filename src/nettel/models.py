@@ -346,7 +346,12 @@ def _is_json(data: bytes) -> bool:
 _JSON_FIRST: Final = frozenset((b"{", b" ", b"\t", b"\n", b"\r"))
 
 
-def _from_v2(wire: _WireEventV2) -> StatEvent:
+def _decode_v2(data: bytes) -> StatEvent:
+    """One compact event; a string that is not UTF-8 is a ``DecodeError`` like any other."""
+    try:
+        wire = _v2_decoder.decode(data)
+    except UnicodeDecodeError as e:
+        raise msgspec.DecodeError(f"MessagePack string is not UTF-8 ({e.reason})") from None
     fields = msgspec.structs.asdict(wire)
     tcp, reading = wire.tcp, wire.reading
     fields["schema_version"] = SCHEMA_VERSION  # the model's version, whatever the wire's
@@ -361,7 +366,7 @@ def decode_stat_event(data: bytes) -> StatEvent:
     ``msgspec.ValidationError`` or ``DecodeError``."""
     if _is_json(data):
         return _decoder.decode(data)
-    return _from_v2(_v2_decoder.decode(data))
+    return _decode_v2(data)
 
 
 def decode_wire_event(data: bytes) -> StatEvent:
@@ -380,7 +385,7 @@ def decode_wire_event(data: bytes) -> StatEvent:
     """
     if _is_json(data):
         return _wire_decoder.decode(data)
-    return _from_v2(_v2_decoder.decode(data))
+    return _decode_v2(data)
 
 
 def decode_stat_batch(values: Sequence[bytes]) -> list[tuple[Any, ...]] | None:
@@ -413,7 +418,7 @@ def decode_stat_batch(values: Sequence[bytes]) -> list[tuple[Any, ...]] | None:
         head = b"\xdd" + n.to_bytes(4, "big")
     try:
         return _batch_decoder.decode(head + b"".join(values))
-    except (msgspec.ValidationError, msgspec.DecodeError, TypeError):
+    except (msgspec.ValidationError, msgspec.DecodeError, UnicodeDecodeError):
         return None
 
 
