@@ -275,23 +275,27 @@ class PartitionWindows:
 def _rate(metric: str) -> pl.Expr:
     parts = TOTALS.get(metric)
     value = pl.col(metric) if parts is None else pl.col(parts[0]) + pl.col(parts[1])
-    return value / (pl.col("interval_ms") / 1000)  # as WindowAggregate.add divides
+    rate = value / (pl.col("interval_ms") / 1000)  # as WindowAggregate.add divides
+    return pl.when(pl.col("interval_ms") > 0).then(rate).alias(f"rate_{metric}")
 
 
 _KEYS: Final = ("partition", "container", "start")
 _NEWEST: Final = pl.col("ts_ms").cum_max().shift(1).over(_KEYS)
-#: rows that, folded one at a time, update a window's newest fields (ts >= every earlier)
-_IS_NEWEST: Final = _NEWEST.is_null() | (pl.col("ts_ms") >= _NEWEST)
-_HAS_INTERVAL: Final = pl.col("interval_ms") > 0
-_CONN_NEWEST: Final = _IS_NEWEST & pl.col("connections").is_not_null()
+#: per row, before the group-by: whether folding one at a time would take its newest
+#: fields (its time is at least every earlier one's), and each metric's rate
+_PER_ROW: Final = (
+    (pl.col("ts_ms") >= _NEWEST).fill_null(value=True).alias("newest"),
+    *(_rate(m) for m in RATE_METRICS),
+)
+_CONN_NEWEST: Final = pl.col("newest") & pl.col("connections").is_not_null()
 _AGGREGATES: Final = (
     pl.col("host").first(), pl.col("compose_project").first(),
     pl.col("compose_service").first(), pl.col("offset").first().alias("first_offset"),
     pl.col("before").first(), pl.len().alias("samples"), pl.col("interval_ms").sum(),
     pl.col("counter_reset").sum().alias("resets"),
     pl.col("ts_ms").max().alias("newest_ts"),
-    pl.col("container_id").filter(_IS_NEWEST).last(),
-    pl.col("name").filter(_IS_NEWEST).last(), pl.col("image").filter(_IS_NEWEST).last(),
+    pl.col("container_id").filter("newest").last(),
+    pl.col("name").filter("newest").last(), pl.col("image").filter("newest").last(),
     pl.col("connections").filter(_CONN_NEWEST).last().alias("conn_last"),
     pl.col("ts_ms").filter(_CONN_NEWEST).last().alias("conn_last_ts"),
     pl.col("connections").max().alias("conn_max"),
@@ -299,8 +303,8 @@ _AGGREGATES: Final = (
     pl.col("connections").sum().alias("conn_sum"),
     pl.col("connections").count().alias("conn_count"),
     *(pl.col(c).sum() for c in COUNTERS),
-    *(_rate(m).filter(_HAS_INTERVAL).min().alias(f"{m}_min") for m in RATE_METRICS),
-    *(_rate(m).filter(_HAS_INTERVAL).max().alias(f"{m}_max") for m in RATE_METRICS),
+    *(pl.col(f"rate_{m}").min().alias(f"{m}_min") for m in RATE_METRICS),
+    *(pl.col(f"rate_{m}").max().alias(f"{m}_max") for m in RATE_METRICS),
     *(pl.col(f"tcp_{s}").max() for s in TCP_STATES),
 )  # fmt: skip
 _N_HEAD: Final = 20  # fields before the counter sums in an aggregate row
@@ -427,7 +431,7 @@ def fold_events(windows: Mapping[int, PartitionWindows],
     fast = [p for p in owned if p not in slow]
     if fast:
         rows = (events.lazy().filter(pl.col("partition").is_in(fast))
-                .group_by(*_KEYS, maintain_order=True).agg(*_AGGREGATES)
+                .with_columns(*_PER_ROW).group_by(*_KEYS).agg(*_AGGREGATES)
                 .collect().rows())  # fmt: skip
         for row in rows:  # a row too large is refused one event at a time, in order
             entry = windows[row[0]]._open.get((row[1], row[2]))
