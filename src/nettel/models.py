@@ -241,33 +241,14 @@ class _WireReadingV2(CounterReading, frozen=True, kw_only=True, array_like=True)
     """The reading in the compact format: ``[counters, netns, boot_id]``."""
 
 
-class _WireEventV2(msgspec.Struct, frozen=True, kw_only=True, array_like=True):
-    """One event in the compact format, every field required, in :data:`WIRE_V2` order."""
-
-    schema_version: Literal[2]
-    ts_ms: int
-    host: str
-    container_id: str
-    identity: str
-    name: str
-    image: str
-    compose_project: str
-    compose_service: str
-    interval_ms: int
-    rx_bytes: int
-    tx_bytes: int
-    rx_packets: int
-    tx_packets: int
-    rx_errors: int
-    tx_errors: int
-    rx_drops: int
-    tx_drops: int
-    connections: int | None
-    tcp: _WireTcpV2 | None
-    counter_reset: bool
-    source: str
-    reading: _WireReadingV2 | None
-    catch_up: bool
+#: One event in the compact format: every field required, in :data:`WIRE_V2` order
+#: after the version, typed as :class:`WireStatEvent` types them.
+_V2_TYPES: Final = {f.name: f.type for f in msgspec.structs.fields(WireStatEvent)} | {
+    "tcp": _WireTcpV2 | None, "reading": _WireReadingV2 | None}  # fmt: skip
+_WireEventV2 = msgspec.defstruct(
+    "_WireEventV2", [("schema_version", Literal[2]), *((n, _V2_TYPES[n]) for n in WIRE_V2)],
+    array_like=True, frozen=True, kw_only=True,
+)  # fmt: skip
 
 
 _msgpack_encoder = msgspec.msgpack.Encoder()
@@ -353,7 +334,7 @@ def _decode_v2(data: bytes) -> StatEvent:
     except UnicodeDecodeError as e:
         raise msgspec.DecodeError(f"MessagePack string is not UTF-8 ({e.reason})") from None
     fields = msgspec.structs.asdict(wire)
-    tcp, reading = wire.tcp, wire.reading
+    tcp, reading = fields["tcp"], fields["reading"]
     fields["schema_version"] = SCHEMA_VERSION  # the model's version, whatever the wire's
     fields["tcp"] = None if tcp is None else TcpStates(**msgspec.structs.asdict(tcp))
     fields["reading"] = None if reading is None else CounterReading(

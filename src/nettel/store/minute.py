@@ -14,7 +14,7 @@ ids as strings; timestamps timezone-aware UTC.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -132,6 +132,16 @@ def rows_frame(rows: Sequence[WindowAggregate]) -> pl.DataFrame:
         .select(list(schema))
         .sort("container", "ts")
     )
+
+
+def lacks_columns(uri: str, columns: Iterable[str], *,
+                  storage_options: dict[str, str] | None = None) -> bool:  # fmt: skip
+    """Whether the Delta table at ``uri`` exists without one of ``columns`` (a table not
+    yet written lacks nothing: its first write creates it with every column)."""
+    if not DeltaTable.is_deltatable(uri, storage_options=storage_options):
+        return False
+    names = {f.name for f in DeltaTable(uri, storage_options=storage_options).schema().fields}
+    return not names.issuperset(columns)
 
 
 @dataclass(frozen=True, slots=True)

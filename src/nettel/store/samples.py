@@ -39,7 +39,7 @@ from nettel.models import (
     TcpStates,
     event_row,
 )
-from nettel.store.minute import MinuteTable, writer_properties
+from nettel.store.minute import MinuteTable, lacks_columns, writer_properties
 
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 
@@ -232,12 +232,9 @@ class SamplesTable(MinuteTable):
     def _lacks_columns(self) -> bool:
         """Whether the table exists without every column of :func:`samples_schema`."""
         if not self._schema_current:
-            try:
-                table = DeltaTable(self.uri, storage_options=self.storage_options)
-            except TableNotFoundError:
-                return False  # the first write creates it with every column
-            names = {f.name for f in table.schema().fields}
-            self._schema_current = set(self._schema) <= names
+            self._schema_current = not lacks_columns(
+                self.uri, self._schema, storage_options=self.storage_options
+            )
         return not self._schema_current
 
     def stored_offsets(self, writer: str, topic: str, partitions: Sequence[int], *,
