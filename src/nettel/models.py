@@ -1,14 +1,18 @@
 """The records every layer shares. Imports nothing of ours.
 
 A :class:`StatEvent` is one sample of one container's network counters: deltas over
-``interval_ms`` ending at ``ts_ms``. It travels as JSON on ``nettel.stats`` with the
-container's stable identity as key.
+``interval_ms`` ending at ``ts_ms``. It travels on ``nettel.stats`` with the
+container's stable identity as key, as one compact MessagePack array (schema version 2,
+:data:`WIRE_V2`; a fetched batch decodes in one call, :func:`decode_stat_batch`) or as
+JSON (schema version 1, readable with kcat): :data:`WireFormat`. Consumers read both.
 
 Examples
 --------
 >>> ev = StatEvent(ts_ms=1_700_000_000_000, host="h1", container_id="abc123", identity="web",
 ...                name="web", image="nginx", interval_ms=5000, rx_bytes=10, tx_bytes=20)
 >>> decode_stat_event(encode_stat_event(ev)) == ev
+True
+>>> decode_stat_event(encode_stat_event(ev, "msgpack")) == ev
 True
 >>> ev.schema_version
 1

@@ -2,14 +2,18 @@
 
 Every record is read by :func:`read_event`: its size is capped, it is decoded with every
 counter required (:class:`~nettel.models.WireStatEvent`), and :func:`validate` bounds
-what the values can be. A refused record goes to the dead-letter topic with the reason
-(the stream worker does that); it never stops the pipeline and never reaches a table.
+what the values can be. The stream worker reads whole batches of compact events at once
+(:func:`~nettel.models.decode_stat_batch`, :func:`invalid_events`): the same rules over
+columns, and :func:`read_event` for a batch that holds anything else. A refused record
+goes to the dead-letter topic with the reason (the stream worker does that); it never
+stops the pipeline and never reaches a table.
 
 The bounds are generous ceilings of what any interface can carry, not guesses of normal
 traffic: they exist so that one hostile or corrupt event cannot overflow a table's
 Int64 columns or be stored whole.
 
-- an event is at most :data:`MAX_EVENT_BYTES` of JSON (a real one is ~600 bytes);
+- an event is at most :data:`MAX_EVENT_BYTES` (a real one is ~600 bytes of JSON, ~110
+  of MessagePack);
 - ``interval_ms`` is in [0, 1 day];
 - per event, bytes in either direction at most :data:`MAX_BYTES_PER_S` per second of
   its interval, packets, errors and drops at most :data:`MAX_PACKETS_PER_S` (an
@@ -36,7 +40,7 @@ from nettel.store.samples import frame_events
 
 DAY_MS: Final = 86_400_000
 
-#: Largest record accepted, in bytes of JSON.
+#: Largest record accepted, in bytes (either format).
 MAX_EVENT_BYTES: Final = 16 * 1024
 #: Bytes per second one container's interfaces can carry in one direction: 100 GB/s
 #: (800 Gbit/s), beyond any NIC or veth pair.

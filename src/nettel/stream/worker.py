@@ -1,8 +1,9 @@
 """The stream worker: events from Kafka into the ``minute`` table, exactly once.
 
-It consumes ``nettel.stats`` in the consumer group ``nettel-stream``, validates each
-event (invalid ones go to the dead-letter topic with the reason in a header, counted),
-folds valid ones into each partition's event-time windows, and every
+It consumes ``nettel.stats`` in the consumer group ``nettel-stream``, decodes and
+validates each fetched batch as columns (invalid events go to the dead-letter topic with
+the reason in a header, counted), folds the valid ones into each partition's event-time
+windows with one group-by per batch (:func:`~nettel.stream.windows.fold_events`), and every
 ``flush_interval_s`` writes the closed windows together with every partition's
 :class:`~nettel.models.ReplayPoint` in one Delta commit; then, at most every
 ``rollup_interval_s``, rolls its partitions' new minute rows into ``hour`` and those
