@@ -64,6 +64,7 @@ def test_up_serves_events_to_kcat_and_stops_cleanly(
     proc = spawn_up(
         DOCKER_HOST=engine.url, NETTEL_BROKER_PORT=str(port), NETTEL_SAMPLE_INTERVAL_S="0.5",
         NETTEL_DATA_DIR=str(tmp_path / "data"), NETTEL_PARTITIONS="4",
+        NETTEL_WIRE_FORMAT="json",  # what kcat users set to read the events
     )  # fmt: skip
     try:
         lines: list[str] = []
