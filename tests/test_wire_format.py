@@ -66,6 +66,8 @@ def test_a_batch_decodes_to_the_rows_and_columns_of_its_events() -> None:
         (encode_stat_event(sample(1), "msgpack")[:-3], "invalid event: "),
         (msgspec.msgpack.encode((3, *event_row(sample(1))[1:])), "invalid event: Invalid"),
         (encode_stat_event(sample(1), "msgpack").replace(b"h1", b"\xff\xff"), "invalid event"),
+        (encode_stat_event(sample(1), "json").replace(b"4026532561", b"4" * 20),
+         "invalid event: Expected `int` <= 9223372036854775807 - at `$.reading.netns`"),
         (encode_stat_event(sample(1), "json").replace(b'"rx_bytes":10,', b""),
          "invalid event: Object missing required field `rx_bytes`"),
     ],

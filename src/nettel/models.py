@@ -169,6 +169,15 @@ class DurableReading:
 MAX_SOCKETS: Final = 10**8
 
 _SocketCount = Annotated[int, msgspec.Meta(ge=0, le=MAX_SOCKETS)]
+_Int64 = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]
+
+
+class WireCounterReading(CounterReading, frozen=True, kw_only=True):
+    """:class:`CounterReading` as decoded off the wire: every number fits an Int64 column
+    (checked by the decoder, so a hostile reading is refused, not a table write)."""
+
+    counters: tuple[_Int64, _Int64, _Int64, _Int64, _Int64, _Int64, _Int64, _Int64]
+    netns: _Int64 = 0
 
 
 class WireTcpStates(TcpStates, frozen=True, kw_only=True, omit_defaults=False):
@@ -213,6 +222,7 @@ class WireStatEvent(StatEvent, frozen=True, kw_only=True):
     rx_drops: int
     tx_drops: int
     tcp: WireTcpStates | None = None
+    reading: WireCounterReading | None = None
 
 
 _encoder = msgspec.json.Encoder()
@@ -241,7 +251,7 @@ class _WireTcpV2(WireTcpStates, frozen=True, kw_only=True, array_like=True):
     """TCP states in the compact format: an array in :data:`TCP_STATE_NAMES` order."""
 
 
-class _WireReadingV2(CounterReading, frozen=True, kw_only=True, array_like=True):
+class _WireReadingV2(WireCounterReading, frozen=True, kw_only=True, array_like=True):
     """The reading in the compact format: ``[counters, netns, boot_id]``."""
 
 
@@ -265,7 +275,6 @@ _Count = Annotated[int, msgspec.Meta(ge=0, le=_MAX_WIRE_INT)]
 _Time = Annotated[int, msgspec.Meta(ge=0, le=_MAX_WIRE_INT)]
 _Name = Annotated[str, msgspec.Meta(min_length=1)]
 _Sockets = Annotated[int, msgspec.Meta(ge=0, le=MAX_SOCKETS)]
-_Int64 = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]
 _Row = tuple[
     Literal[2], _Time, str, str, _Name, str, str, str, str, _Count,
     _Count, _Count, _Count, _Count, _Count, _Count, _Count, _Count,
