@@ -35,7 +35,6 @@ from nettel.cli import make_stream
 from nettel.config import Settings
 from nettel.ingest.publisher import EventPublisher
 from nettel.ingest.simulate import TrafficSimulator
-from nettel.models import encode_stat_event
 from nettel.store.maintenance import maintain_table
 from nettel.store.minute import MinuteTable, minute_schema
 from nettel.store.rollup import HOUR_MS
@@ -61,10 +60,12 @@ async def run(containers: int, hours: float) -> dict[str, Any]:
     sim = TrafficSimulator(containers, seed=3)
     start_ms = time.time_ns() // 1_000_000 - int((hours + 1) * HOUR_MS)
     total = 0
-    publisher = EventPublisher(broker.bootstrap_servers, "nettel.stats", max_buffer=2_000_000)
+    # the format `nettel up`'s ingest and `nettel simulate` write (NETTEL_WIRE_FORMAT)
+    publisher = EventPublisher(broker.bootstrap_servers, "nettel.stats", max_buffer=2_000_000,
+                               wire_format=Settings.from_env({}).wire_format)  # fmt: skip
     async with publisher:
         for ev in sim.events(start_ms, int(hours * HOUR_MS)):
-            publisher.publish(ev.identity.encode(), encode_stat_event(ev))
+            publisher.publish_event(ev)
             total += 1
             if publisher.buffered > 200_000:
                 await publisher.drained(50_000)

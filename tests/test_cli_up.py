@@ -64,6 +64,7 @@ def test_up_serves_events_to_kcat_and_stops_cleanly(
     proc = spawn_up(
         DOCKER_HOST=engine.url, NETTEL_BROKER_PORT=str(port), NETTEL_SAMPLE_INTERVAL_S="0.5",
         NETTEL_DATA_DIR=str(tmp_path / "data"), NETTEL_PARTITIONS="4",
+        NETTEL_WIRE_FORMAT="json",  # what kcat users set to read the events
     )  # fmt: skip
     try:
         lines: list[str] = []
@@ -171,7 +172,7 @@ def test_up_fills_the_tables_from_real_traffic_exactly(engine: Engine, tmp_path:
         NETTEL_SAMPLE_INTERVAL_S="0.5",
         NETTEL_DATA_DIR=str(data), NETTEL_PARTITIONS="4", NETTEL_WINDOW_GRACE_S="5",
         NETTEL_FLUSH_INTERVAL_S="1", NETTEL_ROLLUP_INTERVAL_S="0",
-        NETTEL_MAINTENANCE_INTERVAL_S="5",
+        NETTEL_MAINTENANCE_INTERVAL_S="5", NETTEL_WIRE_FORMAT="json",  # kcat reads it
     )  # fmt: skip
     try:
         # a window closes once event time passes its minute's end plus the grace

@@ -364,20 +364,3 @@ def test_an_outage_is_one_dip_incident_and_fewer_errors_none() -> None:
     assert "rx_bytes/s down to 0 B/s" in incident.explanation
     assert "errors" not in {m.metric for _, a in alerts for m in a.metrics}
     assert [a.status for _, a in alerts].count("resolved") == 1
-
-
-def test_a_fleet_checkpointed_before_confirmation_and_look_back_resumes() -> None:
-    """A checkpoint written before the tracker's confirmation and hold and the fleet's
-    look-back existed restores and runs (the old lifecycle: no confirmation, no hold)."""
-    from nettel.detect.checkpoint import decode_checkpoint, encode_checkpoint
-
-    events = burst_events()
-    fleet = FleetDetector()
-    for ev in events[:650]:
-        fleet.process(ev)
-    del fleet.__dict__["_previous"]
-    for name in ("confirm_samples", "confirm_at", "hold_ms"):
-        del fleet.tracker.__dict__[name]
-    resumed = decode_checkpoint(encode_checkpoint(fleet), FleetDetector)
-    alerts = [a for ev in events[650:] for a in resumed.process(ev)]
-    assert [a.status for a in alerts] == ["open", "resolved"]

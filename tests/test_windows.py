@@ -5,11 +5,13 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Any
 
+import msgspec
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nettel.models import COUNTERS, StatEvent, TcpStates
-from nettel.stream.windows import PartitionWindows, ReplayPoint, WindowAggregate
+from nettel.models import COUNTERS, StatEvent, TcpStates, event_row
+from nettel.store.samples import events_frame
+from nettel.stream.windows import PartitionWindows, ReplayPoint, WindowAggregate, fold_events
 
 GRACE_MS = 30_000
 
@@ -124,3 +126,63 @@ def test_a_sample_after_end_plus_grace_is_late_and_kept_apart() -> None:
     assert point is not None
     assert point.resume_offset == 1  # the window [60 s, 120 s) still needs offset 1
     assert point.next_offset == 3
+
+
+def varied(i: int, container: int, ts_ms: int) -> StatEvent:
+    """Events with every field the windows fold moving: no interval, no sockets seen,
+    a new container id, duplicate times."""
+    ev = event(i, container, ts_ms)
+    return msgspec.structs.replace(
+        ev, interval_ms=(0 if i % 11 == 3 else 1000 + i % 7 * 1000),
+        connections=None if i % 4 == 1 else i * 7 % 9, tcp=None if i % 6 == 2 else ev.tcp,
+        container_id=f"c{container}-{i // 40}", tx_drops=i % 3, image=f"img{i % 5}",
+    )  # fmt: skip
+
+
+varied_streams = st.lists(
+    st.tuples(st.integers(0, 3), st.integers(-40_000, 20_000), st.integers(0, 2)),
+    min_size=40, max_size=150,
+).map(lambda steps: [(p, varied(i, c, 1_000_000 + i * 2_000 + (jitter // 1000) * 1000))
+                     for i, (c, jitter, p) in enumerate(steps)])  # fmt: skip
+
+
+@settings(max_examples=60, deadline=None)
+@given(varied_streams, st.sets(st.integers(1, 150), max_size=12))
+def test_folding_whole_batches_equals_adding_one_event_at_a_time(
+    stream: list[tuple[int, StatEvent]], cuts: set[int]
+) -> None:
+    """The columnar fold of fetched batches writes the very rows, replay points and late
+    counts of :meth:`PartitionWindows.add` in order, through flushes and replays."""
+    offsets: list[int] = []
+    seen: dict[int, int] = {}
+    for p, _ in stream:
+        offsets.append(seen.get(p, 0))
+        seen[p] = offsets[-1] + 1
+    bounds = sorted(c for c in cuts if c < len(stream))
+    batches = list(zip([0, *bounds], [*bounds, len(stream)], strict=True))
+
+    def consume(batched: bool) -> tuple[list[Any], list[Any]]:
+        windows = {p: PartitionWindows(GRACE_MS) for p in range(3)}
+        written: list[Any] = []
+        points: list[Any] = []
+        for lo, hi in batches:
+            part = list(range(lo, hi))
+            if batched:
+                frame = events_frame(
+                    [event_row(stream[k][1]) for k in part],
+                    [stream[k][0] for k in part],
+                    [offsets[k] for k in part],
+                )
+                assert fold_events(windows, frame) == []
+            else:
+                for k in part:
+                    assert windows[stream[k][0]].add(stream[k][1], offsets[k]) is None
+            for p in range(3):
+                written.append(
+                    sorted(windows[p].close_ready(), key=lambda w: (w.identity, w.window_start_ms))
+                )
+                points.append((windows[p].replay_point(), windows[p].late,
+                               windows[p].open_windows()))  # fmt: skip
+        return written, points
+
+    assert consume(True) == consume(False)

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from nettel.config import Settings, is_remote
 from nettel.errors import ConfigError, EngineUnavailableError, NettelError
+from nettel.models import WireFormat
 
 if TYPE_CHECKING:
     from mcp.server import MCPServer
@@ -161,7 +162,7 @@ def make_ingest(settings: Settings, bootstrap: str, source: Source) -> IngestSer
 
     publisher = EventPublisher(
         bootstrap, settings.topic_stats, max_buffer=settings.buffer_max_events,
-        on_connect=on_connect,
+        on_connect=on_connect, wire_format=settings.wire_format,
     )  # fmt: skip
     samples = SamplesTable(table_uri(settings, "samples"))
     resources = EventPublisher(
@@ -952,20 +953,21 @@ async def publish_events(
     rate: float = 0.0,
     *,
     expected: int = 0,
+    wire_format: WireFormat = "msgpack",
 ) -> int:
-    """Publish ``events`` (keyed by identity) at ``rate`` per second (0: as fast as
-    possible), buffering at most ~200k; returns how many were sent, all acknowledged.
-    With ``expected`` (how many will come), a progress bar on a terminal."""
+    """Publish ``events`` (keyed by identity, in ``wire_format``) at ``rate`` per second
+    (0: as fast as possible), buffering at most ~200k; returns how many were sent, all
+    acknowledged. With ``expected`` (how many will come), a progress bar on a terminal."""
     from nettel.ingest.publisher import EventPublisher
-    from nettel.models import encode_stat_event
 
-    publisher = EventPublisher(bootstrap, topic, max_buffer=1_000_000)
+    publisher = EventPublisher(bootstrap, topic, max_buffer=1_000_000,
+                               wire_format=wire_format)  # fmt: skip
     sent = 0
     started = time.monotonic()
     async with publisher:
         with Progress(expected, "simulate: events published") as bar:
             for ev in events:
-                publisher.publish(ev.identity.encode(), encode_stat_event(ev))
+                publisher.publish_event(ev)
                 sent += 1
                 if sent % 100 == 0:
                     bar.advance(100)
@@ -1009,7 +1011,8 @@ async def cmd_simulate(settings: Settings, args: argparse.Namespace) -> int:
     expected = args.containers * max(1, duration_ms // settings.sample_interval_ms)
     sent = await publish_events(bootstrap, settings.topic_stats,
                                 sim.events(start_ms, duration_ms, truth), args.rate,
-                                expected=expected)  # fmt: skip
+                                expected=expected,
+                                wire_format=settings.wire_format)  # fmt: skip
     log.info("simulated", events=sent, containers=args.containers, scenario=args.scenario,
              anomalies=sum(a.is_anomaly for a in truth), truth=args.truth,
              seconds=round(time.monotonic() - started, 1))  # fmt: skip

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
 from nettel.errors import ConfigError
+from nettel.models import WireFormat
 
 Source = Literal["auto", "engine", "procfs"]
 LogFormat = Literal["auto", "json", "console"]
@@ -103,6 +104,11 @@ class Settings:
     window_grace_s: float = _field(
         30.0, "NETTEL_WINDOW_GRACE_S", "seconds a minute window waits for late samples"
     )
+    wire_format: WireFormat = _field(
+        "msgpack", "NETTEL_WIRE_FORMAT",
+        "how events travel on the stats topic: msgpack (compact) or json (readable with "
+        "kcat); consumers read both",
+    )  # fmt: skip
     flush_interval_s: float = _field(
         30.0, "NETTEL_FLUSH_INTERVAL_S", "seconds between the stream worker's table commits"
     )
@@ -205,7 +211,7 @@ class Settings:
                     self.kafka_bootstrap_servers,
                     "host:port[,host:port...]",
                 )
-        for name in ("source", "log_format", "log_level"):
+        for name in ("source", "log_format", "log_level", "wire_format"):
             allowed = get_args(_LITERALS[name])
             _check(
                 getattr(self, name) in allowed,
@@ -330,7 +336,8 @@ def check_object_store_env(env: Mapping[str, str]) -> None:
                           "etag or unset: Delta commits need conditional PUT")  # fmt: skip
 
 
-_LITERALS: dict[str, Any] = {"source": Source, "log_format": LogFormat, "log_level": LogLevel}
+_LITERALS: dict[str, Any] = {"source": Source, "log_format": LogFormat, "log_level": LogLevel,
+                             "wire_format": WireFormat}  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,6 +21,7 @@ import structlog
 from aiokafka import AIOKafkaProducer
 
 from nettel import metrics
+from nettel.models import StatEvent, WireFormat, encode_stat_event
 
 log = structlog.get_logger(__name__)
 
@@ -39,6 +40,7 @@ class EventPublisher:
 
     ``headers`` are put on every record when it is sent (the embedded broker's epoch
     goes there, so records buffered across a rotation carry the new one).
+    ``wire_format``: how :meth:`publish_event` encodes events (``NETTEL_WIRE_FORMAT``).
     """
 
     def __init__(
@@ -51,7 +53,9 @@ class EventPublisher:
         request_timeout_ms: int = 5000,
         on_connect: Callable[[], Awaitable[None]] | None = None,
         producer_factory: Callable[..., Any] = AIOKafkaProducer,
+        wire_format: WireFormat = "msgpack",
     ) -> None:
+        self.wire_format: WireFormat = wire_format
         self.bootstrap_servers = bootstrap_servers
         self.topic = topic
         self.max_buffer = max_buffer
@@ -102,6 +106,14 @@ class EventPublisher:
                 )
         self._buf.append(_Item(next(self._seq), key, value))
         self._wake.set()
+
+    def record(self, event: StatEvent) -> tuple[bytes, bytes]:
+        """The (key, value) of ``event``: keyed by its identity, in :attr:`wire_format`."""
+        return event.identity.encode(), encode_stat_event(event, self.wire_format)
+
+    def publish_event(self, event: StatEvent) -> None:
+        """Accept one stats event (see :meth:`publish`)."""
+        self.publish(*self.record(event))
 
     def pending(self) -> list[tuple[bytes, bytes]]:
         """(key, value) of every record accepted and not yet acknowledged, oldest first."""

@@ -18,7 +18,6 @@ from nettel.models import (
     StatEvent,
     decode_stat_event,
     encode_resource_event,
-    encode_stat_event,
 )
 
 log = structlog.get_logger(__name__)
@@ -109,7 +108,7 @@ class IngestService:
         self._closed = False
 
     def _emit(self, event: StatEvent) -> None:
-        self.publisher.publish(event.identity.encode(), encode_stat_event(event))
+        self.publisher.publish_event(event)
 
     def _emit_resources(self, event: ResourceEvent) -> None:
         if self.resource_publisher is not None:
@@ -176,9 +175,7 @@ class IngestService:
             if bridge is not None:
                 bridges.append(bridge)
         bridges.sort(key=lambda e: e.ts_ms)
-        self.publisher.publish_first(
-            [(ev.identity.encode(), encode_stat_event(ev)) for ev in bridges]
-        )
+        self.publisher.publish_first([self.publisher.record(ev) for ev in bridges])
         log.info("lost_log_made_up", epoch=epoch, containers=len(bridges),
                  bytes=sum(ev.rx_bytes + ev.tx_bytes for ev in bridges))  # fmt: skip
         return len(bridges)

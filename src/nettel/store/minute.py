@@ -14,9 +14,8 @@ mantissa; ids as strings; timestamps timezone-aware UTC.
 
 from __future__ import annotations
 
-import datetime as dt
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -132,29 +131,53 @@ def writer_properties(schema: Mapping[str, pl.DataType]) -> WriterProperties:
 
 
 def rows_frame(rows: Sequence[WindowAggregate]) -> pl.DataFrame:
-    """A ``minute`` frame from window aggregates, sorted by (container, ts)."""
+    """A ``minute`` frame from window aggregates, sorted by (container, ts) (built a
+    column at a time).
+
+    Examples
+    --------
+    >>> w = WindowAggregate(identity="web", window_start_ms=1_795_651_260_000, window_ms=60_000,
+    ...                     host="h", container_id="c", name="web", image="", compose_project="",
+    ...                     compose_service="", samples=2, rate_min={"rx_bytes": 1.5})
+    >>> rows_frame([w]).select("date", "container", "ts", "samples", "rx_bytes_rate_min",
+    ...                        "tx_bytes_rate_min").row(0)[:2]
+    ('2026-11-26', 'web')
+    """
     schema = minute_schema()
-    cols: dict[str, list[Any]] = {k: [] for k in schema}
-    for r in rows:
-        start = dt.datetime.fromtimestamp(r.window_start_ms / 1000, tz=dt.UTC)
-        cols["date"].append(start.strftime("%Y-%m-%d"))
-        cols["container"].append(r.identity)
-        cols["ts"].append(start)
-        for k in ("partition", "window_ms", "host", "container_id", "name", "image",
-                  "compose_project", "compose_service", "samples", "interval_ms", "resets",
-                  "connections_last", "connections_max", "connections_min",
-                  "connections_sum", "connections_samples"):  # fmt: skip
-            cols[k].append(getattr(r, k))
-        for c in COUNTERS:
-            cols[c].append(r.sums[c])
-            cols[f"{c}_rate_min"].append(r.rate_min.get(c))
-            cols[f"{c}_rate_max"].append(r.rate_max.get(c))
-        for t in TOTALS:
-            cols[f"{t}_rate_min"].append(r.rate_min.get(t))
-            cols[f"{t}_rate_max"].append(r.rate_max.get(t))
-        for state in TCP_STATES:
-            cols[f"tcp_{state}_max"].append(r.tcp_max.get(state))
-    return pl.DataFrame(cols, schema=schema).sort("container", "ts")
+    cols: dict[str, list[Any]] = {
+        "date": [None] * len(rows),
+        "container": [r.identity for r in rows],
+        "ts": [r.window_start_ms * 1000 for r in rows],
+    }
+    for k in ("partition", "window_ms", "host", "container_id", "name", "image",
+              "compose_project", "compose_service", "samples", "interval_ms", "resets",
+              "connections_last", "connections_max", "connections_min",
+              "connections_sum", "connections_samples"):  # fmt: skip
+        cols[k] = [getattr(r, k) for r in rows]
+    for c in COUNTERS:
+        cols[c] = [r.sums[c] for r in rows]
+    for m in (*COUNTERS, *TOTALS):
+        cols[f"{m}_rate_min"] = [r.rate_min.get(m) for r in rows]
+        cols[f"{m}_rate_max"] = [r.rate_max.get(m) for r in rows]
+    for state in TCP_STATES:
+        cols[f"tcp_{state}_max"] = [r.tcp_max.get(state) for r in rows]
+    return (
+        pl.DataFrame(cols, schema={**schema, "ts": pl.Int64()})
+        .with_columns(pl.col("ts").cast(pl.Datetime("us", "UTC")))
+        .with_columns(date=pl.col("ts").dt.date().cast(pl.String()))
+        .select(list(schema))
+        .sort("container", "ts")
+    )
+
+
+def lacks_columns(uri: str, columns: Iterable[str], *,
+                  storage_options: dict[str, str] | None = None) -> bool:  # fmt: skip
+    """Whether the Delta table at ``uri`` exists without one of ``columns`` (a table not
+    yet written lacks nothing: its first write creates it with every column)."""
+    if not DeltaTable.is_deltatable(uri, storage_options=storage_options):
+        return False
+    names = {f.name for f in DeltaTable(uri, storage_options=storage_options).schema().fields}
+    return not names.issuperset(columns)
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,9 +194,6 @@ class MinuteTable:
 
     ``hour`` and ``day`` (:mod:`nettel.store.rollup`) share its layout and schema.
     """
-
-    #: ``schema_mode`` of appends (``"merge"``: add the frame's new columns to the table).
-    schema_mode: str | None = None
 
     def __init__(self, uri: str, *, storage_options: dict[str, str] | None = None) -> None:
         self.uri = uri
@@ -225,8 +245,7 @@ class MinuteTable:
         written then): the whole write is tried again, up to ``attempts`` times.
         ``merge_schema``: columns the table lacks are added (null in its older rows).
         """
-        mode = "merge" if merge_schema else self.schema_mode
-        merge: dict[str, Any] = {"schema_mode": mode} if mode else {}
+        merge: dict[str, Any] = {"schema_mode": "merge"} if merge_schema else {}
         for attempt in range(1, attempts + 1):
             try:
                 round_rates(frame).write_delta(

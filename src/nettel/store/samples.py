@@ -24,7 +24,7 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
 import polars as pl
 from deltalake import DeltaTable, Transaction
@@ -37,8 +37,9 @@ from nettel.models import (
     DurableReading,
     StatEvent,
     TcpStates,
+    event_row,
 )
-from nettel.store.minute import MinuteTable, writer_properties
+from nettel.store.minute import MinuteTable, lacks_columns, writer_properties
 
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 
@@ -100,6 +101,69 @@ class PartitionSamples:
     next_offset: int
 
 
+#: Columns of a batch of decoded events (:func:`events_frame`), in order: what the stream
+#: worker folds into windows and buffers for this table.
+EVENT_COLUMNS: Final[dict[str, pl.DataType]] = {
+    "partition": pl.Int64(), "offset": pl.Int64(), "ts_ms": pl.Int64(), "host": pl.String(),
+    "container_id": pl.String(), "container": pl.String(), "name": pl.String(),
+    "image": pl.String(), "compose_project": pl.String(), "compose_service": pl.String(),
+    "interval_ms": pl.Int64(), **dict.fromkeys(COUNTERS, pl.Int64()),
+    "connections": pl.Int64(), **{f"tcp_{s}": pl.Int64() for s in TCP_STATES},
+    "counter_reset": pl.Boolean(), "source": pl.String(),
+    **{f"reading_{c}": pl.Int64() for c in COUNTERS}, "netns": pl.Int64(),
+    "boot_id": pl.String(), "catch_up": pl.Boolean(),
+}  # fmt: skip
+
+_NO_TCP: Final = (None,) * len(TCP_STATES)
+_NO_COUNTERS: Final = (None,) * len(COUNTERS)
+_NO_READING: Final = (_NO_COUNTERS, None, None)
+
+
+def events_frame(rows: Sequence[tuple[Any, ...]], partitions: Sequence[int],
+                 offsets: Sequence[int]) -> pl.DataFrame:  # fmt: skip
+    """A frame of :data:`EVENT_COLUMNS` from rows of the compact format
+    (:func:`~nettel.models.decode_stat_batch`, :func:`~nettel.models.event_row`) and the
+    partition and offset each was read at: columns built once per batch, no object
+    per event.
+
+    Examples
+    --------
+    >>> ev = StatEvent(ts_ms=1_795_651_200_000, host="h", container_id="c", identity="web",
+    ...                name="web", interval_ms=5000, rx_bytes=7)
+    >>> events_frame([event_row(ev)], [3], [41]).select("partition", "offset", "container",
+    ...                                                 "rx_bytes", "tcp_listen").row(0)
+    (3, 41, 'web', 7, None)
+    """
+    if not rows:
+        return pl.DataFrame(schema=EVENT_COLUMNS)
+    (_, ts, host, container_id, identity, name, image, project, service, interval,
+     rxb, txb, rxp, txp, rxe, txe, rxd, txd, conns, tcp, reset, source, reading,
+     catch_up) = zip(*rows, strict=True)  # fmt: skip
+    tcp_columns = zip(*[t or _NO_TCP for t in tcp], strict=True)
+    counters, netns, boot_id = zip(*[r or _NO_READING for r in reading], strict=True)
+    reading_columns = zip(*[c or _NO_COUNTERS for c in counters], strict=True)
+    values = (partitions, offsets, ts, host, container_id, identity, name, image, project,
+              service, interval, rxb, txb, rxp, txp, rxe, txe, rxd, txd, conns,
+              *tcp_columns, reset, source, *reading_columns, netns, boot_id, catch_up)  # fmt: skip
+    return pl.DataFrame([pl.Series(name, column, dtype=dtype)
+                         for (name, dtype), column in zip(EVENT_COLUMNS.items(), values,
+                                                          strict=True)])  # fmt: skip
+
+
+def samples_of_events(frame: pl.DataFrame, epoch: int) -> pl.DataFrame:
+    """The ``samples`` rows of an :func:`events_frame` read from log ``epoch``, sorted by
+    (container, ts)."""
+    ts = pl.col("ts_ms").mul(1000).cast(pl.Datetime("us", "UTC"))
+    return (
+        frame.lazy()
+        .with_columns(ts=ts, epoch=pl.lit(epoch, pl.Int64()))
+        .with_columns(date=pl.col("ts").dt.date().cast(pl.String()))
+        .select(list(samples_schema()))
+        .sort("container", "ts")
+        .collect()
+    )
+
+
 def samples_frame(events: Sequence[tuple[int, int, StatEvent]], epoch: int) -> pl.DataFrame:
     """A ``samples`` frame from (partition, offset, event) triples of one log ``epoch``,
     sorted by (container, ts).
@@ -112,48 +176,66 @@ def samples_frame(events: Sequence[tuple[int, int, StatEvent]], epoch: int) -> p
     ...                                        "epoch", "offset").row(0)
     ('2026-11-26', 'web', 3, 7, 2, 41)
     """
-    schema = samples_schema()
-    evs = [ev for _, _, ev in events]
-    cols: dict[str, list[Any]] = {
-        "date": [None] * len(evs),
-        "container": [ev.identity for ev in evs],
-        "partition": [p for p, _, _ in events],
-        "ts": [ev.ts_ms * 1000 for ev in evs],
-        "epoch": [epoch] * len(evs),
-        "offset": [o for _, o, _ in events],
-    }
-    for k in ("host", "container_id", "name", "image", "compose_project", "compose_service",
-              "interval_ms", "counter_reset", "source", *COUNTERS, "connections"):  # fmt: skip
-        cols[k] = [getattr(ev, k) for ev in evs]
-    for state in TCP_STATES:
-        cols[f"tcp_{state}"] = [None if ev.tcp is None else getattr(ev.tcp, state) for ev in evs]
-    cols["catch_up"] = [ev.catch_up for ev in evs]
-    readings = [ev.reading for ev in evs]
-    cols["netns"] = [None if r is None else r.netns for r in readings]
-    cols["boot_id"] = [None if r is None else r.boot_id for r in readings]
-    for i, c in enumerate(COUNTERS):
-        cols[f"reading_{c}"] = [None if r is None else r.counters[i] for r in readings]
-    raw = {**schema, "ts": pl.Int64()}
-    return (
-        pl.DataFrame(cols, schema=raw)
-        .with_columns(pl.col("ts").cast(pl.Datetime("us", "UTC")))
-        .with_columns(date=pl.col("ts").dt.strftime("%Y-%m-%d"))
-        .sort("container", "ts")
-    )
+    frame = events_frame([event_row(ev) for _, _, ev in events], [p for p, _, _ in events],
+                         [o for _, o, _ in events])  # fmt: skip
+    return samples_of_events(frame, epoch)
+
+
+def frame_events(frame: pl.DataFrame) -> list[StatEvent]:
+    """The events of an :func:`events_frame`, in its order (for the rare paths that fold
+    one event at a time).
+
+    Examples
+    --------
+    >>> ev = StatEvent(ts_ms=1_795_651_200_000, host="h", container_id="c", identity="web",
+    ...                name="web", interval_ms=5000, rx_bytes=7, tcp=TcpStates(listen=2),
+    ...                reading=CounterReading(counters=(1, 2, 3, 4, 5, 6, 7, 8), netns=9))
+    >>> frame_events(events_frame([event_row(ev)], [0], [0])) == [ev]
+    True
+    """
+    out = []
+    for row in frame.iter_rows(named=True):
+        tcp = [row[f"tcp_{state}"] for state in TCP_STATES]
+        counters = tuple(row[f"reading_{c}"] for c in COUNTERS)
+        reading = (
+            None
+            if row["netns"] is None
+            else CounterReading(counters=counters, netns=row["netns"], boot_id=row["boot_id"])
+        )
+        out.append(StatEvent(
+            ts_ms=row["ts_ms"], identity=row["container"], reading=reading,
+            tcp=None if tcp[0] is None else TcpStates(**dict(zip(TCP_STATES, tcp,
+                                                                 strict=True))),
+            **{k: row[k] for k in _EVENT_FIELDS},
+        ))  # fmt: skip
+    return out
+
+
+_EVENT_FIELDS: Final = ("host", "container_id", "name", "image", "compose_project",
+                        "compose_service", "interval_ms", *COUNTERS, "connections",
+                        "counter_reset", "source", "catch_up")  # fmt: skip
 
 
 class SamplesTable(MinuteTable):
     """The ``samples`` Delta table under ``uri`` (a path or an ``s3://`` URI).
 
-    Tables written before a column was added get it on the next append (schema merge).
+    Tables written before a column was added get it on the next append (a schema merge,
+    only when the table lacks a column: merging costs every append a schema check).
     """
-
-    schema_mode = "merge"
 
     def __init__(self, uri: str, *, storage_options: dict[str, str] | None = None) -> None:
         super().__init__(uri, storage_options=storage_options)
         self._schema = samples_schema()
         self._props = writer_properties(self._schema)
+        self._schema_current = False
+
+    def _lacks_columns(self) -> bool:
+        """Whether the table exists without every column of :func:`samples_schema`."""
+        if not self._schema_current:
+            self._schema_current = not lacks_columns(
+                self.uri, self._schema, storage_options=self.storage_options
+            )
+        return not self._schema_current
 
     def stored_offsets(self, writer: str, topic: str, partitions: Sequence[int], *,
                        epoch: int) -> dict[int, int]:  # fmt: skip
@@ -181,28 +263,43 @@ class SamplesTable(MinuteTable):
     def append_samples(self, parts: Sequence[PartitionSamples], *, writer: str, epoch: int,
                        known: Mapping[int, int] | None = None) -> int:  # fmt: skip
         """Append each partition's events past its stored point, and the new points, in
-        one commit; returns the rows written. Parts whose point would not move are left
-        out, and nothing is committed when no point moves.
+        one commit; returns the rows written (see :meth:`append_events`)."""
+        rows = [(part.partition, off, ev) for part in parts for off, ev in part.events]
+        frame = events_frame([event_row(ev) for _, _, ev in rows], [p for p, _, _ in rows],
+                             [o for _, o, _ in rows])  # fmt: skip
+        return self.append_events(
+            frame, {part.partition: part.next_offset for part in parts},
+            topic=parts[0].topic if parts else "", writer=writer, epoch=epoch, known=known,
+        )  # fmt: skip
+
+    def append_events(self, frame: pl.DataFrame, next_offsets: Mapping[int, int], *,
+                      topic: str, writer: str, epoch: int,
+                      known: Mapping[int, int] | None = None) -> int:  # fmt: skip
+        """Append the events of ``frame`` (an :func:`events_frame`) past each partition's
+        stored point, and the new points (``next_offsets``: partition -> the next offset
+        the table then holds), in one commit; returns the rows written. Partitions whose
+        point would not move are left out, and nothing is committed when no point moves.
 
         ``known``: points to use instead of the stored ones, for partitions whose
         stored point the caller knows to be stale (an earlier log's).
         """
-        stored = self.stored_offsets(writer, parts[0].topic if parts else "",
-                                     [p.partition for p in parts], epoch=epoch)  # fmt: skip
+        stored = self.stored_offsets(writer, topic, list(next_offsets), epoch=epoch)
         stored.update(known or {})
-        rows: list[tuple[int, int, StatEvent]] = []
-        txns = []
-        for part in parts:
-            done = stored.get(part.partition, 0)
-            if part.next_offset <= done:
-                continue  # already written (a replay): nothing to add
-            rows.extend((part.partition, off, ev) for off, ev in part.events if off >= done)
-            app = self.app_id(writer, part.topic, part.partition, epoch, NEXT_OFFSET)
-            txns.append(Transaction(app, part.next_offset))
-        if not txns:
+        moving = {p: o for p, o in next_offsets.items() if o > stored.get(p, 0)}
+        if not moving:
             return 0
-        self.append_frame(samples_frame(rows, epoch), txns, merge_schema=True)
-        return len(rows)
+        done = {p: stored.get(p, 0) for p in moving}
+        keep = pl.col("partition").is_in(list(moving))
+        if any(done.values()):  # drop what an earlier write holds
+            first = pl.col("partition").replace_strict(done, default=0, return_dtype=pl.Int64)
+            keep &= pl.col("offset") >= first
+        rows = frame.filter(keep)
+        txns = [Transaction(self.app_id(writer, topic, p, epoch, NEXT_OFFSET), o)
+                for p, o in moving.items()]  # fmt: skip
+        self.append_frame(samples_of_events(rows, epoch), txns,
+                          merge_schema=self._lacks_columns())  # fmt: skip
+        self._schema_current = True
+        return rows.height
 
     def unwritten(self, epoch: int, partition: int, start: int, end: int
                   ) -> list[tuple[int, StatEvent]]:  # fmt: skip

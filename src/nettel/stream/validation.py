@@ -2,14 +2,18 @@
 
 Every record is read by :func:`read_event`: its size is capped, it is decoded with every
 counter required (:class:`~nettel.models.WireStatEvent`), and :func:`validate` bounds
-what the values can be. A refused record goes to the dead-letter topic with the reason
-(the stream worker does that); it never stops the pipeline and never reaches a table.
+what the values can be. The stream worker reads whole batches of compact events at once
+(:func:`~nettel.models.decode_stat_batch`, :func:`invalid_events`): the same rules over
+columns, and :func:`read_event` for a batch that holds anything else. A refused record
+goes to the dead-letter topic with the reason (the stream worker does that); it never
+stops the pipeline and never reaches a table.
 
 The bounds are generous ceilings of what any interface can carry, not guesses of normal
 traffic: they exist so that one hostile or corrupt event cannot overflow a table's
 Int64 columns or be stored whole.
 
-- an event is at most :data:`MAX_EVENT_BYTES` of JSON (a real one is ~600 bytes);
+- an event is at most :data:`MAX_EVENT_BYTES` (a real one is ~600 bytes of JSON, ~110
+  of MessagePack);
 - ``interval_ms`` is in [0, 1 day];
 - per event, bytes in either direction at most :data:`MAX_BYTES_PER_S` per second of
   its interval, packets, errors and drops at most :data:`MAX_PACKETS_PER_S` (an
@@ -29,12 +33,14 @@ from operator import attrgetter
 from typing import Final
 
 import msgspec
+import polars as pl
 
 from nettel.models import COUNTERS, MAX_SOCKETS, StatEvent, decode_wire_event
+from nettel.store.samples import frame_events
 
 DAY_MS: Final = 86_400_000
 
-#: Largest record accepted, in bytes of JSON.
+#: Largest record accepted, in bytes (either format).
 MAX_EVENT_BYTES: Final = 16 * 1024
 #: Bytes per second one container's interfaces can carry in one direction: 100 GB/s
 #: (800 Gbit/s), beyond any NIC or veth pair.
@@ -99,6 +105,42 @@ def validate(ev: StatEvent, now_ms: int, *, max_age_ms: int = 400 * DAY_MS) -> s
     if conns is not None and (conns < 0 or conns > MAX_SOCKETS):
         return f"connections {conns} is outside [0, {MAX_SOCKETS}]"
     return None
+
+
+def invalid_events(frame: pl.DataFrame, now_ms: int, *, max_age_ms: int = 400 * DAY_MS
+                   ) -> list[tuple[int, int, str]]:  # fmt: skip
+    """(partition, offset, reason) of each event of ``frame`` (an
+    :func:`~nettel.store.samples.events_frame`) that :func:`validate` refuses: the same
+    rules over whole columns, and :func:`validate` itself for the reason of the few.
+
+    Examples
+    --------
+    >>> from nettel.models import event_row
+    >>> from nettel.store.samples import events_frame
+    >>> ok = StatEvent(ts_ms=10**12, host="h", container_id="c", identity="c", name="c",
+    ...                interval_ms=5000, rx_bytes=5)
+    >>> big = msgspec.structs.replace(ok, rx_packets=10**13)
+    >>> invalid_events(events_frame([event_row(ok), event_row(big)], [0, 0], [7, 8]), 10**12)
+    [(0, 8, 'rx_packets 10000000000000 is more than an interface carries in 5000 ms (10000000000)')]
+    """
+    interval = pl.col("interval_ms")
+    covered = pl.max_horizontal(interval, pl.lit(1000))
+    packets = [c for c in COUNTERS if not c.endswith("_bytes")]
+    refused = (
+        (interval < 0) | (interval > MAX_INTERVAL_MS)
+        | (pl.min_horizontal(*COUNTERS) < 0)
+        | (pl.max_horizontal("rx_bytes", "tx_bytes") > covered * _BYTES_PER_MS)
+        | (pl.max_horizontal(*packets) > covered * _PACKETS_PER_MS)
+        | (pl.col("ts_ms") > now_ms + DAY_MS) | (pl.col("ts_ms") < now_ms - max_age_ms)
+        | (pl.col("container") == "")
+        | ~pl.col("connections").is_between(0, MAX_SOCKETS).fill_null(value=True)
+    )  # fmt: skip
+    flagged = frame.filter(refused)
+    if flagged.is_empty():
+        return []
+    reasons = [validate(ev, now_ms, max_age_ms=max_age_ms) for ev in frame_events(flagged)]
+    return [(p, o, r) for p, o, r in zip(flagged["partition"], flagged["offset"], reasons,
+                                          strict=True) if r is not None]  # fmt: skip
 
 
 def read_event(value: bytes | None, now_ms: int) -> tuple[StatEvent | None, str | None]:

@@ -23,12 +23,27 @@ it is refused (:meth:`PartitionWindows.add` says why).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any, Final
 
-from nettel.models import WINDOW_MS, ReplayPoint, StatEvent, WindowAggregate, window_start
+import polars as pl
+
+from nettel.models import (
+    COUNTERS,
+    RATE_METRICS,
+    TCP_STATES,
+    TOTALS,
+    WINDOW_MS,
+    ReplayPoint,
+    StatEvent,
+    WindowAggregate,
+    window_start,
+)
+from nettel.store.samples import frame_events
 
 __all__ = ["MAX_ROW_COVER_MS", "WINDOW_MS", "PartitionWindows", "ReplayPoint",
-           "WindowAggregate", "window_start"]  # fmt: skip
+           "WindowAggregate", "fold_events", "window_start"]  # fmt: skip
 
 #: The most sample time one row may cover: a window's own minute, one catch-up sample
 #: of up to a day (after a restart of nettel), and room for duplicates.
@@ -150,6 +165,31 @@ class PartitionWindows:
             self._close_due()
         return reason
 
+    def _fold(self, row: tuple[Any, ...], size_ms: int) -> None:
+        """Merge one batch aggregate of :func:`fold_events` into its window."""
+        key = (row[1], row[2])
+        entry = self._open.get(key)
+        if entry is None:
+            agg = WindowAggregate(
+                identity=row[1], window_start_ms=row[2], window_ms=size_ms, host=row[3],
+                container_id="", name="", image="", compose_project=row[4],
+                compose_service=row[5],
+            )  # fmt: skip
+            entry = self._open[key] = _Open(agg, row[6], row[7])
+            if self._earliest_start is None or row[2] < self._earliest_start:
+                self._earliest_start = row[2]
+        _merge(entry.agg, row)
+
+    def _folded(self, last_offset: int, newest_ms: int) -> None:
+        """After :meth:`_fold` of a batch up to ``last_offset``: move the event time and
+        close what it passed, as the batch's last :meth:`add` would have."""
+        self._next_offset = last_offset + 1
+        if newest_ms > self.event_time_ms:
+            self.event_time_ms = newest_ms
+        earliest = self._earliest_start
+        if earliest is not None and earliest + self.size_ms + self.grace_ms <= self.event_time_ms:
+            self._close_due()
+
     def advance(self, now_ms: int) -> bool:
         """The idle watermark: if ``now_ms`` (the wall clock) closes an open window, move
         the event time there and close what is due; returns whether it did. For a
@@ -230,3 +270,185 @@ class PartitionWindows:
     def open_windows(self) -> int:
         """How many windows are open."""
         return len(self._open)
+
+
+def _rate(metric: str) -> pl.Expr:
+    parts = TOTALS.get(metric)
+    value = pl.col(metric) if parts is None else pl.col(parts[0]) + pl.col(parts[1])
+    rate = value / (pl.col("interval_ms") / 1000)  # as WindowAggregate.add divides
+    return pl.when(pl.col("interval_ms") > 0).then(rate).alias(f"rate_{metric}")
+
+
+_KEYS: Final = ("partition", "container", "start")
+_NEWEST: Final = pl.col("ts_ms").cum_max().shift(1).over(_KEYS)
+#: per row, before the group-by: whether folding one at a time would take its newest
+#: fields (its time is at least every earlier one's), and each metric's rate
+_PER_ROW: Final = (
+    (pl.col("ts_ms") >= _NEWEST).fill_null(value=True).alias("newest"),
+    *(_rate(m) for m in RATE_METRICS),
+)
+_CONN_NEWEST: Final = pl.col("newest") & pl.col("connections").is_not_null()
+_AGGREGATES: Final = (
+    pl.col("host").first(), pl.col("compose_project").first(),
+    pl.col("compose_service").first(), pl.col("offset").first().alias("first_offset"),
+    pl.col("before").first(), pl.len().alias("samples"), pl.col("interval_ms").sum(),
+    pl.col("counter_reset").sum().alias("resets"),
+    pl.col("ts_ms").max().alias("newest_ts"),
+    pl.col("container_id").filter("newest").last(),
+    pl.col("name").filter("newest").last(), pl.col("image").filter("newest").last(),
+    pl.col("connections").filter(_CONN_NEWEST).last().alias("conn_last"),
+    pl.col("ts_ms").filter(_CONN_NEWEST).last().alias("conn_last_ts"),
+    pl.col("connections").max().alias("conn_max"),
+    pl.col("connections").min().alias("conn_min"),
+    pl.col("connections").sum().alias("conn_sum"),
+    pl.col("connections").count().alias("conn_count"),
+    *(pl.col(c).sum() for c in COUNTERS),
+    *(pl.col(f"rate_{m}").min().alias(f"{m}_min") for m in RATE_METRICS),
+    *(pl.col(f"rate_{m}").max().alias(f"{m}_max") for m in RATE_METRICS),
+    *(pl.col(f"tcp_{s}").max() for s in TCP_STATES),
+)  # fmt: skip
+_N_HEAD: Final = 20  # fields before the counter sums in an aggregate row
+_N_RATES: Final = len(RATE_METRICS)
+
+
+def _merge(agg: WindowAggregate, row: tuple[Any, ...]) -> None:
+    """Fold one batch aggregate (a row of ``_AGGREGATES`` after the keys) into ``agg``:
+    the same result as adding the batch's events one at a time."""
+    (
+        _,
+        _,
+        _,
+        _,
+        _,
+        samples,
+        interval_ms,
+        resets,
+        newest_ts,
+        container_id,
+        name,
+        image,
+        conn_last,
+        conn_last_ts,
+        conn_max,
+        conn_min,
+        conn_sum,
+        conn_count,
+    ) = row[3 : _N_HEAD + 1]
+    agg.samples += samples
+    agg.interval_ms += interval_ms
+    agg.resets += resets
+    sums = agg.sums
+    at = _N_HEAD + 1
+    for c, v in zip(COUNTERS, row[at : at + len(COUNTERS)], strict=True):
+        sums[c] += v
+    at += len(COUNTERS)
+    rmin, rmax = agg.rate_min, agg.rate_max
+    for m, lo, hi in zip(RATE_METRICS, row[at:at + _N_RATES],
+                         row[at + _N_RATES:at + 2 * _N_RATES], strict=True):  # fmt: skip
+        if lo is not None:
+            if m not in rmin or lo < rmin[m]:
+                rmin[m] = lo
+            if m not in rmax or hi > rmax[m]:
+                rmax[m] = hi
+    at += 2 * _N_RATES
+    tcp_max = agg.tcp_max
+    for state, v in zip(TCP_STATES, row[at:], strict=True):
+        if v is not None and v >= tcp_max.get(state, 0):
+            tcp_max[state] = v
+    if conn_count:
+        if conn_last_ts is not None and conn_last_ts >= agg._last_ts_ms:
+            agg.connections_last = conn_last
+        agg.connections_max = max(agg.connections_max or 0, conn_max)
+        if agg.connections_min is None or conn_min < agg.connections_min:
+            agg.connections_min = conn_min
+        agg.connections_sum += conn_sum
+        agg.connections_samples += conn_count
+    if newest_ts >= agg._last_ts_ms:
+        agg._last_ts_ms = newest_ts
+        agg.container_id, agg.name, agg.image = container_id, name, image
+
+
+def fold_events(windows: Mapping[int, PartitionWindows],
+                frame: pl.DataFrame) -> list[tuple[int, int, str]]:  # fmt: skip
+    """Fold a batch of valid events into their partitions' windows, columnar: the same
+    windows, event times, late counts and replay points as :meth:`PartitionWindows.add`
+    of each event in order; returns (partition, offset, reason) of the refused ones.
+
+    ``frame`` is an :func:`~nettel.store.samples.events_frame`, each partition's rows in
+    offset order. Per (partition, container, window) the batch is aggregated in one
+    group-by and merged into the open window. A partition whose batch holds a late
+    event, one a replay skips, or a row that would grow too large is folded one event
+    at a time instead (rare: their rules are sequential).
+
+    Examples
+    --------
+    >>> from nettel.models import event_row
+    >>> from nettel.store.samples import events_frame
+    >>> evs = [StatEvent(ts_ms=ts, host="h", container_id="c", identity="web", name="web",
+    ...                  interval_ms=5000, rx_bytes=ts // 1000) for ts in (10_000, 20_000, 95_000)]
+    >>> batch, one_by_one = PartitionWindows(30_000), PartitionWindows(30_000)
+    >>> fold_events({0: batch}, events_frame([event_row(e) for e in evs], [0] * 3, [0, 1, 2]))
+    []
+    >>> for offset, ev in enumerate(evs):
+    ...     _ = one_by_one.add(ev, offset)
+    >>> batch.close_ready() == one_by_one.close_ready()
+    True
+    >>> batch.replay_point() == one_by_one.replay_point()
+    True
+    """
+    refused: list[tuple[int, int, str]] = []
+    owned = [p for p in frame["partition"].unique().to_list() if p in windows]
+    if not owned:
+        return refused
+    shapes = {(windows[p].size_ms, windows[p].grace_ms) for p in owned}
+    slow: set[int] = set() if len(shapes) == 1 else set(owned)
+    size_ms, grace_ms = next(iter(shapes))
+    span = size_ms + grace_ms
+    times = {p: windows[p].event_time_ms for p in owned}
+    events = (
+        frame.lazy()
+        .filter(pl.col("partition").is_in(owned))
+        .with_columns(
+            start=pl.col("ts_ms") - pl.col("ts_ms") % size_ms,
+            before=pl.max_horizontal(
+                pl.col("ts_ms").cum_max().shift(1).over("partition"),
+                pl.col("partition").replace_strict(times, return_dtype=pl.Int64),
+            ),
+        )
+        .collect()
+    )
+    per_partition = events.group_by("partition").agg(
+        pl.col("offset").min().alias("first"), pl.col("offset").max().alias("last"),
+        pl.col("ts_ms").max().alias("newest"),
+        (pl.col("start") + span <= pl.col("before")).any().alias("late"),
+    )  # fmt: skip
+    ends: dict[int, tuple[int, int]] = {}
+    for p, first, last, newest, late in per_partition.iter_rows():
+        replay = windows[p].replay
+        if late or (replay is not None and first < replay.next_offset):
+            slow.add(p)
+        ends[p] = (last, newest)
+    fast = [p for p in owned if p not in slow]
+    if fast:
+        rows = (events.lazy().filter(pl.col("partition").is_in(fast))
+                .with_columns(*_PER_ROW).group_by(*_KEYS).agg(*_AGGREGATES)
+                .collect().rows())  # fmt: skip
+        for row in rows:  # a row too large is refused one event at a time, in order
+            entry = windows[row[0]]._open.get((row[1], row[2]))
+            covered = 0 if entry is None else entry.agg.interval_ms + 1000 * entry.agg.samples
+            if covered + row[9] + 1000 * row[8] > MAX_ROW_COVER_MS:
+                slow.add(row[0])
+        for row in rows:
+            if row[0] not in slow:
+                windows[row[0]]._fold(row, size_ms)
+        for p in fast:
+            if p not in slow:
+                windows[p]._folded(*ends[p])
+    for p in sorted(slow):
+        pw = windows[p]
+        mine = events.filter(pl.col("partition") == p)
+        for offset, ev in zip(mine["offset"].to_list(), frame_events(mine), strict=True):
+            reason = pw.add(ev, offset)
+            if reason is not None:
+                refused.append((p, offset, reason))
+    return refused

@@ -1,8 +1,9 @@
 """The stream worker: events from Kafka into the ``minute`` table, exactly once.
 
-It consumes ``nettel.stats`` in the consumer group ``nettel-stream``, validates each
-event (invalid ones go to the dead-letter topic with the reason in a header, counted),
-folds valid ones into each partition's event-time windows, and every
+It consumes ``nettel.stats`` in the consumer group ``nettel-stream``, decodes and
+validates each fetched batch as columns (invalid events go to the dead-letter topic with
+the reason in a header, counted), folds the valid ones into each partition's event-time
+windows with one group-by per batch (:func:`~nettel.stream.windows.fold_events`), and every
 ``flush_interval_s`` writes the closed windows together with every partition's
 :class:`~nettel.models.ReplayPoint` in one Delta commit; then, at most every
 ``rollup_interval_s``, rolls its partitions' new minute rows into ``hour`` and those
@@ -34,25 +35,33 @@ the job it runs.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import polars as pl
 import structlog
 from aiokafka import AIOKafkaProducer
 
 from nettel import metrics
-from nettel.models import ReplayPoint, StatEvent
+from nettel.models import ReplayPoint, decode_stat_batch, event_row
 from nettel.store.directory import ContainerDirectory
 from nettel.store.minute import MinuteTable, PartitionPoint
 from nettel.store.rollup import RollupTable
-from nettel.store.samples import PartitionSamples, SamplesTable
+from nettel.store.samples import SamplesTable, events_frame
 from nettel.stream.recovery import recover_lost_logs
 from nettel.stream.runtime import ConsumerRuntime, ConsumerSettings, completed, record_epoch
-from nettel.stream.validation import dead_letter_value, read_event, validate
-from nettel.stream.windows import PartitionWindows
+from nettel.stream.validation import (
+    MAX_EVENT_BYTES,
+    dead_letter_value,
+    invalid_events,
+    read_event,
+    validate,
+)
+from nettel.stream.windows import PartitionWindows, fold_events
 
 __all__ = ["StreamWorker", "WorkerStats", "record_epoch", "validate"]
 
@@ -131,7 +140,8 @@ class StreamWorker:
         self.stats = WorkerStats()
         self._windows: dict[int, PartitionWindows] = {}
         self._positions: dict[int, int] = {}  # next offset to read, every record counted
-        self._samples_buf: dict[int, list[tuple[int, StatEvent]]] = {}
+        #: valid events read since the last samples write (events frames, one per batch)
+        self._samples_buf: list[pl.DataFrame] = []
         self._samples_done: dict[int, int] = {}  # next offset the samples table lacks
         self._fresh_epochs = {epoch} if fresh_log else set()  # logs that began with us
         # (epoch, partition) this worker has stored points for, per table
@@ -185,8 +195,9 @@ class StreamWorker:
     async def open(self) -> None:
         """Start the dead-letter producer. A run after a failed one (a supervisor's
         restart) begins with no partition: each is restored again when assigned."""
-        for state in (self._windows, self._positions, self._samples_buf, self._samples_done):
+        for state in (self._windows, self._positions, self._samples_done):
             state.clear()
+        self._samples_buf.clear()
         self._dlq = AIOKafkaProducer(bootstrap_servers=self.bootstrap_servers)
         await self._dlq.start()
         log.info("stream_started", group=self.group, topic=self.topic, epoch=self.epoch)
@@ -218,7 +229,7 @@ class StreamWorker:
                 point = points.get(p)
                 self._windows[p] = PartitionWindows(self.grace_ms, replay=point)
                 offsets[p] = self._positions[p] = 0 if point is None else point.resume_offset
-                self._samples_buf[p] = []
+                self._drop_samples(p)
                 self._samples_done[p] = done.get(p, 0)
             log.info("partitions_assigned", group=self.group, partitions=partitions,
                      epoch=self.epoch,
@@ -262,49 +273,84 @@ class StreamWorker:
             for p in partitions:
                 self._windows[p] = PartitionWindows(self.grace_ms)
                 self._positions[p] = 0
-                self._samples_buf[p] = []
                 self._samples_done[p] = 0
+            self._samples_buf.clear()
             log.info("stream_rotated", old_epoch=old, epoch=epoch, partitions=partitions)
             return partitions
 
     async def process(self, batch: Mapping[int, Sequence[Any]], now_ms: int) -> None:
-        """Validate and fold in every record; refused ones go to the dead-letter topic."""
-        stats = self.stats
-        stats.stale_skipped = self.runtime.stale_skipped
-        positions = self._positions
-        keep_samples = self.samples is not None
+        """Decode, validate and fold in the whole batch, columnar (a batch the compact
+        decoder refuses is read one record at a time, each with its own error); refused
+        records go to the dead-letter topic before any write can cover them."""
+        self.stats.stale_skipped = self.runtime.stale_skipped
+        async with self._flush_lock:  # a flush or a rebalance waits for the whole batch
+            with _collector_paused():
+                refused = self._fold(batch, now_ms)
+            if refused:
+                by_offset = {(p, r.offset): r for p, recs in batch.items() for r in recs}
+                for p, offset, reason in sorted(refused):
+                    await self._dead_letter(by_offset[(p, offset)], reason)
+
+    def _fold(self, batch: Mapping[int, Sequence[Any]], now_ms: int) -> list[tuple[int, int, str]]:
+        """Fold ``batch`` into the windows and the samples buffer; returns the refused
+        records' (partition, offset, reason)."""
+        refused: list[tuple[int, int, str]] = []
+        rows: list[tuple[Any, ...]] = []
+        partitions: list[int] = []
+        offsets: list[int] = []
         for partition, records in batch.items():
-            pw = self._windows.get(partition)
-            if pw is None:
+            if partition not in self._windows:
                 continue  # revoked meanwhile
-            add = pw.add
-            buf = self._samples_buf.setdefault(partition, [])
-            done = self._samples_done.get(partition, 0)
-            for record in records:
-                stats.consumed += 1
-                offset = record.offset
-                positions[partition] = offset + 1
+            self.stats.consumed += len(records)
+            self._positions[partition] = records[-1].offset + 1
+            values = [r.value for r in records]
+            decoded = None
+            if None not in values and max(map(len, values)) <= MAX_EVENT_BYTES:
+                decoded = decode_stat_batch(values)
+            if decoded is not None:
+                rows.extend(decoded)
+                partitions.extend([partition] * len(decoded))
+                offsets.extend([r.offset for r in records])
+                continue
+            for record in records:  # one by one: each refused record with its reason
                 ev, reason = read_event(record.value, now_ms)
-                if ev is not None:
-                    reason = add(ev, offset)
-                if reason is not None or ev is None:
-                    await self._dead_letter(record, reason or "refused")
-                    # a rebalance or a flush may have run meanwhile: a partition revoked
-                    # (or assigned again, from its stored point) drops the rest of this
-                    # batch; a flushed samples buffer is looked up again
-                    if self._windows.get(partition) is not pw:
-                        break
-                    buf = self._samples_buf.setdefault(partition, [])
-                    done = self._samples_done.get(partition, 0)
-                    continue
-                if keep_samples and offset >= done:
-                    buf.append((offset, ev))
+                if ev is None:
+                    refused.append((partition, record.offset, reason or "refused"))
+                else:
+                    rows.append(event_row(ev))
+                    partitions.append(partition)
+                    offsets.append(record.offset)
+        frame = events_frame(rows, partitions, offsets)
+        invalid = invalid_events(frame, now_ms)
+        if invalid:
+            frame = _without(frame, invalid)
+        too_large = fold_events(self._windows, frame)
+        if too_large:
+            frame = _without(frame, too_large)
+        if self.samples is not None:
+            self._buffer_samples(frame)
+        return refused + invalid + too_large
 
     # -- internals -----------------------------------------------------------------------
 
+    def _buffer_samples(self, frame: pl.DataFrame) -> None:
+        """Keep the batch's valid events the samples table does not hold yet."""
+        done = {p: d for p, d in self._samples_done.items() if d}
+        if done:
+            first = pl.col("partition").replace_strict(done, default=0, return_dtype=pl.Int64)
+            frame = frame.filter(pl.col("offset") >= first)
+        if frame.height:
+            self._samples_buf.append(frame)
+
+    def _drop_samples(self, partition: int) -> None:
+        """Forget the buffered events of ``partition``."""
+        self._samples_buf = [f for f in (f.filter(pl.col("partition") != partition)
+                                         for f in self._samples_buf) if f.height]  # fmt: skip
+
     def _forget(self, partition: int) -> None:
-        for state in (self._windows, self._positions, self._samples_buf, self._samples_done):
+        for state in (self._windows, self._positions, self._samples_done):
             state.pop(partition, None)
+        self._drop_samples(partition)
 
     def _stale(self, table: str, partition: int) -> bool:
         """Whether ``table``'s point for ``partition`` in this epoch is an earlier log's."""
@@ -346,7 +392,7 @@ class StreamWorker:
         """Write what closed (every open window too if ``seal``), samples first."""
         rows = []
         points = []
-        parts = []
+        parts: dict[int, int] = {}  # partition -> the next offset samples then holds
         for partition, pw in self._windows.items():
             if seal:
                 pw.seal()
@@ -359,23 +405,25 @@ class StreamWorker:
                 points.append(PartitionPoint(self.topic, partition, point))
             position = self._positions.get(partition, 0)
             if self.samples is not None and position > self._samples_done.get(partition, 0):
-                buf = self._samples_buf.get(partition, [])
-                parts.append(PartitionSamples(self.topic, partition, buf, position))
+                parts[partition] = position
         if parts and self.samples is not None:
             # the table's points are re-read at the write (narrowing any overlap with a
             # previous owner) but for those of an earlier log (see ``fresh_log``)
-            known = {p.partition: self._samples_done.get(p.partition, 0) for p in parts
-                     if self._stale("samples", p.partition)}  # fmt: skip
+            known = {p: self._samples_done.get(p, 0) for p in parts
+                     if self._stale("samples", p)}  # fmt: skip
+            buffered = self._samples_buf
+            frame = pl.concat(buffered) if buffered else events_frame([], [], [])
             written = await asyncio.to_thread(
-                self.samples.append_samples, parts, writer=self.group, epoch=self.epoch,
-                known=known,
+                self.samples.append_events, frame, parts, topic=self.topic,
+                writer=self.group, epoch=self.epoch, known=known,
             )  # fmt: skip
             self.stats.samples_written += written
             metrics.ROWS_WRITTEN.labels("samples").inc(written)
-            for part in parts:
-                self._written["samples"].add((self.epoch, part.partition))
-                self._samples_done[part.partition] = part.next_offset
-                self._samples_buf[part.partition] = []
+            for p, next_offset in parts.items():
+                self._written["samples"].add((self.epoch, p))
+                self._samples_done[p] = next_offset
+            # every buffered event is below its partition's position: all written now
+            self._samples_buf = []
         if not points:
             return
         await asyncio.to_thread(
@@ -416,3 +464,25 @@ class StreamWorker:
             headers=[("nettel-error", reason.encode()), ("nettel-source", source.encode()),
                      *extra],
         )  # fmt: skip
+
+
+@contextlib.contextmanager
+def _collector_paused() -> Iterator[None]:
+    """No cyclic garbage collection meanwhile: a fetched batch decodes to tens of
+    thousands of tuples, each allocation counting towards a collection that would scan
+    them all again (it tripled the cost of building the batch's columns)."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def _without(frame: pl.DataFrame, refused: Sequence[tuple[int, int, str]]) -> pl.DataFrame:
+    """``frame`` without the events at the (partition, offset) of ``refused``."""
+    keys = pl.DataFrame({"partition": [p for p, _, _ in refused],
+                         "offset": [o for _, o, _ in refused]},
+                        schema={"partition": pl.Int64(), "offset": pl.Int64()})  # fmt: skip
+    return frame.join(keys, on=["partition", "offset"], how="anti", maintain_order="left")
