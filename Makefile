@@ -32,8 +32,11 @@ check: $(STAMP)
 	$(BIN)/lint-imports
 	$(BIN)/bandit --recursive src --severity-level medium --quiet
 
+# two workers (xdist): a module stays on one worker, engine tests never overlap (tests/conftest.py)
+PYTEST_WORKERS ?= 2
+
 pytest: $(STAMP)
-	$(BIN)/pytest; rc=$$?; \
+	$(BIN)/pytest -n $(PYTEST_WORKERS) --dist loadscope; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
 
 ## Install and start Podman with the test image (root); tests need it.
