@@ -32,8 +32,9 @@ check: $(STAMP)
 	$(BIN)/lint-imports
 	$(BIN)/bandit --recursive src --severity-level medium --quiet
 
-# two workers (xdist): a module stays on one worker, engine tests never overlap (tests/conftest.py)
-PYTEST_WORKERS ?= 2
+# PYTEST_WORKERS=2: two xdist workers, a module stays on one, engine tests never overlap
+# (tests/conftest.py). Serial (0) until two full green runs on a quiet 2-core machine.
+PYTEST_WORKERS ?= 0
 
 pytest: $(STAMP)
 	$(BIN)/pytest -n $(PYTEST_WORKERS) --dist loadscope; rc=$$?; \
