@@ -32,8 +32,12 @@ check: $(STAMP)
 	$(BIN)/lint-imports
 	$(BIN)/bandit --recursive src --severity-level medium --quiet
 
+# PYTEST_WORKERS=2: two xdist workers, a module stays on one, engine tests never overlap
+# (tests/conftest.py). Serial (0) until two full green runs on a quiet 2-core machine.
+PYTEST_WORKERS ?= 0
+
 pytest: $(STAMP)
-	$(BIN)/pytest; rc=$$?; \
+	$(BIN)/pytest -n $(PYTEST_WORKERS) --dist loadscope; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
 
 ## Install and start Podman with the test image (root); tests need it.

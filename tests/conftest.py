@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import shutil
 import socket
@@ -16,12 +17,14 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import docker
 import pytest
 import structlog
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from xdist.scheduler import LoadScopeScheduling
 
 from nettel.broker import EmbeddedBroker, ensure_topics
 from nettel.errors import BrokerUnavailableError
@@ -46,6 +49,34 @@ def free_port() -> int:
         s.bind(("127.0.0.1", 0))
         port: int = s.getsockname()[1]
         return port
+
+
+#: The scheduling scope of every test module that drives the shared Podman engine.
+ENGINE_SCOPE = "engine"
+
+
+@functools.cache
+def drives_the_engine(module: str) -> bool:
+    """Whether the test module at ``module`` (a path from the rootdir) marks tests ``engine``."""
+    path = Path(module)
+    return path.suffix == ".py" and "mark.engine" in path.read_text(encoding="utf-8")
+
+
+class EngineTestsApart(LoadScopeScheduling):  # type: ignore[misc]  # xdist is untyped
+    """xdist's ``--dist loadscope`` with one scope per module, except that every module
+    that drives the engine shares one scope: a module's fixtures are built once, and no
+    two engine tests (whose freshness and latency checks measure wall time) overlap."""
+
+    def _split_scope(self, nodeid: str) -> str:
+        module = nodeid.split("::", 1)[0]
+        return ENGINE_SCOPE if drives_the_engine(module) else module
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> LoadScopeScheduling | None:
+    """``make pytest`` runs ``pytest -n 2 --dist loadscope`` with :class:`EngineTestsApart`."""
+    if config.getvalue("dist") != "loadscope":
+        return None
+    return EngineTestsApart(config, log)
 
 
 @pytest.fixture(autouse=True)
