@@ -29,9 +29,12 @@ TOPICS = {"nettel.stats": 4, "nettel.stats.dlq": 1}
 INTERVAL_MS = 5000
 
 
-def simulated(containers: int, hours: float, start_ms: int, seed: int = 1) -> list[StatEvent]:
+def simulated(
+    containers: int, hours: float, start_ms: int, seed: int = 1, interval_ms: int = 5_000
+) -> list[StatEvent]:
     """`nettel simulate`'s traffic: daily shape, noise, bursts, restarts."""
-    sim = TrafficSimulator(containers, seed=seed, restart_probability=0.001)
+    sim = TrafficSimulator(containers, seed=seed, restart_probability=0.001,
+                           interval_ms=interval_ms)  # fmt: skip
     return list(sim.events(start_ms, round(hours * 3_600_000)))
 
 
@@ -97,13 +100,13 @@ async def run_worker(
 
 
 async def scenario(
-    bootstrap: str, containers: int, hours: int, seed: int
+    bootstrap: str, containers: int, hours: int, seed: int, interval_ms: int = 5_000
 ) -> tuple[list[StatEvent], int, int]:
     """Simulated traffic starting on an hour, hours ago, plus 2 minutes so that every
     partition's event time passes the last hour's end + grace; topics created.
     Returns (events, start, cutoff): every window before the cutoff is closed."""
     start = (time.time_ns() // 1_000_000 - (hours + 1) * HOUR_MS) // HOUR_MS * HOUR_MS
-    events = simulated(containers, hours + 2 / 60, start, seed=seed)
+    events = simulated(containers, hours + 2 / 60, start, seed=seed, interval_ms=interval_ms)
     await ensure_topics(bootstrap, TOPICS)
     return events, start, start + hours * HOUR_MS
 
