@@ -329,6 +329,11 @@ def main() -> None:
     parser.add_argument("--spikes", type=int, default=5)
     parser.add_argument("--every-s", dest="every_s", type=float, default=60.0)
     parser.add_argument("--keep", action="store_true", help="keep the data dir")
+    parser.add_argument(
+        "--name",
+        default="soak",
+        help="writes bench/results/NAME.json (a short run beside the long one)",
+    )
     args = parser.parse_args()
     root = tempfile.mkdtemp(prefix="nettel-soak-")
     try:
@@ -337,7 +342,7 @@ def main() -> None:
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)
     command = " ".join(["python bench/soak.py", *sys.argv[1:]])
-    write_result("soak", figures, command)
+    write_result(args.name, figures, command)
 
 
 if __name__ == "__main__":

@@ -374,8 +374,11 @@ class DetectWorker:
                  alerts=self.stats.alerts_published)  # fmt: skip
 
     async def tick(self) -> None:
-        """Checkpoint every ``checkpoint_interval_s``."""
-        await self._checkpoint()
+        """Checkpoint every ``checkpoint_interval_s``; the bands only once
+        ``bands_interval_s`` has passed (their merge takes seconds and a transient
+        ~250 MB: merged at every tick, it made the soak's RSS spikes)."""
+        async with self._lock:
+            await completed(self._checkpoint_locked())
 
     async def seal(self) -> None:
         """Checkpoint everything read (a barrier)."""
