@@ -437,6 +437,8 @@ async def maintenance_pass(settings: Settings, stop: asyncio.Event) -> int:
                 child.send_signal(signal.SIGTERM)
             await relaying
         code = await child.wait()
+        if stop.is_set() and code == -signal.SIGTERM:
+            code = 0  # asked to stop before it could take the signal: it had begun nothing
     finally:
         stopping.cancel()
         relaying.cancel()
@@ -975,6 +977,19 @@ async def cmd_simulate(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory (``VmHWM``; ``ru_maxrss`` would not do: Linux
+    keeps it across fork and exec, so a child would report its parent's peak).
+
+    Examples
+    --------
+    >>> peak_rss_bytes() > 0
+    True
+    """
+    with open("/proc/self/status", encoding="ascii") as f:
+        return next(int(ln.split()[1]) * 1024 for ln in f if ln.startswith("VmHWM:"))
+
+
 async def cmd_store_maintain(settings: Settings) -> int:
     """Retention, compaction and vacuum of every table, with a progress bar on a terminal.
 
@@ -983,8 +998,6 @@ async def cmd_store_maintain(settings: Settings) -> int:
     pass. Ends with ``store_maintenance_done``: tables done, failed, seconds and the
     process's peak RSS (``nettel up`` runs each of its passes so, in a child process).
     """
-    import resource
-
     stop = asyncio.Event()
     _install_signal_handlers(stop)
     plan = maintenance_plan(settings)
@@ -1012,9 +1025,9 @@ async def cmd_store_maintain(settings: Settings) -> int:
             bar.advance(max(0, 3 - steps), f"{name}: done")
             _log_maintained(report, time.monotonic() - started)
             done.append(name)
-    peak_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    seconds = round(time.monotonic() - began, 2)
     log.info("store_maintenance_done", tables=len(done), failed=failed, stopped=stop.is_set(),
-             seconds=round(time.monotonic() - began, 2), peak_rss_bytes=peak_bytes)  # fmt: skip
+             seconds=seconds, peak_rss_bytes=peak_rss_bytes())  # fmt: skip
     return 1 if failed else 0
 
 
