@@ -108,10 +108,12 @@ class BandTable:
         table = self._table()
         return -1 if table is None else table.version()
 
-    def upsert(self, rows: Sequence[Mapping[str, Any]], *, now_ms: int | None = None) -> None:
+    def upsert(self, rows: Sequence[Mapping[str, Any]], *, partition: int | None = None,
+               now_ms: int | None = None) -> None:  # fmt: skip
         """Insert or replace ``rows`` (keyed by partition, container, metric, slot), one
         merge and commit per source partition; nothing is written when ``rows`` is empty.
-        A concurrent change (e.g. maintenance compacting) is retried.
+        ``partition``: every row's, when the rows do not say it. A concurrent change
+        (e.g. maintenance compacting) is retried.
 
         Per partition, because a merge holds its source and the target files it joins in
         memory: at 200 containers, one merge of ~266k changed rows of every partition
@@ -121,9 +123,11 @@ class BandTable:
             return
         now = dt.datetime.fromtimestamp((now_ms or time.time_ns() // 1_000_000) / 1000, dt.UTC)
         schema = bands_schema()
+        given: dict[str, list[Any]] = {"updated": [now] * len(rows)}
+        if partition is not None:
+            given["partition"] = [partition] * len(rows)
         frame = pl.DataFrame(
-            {k: [r.get(k) for r in rows] for k in schema if k != "updated"}
-            | {"updated": [now] * len(rows)},
+            {k: given[k] if k in given else [r.get(k) for r in rows] for k in schema},
             schema=schema,
         )
         for (partition,), part in frame.group_by("partition", maintain_order=True):
