@@ -6,21 +6,28 @@ job runs many times, and ``nettel simulate`` publishing a fleet of simulated con
 in real time to it (it finds the embedded broker by itself). Every ``--every-s`` it
 records:
 
-- the RSS of every process: ``nettel up``, its children (the Tansu broker), simulate;
 - per table under the data dir: bytes, data files and Delta log files
   (:func:`nettel.metrics.table_sizes`, what ``/metrics`` exports);
 - from ``/metrics``: events published and consumed, lag per consumer group, dead-lettered
   and late events, open alerts, the age of each periodic job;
 - MCP latency: ``list_containers`` and ``get_network_stats`` (day) over HTTP.
 
-At the end it stops nettel with SIGTERM and writes bench/results/soak.json with every
-sample, each series' growth per hour after the warm-up (least squares), whether each
-process's RSS stayed within +-15 % of its post-warm-up median, and a 30-day disk
-projection for 100 containers: per data table, the growth of its live files (those of
-its current snapshot) per container-hour, times 100 containers, 24 h and the days the
-table keeps (at most 30), plus what awaited vacuum at the end; the state tables as
-they ended, scaled to 100 containers. A short run mostly measures warm-up: the long
-soak (30 min and more) is the one to quote.
+Every ``--rss-every-s`` (5 s), in a thread of its own, the RSS (``/proc/PID/statm``) of
+every process: ``nettel up``, simulate and every child of ``nettel up`` (the Tansu broker;
+a maintenance pass, ``nettel store maintain``, which lives for one pass). Each pass also
+logs its own peak RSS and duration (``store_maintenance_done``): the soak reports them.
+
+At the end it stops nettel with SIGTERM and writes bench/results/soak.json (``--name``)
+with every sample, each series' growth per hour after the warm-up (least squares),
+whether each long-lived process's RSS stayed within +-15 % of its post-warm-up median
+(over every 5-s sample), the state tables' growth once their vacuum window has passed
+(1 h + one maintenance interval: the plateau), and a 30-day disk projection for 100
+containers: per data table, the growth of its live files (those of its current
+snapshot) per container-hour, times 100 containers, 24 h and the days the table keeps
+(at most 30), plus what awaited vacuum at the end; the state tables as they ended,
+scaled to 100 containers. A short run mostly measures warm-up: the long soak (an hour
+and more) is the one to quote. ``--reanalyse FILE`` recomputes the figures of a
+result's samples with this version of the analysis.
 
     python bench/soak.py [--minutes 30] [--containers 200] [--interval-s 5]
                          [--maintenance-s 120] [--checkpoint-s 10] [--every-s 60]
@@ -39,6 +46,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -60,6 +68,10 @@ NETTEL = str(Path(sys.executable).with_name("nettel"))
 #: tables of data that grows with the time retained; every other table holds state
 DATA_TABLES = ("samples", "minute", "hour", "day", "alerts")
 RSS_BAND = 0.15
+#: the name of a maintenance pass's process in the RSS samples
+MAINTENANCE = "maintenance"
+#: state tables keep removed files this long (their vacuum window), in seconds
+STATE_VACUUM_S = 3600
 
 
 def children(pid: int) -> list[int]:
@@ -98,6 +110,56 @@ def rss_of(processes: dict[str, int]) -> dict[str, int]:
         except (OSError, ValueError):
             continue
     return out
+
+
+def role(pid: int) -> str:
+    """What a child of ``nettel up`` is: ``tansu``, ``maintenance`` or its command name."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = f.read().split(b"\0")
+    except OSError:
+        return "?"
+    if b"store" in argv and b"maintain" in argv:
+        return MAINTENANCE
+    name = comm(pid)
+    return "tansu" if name.startswith("tansu") else f"{name}_{pid}"
+
+
+def process_tree(up_pid: int, sim_pid: int) -> dict[str, int]:
+    """The processes to watch, by name."""
+    procs = {"nettel_up": up_pid, "simulate": sim_pid}
+    for child in children(up_pid):
+        procs[role(child)] = child
+    return procs
+
+
+class RssSampler(threading.Thread):
+    """The RSS of every watched process every ``every_s`` (a thread: the per-minute table
+    scans and MCP calls never delay it)."""
+
+    def __init__(self, up_pid: int, sim_pid: int, every_s: float, started: float) -> None:
+        super().__init__(daemon=True, name="rss-sampler")
+        self.up_pid, self.sim_pid, self.every_s, self.started = up_pid, sim_pid, every_s, started
+        self.samples: list[dict[str, Any]] = []
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        while not self.done.wait(self.every_s):
+            t = round(time.monotonic() - self.started, 1)
+            procs = process_tree(self.up_pid, self.sim_pid)
+            sample = {"t_s": t, "rss": rss_of(procs)}
+            if MAINTENANCE in procs:  # its own memory: without the library pages it shares
+                with contextlib.suppress(OSError, ValueError, StopIteration):
+                    sample["maintenance_anon"] = anon_bytes(procs[MAINTENANCE])
+            self.samples.append(sample)
+
+
+def anon_bytes(pid: int) -> int:
+    """Anonymous resident memory of ``pid`` (RssAnon): what it does not share with the
+    page cache (the Polars and deltalake libraries are mapped by ``nettel up`` too)."""
+    with open(f"/proc/{pid}/status", encoding="ascii") as f:
+        line = next(ln for ln in f if ln.startswith("RssAnon:"))
+    return int(line.split()[1]) * 1024
 
 
 def live_bytes(uri: str) -> int | None:
@@ -179,9 +241,61 @@ def series(samples: list[dict[str, Any]], key: str, name: str, field: str | None
     return out
 
 
+def rss_bands(rss_samples: list[dict[str, Any]], warmup_s: float) -> dict[str, Any]:
+    """Per long-lived process: median after warm-up, largest deviation from it, growth."""
+    after = [s for s in rss_samples if s["t_s"] >= warmup_s]
+    out: dict[str, Any] = {}
+    for p in sorted({p for s in rss_samples for p in s["rss"]} - {MAINTENANCE}):
+        points = series(after, "rss", p)
+        if not points:
+            continue
+        values = [v for _, v in points]
+        median = statistics.median(values)
+        devs = sorted(abs(v - median) / median for v in values) if median else [0.0]
+        out[p] = {"samples": len(values), "median_mb": round(median / 2**20, 1),
+                  "min_mb": round(min(values) / 2**20, 1),
+                  "max_mb": round(max(values) / 2**20, 1),
+                  "max_dev_pct": round(100 * devs[-1], 1),
+                  "p99_dev_pct": round(100 * devs[int(0.99 * (len(devs) - 1))], 1),
+                  "within_15pct": devs[-1] <= RSS_BAND,
+                  "growth_mb_per_h": round((slope_per_hour(points) or 0) / 2**20, 2)}  # fmt: skip
+    return out
+
+
+def maintenance_passes(log_lines: list[str], rss_samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """The maintenance passes: each child's own peak RSS and duration (its log line), and
+    the largest RSS the sampler saw of one."""
+    done, codes = [], []
+    for line in log_lines:
+        if '"store_maintenance_' not in line:
+            continue
+        with contextlib.suppress(ValueError):
+            record = json.loads(line)
+            if record.get("event") == "store_maintenance_done":
+                done.append(record)
+            elif record.get("event") == "store_maintenance_pass":
+                codes.append(record["exit_code"])
+    seen = [s["rss"][MAINTENANCE] for s in rss_samples if MAINTENANCE in s["rss"]]
+    anon = [s["maintenance_anon"] for s in rss_samples if "maintenance_anon" in s]
+    peaks = [r["peak_rss_bytes"] / 2**20 for r in done]
+    seconds = [r["seconds"] for r in done]
+    return {
+        "passes": len(codes), "exit_codes": sorted(set(codes)),
+        "peak_rss_mb": {"median": round(statistics.median(peaks), 1) if peaks else None,
+                        "max": round(max(peaks), 1) if peaks else None},
+        "seconds": {"median": round(statistics.median(seconds), 2) if seconds else None,
+                    "max": max(seconds) if seconds else None},
+        "rss_samples_of_a_pass": len(seen),
+        "max_rss_sampled_mb": round(max(seen) / 2**20, 1) if seen else None,
+        "max_anon_sampled_mb": round(max(anon) / 2**20, 1) if anon else None,
+    }  # fmt: skip
+
+
 def analyse(samples: list[dict[str, Any]], warmup_s: float, containers: int,
-            settings: Settings) -> dict[str, Any]:  # fmt: skip
-    """Growth per hour after warm-up, RSS bands, and the 30-day projection."""
+            settings: Settings, rss_samples: list[dict[str, Any]] | None = None,
+            log_lines: list[str] | None = None) -> dict[str, Any]:  # fmt: skip
+    """Growth per hour after warm-up, RSS bands, the state tables' plateau, and the 30-day
+    projection. Without ``rss_samples`` (a result of an older soak), the per-minute RSS."""
     after = [s for s in samples if s["t_s"] >= warmup_s]
     tables = sorted({t for s in samples for t in s["tables"]})
     growth: dict[str, Any] = {}
@@ -190,17 +304,6 @@ def analyse(samples: list[dict[str, Any]], warmup_s: float, containers: int,
                      for f in ("bytes", "live_bytes", "files", "log_files")}  # fmt: skip
         last = samples[-1]["tables"].get(t)
         growth[t]["end"] = last
-    rss: dict[str, Any] = {}
-    for p in sorted({p for s in samples for p in s["rss"]}):
-        values = [v for _, v in series(after, "rss", p)]
-        if not values:
-            continue
-        median = statistics.median(values)
-        band = max(abs(v - median) / median for v in values) if median else 0.0
-        rss[p] = {"median_mb": round(median / 2**20, 1), "max_dev_pct": round(100 * band, 1),
-                  "within_15pct": band <= RSS_BAND,
-                  "growth_mb_per_h": round((slope_per_hour(series(after, "rss", p)) or 0)
-                                           / 2**20, 2)}  # fmt: skip
     keep_days = {"samples": settings.retention_samples_days,
                  "minute": settings.retention_minute_days, "hour": settings.retention_hour_days,
                  "day": settings.retention_day_days, "alerts": 0}  # fmt: skip
@@ -217,22 +320,57 @@ def analyse(samples: list[dict[str, Any]], warmup_s: float, containers: int,
             projected[t] = rate * 24 * days + overhead * scale
         else:  # state: holds what restart needs, scaled to 100 containers
             projected[t] = end.get("bytes", 0) * scale
-    state_flat = {
-        t: {"end_bytes": (growth[t]["end"] or {}).get("bytes"),
-            "bytes_per_h": growth[t]["bytes"], "log_files_per_h": growth[t]["log_files"]}
-        for t in tables if t not in DATA_TABLES
-    }  # fmt: skip
+    # the plateau: once removed files older than the vacuum window have gone (and one
+    # more maintenance pass), a state table's bytes on disk stay flat
+    plateau_s = STATE_VACUUM_S + settings.maintenance_interval_s
+    late = [s for s in samples if s["t_s"] >= plateau_s]
+    long_enough = len(late) >= 10
+    state: dict[str, Any] = {}
+    for t in tables:
+        if t in DATA_TABLES:
+            continue
+        state[t] = {
+            "end_bytes": (growth[t]["end"] or {}).get("bytes"),
+            "bytes_per_h": growth[t]["bytes"],
+            "log_files_per_h": growth[t]["log_files"],
+        }
+        if long_enough:
+            sizes = [v for _, v in series(late, "tables", t, "bytes")]
+            slope = slope_per_hour(series(late, "tables", t, "bytes")) or 0.0
+            mean = statistics.fmean(sizes) if sizes else 0.0
+            state[t] |= {"plateau_bytes_mean": round(mean), "plateau_bytes_per_h": round(slope),
+                         "plateau_min_max": [min(sizes), max(sizes)] if sizes else None,
+                         "flat": bool(mean) and abs(slope) <= 0.10 * mean}  # fmt: skip
+    disk: dict[str, Any] = {"after_warmup_bytes_per_h": slope_per_hour(
+        [(s["t_s"], float(s["disk_bytes"])) for s in after if "disk_bytes" in s])}  # fmt: skip
+    if long_enough:
+        live = [(s["t_s"], float(sum((s["tables"].get(t) or {}).get("live_bytes") or 0
+                                     for t in DATA_TABLES))) for s in late]  # fmt: skip
+        disk |= {
+            "after_plateau_bytes_per_h": slope_per_hour(
+                [(s["t_s"], float(s["disk_bytes"])) for s in late if "disk_bytes" in s]),
+            "data_live_after_plateau_bytes_per_h": slope_per_hour(live),
+            "state_after_plateau_bytes_per_h": sum(
+                state[t].get("plateau_bytes_per_h", 0) for t in state),
+        }  # fmt: skip
     other = [(s["t_s"], float(s["other_files_bytes"])) for s in after if "other_files_bytes" in s]
+    rss = samples if rss_samples is None else rss_samples
     return {
         "warmup_s": warmup_s,
+        "plateau_after_s": plateau_s,
         "other_files_bytes_per_h": slope_per_hour(other),
-        "disk_bytes_per_h": slope_per_hour(
-            [(s["t_s"], float(s["disk_bytes"])) for s in after if "disk_bytes" in s]
-        ),
+        "disk_bytes_per_h": disk["after_warmup_bytes_per_h"],
+        "disk": disk,
         "disk_bytes_end": samples[-1].get("disk_bytes"),
         "growth_per_hour": growth,
-        "rss": rss,
-        "state_tables": state_flat,
+        "rss_sampling": {
+            "every_s": round(rss[1]["t_s"] - rss[0]["t_s"], 1) if len(rss) > 1 else None,
+            "source": "/proc/PID/statm",
+            "processes": sorted({p for s in rss for p in s["rss"]}),
+        },
+        "rss": rss_bands(rss, warmup_s),
+        "maintenance_passes": maintenance_passes(log_lines or [], rss_samples or []),
+        "state_tables": state,
         "projection_30d_100_containers_mb": {t: round(b / 2**20, 1) for t, b in projected.items()},
         "projection_30d_100_containers_total_mb": round(sum(projected.values()) / 2**20, 1),
     }
@@ -263,16 +401,14 @@ def soak(args: argparse.Namespace, data_dir: str) -> dict[str, Any]:
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     started = time.monotonic()
+    sampler = RssSampler(up.pid, sim.pid, args.rss_every_s, started)
+    sampler.start()
     samples: list[dict[str, Any]] = []
     try:
         while True:
             t = time.monotonic() - started
-            procs = {"nettel_up": up.pid, "simulate": sim.pid}
-            for child in children(up.pid):
-                procs[f"{comm(child)}_{child}"] = child
-            sample: dict[str, Any] = {"t_s": round(t, 1), "rss": rss_of(procs)}
-            sample["rss"] = {("tansu" if k.startswith("tansu") else k): v
-                             for k, v in sample["rss"].items()}  # fmt: skip
+            sample: dict[str, Any] = {"t_s": round(t, 1),
+                                      "rss": rss_of(process_tree(up.pid, sim.pid))}  # fmt: skip
             sample["tables"] = {
                 n: {"bytes": s.bytes, "files": s.files, "log_files": s.log_files,
                     "live_bytes": live_bytes(os.path.join(data_dir, n))}
@@ -294,13 +430,15 @@ def soak(args: argparse.Namespace, data_dir: str) -> dict[str, Any]:
                 break
             time.sleep(max(0.0, args.every_s - (time.monotonic() - started - t)))
     finally:
+        sampler.done.set()
         sim.terminate()
         up.send_signal(signal.SIGTERM)
         try:
-            up.wait(60)
+            up.wait(120)
         except subprocess.TimeoutExpired:
             up.kill()
-    errors = [line for line in log_path.read_text().splitlines() if '"level": "error"' in line]
+    lines = log_path.read_text().splitlines()
+    errors = [line for line in lines if '"level": "error"' in line]
     settings = Settings.from_env(env)
     warmup = min(600.0, args.minutes * 60 / 3)
     return {
@@ -313,9 +451,34 @@ def soak(args: argparse.Namespace, data_dir: str) -> dict[str, Any]:
         "up_exit_code": up.returncode,
         "error_log_lines": len(errors),
         "first_errors": errors[:5],
-        **analyse(samples, warmup, args.containers, settings),
+        **analyse(samples, warmup, args.containers, settings, sampler.samples, lines),
         "samples": samples,
+        "rss_samples": sampler.samples,
+        "maintenance_log": [line for line in lines if '"store_maintenance_' in line],
     }
+
+
+#: what a soak's result keeps of its run (the rest is the analysis, recomputed)
+RUN_KEYS = ("minutes", "containers_simulated", "sample_interval_s", "maintenance_interval_s",
+            "detect_checkpoint_s", "rollup_interval_s", "up_exit_code", "error_log_lines",
+            "first_errors", "samples", "rss_samples", "maintenance_log")  # fmt: skip
+
+
+def reanalyse(path: str) -> None:
+    """Recompute the figures of the soak result at ``path`` from its samples (in place)."""
+    doc = json.loads(Path(path).read_text())
+    run = {k: v for k, v in doc["figures"].items() if k in RUN_KEYS}
+    settings = Settings.from_env(
+        {"NETTEL_MAINTENANCE_INTERVAL_S": str(run["maintenance_interval_s"])}
+    )
+    warmup = min(600.0, run["minutes"] * 60 / 3)
+    figures = analyse(run["samples"], warmup, run["containers_simulated"], settings,
+                      run.get("rss_samples"), run.get("maintenance_log"))  # fmt: skip
+    kept = ("samples", "rss_samples", "maintenance_log")
+    doc["figures"] = {k: v for k, v in run.items() if k not in kept}
+    doc["figures"] |= figures | {k: run[k] for k in kept if k in run}
+    doc["reanalysed"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    Path(path).write_text(json.dumps(doc, indent=2) + "\n")
 
 
 def main() -> None:
@@ -329,7 +492,18 @@ def main() -> None:
     parser.add_argument("--spikes", type=int, default=5)
     parser.add_argument("--every-s", dest="every_s", type=float, default=60.0)
     parser.add_argument("--keep", action="store_true", help="keep the data dir")
+    parser.add_argument(
+        "--name",
+        default="soak",
+        help="writes bench/results/NAME.json (a short run beside the long one)",
+    )
+    parser.add_argument("--rss-every-s", dest="rss_every_s", type=float, default=5.0)
+    parser.add_argument("--reanalyse", metavar="FILE",
+                        help="recompute the figures of a soak result from its samples")  # fmt: skip
     args = parser.parse_args()
+    if args.reanalyse:
+        reanalyse(args.reanalyse)
+        return
     root = tempfile.mkdtemp(prefix="nettel-soak-")
     try:
         figures = soak(args, os.path.join(root, "data"))
@@ -337,7 +511,7 @@ def main() -> None:
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)
     command = " ".join(["python bench/soak.py", *sys.argv[1:]])
-    write_result("soak", figures, command)
+    write_result(args.name, figures, command)
 
 
 if __name__ == "__main__":

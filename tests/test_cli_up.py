@@ -232,6 +232,13 @@ def test_up_fills_the_tables_from_real_traffic_exactly(engine: Engine, tmp_path:
         "resource_hour",
         "resource_day",
     }  # every table nettel writes
+    # each pass ran in a child process of its own, which said its peak memory
+    passes = [r for r in records if r["event"] == "store_maintenance_pass"]
+    assert passes
+    assert all(r["exit_code"] == 0 and r["pid"] != proc.pid for r in passes)
+    done = [r for r in records if r["event"] == "store_maintenance_done"]
+    assert len(done) == len(passes)
+    assert all(r["peak_rss_bytes"] > 0 for r in done)
     # stopped: the open windows were sealed, so samples and minute hold every event
     samples = pl.scan_delta(str(data / "samples")).collect()
     assert samples.height >= len(events)

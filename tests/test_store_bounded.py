@@ -19,13 +19,13 @@ from nettel.config import Settings
 from nettel.detect.checkpoint import decode_checkpoint
 from nettel.detect.fleet import FleetDetector
 from nettel.ingest.simulate import TrafficSimulator
-from nettel.models import ReplayPoint
+from nettel.models import ReplayPoint, StatEvent
 from nettel.store.alerts import DetectState, DetectStateTable, FeedbackTable
 from nettel.store.bands import BandTable
 from nettel.store.maintenance import TABLE_RULES, maintain_table
 from nettel.store.minute import MinuteTable, PartitionPoint
 from nettel.store.reports import ReportsTable
-from nettel.stream.detector import DetectWorker
+from nettel.stream.detector import DetectWorker, _Partition
 from test_store_minute import window
 from test_stream_worker import publish
 
@@ -107,6 +107,33 @@ async def test_state_tables_stay_bounded_and_an_idle_detector_commits_nothing(
     for name in STATE_TABLES:
         maintain_table(f"{data}/{name}", name, retention_days=None, vacuum_retention_hours=0)
     assert versions(data) == before
+
+
+async def test_ticks_merge_bands_only_every_bands_interval(tmp_path: Path) -> None:
+    """Each tick checkpoints a changed detector, but the bands (a merge that takes
+    seconds and ~250 MB) only once ``bands_interval_s`` has passed, and at a stop. Ticks
+    are called directly: no broker is involved in what a checkpoint writes."""
+    data = str(tmp_path)
+    worker = DetectWorker("127.0.0.1:1", data, checkpoint_interval_s=0.1)
+    part = worker._parts[0] = _Partition(FleetDetector(), 0, 0)
+    events = list(TrafficSimulator(4, seed=3, interval_ms=60_000).events(1_795_392_000_000,
+                                                                       3 * 3_600_000))  # fmt: skip
+    chunks = [events[i * len(events) // 4 : (i + 1) * len(events) // 4] for i in range(4)]
+
+    def feed(chunk: list[StatEvent]) -> None:
+        for ev in chunk:
+            part.fleet.process(ev)
+            part.next_offset += 1
+        part.changed = True
+
+    for chunk in chunks[:3]:
+        feed(chunk)
+        await worker.tick()
+    assert DeltaTable(f"{data}/detect_state").version() == 2  # one commit per tick
+    assert DeltaTable(f"{data}/bands").version() == 0, "bands merged before their interval"
+    feed(chunks[3])
+    await worker.finish()
+    assert DeltaTable(f"{data}/bands").version() == 1, "a stop writes the bands"
 
 
 def test_feedback_reports_and_bands_lose_only_expired_rows(tmp_path: Path) -> None:

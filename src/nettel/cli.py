@@ -416,31 +416,96 @@ def _log_maintained(report: MaintenanceReport, seconds: float) -> None:
              files_vacuumed=report.files_vacuumed, seconds=round(seconds, 2))  # fmt: skip
 
 
+def settings_env(settings: Settings) -> dict[str, str]:
+    """The env vars that give ``settings`` back through :meth:`Settings.from_env`: how a
+    child process gets its parent's settings, CLI flags included.
+
+    Examples
+    --------
+    >>> s = Settings.from_env({"NETTEL_DATA_DIR": "/d"}, retention_minute_days=3)
+    >>> env = settings_env(s)
+    >>> env["NETTEL_RETENTION_MINUTE_DAYS"], Settings.from_env(env) == s
+    ('3', True)
+    """
+    import dataclasses
+
+    env = {}
+    for f in dataclasses.fields(settings):
+        value = getattr(settings, f.name)
+        if value is not None:
+            env[f.metadata["setting"].env] = str(value)
+    return env
+
+
+async def maintenance_pass(settings: Settings, stop: asyncio.Event) -> int:
+    """One maintenance pass over every table, in a child process (``python -m nettel store
+    maintain`` with these settings); returns its exit code.
+
+    In a child because retention, rewrites, compaction and vacuum allocate in Polars and
+    deltalake, whose allocators keep what they took at their peak: in ``nettel up`` each
+    pass would leave its peak behind, a child returns it when it exits. The child's log
+    lines (``store_maintained`` per table, ``store_maintenance_done`` with its peak RSS)
+    are relayed to this process's stderr. On ``stop`` the child is asked to end
+    (SIGTERM): it finishes the table it is on. It runs in a session of its own, so a
+    Ctrl-C reaches only ``nettel up``, which then asks it.
+    """
+    env = os.environ | settings_env(settings)
+    if settings.log_format == "auto":  # the child writes to a pipe: keep this process's format
+        env["NETTEL_LOG_FORMAT"] = "console" if sys.stderr.isatty() else "json"
+    started = time.monotonic()
+    child = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "nettel", "store", "maintain", env=env,
+        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE, start_new_session=True, limit=1 << 20,
+    )  # fmt: skip
+    lines = child.stderr
+    assert lines is not None
+
+    async def relay() -> None:
+        while line := await lines.readline():
+            _Stderr().write(line.decode(errors="replace"))
+
+    relaying = asyncio.create_task(relay())
+    stopping = asyncio.create_task(stop.wait())
+    try:
+        await asyncio.wait([relaying, stopping], return_when=asyncio.FIRST_COMPLETED)
+        if not relaying.done():
+            with contextlib.suppress(ProcessLookupError):
+                child.send_signal(signal.SIGTERM)
+            await relaying
+        code = await child.wait()
+        if stop.is_set() and code == -signal.SIGTERM:
+            code = 0  # asked to stop before it could take the signal: it had begun nothing
+    finally:
+        stopping.cancel()
+        relaying.cancel()
+        if child.returncode is None:  # cancelled: it finishes its table on its own
+            with contextlib.suppress(ProcessLookupError):
+                child.send_signal(signal.SIGTERM)
+    (log.info if code == 0 else log.error)(
+        "store_maintenance_pass", pid=child.pid, exit_code=code,
+        seconds=round(time.monotonic() - started, 2),
+    )  # fmt: skip
+    return code
+
+
 async def maintain_on_schedule(settings: Settings, stop: asyncio.Event) -> None:
     """A maintenance pass over every table each ``maintenance_interval_s`` until ``stop``.
 
-    Each table's pass runs in a thread, so the loop (ingest, stream) keeps going; a
-    failed pass is logged and tried again next time.
+    Each pass runs in a child process (:func:`maintenance_pass`), so the loop (ingest,
+    stream) keeps going and the pass's memory leaves with the child; a failed table is
+    logged and tried again next time.
     """
     while True:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), settings.maintenance_interval_s)
         if stop.is_set():
             return
-        for name, days in maintenance_plan(settings):
-            if stop.is_set():
-                return
-            started = time.monotonic()
-            try:
-                report = await asyncio.to_thread(maintain_one, settings, name, days)
-            except Exception as e:
-                log.error("store_maintenance_failed", table=name, error=repr(e),
-                          retry_in_s=settings.maintenance_interval_s)  # fmt: skip
-                continue
-            _log_maintained(report, time.monotonic() - started)
+        code = await maintenance_pass(settings, stop)
         from nettel.metrics import JOBS
 
-        JOBS.done("maintenance", settings.maintenance_interval_s)
+        if code in (0, 1):  # it ran (1: some table failed, logged): not late
+            JOBS.done("maintenance", settings.maintenance_interval_s)
 
 
 async def up_roles(settings: Settings, bootstrap: str, broker: EmbeddedBroker | None) -> list[Role]:
@@ -1019,11 +1084,37 @@ async def cmd_simulate(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory (``VmHWM``; ``ru_maxrss`` would not do: Linux
+    keeps it across fork and exec, so a child would report its parent's peak).
+
+    Examples
+    --------
+    >>> peak_rss_bytes() > 0
+    True
+    """
+    with open("/proc/self/status", encoding="ascii") as f:
+        return next(int(ln.split()[1]) * 1024 for ln in f if ln.startswith("VmHWM:"))
+
+
 async def cmd_store_maintain(settings: Settings) -> int:
-    """Retention, compaction and vacuum of every table, with a progress bar on a terminal."""
+    """Retention, compaction and vacuum of every table, with a progress bar on a terminal.
+
+    A table that fails is logged and the others are still maintained (exit code 1). On
+    SIGTERM or SIGINT the table under way is finished and the rest left for the next
+    pass. Ends with ``store_maintenance_done``: tables done, failed, seconds and the
+    process's peak RSS (``nettel up`` runs each of its passes so, in a child process).
+    """
+    stop = asyncio.Event()
+    _install_signal_handlers(stop)
     plan = maintenance_plan(settings)
+    began = time.monotonic()
+    done: list[str] = []
+    failed: list[str] = []
     with Progress(3 * len(plan), "store maintain") as bar:
         for name, days in plan:
+            if stop.is_set():
+                break
             steps = 0
 
             def step(message: str, table: str = name) -> None:
@@ -1032,10 +1123,19 @@ async def cmd_store_maintain(settings: Settings) -> int:
                 bar.advance(1 if steps <= 3 else 0, f"{table}: {message}")
 
             started = time.monotonic()
-            report = await asyncio.to_thread(maintain_one, settings, name, days, step)
+            try:
+                report = await asyncio.to_thread(maintain_one, settings, name, days, step)
+            except Exception as e:
+                log.error("store_maintenance_failed", table=name, error=repr(e))
+                failed.append(name)
+                continue
             bar.advance(max(0, 3 - steps), f"{name}: done")
             _log_maintained(report, time.monotonic() - started)
-    return 0
+            done.append(name)
+    seconds = round(time.monotonic() - began, 2)
+    log.info("store_maintenance_done", tables=len(done), failed=failed, stopped=stop.is_set(),
+             seconds=seconds, peak_rss_bytes=peak_rss_bytes())  # fmt: skip
+    return 1 if failed else 0
 
 
 async def doctor_checks(settings: Settings) -> list[tuple[str, bool, str, str]]:

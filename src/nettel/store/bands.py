@@ -108,19 +108,33 @@ class BandTable:
         table = self._table()
         return -1 if table is None else table.version()
 
-    def upsert(self, rows: Sequence[Mapping[str, Any]], *, now_ms: int | None = None) -> None:
-        """Insert or replace ``rows`` (keyed by partition, container, metric, slot) in one
-        commit; nothing is written when ``rows`` is empty. A concurrent change (e.g.
-        maintenance compacting) is retried."""
+    def upsert(self, rows: Sequence[Mapping[str, Any]], *, partition: int | None = None,
+               now_ms: int | None = None) -> None:  # fmt: skip
+        """Insert or replace ``rows`` (keyed by partition, container, metric, slot), one
+        merge and commit per source partition; nothing is written when ``rows`` is empty.
+        ``partition``: every row's, when the rows do not say it. A concurrent change
+        (e.g. maintenance compacting) is retried.
+
+        Per partition, because a merge holds its source and the target files it joins in
+        memory: at 200 containers, one merge of ~266k changed rows of every partition
+        peaked at ~+200 MB of RSS (most of it kept by the allocator afterwards), one merge
+        per partition at ~+40 MB."""
         if not rows:
             return
         now = dt.datetime.fromtimestamp((now_ms or time.time_ns() // 1_000_000) / 1000, dt.UTC)
         schema = bands_schema()
+        given: dict[str, list[Any]] = {"updated": [now] * len(rows)}
+        if partition is not None:
+            given["partition"] = [partition] * len(rows)
         frame = pl.DataFrame(
-            {k: [r.get(k) for r in rows] for k in schema if k != "updated"}
-            | {"updated": [now] * len(rows)},
+            {k: given[k] if k in given else [r.get(k) for r in rows] for k in schema},
             schema=schema,
         )
+        for (partition,), part in frame.group_by("partition", maintain_order=True):
+            self._upsert_partition(int(partition), part)
+
+    def _upsert_partition(self, partition: int, frame: pl.DataFrame) -> None:
+        """Merge ``frame``, the rows of one source ``partition``, in one commit."""
         for attempt in range(5):
             if self._table() is None:
                 try:
@@ -137,12 +151,11 @@ class BandTable:
                     if self._table() is None:
                         raise
                     continue  # another worker created it meanwhile: merge into it
-            parts = ", ".join(str(p) for p in sorted(set(frame["partition"].to_list())))
             try:
                 frame.write_delta(
                     self.uri, mode="merge", storage_options=self.storage_options,
                     delta_merge_options={
-                        "predicate": f"t.partition IN ({parts}) AND t.partition = s.partition "
+                        "predicate": f"t.partition = {partition} AND t.partition = s.partition "
                         "AND t.container = s.container AND t.metric = s.metric "
                         "AND t.slot = s.slot",
                         "source_alias": "s", "target_alias": "t",
