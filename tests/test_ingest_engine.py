@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
 import threading
 import time
@@ -23,7 +24,7 @@ from conftest import (
 from nettel.broker import EmbeddedBroker
 from nettel.ingest import procfs
 from nettel.ingest.sampler import Sampler
-from nettel.ingest.sources import EngineSource
+from nettel.ingest.sources import EngineSource, SampleError
 from nettel.ingest.units import Unit
 from nettel.models import StatEvent
 
@@ -289,3 +290,34 @@ async def test_vanished_process_and_engine_error_are_logged_and_skipped(
     assert any(entry["container"] == doomed_unit.identity for entry in skipped), skipped
     assert len([e for e in events if e.container_id == steady.id]) >= 2
     assert not [e for e in events if e.identity in {"ghost", doomed_unit.identity}]
+
+
+def test_a_container_read_through_procfs_is_never_read_through_stats_while_restarting(
+    engine: Engine,
+) -> None:
+    """The engine's stats call keys an incarnation by PID, procfs by namespace inode: a
+    container switching between them mid-restart would be flagged reset twice."""
+    box = engine.run("sleep 3600")
+    source = EngineSource(engine.url, inventory_interval_s=60)
+    stats_calls: list[str] = []
+    real_stats = source._stats
+
+    def counting_stats(unit: Unit) -> dict[str, object]:
+        stats_calls.append(unit.identity)
+        return real_stats(unit)
+
+    source._stats = counting_stats  # type: ignore[method-assign]
+    try:
+        source.refresh()
+        unit = next(u for u in source.units() if u.container_id == box.id)
+        assert source.read(unit).source == "engine+procfs"
+        subprocess.run(["podman", "kill", box.id], check=True, capture_output=True, timeout=60)
+        for _ in range(100):
+            if not os.path.exists(f"/proc/{unit.pid}"):
+                break
+            time.sleep(0.05)
+        with pytest.raises(SampleError, match="gone"):
+            source.read(unit)
+    finally:
+        source.close()
+    assert stats_calls == []

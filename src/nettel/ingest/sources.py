@@ -135,6 +135,10 @@ class EngineSource:
         #: containers whose cgroup files could not be read: their resources come from
         #: the engine's stats call, in a job of their own
         self._cgroup_unreadable: set[str] = set()
+        #: containers read through procfs at least once: when their process vanishes
+        #: (a restart in progress) they are re-inspected, never switched to the stats
+        #: call, whose incarnation key (the PID) would flag a second reset
+        self._procfs_units: set[str] = set()
         self.inventory_interval_s = inventory_interval_s
         self._watch_start_ms = _now_ms()
         try:
@@ -185,6 +189,7 @@ class EngineSource:
         for cid in set(known) - set(fresh):
             log.info("container_gone", container=known[cid].identity, container_id=cid[:12])
             self._cgroup_unreadable.discard(cid)
+            self._procfs_units.discard(cid)
             if self.cgroups is not None:
                 self.cgroups.forget(cid)
         for cid in set(fresh) - set(known):
@@ -233,6 +238,7 @@ class EngineSource:
             except SampleError:
                 self._dirty.set()
                 raise
+            self._procfs_units.add(unit.container_id)
             if self.cgroups is None:
                 return reading
             if unit.container_id not in self._cgroup_unreadable:
@@ -247,6 +253,9 @@ class EngineSource:
             return dataclasses.replace(
                 reading, resources=engine_stats_reading(stats, unit.pid or 0)
             )
+        if unit.container_id in self._procfs_units:
+            self._dirty.set()  # its process is gone: re-inspect, read the new one next tick
+            raise SampleError(f"{unit.identity}: process {unit.pid} gone (restarting?)")
         return self._read_stats(unit)
 
     def _stats(self, unit: Unit) -> dict[str, Any]:
