@@ -4,6 +4,16 @@
 task drains it in batches; when the broker is down it keeps the events, reconnects
 with backoff (re-creating topics on a fresh broker), and sends them when it returns.
 When the buffer is full the oldest events are dropped, counted and logged.
+
+Delivery is at least once: a batch whose send timed out may still have been appended by
+the broker, and is sent again, so the topic can hold an event twice. The consumers drop
+such copies by time (:mod:`nettel.stream.dedupe`: an event not newer than the last one
+folded for its key is a copy), which holds only if nothing newer of a key reaches the
+topic before an older one. So the buffer is sent oldest first, a batch at a time (the
+next only once the last one's outcome is known), failed events stay ahead of newer ones,
+and an event is taken as delivered only if every older event of its key in the batch
+was too. (An idempotent producer would not do: Tansu refuses InitProducerId, and a new
+producer after a reconnect gets a new producer id anyway.)
 """
 
 from __future__ import annotations
@@ -273,11 +283,7 @@ class EventPublisher:
                 asyncio.gather(*(f for _, f in futures), return_exceptions=True),
                 self.request_timeout_ms / 1000 * 2,
             )
-            ok = {
-                seq
-                for (seq, _), r in zip(futures, results, strict=True)
-                if not isinstance(r, BaseException)
-            }
+            ok = _delivered_in_order(batch, results)
             self._topic_seen = await self._topic_present()
             if ok and not self._topic_seen:
                 ok = set()  # acknowledged by a broker that lost the topic: send again
@@ -293,3 +299,25 @@ class EventPublisher:
             log.warning("send_incomplete", topic=self.topic, failed=failed, buffered=len(self._buf))
             return False
         return True
+
+
+def _delivered_in_order(batch: list[_Item], results: list[Any]) -> set[int]:
+    """The ``seq`` of each event of ``batch`` (sent in order) taken as delivered: its own
+    send succeeded, and every older event's of its key did too (a failed one is sent
+    again, ahead of the younger ones of its key, which are then sent again as well: their
+    copies are dropped downstream, a younger event ahead of an older one would not be).
+
+    Examples
+    --------
+    >>> items = [_Item(i, k, b"") for i, k in enumerate([b"a", b"b", b"a", b"b"])]
+    >>> sorted(_delivered_in_order(items, [None, RuntimeError("timeout"), None, None]))
+    [0, 2]
+    """
+    failed: set[bytes] = set()
+    ok: set[int] = set()
+    for item, result in zip(batch, results, strict=True):
+        if isinstance(result, BaseException) or item.key in failed:
+            failed.add(item.key)
+        else:
+            ok.add(item.seq)
+    return ok
