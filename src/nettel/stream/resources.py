@@ -264,8 +264,10 @@ class ResourceStreamWorker:
                 except (msgspec.ValidationError, msgspec.DecodeError, TypeError) as e:
                     ev, reason = None, f"not a resource event: {e}"
                 if ev is not None and not seen.admit(ev.identity, ev.ts_ms):
-                    copies += not looking_back
-                    continue  # a copy of one already folded (a resend)
+                    if not looking_back:  # a copy of one already folded (a resend)
+                        copies += 1
+                        pw.passed(record.offset)
+                    continue
                 if looking_back:
                     continue  # folded and written before the resume point: times only
                 if ev is not None:
