@@ -127,7 +127,17 @@ def copies(frame: pl.DataFrame, seen: Mapping[int, LastFolded]) -> pl.Series:
 
 
 def note_frame(frame: pl.DataFrame, seen: Mapping[int, LastFolded]) -> None:
-    """Note the newest time of each (partition, container) of ``frame`` as folded."""
+    """Note the newest time of each (partition, container) of ``frame`` as folded (in
+    the partitions ``seen`` holds).
+
+    Examples
+    --------
+    >>> seen = {0: LastFolded({"a": 9})}
+    >>> note_frame(pl.DataFrame({"partition": [0, 0, 1], "container": ["a", "b", "c"],
+    ...                          "ts_ms": [5, 6, 7]}), seen)
+    >>> seen[0].last("a"), seen[0].last("b"), 1 in seen
+    (9, 6, False)
+    """
     newest = frame.group_by("partition", "container").agg(pl.col("ts_ms").max())
     per_partition: dict[int, dict[str, int]] = {}
     for p, c, ts in newest.iter_rows():
