@@ -206,8 +206,10 @@ async def test_hostile_events_go_to_the_dlq_and_every_other_window_is_written_ac
     missing = encode_stat_event(hostile("nocount")).replace(b'"rx_bytes":0,', b"")
     oversized = encode_stat_event(msgspec.structs.replace(hostile("big"), name="n" * 300_000))
     day = 86_400_000
+    # a second day in the same window (5 s later: the same time would be a copy, dropped)
     bulk = [msgspec.structs.replace(hostile("bulk", rx_bytes=MAX_BYTES_PER_S * 86_400),
-                                    interval_ms=day) for _ in range(2)]  # fmt: skip
+                                    interval_ms=day, ts_ms=start + 600_000 + 5000 * i)
+            for i in range(2)]  # fmt: skip
     refused = (  # JSON, as older versions wrote, among compact events: both are read
         encode_stat_event(near_max[0]),
         encode_stat_event(near_max[1], "msgpack"),

@@ -12,6 +12,9 @@ workers update them and the MCP HTTP endpoint serves them at ``/metrics`` (see
 - ``nettel_late_events_total``: samples that came after their window closed (written as
   a partial row of their window, never dropped);
 - ``nettel_dead_lettered_total``: invalid events sent to the dead-letter topic;
+- ``nettel_duplicates_dropped_total{worker}``: events a consumer (``stream``, ``detect``,
+  ``resources``) dropped as a second copy of one it already folded (a publisher's resend
+  after a send timeout);
 - ``nettel_partition_lag{group,partition}``: records the broker holds past the group's
   position (from the fetch responses' high watermark);
 - ``nettel_alerts_open``: alerts open now in the detector;
@@ -61,6 +64,11 @@ LATE_EVENTS = Counter(
 )
 DEAD_LETTERED = Counter(
     "nettel_dead_lettered", "Invalid events sent to the dead-letter topic, with the reason"
+)
+DUPLICATES_DROPPED = Counter(
+    "nettel_duplicates_dropped",
+    "Events dropped as a copy of one already folded (identity and time not newer)",
+    ["worker"],
 )
 PARTITION_LAG = Gauge(
     "nettel_partition_lag",

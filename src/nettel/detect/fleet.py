@@ -149,6 +149,19 @@ class FleetDetector:
         """The container's detector, if it was seen."""
         return self._containers.get(identity)
 
+    def last_seen(self, identity: str) -> int | None:
+        """The time of the container's newest scored event (None: not seen, or forgotten).
+
+        Examples
+        --------
+        >>> fleet = FleetDetector()
+        >>> _ = fleet.process(StatEvent(ts_ms=5000, host="h", container_id="c", identity="c",
+        ...                             name="c", interval_ms=5000, rx_bytes=1))
+        >>> fleet.last_seen("c"), fleet.last_seen("other")
+        (5000, None)
+        """
+        return self._last_seen.get(identity)
+
     @property
     def open_alerts(self) -> int:
         """Alerts open now (the model's and the rules')."""

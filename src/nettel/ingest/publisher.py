@@ -4,6 +4,18 @@
 task drains it in batches; when the broker is down it keeps the events, reconnects
 with backoff (re-creating topics on a fresh broker), and sends them when it returns.
 When the buffer is full the oldest events are dropped, counted and logged.
+
+Delivery is at least once: a batch whose send timed out may still have been appended by
+the broker, and is sent again, so the topic can hold an event twice. The consumers drop
+such copies by time (:mod:`nettel.stream.dedupe`: an event not newer than the last one
+folded for its key is a copy), which holds only if nothing newer of a key reaches the
+topic before an older one. So the buffer is sent oldest first, a batch at a time (the
+next only once the last one's outcome is known), small enough that each partition's
+share is one producer batch (appended or refused whole; aiokafka keeps one request in
+flight per broker and retries a batch ahead of the next), failed events stay ahead of
+newer ones, and an event is taken as delivered only if every older event of its key in
+the batch was too. (An idempotent producer would not do: Tansu refuses InitProducerId, and a new
+producer after a reconnect gets a new producer id anyway.)
 """
 
 from __future__ import annotations
@@ -26,6 +38,15 @@ from nettel.models import StatEvent, WireFormat, encode_stat_event
 log = structlog.get_logger(__name__)
 
 Header = tuple[str, bytes]
+
+#: The producer's batch size per partition (``max_batch_size``), and what one batch of
+#: ours may hold: every partition's share of it then fits one producer batch, which the
+#: broker appends or refuses whole (two producer batches of one partition could fail and
+#: succeed apart, putting a newer event of a key on the topic ahead of an older one).
+PRODUCER_BATCH_BYTES = 1 << 20
+BATCH_BYTES = PRODUCER_BATCH_BYTES - (64 << 10)
+#: What a record costs in a producer batch beyond its key and value (at most), headers aside.
+RECORD_OVERHEAD_BYTES = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,7 +202,7 @@ class EventPublisher:
             compression_type="zstd",
             linger_ms=5,
             request_timeout_ms=self.request_timeout_ms,
-            max_batch_size=1 << 20,
+            max_batch_size=PRODUCER_BATCH_BYTES,
         )
         try:
             await asyncio.wait_for(producer.start(), self.request_timeout_ms / 1000 * 2)
@@ -257,7 +278,8 @@ class EventPublisher:
         return False
 
     async def _send_batch(self) -> bool:
-        batch = list(itertools.islice(self._buf, self.batch_size))
+        header_bytes = sum(len(k) + len(v) for k, v in self.headers)
+        batch = _first_batch(self._buf, self.batch_size, BATCH_BYTES, header_bytes)
         ok: set[int] = set()
         try:
             if not self._topic_seen and not await self._topic_present():
@@ -273,11 +295,7 @@ class EventPublisher:
                 asyncio.gather(*(f for _, f in futures), return_exceptions=True),
                 self.request_timeout_ms / 1000 * 2,
             )
-            ok = {
-                seq
-                for (seq, _), r in zip(futures, results, strict=True)
-                if not isinstance(r, BaseException)
-            }
+            ok = _delivered_in_order(batch, results)
             self._topic_seen = await self._topic_present()
             if ok and not self._topic_seen:
                 ok = set()  # acknowledged by a broker that lost the topic: send again
@@ -293,3 +311,45 @@ class EventPublisher:
             log.warning("send_incomplete", topic=self.topic, failed=failed, buffered=len(self._buf))
             return False
         return True
+
+
+def _first_batch(buf: deque[_Item], count: int, max_bytes: int, header_bytes: int) -> list[_Item]:
+    """The oldest items of ``buf``: at most ``count``, and (but for a first one larger
+    alone) at most ``max_bytes`` as records with ``header_bytes`` of headers each.
+
+    Examples
+    --------
+    >>> buf = deque(_Item(i, b"k", b"v" * 100) for i in range(10))
+    >>> len(_first_batch(buf, 5, 10_000, 0)), len(_first_batch(buf, 50, 700, 0))
+    (5, 4)
+    """
+    out: list[_Item] = []
+    size = 0
+    for item in itertools.islice(buf, count):
+        size += len(item.key) + len(item.value) + header_bytes + RECORD_OVERHEAD_BYTES
+        if out and size > max_bytes:
+            break
+        out.append(item)
+    return out
+
+
+def _delivered_in_order(batch: list[_Item], results: list[Any]) -> set[int]:
+    """The ``seq`` of each event of ``batch`` (sent in order) taken as delivered: its own
+    send succeeded, and every older event's of its key did too (a failed one is sent
+    again, ahead of the younger ones of its key, which are then sent again as well: their
+    copies are dropped downstream, a younger event ahead of an older one would not be).
+
+    Examples
+    --------
+    >>> items = [_Item(i, k, b"") for i, k in enumerate([b"a", b"b", b"a", b"b"])]
+    >>> sorted(_delivered_in_order(items, [None, RuntimeError("timeout"), None, None]))
+    [0, 2]
+    """
+    failed: set[bytes] = set()
+    ok: set[int] = set()
+    for item, result in zip(batch, results, strict=True):
+        if isinstance(result, BaseException) or item.key in failed:
+            failed.add(item.key)
+        else:
+            ok.add(item.seq)
+    return ok

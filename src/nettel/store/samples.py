@@ -321,6 +321,40 @@ class SamplesTable(MinuteTable):
             return []  # no table, or one written before rows kept their offsets
         return [(row["offset"], sample_event(row)) for row in frame.iter_rows(named=True)]
 
+    def newest_times(self, epoch: int, resumes: Mapping[int, int], *, since_ms: int,
+                     horizon_ms: int) -> dict[int, dict[str, int]]:  # fmt: skip
+        """Per partition, each container's newest sample time of those read before the
+        partition's resume point (``resumes``: partition -> the offset of log ``epoch`` it
+        resumes from; samples of earlier logs all count), from ``since_ms`` on, and of
+        those only the containers within ``horizon_ms`` of the partition's newest: what a
+        restarted stream worker drops copies against (:mod:`nettel.stream.dedupe`).
+        """
+        if not resumes or not DeltaTable.is_deltatable(
+            self.uri, storage_options=self.storage_options
+        ):
+            return {}
+        scan = self.scan()
+        if "epoch" not in scan.collect_schema().names():
+            return {}
+        day = (_EPOCH + dt.timedelta(milliseconds=since_ms)).strftime("%Y-%m-%d")
+        ts_ms = pl.col("ts").dt.epoch("ms")
+        older = pl.col("epoch").fill_null(-1) < epoch
+        wanted = pl.any_horizontal(
+            (pl.col("partition") == p) & (older | (pl.col("offset") < resume))
+            for p, resume in resumes.items()
+        )
+        rows = (
+            scan.filter(pl.col("date") >= day, wanted, ts_ms >= since_ms)
+            .group_by("partition", "container")
+            .agg(ts_ms.max())
+            .filter(pl.col("ts") >= pl.col("ts").max().over("partition") - horizon_ms)
+            .collect()
+        )
+        out: dict[int, dict[str, int]] = {}
+        for p, container, ts in rows.iter_rows():
+            out.setdefault(p, {})[container] = ts
+        return out
+
     def latest_readings(self, *, max_age_ms: int = 86_400_000) -> dict[str, DurableReading]:
         """The newest sample of each container with a cumulative reading, from the last
         ``max_age_ms`` (by the table's own newest time): where a restart counts from.

@@ -24,6 +24,11 @@ they regenerate have the ids they had; those already on the topic (read back fro
 checkpointed position) are not published again, those already in the table (its app
 transaction) not written again.
 
+The topic may hold an event twice (the publisher resends a batch whose send timed out):
+an event not newer than its container's last scored one (:meth:`FleetDetector.last_seen
+<nettel.detect.fleet.FleetDetector.last_seen>`, part of the checkpoint, so it holds
+across a restart) is a copy: dropped, counted and logged, never scored twice.
+
 Feedback (``mark_alert``: false positive) is read from ``alert_feedback`` at each
 checkpoint and widens that container's band for that metric and time slot.
 """
@@ -66,6 +71,8 @@ class DetectStats:
     alerts_suppressed: int = 0
     checkpoints: int = 0
     checkpoints_refused: int = 0
+    scored: int = 0
+    duplicates: int = 0
 
 
 @dataclass
@@ -407,6 +414,12 @@ class DetectWorker:
         async with self._lock:
             await self._handle(batch)
 
+    def _count_copies(self, partition: int, copies: int) -> None:
+        self.stats.duplicates += copies
+        metrics.DUPLICATES_DROPPED.labels("detect").inc(copies)
+        log.warning("duplicates_dropped", worker="detect", topic=self.topic,
+                    partition=partition, count=copies, total=self.stats.duplicates)  # fmt: skip
+
     async def _handle(self, batch: Mapping[int, Sequence[Any]]) -> None:
         """Score each partition's records of ``batch`` at once (the fleet scores them in
         rounds, as if one by one) and publish the alerts in the order of their events."""
@@ -417,6 +430,8 @@ class DetectWorker:
             events: list[StatEvent] = []
             offsets: list[int] = []
             now_ms = time.time_ns() // 1_000_000
+            newest: dict[str, int] = {}  # this batch's newest event per container
+            copies = 0
             for record in records:
                 if record.offset < part.next_offset:
                     continue
@@ -426,10 +441,20 @@ class DetectWorker:
                 if ev is None:
                     self.stats.invalid += 1  # the stream worker dead-letters it
                     continue
+                last = newest.get(ev.identity)
+                if last is None:
+                    last = part.fleet.last_seen(ev.identity)
+                if last is not None and ev.ts_ms <= last:
+                    copies += 1  # a copy of an event already scored (a resend)
+                    continue
+                newest[ev.identity] = ev.ts_ms
                 events.append(ev)
                 offsets.append(record.offset)
+            if copies:
+                self._count_copies(partition, copies)
             if not events:
                 continue
+            self.stats.scored += len(events)
             raised = part.fleet.process_indexed(events)
             for i, group in itertools.groupby(raised, key=lambda pair: pair[0]):
                 await self._publish(partition, offsets[i], [a for _, a in group])

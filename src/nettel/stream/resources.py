@@ -11,6 +11,12 @@ closed windows and each partition's replay point
 rolls into ``resource_hour`` and ``resource_day``. Records that do not decode or
 validate go to the dead-letter topic with the reason in a header.
 
+A resource event not newer than the last one folded for its container is a copy (the
+publisher resends a batch whose send timed out) and is dropped, counted and logged
+(:mod:`nettel.stream.dedupe`). There is no samples table to read what was folded before a
+partition's resume point, so on assignment the worker reads up to
+:data:`DEDUPE_LOOKBACK_RECORDS` records before it again, only to note their times.
+
 It runs apart from the network stream so that the network hot path (its event format,
 its worker) stays exactly as it is, and a slow resource commit never delays it.
 """
@@ -29,11 +35,16 @@ from nettel import metrics
 from nettel.models import ReplayPoint, ResourceAggregate, ResourceEvent, decode_resource_event
 from nettel.store.minute import MinuteTable, PartitionPoint
 from nettel.store.rollup import RollupTable
+from nettel.stream.dedupe import LastFolded
 from nettel.stream.runtime import ConsumerRuntime, ConsumerSettings, completed
 from nettel.stream.validation import dead_letter_value
 from nettel.stream.windows import MAX_ROW_COVER_MS, PartitionWindows, _Open
 
 log = structlog.get_logger(__name__)
+
+#: Records read again before a partition's resume point on assignment, only to learn
+#: what was folded there (copies of them after it are then recognised).
+DEDUPE_LOOKBACK_RECORDS = 20_000
 
 
 class ResourceWindows(PartitionWindows):
@@ -134,8 +145,13 @@ class ResourceStreamWorker:
         self.consumed = 0
         self.dead_lettered = 0
         self.windows_written = 0
+        self.duplicates = 0
         self._next_roll = 0.0
         self._windows: dict[int, ResourceWindows] = {}
+        #: per partition, each container's newest folded time, and the resume offset
+        #: below which records are read only to learn it
+        self._seen: dict[int, LastFolded] = {}
+        self._resume: dict[int, int] = {}
         self._fresh_epochs = {epoch} if fresh_log else set()
         self._written: set[tuple[int, int]] = set()  # (epoch, partition) with points stored
         self._dlq: Any = None
@@ -164,6 +180,8 @@ class ResourceStreamWorker:
     async def open(self) -> None:
         """Start the dead-letter producer."""
         self._windows.clear()
+        self._seen.clear()
+        self._resume.clear()
         self._dlq = AIOKafkaProducer(bootstrap_servers=self.bootstrap_servers)
         await self._dlq.start()
         log.info("resource_stream_started", group=self.group, topic=self.topic)
@@ -187,13 +205,16 @@ class ResourceStreamWorker:
                 points = {p: v for p, v in points.items() if (self.epoch, p) in self._written}
             for p in partitions:
                 self._windows[p] = ResourceWindows(self.grace_ms, replay=points.get(p))
-            return {p: 0 if p not in points else points[p].resume_offset for p in partitions}
+                self._seen[p] = LastFolded()
+                self._resume[p] = 0 if p not in points else points[p].resume_offset
+            return {p: max(0, self._resume[p] - DEDUPE_LOOKBACK_RECORDS) for p in partitions}
 
     async def revoked(self, partitions: list[int]) -> None:
         """Write what closed, then forget ``partitions``."""
         await self._flush()
         for p in partitions:
-            self._windows.pop(p, None)
+            for state in (self._windows, self._seen, self._resume):
+                state.pop(p, None)
 
     async def tick(self) -> None:
         """Write what closed."""
@@ -222,27 +243,45 @@ class ResourceStreamWorker:
             self._fresh_epochs.add(epoch)
             for p in self._windows:
                 self._windows[p] = ResourceWindows(self.grace_ms)
+                self._resume[p] = 0
             return list(self._windows)
 
     async def process(self, batch: Mapping[int, Sequence[Any]], now_ms: int) -> None:
         """Decode and fold in every record; refused ones go to the dead-letter topic."""
         for partition, records in batch.items():
             pw = self._windows.get(partition)
-            if pw is None:
+            seen = self._seen.get(partition)
+            if pw is None or seen is None:
                 continue
+            resume = self._resume.get(partition, 0)
+            copies = 0
             for record in records:
-                self.consumed += 1
+                looking_back = record.offset < resume
+                self.consumed += not looking_back
                 try:
                     ev: ResourceEvent | None = decode_resource_event(record.value)
                     reason = None
                 except (msgspec.ValidationError, msgspec.DecodeError, TypeError) as e:
                     ev, reason = None, f"not a resource event: {e}"
+                if ev is not None and not seen.admit(ev.identity, ev.ts_ms):
+                    if not looking_back:  # a copy of one already folded (a resend)
+                        copies += 1
+                        pw.passed(record.offset)
+                    continue
+                if looking_back:
+                    continue  # folded and written before the resume point: times only
                 if ev is not None:
                     reason = pw.add(ev, record.offset)
                 if reason is not None:
                     await self._dead_letter(record, reason)
                     if self._windows.get(partition) is not pw:
                         break  # revoked or restored meanwhile
+            if copies:
+                self.duplicates += copies
+                metrics.DUPLICATES_DROPPED.labels("resources").inc(copies)
+                log.warning("duplicates_dropped", worker="resources", topic=self.topic,
+                            partition=partition, count=copies,
+                            total=self.duplicates)  # fmt: skip
 
     # -- internals -----------------------------------------------------------------------
 
@@ -254,6 +293,8 @@ class ResourceStreamWorker:
         rows: list[ResourceAggregate] = []
         points = []
         for partition, pw in self._windows.items():
+            if partition in self._seen:
+                self._seen[partition].forget_gone()
             if seal:
                 pw.seal()
             closed: list[Any] = pw.close_ready()

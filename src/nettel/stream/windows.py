@@ -165,6 +165,19 @@ class PartitionWindows:
             self._close_due()
         return reason
 
+    def passed(self, offset: int) -> None:
+        """The record at ``offset`` was read and changes nothing here (a copy dropped
+        before folding, :mod:`nettel.stream.dedupe`): a replay need not read it again.
+
+        Examples
+        --------
+        >>> pw = PartitionWindows(grace_ms=30_000)
+        >>> pw.passed(7); pw.replay_point().next_offset
+        8
+        """
+        if self._next_offset is None or self._next_offset <= offset:
+            self._next_offset = offset + 1
+
     def _fold(self, row: tuple[Any, ...], size_ms: int) -> None:
         """Merge one batch aggregate of :func:`fold_events` into its window."""
         key = (row[1], row[2])

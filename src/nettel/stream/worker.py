@@ -15,6 +15,12 @@ committed too, after the write, for lag tools only.
 With a ``samples`` table it also writes every valid event, in its own commit (before
 the windows') carrying its own per-partition points: a replay adds no sample twice.
 
+The publisher delivers at least once, so the topic may hold an event twice (a resend
+after a send timeout): an event not newer than the last one folded for its container is
+a copy and is dropped before windows and samples see it, counted and logged
+(:mod:`nettel.stream.dedupe`). What was folded before a partition's resume point is read
+back from ``samples`` on assignment, so copies are dropped across a restart too.
+
 The embedded broker's log does not outlive it (a rotation swaps in an empty one, a
 stop ends it), yet open windows hold events that only that log has. So before it goes
 the worker is asked :meth:`StreamWorker.drained`: it reads to the log's end, writes its
@@ -52,6 +58,7 @@ from nettel.store.directory import ContainerDirectory
 from nettel.store.minute import MinuteTable, PartitionPoint
 from nettel.store.rollup import RollupTable
 from nettel.store.samples import SamplesTable, events_frame
+from nettel.stream.dedupe import DEDUPE_HORIZON_MS, LastFolded, copies, note_frame
 from nettel.stream.recovery import recover_lost_logs
 from nettel.stream.runtime import ConsumerRuntime, ConsumerSettings, completed, record_epoch
 from nettel.stream.validation import (
@@ -66,6 +73,10 @@ from nettel.stream.windows import PartitionWindows, fold_events
 __all__ = ["StreamWorker", "WorkerStats", "record_epoch", "validate"]
 
 log = structlog.get_logger(__name__)
+
+#: How far back (event time) a restored partition looks in ``samples`` for what it folded:
+#: a copy of an older event that arrives after a restart is not recognised.
+RESTORE_LOOKBACK_MS = 86_400_000
 
 
 @dataclass
@@ -82,6 +93,7 @@ class WorkerStats:
     stale_skipped: int = 0
     idle_advances: int = 0
     recovered_samples: int = 0
+    duplicates: int = 0
 
 
 class StreamWorker:
@@ -147,6 +159,8 @@ class StreamWorker:
         # (epoch, partition) this worker has stored points for, per table
         self._written: dict[str, set[tuple[int, int]]] = {"minute": set(), "samples": set()}
         self._recovery_checked: set[int] = set()
+        #: per partition, each container's newest folded time (copies are dropped)
+        self._seen: dict[int, LastFolded] = {}
         self._dlq: Any = None
         self._flush_lock = asyncio.Lock()
         self.runtime = ConsumerRuntime(
@@ -195,7 +209,7 @@ class StreamWorker:
     async def open(self) -> None:
         """Start the dead-letter producer. A run after a failed one (a supervisor's
         restart) begins with no partition: each is restored again when assigned."""
-        for state in (self._windows, self._positions, self._samples_done):
+        for state in (self._windows, self._positions, self._samples_done, self._seen):
             state.clear()
         self._samples_buf.clear()
         self._dlq = AIOKafkaProducer(bootstrap_servers=self.bootstrap_servers)
@@ -224,9 +238,11 @@ class StreamWorker:
                 await asyncio.to_thread(self._recover, unchecked)
                 self._recovery_checked.update(unchecked)
             points, done = await asyncio.to_thread(self._stored, partitions)
+            seen = await asyncio.to_thread(self._folded_before, points, partitions)
             offsets: dict[int, int] = {}
             for p in partitions:
                 point = points.get(p)
+                self._seen[p] = LastFolded(seen.get(p))
                 self._windows[p] = PartitionWindows(self.grace_ms, replay=point)
                 offsets[p] = self._positions[p] = 0 if point is None else point.resume_offset
                 self._drop_samples(p)
@@ -324,14 +340,51 @@ class StreamWorker:
         invalid = invalid_events(frame, now_ms)
         if invalid:
             frame = _without(frame, invalid)
+        frame, passed = self._drop_copies(frame)
         too_large = fold_events(self._windows, frame)
+        for partition, offset in passed.items():
+            self._windows[partition].passed(offset)
         if too_large:
             frame = _without(frame, too_large)
+        note_frame(frame, self._seen)
         if self.samples is not None:
             self._buffer_samples(frame)
         return refused + invalid + too_large
 
     # -- internals -----------------------------------------------------------------------
+
+    def _drop_copies(self, frame: pl.DataFrame) -> tuple[pl.DataFrame, dict[int, int]]:
+        """``frame`` without the copies of events already folded (a publisher's resend),
+        and each partition's last offset of a dropped copy."""
+        if not frame.height:
+            return frame, {}
+        copy = copies(frame, self._seen)
+        dropped = int(copy.sum())
+        if not dropped:
+            return frame, {}
+        self.stats.duplicates += dropped
+        metrics.DUPLICATES_DROPPED.labels("stream").inc(dropped)
+        first = frame.filter(copy).row(0, named=True)
+        log.warning("duplicates_dropped", worker="stream", topic=self.topic, count=dropped,
+                    total=self.stats.duplicates, partition=first["partition"],
+                    offset=first["offset"], container=first["container"])  # fmt: skip
+        passed = frame.filter(copy).group_by("partition").agg(pl.col("offset").max())
+        return frame.filter(~copy), dict(passed.iter_rows())
+
+    def _folded_before(self, points: Mapping[int, ReplayPoint],
+                       partitions: list[int]) -> dict[int, dict[str, int]]:  # fmt: skip
+        """Each container's newest time folded before each partition's resume point, from
+        ``samples`` (at most :data:`RESTORE_LOOKBACK_MS` back from the partition's event
+        time, or the wall clock; containers within the dedupe horizon of the newest)."""
+        if self.samples is None:
+            return {}
+        now_ms = time.time_ns() // 1_000_000
+        times = [now_ms, *(points[p].event_time_ms for p in partitions
+                           if p in points and points[p].event_time_ms >= 0)]  # fmt: skip
+        resumes = {p: 0 if p not in points else points[p].resume_offset for p in partitions}
+        return self.samples.newest_times(self.epoch, resumes,
+                                         since_ms=min(times) - RESTORE_LOOKBACK_MS,
+                                         horizon_ms=DEDUPE_HORIZON_MS)  # fmt: skip
 
     def _buffer_samples(self, frame: pl.DataFrame) -> None:
         """Keep the batch's valid events the samples table does not hold yet."""
@@ -348,7 +401,7 @@ class StreamWorker:
                                          for f in self._samples_buf) if f.height]  # fmt: skip
 
     def _forget(self, partition: int) -> None:
-        for state in (self._windows, self._positions, self._samples_done):
+        for state in (self._windows, self._positions, self._samples_done, self._seen):
             state.pop(partition, None)
         self._drop_samples(partition)
 
@@ -394,6 +447,9 @@ class StreamWorker:
         points = []
         parts: dict[int, int] = {}  # partition -> the next offset samples then holds
         for partition, pw in self._windows.items():
+            seen = self._seen.get(partition)
+            if seen is not None:
+                seen.forget_gone()
             if seal:
                 pw.seal()
             closed = pw.close_ready()
