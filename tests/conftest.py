@@ -179,14 +179,17 @@ class Engine:
         return ip
 
     def cleanup(self) -> None:
-        for cid in self.created:
-            with contextlib.suppress(Exception):
-                subprocess.run(
-                    ["podman", "rm", "-f", "-t", "0", cid],
-                    capture_output=True,
-                    timeout=60,
-                    check=False,
-                )
+        """Remove every container this test ran, in one call (one per container cost
+        ~0.3 s each on a loaded machine); ``--ignore``: those already gone."""
+        if not self.created:
+            return
+        with contextlib.suppress(Exception):
+            subprocess.run(
+                ["podman", "rm", "--force", "--ignore", "--time", "0", *self.created],
+                capture_output=True,
+                timeout=60,
+                check=False,
+            )
 
 
 @pytest.fixture
