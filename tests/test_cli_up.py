@@ -205,7 +205,8 @@ def test_up_fills_the_tables_from_real_traffic_exactly(engine: Engine, tmp_path:
         }))  # fmt: skip
         assert table == {k: topic.get(k) for k in table}, "closed windows equal the topic's events"
         assert table[next(k for k in table if k[0] == client.name)][0] > 0, "traffic counted"
-        time.sleep(6)  # one maintenance pass
+        # at least one whole maintenance pass (every 5 s; it has usually run by now)
+        wait_for_log(proc, tmp_path / "up.log", "store_maintenance_pass", 60)
         proc.send_signal(signal.SIGTERM)
         proc.communicate(timeout=30)
     finally:

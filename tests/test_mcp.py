@@ -442,8 +442,10 @@ def nettel_http(env: dict[str, str], port: int, stderr: Any = subprocess.DEVNULL
             proc.wait()
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def http_server(store: Store) -> Iterator[tuple[str, str]]:
+    """One `nettel mcp --http` on the module's store for the HTTP tests (each starts
+    its own session; the server's start and stop cost seconds)."""
     port = free_port()
     token = "a-test-token-of-at-least-32-characters"
     env = {**os.environ, "NETTEL_DATA_DIR": store.data_dir, "NETTEL_PARTITIONS": str(PARTITIONS),
