@@ -1,0 +1,100 @@
+"""Health events and the dependency map from real Podman containers, through a real
+broker into the real ``health`` Delta table, built as ``nettel up`` builds them
+(:func:`~nettel.cli.make_health_watcher`, :func:`~nettel.cli.make_health_stream`).
+
+Three containers: ``db`` (httpd on 5432), ``web`` (httpd on 8080, holding one
+connection to db, with a healthcheck that connects to db), ``client`` (holding two
+connections to web). The map must show client -> web:8080 (2) and web -> db:5432 (1);
+stopping db gives a ``die`` event with its exit code, and the healthcheck run by hand
+(Podman here runs none by itself: no systemd timers) turns web unhealthy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conftest import Engine, wait_for
+from nettel.broker import EmbeddedBroker
+from nettel.cli import make_health_stream, make_health_watcher
+from nettel.config import Settings
+from nettel.store.health import HealthTable
+
+pytestmark = [pytest.mark.engine, pytest.mark.broker]
+
+IMAGE = "localhost/nettel-test:latest"
+
+
+def run(engine: Engine, name: str, command: str, **kw: Any) -> Any:
+    c = engine.client.containers.run(IMAGE, ["sh", "-c", command], name=name, detach=True, **kw)
+    engine.created.append(c.id)
+    return c
+
+
+async def test_health_events_and_dependency_map_from_real_containers(
+    engine: Engine, broker: EmbeddedBroker, tmp_path: Path
+) -> None:
+    tag = uuid.uuid4().hex[:6]
+    db = run(engine, f"hc-db-{tag}", "exec httpd -f -p 5432")
+    db_ip = engine.ip(db)
+    check = {"test": ["CMD-SHELL", f"echo | nc -w 1 {db_ip} 5432"], "retries": 1,
+             "interval": 3_600_000_000_000}  # fmt: skip
+    hold_db = f"(sleep 600 | nc {db_ip} 5432 &)"
+    web = run(engine, f"hc-web-{tag}", f"{hold_db}; exec httpd -f -p 8080", healthcheck=check)
+    web_ip = engine.ip(web)
+    hold_web = f"(sleep 600 | nc {web_ip} 8080 &)"
+    run(engine, f"hc-client-{tag}", f"{hold_web}; {hold_web}; exec sleep 600")
+    settings = Settings.from_env({
+        "NETTEL_DATA_DIR": str(tmp_path), "NETTEL_PARTITIONS": "3", "DOCKER_HOST": engine.url,
+        "NETTEL_HEALTH_INTERVAL_S": "0.3", "NETTEL_FLUSH_INTERVAL_S": "0.5"})  # fmt: skip
+    watcher = make_health_watcher(settings, broker.bootstrap_servers)
+    assert watcher is not None
+    stream = make_health_stream(settings, broker.bootstrap_servers)
+    stop_watch, stop_stream = asyncio.Event(), asyncio.Event()
+    tasks = [asyncio.create_task(watcher.run(stop_watch)),
+             asyncio.create_task(stream.run(stop_stream))]  # fmt: skip
+    edges = watcher.edges.edges
+
+    def seen(client: str, server: str, n: int) -> bool:
+        return any(k[1:3] == (client, server) and e.connections == n for k, e in edges.items())
+
+    both = lambda: (seen(f"hc-client-{tag}", f"hc-web-{tag}", 2)  # noqa: E731
+                    and seen(f"hc-web-{tag}", f"hc-db-{tag}", 1))  # fmt: skip
+    await wait_for(both, 20, "both edges sampled")
+    db.stop(timeout=0)
+    health = subprocess.run(["podman", "healthcheck", "run", web.id], capture_output=True,
+                            text=True, timeout=30, check=False)  # fmt: skip
+    assert health.stdout.strip() == "unhealthy", health
+    published = watcher.published
+    await wait_for(lambda: watcher.published > published + 1, 20, "die and health published")
+    stop_watch.set()
+    await tasks[0]
+    table = HealthTable(f"{tmp_path}/health")
+    await wait_for(lambda: stream.written == watcher.published, 30, "every record written")
+    stop_stream.set()
+    await tasks[1]
+
+    events = table.events(0)
+    assert events.height + table._scan(0, None, edges=True).height == watcher.published
+    assert events.select("partition", "offset").is_duplicated().sum() == 0
+    died = events.filter(kind="die", container=f"hc-db-{tag}").row(0, named=True)
+    assert died["exit_code"] in (137, 143), died
+    assert died["status"] == "exited"
+    sick = events.filter(kind="health", container=f"hc-web-{tag}").row(-1, named=True)
+    assert (sick["status"], sick["health"], sick["restarts"]) == ("unhealthy", "unhealthy", 0)
+    mine = table.edges(0).filter(pl_in_tag(tag))
+    got = {(r["client"], r["server"], r["port"]): r["connections"]
+           for r in mine.iter_rows(named=True)}  # fmt: skip
+    assert got == {(f"hc-client-{tag}", f"hc-web-{tag}", 8080): 2,
+                   (f"hc-web-{tag}", f"hc-db-{tag}", 5432): 1}  # fmt: skip
+
+
+def pl_in_tag(tag: str) -> Any:
+    import polars as pl
+
+    return pl.col("client").str.contains(tag) | pl.col("server").str.contains(tag)
