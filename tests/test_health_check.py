@@ -32,6 +32,7 @@ IMAGE = "localhost/nettel-test:latest"
 
 def run(engine: Engine, name: str, command: str, **kw: Any) -> Any:
     c = engine.client.containers.run(IMAGE, ["sh", "-c", command], name=name, detach=True, **kw)
+    assert c.id is not None
     engine.created.append(c.id)
     return c
 
