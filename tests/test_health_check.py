@@ -18,11 +18,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from mcp import Client
 
 from conftest import Engine, wait_for
 from nettel.broker import EmbeddedBroker
 from nettel.cli import make_health_stream, make_health_watcher
 from nettel.config import Settings
+from nettel.mcp.health import HealthTools, build_health_server
 from nettel.store.health import HealthTable
 
 pytestmark = [pytest.mark.engine, pytest.mark.broker]
@@ -87,12 +89,36 @@ async def test_health_events_and_dependency_map_from_real_containers(
     assert died["exit_code"] in (137, 143), died
     assert died["status"] == "exited"
     sick = events.filter(kind="health", container=f"hc-web-{tag}").row(-1, named=True)
-    assert (sick["status"], sick["health"], sick["restarts"]) == ("unhealthy", "unhealthy", 0)
+    assert (sick["status"], sick["health"], sick["restarts"]) == ("running", "unhealthy", 0)
     mine = table.edges(0).filter(pl_in_tag(tag))
     got = {(r["client"], r["server"], r["port"]): r["connections"]
            for r in mine.iter_rows(named=True)}  # fmt: skip
     assert got == {(f"hc-client-{tag}", f"hc-web-{tag}", 8080): 2,
                    (f"hc-web-{tag}", f"hc-db-{tag}", 5432): 1}  # fmt: skip
+
+    # the health-check tools over these tables (the SDK's client, in process)
+    async with Client(build_health_server(HealthTools.for_data_dir(str(tmp_path)))) as client:
+        doc = await call(client, "get_health", {"container": f"hc-web-{tag}"})
+        (web_health,) = doc["containers"]
+        assert (web_health["status"], web_health["restarts"]) == ("unhealthy", 0)
+        doc = await call(client, "get_health", {"container": f"hc-db-{tag}"})
+        assert doc["containers"][0]["last_exit"]["code"] == died["exit_code"]
+        doc = await call(client, "get_dependencies", {"container": f"hc-web-{tag}", "depth": 2})
+        assert [(e["server"], e["port"], e["connections"]) for e in doc["upstream"]] == [
+            (f"hc-db-{tag}", 5432, 1)]  # fmt: skip
+        assert [(e["client"], e["connections"]) for e in doc["downstream"]] == [
+            (f"hc-client-{tag}", 2)]  # fmt: skip
+        doc = await call(client, "get_incidents", {"since": "hour", "limit": 50})
+        (incident,) = [i for i in doc["incidents"] if i["root"] == f"hc-db-{tag}"]
+        assert incident["containers"] == [f"hc-db-{tag}", f"hc-web-{tag}"]
+        assert f"depends on hc-db-{tag}:5432, which died (exit" in incident["explanation"]
+
+
+async def call(client: Client, tool: str, args: dict[str, Any]) -> dict[str, Any]:
+    result = await client.call_tool(tool, args)
+    assert not result.is_error, result.content
+    assert result.structured_content is not None
+    return result.structured_content
 
 
 def pl_in_tag(tag: str) -> Any:

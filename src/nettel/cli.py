@@ -962,7 +962,7 @@ async def cmd_report(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
-MCP_SERVERS = ("network-telemetry", "resource-monitor")
+MCP_SERVERS = ("network-telemetry", "resource-monitor", "health-check")
 
 
 def mcp_server(settings: Settings, name: str = "network-telemetry") -> MCPServer[Any]:
@@ -971,6 +971,10 @@ def mcp_server(settings: Settings, name: str = "network-telemetry") -> MCPServer
         from nettel.mcp.resources import ResourceTools, build_resource_server
 
         return build_resource_server(ResourceTools.for_data_dir(settings.data_dir))
+    if name == "health-check":
+        from nettel.mcp.health import HealthTools, build_health_server
+
+        return build_health_server(HealthTools.for_data_dir(settings.data_dir))
     from nettel.mcp.server import build_server
     from nettel.mcp.tools import TelemetryTools
 
@@ -980,9 +984,10 @@ def mcp_server(settings: Settings, name: str = "network-telemetry") -> MCPServer
 
 def more_mcp_servers(settings: Settings) -> dict[str, MCPServer[Any]]:
     """The servers served beside ``network-telemetry`` over HTTP, by path."""
-    from nettel.mcp.resources import HTTP_PATH
+    from nettel.mcp import health, resources
 
-    return {HTTP_PATH: mcp_server(settings, "resource-monitor")}
+    return {resources.HTTP_PATH: mcp_server(settings, "resource-monitor"),
+            health.HTTP_PATH: mcp_server(settings, "health-check")}  # fmt: skip
 
 
 def mcp_http_options(settings: Settings) -> HttpOptions:
@@ -1385,7 +1390,7 @@ def build_parser() -> argparse.ArgumentParser:
     mcp.add_argument("--server", dest="mcp_server_name", choices=MCP_SERVERS,
                      default="network-telemetry",
                      help="which server over stdio (HTTP serves every one, each at its "
-                     "path: /mcp, /resource-monitor/mcp)")  # fmt: skip
+                     "path: /mcp, /resource-monitor/mcp, /health-check/mcp)")  # fmt: skip
     mcp.add_argument("--http", action="store_true",
                      help="streamable HTTP on NETTEL_MCP_HOST:NETTEL_MCP_PORT/mcp")  # fmt: skip
     mcp.add_argument("--host", dest="mcp_host", help="HTTP bind address (env NETTEL_MCP_HOST)")

@@ -879,9 +879,9 @@ class HealthRecord(msgspec.Struct, frozen=True, kw_only=True):
 
     Travels as JSON on its own topic (``nettel.health``), keyed by ``container`` (the
     identity; for an edge the client's), so one container's records stay in order.
-    Events carry the engine's view after the event: ``status`` (``running``/``exited``
-    or, for ``health``, ``healthy``/``unhealthy``/``starting``), ``health`` (the
-    healthcheck's status, "" without one), ``restarts`` (the engine's restart count),
+    Events carry the engine's view after the event: ``status`` (``running``,
+    ``exited``, ...), ``health`` (the healthcheck's status: ``healthy``, ``unhealthy``,
+    ``starting``, "" without one), ``restarts`` (the engine's restart count),
     ``exit_code`` and ``output`` (the last healthcheck output, cut to 256 characters).
     An edge says ``container`` held ``connections`` TCP connections (the most seen
     established at once over ``samples`` samples of the minute starting at ``ts_ms``)

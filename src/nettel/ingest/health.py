@@ -154,15 +154,13 @@ def record_from_inspect(info: Mapping[str, Any], kind: HealthKind, ts_ms: int, h
     ...                   "Health": {"Status": "unhealthy", "Log": [{"Output": "down\\n"}]}}}
     >>> r = record_from_inspect(info, "health", 1000, "h")
     >>> r.container, r.status, r.health, r.restarts, r.output
-    ('web', 'unhealthy', 'unhealthy', 2, 'down')
+    ('web', 'running', 'unhealthy', 2, 'down')
     """
     state = info.get("State") or {}
     labels = (info.get("Config") or {}).get("Labels") or {}
     name = str(info.get("Name") or str(info.get("Id", ""))[:12]).lstrip("/")
     health = str((state.get("Health") or {}).get("Status") or "")
-    status = health if kind == "health" and health else str(state.get("Status") or "")
-    if kind == "die":
-        status = "exited"
+    status = "exited" if kind == "die" else str(state.get("Status") or "")
     code = exit_code if exit_code is not None else state.get("ExitCode")
     return HealthRecord(
         ts_ms=ts_ms, host=host, kind=kind, container=stable_identity(name, labels),

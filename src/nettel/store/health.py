@@ -146,3 +146,52 @@ class HealthTable:
             .sort(["connections", "client", "server", "port"],
                   descending=[True, False, False, False])
         )  # fmt: skip
+
+    def summary(self, since_ms: int) -> pl.DataFrame:
+        """Each container's health from its events since ``since_ms``: ``state`` and
+        ``health`` of its latest event, ``since`` (when that pair began), ``restarts``
+        (the engine's count), ``starts`` seen, the last healthcheck ``output`` and its
+        last exit (``exit_code``, ``exited``, ``oom_killed``).
+
+        Examples
+        --------
+        >>> import tempfile
+        >>> from nettel.models import HealthRecord as R
+        >>> t = HealthTable(tempfile.mkdtemp() + "/health")
+        >>> rows = [R(ts_ms=1000, host="h", kind="start", container="db", status="running"),
+        ...         R(ts_ms=5000, host="h", kind="die", container="db", status="exited",
+        ...           exit_code=137),
+        ...         R(ts_ms=9000, host="h", kind="start", container="db", status="running",
+        ...           restarts=1)]
+        >>> t.append([(r, 0, i) for i, r in enumerate(rows)], {0: 3}, writer="w",
+        ...          topic="t", epoch=0)
+        >>> s = t.summary(0).row(0, named=True)
+        >>> s["state"], s["since"].second, s["restarts"], s["starts"], s["exit_code"]
+        ('running', 9, 1, 2, 137)
+        """
+        events = self.events(since_ms)
+        pair = pl.concat_str("status", "health", separator="/")
+        changed = (pair != pair.shift(1).over("container")).fill_null(True)
+        ranked = events.with_columns(run=changed.cast(pl.Int64).cum_sum().over("container"))
+        exits = (
+            ranked.filter(kind="die").group_by("container")
+            .agg(pl.col("exit_code").last(), pl.col("ts").last().alias("exited"),
+                 pl.col("oom_killed").last())
+        )  # fmt: skip
+        last = ranked.group_by("container", maintain_order=True).agg(
+            pl.col("container_id").last(), pl.col("status").last().alias("state"),
+            pl.col("health").last(),
+            pl.col("ts").filter(pl.col("run") == pl.col("run").max()).min().alias("since"),
+            pl.col("restarts").last(), (pl.col("kind") == "start").sum().alias("starts"),
+            pl.col("output").filter(pl.col("output") != "").last(),
+            pl.col("kind").last().alias("last_event"), pl.col("ts").last().alias("updated"),
+        )  # fmt: skip
+        return last.join(exits, on="container", how="left").sort("container")
+
+    def newest_ms(self, since_ms: int) -> int | None:
+        """When the newest record at or after ``since_ms`` was observed (None: none)."""
+        frame = self._scan(since_ms, None, edges=False)
+        edges = self._scan(since_ms, None, edges=True)
+        stamps = [*frame["ts"].to_list(), *edges["last_seen"].to_list()]
+        newest = max((t for t in stamps if t is not None), default=None)
+        return None if newest is None else int(newest.timestamp() * 1000)
