@@ -117,8 +117,9 @@ async def test_health_events_and_dependency_map_from_real_containers(
 async def call(client: Client, tool: str, args: dict[str, Any]) -> dict[str, Any]:
     result = await client.call_tool(tool, args)
     assert not result.is_error, result.content
-    assert result.structured_content is not None
-    return result.structured_content
+    doc: dict[str, Any] | None = result.structured_content
+    assert doc is not None
+    return doc
 
 
 def pl_in_tag(tag: str) -> Any:

@@ -129,7 +129,8 @@ class DependenciesOut(BaseModel):
 class Incident(BaseModel):
     """Containers in trouble together, with the upstream they share when there is one."""
 
-    containers: list[str]
+    containers: list[str] = Field(description="the root first; at most 20")
+    count: int = Field(description="containers in the incident")
     started: str
     root: str | None = Field(default=None, description="the shared upstream")
     explanation: str
@@ -245,10 +246,12 @@ class HealthTools:
         )  # fmt: skip
 
     def _edges(self, since_ms: int) -> list[Edge]:
-        return [Edge(client=r["client"], server=r["server"], port=r["port"],
-                     connections=r["connections"], minutes=r["minutes"],
-                     last_seen=iso(int(r["last_seen"].timestamp() * 1000)))
-                for r in self.table.edges(since_ms).iter_rows(named=True)]  # fmt: skip
+        """Every edge since ``since_ms`` (built unvalidated: the table's types are the
+        model's, and a fan-in of hundreds is built on every call)."""
+        rows = self.table.edges(since_ms).iter_rows(named=True)
+        return [Edge.model_construct(**{**r, "last_seen": iso(int(r["last_seen"].timestamp()
+                                                                  * 1000))})
+                for r in rows]  # fmt: skip
 
     def dependencies(self, container: str | None, depth: int = 1, timeframe: Timeframe = "hour",
                      limit: int = 20, cursor: str | None = None) -> DependenciesOut:  # fmt: skip
@@ -334,7 +337,8 @@ class HealthTools:
         events = [f"{_hhmmss(at)} {c} {w}" for at, c, w in seen]
         if len(events) > 8:
             events = [*events[:7], f"... {len(events) - 7} more"]
-        return Incident(containers=members, started=iso(int(seen[0][0].timestamp() * 1000)),
+        started = iso(int(seen[0][0].timestamp() * 1000))
+        return Incident(containers=members[:20], count=len(members), started=started,
                         root=root, explanation=text[:400], events=events)  # fmt: skip
 
 
@@ -359,7 +363,7 @@ def _walk(edges: list[Edge], start: str, depth: int, *, upstream: bool) -> list[
         for e in edges:
             near, far = (e.client, e.server) if upstream else (e.server, e.client)
             if near in frontier:
-                out.append(e.model_copy(update={"depth": level}))
+                out.append(Edge.model_construct(**{**e.__dict__, "depth": level}))
                 if far not in seen:
                     nxt.add(far)
         seen |= nxt
