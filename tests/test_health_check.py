@@ -60,7 +60,7 @@ async def test_health_events_and_dependency_map_from_real_containers(
     stream = make_health_stream(settings, broker.bootstrap_servers)
     stop_watch, stop_stream = asyncio.Event(), asyncio.Event()
     tasks = [asyncio.create_task(watcher.run(stop_watch)),
-             asyncio.create_task(stream.run(stop_stream))]  # fmt: skip
+             asyncio.create_task(stream.runtime.run(stop_stream))]  # fmt: skip
     edges = watcher.edges.edges
 
     def seen(client: str, server: str, n: int) -> bool:

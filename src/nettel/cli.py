@@ -610,7 +610,13 @@ async def up_roles(settings: Settings, bootstrap: str, broker: EmbeddedBroker | 
             on_rotated=resources.rotated,
             producer=ingest.resource_publisher,
         ),
-        Role("health", health.run, stage=1, drained=health.drained, on_rotated=health.rotated),
+        Role(
+            "health",
+            health.runtime.run,
+            stage=1,
+            drained=health.runtime.drained,
+            on_rotated=health.runtime.rotated,
+        ),
         *(
             []
             if watcher is None

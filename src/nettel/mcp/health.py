@@ -44,19 +44,23 @@ OneContainerArg = Annotated[str | None, Field(description="one container; omit f
 _RANK = {"unhealthy": 0, "exited": 1, "dead": 1, "oom": 1, "restarting": 2, "starting": 3}
 
 
-class LastExit(BaseModel):
-    """A container's last exit."""
-
-    code: int | None
-    at: str
-    oom_killed: bool | None = None
+class _Compact(BaseModel):
+    """An answer's part whose unset (None) fields are left out."""
 
     @model_serializer(mode="wrap")
     def _serialize(self, handler: Callable[[Any], dict[str, Any]]) -> dict[str, Any]:
         return _drop_none(self, handler)
 
 
-class HealthEntry(BaseModel):
+class LastExit(_Compact):
+    """A container's last exit."""
+
+    code: int | None
+    at: str
+    oom_killed: bool | None = None
+
+
+class HealthEntry(_Compact):
     """One container's health: ``status`` is its healthcheck's status while it runs
     with one, else the engine's state."""
 
@@ -70,12 +74,8 @@ class HealthEntry(BaseModel):
     last_exit: LastExit | None = None
     output: str | None = Field(default=None, description="the last healthcheck's output")
 
-    @model_serializer(mode="wrap")
-    def _serialize(self, handler: Callable[[Any], dict[str, Any]]) -> dict[str, Any]:
-        return _drop_none(self, handler)
 
-
-class HealthOut(BaseModel):
+class HealthOut(_Compact):
     """Health of one container or a page of all, worst first."""
 
     containers: list[HealthEntry]
@@ -84,12 +84,8 @@ class HealthOut(BaseModel):
     hint: str | None = None
     as_of: str | None = None
 
-    @model_serializer(mode="wrap")
-    def _serialize(self, handler: Callable[[Any], dict[str, Any]]) -> dict[str, Any]:
-        return _drop_none(self, handler)
 
-
-class Edge(BaseModel):
+class Edge(_Compact):
     """``client`` connects to ``server``:``port``: ``connections`` at most at once in a
     minute, over ``minutes`` minutes of the timeframe; ``depth`` hops from the container
     asked about."""
@@ -102,12 +98,8 @@ class Edge(BaseModel):
     last_seen: str
     depth: int | None = None
 
-    @model_serializer(mode="wrap")
-    def _serialize(self, handler: Callable[[Any], dict[str, Any]]) -> dict[str, Any]:
-        return _drop_none(self, handler)
 
-
-class DependenciesOut(BaseModel):
+class DependenciesOut(_Compact):
     """The map around ``container`` (``upstream``: what it calls, ``downstream``: who
     calls it) or, for every container (``container`` "*"), its busiest edges."""
 
@@ -121,10 +113,6 @@ class DependenciesOut(BaseModel):
     hint: str | None = None
     as_of: str | None = None
 
-    @model_serializer(mode="wrap")
-    def _serialize(self, handler: Callable[[Any], dict[str, Any]]) -> dict[str, Any]:
-        return _drop_none(self, handler)
-
 
 class Incident(BaseModel):
     """Containers in trouble together, with the upstream they share when there is one."""
@@ -137,7 +125,7 @@ class Incident(BaseModel):
     events: list[str]
 
 
-class IncidentsOut(BaseModel):
+class IncidentsOut(_Compact):
     """Incidents since the start of the timeframe, newest first."""
 
     since: Timeframe
@@ -146,10 +134,6 @@ class IncidentsOut(BaseModel):
     next: str | None = Field(default=None, description="cursor of the next page")
     hint: str | None = None
     as_of: str | None = None
-
-    @model_serializer(mode="wrap")
-    def _serialize(self, handler: Callable[[Any], dict[str, Any]]) -> dict[str, Any]:
-        return _drop_none(self, handler)
 
 
 @dataclass(frozen=True, slots=True)

@@ -23,13 +23,16 @@ from nettel import metrics
 from nettel.models import HealthRecord, decode_health_record
 from nettel.store.health import HealthTable
 from nettel.stream.runtime import ConsumerRuntime, ConsumerSettings, completed
-from nettel.stream.validation import dead_letter_value
+from nettel.stream.validation import send_dead_letter
 
 log = structlog.get_logger(__name__)
 
 
 class HealthStreamWorker:
     """One member of the ``nettel-health`` group: health records into their table.
+
+    It is the job of :attr:`runtime`, which runs it (``runtime.run(stop)``) and answers
+    the broker rotation's ``drained`` and ``rotated``.
 
     ``fresh_log``: the log began empty with this worker (the embedded broker), so
     offsets stored under its epoch before this worker wrote any are an earlier log's
@@ -73,18 +76,6 @@ class HealthStreamWorker:
                              idle_timeout_s=idle_timeout_s, seal_on_stop=seal_on_stop),
             epoch=epoch,
         )  # fmt: skip
-
-    async def run(self, stop: asyncio.Event) -> None:
-        """Consume and write until ``stop``."""
-        await self.runtime.run(stop)
-
-    async def drained(self) -> bool:
-        """Whether everything the broker holds is written (the rotation barrier)."""
-        return await self.runtime.drained()
-
-    async def rotated(self, epoch: int) -> None:
-        """The broker's log was replaced by an empty one of ``epoch``: read it from 0."""
-        await self.runtime.rotated(epoch)
 
     # -- the job the runtime runs ------------------------------------------------------
 
@@ -192,13 +183,4 @@ class HealthStreamWorker:
 
     async def _dead_letter(self, record: Any, reason: str) -> None:
         self.dead_lettered += 1
-        metrics.DEAD_LETTERED.inc()
-        log.warning("event_dead_lettered", topic=self.topic, partition=record.partition,
-                    offset=record.offset, reason=reason)  # fmt: skip
-        source = f"{self.topic}/{record.partition}/{record.offset}"
-        value, extra = dead_letter_value(record.value)
-        await self._dlq.send_and_wait(
-            self.dlq_topic, value=value, key=record.key,
-            headers=[("nettel-error", reason.encode()), ("nettel-source", source.encode()),
-                     *extra],
-        )  # fmt: skip
+        await send_dead_letter(self._dlq, self.dlq_topic, record, reason)
