@@ -12,22 +12,25 @@ stopping db gives a ``die`` event with its exit code, and the healthcheck run by
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import subprocess
 import uuid
 from pathlib import Path
 from typing import Any
 
 import pytest
+from aiokafka import AIOKafkaProducer
 from mcp import Client
 
-from conftest import Engine, wait_for
-from nettel.broker import EmbeddedBroker
-from nettel.cli import make_health_stream, make_health_watcher
+from conftest import Engine, consume_all, wait_for
+from nettel.broker import EmbeddedBroker, ensure_topics
+from nettel.cli import make_health_stream, make_health_watcher, topic_partitions
 from nettel.config import Settings
 from nettel.mcp.health import HealthTools, build_health_server
+from nettel.models import HealthRecord, encode_health_record
 from nettel.store.health import HealthTable
 
-pytestmark = [pytest.mark.engine, pytest.mark.broker]
+pytestmark = [pytest.mark.broker]
 
 IMAGE = "localhost/nettel-test:latest"
 
@@ -39,6 +42,7 @@ def run(engine: Engine, name: str, command: str, **kw: Any) -> Any:
     return c
 
 
+@pytest.mark.engine
 async def test_health_events_and_dependency_map_from_real_containers(
     engine: Engine, broker: EmbeddedBroker, tmp_path: Path
 ) -> None:
@@ -126,3 +130,55 @@ def pl_in_tag(tag: str) -> Any:
     import polars as pl
 
     return pl.col("client").str.contains(tag) | pl.col("server").str.contains(tag)
+
+
+async def test_health_stream_writes_each_record_once_across_restarts_and_dead_letters_garbage(
+    broker: EmbeddedBroker, tmp_path: Path
+) -> None:
+    """Records published around a cancelled worker (its buffer lost, not written) and a
+    clean restart land once each; a record that is not one goes to the dead-letter topic."""
+    settings = Settings.from_env({"NETTEL_DATA_DIR": str(tmp_path), "NETTEL_PARTITIONS": "3",
+                                  "NETTEL_FLUSH_INTERVAL_S": "0.3"})  # fmt: skip
+    bootstrap = broker.bootstrap_servers
+    await ensure_topics(bootstrap, topic_partitions(settings))
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap)
+    await producer.start()
+    sent = 0
+
+    async def publish(n: int) -> None:
+        nonlocal sent
+        for _ in range(n):
+            r = HealthRecord(ts_ms=1_700_000_000_000 + sent, host="h", kind="start",
+                             container=f"c{sent % 7}", status="running")  # fmt: skip
+            await producer.send_and_wait("nettel.health", encode_health_record(r),
+                                         key=r.container.encode())  # fmt: skip
+            sent += 1
+
+    table = HealthTable(f"{tmp_path}/health")
+    try:
+        await publish(30)
+        await producer.send_and_wait("nettel.health", b"not json", key=b"c0")
+        first = make_health_stream(settings, bootstrap)
+        stop = asyncio.Event()
+        task = asyncio.create_task(first.runtime.run(stop))
+        await wait_for(lambda: first.written == 30, 30, "the first 30 written")
+        await publish(20)
+        await wait_for(lambda: first.consumed >= 51, 30, "the next 20 read")
+        task.cancel()  # a crash: whatever it buffered is not written
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await publish(10)
+        second = make_health_stream(settings, bootstrap)
+        stop = asyncio.Event()
+        task = asyncio.create_task(second.runtime.run(stop))
+        await wait_for(lambda: table.events(0).height == sent, 30, "every record written")
+        stop.set()
+        await task
+    finally:
+        await producer.stop()
+    rows = table.events(0)
+    assert rows.height == sent == 60
+    assert rows.select("partition", "offset").is_duplicated().sum() == 0
+    dead = await consume_all(bootstrap, "nettel.stats.dlq")
+    assert [m.value for m in dead] == [b"not json"]
+    assert dict(dead[0].headers)["nettel-error"].startswith(b"not a health record")
