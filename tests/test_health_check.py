@@ -2,11 +2,13 @@
 broker into the real ``health`` Delta table, built as ``nettel up`` builds them
 (:func:`~nettel.cli.make_health_watcher`, :func:`~nettel.cli.make_health_stream`).
 
-Three containers: ``db`` (httpd on 5432), ``web`` (httpd on 8080, holding one
+A container in a restart loop (the engine's on-failure policy, twice) and three more:
+``db`` (httpd on 5432), ``web`` (httpd on 8080, holding one
 connection to db, with a healthcheck that connects to db), ``client`` (holding two
 connections to web). The map must show client -> web:8080 (2) and web -> db:5432 (1);
 stopping db gives a ``die`` event with its exit code, and the healthcheck run by hand
-(Podman here runs none by itself: no systemd timers) turns web unhealthy.
+(Podman here runs none by itself: no systemd timers) turns web unhealthy; the loop
+shows three exits with their code and a restart count of 2.
 """
 
 from __future__ import annotations
@@ -66,6 +68,8 @@ async def test_health_events_and_dependency_map_from_real_containers(
     tasks = [asyncio.create_task(watcher.run(stop_watch)),
              asyncio.create_task(stream.runtime.run(stop_stream))]  # fmt: skip
     edges = watcher.edges.edges
+    loop = run(engine, f"hc-loop-{tag}", "sleep 0.3; exit 3",
+               restart_policy={"Name": "on-failure", "MaximumRetryCount": 2})  # fmt: skip
 
     def seen(client: str, server: str, n: int) -> bool:
         return any(k[1:3] == (client, server) and e.connections == n for k, e in edges.items())
@@ -73,6 +77,9 @@ async def test_health_events_and_dependency_map_from_real_containers(
     both = lambda: (seen(f"hc-client-{tag}", f"hc-web-{tag}", 2)  # noqa: E731
                     and seen(f"hc-web-{tag}", f"hc-db-{tag}", 1))  # fmt: skip
     await wait_for(both, 20, "both edges sampled")
+    loop.reload()
+    await wait_for(lambda: loop.reload() or (loop.attrs["State"]["Status"], loop.attrs[
+        "RestartCount"]) == ("exited", 2), 20, "the restart loop's end")  # fmt: skip
     db.stop(timeout=0)
     health = subprocess.run(["podman", "healthcheck", "run", web.id], capture_output=True,
                             text=True, timeout=30, check=False)  # fmt: skip
@@ -94,6 +101,10 @@ async def test_health_events_and_dependency_map_from_real_containers(
     assert died["status"] == "exited"
     sick = events.filter(kind="health", container=f"hc-web-{tag}").row(-1, named=True)
     assert (sick["status"], sick["health"], sick["restarts"]) == ("running", "unhealthy", 0)
+    looped = events.filter(container=f"hc-loop-{tag}")
+    assert looped.filter(kind="die")["exit_code"].to_list() == [3, 3, 3]
+    assert looped.filter(kind="restart").height == 2
+    assert looped["restarts"][-1] == 2
     mine = table.edges(0).filter(pl_in_tag(tag))
     got = {(r["client"], r["server"], r["port"]): r["connections"]
            for r in mine.iter_rows(named=True)}  # fmt: skip
@@ -107,6 +118,10 @@ async def test_health_events_and_dependency_map_from_real_containers(
         assert (web_health["status"], web_health["restarts"]) == ("unhealthy", 0)
         doc = await call(client, "get_health", {"container": f"hc-db-{tag}"})
         assert doc["containers"][0]["last_exit"]["code"] == died["exit_code"]
+        doc = await call(client, "get_health", {"container": f"hc-loop-{tag}"})
+        (looping,) = doc["containers"]
+        assert (looping["status"], looping["restarts"], looping["last_exit"]["code"]) == (
+            "exited", 2, 3)  # fmt: skip
         doc = await call(client, "get_dependencies", {"container": f"hc-web-{tag}", "depth": 2})
         assert [(e["server"], e["port"], e["connections"]) for e in doc["upstream"]] == [
             (f"hc-db-{tag}", 5432, 1)]  # fmt: skip
