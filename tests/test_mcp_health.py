@@ -2,7 +2,8 @@
 health-check`), streamable HTTP (`nettel mcp --http`, at /health-check/mcp beside the
 others on one port) and in process for the answer budget, over a ``health`` table
 written by its real writer: 500 containers over 30 days, every one calling ``db`` (a
-fan-in of 500) and its neighbour; db died and restarted, ten callers turned unhealthy.
+fan-in of 500) and its neighbour; db died and restarted, ten callers turned unhealthy;
+``legacy`` lost its only client three hours ago.
 """
 
 from __future__ import annotations
@@ -49,6 +50,10 @@ def records(now_ms: int) -> list[HealthRecord]:
         out.append(HealthRecord(ts_ms=now_ms - 10 * 60_000, host="h", kind="health",
                                 container=f"svc-{i}", status="running", health="unhealthy",
                                 output="connect to db:5432 refused"))  # fmt: skip
+    gone = now_ms - 3 * 3_600_000  # legacy's only client left 3 hours ago
+    out.append(HealthRecord(ts_ms=gone, host="h", kind="edge", container="old-client",
+                            server="legacy", port=9000, connections=1, samples=4,
+                            first_seen_ms=gone, last_seen_ms=gone))  # fmt: skip
     first = now_ms - now_ms % 60_000 - 30 * 60_000
     for m in range(20):
         ts = first + m * 60_000
@@ -106,7 +111,9 @@ async def check_tools(client: Client) -> None:
     assert [e["connections"] for e in doc["downstream"][:2]] == [5, 5]  # busiest first
     assert "cursor=" in doc["hint"]
     doc = await call(client, "get_incidents", {"since": "hour"})
-    (incident,) = doc["incidents"]
+    incident, abandoned = doc["incidents"]  # newest first
+    assert abandoned["containers"] == ["legacy"]
+    assert abandoned["explanation"].startswith("legacy lost all its clients (old-client): ")
     assert (incident["root"], incident["count"]) == ("db", 11)
     assert incident["explanation"].startswith("svc-0, svc-100, svc-150 and 7 more unhealthy; ")
     assert "all depend on db:5432, which died (exit 137) at " in incident["explanation"]

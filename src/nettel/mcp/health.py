@@ -12,6 +12,8 @@ restarted, turned unhealthy or alerted in the window by the upstream they share 
 dependency map (edges of the window and the day before it): a troubled upstream is
 named as the likely root ("web unhealthy; depends on db:5432, which died at 13:02:05
 (exit 137)"); an untroubled one shared by two or more is named as the thing to check.
+A container that served clients in the day before the window and none in it is noted
+as having lost all its clients.
 """
 
 from __future__ import annotations
@@ -309,6 +311,7 @@ class HealthTools:
         for c in sorted(set(trouble) - placed):
             text = f"{c} {'/'.join(sorted({w for _, w in trouble[c]}))}; no shared upstream seen"
             groups.append(self._incident([c], None, text, trouble))
+        groups += _abandoned(edges, iso(start), placed)
         groups.sort(key=lambda i: i.started, reverse=True)
         p = page("get_incidents", groups, cursor, limit, size=lambda i: len(i.model_dump_json()))
         return IncidentsOut(since=since, incidents=p.items, total=p.total, next=p.next_cursor,
@@ -324,6 +327,37 @@ class HealthTools:
         started = iso(int(seen[0][0].timestamp() * 1000))
         return Incident(containers=members[:20], count=len(members), started=started,
                         root=root, explanation=text[:400], events=events)  # fmt: skip
+
+
+def _abandoned(edges: list[Edge], start: str, placed: set[str]) -> list[Incident]:
+    """Containers that served clients before ``start`` and none since (not already in an
+    incident), each noted once.
+
+    Examples
+    --------
+    >>> e = lambda c, s, at: Edge(client=c, server=s, port=80, connections=1, minutes=1,
+    ...                           last_seen=at)
+    >>> edges = [e("a", "old", "T09"), e("b", "old", "T08"), e("a", "web", "T11")]
+    >>> [i.explanation for i in _abandoned(edges, "T10", set())]
+    ['old lost all its clients (a, b): none connected since T09']
+    """
+    served = {e.server for e in edges if e.last_seen >= start}
+    lost: dict[str, list[Edge]] = {}
+    for e in edges:
+        if e.server not in served and e.server not in placed | {"host", "external"}:
+            lost.setdefault(e.server, []).append(e)
+    out = []
+    for server, gone in sorted(lost.items()):
+        clients = sorted({e.client for e in gone})
+        last = max(e.last_seen for e in gone)
+        named = ", ".join(clients[:5]) + (f" and {len(clients) - 5} more" if len(clients) > 5
+                                           else "")  # fmt: skip
+        out.append(Incident(
+            containers=[server], count=1, started=last, root=None,
+            explanation=f"{server} lost all its clients ({named}): none connected since {last}",
+            events=[f"{e.last_seen} last connection from {e.client}" for e in gone[:8]],
+        ))  # fmt: skip
+    return out
 
 
 def _walk(edges: list[Edge], start: str, depth: int, *, upstream: bool) -> list[Edge]:
@@ -395,7 +429,8 @@ def build_health_server(tools: HealthTools) -> TelemetryServer:
         cursor: CursorArg = None,
     ) -> IncidentsOut:
         """Exits, OOM kills, restarts, unhealthy checks and alerts grouped into incidents,
-        newest first, each explained by the upstream its containers share."""
+        newest first, each explained by the upstream its containers share; containers
+        that lost all their clients."""
         return await _answer(lambda: tools.incidents(since, limit, cursor))
 
     return server
