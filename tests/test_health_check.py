@@ -28,11 +28,10 @@ from conftest import Engine, consume_all, wait_for
 from nettel.broker import EmbeddedBroker, ensure_topics
 from nettel.cli import make_health_stream, make_health_watcher, topic_partitions
 from nettel.config import Settings
+from nettel.ingest.health import HealthWatcher
 from nettel.mcp.health import HealthTools, build_health_server
 from nettel.models import HealthRecord, encode_health_record
 from nettel.store.health import HealthTable
-
-pytestmark = [pytest.mark.broker]
 
 IMAGE = "localhost/nettel-test:latest"
 
@@ -45,6 +44,7 @@ def run(engine: Engine, name: str, command: str, **kw: Any) -> Any:
 
 
 @pytest.mark.engine
+@pytest.mark.broker
 async def test_health_events_and_dependency_map_from_real_containers(
     engine: Engine, broker: EmbeddedBroker, tmp_path: Path
 ) -> None:
@@ -147,6 +147,7 @@ def pl_in_tag(tag: str) -> Any:
     return pl.col("client").str.contains(tag) | pl.col("server").str.contains(tag)
 
 
+@pytest.mark.broker
 async def test_health_stream_writes_each_record_once_across_restarts_and_dead_letters_garbage(
     broker: EmbeddedBroker, tmp_path: Path
 ) -> None:
@@ -197,3 +198,37 @@ async def test_health_stream_writes_each_record_once_across_restarts_and_dead_le
     dead = await consume_all(bootstrap, "nettel.stats.dlq")
     assert [m.value for m in dead] == [b"not json"]
     assert dict(dead[0].headers)["nettel-error"].startswith(b"not a health record")
+
+
+class _Api:
+    """The engine calls the watcher makes, answering for one running container."""
+
+    def __init__(self) -> None:
+        self.inspected = 0
+
+    def events(self, **kw: Any) -> list[dict[str, Any]]:
+        return []
+
+    def containers(self) -> list[dict[str, Any]]:
+        return [{"Id": "c1"}]
+
+    def inspect_container(self, cid: str) -> dict[str, Any]:
+        self.inspected += 1
+        return {"Id": cid, "Name": "/quiet", "State": {"Status": "running", "Running": True}}
+
+
+def test_a_quiet_container_state_is_recorded_again_each_day() -> None:
+    """Unit (pure logic, a stand-in engine): the table keeps every running container's
+    state within its retention however long ago its last event was, at one inspect and
+    one record per container per day."""
+    now = [1_800_000_000.0]
+    api = _Api()
+    client = type("Client", (), {"api": api})()
+    watcher = HealthWatcher(client, None, host="h", proc_root="/nonexistent",
+                            clock=lambda: now[0])  # fmt: skip
+    kinds = []
+    for step_s in (0, 3600, 20 * 3600, 3 * 3600, 3600):
+        now[0] += step_s
+        kinds.append([r.kind for r in watcher.poll()])
+    assert kinds == [["state"], [], [], ["state"], []]
+    assert api.inspected == 2

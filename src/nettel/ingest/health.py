@@ -8,7 +8,7 @@
   inspected once for its state after it (health status and the last check's output,
   restart count, exit code, OOM kill) and becomes a :class:`~nettel.models.HealthRecord`;
 - the running containers (one list call), each seen for the first time inspected once
-  (PID, addresses, gateways) and reported as a ``state`` record;
+  (PID, addresses, gateways) and reported as a ``state`` record, again once a day;
 - each running container's TCP sockets (``/proc/<pid>/net/tcp`` and ``tcp6``, at most
   ``max_sockets`` lines: the work per poll is bounded), whose established connections
   are mapped to containers by their addresses, to ``host`` (a gateway of their networks)
@@ -46,6 +46,8 @@ ACTIONS: dict[str, HealthKind] = {"start": "start", "die": "die", "oom": "oom",
 MINUTE_MS = 60_000
 #: How far ahead of now an events query ends (and so how long it waits).
 EVENTS_AHEAD_S = 0.2
+#: How often a running container's state is recorded even when nothing happened to it.
+STATE_EVERY_MS = 86_400_000
 #: How many event keys of the overlapping second are remembered between polls.
 _SEEN_MAX = 4096
 
@@ -192,6 +194,7 @@ class HealthWatcher:
         self.edges = EdgeCounter()
         self.published = 0
         self._known: dict[str, _Known] = {}
+        self._stated: dict[str, int] = {}  # container id -> when a record last gave its state
         self._since_s = int(clock())
         self._seen: set[tuple[str, str, int]] = set()
 
@@ -259,19 +262,29 @@ class HealthWatcher:
         return out
 
     def _refresh(self, now_ms: int, reported: set[str]) -> list[HealthRecord]:
-        """Re-list running containers; a state record for each one first seen."""
+        """Re-list running containers; a state record for each one first seen, and again
+        every :data:`STATE_EVERY_MS` (so that the table, kept for days, always holds every
+        running container's state, however long ago its last event was)."""
         listed = self.client.api.containers()
         running = {str(c["Id"]) for c in listed}
+        for cid in reported:
+            self._stated[cid] = now_ms
+        due = {
+            c for c in running if now_ms - self._stated.get(c, -STATE_EVERY_MS) >= STATE_EVERY_MS
+        }
         out = []
-        for cid in running - set(self._known):
+        for cid in (running - set(self._known)) | due:
             info = self._inspect(cid)
             if info is None:
                 continue
             self._remember(cid, info)
-            if cid not in reported:
+            if cid in due:
                 out.append(record_from_inspect(info, "state", now_ms, self.host))
+                self._stated[cid] = now_ms
         for cid in set(self._known) - running:
             del self._known[cid]
+        for cid in set(self._stated) - running:
+            del self._stated[cid]
         return out
 
     def _sample_edges(self, now_ms: int) -> None:
