@@ -205,16 +205,39 @@ class _Api:
 
     def __init__(self) -> None:
         self.inspected = 0
+        self.events_due: list[dict[str, Any]] = []
+        self.health = ""
 
     def events(self, **kw: Any) -> list[dict[str, Any]]:
-        return []
+        due, self.events_due = self.events_due, []
+        return due
 
     def containers(self) -> list[dict[str, Any]]:
         return [{"Id": "c1"}]
 
     def inspect_container(self, cid: str) -> dict[str, Any]:
         self.inspected += 1
-        return {"Id": cid, "Name": "/quiet", "State": {"Status": "running", "Running": True}}
+        state = {"Status": "running", "Running": True, "Health": {"Status": self.health}}
+        return {"Id": cid, "Name": "/quiet", "State": state}
+
+
+def test_a_health_event_seen_before_its_check_ends_is_looked_at_again() -> None:
+    """Unit (a stand-in engine): Podman announces a check as it starts, so the status the
+    event's inspect saw may be the old one; the next poll records the new one. Docker's
+    action form (``health_status: unhealthy``) is understood too."""
+    api = _Api()
+    client = type("Client", (), {"api": api})()
+    watcher = HealthWatcher(client, None, host="h", proc_root="/nonexistent")
+    watcher.poll()
+    api.health = "starting"
+    api.events_due = [{"Action": "health_status: unhealthy", "id": "c1", "timeNano": 10**18,
+                       "Actor": {"Attributes": {"name": "quiet"}}}]  # fmt: skip
+    first = watcher.poll()
+    api.health = "unhealthy"
+    second, third = watcher.poll(), watcher.poll()
+    assert [(r.kind, r.health) for r in first] == [("health", "starting")]
+    assert [(r.kind, r.health) for r in second] == [("health", "unhealthy")]
+    assert third == []
 
 
 def test_a_quiet_container_state_is_recorded_again_each_day() -> None:

@@ -7,6 +7,8 @@
   ``oom``, ``health_status`` and ``restart``; each container with such an event is
   inspected once for its state after it (health status and the last check's output,
   restart count, exit code, OOM kill) and becomes a :class:`~nettel.models.HealthRecord`;
+  after a ``health_status`` event it is inspected once more at the next poll, and a
+  changed status is one more ``health`` record (Podman announces a check as it starts);
 - the running containers (one list call), each seen for the first time inspected once
   (PID, addresses, gateways) and reported as a ``state`` record, again once a day;
 - each running container's TCP sockets (``/proc/<pid>/net/tcp`` and ``tcp6``, at most
@@ -194,6 +196,7 @@ class HealthWatcher:
         self.edges = EdgeCounter()
         self.published = 0
         self._known: dict[str, _Known] = {}
+        self._recheck: dict[str, str] = {}  # container id -> health its event saw
         self._stated: dict[str, int] = {}  # container id -> when a record last gave its state
         self._since_s = int(clock())
         self._seen: set[tuple[str, str, int]] = set()
@@ -230,7 +233,8 @@ class HealthWatcher:
         stream = self.client.api.events(since=since, until=until, decode=True,
                                         filters={"type": "container"})  # fmt: skip
         for ev in stream:
-            action = str(ev.get("Action") or ev.get("status") or "")
+            # Docker says "health_status: unhealthy", Podman "health_status"
+            action = str(ev.get("Action") or ev.get("status") or "").split(":", 1)[0]
             kind = ACTIONS.get(action)
             if kind is None:
                 continue
@@ -258,7 +262,25 @@ class HealthWatcher:
             else:
                 self._remember(cid, info)
             for ts_ms, kind, code in events:
-                out.append(record_from_inspect(info, kind, ts_ms, self.host, code))
+                record = record_from_inspect(info, kind, ts_ms, self.host, code)
+                out.append(record)
+                if kind == "health":  # the check may still run: look again next poll
+                    self._recheck[cid] = record.health
+        return out
+
+    def _rechecked(self, now_ms: int, skip: set[str]) -> list[HealthRecord]:
+        """A ``health`` record for each container whose healthcheck status changed since
+        the event that announced the check (Podman announces it as it starts)."""
+        out = []
+        for cid, before in list(self._recheck.items()):
+            if cid in skip:
+                continue
+            del self._recheck[cid]
+            info = self._inspect(cid)
+            if info is not None:
+                record = record_from_inspect(info, "health", now_ms, self.host)
+                if record.health != before:
+                    out.append(record)
         return out
 
     def _refresh(self, now_ms: int, reported: set[str]) -> list[HealthRecord]:
@@ -317,6 +339,7 @@ class HealthWatcher:
         (every minute when ``final``)."""
         now_ms = self._now_ms()
         records = self._events(now_ms / 1000)
+        records += self._rechecked(now_ms, {r.container_id for r in records if r.kind == "health"})
         records += self._refresh(now_ms, {r.container_id for r in records})
         self._sample_edges(now_ms)
         return records + self.edges.closed(now_ms, self.host, everything=final)
