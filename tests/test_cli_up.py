@@ -233,6 +233,7 @@ def test_up_fills_the_tables_from_real_traffic_exactly(engine: Engine, tmp_path:
         "resource_hour",
         "resource_day",
         "directory",
+        "health",
     }  # every table nettel writes
     # each pass ran in a child process of its own, which said its peak memory
     passes = [r for r in records if r["event"] == "store_maintenance_pass"]

@@ -95,7 +95,7 @@ def test_the_command_maintains_every_table_and_logs_each(tmp_path: Path) -> None
     assert [r["table"] for r in done] == [  # every table nettel writes (maintenance_plan)
         "samples", "minute", "hour", "day", "alerts", "alert_feedback", "reports_table",
         "bands", "detect_state", "resource_minute", "resource_hour", "resource_day",
-        "directory",
+        "directory", "health",
     ]  # fmt: skip
     assert out.stdout == ""
     dates = sorted(p["date"] for p in DeltaTable(minute.uri).partitions())

@@ -38,6 +38,7 @@ if TYPE_CHECKING:
 
     from nettel.broker import EmbeddedBroker, Producing
     from nettel.detect.rules import Rule
+    from nettel.ingest.health import HealthWatcher
     from nettel.ingest.service import IngestService
     from nettel.ingest.sources import Source
     from nettel.mcp.server import HttpOptions
@@ -45,6 +46,7 @@ if TYPE_CHECKING:
     from nettel.report import Prices
     from nettel.store.maintenance import MaintenanceReport
     from nettel.stream.detector import DetectWorker
+    from nettel.stream.health import HealthStreamWorker
     from nettel.stream.resources import ResourceStreamWorker
     from nettel.stream.worker import StreamWorker
 
@@ -143,7 +145,7 @@ def topic_partitions(settings: Settings) -> dict[str, int]:
     """nettel's topics and their partition counts."""
     return dict.fromkeys(
         (settings.topic_stats, settings.topic_alerts, settings.topic_dlq,
-         settings.topic_resources),
+         settings.topic_resources, settings.topic_health),
         settings.partitions,
     )  # fmt: skip
 
@@ -376,6 +378,52 @@ def make_resource_stream(settings: Settings, bootstrap: str, *, epoch: int = 0,
     )  # fmt: skip
 
 
+def make_health_stream(settings: Settings, bootstrap: str, *, epoch: int = 0,
+                       embedded: bool = False) -> HealthStreamWorker:  # fmt: skip
+    """The health stream worker: ``nettel.health`` into the ``health`` table."""
+    from nettel.store.health import HealthTable
+    from nettel.stream.health import HealthStreamWorker
+
+    return HealthStreamWorker(
+        bootstrap, HealthTable(table_uri(settings, "health")), topic=settings.topic_health,
+        dlq_topic=settings.topic_dlq, flush_interval_s=settings.flush_interval_s, epoch=epoch,
+        seal_on_stop=embedded, fresh_log=embedded,
+    )  # fmt: skip
+
+
+def make_health_watcher(settings: Settings, bootstrap: str) -> HealthWatcher | None:
+    """The health watcher on the first engine that answers (None: no engine, so no
+    health events nor dependency map: the procfs source sees no containers by name)."""
+    import docker
+
+    from nettel.broker import ensure_topics
+    from nettel.ingest.health import HealthWatcher
+    from nettel.ingest.publisher import EventPublisher
+
+    topics = topic_partitions(settings)
+
+    async def on_connect() -> None:
+        await ensure_topics(bootstrap, topics)
+
+    for url in engine_candidates(settings) if settings.source != "procfs" else []:
+        try:
+            client = docker.DockerClient(base_url=url, timeout=10)
+            client.ping()
+        except Exception as e:
+            log.warning("health_engine_unavailable", engine=url, error=str(e))
+            continue
+        publisher = EventPublisher(
+            bootstrap,
+            settings.topic_health,
+            max_buffer=settings.buffer_max_events,
+            on_connect=on_connect,
+        )
+        return HealthWatcher(client, publisher, host=settings.host_name,
+                             interval_s=settings.health_interval_s,
+                             proc_root=settings.proc_root)  # fmt: skip
+    return None
+
+
 def maintenance_plan(settings: Settings) -> list[tuple[str, int]]:
     """(table, retention days; 0: forever) for every table nettel writes (how each is
     kept bounded: :data:`~nettel.store.maintenance.TABLE_RULES`)."""
@@ -394,7 +442,8 @@ def maintenance_plan(settings: Settings) -> list[tuple[str, int]]:
             ("resource_minute", settings.retention_minute_days),
             ("resource_hour", settings.retention_hour_days),
             ("resource_day", settings.retention_day_days),
-            ("directory", DIRECTORY_RETENTION_DAYS)]  # fmt: skip
+            ("directory", DIRECTORY_RETENTION_DAYS),
+            ("health", settings.retention_health_days)]  # fmt: skip
 
 
 def maintain_one(
@@ -522,6 +571,9 @@ async def up_roles(settings: Settings, bootstrap: str, broker: EmbeddedBroker | 
     resources = make_resource_stream(settings, bootstrap,
                                      epoch=0 if broker is None else broker.epoch,
                                      embedded=broker is not None)  # fmt: skip
+    health = make_health_stream(settings, bootstrap, epoch=0 if broker is None else broker.epoch,
+                                embedded=broker is not None)  # fmt: skip
+    watcher = await asyncio.to_thread(make_health_watcher, settings, bootstrap)
     server = mcp_server(settings)
     more_servers = more_mcp_servers(settings)
     mcp_options = mcp_http_options(settings)
@@ -557,6 +609,18 @@ async def up_roles(settings: Settings, bootstrap: str, broker: EmbeddedBroker | 
             drained=resources.drained,
             on_rotated=resources.rotated,
             producer=ingest.resource_publisher,
+        ),
+        Role(
+            "health",
+            health.runtime.run,
+            stage=1,
+            drained=health.runtime.drained,
+            on_rotated=health.runtime.rotated,
+        ),
+        *(
+            []
+            if watcher is None
+            else [Role("health-watch", watcher.run, stage=0, producer=watcher.publisher)]
         ),
         Role("maintenance", maintain, stage=2),
         Role("mcp", serve_mcp, stage=2),
@@ -904,7 +968,7 @@ async def cmd_report(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
-MCP_SERVERS = ("network-telemetry", "resource-monitor")
+MCP_SERVERS = ("network-telemetry", "resource-monitor", "health-check")
 
 
 def mcp_server(settings: Settings, name: str = "network-telemetry") -> MCPServer[Any]:
@@ -913,6 +977,10 @@ def mcp_server(settings: Settings, name: str = "network-telemetry") -> MCPServer
         from nettel.mcp.resources import ResourceTools, build_resource_server
 
         return build_resource_server(ResourceTools.for_data_dir(settings.data_dir))
+    if name == "health-check":
+        from nettel.mcp.health import HealthTools, build_health_server
+
+        return build_health_server(HealthTools.for_data_dir(settings.data_dir))
     from nettel.mcp.server import build_server
     from nettel.mcp.tools import TelemetryTools
 
@@ -922,9 +990,10 @@ def mcp_server(settings: Settings, name: str = "network-telemetry") -> MCPServer
 
 def more_mcp_servers(settings: Settings) -> dict[str, MCPServer[Any]]:
     """The servers served beside ``network-telemetry`` over HTTP, by path."""
-    from nettel.mcp.resources import HTTP_PATH
+    from nettel.mcp import health, resources
 
-    return {HTTP_PATH: mcp_server(settings, "resource-monitor")}
+    return {resources.HTTP_PATH: mcp_server(settings, "resource-monitor"),
+            health.HTTP_PATH: mcp_server(settings, "health-check")}  # fmt: skip
 
 
 def mcp_http_options(settings: Settings) -> HttpOptions:
@@ -1327,7 +1396,7 @@ def build_parser() -> argparse.ArgumentParser:
     mcp.add_argument("--server", dest="mcp_server_name", choices=MCP_SERVERS,
                      default="network-telemetry",
                      help="which server over stdio (HTTP serves every one, each at its "
-                     "path: /mcp, /resource-monitor/mcp)")  # fmt: skip
+                     "path: /mcp, /resource-monitor/mcp, /health-check/mcp)")  # fmt: skip
     mcp.add_argument("--http", action="store_true",
                      help="streamable HTTP on NETTEL_MCP_HOST:NETTEL_MCP_PORT/mcp")  # fmt: skip
     mcp.add_argument("--host", dest="mcp_host", help="HTTP bind address (env NETTEL_MCP_HOST)")

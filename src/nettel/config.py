@@ -85,6 +85,14 @@ class Settings:
         "nettel.resources", "NETTEL_TOPIC_RESOURCES",
         "topic of resource events (CPU, memory, block I/O, pids per container)",
     )  # fmt: skip
+    topic_health: str = _field(
+        "nettel.health", "NETTEL_TOPIC_HEALTH",
+        "topic of health events (start, die, oom, healthcheck status) and dependency edges",
+    )  # fmt: skip
+    health_interval_s: float = _field(
+        15.0, "NETTEL_HEALTH_INTERVAL_S",
+        "seconds between polls of engine events and samples of the dependency map",
+    )  # fmt: skip
     broker_port: int = _field(9092, "NETTEL_BROKER_PORT", "loopback port of the embedded broker")
     broker_max_rss_mb: int = _field(
         512,
@@ -127,6 +135,10 @@ class Settings:
     retention_alerts_days: int = _field(
         90, "NETTEL_RETENTION_ALERTS_DAYS",
         "days the alerts and alert_feedback tables keep (0: forever)",
+    )  # fmt: skip
+    retention_health_days: int = _field(
+        30, "NETTEL_RETENTION_HEALTH_DAYS",
+        "days the health table (health events, dependency edges) keeps (0: forever)",
     )  # fmt: skip
     retention_reports_days: int = _field(
         400, "NETTEL_RETENTION_REPORTS_DAYS", "days of stored daily reports kept (0: forever)"
@@ -194,7 +206,7 @@ class Settings:
         for name, number in _NUMBERS.items():
             value = getattr(self, name)
             _check(number.admits(value), name, value, number.allowed)
-        for name in ("topic_stats", "topic_alerts", "topic_dlq", "topic_resources"):
+        for name in ("topic_stats", "topic_alerts", "topic_dlq", "topic_resources", "topic_health"):
             value = getattr(self, name)
             _check(
                 bool(value) and all(c.isalnum() or c in "._-" for c in value),
@@ -373,6 +385,8 @@ _NUMBERS: dict[str, _Number] = {
     "retention_day_days": _Number(int, 0, math.inf, _DAYS),
     "retention_alerts_days": _Number(int, 0, math.inf, _DAYS),
     "retention_reports_days": _Number(int, 0, math.inf, _DAYS),
+    "retention_health_days": _Number(int, 0, math.inf, _DAYS),
+    "health_interval_s": _Number(float, 0, 3600, _SECONDS_1H, low_open=True),
     "mcp_port": _Number(int, 1, 65535, "a TCP port from 1 to 65535"),
     "detect_checkpoint_s": _Number(float, 0, 3600, _SECONDS_1H, low_open=True),
     "price_egress_per_gb": _Number(float, 0, 1e6, "a price per GB >= 0"),

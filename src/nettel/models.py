@@ -865,3 +865,65 @@ class ResourceAggregate:
         return (
             100 * self.sums["cpu_usage_us"] / (self.interval_ms * 1000) if self.interval_ms else 0.0
         )
+
+
+HEALTH_SCHEMA_VERSION = 1
+#: What a :class:`HealthRecord` reports: an engine event (``start``, ``die``, ``oom``,
+#: ``health``: the healthcheck's status changed, ``restart``), a container's state as
+#: first seen (``state``), or one minute of a dependency edge (``edge``).
+HealthKind = Literal["start", "die", "oom", "health", "restart", "state", "edge"]
+
+
+class HealthRecord(msgspec.Struct, frozen=True, kw_only=True):
+    """One health observation of a container, or one minute of a dependency edge.
+
+    Travels as JSON on its own topic (``nettel.health``), keyed by ``container`` (the
+    identity; for an edge the client's), so one container's records stay in order.
+    Events carry the engine's view after the event: ``status`` (``running``,
+    ``exited``, ...), ``health`` (the healthcheck's status: ``healthy``, ``unhealthy``,
+    ``starting``, "" without one), ``restarts`` (the engine's restart count),
+    ``exit_code`` and ``output`` (the last healthcheck output, cut to 256 characters).
+    An edge says ``container`` held ``connections`` TCP connections (the most seen
+    established at once over ``samples`` samples of the minute starting at ``ts_ms``)
+    to ``server``:``port``; ``server`` is a container identity, ``host`` or ``external``.
+
+    Examples
+    --------
+    >>> r = HealthRecord(ts_ms=60_000, host="h", kind="edge", container="client",
+    ...                  server="web", port=8080, connections=2, samples=4)
+    >>> decode_health_record(encode_health_record(r)) == r
+    True
+    """
+
+    ts_ms: Annotated[int, msgspec.Meta(ge=0)]
+    host: str
+    kind: HealthKind
+    container: Annotated[str, msgspec.Meta(min_length=1, max_length=512)]
+    container_id: str = ""
+    status: str = ""
+    health: str = ""
+    restarts: Annotated[int, msgspec.Meta(ge=0)] = 0
+    exit_code: int | None = None
+    oom_killed: bool = False
+    output: Annotated[str, msgspec.Meta(max_length=256)] = ""
+    server: str = ""
+    port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 0
+    connections: Annotated[int, msgspec.Meta(ge=0, le=MAX_SOCKETS)] = 0
+    samples: Annotated[int, msgspec.Meta(ge=0)] = 0
+    first_seen_ms: Annotated[int, msgspec.Meta(ge=0)] = 0
+    last_seen_ms: Annotated[int, msgspec.Meta(ge=0)] = 0
+    schema_version: int = HEALTH_SCHEMA_VERSION
+
+
+_health_encoder = msgspec.json.Encoder()
+_health_decoder = msgspec.json.Decoder(HealthRecord)
+
+
+def encode_health_record(record: HealthRecord) -> bytes:
+    """JSON bytes of ``record``."""
+    return _health_encoder.encode(record)
+
+
+def decode_health_record(data: bytes) -> HealthRecord:
+    """A validated record from JSON bytes; raises ``msgspec.ValidationError``/``DecodeError``."""
+    return _health_decoder.decode(data)

@@ -21,6 +21,7 @@ Examples
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import time
 from collections.abc import Container, Iterable
@@ -120,6 +121,78 @@ def parse_tcp_states(*texts: str) -> TcpStates:
                 continue
             counts[name] = counts.get(name, 0) + 1
     return TcpStates(**counts)
+
+
+def _proc_address(hex_addr: str) -> str:
+    """The text form of an address of ``net/tcp`` (8 hex digits, little-endian words) or
+    ``net/tcp6`` (32); an IPv4-mapped IPv6 address becomes its IPv4 form."""
+    raw = bytes.fromhex(hex_addr)
+    words = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
+    ip = ipaddress.ip_address(words)
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return str(ip)
+
+
+@dataclass(frozen=True, slots=True)
+class TcpConnections:
+    """The TCP sockets of a namespace that a dependency map needs: the ports it listens
+    on and its established connections as (local port, remote address, remote port).
+    ``truncated``: the texts held more sockets than the limit, only the first were read."""
+
+    listening: frozenset[int]
+    established: tuple[tuple[int, str, int], ...]
+    truncated: bool = False
+
+
+def parse_tcp_connections(*texts: str, limit: int = 4096) -> TcpConnections:
+    """Listening ports and established connections of ``net/tcp`` and ``net/tcp6``
+    texts, reading at most ``limit`` socket lines (the work per sample is bounded).
+
+    Examples
+    --------
+    >>> tcp = '''  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid
+    ...    0: 00000000:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0
+    ...    1: 0200580A:1F90 0300580A:A2C4 01 00000000:00000000 00:00000000 00000000     0
+    ...    2: 0200580A:D431 0400580A:1538 01 00000000:00000000 00:00000000 00000000     0
+    ... '''
+    >>> c = parse_tcp_connections(tcp)
+    >>> sorted(c.listening), c.established
+    ([8080], ((8080, '10.88.0.3', 41668), (54321, '10.88.0.4', 5432)))
+    >>> parse_tcp_connections(tcp, limit=1).truncated
+    True
+    """
+    listening: set[int] = set()
+    established: list[tuple[int, str, int]] = []
+    seen = 0
+    for text in texts:
+        for line in text.splitlines()[1:]:
+            parts = line.split(None, 4)
+            if len(parts) < 4:
+                continue
+            if seen >= limit:
+                return TcpConnections(frozenset(listening), tuple(established), True)
+            seen += 1
+            state = parts[3]
+            if state not in ("01", "0A"):
+                continue
+            try:
+                lport = parts[1].rsplit(":", 1)[1]
+                if state == "0A":
+                    listening.add(int(lport, 16))
+                    continue
+                remote, rport = parts[2].rsplit(":", 1)
+                established.append((int(lport, 16), _proc_address(remote), int(rport, 16)))
+            except ValueError:
+                continue
+    return TcpConnections(frozenset(listening), tuple(established))
+
+
+def read_tcp_connections(pid: int, proc_root: str = "/proc", limit: int = 4096) -> TcpConnections:
+    """:func:`parse_tcp_connections` of the namespace of process ``pid``; raises
+    ``OSError`` when it is gone."""
+    base = f"{proc_root}/{pid}/net"
+    return parse_tcp_connections(_read(f"{base}/tcp"), _read(f"{base}/tcp6"), limit=limit)
 
 
 def _read(path: str) -> str:

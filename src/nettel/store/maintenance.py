@@ -117,6 +117,7 @@ TABLE_RULES: Mapping[str, TableRule] = {
     "resource_minute": TableRule("partition"),
     "resource_hour": TableRule("partition"),
     "resource_day": TableRule("partition"),
+    "health": TableRule("partition"),
 }
 
 

@@ -37,7 +37,7 @@ from nettel.store.minute import MinuteTable, PartitionPoint
 from nettel.store.rollup import RollupTable
 from nettel.stream.dedupe import LastFolded
 from nettel.stream.runtime import ConsumerRuntime, ConsumerSettings, completed
-from nettel.stream.validation import dead_letter_value
+from nettel.stream.validation import send_dead_letter
 from nettel.stream.windows import MAX_ROW_COVER_MS, PartitionWindows, _Open
 
 log = structlog.get_logger(__name__)
@@ -325,13 +325,4 @@ class ResourceStreamWorker:
 
     async def _dead_letter(self, record: Any, reason: str) -> None:
         self.dead_lettered += 1
-        metrics.DEAD_LETTERED.inc()
-        log.warning("event_dead_lettered", topic=self.topic, partition=record.partition,
-                    offset=record.offset, reason=reason)  # fmt: skip
-        source = f"{self.topic}/{record.partition}/{record.offset}"
-        value, extra = dead_letter_value(record.value)
-        await self._dlq.send_and_wait(
-            self.dlq_topic, value=value, key=record.key,
-            headers=[("nettel-error", reason.encode()), ("nettel-source", source.encode()),
-                     *extra],
-        )  # fmt: skip
+        await send_dead_letter(self._dlq, self.dlq_topic, record, reason)

@@ -30,11 +30,13 @@ With these, one event's counter is below 2^53 and a minute row (which covers at 
 from __future__ import annotations
 
 from operator import attrgetter
-from typing import Final
+from typing import Any, Final
 
 import msgspec
 import polars as pl
+import structlog
 
+from nettel import metrics
 from nettel.models import COUNTERS, MAX_SOCKETS, StatEvent, decode_wire_event
 from nettel.store.samples import frame_events
 
@@ -183,3 +185,20 @@ def dead_letter_value(value: bytes | None) -> tuple[bytes | None, list[tuple[str
     if value is None or len(value) <= MAX_EVENT_BYTES:
         return value, []
     return value[:MAX_EVENT_BYTES], [("nettel-truncated-from", str(len(value)).encode())]
+
+
+async def send_dead_letter(producer: Any, dlq_topic: str, record: Any, reason: str) -> None:
+    """Send ``record`` (an aiokafka ``ConsumerRecord``) refused for ``reason`` to
+    ``dlq_topic`` with ``producer``: its key and value (:func:`dead_letter_value`), the
+    reason and where it came from in headers; counted and logged."""
+    metrics.DEAD_LETTERED.inc()
+    structlog.get_logger(__name__).warning(
+        "event_dead_lettered", topic=record.topic, partition=record.partition,
+        offset=record.offset, reason=reason,
+    )  # fmt: skip
+    source = f"{record.topic}/{record.partition}/{record.offset}"
+    value, extra = dead_letter_value(record.value)
+    await producer.send_and_wait(
+        dlq_topic, value=value, key=record.key,
+        headers=[("nettel-error", reason.encode()), ("nettel-source", source.encode()), *extra],
+    )  # fmt: skip

@@ -63,9 +63,9 @@ from nettel.stream.recovery import recover_lost_logs
 from nettel.stream.runtime import ConsumerRuntime, ConsumerSettings, completed, record_epoch
 from nettel.stream.validation import (
     MAX_EVENT_BYTES,
-    dead_letter_value,
     invalid_events,
     read_event,
+    send_dead_letter,
     validate,
 )
 from nettel.stream.windows import PartitionWindows, fold_events
@@ -510,16 +510,7 @@ class StreamWorker:
 
     async def _dead_letter(self, record: Any, reason: str) -> None:
         self.stats.dead_lettered += 1
-        metrics.DEAD_LETTERED.inc()
-        log.warning("event_dead_lettered", topic=self.topic, partition=record.partition,
-                    offset=record.offset, reason=reason)  # fmt: skip
-        source = f"{self.topic}/{record.partition}/{record.offset}"
-        value, extra = dead_letter_value(record.value)
-        await self._dlq.send_and_wait(
-            self.dlq_topic, value=value, key=record.key,
-            headers=[("nettel-error", reason.encode()), ("nettel-source", source.encode()),
-                     *extra],
-        )  # fmt: skip
+        await send_dead_letter(self._dlq, self.dlq_topic, record, reason)
 
 
 @contextlib.contextmanager
