@@ -530,11 +530,19 @@ class TelemetryTools:
         return int(self.clock() * 1000)
 
     def warm(self) -> None:
-        """Open the tables and load the container directory once, so that the first
-        question is answered as fast as the next ones (the server calls it once serving)."""
-        self._known()
+        """Load the container directory, answer one question of each kind that the tables
+        serve (a month's top consumer: every traffic table's snapshot, file list and the
+        rollups' pending rows, which the query layer keeps; a day's alerts) and import the
+        forecast model (River), so that the first question is answered as fast as the next
+        ones. The server calls it once serving; what it reads is all cached, nothing more
+        is held."""
+        known = self._known()
         self.query.newest_end_ms()
-        import nettel.report  # noqa: F401  (forecasts and reports: River, charts)
+        self.top_consumers("month", "bytes", "sum", True, 1)
+        self.anomalies(None, "24h", None, "any", 1)
+        if known and self.bands is not None:
+            self.bands.weekly(known[0].container, "tx_bytes")
+        import nettel.report  # noqa: F401  (forecasts and reports: River)
 
     def as_of(self) -> str:
         """The end of the newest minute in the store (UTC), for answers that say no better."""
