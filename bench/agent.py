@@ -511,7 +511,7 @@ async def main() -> None:
         ask = Asker(client)
         answers = await questions(ask, truth, spikes, args.interval_s)
         asked = list(ask.calls)
-        busiest = answers[1]["question"].split()[4]
+        busiest = answers[1]["question"].split()[3]  # "how much did X send ..."
         defaults = await largest_defaults(ask, busiest)
     ms = [c["ms"] for c in asked]
     write_result(
@@ -546,6 +546,7 @@ async def main() -> None:
                 "max": max(ms, default=0),
             },
             "default_answer_chars": defaults,
+            "default_answer_errors": [c["tool"] for c in ask.calls[len(asked) :] if c["error"]],
             "budget_chars": BUDGET,
         },
         " ".join(["python", "bench/agent.py", *sys.argv[1:]]),
