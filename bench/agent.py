@@ -2,20 +2,23 @@
 pipeline filled from `nettel simulate`, each answer checked against the ground truth.
 
 The store: the embedded Tansu broker; `nettel simulate` (a subprocess, with --truth)
-publishes ``--containers`` containers over ``--days`` days, one sample a minute
-(NETTEL_SAMPLE_INTERVAL_S=60) up to now; the stream worker and the detector are built
-by :func:`nettel.cli.make_stream` and :func:`nettel.cli.make_detect` (what `nettel up`
-runs, with its defaults) and run until they have consumed every event; the worker is
-stopped without sealing, so the last minutes are in ``samples`` only (provisional).
-Then `nettel mcp` serves it over stdio and each question gets a scripted choice of
-tools (made from the tool descriptions) and a check against the truth, which is
-recomputed from the simulator's events (same seed) and its spikes file.
+publishes ``--containers`` containers over ``--days`` days, one sample every
+``--interval-s`` (300 s) up to now; the stream worker and the detector are built by
+:func:`nettel.cli.make_stream` and :func:`nettel.cli.make_detect` (what `nettel up` runs,
+with its defaults) and run until they have consumed every event, then stopped as `nettel
+up` stops them (the worker seals its open windows). ``--detect-hours``: the detector reads
+only the last hours of the same events (see :func:`fill`). Then :func:`settle`: a
+maintenance pass and a roll, as a running `nettel up` keeps the store. Then `nettel mcp`
+(with a bytecode cache, as installed) serves it over stdio; after ``tools/list`` and a
+pause (:data:`THINK_S`), each question gets a scripted choice of tools (made from the
+tool descriptions) and a check against the truth, which is recomputed from the
+simulator's events (same seed) and its spikes file.
 
 Per question: calls, characters of each answer, correct or not, latency per call
 (client side). Also the size of ``tools/list`` and the largest default answer of every
 tool. Writes bench/results/agent.json.
 
-    python bench/agent.py [--containers 500] [--days 30]
+    python bench/agent.py [--containers 500] [--days 30] [--detect-hours 48] [--rate 15000]
 """
 
 from __future__ import annotations
