@@ -2,20 +2,23 @@
 pipeline filled from `nettel simulate`, each answer checked against the ground truth.
 
 The store: the embedded Tansu broker; `nettel simulate` (a subprocess, with --truth)
-publishes ``--containers`` containers over ``--days`` days, one sample a minute
-(NETTEL_SAMPLE_INTERVAL_S=60) up to now; the stream worker and the detector are built
-by :func:`nettel.cli.make_stream` and :func:`nettel.cli.make_detect` (what `nettel up`
-runs, with its defaults) and run until they have consumed every event; the worker is
-stopped without sealing, so the last minutes are in ``samples`` only (provisional).
-Then `nettel mcp` serves it over stdio and each question gets a scripted choice of
-tools (made from the tool descriptions) and a check against the truth, which is
-recomputed from the simulator's events (same seed) and its spikes file.
+publishes ``--containers`` containers over ``--days`` days, one sample every
+``--interval-s`` (300 s) up to now; the stream worker and the detector are built by
+:func:`nettel.cli.make_stream` and :func:`nettel.cli.make_detect` (what `nettel up` runs,
+with its defaults) and run until they have consumed every event, then stopped as `nettel
+up` stops them (the worker seals its open windows). ``--detect-hours``: the detector reads
+only the last hours of the same events (see :func:`fill`). Then :func:`settle`: a
+maintenance pass and a roll, as a running `nettel up` keeps the store. Then `nettel mcp`
+(with a bytecode cache, as installed) serves it over stdio; after ``tools/list`` and a
+pause (:data:`THINK_S`), each question gets a scripted choice of tools (made from the
+tool descriptions) and a check against the truth, which is recomputed from the
+simulator's events (same seed) and its spikes file.
 
 Per question: calls, characters of each answer, correct or not, latency per call
 (client side). Also the size of ``tools/list`` and the largest default answer of every
 tool. Writes bench/results/agent.json.
 
-    python bench/agent.py [--containers 500] [--days 30]
+    python bench/agent.py [--containers 500] [--days 30] [--detect-hours 48] [--rate 15000]
 """
 
 from __future__ import annotations
@@ -53,17 +56,26 @@ LAYOUT = 1  # bump when the pipeline's output changes (a cached store is rebuilt
 #: the simulator generates (unpaced, it buffers 200k events before the first send, and
 #: on a loaded machine that first send timed out and publishing stalled).
 PUBLISH_RATE = 4_000
+#: Seconds between ``tools/list`` and the first question in the measured session: an
+#: agent's model reads the tool list first (and clients start their servers before the
+#: user asks). Meanwhile the server opens the store in the background; the first call
+#: without that pause is measured on its own (``first_call_right_after_start_ms``).
+THINK_S = 10.0
 #: Where stores are cached between runs (outside the repository).
 STORE_ROOT = "/work/agent-store"
 
 
 def truth_frame(containers: int, start_ms: int, duration_ms: int, spikes: list[Any],
-                interval_ms: int) -> pl.DataFrame:  # fmt: skip
-    """Every simulated event (same seed as `nettel simulate`), as columns."""
+                interval_ms: int, tail_from_ms: int | None = None,
+                tail: list[Any] | None = None) -> pl.DataFrame:  # fmt: skip
+    """Every simulated event (same seed as `nettel simulate`), as columns; the events at
+    or after ``tail_from_ms`` also appended to ``tail`` (as they were published)."""
     sim = TrafficSimulator(containers, seed=1, interval_ms=interval_ms)
     cols: dict[str, list[Any]] = {k: [] for k in ("ts", "container", "rx", "tx", "errors",
                                                    "drops", "time_wait")}  # fmt: skip
     for e in sim.events(start_ms, duration_ms, spikes):
+        if tail is not None and tail_from_ms is not None and e.ts_ms >= tail_from_ms:
+            tail.append(e)
         cols["ts"].append(e.ts_ms)
         cols["container"].append(e.identity)
         cols["rx"].append(e.rx_bytes)
@@ -74,17 +86,28 @@ def truth_frame(containers: int, start_ms: int, duration_ms: int, spikes: list[A
     return pl.DataFrame(cols).with_columns(minute=pl.col("ts") - pl.col("ts") % MINUTE)
 
 
-def store_key(containers: int, days: float, interval_s: int) -> dict[str, Any]:
+def store_key(containers: int, days: float, interval_s: int,
+              detect_hours: float | None) -> dict[str, Any]:  # fmt: skip
     """What a cached store was built for (a rerun with the same reuses it)."""
-    return {"containers": containers, "days": days, "interval_s": interval_s, "layout": LAYOUT}
+    return {"containers": containers, "days": days, "interval_s": interval_s, "layout": LAYOUT,
+            "detect_hours": detect_hours}  # fmt: skip
 
 
 async def fill(data_dir: str, containers: int, days: float, interval_s: int,
-               say: Callable[[str], None]) -> dict[str, Any]:  # fmt: skip
+               say: Callable[[str], None], *, rate: float = PUBLISH_RATE,
+               detect_hours: float | None = None) -> dict[str, Any]:  # fmt: skip
     """The store, through the shipped pipeline, as `nettel up` runs it (the embedded
     broker with its epoch; the stream worker and the detector built by make_stream and
     make_detect with the epoch and ``embedded=True``) consuming what `nettel simulate`
-    published; the truth written beside it (truth.parquet). Returns the build's figures."""
+    published; the truth written beside it (truth.parquet). Returns the build's figures.
+
+    ``detect_hours``: the detector sees only the last that many hours of the same events
+    (regenerated with the simulator's seed, published by :func:`nettel.cli.publish_events`
+    to a topic of their own, ``<stats topic>.recent``, that the detector reads); None: all.
+    For stores whose full run the detector cannot finish in time (it learns a few hundred
+    events a second on a loaded machine); the traffic tables hold every event either way.
+    """
+    from nettel.cli import publish_events
     from nettel.ingest.simulate import Spike
 
     took: dict[str, float] = {}
@@ -111,36 +134,75 @@ async def fill(data_dir: str, containers: int, days: float, interval_s: int,
         proc = await asyncio.create_subprocess_exec(
             NETTEL, "simulate", "--containers", str(containers), "--hours", str(duration / HOUR),
             "--start-ms", str(start), "--spikes", str(max(10, int(days * 4))), "--truth",
-            str(truth_path), "--rate", str(PUBLISH_RATE), env=env)  # fmt: skip
+            str(truth_path), "--rate", str(rate), env=env)  # fmt: skip
         assert await proc.wait() == 0, "nettel simulate failed"
         took["simulate_s"] = round(time.perf_counter() - t0, 1)
         t0 = time.perf_counter()
         # what `nettel up` runs against its embedded broker (cli.up_roles), started once
         # everything is published (the broker's front shares this event loop with them)
         stream = make_stream(settings, bootstrap, epoch=broker.epoch, embedded=True)
-        detect = make_detect(settings, bootstrap, epoch=broker.epoch)
         stop = asyncio.Event()
-        tasks = [asyncio.create_task(stream.run(stop)), asyncio.create_task(detect.run(stop))]
+        tasks = [asyncio.create_task(stream.run(stop))]
         spikes_doc = [json.loads(x) for x in truth_path.read_text().splitlines()]
         spikes = [Spike(**s) for s in spikes_doc]
+        recent_from = None if detect_hours is None else now - round(detect_hours * HOUR)
+        tail: list[Any] = []
         truth = await asyncio.to_thread(truth_frame, containers, start, duration, spikes,
-                                        interval_s * 1000)  # fmt: skip
+                                        interval_s * 1000, recent_from, tail)  # fmt: skip
         truth.write_parquet(Path(data_dir) / "truth.parquet")
         say(f"published {truth.height} events in {took['simulate_s']} s")
-        while not (stream.stats.consumed >= truth.height and detect.stats.consumed >= truth.height):
+        detect_settings, detect_events = settings, truth.height
+        if recent_from is not None:
+            recent = f"{settings.topic_stats}.recent"
+            await ensure_topics(bootstrap, {recent: PARTITIONS})
+            detect_settings = Settings.from_env({**os.environ, **env_settings,
+                                                 "NETTEL_TOPIC_STATS": recent})  # fmt: skip
+            detect_events = await publish_events(bootstrap, recent, tail, rate,
+                                                 wire_format=settings.wire_format)  # fmt: skip
+            took["detect_events"] = detect_events
+            say(f"published the last {detect_hours} h again for the detector: {detect_events}")
+        detect = make_detect(detect_settings, bootstrap, epoch=broker.epoch)
+        tasks.append(asyncio.create_task(detect.run(stop)))
+        while not (stream.stats.consumed >= truth.height
+                   and detect.stats.consumed >= detect_events):  # fmt: skip
             await asyncio.sleep(5)
             if any(t.done() for t in tasks):
                 raise RuntimeError("a worker stopped")
-            say(f"stream {stream.stats.consumed}, detect {detect.stats.consumed} "
-                f"of {truth.height} ({time.perf_counter() - t0:.0f} s)")  # fmt: skip
+            say(
+                f"stream {stream.stats.consumed} of {truth.height}, detect "
+                f"{detect.stats.consumed} of {detect_events} ({time.perf_counter() - t0:.0f} s)"
+            )
         await asyncio.sleep(settings.flush_interval_s + 2)  # the last closed minutes land
         stop.set()  # the stream worker seals its open windows (the broker's log goes)
         await asyncio.wait_for(asyncio.gather(*tasks), 300)
         took["pipeline_s"] = round(time.perf_counter() - t0, 1)
+        t0 = time.perf_counter()
+        await asyncio.to_thread(settle, data_dir, env)
+        took["maintain_and_roll_s"] = round(time.perf_counter() - t0, 1)
         return {"events": truth.height, "start_ms": start, "duration_ms": duration,
                 "built_at_ms": now, "build": took, "spikes": spikes_doc}  # fmt: skip
     finally:
         await broker.stop()
+
+
+def settle(data_dir: str, env: dict[str, str]) -> None:
+    """The store as a running `nettel up` keeps it, which the fill's few minutes do not
+    reach: a maintenance pass (`nettel store maintain`, what `nettel up` runs hourly),
+    then a roll of every partition into ``hour`` and ``day`` (what the stream worker does
+    every ``NETTEL_ROLLUP_INTERVAL_S``): the rollups then lag the minute table by one
+    roll, not by the whole fill's last commits and the maintenance pass."""
+    import subprocess
+
+    from nettel.store.minute import MinuteTable
+    from nettel.store.rollup import DAY_MS, HOUR_MS, RollupTable
+
+    subprocess.run([NETTEL, "store", "maintain"], env=env, check=True)
+    minute = MinuteTable(f"{data_dir}/minute")
+    hour = RollupTable(f"{data_dir}/hour", minute, HOUR_MS)
+    for table in (hour, RollupTable(f"{data_dir}/day", hour, DAY_MS)):
+        for p in range(PARTITIONS):
+            table.roll(p, writer="nettel-stream", topic=env.get("NETTEL_TOPIC_STATS",
+                                                                "nettel.stats"))  # fmt: skip
 
 
 class Asker:
@@ -343,17 +405,45 @@ def p95(xs: list[float]) -> float:
     return s[max(0, -(-95 * len(s) // 100) - 1)] if s else 0.0
 
 
+async def first_call_after_start(env: dict[str, str]) -> float:
+    """Milliseconds of the first question (q1's call) asked right after ``tools/list``
+    of a server just started: while it still opens the store and imports the forecast
+    layer in the background."""
+    async with Client(StdioServerParameters(command=NETTEL, args=["mcp"], env=env),
+                      read_timeout_seconds=120) as client:  # fmt: skip
+        await client.list_tools()
+        t0 = time.perf_counter()
+        await client.call_tool("get_top_consumers", {"timeframe": "week", "limit": 3})
+        return round((time.perf_counter() - t0) * 1000, 1)
+
+
+def server_env(data_dir: str, pycache: str | None) -> dict[str, str]:
+    """The environment `nettel mcp` runs in. ``pycache``: with a bytecode cache there (as
+    an installed nettel has one: pip compiles at install, the Dockerfile sets
+    ``UV_COMPILE_BYTECODE``), even where ``PYTHONDONTWRITEBYTECODE`` is set and the venv
+    holds no ``.pyc``, as on the test machines; None: every module compiled from source
+    at each start, as there."""
+    env = {**os.environ, "NETTEL_DATA_DIR": data_dir, "NETTEL_PARTITIONS": str(PARTITIONS),
+           "NETTEL_LOG_LEVEL": "warning"}  # fmt: skip
+    if pycache is not None:
+        env.pop("PYTHONDONTWRITEBYTECODE", None)
+        env["PYTHONPYCACHEPREFIX"] = pycache
+    return env
+
+
 async def initialize_times(env: dict[str, str], runs: int) -> dict[str, Any]:
     """Wall time from spawning `nettel mcp` to its answer to ``initialize`` (``runs``
-    times), and what the server has imported by then (``python -X importtime`` of the
-    modules `nettel mcp` loads before serving: the costliest, and whether the store
-    layer is among them)."""
+    times, after one unmeasured start that fills a bytecode cache if ``env`` has one),
+    and what the server has imported by then (``python -X importtime`` of the modules
+    `nettel mcp` loads before serving: the costliest, and whether the store layer is
+    among them)."""
     times = []
-    for _ in range(runs):
+    for i in range(runs + 1):
         t0 = time.perf_counter()
         async with Client(StdioServerParameters(command=NETTEL, args=["mcp"], env=env),
                           read_timeout_seconds=120):  # fmt: skip
-            times.append(time.perf_counter() - t0)
+            if i:
+                times.append(time.perf_counter() - t0)
     probe = (
         "import sys, nettel.cli, nettel.mcp.server; print(sorted(m for m in ('polars', "
         "'deltalake', 'river', 'numpy', 'nettel.store.query') if m in sys.modules))"
@@ -382,8 +472,15 @@ async def main() -> None:
                                                              "nettel-agent-store"),
                         help="where stores are cached (one folder per size; reused)")  # fmt: skip
     parser.add_argument("--build-only", action="store_true", help="build (or find) the store")
+    parser.add_argument("--rate", type=float, default=PUBLISH_RATE, help="events/s published")
+    parser.add_argument(
+        "--detect-hours",
+        type=float,
+        default=None,
+        help="the detector sees only the last that many hours (default: all)",
+    )
     args = parser.parse_args()
-    key = store_key(args.containers, args.days, args.interval_s)
+    key = store_key(args.containers, args.days, args.interval_s, args.detect_hours)
     data_dir = os.path.join(args.store_root,
                             f"{args.containers}x{args.days:g}d-{args.interval_s}s")  # fmt: skip
     meta_path = Path(data_dir) / "store.json"
@@ -393,15 +490,18 @@ async def main() -> None:
             sys.exit(f"{data_dir} holds an unfinished or other store: remove it")
         await asyncio.to_thread(os.makedirs, data_dir, exist_ok=True)
         meta = {**key, **await fill(data_dir, args.containers, args.days, args.interval_s,
-                                    lambda m: print(m, file=sys.stderr, flush=True))}  # fmt: skip
+                                    lambda m: print(m, file=sys.stderr, flush=True),
+                                    rate=args.rate, detect_hours=args.detect_hours)}  # fmt: skip
         meta_path.write_text(json.dumps(meta))
     if args.build_only:
         return
     truth = pl.read_parquet(Path(data_dir) / "truth.parquet")
     spikes = meta["spikes"]
-    env = {**os.environ, "NETTEL_DATA_DIR": data_dir, "NETTEL_PARTITIONS": str(PARTITIONS),
-           "NETTEL_LOG_LEVEL": "warning"}  # fmt: skip
+    load_before = os.getloadavg()
+    env = server_env(data_dir, os.path.join(args.store_root, "pycache"))
     initialize = await initialize_times(env, 5)
+    initialize_no_pyc = await initialize_times(server_env(data_dir, None), 3)
+    cold = [await first_call_after_start(env) for _ in range(3)]
     t0 = time.perf_counter()
     async with Client(StdioServerParameters(command=NETTEL, args=["mcp"], env=env),
                       read_timeout_seconds=120) as client:  # fmt: skip
@@ -410,10 +510,11 @@ async def main() -> None:
         tools_list_chars = len(json.dumps(
             [t.model_dump(mode="json", by_alias=True, exclude_none=True) for t in listing],
             separators=(",", ":")))  # fmt: skip
+        await asyncio.sleep(THINK_S)
         ask = Asker(client)
         answers = await questions(ask, truth, spikes, args.interval_s)
         asked = list(ask.calls)
-        busiest = answers[1]["question"].split()[4]
+        busiest = answers[1]["question"].split()[3]  # "how much did X send ..."
         defaults = await largest_defaults(ask, busiest)
     ms = [c["ms"] for c in asked]
     write_result(
@@ -430,6 +531,13 @@ async def main() -> None:
             "sample_interval_s": args.interval_s,
             "initialize_s": round(initialized_s, 2),
             "initialize": initialize,
+            "initialize_without_bytecode_cache": initialize_no_pyc,
+            "think_s": THINK_S,
+            "first_call_right_after_start_ms": cold,
+            "load_average": {
+                "before": [round(x, 1) for x in load_before],
+                "after": [round(x, 1) for x in os.getloadavg()],
+            },
             "tools_list_chars": tools_list_chars,
             "correct": sum(a["correct"] for a in answers),
             "questions": answers,
@@ -441,6 +549,7 @@ async def main() -> None:
                 "max": max(ms, default=0),
             },
             "default_answer_chars": defaults,
+            "default_answer_errors": [c["tool"] for c in ask.calls[len(asked) :] if c["error"]],
             "budget_chars": BUDGET,
         },
         " ".join(["python", "bench/agent.py", *sys.argv[1:]]),

@@ -10,6 +10,7 @@ nothing raises with the closest known names, one that matches several with the m
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import difflib
 import json
@@ -530,11 +531,24 @@ class TelemetryTools:
         return int(self.clock() * 1000)
 
     def warm(self) -> None:
-        """Open the tables and load the container directory once, so that the first
-        question is answered as fast as the next ones (the server calls it once serving)."""
-        self._known()
+        """Load the container directory and answer one question of each kind that the
+        tables serve: a month's top consumer (every traffic table's snapshot, file list
+        and the rollups' pending rows, which the query layer keeps), a day's alerts, a
+        band, a forecast (River's import, and the hourly history's files, which the query
+        layer keeps too). Then the first question is answered as fast as the next ones.
+        The server calls it once serving; it holds only what those caches hold."""
+        known = self._known()
         self.query.newest_end_ms()
-        import nettel.report  # noqa: F401  (forecasts and reports: River, charts)
+        self.top_consumers("month", "bytes", "sum", True, 1)
+        self.anomalies(None, "24h", None, "any", 1)
+        import nettel.report  # noqa: F401  (forecasts and reports: River)
+
+        if known:
+            recent = max(known, key=lambda e: (e.last_seen_ms, e.container)).container
+            if self.bands is not None:
+                self.bands.weekly(recent, "tx_bytes")
+            with contextlib.suppress(ToolInputError):  # under three days of history
+                self.forecast(recent, "bytes", 7)
 
     def as_of(self) -> str:
         """The end of the newest minute in the store (UTC), for answers that say no better."""

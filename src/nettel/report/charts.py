@@ -1,7 +1,8 @@
 """The report's charts as PNG images (matplotlib's Agg canvas, no pyplot global state).
 
 Each function takes the report and returns PNG bytes, or ``None`` when the report has
-nothing to draw (the HTML then says so in words).
+nothing to draw (the HTML then says so in words). matplotlib is imported at the first
+chart: Markdown reports and the MCP server never load it (~1 s of imports).
 
 Examples
 --------
@@ -15,15 +16,15 @@ from __future__ import annotations
 import datetime as dt
 import io
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from zoneinfo import ZoneInfo
-
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
-from matplotlib.ticker import FuncFormatter
 
 from nettel.report.daily import DailyReport
 from nettel.report.forecast import HOUR_MS
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import FuncFormatter
 
 _COLORS = (
     "#1f77b4",
@@ -57,8 +58,24 @@ def _axis_bytes(value: float, _pos: object) -> str:
     return human_bytes(value)
 
 
-def _png(fig: Figure) -> bytes:
+def _figure(figsize: tuple[float, float]) -> Figure:
+    """A new figure on the Agg canvas (imports matplotlib the first time)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=figsize, layout="constrained")
     FigureCanvasAgg(fig)
+    return fig
+
+
+def _bytes_formatter() -> FuncFormatter:
+    """Axis labels in human bytes."""
+    from matplotlib.ticker import FuncFormatter
+
+    return FuncFormatter(_axis_bytes)
+
+
+def _png(fig: Figure) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
     return buf.getvalue()
@@ -68,12 +85,12 @@ def bar_png(
     labels: Sequence[str], values: Sequence[float], title: str, notes: Sequence[str] | None = None
 ) -> bytes:
     """A horizontal bar chart, largest on top, bytes on the x axis."""
-    fig = Figure(figsize=(8, 0.45 * len(labels) + 1.4), layout="constrained")
+    fig = _figure((8, 0.45 * len(labels) + 1.4))
     ax = fig.add_subplot()
     y = list(range(len(labels)))[::-1]
     ax.barh(y, values, color=_COLORS[0])
     ax.set_yticks(y, labels)
-    ax.xaxis.set_major_formatter(FuncFormatter(_axis_bytes))
+    ax.xaxis.set_major_formatter(_bytes_formatter())
     ax.set_title(title)
     for yi, v, note in zip(y, values, notes or [""] * len(labels), strict=True):
         ax.text(v, yi, f" {note}", va="center", fontsize=8)
@@ -85,7 +102,7 @@ def day_traffic_png(report: DailyReport) -> bytes | None:
     """All containers' bytes in and out per hour of the day (stacked bars)."""
     if not report.hourly:
         return None
-    fig = Figure(figsize=(8, 3.2), layout="constrained")
+    fig = _figure((8, 3.2))
     ax = fig.add_subplot()
     x = list(range(len(report.hourly)))
     ins = [h.bytes_in for h in report.hourly]
@@ -94,7 +111,7 @@ def day_traffic_png(report: DailyReport) -> bytes | None:
     ax.bar(x, outs, bottom=ins, color=_COLORS[1], label="out (tx)")
     ax.set_xticks(x[::2], [h.hour[:2] for h in report.hourly][::2])
     ax.set_xlabel(f"hour ({report.timezone})")
-    ax.yaxis.set_major_formatter(FuncFormatter(_axis_bytes))
+    ax.yaxis.set_major_formatter(_bytes_formatter())
     ax.set_title(f"Traffic over {report.date}, per hour")
     ax.legend(loc="upper left", fontsize=8)
     return _png(fig)
@@ -116,7 +133,7 @@ def trend_png(report: DailyReport, lines: int = 5) -> bytes | None:
     """Bytes per day over the last 30 days for the top containers."""
     if not report.trend:
         return None
-    fig = Figure(figsize=(8, 3.2), layout="constrained")
+    fig = _figure((8, 3.2))
     ax = fig.add_subplot()
     days: Any = [dt.date.fromisoformat(d) for d in report.trend[0].days]
     for i, t in enumerate(report.trend[:lines]):
@@ -124,7 +141,7 @@ def trend_png(report: DailyReport, lines: int = 5) -> bytes | None:
     seen = [v for t in report.trend[:lines] for v in t.bytes if v > 0]
     if seen and max(seen) > 50 * min(seen):
         ax.set_yscale("log")  # containers far apart: each line stays readable
-    ax.yaxis.set_major_formatter(FuncFormatter(_axis_bytes))
+    ax.yaxis.set_major_formatter(_bytes_formatter())
     ax.set_title("Bytes per day, last 30 days")
     ax.legend(loc="upper left", fontsize=8)
     fig.autofmt_xdate()
@@ -137,7 +154,7 @@ def forecast_png(report: DailyReport, lines: int = 3) -> bytes | None:
     if not shown:
         return None
     zone = ZoneInfo(report.timezone)
-    fig = Figure(figsize=(8, 3.2), layout="constrained")
+    fig = _figure((8, 3.2))
     ax = fig.add_subplot()
     for i, f in enumerate(shown):
         when: Any = [
@@ -152,7 +169,7 @@ def forecast_png(report: DailyReport, lines: int = 3) -> bytes | None:
         ax.fill_between(
             when, [v * lo for v in f.hourly], [v * hi for v in f.hourly], color=color, alpha=0.2
         )
-    ax.yaxis.set_major_formatter(FuncFormatter(_axis_bytes))
+    ax.yaxis.set_major_formatter(_bytes_formatter())
     level = f"{report.forecast.level:.0%}"
     ax.set_title(
         f"Forecast bytes per hour, next {report.forecast.horizon_days} days ({level} interval)"

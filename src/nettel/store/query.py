@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -361,6 +362,9 @@ class TrafficQuery:
         self._pending: dict[str, _Pending] = {}
         self._files: dict[str, tuple[int, pl.DataFrame]] = {}
         self._small: dict[str, pl.DataFrame] = {}
+        #: guards ``_small`` (the MCP server asks from several threads: its warm-up and
+        #: the tool calls, and over HTTP several clients at once)
+        self._small_lock = threading.Lock()
 
     def _table(self, table: MinuteTable) -> DeltaTable | None:
         """The table's latest snapshot (loaded once, then updated incrementally)."""
@@ -414,6 +418,10 @@ class TrafficQuery:
         until maintenance rewrites them: opening each at every query would cost more
         than reading the rest. Files gone from the table are dropped from the cache.
         """
+        with self._small_lock:
+            return self._small_files_locked(table, paths)
+
+    def _small_files_locked(self, table: MinuteTable, paths: list[str]) -> pl.DataFrame:
         missing = [p for p in paths if p not in self._small]
         if missing:
             fresh = (pl.scan_parquet(missing, hive_partitioning=True,
@@ -456,7 +464,8 @@ class TrafficQuery:
                "records": pl.Int64()})  # fmt: skip
         self._files[table.uri] = (snap.version(), files)
         live = {p for _, f in self._files.values() for p in f["path"]}
-        self._small = {p: rows for p, rows in self._small.items() if p in live}
+        with self._small_lock:
+            self._small = {p: rows for p, rows in self._small.items() if p in live}
         return files
 
     def newest_ms(self) -> int | None:
