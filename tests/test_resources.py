@@ -19,7 +19,7 @@ import pytest
 
 from conftest import IMAGE, Engine, consume_all, wait_for
 from nettel.broker import EmbeddedBroker, ensure_topics
-from nettel.detect.resources import ResourceFinding, ResourceSignals
+from nettel.detect.alerts import Alert, decode_alert
 from nettel.ingest.cgroups import CgroupReader, ResourceTracker
 from nettel.ingest.publisher import EventPublisher
 from nettel.ingest.service import IngestService
@@ -30,11 +30,12 @@ from nettel.models import (
     decode_resource_event,
     encode_resource_event,
 )
+from nettel.store.alerts import AlertTable
 from nettel.store.resources import RESOURCE_ROLLUP, ResourceMinuteTable
 from nettel.store.rollup import HOUR_MS, RollupTable
 from nettel.stream.resources import ResourceStreamWorker
 
-TOPICS = {"nettel.stats": 2, "nettel.resources": 2, "nettel.stats.dlq": 1}
+TOPICS = {"nettel.stats": 2, "nettel.resources": 2, "nettel.stats.dlq": 1, "nettel.alerts": 2}
 MiB = 1 << 20
 
 
@@ -248,8 +249,9 @@ async def test_burner_holder_writer_stats_equal_their_cgroup_counters(
 
     table = ResourceMinuteTable(str(tmp_path / "resource_minute"))
     hour = RollupTable(str(tmp_path / "resource_hour"), table, HOUR_MS, spec=RESOURCE_ROLLUP)
+    alerts = AlertTable(str(tmp_path / "alerts"))
     worker = ResourceStreamWorker(bootstrap, table, flush_interval_s=0.5, rollups=[hour],
-                                  seal_on_stop=True, grace_ms=1000)  # fmt: skip
+                                  seal_on_stop=True, grace_ms=1000, alerts=alerts)  # fmt: skip
     wstop = asyncio.Event()
     wtask = asyncio.create_task(worker.run(wstop))
     await wait_for(lambda: worker.consumed >= sent, 60, "every resource event consumed")
@@ -278,22 +280,32 @@ async def test_burner_holder_writer_stats_equal_their_cgroup_counters(
     assert 0 < peak < 250  # about a tenth of a core at most, sample by sample
     assert cpu["cpu_throttled_periods"].sum() > 0
     assert rows.filter(pl.col("name") == names["disk"])["io_write_bytes"].sum() >= 4 * MiB
-    # the signals on the events as they came: the leak is seen, with the time it has left,
-    # before the OOM kill, which is reported too; the capped burner is throttled
-    signals = ResourceSignals()
-    found: dict[str, list[ResourceFinding]] = {}
-    for ev in sorted(events, key=lambda e: e.ts_ms):
-        for f in signals.update(ev):
-            found.setdefault(f"{f.identity}:{f.kind}", []).append(f)
-    leaks = found.get(f"{names['leak']}:memory_leak", [])
-    kills = found.get(f"{names['leak']}:oom_kill", [])
-    assert leaks, found.keys()
-    assert kills, found.keys()
-    assert leaks[0].ts_ms < kills[0].ts_ms
-    assert leaks[0].time_to_limit_s is not None
-    assert 0 < leaks[0].time_to_limit_s < 60
-    assert found.get(f"{names['cpu']}:cpu_throttling"), found.keys()
-    assert not any(k.startswith(names["mem"]) for k in found)  # steady memory: no leak
+    # the resource alerts the worker published: the leak is seen, with the time it has
+    # left, before the OOM kill, which is reported too; the capped burner is throttled
+    published = [decode_alert(m.value) for m in await consume_all(bootstrap, "nettel.alerts")]
+    assert len(published) == worker.alerts_published
+    firsts: dict[tuple[str, str], Alert] = {}
+    for a in published:
+        firsts.setdefault((a.identity, a.rule), a)
+    leak = firsts.get((names["leak"], "memory_leak"))
+    kill = firsts.get((names["leak"], "oom_kill"))
+    throttled = firsts.get((names["cpu"], "cpu_throttling"))
+    assert leak is not None, list(firsts)
+    assert kill is not None, list(firsts)
+    assert throttled is not None, list(firsts)
+    assert (leak.status, kill.status, throttled.status) == ("open", "open", "open")
+    assert leak.updated_ms < kill.started_ms  # raised before the kill
+    assert leak.time_to_limit_s is not None
+    assert 0 < leak.time_to_limit_s < 60
+    assert f"{leak.time_to_limit_s:.0f} s" in leak.explanation
+    assert "killed for memory" in kill.explanation
+    assert kill.severity == "critical"
+    assert "throttled" in throttled.explanation
+    assert not any(a.identity == names["mem"] for a in published)  # steady memory: quiet
+    kept = alerts.latest()  # every published version is in the table, once
+    assert sorted(kept["id"].to_list()) == sorted({a.id for a in published})
+    assert pl.scan_delta(alerts.uri).select(pl.len()).collect().item() == len(published)
+    assert kept.filter(pl.col("rule") == "memory_leak")["time_to_limit_s"].min() > 0  # type: ignore[operator]
     mem = rows.filter(pl.col("name") == names["mem"]).sort("ts").row(-1, named=True)
     assert mem["memory_limit_bytes_last"] == 64 * MiB
     assert abs(mem["memory_bytes_last"] - after["mem"]["memory_bytes"]) < 2 * MiB

@@ -358,7 +358,9 @@ def make_stream(
 def make_resource_stream(settings: Settings, bootstrap: str, *, epoch: int = 0,
                          embedded: bool = False) -> ResourceStreamWorker:  # fmt: skip
     """The resource stream worker: ``nettel.resources`` into ``resource_minute``, rolled
-    into ``resource_hour`` and ``resource_day`` (the network stream's windows and rules)."""
+    into ``resource_hour`` and ``resource_day`` (the network stream's windows and rules),
+    and its resource alerts (leak, OOM kill, throttling) on the alerts topic and table."""
+    from nettel.store.alerts import AlertTable
     from nettel.store.resources import RESOURCE_ROLLUP, ResourceMinuteTable
     from nettel.store.rollup import DAY_MS, HOUR_MS, RollupTable
     from nettel.stream.resources import ResourceStreamWorker
@@ -372,7 +374,8 @@ def make_resource_stream(settings: Settings, bootstrap: str, *, epoch: int = 0,
         grace_ms=round(settings.window_grace_s * 1000),
         flush_interval_s=settings.flush_interval_s, rollups=[hour, day],
         rollup_interval_s=settings.rollup_interval_s, epoch=epoch, seal_on_stop=embedded,
-        fresh_log=embedded,
+        fresh_log=embedded, alerts=AlertTable(table_uri(settings, "alerts")),
+        alerts_topic=settings.topic_alerts,
     )  # fmt: skip
 
 
