@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sys
 import threading
 import time
 from pathlib import Path
@@ -16,6 +17,8 @@ from typing import Any
 
 import polars as pl
 import pytest
+from mcp import Client
+from mcp.client.stdio import StdioServerParameters
 
 from conftest import IMAGE, Engine, consume_all, wait_for
 from nettel.broker import EmbeddedBroker, ensure_topics
@@ -35,6 +38,7 @@ from nettel.store.resources import RESOURCE_ROLLUP, ResourceMinuteTable
 from nettel.store.rollup import HOUR_MS, RollupTable
 from nettel.stream.resources import ResourceStreamWorker
 
+NETTEL = str(Path(sys.executable).with_name("nettel"))
 TOPICS = {"nettel.stats": 2, "nettel.resources": 2, "nettel.stats.dlq": 1, "nettel.alerts": 2}
 MiB = 1 << 20
 
@@ -362,3 +366,69 @@ async def test_resource_stream_restarted_midway_counts_every_event_once(
         assert rows[c].sum() == sum(getattr(e, c) for e in events), c
     assert rows["samples"].sum() == len(events)
     assert rows["memory_bytes_sum"].sum() == sum(e.memory_bytes for e in events)
+
+
+# -- restart_container: allowed, confirmed, rate-limited, audited, published -----------
+
+
+def answer_text(result: Any) -> str:
+    return " ".join(getattr(c, "text", "") for c in result.content)
+
+
+@pytest.mark.engine
+@pytest.mark.broker
+async def test_restart_container_over_stdio_restarts_only_what_is_allowed_and_audits_it(
+    engine: Engine, broker: EmbeddedBroker, tmp_path: Path
+) -> None:
+    tag = os.urandom(3).hex()
+    # PID 1 of a container ignores SIGTERM unless it traps it: stop at once when asked
+    loop = "trap 'exit 0' TERM; while true; do sleep 0.2; done"
+    allowed = run(engine, loop, name=f"nt-act-ok-{tag}")
+    other = run(engine, loop, name=f"nt-act-no-{tag}")
+    before = {c.name: (engine.pid(c), c.attrs["State"]["StartedAt"]) for c in (allowed, other)}
+    await ensure_topics(broker.bootstrap_servers, TOPICS)
+    env = {**os.environ, "NETTEL_DATA_DIR": str(tmp_path), "NETTEL_LOG_FORMAT": "json",
+           "NETTEL_ACTIONS_CONTAINERS": f"{allowed.name},nt-act-absent-{tag}",
+           "DOCKER_HOST": engine.url,
+           "KAFKA_BOOTSTRAP_SERVERS": broker.bootstrap_servers}  # fmt: skip
+    params = StdioServerParameters(command=NETTEL, args=["mcp", "--server", "resource-monitor"],
+                                   env=env)  # fmt: skip
+    async with Client(params, read_timeout_seconds=60) as client:
+        names = {t.name for t in (await client.list_tools()).tools}
+        assert "restart_container" in names
+        refused = [
+            await client.call_tool("restart_container", {"container": other.name, "confirm": True}),
+            await client.call_tool("restart_container", {"container": allowed.name}),
+            await client.call_tool("restart_container",
+                                   {"container": allowed.name, "confirm": False}),
+        ]  # fmt: skip
+        assert [r.is_error for r in refused] == [True, True, True]
+        assert "not in NETTEL_ACTIONS_CONTAINERS" in answer_text(refused[0])
+        assert "confirm=true" in answer_text(refused[1])
+        done = await client.call_tool("restart_container",
+                                      {"container": allowed.name, "confirm": True})  # fmt: skip
+        assert not done.is_error, answer_text(done)
+        again = await client.call_tool("restart_container",
+                                       {"container": allowed.name, "confirm": True})  # fmt: skip
+        assert again.is_error
+        assert "try again in" in answer_text(again)
+        for r in (*refused, done, again):
+            assert len(answer_text(r)) <= 8_000
+    doc = done.structured_content
+    assert doc is not None
+    assert (doc["container"], doc["done"], doc["published"]) == (allowed.name, True, True)
+    for c in (allowed, other):
+        c.reload()
+    assert allowed.status == "running"
+    assert (engine.pid(allowed), allowed.attrs["State"]["StartedAt"]) != before[allowed.name]
+    assert (engine.pid(other), other.attrs["State"]["StartedAt"]) == before[other.name]
+    assert doc["container_id"] == allowed.id
+    # one audit row (the refused calls change nothing) and the same record on the topic
+    rows = pl.scan_delta(str(tmp_path / "alerts")).collect()
+    assert rows["rule"].to_list() == ["restart_container"]
+    assert rows["id"].to_list() == [doc["audit_id"]]
+    assert rows["container"].to_list() == [allowed.name]
+    events = [decode_alert(m.value) for m in await consume_all(broker.bootstrap_servers,
+                                                               "nettel.alerts")]  # fmt: skip
+    assert [(a.id, a.rule, a.identity) for a in events] == [
+        (doc["audit_id"], "restart_container", allowed.name)]  # fmt: skip

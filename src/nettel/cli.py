@@ -40,6 +40,7 @@ if TYPE_CHECKING:
     from nettel.detect.rules import Rule
     from nettel.ingest.service import IngestService
     from nettel.ingest.sources import Source
+    from nettel.mcp.actions import ContainerActions
     from nettel.mcp.server import HttpOptions
     from nettel.models import StatEvent
     from nettel.report import Prices
@@ -526,7 +527,7 @@ async def up_roles(settings: Settings, bootstrap: str, broker: EmbeddedBroker | 
                                      epoch=0 if broker is None else broker.epoch,
                                      embedded=broker is not None)  # fmt: skip
     server = mcp_server(settings)
-    more_servers = more_mcp_servers(settings)
+    more_servers = more_mcp_servers(settings, bootstrap)
     mcp_options = mcp_http_options(settings)
 
     async def maintain(stop: asyncio.Event) -> None:
@@ -910,12 +911,15 @@ async def cmd_report(settings: Settings, args: argparse.Namespace) -> int:
 MCP_SERVERS = ("network-telemetry", "resource-monitor")
 
 
-def mcp_server(settings: Settings, name: str = "network-telemetry") -> MCPServer[Any]:
-    """The MCP server ``name`` (one of :data:`MCP_SERVERS`) over the data dir's tables."""
+def mcp_server(settings: Settings, name: str = "network-telemetry",
+               bootstrap: str | None = None) -> MCPServer[Any]:  # fmt: skip
+    """The MCP server ``name`` (one of :data:`MCP_SERVERS`) over the data dir's tables
+    (``bootstrap``: the broker acting tools publish to, default the configured one)."""
     if name == "resource-monitor":
         from nettel.mcp.resources import ResourceTools, build_resource_server
 
-        return build_resource_server(ResourceTools.for_data_dir(settings.data_dir))
+        return build_resource_server(ResourceTools.for_data_dir(settings.data_dir),
+                                     container_actions(settings, bootstrap))  # fmt: skip
     from nettel.mcp.server import build_server
     from nettel.mcp.tools import TelemetryTools
 
@@ -923,11 +927,64 @@ def mcp_server(settings: Settings, name: str = "network-telemetry") -> MCPServer
         settings.data_dir, partitions=settings.partitions, topic=settings.topic_stats))  # fmt: skip
 
 
-def more_mcp_servers(settings: Settings) -> dict[str, MCPServer[Any]]:
+def container_actions(settings: Settings,
+                      bootstrap: str | None = None) -> ContainerActions | None:  # fmt: skip
+    """The acting MCP tools' checks and means, when ``NETTEL_ACTIONS_CONTAINERS`` names
+    containers (else None: the tools are not offered): restarts through the engine API
+    (``DOCKER_HOST`` or the first engine socket found), audit rows in ``alerts``, events
+    on the alerts topic of ``bootstrap`` (default ``KAFKA_BOOTSTRAP_SERVERS``) if any."""
+    from nettel.mcp.actions import ActionPolicy, ContainerActions
+    from nettel.store.alerts import AlertTable
+
+    policy = ActionPolicy.parse(settings.actions_containers)
+    if not policy.enabled:
+        return None
+    urls = engine_candidates(settings)
+
+    def restart(name: str, timeout_s: int) -> str:
+        import docker
+
+        if not urls:
+            raise EngineUnavailableError("no engine socket found: set DOCKER_HOST")
+        client = docker.DockerClient(base_url=urls[0], timeout=timeout_s + 30)
+        try:
+            container = client.containers.get(name)
+            container.restart(timeout=timeout_s)
+            return str(container.id)
+        finally:
+            client.close()
+
+    publish = None
+    broker = bootstrap or settings.kafka_bootstrap_servers
+    if broker is not None:
+        topic = settings.topic_alerts
+
+        def publish(key: bytes, value: bytes) -> None:
+            asyncio.run(_send_one(broker, topic, key, value))
+
+    audit = AlertTable(table_uri(settings, "alerts"))
+    return ContainerActions(policy, restart=restart, audit=audit, publish=publish,
+                            host=settings.host)  # fmt: skip
+
+
+async def _send_one(bootstrap: str, topic: str, key: bytes, value: bytes) -> None:
+    """One record on ``topic``, acknowledged by every in-sync replica."""
+    from aiokafka import AIOKafkaProducer
+
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")
+    await producer.start()
+    try:
+        await producer.send_and_wait(topic, value, key=key)
+    finally:
+        await producer.stop()
+
+
+def more_mcp_servers(settings: Settings,
+                     bootstrap: str | None = None) -> dict[str, MCPServer[Any]]:  # fmt: skip
     """The servers served beside ``network-telemetry`` over HTTP, by path."""
     from nettel.mcp.resources import HTTP_PATH
 
-    return {HTTP_PATH: mcp_server(settings, "resource-monitor")}
+    return {HTTP_PATH: mcp_server(settings, "resource-monitor", bootstrap)}
 
 
 def mcp_http_options(settings: Settings) -> HttpOptions:

@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field, model_serializer
 
+from nettel.mcp.actions import ContainerActions, register_actions
 from nettel.mcp.answers import page
 from nettel.mcp.server import (
     AggregationArg,
@@ -262,8 +263,11 @@ class ResourceTools:
                            as_of=None if newest is None else iso(newest))  # fmt: skip
 
 
-def build_resource_server(tools: ResourceTools) -> TelemetryServer:
-    """The ``resource-monitor`` MCP server over ``tools``."""
+def build_resource_server(
+    tools: ResourceTools, actions: ContainerActions | None = None
+) -> TelemetryServer:
+    """The ``resource-monitor`` MCP server over ``tools``; with ``actions`` enabled, also
+    the acting tools (:func:`~nettel.mcp.actions.register_actions`)."""
     from nettel import version
 
     server = TelemetryServer(SERVER_NAME, instructions=INSTRUCTIONS, as_of=tools.as_of,
@@ -310,4 +314,5 @@ def build_resource_server(tools: ResourceTools) -> TelemetryServer:
         buckets left out."""
         return await _answer(lambda: tools.series(container, timeframe, metric, max_points))
 
+    register_actions(server, actions)
     return server
