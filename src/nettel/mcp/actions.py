@@ -8,7 +8,9 @@ listed at all. Every call is checked before anything happens:
 - ``confirm`` must be true (an agent says it means it);
 - rate limits: a container is restarted at most once per ``cooldown_s`` and all of them
   together at most ``max_per_hour`` times an hour (restart loops are what go wrong with
-  auto-healers; these caps bound the damage a confused agent can do).
+  auto-healers; these caps bound the damage a confused agent can do). The first call
+  reads the last hour's restarts from the audit rows, so the limits hold across server
+  processes and restarts.
 
 A permitted call restarts the container through the engine API (the ``restart``
 callable the composition root gives: the engine's ``POST /containers/{name}/restart``),
@@ -37,6 +39,7 @@ from dataclasses import dataclass
 from typing import Annotated, Any
 
 import msgspec
+import polars as pl
 from pydantic import BaseModel, Field
 
 from nettel.detect.alerts import Alert, alert_id, encode_alert
@@ -100,6 +103,7 @@ class ContainerActions:
         self._last: dict[str, float] = {}
         self._recent: deque[float] = deque()
         self._lock = threading.Lock()  # calls run in threads: check and reserve at once
+        self._loaded = False
 
     def check(self, container: str, confirm: bool) -> None:
         """Raise (with what would be accepted) unless ``container`` may be acted on now."""
@@ -110,6 +114,8 @@ class ContainerActions:
         if confirm is not True:
             raise ToolInputError(f"restarting {container!r} needs confirm=true; nothing done")
         now = self.clock()
+        if not self._loaded:
+            self._load_history(now)
         while self._recent and self._recent[0] <= now - 3600:
             self._recent.popleft()
         last = self._last.get(container)
@@ -121,6 +127,16 @@ class ContainerActions:
         if len(self._recent) >= self.policy.max_per_hour:
             raise ToolInputError(f"{self.policy.max_per_hour} restarts in the last hour: the "
                                  "cap is reached; try again later")  # fmt: skip
+
+    def _load_history(self, now: float) -> None:
+        """The last hour's restarts from the audit rows, so the limits hold across
+        processes (each stdio client starts its own server) and restarts of nettel."""
+        rows = self.audit.latest(since_ms=int((now - 3600) * 1000))
+        for r in rows.filter(pl.col("rule") == RESTART_RULE).sort("started").iter_rows(named=True):
+            at = r["started"].timestamp()
+            self._recent.append(at)
+            self._last[r["container"]] = max(at, self._last.get(r["container"], at))
+        self._loaded = True
 
     def restart(self, container: str, confirm: bool, timeout_s: int = 10) -> ActionDone:
         """``restart_container``: checked, done through the engine, audited, published."""
