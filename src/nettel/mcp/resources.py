@@ -36,7 +36,7 @@ from nettel.mcp.tools import (
     resolve_container,
     window,
 )
-from nettel.store.query import Aggregation
+from nettel.store.query import Aggregation, summarize
 from nettel.store.resource_query import ResourceQuery
 
 SERVER_NAME = "resource-monitor"
@@ -142,21 +142,6 @@ class ResourceSeries(BaseModel):
     as_of: str | None = None
 
 
-def _summary(values: list[float]) -> dict[str, float | None]:
-    """min, max, avg and p95 (nearest rank) of ``values``.
-
-    Examples
-    --------
-    >>> _summary([1.0, 3.0, 2.0])
-    {'min': 1.0, 'max': 3.0, 'avg': 2.0, 'p95': 3.0}
-    """
-    if not values:
-        return dict.fromkeys(("min", "max", "avg", "p95"))
-    ordered = sorted(values)
-    p95 = ordered[min(len(ordered) - 1, max(0, -(-95 * len(ordered) // 100) - 1))]
-    return {"min": ordered[0], "max": ordered[-1], "avg": sum(values) / len(values), "p95": p95}
-
-
 def _data(values: dict[str, float | int | None]) -> ResourceData:
     return ResourceData.model_validate(values)
 
@@ -227,12 +212,11 @@ class ResourceTools:
         identity = self.resolve(container)
         start, end = window(timeframe, self.now_ms())
         bucket_ms, points = self.query.series(identity, start, end, metric, max_points)
-        values = [v for _, v in points if v is not None]
         newest = points[-1][0] + bucket_ms if points else None
         return ResourceSeries(
             container=identity, timeframe=timeframe, metric=metric, unit=SERIES_UNITS[metric],
-            bucket_seconds=bucket_ms // 1000,
-            points=[Point(ts=iso(t), value=v) for t, v in points], summary=_summary(values),
+            bucket_seconds=bucket_ms // 1000, points=[Point(ts=iso(t), value=v) for t, v in points],
+            summary=summarize(v for _, v in points),
             as_of=None if newest is None else iso(min(newest, end)),
         )  # fmt: skip
 
