@@ -332,24 +332,40 @@ def synthetic(containers: int, minutes: int, start_ms: int) -> list[ResourceEven
     return out
 
 
+def leaking(start_ms: int, samples: int) -> list[ResourceEvent]:
+    """A container whose memory rises 256 KiB a sample for 40 samples, then falls back."""
+    return [ResourceEvent(
+        ts_ms=start_ms + i * 5000, host="h", container_id="cl", identity="leaky", name="leaky",
+        interval_ms=5000, memory_bytes=MiB * 10 + (i * MiB // 4 if i < 40 else 0),
+        memory_limit_bytes=64 * MiB, source="cgroup-v2") for i in range(samples)]  # fmt: skip
+
+
 @pytest.mark.broker
 async def test_resource_stream_restarted_midway_counts_every_event_once(
     broker: EmbeddedBroker, tmp_path: Path
 ) -> None:
     bootstrap = broker.bootstrap_servers
     await ensure_topics(bootstrap, TOPICS)
-    events = synthetic(3, 6, 1_800_000_000_000)
-    publisher = EventPublisher(bootstrap, "nettel.resources")
-    async with publisher:
-        for ev in events:
-            publisher.publish(ev.identity.encode(), encode_resource_event(ev))
-        publisher.publish(b"bad", b'{"ts_ms": -1}')  # refused: dead-lettered, not lost
-        await wait_for(lambda: publisher.sent == len(events) + 1, 60, "all sent")
+    start_ms = 1_800_000_000_000
+    events = sorted(synthetic(3, 6, start_ms) + leaking(start_ms, 72), key=lambda e: e.ts_ms)
+    # the first run stops two minutes in: while the leak (from sample 5 to 40) is open
+    halves = ([e for e in events if e.ts_ms < start_ms + 120_000],
+              [e for e in events if e.ts_ms >= start_ms + 120_000])  # fmt: skip
     table = ResourceMinuteTable(str(tmp_path / "resource_minute"))
+    alerts = AlertTable(str(tmp_path / "alerts"))
+
+    async def publish(part: list[ResourceEvent], bad: bool) -> None:
+        publisher = EventPublisher(bootstrap, "nettel.resources")
+        async with publisher:
+            for ev in part:
+                publisher.publish(ev.identity.encode(), encode_resource_event(ev))
+            if bad:
+                publisher.publish(b"bad", b'{"ts_ms": -1}')  # refused: dead-lettered, not lost
+            await wait_for(lambda: publisher.sent == len(part) + bad, 60, "all sent")
 
     async def consume(until: int, seal: bool) -> ResourceStreamWorker:
         worker = ResourceStreamWorker(bootstrap, table, flush_interval_s=0.3, grace_ms=5000,
-                                      seal_on_stop=seal)  # fmt: skip
+                                      seal_on_stop=seal, alerts=alerts)  # fmt: skip
         stop = asyncio.Event()
         task = asyncio.create_task(worker.run(stop))
         await wait_for(lambda: worker.consumed >= until, 60, f"{until} consumed")
@@ -358,14 +374,32 @@ async def test_resource_stream_restarted_midway_counts_every_event_once(
         await asyncio.wait_for(task, 30)
         return worker
 
-    first = await consume(len(events) // 2, seal=False)  # stops with windows open
-    second = await consume(1, seal=True)  # resumes from the stored points, writes the rest
+    await publish(halves[0], bad=True)
+    first = await consume(len(halves[0]) + 1, seal=False)  # stops with windows open
+    await publish(halves[1], bad=False)
+    points = table.replay_points("nettel-resources", "nettel.resources", [0, 1], epoch=0)
+    replay = sum(p.resume_offset for p in points.values())
+    # resumes from the stored points (reading again from each one's resume offset)
+    second = await consume(len(events) + 1 - replay, seal=True)
     assert first.dead_lettered + second.dead_lettered >= 1
     rows = table.scan().collect()
     for c in RESOURCE_COUNTERS:
         assert rows[c].sum() == sum(getattr(e, c) for e in events), c
     assert rows["samples"].sum() == len(events)
     assert rows["memory_bytes_sum"].sum() == sum(e.memory_bytes for e in events)
+    # the leak open at the restart is one incident: the second run found it again and
+    # carried on its id, and resolved it; each version is written and published once
+    assert first.alerts_published >= 1
+    versions = pl.scan_delta(alerts.uri).collect().sort("updated")
+    assert versions["container"].unique().to_list() == ["leaky"]
+    assert versions["id"].n_unique() == 1
+    assert versions["status"][0] == "open"
+    assert versions["status"][-1] == "resolved"
+    assert versions.select("id", "status", "updated").is_unique().all()
+    published = [decode_alert(m.value) for m in await consume_all(bootstrap, "nettel.alerts")]
+    assert sorted((a.id, a.status, a.updated_ms) for a in published) == sorted(
+        (r["id"], r["status"], int(r["updated"].timestamp() * 1000))
+        for r in versions.iter_rows(named=True))  # fmt: skip
 
 
 # -- restart_container: allowed, confirmed, rate-limited, audited, published -----------

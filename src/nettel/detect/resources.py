@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -58,6 +59,14 @@ class ResourceFinding:
     explanation: str
     time_to_limit_s: float | None = None
     slope_bytes_per_s: float | None = None
+
+
+@dataclass(slots=True)
+class _Adopted:
+    """An incident a previous run left open, and the samples of its container since."""
+
+    alert: Alert
+    samples: int = 0
 
 
 @dataclass(slots=True)
@@ -207,6 +216,41 @@ class ResourceAlerts:
         self._last: dict[tuple[str, str], ResourceFinding] = {}
         self._seen: dict[str, int] = {}
         self._next_sweep_ms = 0
+        #: incidents a previous run left open, not yet seen again
+        self._adopted: dict[tuple[str, str], _Adopted] = {}
+        #: (id, started_ms) an adopted incident's versions carry on with
+        self._carry: dict[tuple[str, str], tuple[str, int]] = {}
+
+    def adopt(self, open_alerts: Iterable[Alert]) -> None:
+        """Carry on the incidents a previous run left open (its alerts whose latest
+        version is not resolved, read back after a restart): the signals' history is not
+        kept, so the same leak, throttling or OOM kill is found again after a few
+        samples; its versions then keep the old ``id`` and ``started_ms`` (an update,
+        not a new incident). One not found again within ``min_samples`` +
+        ``resolve_after`` samples of its container, or whose container is not seen for
+        ``forget_after_ms``, is resolved.
+
+        Examples
+        --------
+        >>> a = ResourceAlerts(ResourceSignals(min_samples=2))
+        >>> old = Alert(id="old", status="open", identity="web", metric="oom_kills",
+        ...     rule="oom_kill", started_ms=0, updated_ms=0, observed=1.0, peak=1.0,
+        ...     expected=0.0, band_low=0.0, band_high=0.0, score=1.0, severity="critical",
+        ...     explanation="1 process(es) killed")
+        >>> a.adopt([old])
+        >>> ev = lambda t, kills: ResourceEvent(ts_ms=t * 1000, host="h", container_id="c",
+        ...     identity="web", name="web", interval_ms=1000, oom_kills=kills)
+        >>> [(x.id, x.status) for x in a.update(ev(1, 1))]
+        [('old', 'update')]
+        >>> [(x.id, x.status) for t in range(2, 9) for x in a.update(ev(t, 0))]
+        [('old', 'resolved')]
+        >>> a.adopt([old])  # not found again: resolved after 2 + 3 calm samples
+        >>> [(x.id, x.status, x.resolved_ms) for t in range(9, 20) for x in a.update(ev(t, 0))]
+        [('old', 'resolved', 13000)]
+        """
+        for a in open_alerts:
+            if a.rule in KIND_METRICS and a.status != "resolved":
+                self._adopted[(a.identity, a.rule)] = _Adopted(a)
 
     def update(self, ev: ResourceEvent) -> list[Alert]:
         """Fold in one sample; the alert versions to publish (opened, grown, resolved)."""
@@ -215,9 +259,15 @@ class ResourceAlerts:
         out = []
         for kind, tracker in self._trackers.items():
             f = found.get(kind)
+            key = (ev.identity, kind)
+            adopted = self._adopted.get(key)
+            if adopted is not None and f is None and not tracker.is_open(ev.identity, kind):
+                adopted.samples += 1
+                if adopted.samples >= self.signals.min_samples + self.resolve_after:
+                    out.append(self._resolve_adopted(key, ev.ts_ms, "not found again"))
+                continue
             if f is None and not tracker.is_open(ev.identity, kind):
                 continue  # nothing found, nothing open: nothing to follow
-            key = (ev.identity, kind)
             if f is not None:
                 self._last[key] = f
             evidence = 0.0 if f is None else self._evidence(f)
@@ -226,12 +276,33 @@ class ResourceAlerts:
                 _NO_BAND, rule=kind, host=ev.host, container_id=ev.container_id,
                 direction="spike"))  # fmt: skip
             if alert is not None:
-                out.append(self._explained(alert, self._last[key]))
+                out.append(self._explained(self._carried(key, alert), self._last[key]))
                 if alert.status == "resolved":
                     del self._last[key]
         if ev.ts_ms >= self._next_sweep_ms:
-            self._sweep(ev.ts_ms)
+            out += self._sweep(ev.ts_ms)
         return out
+
+    def _carried(self, key: tuple[str, str], alert: Alert) -> Alert:
+        """``alert`` as a version of the adopted incident it continues, if any."""
+        adopted = self._adopted.pop(key, None)
+        if adopted is not None and alert.status == "open":
+            self._carry[key] = (adopted.alert.id, adopted.alert.started_ms)
+            alert = msgspec.structs.replace(alert, status="update")
+        carry = self._carry.get(key)
+        if carry is None:
+            return alert
+        if alert.status == "resolved":
+            del self._carry[key]
+        return msgspec.structs.replace(alert, id=carry[0], started_ms=carry[1])
+
+    def _resolve_adopted(self, key: tuple[str, str], ts_ms: int, why: str) -> Alert:
+        old = self._adopted.pop(key).alert
+        return msgspec.structs.replace(
+            old, status="resolved", updated_ms=ts_ms, resolved_ms=ts_ms,
+            explanation=f"{old.explanation}; {why} after a restart of nettel's "
+                        f"detection, calm since {_clock(ts_ms)}",
+        )  # fmt: skip
 
     def _evidence(self, f: ResourceFinding) -> float:
         if f.kind == "memory_leak":
@@ -252,8 +323,15 @@ class ResourceAlerts:
         return msgspec.structs.replace(alert, explanation=text, time_to_limit_s=f.time_to_limit_s,
                                        severity=severity)  # fmt: skip
 
-    def _sweep(self, now_ms: int) -> None:
+    def _sweep(self, now_ms: int) -> list[Alert]:
+        """Forget containers not seen for ``forget_after_ms``; the adopted incidents of
+        containers not seen since, resolved."""
         self._next_sweep_ms = now_ms + self.forget_after_ms // 4
+        gone = [
+            key for key, a in self._adopted.items()
+            if key[0] not in self._seen and a.alert.updated_ms < now_ms - self.forget_after_ms
+        ]  # fmt: skip
+        resolved = [self._resolve_adopted(key, now_ms, "its container not seen") for key in gone]
         for identity, seen_ms in list(self._seen.items()):
             if seen_ms >= now_ms - self.forget_after_ms:
                 continue
@@ -263,3 +341,4 @@ class ResourceAlerts:
                 t.forget(identity)
             self.signals.forget(identity)
             del self._seen[identity]
+        return resolved

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -75,6 +75,10 @@ def metric_evidence_schema() -> dict[str, pl.DataType]:
         "band_high": pl.Float64(), "band_basis": pl.String(), "observed": pl.Float64(),
         "score": pl.Float64(),
     }  # fmt: skip
+
+
+def _ms(ts: dt.datetime) -> int:
+    return round(ts.timestamp() * 1000)
 
 
 def _ts(ms: int | None) -> dt.datetime | None:
@@ -167,6 +171,26 @@ class AlertTable:
             points = {p: next_offset for p, (_, next_offset) in cut.items()}
             self.append(rows, points, writer=writer, topic=topic, epoch=epoch)
         return len(rows)
+
+    def still_open(self, rules: Collection[str], partitions: Collection[int],
+                   since_ms: int) -> list[dict[str, Any]]:  # fmt: skip
+        """The latest versions, not resolved, of the alerts of ``rules`` raised from
+        ``partitions`` and updated since ``since_ms``, as alert fields (``*_ms`` times;
+        without ``metrics``) with their ``partition`` and ``offset``."""
+        rows = self.latest(since_ms).filter(
+            pl.col("rule").is_in(list(rules)) & pl.col("partition").is_in(list(partitions))
+            & (pl.col("status") != "resolved")
+        )  # fmt: skip
+        out = []
+        for r in rows.iter_rows(named=True):
+            fields = {k: v for k, v in r.items() if k not in ("date", "container", "started",
+                      "updated", "resolved", "related", "metrics")}  # fmt: skip
+            out.append(fields | {
+                "identity": r["container"], "related": json.loads(r["related"] or "{}"),
+                "started_ms": _ms(r["started"]), "updated_ms": _ms(r["updated"]),
+                "direction": r["direction"] or "spike",
+            })  # fmt: skip
+        return out
 
     def _has_current_schema(self) -> bool:
         if not self._schema_current:

@@ -25,14 +25,18 @@ container, and the signals need only the last ``window_s`` of samples: a second
 consumer group would read and decode the topic again for three small signals, and the
 detector's checkpointed per-partition models are built for the network metrics. The
 signals' short history is not checkpointed: after a restart it is rebuilt from the
-replayed events (those of the open windows); alerts of events read before the last
-stored point are not published again, those after it may be (same ids while the
-history is the same: a consumer de-duplicates by ``id``, ``status``, ``updated_ms``).
+replayed events (those of the open windows), and the incidents the table holds open
+for the partition are adopted (:meth:`~nettel.detect.resources.ResourceAlerts.adopt`:
+carried on under their id when found again, else resolved); alerts of events read
+before the last stored point are not published again, those after it may be (same ids
+while the history is the same: a consumer de-duplicates by ``id``, ``status``,
+``updated_ms``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -42,7 +46,7 @@ from aiokafka import AIOKafkaProducer
 
 from nettel import metrics
 from nettel.detect.alerts import Alert, encode_alert
-from nettel.detect.resources import ResourceAlerts
+from nettel.detect.resources import KIND_METRICS, ResourceAlerts
 from nettel.models import ReplayPoint, ResourceAggregate, ResourceEvent, decode_resource_event
 from nettel.store.alerts import AlertTable
 from nettel.store.minute import MinuteTable, PartitionPoint
@@ -216,9 +220,11 @@ class ResourceStreamWorker:
             )
             if self.epoch in self._fresh_epochs:  # an earlier log's points: not ours
                 points = {p: v for p, v in points.items() if (self.epoch, p) in self._written}
+            still_open = await asyncio.to_thread(self._still_open, partitions)
             for p in partitions:
                 self._windows[p] = ResourceWindows(self.grace_ms, replay=points.get(p))
                 self._detectors[p] = self.detector_factory()
+                self._detectors[p].adopt(a for q, a in still_open if q == p)
                 self._live_from[p] = points[p].next_offset if p in points else 0
                 self._alert_rows[p] = []
             return {p: 0 if p not in points else points[p].resume_offset for p in partitions}
@@ -320,6 +326,14 @@ class ResourceStreamWorker:
             await asyncio.to_thread(self._roll, [p.partition for p in points])
             self._next_roll = loop.time() + self.rollup_interval_s
         await self.runtime.commit({p.partition: p.point.next_offset for p in points})
+
+    def _still_open(self, partitions: list[int]) -> list[tuple[int, Alert]]:
+        """(partition, alert) of the resource alerts a previous run left open (a day back)."""
+        if self.alerts is None:
+            return []
+        since_ms = time.time_ns() // 1_000_000 - 86_400_000
+        rows = self.alerts.still_open(KIND_METRICS, partitions, since_ms)
+        return [(r["partition"], msgspec.convert(r, Alert)) for r in rows]
 
     async def _detect(self, partition: int, ev: ResourceEvent, offset: int) -> None:
         """Run the partition's signals on ``ev``; publish and keep the alerts it raises
