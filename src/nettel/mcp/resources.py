@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, Field, model_serializer
+from pydantic import BaseModel, Field
 
 from nettel.mcp.actions import ContainerActions, register_actions
 from nettel.mcp.answers import page
@@ -28,10 +28,10 @@ from nettel.mcp.server import (
     _answer,
 )
 from nettel.mcp.tools import (
+    Compact,
     Point,
     Timeframe,
     _combine,
-    _drop_none,
     iso,
     resolve_container,
     window,
@@ -59,7 +59,7 @@ RANKED_BY: dict[str, tuple[str, str]] = {
 Number = int | float
 
 
-class ResourceData(BaseModel):
+class ResourceData(Compact):
     """One container's (or all containers') resources under one aggregation: see
     :mod:`nettel.store.resource_query` for what each value means per aggregation."""
 
@@ -73,12 +73,8 @@ class ResourceData(BaseModel):
     cpu_throttled_percent: Number | None = None
     oom_kills: int | None = None
 
-    @model_serializer(mode="wrap")
-    def _serialize(self, handler: Callable[[Any], dict[str, Any]]) -> dict[str, Any]:
-        return _drop_none(self, handler)
 
-
-class ResourceStatsOut(BaseModel):
+class ResourceStatsOut(Compact):
     """``{"container", "timeframe", "data"}`` (the shape of ``get_network_stats``); for
     every container together ``container`` is ``"*"`` and ``containers`` lists a page of
     them, the busiest CPU first."""
@@ -92,22 +88,14 @@ class ResourceStatsOut(BaseModel):
     hint: str | None = None
     as_of: str | None = None
 
-    @model_serializer(mode="wrap")
-    def _serialize(self, handler: Callable[[Any], dict[str, Any]]) -> dict[str, Any]:
-        return _drop_none(self, handler)
 
-
-class ResourceTopEntry(BaseModel):
+class ResourceTopEntry(Compact):
     """One ranked container."""
 
     container: str
     value: Number
     share: float | None = Field(default=None, description="of all containers' total, percent")
     memory_limit_bytes: int | None = None
-
-    @model_serializer(mode="wrap")
-    def _serialize(self, handler: Callable[[Any], dict[str, Any]]) -> dict[str, Any]:
-        return _drop_none(self, handler)
 
 
 class ResourceTop(BaseModel):
