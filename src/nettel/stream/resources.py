@@ -212,6 +212,12 @@ class ResourceStreamWorker:
                  windows_written=self.windows_written,
                  dead_lettered=self.dead_lettered)  # fmt: skip
 
+    def new_windows(self, replay: ReplayPoint | None = None) -> ResourceWindows:
+        """A partition's windows as this worker folds them (its grace), resuming from
+        ``replay`` if given: what :meth:`restore` and :meth:`reset` give each partition,
+        and what a benchmark folds with."""
+        return ResourceWindows(self.grace_ms, replay=replay)
+
     async def restore(self, partitions: list[int]) -> dict[int, int]:
         """Restore ``partitions`` from the points stored with the rows."""
         async with self._flush_lock:
@@ -222,7 +228,7 @@ class ResourceStreamWorker:
                 points = {p: v for p, v in points.items() if (self.epoch, p) in self._written}
             still_open = await asyncio.to_thread(self._still_open, partitions)
             for p in partitions:
-                self._windows[p] = ResourceWindows(self.grace_ms, replay=points.get(p))
+                self._windows[p] = self.new_windows(points.get(p))
                 self._detectors[p] = self.detector_factory()
                 self._detectors[p].adopt(a for q, a in still_open if q == p)
                 self._live_from[p] = points[p].next_offset if p in points else 0
@@ -263,7 +269,7 @@ class ResourceStreamWorker:
             self.epoch = epoch
             self._fresh_epochs.add(epoch)
             for p in self._windows:
-                self._windows[p] = ResourceWindows(self.grace_ms)
+                self._windows[p] = self.new_windows()
                 self._live_from[p] = 0  # the signals' history stays; the log starts anew
             return list(self._windows)
 
