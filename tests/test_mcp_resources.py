@@ -20,7 +20,7 @@ from mcp.client.stdio import StdioServerParameters
 from mcp.client.streamable_http import streamable_http_client
 
 from conftest import free_port
-from nettel.mcp.resources import ResourceTools, build_resource_server
+from nettel.mcp.resources import ProcessEntry, ResourceTools, build_resource_server
 from nettel.mcp.tools import window
 from nettel.models import ResourceAggregate, ResourceEvent, window_start
 from nettel.store.minute import PartitionPoint
@@ -99,7 +99,12 @@ async def check_tools(client: Client, events: list[ResourceEvent], actions: str 
     assert client.server_info is not None
     assert client.server_info.name == "resource-monitor"
     names = {t.name for t in (await client.list_tools()).tools}
-    reading = {"get_resource_stats", "get_top_resource_consumers", "get_resource_timeseries"}
+    reading = {
+        "get_resource_stats",
+        "get_top_resource_consumers",
+        "get_resource_timeseries",
+        "list_processes",
+    }
     assert names == (reading | {"restart_container"} if actions else reading)
     if actions:
         for args in ({"container": "svc-3", "confirm": True}, {"container": actions}):
@@ -189,8 +194,22 @@ async def test_both_servers_over_http_on_one_port(
 async def test_every_resource_answer_fits_the_budget(
     store: tuple[str, list[ResourceEvent]],
 ) -> None:
-    """Default answers (and every aggregation, timeframe and resource) at 500 containers."""
-    server = build_resource_server(ResourceTools.for_data_dir(store[0]))
+    """Default answers (and every aggregation, timeframe and resource) at 500 containers;
+    list_processes at 50 of 5,000 processes with the longest commands (JSON-escaped
+    twice over: the processes come from a stand-in here, the real ones in
+    tests/test_resources.py)."""
+    many = [
+        ProcessEntry(
+            pid=4_000_000 + i,
+            command='"\\' * 50,
+            state="S",
+            cpu_seconds=1e6 + i / 7,
+            rss_bytes=2**40 + i,
+        )
+        for i in range(5000)
+    ]
+    server = build_resource_server(ResourceTools.for_data_dir(store[0]),
+                                   processes=lambda name: (name, many))  # fmt: skip
     async with Client(server) as client:
         calls: list[tuple[str, dict[str, Any]]] = [("get_resource_stats", {}),
                                                    ("get_top_resource_consumers", {})]  # fmt: skip
@@ -202,6 +221,7 @@ async def test_every_resource_answer_fits_the_budget(
         for tf in ("hour", "month"):
             calls.append(("get_resource_timeseries", {"container": "svc-1", "timeframe": tf,
                                                       "max_points": 200}))  # fmt: skip
+        calls.append(("list_processes", {"container": "svc-1", "limit": 50}))
         for tool, args in calls:
             result = await client.call_tool(tool, args)
             text = " ".join(getattr(c, "text", "") for c in result.content)

@@ -437,6 +437,12 @@ async def test_restart_container_over_stdio_restarts_only_what_is_allowed_and_au
                                    {"container": allowed.name, "confirm": False}),
         ]  # fmt: skip
         assert [r.is_error for r in refused] == [True, True, True]
+        # list_processes: the container's processes from its cgroup and /proc, no exec
+        listed = await client.call_tool("list_processes",
+                                        {"container": other.name, "sort_by": "rss"})  # fmt: skip
+        wrong = [await client.call_tool("list_processes", {"container": f"nt-act-gone-{tag}"}),
+                 await client.call_tool("list_processes",
+                                        {"container": other.name, "sort_by": "gpu"})]  # fmt: skip
         assert "not in NETTEL_ACTIONS_CONTAINERS" in answer_text(refused[0])
         assert "confirm=true" in answer_text(refused[1])
         done = await client.call_tool("restart_container",
@@ -448,8 +454,25 @@ async def test_restart_container_over_stdio_restarts_only_what_is_allowed_and_au
                                        {"container": allowed.name, "confirm": True})  # fmt: skip
     assert again.is_error
     assert "try again in" in answer_text(again)
-    for r in (*refused, done, again):
+    for r in (*refused, done, again, listed, *wrong):
         assert len(answer_text(r)) <= 8_000
+    processes = listed.structured_content
+    assert processes is not None, answer_text(listed)
+    assert (processes["container"], processes["sort_by"]) == (other.name, "rss")
+    main_pid = before[other.name][0]
+    main = next(p for p in processes["processes"] if p["pid"] == main_pid)
+    assert main["command"] == f"sh -c {loop}"
+    assert main["state"] in "RSD"
+    status = _text(f"/proc/{main_pid}/status")
+    assert main["rss_bytes"] == 1024 * int(status.split("VmRSS:")[1].split()[0])
+    rss = [p["rss_bytes"] for p in processes["processes"]]
+    assert rss == sorted(rss, reverse=True)
+    assert processes["total"] >= len(rss) >= 1
+    assert all(w.is_error for w in wrong)
+    assert "running:" in answer_text(wrong[0])
+    assert allowed.name in answer_text(wrong[0]) or "in all" in answer_text(wrong[0])
+    assert "'cpu'" in answer_text(wrong[1])
+    assert "'rss'" in answer_text(wrong[1])
     doc = done.structured_content
     assert doc is not None
     assert (doc["container"], doc["done"], doc["published"]) == (allowed.name, True, True)

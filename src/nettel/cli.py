@@ -41,6 +41,7 @@ if TYPE_CHECKING:
     from nettel.ingest.service import IngestService
     from nettel.ingest.sources import Source
     from nettel.mcp.actions import ContainerActions
+    from nettel.mcp.resources import ListProcesses
     from nettel.mcp.server import HttpOptions
     from nettel.models import StatEvent
     from nettel.report import Prices
@@ -919,12 +920,60 @@ def mcp_server(settings: Settings, name: str = "network-telemetry",
         from nettel.mcp.resources import ResourceTools, build_resource_server
 
         return build_resource_server(ResourceTools.for_data_dir(settings.data_dir),
-                                     container_actions(settings, bootstrap))  # fmt: skip
+                                     container_actions(settings, bootstrap),
+                                     engine_processes(settings))  # fmt: skip
     from nettel.mcp.server import build_server
     from nettel.mcp.tools import TelemetryTools
 
     return build_server(TelemetryTools.for_data_dir(
         settings.data_dir, partitions=settings.partitions, topic=settings.topic_stats))  # fmt: skip
+
+
+def engine_processes(settings: Settings) -> ListProcesses:
+    """``list_processes``' means: the container's main PID from the engine API (an
+    inspect; no exec), its processes from its cgroup and ``/proc`` under
+    ``NETTEL_PROC_ROOT`` (:func:`~nettel.ingest.processes.container_processes`)."""
+    from nettel.mcp.answers import ToolInputError, quoted
+    from nettel.mcp.resources import ProcessEntry
+
+    urls = engine_candidates(settings)
+
+    def processes(name: str) -> tuple[str, list[ProcessEntry]]:
+        import docker
+        from docker.errors import NotFound
+
+        from nettel.ingest.processes import container_processes
+
+        if not urls:
+            raise EngineUnavailableError("no engine socket found: set DOCKER_HOST")
+        client = docker.DockerClient(base_url=urls[0], timeout=30)
+        try:
+            try:
+                container = client.containers.get(name)
+            except NotFound:
+                running = sorted(str(c.name) for c in client.containers.list())
+                listed = ", ".join(running)
+                if len(listed) > 160:
+                    listed = listed[:160].rsplit(", ", 1)[0] + f", ... ({len(running)} in all)"
+                raise ToolInputError(f"no container {quoted(name)}; running: "
+                                     f"{listed or 'none'}") from None  # fmt: skip
+            pid = int(container.attrs["State"].get("Pid") or 0)
+            if not pid:
+                raise ToolInputError(f"{quoted(name)} is {container.status}, not running: "
+                                     "it has no processes")  # fmt: skip
+        finally:
+            client.close()
+        try:
+            found = container_processes(pid, proc_root=settings.proc_root)
+        except OSError as e:
+            raise ToolInputError(f"the processes of {quoted(name)} cannot be read "
+                                 f"({e.strerror or e}); is it still running?") from e  # fmt: skip
+        entries = [ProcessEntry(pid=p.pid, command=p.command, state=p.state,
+                                cpu_seconds=p.cpu_seconds, rss_bytes=p.rss_bytes)
+                   for p in found]  # fmt: skip
+        return str(container.name), entries
+
+    return processes
 
 
 def container_actions(settings: Settings,

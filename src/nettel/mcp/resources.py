@@ -11,7 +11,7 @@ stdio with ``nettel mcp --server resource-monitor`` and over HTTP at
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, Field
@@ -130,6 +130,61 @@ class ResourceSeries(BaseModel):
     as_of: str | None = None
 
 
+ProcessSort = Literal["cpu", "rss"]
+
+
+class ProcessEntry(Compact):
+    """One process of a container (its PID as the host sees it)."""
+
+    pid: int
+    command: str
+    state: str = Field(description="R running, S sleeping, D disk wait, Z zombie, ...")
+    cpu_seconds: float = Field(description="user + system since it started")
+    rss_bytes: int
+
+
+class ProcessList(BaseModel):
+    """A container's processes now, ranked."""
+
+    container: str
+    sort_by: ProcessSort
+    processes: list[ProcessEntry]
+    total: int = Field(description="processes in the container")
+    as_of: str
+
+
+#: ``processes(container)``: the container's name and its processes, read now; raises
+#: :class:`~nettel.mcp.answers.ToolInputError` naming the running containers when
+#: ``container`` is none of them (given by the composition root: the mcp layer reads
+#: no engine and no ``/proc`` itself).
+ListProcesses = Callable[[str], tuple[str, Sequence[ProcessEntry]]]
+
+
+def rank_processes(container: str, found: Sequence[ProcessEntry], sort_by: ProcessSort,
+                   limit: int, now_ms: int) -> ProcessList:  # fmt: skip
+    """The ``limit`` processes using the most CPU seconds (``cpu``) or resident memory
+    (``rss``), ties by PID.
+
+    Examples
+    --------
+    >>> ps = [ProcessEntry(pid=1, command="sh", state="S", cpu_seconds=0.5, rss_bytes=900),
+    ...       ProcessEntry(pid=7, command="dd", state="R", cpu_seconds=9.0, rss_bytes=100)]
+    >>> [p.pid for p in rank_processes("web", ps, "rss", 5, 0).processes]
+    [1, 7]
+    >>> r = rank_processes("web", ps, "cpu", 1, 0)
+    >>> [p.pid for p in r.processes], r.total
+    ([7], 2)
+    """
+    key: Callable[[ProcessEntry], tuple[float, int]] = (
+        (lambda p: (-p.cpu_seconds, p.pid))
+        if sort_by == "cpu"
+        else (lambda p: (-p.rss_bytes, p.pid))
+    )
+    ranked = sorted(found, key=key)[:limit]
+    return ProcessList(container=container, sort_by=sort_by, processes=ranked,
+                       total=len(found), as_of=iso(now_ms))  # fmt: skip
+
+
 def _data(values: dict[str, float | int | None]) -> ResourceData:
     return ResourceData.model_validate(values)
 
@@ -236,10 +291,13 @@ class ResourceTools:
 
 
 def build_resource_server(
-    tools: ResourceTools, actions: ContainerActions | None = None
+    tools: ResourceTools,
+    actions: ContainerActions | None = None,
+    processes: ListProcesses | None = None,
 ) -> TelemetryServer:
-    """The ``resource-monitor`` MCP server over ``tools``; with ``actions`` enabled, also
-    the acting tools (:func:`~nettel.mcp.actions.register_actions`)."""
+    """The ``resource-monitor`` MCP server over ``tools``; with ``processes``, also
+    ``list_processes``; with ``actions`` enabled, also the acting tools
+    (:func:`~nettel.mcp.actions.register_actions`)."""
     from nettel import version
 
     server = TelemetryServer(SERVER_NAME, instructions=INSTRUCTIONS, as_of=tools.as_of,
@@ -285,6 +343,27 @@ def build_resource_server(
         peak memory_bytes and pids, disk bytes per bucket; with min/max/avg/p95. Empty
         buckets left out."""
         return await _answer(lambda: tools.series(container, timeframe, metric, max_points))
+
+    if processes is not None:
+
+        @server.tool()
+        async def list_processes(
+            container: Annotated[
+                str, Field(description="container name or id, as the engine knows it")
+            ],
+            sort_by: Annotated[
+                ProcessSort, Field(description="cpu: CPU seconds; rss: resident memory")
+            ] = "cpu",
+            limit: Limit50 = 15,
+        ) -> ProcessList:
+            """A running container's processes now (pid, command, state, CPU seconds, RSS),
+            read from its cgroup and /proc, the top ones by CPU or memory."""
+
+            def answer() -> ProcessList:
+                name, found = processes(container)
+                return rank_processes(name, found, sort_by, limit, tools.now_ms())
+
+            return await _answer(answer)
 
     register_actions(server, actions)
     return server
