@@ -32,6 +32,7 @@ from nettel.mcp.tools import (
     Point,
     Timeframe,
     _combine,
+    _matches,
     iso,
     resolve_container,
     window,
@@ -216,9 +217,17 @@ class ResourceTools:
         self.query.newest_end_ms()
 
     def resolve(self, name: str) -> str:
-        """The identity ``name`` designates among containers with resource data (a month)."""
+        """The identity ``name`` designates among containers with resource data (a month).
+
+        The month is read from ``resource_hour``, which trails the minute table by up to a
+        roll interval: a name not found there is looked for in the last day's minutes too
+        (a container seen only since the last roll)."""
         now = self.now_ms()
         known = self.query.stats(now - 30 * 86_400_000, now + 60_000)
+        if _matches(name.strip(), known) is None:
+            seen = {s.container for s in known}
+            recent = self.query.stats(now - 86_400_000, now + 60_000)
+            known += [s for s in recent if s.container not in seen]
         return resolve_container(name, known, listing="get_resource_stats")
 
     def resource_stats(self, container: str | None, timeframe: Timeframe,
