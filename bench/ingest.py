@@ -1,7 +1,9 @@
 """Ingest CPU per container per sample, with N real Podman containers.
 
-Runs the service's own ingest (engine source, procfs counters and TCP states, Kafka
-publisher) against the embedded Tansu broker, and measures this process's CPU time
+Runs ingest as ``nettel up`` builds it (``nettel.cli.open_source`` and ``make_ingest``
+with the default settings but the sample interval: engine source with its cgroup reader,
+procfs counters and TCP states, the stats and resources publishers) against the embedded
+Tansu broker, ticking its sampler as its run loop does, and measures this process's CPU time
 (all threads; the broker is a separate process) over a number of ticks, in three
 settings: idle containers; busy ones (each fetches from itself over HTTP every 0.5 s,
 so packets and sockets change in every interval and the TCP table is walked every
@@ -13,7 +15,8 @@ sample); busy ones in namespaces with their own small TCP hash table
 
 Resources (each container's cgroup files, read in the same job as its network counters
 and published on ``nettel.resources``) are on as in ``nettel up``; ``--resources on,off``
-measures both to give their cost.
+measures both to give their cost (off: the same service without its cgroup reader and
+resource events).
 
 Needs root, Podman's API socket (DOCKER_HOST) and the local test image
 (scripts/setup-engine.sh). Writes bench/results/ingest.json.
@@ -27,17 +30,18 @@ import os
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import docker
 
-from nettel.broker import EmbeddedBroker, ensure_topics, free_loopback_port
-from nettel.ingest.publisher import EventPublisher
-from nettel.ingest.sampler import Sampler
+from nettel.broker import EmbeddedBroker, free_loopback_port
+from nettel.cli import make_ingest, open_source
+from nettel.config import Settings
+from nettel.ingest.service import IngestService
 from nettel.ingest.sources import EngineSource
-from nettel.models import encode_resource_event, encode_stat_event
 
 sys.path.insert(0, os.path.dirname(__file__))
 from common import write_result
@@ -95,50 +99,53 @@ async def measure(url: str, n: int, ticks: int, interval_s: float,
                   resources: bool = True) -> dict[str, Any]:  # fmt: skip
     broker = EmbeddedBroker(free_loopback_port())
     await broker.start()
-    await ensure_topics(broker.bootstrap_servers, {"nettel.stats": 12, "nettel.resources": 12})
-    publisher = EventPublisher(broker.bootstrap_servers, "nettel.stats")
-    resource_publisher = EventPublisher(broker.bootstrap_servers, "nettel.resources")
-    source = EngineSource(url, resources=resources)
-    sent_events = 0
-    resource_events = 0
+    with tempfile.TemporaryDirectory() as data_dir:
+        settings = Settings.from_env({"DOCKER_HOST": url, "NETTEL_SOURCE": "engine",
+                                      "NETTEL_DATA_DIR": data_dir,
+                                      "NETTEL_SAMPLE_INTERVAL_S": str(interval_s)})  # fmt: skip
+        source = open_source(settings)
+        service = make_ingest(settings, broker.bootstrap_servers, source)
+        try:
+            return await _measure(service, n, ticks, interval_s, resources)
+        finally:
+            await service.close()
+            await broker.stop()
 
-    def emit(ev: Any) -> None:
-        nonlocal sent_events
-        sent_events += 1
-        publisher.publish(ev.identity.encode(), encode_stat_event(ev))
 
-    def emit_resources(ev: Any) -> None:
-        nonlocal resource_events
-        resource_events += 1
-        resource_publisher.publish(ev.identity.encode(), encode_resource_event(ev))
-
-    sampler = Sampler(source, emit, host="bench", interval_s=interval_s,
-                      emit_resources=emit_resources if resources else None)  # fmt: skip
+async def _measure(service: IngestService, n: int, ticks: int, interval_s: float,
+                   resources: bool) -> dict[str, Any]:  # fmt: skip
+    """Ticks of ``service``'s sampler (as its run loop does) with its publishers started;
+    resources off: the same service without its cgroup reader and resource events."""
+    source = service.source
+    assert isinstance(source, EngineSource)
+    if not resources:
+        assert source.cgroups is not None
+        source.cgroups.close()
+        source.cgroups = None
+        service.sampler.emit_resources = None
+    publisher, resource_publisher = service.publisher, service.resource_publisher
+    assert resource_publisher is not None
     await publisher.start()
     await resource_publisher.start()
-    try:
-        for _ in range(3):  # warm up: inventory, baselines, producer connection
-            await sampler.tick()
-            await asyncio.sleep(interval_s)
-        units = len([u for u in source.units() if u.name.startswith("bench-ingest-")])
-        c0, w0, e0, r0 = cpu_s(), time.monotonic(), sent_events, resource_events
-        tick_walls = []
-        for _ in range(ticks):
-            t = time.monotonic()
-            await sampler.tick()
-            tick_walls.append(time.monotonic() - t)
-            await asyncio.sleep(max(0.0, interval_s - (time.monotonic() - t)))
-        while publisher.buffered or resource_publisher.buffered:  # noqa: ASYNC110 - a bench polls
-            await asyncio.sleep(0.05)
-        cpu, wall, samples = cpu_s() - c0, time.monotonic() - w0, sent_events - e0
-        resource_samples = resource_events - r0
-        cgroup_read_ms = cgroup_read_cost(source) if resources else None
-    finally:
-        sampler.close()
-        await publisher.stop()
-        await resource_publisher.stop()
-        source.close()
-        await broker.stop()
+    sampler = service.sampler
+    for _ in range(3):  # warm up: inventory, baselines, producer connection
+        await sampler.tick()
+        await asyncio.sleep(interval_s)
+    units = len([u for u in source.units() if u.name.startswith("bench-ingest-")])
+    c0, w0 = cpu_s(), time.monotonic()
+    e0 = publisher.sent + publisher.buffered
+    r0 = resource_publisher.sent + resource_publisher.buffered
+    tick_walls = []
+    for _ in range(ticks):
+        t = time.monotonic()
+        await sampler.tick()
+        tick_walls.append(time.monotonic() - t)
+        await asyncio.sleep(max(0.0, interval_s - (time.monotonic() - t)))
+    while publisher.buffered or resource_publisher.buffered:  # noqa: ASYNC110 - a bench polls
+        await asyncio.sleep(0.05)
+    cpu, wall, samples = cpu_s() - c0, time.monotonic() - w0, publisher.sent - e0
+    resource_samples = resource_publisher.sent - r0
+    cgroup_read_ms = cgroup_read_cost(source) if resources else None
     tick_walls.sort()
     return {
         "containers": n,

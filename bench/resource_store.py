@@ -4,10 +4,11 @@ Simulates containers sampled every 5 s: a third busy (CPU around a per-container
 with noise and bursts, memory creeping up and dropping back like a garbage-collected
 heap, page cache that grows, disk writes in bursts), the rest mostly idle (a little CPU,
 memory that moves now and then), as on a typical host; a few processes, limits constant,
-folds them into minute windows with the stream's :class:`ResourceWindows` and writes
-them with the shipped table writer (a commit per 10 minutes of samples), then runs a
-maintenance pass as ``nettel up`` does. Bytes per value: the table's Parquet bytes over
-rows x value columns (all but ``date`` and ``container``).
+folds them into minute windows and writes them (a commit per 10 minutes of samples)
+with the windows and table of the resource stream worker that ``nettel up`` runs, built
+by ``nettel.cli.make_resource_stream`` with the default settings, then runs the
+maintenance pass ``nettel up`` runs on the table (``nettel.cli.maintain_one``). Bytes
+per value: the table's Parquet bytes over rows x value columns (all but ``date`` and ``container``).
 
     python bench/resource_store.py [--containers 100] [--hours 24]
 
@@ -26,11 +27,11 @@ from typing import Any
 
 from deltalake import DeltaTable
 
+from nettel.cli import maintain_one, maintenance_plan, make_resource_stream
+from nettel.config import Settings
 from nettel.models import ResourceAggregate, ResourceEvent
-from nettel.store.maintenance import maintain_table
 from nettel.store.minute import PartitionPoint
-from nettel.store.resources import ResourceMinuteTable, resource_minute_schema
-from nettel.stream.resources import ResourceWindows
+from nettel.store.resources import resource_minute_schema
 
 sys.path.insert(0, os.path.dirname(__file__))
 from common import write_result
@@ -93,9 +94,11 @@ def run(containers: int, hours: float) -> dict[str, Any]:
     start_ms = 1_800_000_000_000 // 86_400_000 * 86_400_000
     steps = int(hours * 3_600_000 // INTERVAL_MS)
     with tempfile.TemporaryDirectory() as tmp:
-        uri = f"{tmp}/resource_minute"
-        table = ResourceMinuteTable(uri)
-        windows = ResourceWindows(grace_ms=30_000)
+        settings = Settings.from_env({"NETTEL_DATA_DIR": tmp})
+        worker = make_resource_stream(settings, "127.0.0.1:9")  # never connects: fed here
+        table = worker.table
+        uri = table.uri
+        windows = worker.new_windows()
         offset = 0
         rows = 0
         t0 = time.perf_counter()
@@ -112,13 +115,14 @@ def run(containers: int, hours: float) -> dict[str, Any]:
                     row.partition = 0
                 point = windows.replay_point()
                 assert point is not None
-                table.append(closed, [PartitionPoint("nettel.resources", 0, point)],
-                             writer="bench", epoch=0)  # fmt: skip
+                table.append(closed, [PartitionPoint(worker.topic, 0, point)],
+                             writer=worker.group, epoch=worker.epoch)  # fmt: skip
                 rows += len(closed)
         write_s = time.perf_counter() - t0
         values = rows * (len(resource_minute_schema()) - 2)
         written = live_bytes(uri)
-        maintain_table(uri, "resource_minute", retention_days=None)
+        days = dict(maintenance_plan(settings))["resource_minute"]
+        maintain_one(settings, "resource_minute", days)
         maintained = live_bytes(uri)
     return {
         "containers": containers,
@@ -130,6 +134,8 @@ def run(containers: int, hours: float) -> dict[str, Any]:
         "bytes_per_stored_value": round(written / max(values, 1), 3),
         "bytes_per_stored_value_after_maintenance": round(maintained / max(values, 1), 3),
         "write_s": round(write_s, 1),
+        "built_by": "nettel.cli.make_resource_stream (default settings): its windows "
+        "(new_windows) and table; maintained by nettel.cli.maintain_one",
     }
 
 

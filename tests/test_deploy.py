@@ -46,7 +46,7 @@ TOOLS = Path(os.environ.get("NETTEL_TOOLS_DIR", "/opt/nettel-tools")) / "bin"
 NETTEL = str(Path(sys.executable).with_name("nettel"))
 ENV_NAMES = {env for env, _, _ in Settings.describe()}
 IMAGE = "nettel:latest"
-DATA_ROLES = ("stream", "detect", "mcp", "maintain")
+DATA_ROLES = ("stream", "detect", "resources", "mcp", "maintain")
 # what a user sets before `docker compose up` (the compose file has no default for it)
 MCP_TOKEN = secrets.token_hex(32)
 PROXY = "engine-proxy"
@@ -104,12 +104,13 @@ def nettel_argvs(service: dict[str, Any]) -> list[list[str]]:
 
 def test_roles_and_their_commands_are_valid_nettel_invocations(compose: dict[str, Any]) -> None:
     roles = services(compose)
-    assert set(roles) == {"ingest", "stream", "detect", "mcp", "maintain"}
+    assert set(roles) == {"ingest", "stream", "detect", "resources", "mcp", "maintain"}
     argvs = {name: nettel_argvs(s) for name, s in roles.items()}
-    assert [argvs[r] for r in ("ingest", "stream", "detect", "mcp", "maintain")] == [
+    assert [argvs[r] for r in ("ingest", "stream", "detect", "resources", "mcp", "maintain")] == [
         [["ingest"]],
         [["stream"]],
         [["detect"]],
+        [["resources"]],
         [["mcp", "--http"]],
         [["store", "maintain"]],
     ]
@@ -122,7 +123,7 @@ def test_roles_and_their_commands_are_valid_nettel_invocations(compose: dict[str
                                                  stdout=subprocess.PIPE,
                                                  stderr=subprocess.PIPE)))  # fmt: skip
     for name, p in procs:
-        out, err = p.communicate(timeout=180)  # five interpreters on a busy 2-core CI
+        out, err = p.communicate(timeout=180)  # six interpreters on a busy 2-core CI
         assert p.returncode == 0, f"{name}: {err}"
         assert out.startswith("usage: nettel "), out
 
@@ -157,7 +158,7 @@ def test_kafka_and_topics_match_what_nettel_expects(compose: dict[str, Any]) -> 
     names = re.search(r"for topic in ([^;]+);", script)
     assert names is not None
     assert names.group(1).split() == [defaults.topic_stats, defaults.topic_alerts,
-                                      defaults.topic_dlq]  # fmt: skip
+                                      defaults.topic_dlq, defaults.topic_resources]  # fmt: skip
     assert '--partitions "$NETTEL_PARTITIONS"' in script
     assert "--if-not-exists" in script
     for service in services(compose).values():
@@ -203,7 +204,7 @@ def test_every_role_is_locked_down_and_none_holds_the_engine_socket(
     compose: dict[str, Any],
 ) -> None:
     roles = services(compose)
-    assert set(roles) == {"ingest", "stream", "detect", "mcp", "maintain"}
+    assert set(roles) == {"ingest", "stream", "detect", "resources", "mcp", "maintain"}
     for name, role in roles.items():
         assert role["cap_drop"] == ["ALL"], name
         assert "no-new-privileges:true" in role["security_opt"], name

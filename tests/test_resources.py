@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sys
 import threading
 import time
 from pathlib import Path
@@ -16,10 +17,12 @@ from typing import Any
 
 import polars as pl
 import pytest
+from mcp import Client
+from mcp.client.stdio import StdioServerParameters
 
 from conftest import IMAGE, Engine, consume_all, wait_for
 from nettel.broker import EmbeddedBroker, ensure_topics
-from nettel.detect.resources import ResourceFinding, ResourceSignals
+from nettel.detect.alerts import Alert, decode_alert
 from nettel.ingest.cgroups import CgroupReader, ResourceTracker
 from nettel.ingest.publisher import EventPublisher
 from nettel.ingest.service import IngestService
@@ -30,11 +33,13 @@ from nettel.models import (
     decode_resource_event,
     encode_resource_event,
 )
+from nettel.store.alerts import AlertTable
 from nettel.store.resources import RESOURCE_ROLLUP, ResourceMinuteTable
 from nettel.store.rollup import HOUR_MS, RollupTable
 from nettel.stream.resources import ResourceStreamWorker
 
-TOPICS = {"nettel.stats": 2, "nettel.resources": 2, "nettel.stats.dlq": 1}
+NETTEL = str(Path(sys.executable).with_name("nettel"))
+TOPICS = {"nettel.stats": 2, "nettel.resources": 2, "nettel.stats.dlq": 1, "nettel.alerts": 2}
 MiB = 1 << 20
 
 
@@ -248,8 +253,9 @@ async def test_burner_holder_writer_stats_equal_their_cgroup_counters(
 
     table = ResourceMinuteTable(str(tmp_path / "resource_minute"))
     hour = RollupTable(str(tmp_path / "resource_hour"), table, HOUR_MS, spec=RESOURCE_ROLLUP)
+    alerts = AlertTable(str(tmp_path / "alerts"))
     worker = ResourceStreamWorker(bootstrap, table, flush_interval_s=0.5, rollups=[hour],
-                                  seal_on_stop=True, grace_ms=1000)  # fmt: skip
+                                  seal_on_stop=True, grace_ms=1000, alerts=alerts)  # fmt: skip
     wstop = asyncio.Event()
     wtask = asyncio.create_task(worker.run(wstop))
     await wait_for(lambda: worker.consumed >= sent, 60, "every resource event consumed")
@@ -278,22 +284,32 @@ async def test_burner_holder_writer_stats_equal_their_cgroup_counters(
     assert 0 < peak < 250  # about a tenth of a core at most, sample by sample
     assert cpu["cpu_throttled_periods"].sum() > 0
     assert rows.filter(pl.col("name") == names["disk"])["io_write_bytes"].sum() >= 4 * MiB
-    # the signals on the events as they came: the leak is seen, with the time it has left,
-    # before the OOM kill, which is reported too; the capped burner is throttled
-    signals = ResourceSignals()
-    found: dict[str, list[ResourceFinding]] = {}
-    for ev in sorted(events, key=lambda e: e.ts_ms):
-        for f in signals.update(ev):
-            found.setdefault(f"{f.identity}:{f.kind}", []).append(f)
-    leaks = found.get(f"{names['leak']}:memory_leak", [])
-    kills = found.get(f"{names['leak']}:oom_kill", [])
-    assert leaks, found.keys()
-    assert kills, found.keys()
-    assert leaks[0].ts_ms < kills[0].ts_ms
-    assert leaks[0].time_to_limit_s is not None
-    assert 0 < leaks[0].time_to_limit_s < 60
-    assert found.get(f"{names['cpu']}:cpu_throttling"), found.keys()
-    assert not any(k.startswith(names["mem"]) for k in found)  # steady memory: no leak
+    # the resource alerts the worker published: the leak is seen, with the time it has
+    # left, before the OOM kill, which is reported too; the capped burner is throttled
+    published = [decode_alert(m.value) for m in await consume_all(bootstrap, "nettel.alerts")]
+    assert len(published) == worker.alerts_published
+    firsts: dict[tuple[str, str], Alert] = {}
+    for a in published:
+        firsts.setdefault((a.identity, a.rule), a)
+    leak = firsts.get((names["leak"], "memory_leak"))
+    kill = firsts.get((names["leak"], "oom_kill"))
+    throttled = firsts.get((names["cpu"], "cpu_throttling"))
+    assert leak is not None, list(firsts)
+    assert kill is not None, list(firsts)
+    assert throttled is not None, list(firsts)
+    assert (leak.status, kill.status, throttled.status) == ("open", "open", "open")
+    assert leak.updated_ms < kill.started_ms  # raised before the kill
+    assert leak.time_to_limit_s is not None
+    assert 0 < leak.time_to_limit_s < 60
+    assert f"{leak.time_to_limit_s:.0f} s" in leak.explanation
+    assert "killed for memory" in kill.explanation
+    assert kill.severity == "critical"
+    assert "throttled" in throttled.explanation
+    assert not any(a.identity == names["mem"] for a in published)  # steady memory: quiet
+    kept = alerts.latest()  # every published version is in the table, once
+    assert sorted(kept["id"].to_list()) == sorted({a.id for a in published})
+    assert pl.scan_delta(alerts.uri).select(pl.len()).collect().item() == len(published)
+    assert kept.filter(pl.col("rule") == "memory_leak")["time_to_limit_s"].min() > 0  # type: ignore[operator]
     mem = rows.filter(pl.col("name") == names["mem"]).sort("ts").row(-1, named=True)
     assert mem["memory_limit_bytes_last"] == 64 * MiB
     assert abs(mem["memory_bytes_last"] - after["mem"]["memory_bytes"]) < 2 * MiB
@@ -316,26 +332,40 @@ def synthetic(containers: int, minutes: int, start_ms: int) -> list[ResourceEven
     return out
 
 
+def leaking(start_ms: int, samples: int) -> list[ResourceEvent]:
+    """A container whose memory rises 256 KiB a sample for 40 samples, then falls back."""
+    return [ResourceEvent(
+        ts_ms=start_ms + i * 5000, host="h", container_id="cl", identity="leaky", name="leaky",
+        interval_ms=5000, memory_bytes=MiB * 10 + (i * MiB // 4 if i < 40 else 0),
+        memory_limit_bytes=64 * MiB, source="cgroup-v2") for i in range(samples)]  # fmt: skip
+
+
 @pytest.mark.broker
 async def test_resource_stream_restarted_midway_counts_every_event_once(
     broker: EmbeddedBroker, tmp_path: Path
 ) -> None:
     bootstrap = broker.bootstrap_servers
     await ensure_topics(bootstrap, TOPICS)
-    events = synthetic(3, 6, 1_800_000_000_000)
-    publisher = EventPublisher(bootstrap, "nettel.resources")
-    async with publisher:
-        for ev in events:
-            publisher.publish(ev.identity.encode(), encode_resource_event(ev))
-        publisher.publish(b"bad", b'{"ts_ms": -1}')  # refused: dead-lettered, not lost
-        for ev in events[:30]:  # a resend: copies, read after the restart (dropped)
-            publisher.publish(ev.identity.encode(), encode_resource_event(ev))
-        await wait_for(lambda: publisher.sent == len(events) + 31, 60, "all sent")
+    start_ms = 1_800_000_000_000
+    events = sorted(synthetic(3, 6, start_ms) + leaking(start_ms, 72), key=lambda e: e.ts_ms)
+    # the first run stops two minutes in: while the leak (from sample 5 to 40) is open
+    halves = ([e for e in events if e.ts_ms < start_ms + 120_000],
+              [e for e in events if e.ts_ms >= start_ms + 120_000])  # fmt: skip
     table = ResourceMinuteTable(str(tmp_path / "resource_minute"))
+    alerts = AlertTable(str(tmp_path / "alerts"))
+
+    async def publish(part: list[ResourceEvent], bad: bool) -> None:
+        publisher = EventPublisher(bootstrap, "nettel.resources")
+        async with publisher:
+            for ev in part:
+                publisher.publish(ev.identity.encode(), encode_resource_event(ev))
+            if bad:
+                publisher.publish(b"bad", b'{"ts_ms": -1}')  # refused: dead-lettered, not lost
+            await wait_for(lambda: publisher.sent == len(part) + bad, 60, "all sent")
 
     async def consume(until: int, seal: bool) -> ResourceStreamWorker:
         worker = ResourceStreamWorker(bootstrap, table, flush_interval_s=0.3, grace_ms=5000,
-                                      seal_on_stop=seal)  # fmt: skip
+                                      seal_on_stop=seal, alerts=alerts)  # fmt: skip
         stop = asyncio.Event()
         task = asyncio.create_task(worker.run(stop))
         await wait_for(lambda: worker.consumed >= until, 60, f"{until} consumed")
@@ -344,12 +374,123 @@ async def test_resource_stream_restarted_midway_counts_every_event_once(
         await asyncio.wait_for(task, 30)
         return worker
 
-    first = await consume(len(events) // 2, seal=False)  # stops with windows open
-    second = await consume(1, seal=True)  # resumes from the stored points, writes the rest
+    await publish(halves[0], bad=True)
+    first = await consume(len(halves[0]) + 1, seal=False)  # stops with windows open
+    resend = halves[0][:30]  # copies of folded events (a publisher's resend): dropped
+    await publish(halves[1] + resend, bad=False)
+    points = table.replay_points("nettel-resources", "nettel.resources", [0, 1], epoch=0)
+    replay = sum(p.resume_offset for p in points.values())
+    # resumes from the stored points (reading again from each one's resume offset)
+    second = await consume(len(events) + 1 + len(resend) - replay, seal=True)
     assert first.dead_lettered + second.dead_lettered >= 1
+    assert second.duplicates >= len(resend)
     assert first.duplicates + second.duplicates >= 30  # a copy read again is dropped again
     rows = table.scan().collect()
     for c in RESOURCE_COUNTERS:
         assert rows[c].sum() == sum(getattr(e, c) for e in events), c
     assert rows["samples"].sum() == len(events)
     assert rows["memory_bytes_sum"].sum() == sum(e.memory_bytes for e in events)
+    # the leak open at the restart is one incident: the second run found it again and
+    # carried on its id, and resolved it; each version is written and published once
+    assert first.alerts_published >= 1
+    versions = pl.scan_delta(alerts.uri).collect().sort("updated")
+    assert versions["container"].unique().to_list() == ["leaky"]
+    assert versions["id"].n_unique() == 1
+    assert versions["status"][0] == "open"
+    assert versions["status"][-1] == "resolved"
+    assert versions.select("id", "status", "updated").is_unique().all()
+    published = [decode_alert(m.value) for m in await consume_all(bootstrap, "nettel.alerts")]
+    assert sorted((a.id, a.status, a.updated_ms) for a in published) == sorted(
+        (r["id"], r["status"], int(r["updated"].timestamp() * 1000))
+        for r in versions.iter_rows(named=True))  # fmt: skip
+
+
+# -- restart_container: allowed, confirmed, rate-limited, audited, published -----------
+
+
+def answer_text(result: Any) -> str:
+    return " ".join(getattr(c, "text", "") for c in result.content)
+
+
+@pytest.mark.engine
+@pytest.mark.broker
+async def test_restart_container_over_stdio_restarts_only_what_is_allowed_and_audits_it(
+    engine: Engine, broker: EmbeddedBroker, tmp_path: Path
+) -> None:
+    tag = os.urandom(3).hex()
+    # PID 1 of a container ignores SIGTERM unless it traps it: stop at once when asked
+    loop = "trap 'exit 0' TERM; while true; do sleep 0.2; done"
+    allowed = run(engine, loop, name=f"nt-act-ok-{tag}")
+    other = run(engine, loop, name=f"nt-act-no-{tag}")
+    before = {c.name: (engine.pid(c), c.attrs["State"]["StartedAt"]) for c in (allowed, other)}
+    await ensure_topics(broker.bootstrap_servers, TOPICS)
+    env = {**os.environ, "NETTEL_DATA_DIR": str(tmp_path), "NETTEL_LOG_FORMAT": "json",
+           "NETTEL_ACTIONS_CONTAINERS": f"{allowed.name},nt-act-absent-{tag}",
+           "DOCKER_HOST": engine.url,
+           "KAFKA_BOOTSTRAP_SERVERS": broker.bootstrap_servers}  # fmt: skip
+    params = StdioServerParameters(command=NETTEL, args=["mcp", "--server", "resource-monitor"],
+                                   env=env)  # fmt: skip
+    async with Client(params, read_timeout_seconds=60) as client:
+        names = {t.name for t in (await client.list_tools()).tools}
+        assert "restart_container" in names
+        refused = [
+            await client.call_tool("restart_container", {"container": other.name, "confirm": True}),
+            await client.call_tool("restart_container", {"container": allowed.name}),
+            await client.call_tool("restart_container",
+                                   {"container": allowed.name, "confirm": False}),
+        ]  # fmt: skip
+        assert [r.is_error for r in refused] == [True, True, True]
+        # list_processes: the container's processes from its cgroup and /proc, no exec
+        listed = await client.call_tool("list_processes",
+                                        {"container": other.name, "sort_by": "rss"})  # fmt: skip
+        wrong = [await client.call_tool("list_processes", {"container": f"nt-act-gone-{tag}"}),
+                 await client.call_tool("list_processes",
+                                        {"container": other.name, "sort_by": "gpu"})]  # fmt: skip
+        assert "not in NETTEL_ACTIONS_CONTAINERS" in answer_text(refused[0])
+        assert "confirm=true" in answer_text(refused[1])
+        done = await client.call_tool("restart_container",
+                                      {"container": allowed.name, "confirm": True})  # fmt: skip
+        assert not done.is_error, answer_text(done)
+    # another client (its own server process): the cooldown holds, read from the audit row
+    async with Client(params, read_timeout_seconds=60) as client:
+        again = await client.call_tool("restart_container",
+                                       {"container": allowed.name, "confirm": True})  # fmt: skip
+    assert again.is_error
+    assert "try again in" in answer_text(again)
+    for r in (*refused, done, again, listed, *wrong):
+        assert len(answer_text(r)) <= 8_000
+    processes = listed.structured_content
+    assert processes is not None, answer_text(listed)
+    assert (processes["container"], processes["sort_by"]) == (other.name, "rss")
+    main_pid = before[other.name][0]
+    main = next(p for p in processes["processes"] if p["pid"] == main_pid)
+    assert main["command"] == f"sh -c {loop}"
+    assert main["state"] in "RSD"
+    status = _text(f"/proc/{main_pid}/status")
+    assert main["rss_bytes"] == 1024 * int(status.split("VmRSS:")[1].split()[0])
+    rss = [p["rss_bytes"] for p in processes["processes"]]
+    assert rss == sorted(rss, reverse=True)
+    assert processes["total"] >= len(rss) >= 1
+    assert all(w.is_error for w in wrong)
+    assert "running:" in answer_text(wrong[0])
+    assert allowed.name in answer_text(wrong[0]) or "in all" in answer_text(wrong[0])
+    assert "'cpu'" in answer_text(wrong[1])
+    assert "'rss'" in answer_text(wrong[1])
+    doc = done.structured_content
+    assert doc is not None
+    assert (doc["container"], doc["done"], doc["published"]) == (allowed.name, True, True)
+    for c in (allowed, other):
+        c.reload()
+    assert allowed.status == "running"
+    assert (engine.pid(allowed), allowed.attrs["State"]["StartedAt"]) != before[allowed.name]
+    assert (engine.pid(other), other.attrs["State"]["StartedAt"]) == before[other.name]
+    assert doc["container_id"] == allowed.id
+    # one audit row (the refused calls change nothing) and the same record on the topic
+    rows = pl.scan_delta(str(tmp_path / "alerts")).collect()
+    assert rows["rule"].to_list() == ["restart_container"]
+    assert rows["id"].to_list() == [doc["audit_id"]]
+    assert rows["container"].to_list() == [allowed.name]
+    events = [decode_alert(m.value) for m in await consume_all(broker.bootstrap_servers,
+                                                               "nettel.alerts")]  # fmt: skip
+    assert [(a.id, a.rule, a.identity) for a in events] == [
+        (doc["audit_id"], "restart_container", allowed.name)]  # fmt: skip

@@ -41,6 +41,8 @@ if TYPE_CHECKING:
     from nettel.ingest.health import HealthWatcher
     from nettel.ingest.service import IngestService
     from nettel.ingest.sources import Source
+    from nettel.mcp.actions import ContainerActions
+    from nettel.mcp.resources import ListProcesses
     from nettel.mcp.server import HttpOptions
     from nettel.models import StatEvent
     from nettel.report import Prices
@@ -360,7 +362,9 @@ def make_stream(
 def make_resource_stream(settings: Settings, bootstrap: str, *, epoch: int = 0,
                          embedded: bool = False) -> ResourceStreamWorker:  # fmt: skip
     """The resource stream worker: ``nettel.resources`` into ``resource_minute``, rolled
-    into ``resource_hour`` and ``resource_day`` (the network stream's windows and rules)."""
+    into ``resource_hour`` and ``resource_day`` (the network stream's windows and rules),
+    and its resource alerts (leak, OOM kill, throttling) on the alerts topic and table."""
+    from nettel.store.alerts import AlertTable
     from nettel.store.resources import RESOURCE_ROLLUP, ResourceMinuteTable
     from nettel.store.rollup import DAY_MS, HOUR_MS, RollupTable
     from nettel.stream.resources import ResourceStreamWorker
@@ -374,7 +378,8 @@ def make_resource_stream(settings: Settings, bootstrap: str, *, epoch: int = 0,
         grace_ms=round(settings.window_grace_s * 1000),
         flush_interval_s=settings.flush_interval_s, rollups=[hour, day],
         rollup_interval_s=settings.rollup_interval_s, epoch=epoch, seal_on_stop=embedded,
-        fresh_log=embedded,
+        fresh_log=embedded, alerts=AlertTable(table_uri(settings, "alerts")),
+        alerts_topic=settings.topic_alerts,
     )  # fmt: skip
 
 
@@ -575,7 +580,7 @@ async def up_roles(settings: Settings, bootstrap: str, broker: EmbeddedBroker | 
                                 embedded=broker is not None)  # fmt: skip
     watcher = await asyncio.to_thread(make_health_watcher, settings, bootstrap)
     server = mcp_server(settings)
-    more_servers = more_mcp_servers(settings)
+    more_servers = more_mcp_servers(settings, bootstrap)
     mcp_options = mcp_http_options(settings)
 
     async def maintain(stop: asyncio.Event) -> None:
@@ -971,12 +976,16 @@ async def cmd_report(settings: Settings, args: argparse.Namespace) -> int:
 MCP_SERVERS = ("network-telemetry", "resource-monitor", "health-check")
 
 
-def mcp_server(settings: Settings, name: str = "network-telemetry") -> MCPServer[Any]:
-    """The MCP server ``name`` (one of :data:`MCP_SERVERS`) over the data dir's tables."""
+def mcp_server(settings: Settings, name: str = "network-telemetry",
+               bootstrap: str | None = None) -> MCPServer[Any]:  # fmt: skip
+    """The MCP server ``name`` (one of :data:`MCP_SERVERS`) over the data dir's tables
+    (``bootstrap``: the broker acting tools publish to, default the configured one)."""
     if name == "resource-monitor":
         from nettel.mcp.resources import ResourceTools, build_resource_server
 
-        return build_resource_server(ResourceTools.for_data_dir(settings.data_dir))
+        return build_resource_server(ResourceTools.for_data_dir(settings.data_dir),
+                                     container_actions(settings, bootstrap),
+                                     engine_processes(settings))  # fmt: skip
     if name == "health-check":
         from nettel.mcp.health import HealthTools, build_health_server
 
@@ -988,11 +997,111 @@ def mcp_server(settings: Settings, name: str = "network-telemetry") -> MCPServer
         settings.data_dir, partitions=settings.partitions, topic=settings.topic_stats))  # fmt: skip
 
 
-def more_mcp_servers(settings: Settings) -> dict[str, MCPServer[Any]]:
+def engine_processes(settings: Settings) -> ListProcesses:
+    """``list_processes``' means: the container's main PID from the engine API (an
+    inspect; no exec), its processes from its cgroup and ``/proc`` under
+    ``NETTEL_PROC_ROOT`` (:func:`~nettel.ingest.processes.container_processes`)."""
+    from nettel.mcp.answers import ToolInputError, quoted
+    from nettel.mcp.resources import ProcessEntry
+
+    urls = engine_candidates(settings)
+
+    def processes(name: str) -> tuple[str, list[ProcessEntry]]:
+        import docker
+        from docker.errors import NotFound
+
+        from nettel.ingest.processes import container_processes
+
+        if not urls:
+            raise EngineUnavailableError("no engine socket found: set DOCKER_HOST")
+        client = docker.DockerClient(base_url=urls[0], timeout=30)
+        try:
+            try:
+                container = client.containers.get(name)
+            except NotFound:
+                running = sorted(str(c.name) for c in client.containers.list())
+                listed = ", ".join(running)
+                if len(listed) > 160:
+                    listed = listed[:160].rsplit(", ", 1)[0] + f", ... ({len(running)} in all)"
+                raise ToolInputError(f"no container {quoted(name)}; running: "
+                                     f"{listed or 'none'}") from None  # fmt: skip
+            pid = int(container.attrs["State"].get("Pid") or 0)
+            if not pid:
+                raise ToolInputError(f"{quoted(name)} is {container.status}, not running: "
+                                     "it has no processes")  # fmt: skip
+        finally:
+            client.close()
+        try:
+            found = container_processes(pid, proc_root=settings.proc_root)
+        except OSError as e:
+            raise ToolInputError(f"the processes of {quoted(name)} cannot be read "
+                                 f"({e.strerror or e}); is it still running?") from e  # fmt: skip
+        entries = [ProcessEntry(pid=p.pid, command=p.command, state=p.state,
+                                cpu_seconds=p.cpu_seconds, rss_bytes=p.rss_bytes)
+                   for p in found]  # fmt: skip
+        return str(container.name), entries
+
+    return processes
+
+
+def container_actions(settings: Settings,
+                      bootstrap: str | None = None) -> ContainerActions | None:  # fmt: skip
+    """The acting MCP tools' checks and means, when ``NETTEL_ACTIONS_CONTAINERS`` names
+    containers (else None: the tools are not offered): restarts through the engine API
+    (``DOCKER_HOST`` or the first engine socket found), audit rows in ``alerts``, events
+    on the alerts topic of ``bootstrap`` (default ``KAFKA_BOOTSTRAP_SERVERS``) if any."""
+    from nettel.mcp.actions import ActionPolicy, ContainerActions
+    from nettel.store.alerts import AlertTable
+
+    policy = ActionPolicy.parse(settings.actions_containers)
+    if not policy.enabled:
+        return None
+    urls = engine_candidates(settings)
+
+    def restart(name: str, timeout_s: int) -> str:
+        import docker
+
+        if not urls:
+            raise EngineUnavailableError("no engine socket found: set DOCKER_HOST")
+        client = docker.DockerClient(base_url=urls[0], timeout=timeout_s + 30)
+        try:
+            container = client.containers.get(name)
+            container.restart(timeout=timeout_s)
+            return str(container.id)
+        finally:
+            client.close()
+
+    publish = None
+    broker = bootstrap or settings.kafka_bootstrap_servers
+    if broker is not None:
+        topic = settings.topic_alerts
+
+        def publish(key: bytes, value: bytes) -> None:
+            asyncio.run(_send_one(broker, topic, key, value))
+
+    audit = AlertTable(table_uri(settings, "alerts"))
+    return ContainerActions(policy, restart=restart, audit=audit, publish=publish,
+                            host=settings.host)  # fmt: skip
+
+
+async def _send_one(bootstrap: str, topic: str, key: bytes, value: bytes) -> None:
+    """One record on ``topic``, acknowledged by every in-sync replica."""
+    from aiokafka import AIOKafkaProducer
+
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")
+    await producer.start()
+    try:
+        await producer.send_and_wait(topic, value, key=key)
+    finally:
+        await producer.stop()
+
+
+def more_mcp_servers(settings: Settings,
+                     bootstrap: str | None = None) -> dict[str, MCPServer[Any]]:  # fmt: skip
     """The servers served beside ``network-telemetry`` over HTTP, by path."""
     from nettel.mcp import health, resources
 
-    return {resources.HTTP_PATH: mcp_server(settings, "resource-monitor"),
+    return {resources.HTTP_PATH: mcp_server(settings, "resource-monitor", bootstrap),
             health.HTTP_PATH: mcp_server(settings, "health-check")}  # fmt: skip
 
 

@@ -173,6 +173,11 @@ class Settings:
         "browser Origins the MCP HTTP endpoint accepts besides loopback (comma-separated, "
         "e.g. https://console.example.com)",
     )  # fmt: skip
+    actions_containers: str = _field(
+        "", "NETTEL_ACTIONS_CONTAINERS",
+        "containers (exact names, comma-separated) the MCP tool restart_container may restart "
+        "through the engine API; empty: the tool is not offered (see SECURITY.md)",
+    )  # fmt: skip
     rules_file: str | None = _field(
         None, "NETTEL_RULES_FILE", "TOML file of custom alert rules (checked at start)"
     )

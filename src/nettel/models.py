@@ -23,7 +23,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from operator import attrgetter
-from typing import Annotated, Any, Final, Literal
+from typing import Annotated, Any, Final, Literal, Protocol, Self
 
 import msgspec
 
@@ -472,17 +472,31 @@ def window_start(ts_ms: int, size_ms: int = WINDOW_MS) -> int:
     return ts_ms - ts_ms % size_ms
 
 
-@dataclass(slots=True)
-class WindowAggregate:
-    """One container's traffic over one window, as the ``minute`` table stores it.
+class _Sampled(Protocol):
+    """What a window needs of an event to name its container and time."""
 
-    Per counter: the sum of deltas and the min and max of the per-sample rate (per
-    second); per total of both directions (:data:`TOTALS`), the rate extremes too. The
-    mean rate is ``sum / (interval_ms / 1000)``: sums, counts, min and max roll up
-    exactly to hours and days, means and percentiles would not. Connections
-    (a gauge): last, max, min, and the sum and count of the samples that had it, so
-    the mean is ``connections_sum / connections_samples`` at any resolution.
-    """
+    @property
+    def ts_ms(self) -> int: ...
+    @property
+    def identity(self) -> str: ...
+    @property
+    def host(self) -> str: ...
+    @property
+    def container_id(self) -> str: ...
+    @property
+    def name(self) -> str: ...
+    @property
+    def image(self) -> str: ...
+    @property
+    def compose_project(self) -> str: ...
+    @property
+    def compose_service(self) -> str: ...
+
+
+@dataclass(slots=True)
+class ContainerWindow:
+    """Which container and which window a row of a window table is about (the head of
+    :class:`WindowAggregate` and :class:`ResourceAggregate`)."""
 
     identity: str
     window_start_ms: int
@@ -493,6 +507,30 @@ class WindowAggregate:
     image: str
     compose_project: str
     compose_service: str
+
+    @classmethod
+    def first(cls, ev: _Sampled, size_ms: int = WINDOW_MS) -> Self:
+        """An empty window for ``ev``'s container and time."""
+        return cls(
+            identity=ev.identity, window_start_ms=window_start(ev.ts_ms, size_ms),
+            window_ms=size_ms, host=ev.host, container_id=ev.container_id, name=ev.name,
+            image=ev.image, compose_project=ev.compose_project,
+            compose_service=ev.compose_service,
+        )  # fmt: skip
+
+
+@dataclass(slots=True)
+class WindowAggregate(ContainerWindow):
+    """One container's traffic over one window, as the ``minute`` table stores it.
+
+    Per counter: the sum of deltas and the min and max of the per-sample rate (per
+    second); per total of both directions (:data:`TOTALS`), the rate extremes too. The
+    mean rate is ``sum / (interval_ms / 1000)``: sums, counts, min and max roll up
+    exactly to hours and days, means and percentiles would not. Connections
+    (a gauge): last, max, min, and the sum and count of the samples that had it, so
+    the mean is ``connections_sum / connections_samples`` at any resolution.
+    """
+
     samples: int = 0
     interval_ms: int = 0
     resets: int = 0
@@ -507,16 +545,6 @@ class WindowAggregate:
     tcp_max: dict[str, int] = field(default_factory=dict)
     partition: int = -1
     _last_ts_ms: int = -1
-
-    @classmethod
-    def first(cls, ev: StatEvent, size_ms: int = WINDOW_MS) -> WindowAggregate:
-        """An empty window for ``ev``'s container and time."""
-        return cls(
-            identity=ev.identity, window_start_ms=window_start(ev.ts_ms, size_ms),
-            window_ms=size_ms, host=ev.host, container_id=ev.container_id, name=ev.name,
-            image=ev.image, compose_project=ev.compose_project,
-            compose_service=ev.compose_service,
-        )  # fmt: skip
 
     def add(self, ev: StatEvent) -> None:
         """Fold one sample in.
@@ -776,7 +804,7 @@ RESOURCE_LIMITS: Final = ("memory_limit_bytes", "pids_limit")
 
 
 @dataclass(slots=True)
-class ResourceAggregate:
+class ResourceAggregate(ContainerWindow):
     """One container's resources over one window, as the ``resource_minute`` table stores it.
 
     Counters (:data:`RESOURCE_COUNTERS`): sums of deltas, and the peak CPU rate of a sample
@@ -798,15 +826,6 @@ class ResourceAggregate:
     (100, 300, 400)
     """
 
-    identity: str
-    window_start_ms: int
-    window_ms: int
-    host: str
-    container_id: str
-    name: str
-    image: str
-    compose_project: str
-    compose_service: str
     samples: int = 0
     interval_ms: int = 0
     resets: int = 0
@@ -819,16 +838,6 @@ class ResourceAggregate:
     gauge_sum: dict[str, int] = field(default_factory=dict)
     partition: int = -1
     _last_ts_ms: int = -1
-
-    @classmethod
-    def first(cls, ev: ResourceEvent, size_ms: int = WINDOW_MS) -> ResourceAggregate:
-        """An empty window for ``ev``'s container and time."""
-        return cls(
-            identity=ev.identity, window_start_ms=window_start(ev.ts_ms, size_ms),
-            window_ms=size_ms, host=ev.host, container_id=ev.container_id, name=ev.name,
-            image=ev.image, compose_project=ev.compose_project,
-            compose_service=ev.compose_service,
-        )  # fmt: skip
 
     def add(self, ev: ResourceEvent) -> None:
         """Fold one sample in."""

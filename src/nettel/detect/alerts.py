@@ -119,7 +119,9 @@ class Alert(msgspec.Struct, frozen=True, kw_only=True):
     ``rule`` is the custom rule's name, empty for the model's alerts. ``related`` maps
     other metrics of the container that moved at the same time (without breaking their
     bands) to their value as a multiple of what was expected; ``restarts`` counts the
-    container's restarts in the hour before the alert opened.
+    container's restarts in the hour before the alert opened. ``time_to_limit_s``
+    (resource alerts of a memory leak, :mod:`nettel.detect.resources`): when memory
+    reaches its limit at the pace it rises; None for every other alert.
     """
 
     id: str
@@ -145,6 +147,7 @@ class Alert(msgspec.Struct, frozen=True, kw_only=True):
     explanation: str
     direction: Direction = "spike"
     metrics: list[MetricEvidence] = []
+    time_to_limit_s: float | None = None
     schema_version: int = ALERT_SCHEMA_VERSION
 
 

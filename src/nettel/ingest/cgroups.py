@@ -219,7 +219,15 @@ class _OpenFiles:
             self.close(key)
 
 
-def _controller_dir(paths: Mapping[str, str], root: str, controller: str) -> str | None:
+def controller_dir(paths: Mapping[str, str], root: str, controller: str) -> str | None:
+    """The v1 directory of ``controller`` under ``root`` for :func:`cgroup_paths`'
+    ``paths`` (None if the process is in no such hierarchy).
+
+    Examples
+    --------
+    >>> controller_dir({"cpu,cpuacct": "/x"}, "/sys/fs/cgroup", "cpuacct")
+    '/sys/fs/cgroup/cpu,cpuacct/x'
+    """
     for controllers, path in paths.items():
         if controller in controllers.split(","):
             return f"{root}/{controllers}{path}"
@@ -264,7 +272,7 @@ class CgroupReader:
             dirs = _Dirs(pid, f"{self.cgroup_root}{paths['']}")
         else:
             r = self.cgroup_root
-            dirs = _Dirs(pid, None, *(_controller_dir(paths, r, c) for c in
+            dirs = _Dirs(pid, None, *(controller_dir(paths, r, c) for c in
                                       ("cpu", "cpuacct", "memory", "blkio", "pids")))  # fmt: skip
         self._dirs[key] = dirs
         return dirs

@@ -11,11 +11,12 @@ stdio with ``nettel mcp --server resource-monitor`` and over HTTP at
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
-from typing import Annotated, Any, Literal
+from collections.abc import Callable, Sequence
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, Field, model_serializer
+from pydantic import BaseModel, Field
 
+from nettel.mcp.actions import ContainerActions, register_actions
 from nettel.mcp.answers import page
 from nettel.mcp.server import (
     AggregationArg,
@@ -27,15 +28,16 @@ from nettel.mcp.server import (
     _answer,
 )
 from nettel.mcp.tools import (
+    Compact,
     Point,
     Timeframe,
     _combine,
-    _drop_none,
+    _matches,
     iso,
     resolve_container,
     window,
 )
-from nettel.store.query import Aggregation
+from nettel.store.query import Aggregation, summarize
 from nettel.store.resource_query import ResourceQuery
 
 SERVER_NAME = "resource-monitor"
@@ -58,7 +60,7 @@ RANKED_BY: dict[str, tuple[str, str]] = {
 Number = int | float
 
 
-class ResourceData(BaseModel):
+class ResourceData(Compact):
     """One container's (or all containers') resources under one aggregation: see
     :mod:`nettel.store.resource_query` for what each value means per aggregation."""
 
@@ -72,12 +74,8 @@ class ResourceData(BaseModel):
     cpu_throttled_percent: Number | None = None
     oom_kills: int | None = None
 
-    @model_serializer(mode="wrap")
-    def _serialize(self, handler: Callable[[Any], dict[str, Any]]) -> dict[str, Any]:
-        return _drop_none(self, handler)
 
-
-class ResourceStatsOut(BaseModel):
+class ResourceStatsOut(Compact):
     """``{"container", "timeframe", "data"}`` (the shape of ``get_network_stats``); for
     every container together ``container`` is ``"*"`` and ``containers`` lists a page of
     them, the busiest CPU first."""
@@ -91,22 +89,14 @@ class ResourceStatsOut(BaseModel):
     hint: str | None = None
     as_of: str | None = None
 
-    @model_serializer(mode="wrap")
-    def _serialize(self, handler: Callable[[Any], dict[str, Any]]) -> dict[str, Any]:
-        return _drop_none(self, handler)
 
-
-class ResourceTopEntry(BaseModel):
+class ResourceTopEntry(Compact):
     """One ranked container."""
 
     container: str
     value: Number
     share: float | None = Field(default=None, description="of all containers' total, percent")
     memory_limit_bytes: int | None = None
-
-    @model_serializer(mode="wrap")
-    def _serialize(self, handler: Callable[[Any], dict[str, Any]]) -> dict[str, Any]:
-        return _drop_none(self, handler)
 
 
 class ResourceTop(BaseModel):
@@ -141,19 +131,59 @@ class ResourceSeries(BaseModel):
     as_of: str | None = None
 
 
-def _summary(values: list[float]) -> dict[str, float | None]:
-    """min, max, avg and p95 (nearest rank) of ``values``.
+ProcessSort = Literal["cpu", "rss"]
+
+
+class ProcessEntry(Compact):
+    """One process of a container (its PID as the host sees it)."""
+
+    pid: int
+    command: str
+    state: str = Field(description="R running, S sleeping, D disk wait, Z zombie, ...")
+    cpu_seconds: float = Field(description="user + system since it started")
+    rss_bytes: int
+
+
+class ProcessList(BaseModel):
+    """A container's processes now, ranked."""
+
+    container: str
+    sort_by: ProcessSort
+    processes: list[ProcessEntry]
+    total: int = Field(description="processes in the container")
+    as_of: str
+
+
+#: ``processes(container)``: the container's name and its processes, read now; raises
+#: :class:`~nettel.mcp.answers.ToolInputError` naming the running containers when
+#: ``container`` is none of them (given by the composition root: the mcp layer reads
+#: no engine and no ``/proc`` itself).
+ListProcesses = Callable[[str], tuple[str, Sequence[ProcessEntry]]]
+
+
+def rank_processes(container: str, found: Sequence[ProcessEntry], sort_by: ProcessSort,
+                   limit: int, now_ms: int) -> ProcessList:  # fmt: skip
+    """The ``limit`` processes using the most CPU seconds (``cpu``) or resident memory
+    (``rss``), ties by PID.
 
     Examples
     --------
-    >>> _summary([1.0, 3.0, 2.0])
-    {'min': 1.0, 'max': 3.0, 'avg': 2.0, 'p95': 3.0}
+    >>> ps = [ProcessEntry(pid=1, command="sh", state="S", cpu_seconds=0.5, rss_bytes=900),
+    ...       ProcessEntry(pid=7, command="dd", state="R", cpu_seconds=9.0, rss_bytes=100)]
+    >>> [p.pid for p in rank_processes("web", ps, "rss", 5, 0).processes]
+    [1, 7]
+    >>> r = rank_processes("web", ps, "cpu", 1, 0)
+    >>> [p.pid for p in r.processes], r.total
+    ([7], 2)
     """
-    if not values:
-        return dict.fromkeys(("min", "max", "avg", "p95"))
-    ordered = sorted(values)
-    p95 = ordered[min(len(ordered) - 1, max(0, -(-95 * len(ordered) // 100) - 1))]
-    return {"min": ordered[0], "max": ordered[-1], "avg": sum(values) / len(values), "p95": p95}
+    key: Callable[[ProcessEntry], tuple[float, int]] = (
+        (lambda p: (-p.cpu_seconds, p.pid))
+        if sort_by == "cpu"
+        else (lambda p: (-p.rss_bytes, p.pid))
+    )
+    ranked = sorted(found, key=key)[:limit]
+    return ProcessList(container=container, sort_by=sort_by, processes=ranked,
+                       total=len(found), as_of=iso(now_ms))  # fmt: skip
 
 
 def _data(values: dict[str, float | int | None]) -> ResourceData:
@@ -187,9 +217,17 @@ class ResourceTools:
         self.query.newest_end_ms()
 
     def resolve(self, name: str) -> str:
-        """The identity ``name`` designates among containers with resource data (a month)."""
+        """The identity ``name`` designates among containers with resource data (a month).
+
+        The month is read from ``resource_hour``, which trails the minute table by up to a
+        roll interval: a name not found there is looked for in the last day's minutes too
+        (a container seen only since the last roll)."""
         now = self.now_ms()
         known = self.query.stats(now - 30 * 86_400_000, now + 60_000)
+        if _matches(name.strip(), known) is None:
+            seen = {s.container for s in known}
+            recent = self.query.stats(now - 86_400_000, now + 60_000)
+            known += [s for s in recent if s.container not in seen]
         return resolve_container(name, known, listing="get_resource_stats")
 
     def resource_stats(self, container: str | None, timeframe: Timeframe,
@@ -226,12 +264,11 @@ class ResourceTools:
         identity = self.resolve(container)
         start, end = window(timeframe, self.now_ms())
         bucket_ms, points = self.query.series(identity, start, end, metric, max_points)
-        values = [v for _, v in points if v is not None]
         newest = points[-1][0] + bucket_ms if points else None
         return ResourceSeries(
             container=identity, timeframe=timeframe, metric=metric, unit=SERIES_UNITS[metric],
-            bucket_seconds=bucket_ms // 1000,
-            points=[Point(ts=iso(t), value=v) for t, v in points], summary=_summary(values),
+            bucket_seconds=bucket_ms // 1000, points=[Point(ts=iso(t), value=v) for t, v in points],
+            summary=summarize(v for _, v in points),
             as_of=None if newest is None else iso(min(newest, end)),
         )  # fmt: skip
 
@@ -262,8 +299,14 @@ class ResourceTools:
                            as_of=None if newest is None else iso(newest))  # fmt: skip
 
 
-def build_resource_server(tools: ResourceTools) -> TelemetryServer:
-    """The ``resource-monitor`` MCP server over ``tools``."""
+def build_resource_server(
+    tools: ResourceTools,
+    actions: ContainerActions | None = None,
+    processes: ListProcesses | None = None,
+) -> TelemetryServer:
+    """The ``resource-monitor`` MCP server over ``tools``; with ``processes``, also
+    ``list_processes``; with ``actions`` enabled, also the acting tools
+    (:func:`~nettel.mcp.actions.register_actions`)."""
     from nettel import version
 
     server = TelemetryServer(SERVER_NAME, instructions=INSTRUCTIONS, as_of=tools.as_of,
@@ -310,4 +353,26 @@ def build_resource_server(tools: ResourceTools) -> TelemetryServer:
         buckets left out."""
         return await _answer(lambda: tools.series(container, timeframe, metric, max_points))
 
+    if processes is not None:
+
+        @server.tool()
+        async def list_processes(
+            container: Annotated[
+                str, Field(description="container name or id, as the engine knows it")
+            ],
+            sort_by: Annotated[
+                ProcessSort, Field(description="cpu: CPU seconds; rss: resident memory")
+            ] = "cpu",
+            limit: Limit50 = 15,
+        ) -> ProcessList:
+            """A running container's processes now (pid, command, state, CPU seconds, RSS),
+            read from its cgroup and /proc, the top ones by CPU or memory."""
+
+            def answer() -> ProcessList:
+                name, found = processes(container)
+                return rank_processes(name, found, sort_by, limit, tools.now_ms())
+
+            return await _answer(answer)
+
+    register_actions(server, actions)
     return server

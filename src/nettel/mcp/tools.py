@@ -95,6 +95,23 @@ def _drop_none(model: BaseModel, handler: Callable[[Any], dict[str, Any]]) -> di
     return {k: v for k, v in handler(model).items() if v is not None}
 
 
+class Compact(BaseModel):
+    """An answer model whose fields that are None are left out of its JSON.
+
+    Examples
+    --------
+    >>> class A(Compact):
+    ...     x: int | None = None
+    ...     y: int = 1
+    >>> A().model_dump()
+    {'y': 1}
+    """
+
+    @model_serializer(mode="wrap")
+    def _serialize(self, handler: Callable[[Any], dict[str, Any]]) -> dict[str, Any]:
+        return _drop_none(self, handler)
+
+
 Number = int | float
 
 

@@ -4,8 +4,11 @@ Every figure comes from :class:`~nettel.store.query.TrafficQuery` (exact sums ov
 window tables): totals in (``rx``) and out (``tx``), top consumers with their share,
 change against the day before and the same day a week before, containers that appeared
 or disappeared, error and drop hot spots, peak hours, a 30-day daily trend per top
-container, data-transfer cost, the day's anomalies (alert records passed in) and a
-forecast of the next days (:mod:`nettel.report.forecast`).
+container, data-transfer cost, the day's anomalies (alert records passed in), a
+forecast of the next days (:mod:`nettel.report.forecast`), and the resources section:
+the top CPU, memory and disk I/O consumers, CPU throttling and OOM kills of the day from
+:class:`~nettel.store.resource_query.ResourceQuery` (the ``resource_*`` tables), with the
+day's leak, OOM-kill and throttling alerts (:data:`RESOURCE_RULES`).
 
 The day is a calendar day in ``tz`` (UTC by default). Hourly figures use the store's
 UTC hours, labelled in local time (exact for zones on whole-hour offsets).
@@ -32,7 +35,7 @@ from __future__ import annotations
 
 import datetime as dt
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final, Literal, Protocol
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -40,9 +43,11 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import msgspec
 import polars as pl
 
+from nettel.detect.resources import KIND_METRICS
 from nettel.errors import QueryError
 from nettel.report.forecast import HOUR_MS, WEEKLY_MIN_HOURS, forecast_hourly, hourly_values
 from nettel.store.query import ContainerStats, TrafficQuery
+from nettel.store.resource_query import ResourceQuery, ResourceStats
 
 SCHEMA_VERSION: Final = 1
 DAY_MS: Final = 24 * HOUR_MS
@@ -58,7 +63,15 @@ DEFINITIONS: Final = {
     "share": "the container's part of all containers' bytes (in + out) of the day",
     "cost": "bytes_out / 1e9 * egress_per_gb + bytes_in / 1e9 * ingress_per_gb",
     "per_million_packets": "(errors + drops) per million packets of the container",
+    "cpu_seconds": "CPU time (user + system) the container used in the day",
+    "cpu_percent": "mean CPU over the time the container was sampled, percent of one core",
+    "memory_peak_bytes": "the most memory (cgroup usage) one sample of the day saw",
+    "cpu_throttled_percent": "100 * throttled CFS periods / periods of the day (a --cpus limit)",
 }
+
+#: The ``rule`` of the resource alerts (leak, OOM kill, throttling) the resources section
+#: lists.
+RESOURCE_RULES: Final = tuple(KIND_METRICS)
 
 
 class AlertRecord(Protocol):
@@ -80,6 +93,8 @@ class AlertRecord(Protocol):
     def resolved_ms(self) -> int | None: ...
     @property
     def severity(self) -> str: ...
+    @property
+    def rule(self) -> str: ...
     @property
     def explanation(self) -> str: ...
 
@@ -208,6 +223,38 @@ class Anomaly(msgspec.Struct, frozen=True, kw_only=True):
     explanation: str
 
 
+class ResourceUse(msgspec.Struct, frozen=True, kw_only=True):
+    """One container's CPU, memory and disk I/O of the day."""
+
+    container: str
+    cpu_seconds: float
+    cpu_percent: float | None
+    memory_peak_bytes: int
+    memory_limit_bytes: int | None
+    disk_read_bytes: int
+    disk_write_bytes: int
+    cpu_throttled_percent: float | None
+    oom_kills: int
+
+
+class ResourceDay(msgspec.Struct, frozen=True, kw_only=True):
+    """The day's resources: the top ``top_n`` containers by CPU seconds, peak memory and
+    disk bytes (read + written), those throttled (most first) and the resource alerts
+    open during the day; ``available`` is False when the store holds no resource data
+    for the day."""
+
+    available: bool
+    note: str
+    containers: int
+    cpu_seconds: float
+    oom_kills: int
+    top_cpu: list[ResourceUse]
+    top_memory: list[ResourceUse]
+    top_io: list[ResourceUse]
+    throttled: list[ResourceUse]
+    alerts: list[Anomaly]
+
+
 class Anomalies(msgspec.Struct, frozen=True, kw_only=True):
     """The day's anomalies; ``available`` is False when no detection data was given."""
 
@@ -295,6 +342,8 @@ class DailyReport(msgspec.Struct, frozen=True, kw_only=True):
     cost: Cost
     anomalies: Anomalies
     forecast: Forecast
+    #: None in reports written before the resources section
+    resources: ResourceDay | None = None
 
 
 def change_pct(value: float, before: float) -> float | None:
@@ -369,11 +418,8 @@ def _hour_span(frame: pl.DataFrame) -> dict[str, tuple[int, int]]:
     return {r[0]: (r[1], r[2]) for r in spans.iter_rows()}
 
 
-def _anomalies(
-    alerts: Sequence[AlertRecord] | None, start_ms: int, end_ms: int, zone: ZoneInfo
-) -> Anomalies:
-    if alerts is None:
-        return Anomalies(available=False, note="no anomaly detection data", items=[])
+def _open_during(alerts: Sequence[AlertRecord], start_ms: int, end_ms: int) -> list[Anomaly]:
+    """The latest version of each alert open during [start, end), oldest first."""
     latest: dict[str, AlertRecord] = {}
     for a in alerts:
         if a.id not in latest or a.updated_ms >= latest[a.id].updated_ms:
@@ -393,8 +439,62 @@ def _anomalies(
         if a.started_ms < end_ms and (a.resolved_ms is None or a.resolved_ms >= start_ms)
     ]
     items.sort(key=lambda a: (a.started_ms, a.container, a.metric))
+    return items
+
+
+def _anomalies(
+    alerts: Sequence[AlertRecord] | None, start_ms: int, end_ms: int, zone: ZoneInfo
+) -> Anomalies:
+    if alerts is None:
+        return Anomalies(available=False, note="no anomaly detection data", items=[])
+    items = _open_during(alerts, start_ms, end_ms)
     note = f"{len(items)} anomalies open during the day" if items else "no anomalies during the day"
     return Anomalies(available=True, note=note, items=items)
+
+
+def _resource_use(total: ResourceStats, peak: ResourceStats | None) -> ResourceUse:
+    v = total.values
+    throttled = v["cpu_throttled_percent"]
+    limit = v["memory_limit_bytes"]
+    return ResourceUse(
+        container=total.container, cpu_seconds=float(v["cpu_seconds"] or 0.0),
+        cpu_percent=None if v["cpu_percent"] is None else float(v["cpu_percent"]),
+        memory_peak_bytes=_int((peak or total).values["memory_bytes"]),
+        memory_limit_bytes=None if limit is None else int(limit),
+        disk_read_bytes=_int(v["disk_read_bytes"]), disk_write_bytes=_int(v["disk_write_bytes"]),
+        cpu_throttled_percent=None if throttled is None else float(throttled),
+        oom_kills=_int(v["oom_kills"]),
+    )  # fmt: skip
+
+
+def resource_day(query: ResourceQuery | None, alerts: Sequence[AlertRecord] | None,
+                 start_ms: int, end_ms: int, top_n: int = 10) -> ResourceDay:  # fmt: skip
+    """The resources section of [start, end): see :class:`ResourceDay`."""
+    rows = [] if query is None else query.stats(start_ms, end_ms)
+    peaks = {} if query is None or not rows else {
+        s.container: s for s in query.stats(start_ms, end_ms, aggregation="max")}  # fmt: skip
+    uses = [_resource_use(s, peaks.get(s.container)) for s in rows]
+    mine = [a for a in alerts or () if a.rule in RESOURCE_RULES]
+    items = _open_during(mine, start_ms, end_ms)
+
+    def top(key: Callable[[ResourceUse], float]) -> list[ResourceUse]:
+        return sorted((u for u in uses if key(u) > 0),
+                      key=lambda u: (-key(u), u.container))[:top_n]  # fmt: skip
+
+    cpu_s = sum(u.cpu_seconds for u in uses)
+    kills = sum(u.oom_kills for u in uses)
+    if not uses:
+        note = "no resource data for the day (the resources role of nettel up writes it)"
+    else:
+        note = (f"{len(uses)} containers used {cpu_s:,.0f} CPU seconds; {kills} OOM kills; "
+                f"{len(items)} leak, OOM-kill or throttling alerts")  # fmt: skip
+    return ResourceDay(
+        available=bool(uses), note=note, containers=len(uses), cpu_seconds=cpu_s,
+        oom_kills=kills, top_cpu=top(lambda u: u.cpu_seconds),
+        top_memory=top(lambda u: u.memory_peak_bytes),
+        top_io=top(lambda u: u.disk_read_bytes + u.disk_write_bytes),
+        throttled=top(lambda u: u.cpu_throttled_percent or 0.0), alerts=items,
+    )  # fmt: skip
 
 
 def _hourly_points(frame: pl.DataFrame, zone: ZoneInfo) -> list[HourPoint]:
@@ -611,11 +711,13 @@ def build_daily_report(
     budget_bytes_per_day: float | None = None,
     budgets: Mapping[str, float] | None = None,
     now_ms: int | None = None,
+    resources: ResourceQuery | None = None,
 ) -> DailyReport:
     """The report of calendar ``day`` in ``tz`` from the store behind ``query``.
 
     ``alerts``: alert records (any that overlap the day are listed; ``None``: no
-    detection data). ``budget_bytes_per_day``: every container's daily budget for the
+    detection data). ``resources``: the resource tables' query (the resources section;
+    None: no resource data). ``budget_bytes_per_day``: every container's daily budget for the
     capacity line, ``budgets`` per container (overrides it). Forecasts cover the
     ``max_forecasts`` containers with the most bytes on the day.
     """
@@ -771,6 +873,7 @@ def build_daily_report(
             breaches=breaches,
             capacity=capacity,
         ),
+        resources=resource_day(resources, alerts, start, end, top_n),
     )
 
 

@@ -39,6 +39,7 @@ from nettel.report.render import render_html, render_markdown
 from nettel.store.alerts import AlertTable
 from nettel.store.query import TrafficQuery
 from nettel.store.reports import ReportsTable
+from nettel.store.resource_query import ResourceQuery
 
 log = structlog.get_logger(__name__)
 
@@ -60,6 +61,7 @@ class StoredAlert:
     resolved_ms: int | None
     severity: str
     explanation: str
+    rule: str = ""
 
 
 def _ms(t: dt.datetime) -> int:
@@ -85,7 +87,7 @@ def stored_alerts(data_dir: str, storage_options: dict[str, str] | None = None) 
                 out.append(StoredAlert(
                     id=r["id"], status=r["status"], identity=r["container"], metric=r["metric"],
                     started_ms=started, updated_ms=_ms(r["updated"]), resolved_ms=resolved,
-                    severity=r["severity"], explanation=r["explanation"],
+                    severity=r["severity"], explanation=r["explanation"], rule=r["rule"] or "",
                 ))  # fmt: skip
         return out
 
@@ -226,6 +228,7 @@ def daily_report(
         alerts=alerts,
         budget_bytes_per_day=budget_bytes_per_day,
         budgets=budgets,
+        resources=ResourceQuery(settings.data_dir),
     )
     files: dict[str, Path] = {}
     if write:

@@ -178,6 +178,7 @@ def _tables(r: DailyReport) -> dict[str, Table]:
             ],
         ),
     }
+    out |= _resource_tables(r)
     if len(r.containers) > MAX_ROWS:
         more = len(r.containers) - MAX_ROWS
         out["containers"][1].append([f"... and {more} more (in the JSON report)"] + [""] * 7)
@@ -202,6 +203,35 @@ def _tables(r: DailyReport) -> dict[str, Table]:
     return out
 
 
+def _resource_tables(r: DailyReport) -> dict[str, Table]:
+    """The resources section: the containers in any of its top lists (most CPU first),
+    and its alerts."""
+    res = r.resources
+    if res is None:
+        return {"resources": ([], []), "resource_alerts": ([], [])}
+    listed = {u.container: u for u in (*res.top_cpu, *res.top_memory, *res.top_io,
+                                       *res.throttled)}  # fmt: skip
+    uses = sorted(listed.values(), key=lambda u: (-u.cpu_seconds, u.container))
+    return {
+        "resources": (
+            ["container", "CPU s", "CPU % (mean)", "memory peak", "limit", "disk read",
+             "disk written", "throttled", "OOM kills"],
+            [[u.container, f"{u.cpu_seconds:,.1f}",
+              "n/a" if u.cpu_percent is None else f"{u.cpu_percent:.3g}",
+              human_bytes(u.memory_peak_bytes),
+              "-" if u.memory_limit_bytes is None else human_bytes(u.memory_limit_bytes),
+              human_bytes(u.disk_read_bytes), human_bytes(u.disk_write_bytes),
+              "-" if u.cpu_throttled_percent is None else f"{u.cpu_throttled_percent:.3g}%",
+              f"{u.oom_kills:,}"] for u in uses],
+        ),
+        "resource_alerts": (
+            ["container", "signal", "status", "severity", "since", "explanation"],
+            [[a.container, a.metric, a.status, a.severity, _when(a.started_ms, r.timezone),
+              a.explanation] for a in res.alerts],
+        ),
+    }  # fmt: skip
+
+
 def _md_table(table: Table, empty: str) -> str:
     header, rows = table
     if not rows:
@@ -217,6 +247,12 @@ _SECTIONS: list[tuple[str, str, str]] = [
     ("Containers", "containers", "no container was seen on this day"),
     ("New and disappeared containers", "changes", "none: the same containers as the day before"),
     ("Anomalies", "anomalies", ""),
+    ("Resources: top CPU, memory and disk I/O", "resources", "no resource data for the day"),
+    (
+        "Resource alerts: leaks, OOM kills, throttling",
+        "resource_alerts",
+        "no leak, OOM-kill or throttling alert during the day",
+    ),
     ("Error and drop hot spots", "hot_spots", "no errors or drops"),
     ("Peak hours", "peak_hours", "no traffic on this day"),
     ("Trend, last 30 days (top containers)", "trend", "no traffic on this day"),
@@ -254,6 +290,8 @@ def render_markdown(r: DailyReport) -> str:
             parts += [f"_{r.anomalies.note}_", ""]
             if not r.anomalies.items:
                 continue
+        if key == "resources" and r.resources is not None:
+            parts += [f"_{r.resources.note}_", ""]
         if key == "totals":
             parts += [_cost_line(r), ""]
         if key == "forecast":
@@ -324,6 +362,8 @@ def render_html(r: DailyReport) -> str:
             parts.append(f'<p class="empty">{esc(r.anomalies.note)}</p>')
             if not r.anomalies.items:
                 continue
+        if key == "resources" and r.resources is not None:
+            parts.append(f"<p>{esc(r.resources.note)}</p>")
         if key == "totals":
             parts.append(f"<p>{esc(_cost_line(r))}</p>")
         if key == "forecast":

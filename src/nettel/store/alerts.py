@@ -10,9 +10,10 @@ so a detector that restarts from an older checkpoint and regenerates the same al
 columns are those of the metric that named it; ``metrics`` (a list of structs, see
 :func:`metric_evidence_schema`) holds every metric of the incident with its own peak
 and band, so the per-metric evidence stays queryable (``explode("metrics")``).
-``direction`` and ``metrics`` were added to the schema later: rows written before are
-read with them null. ``detect_state`` holds one row per partition, replaced in
-one commit at each checkpoint that changed it. ``alert_feedback`` is the one table the MCP server
+``direction``, ``metrics`` and ``time_to_limit_s`` (a memory leak's forecast) were
+added to the schema later: rows written before are read with them null.
+``detect_state`` holds one row per partition, replaced in one commit at each checkpoint
+that changed it. ``alert_feedback`` is the one table the MCP server
 writes (``mark_alert``); the detector reads it to widen bands.
 
 Rows are plain mappings (the :class:`~nettel.detect.alerts.Alert` record's fields): the
@@ -23,7 +24,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,6 +56,7 @@ def alerts_schema() -> dict[str, pl.DataType]:
         "related": pl.String(), "restarts": pl.Int64(), "explanation": pl.String(),
         "partition": pl.Int64(), "offset": pl.Int64(),
         "direction": pl.String(), "metrics": pl.List(pl.Struct(metric_evidence_schema())),
+        "time_to_limit_s": pl.Float64(),
     }  # fmt: skip
 
 
@@ -73,6 +75,10 @@ def metric_evidence_schema() -> dict[str, pl.DataType]:
         "band_high": pl.Float64(), "band_basis": pl.String(), "observed": pl.Float64(),
         "score": pl.Float64(),
     }  # fmt: skip
+
+
+def _ms(ts: dt.datetime) -> int:
+    return round(ts.timestamp() * 1000)
 
 
 def _ts(ms: int | None) -> dt.datetime | None:
@@ -95,7 +101,8 @@ def alert_rows_frame(rows: Sequence[Mapping[str, Any]]) -> pl.DataFrame:
         cols["metrics"].append([_evidence_row(m) for m in r.get("metrics") or ()])
         for k in ("id", "status", "metric", "rule", "host", "container_id", "observed", "peak",
                   "expected", "band_low", "band_high", "band_basis", "score", "severity",
-                  "restarts", "explanation", "partition", "offset", "direction"):  # fmt: skip
+                  "restarts", "explanation", "partition", "offset", "direction",
+                  "time_to_limit_s"):  # fmt: skip
             cols[k].append(r.get(k))
     return pl.DataFrame(cols, schema=schema)
 
@@ -147,6 +154,43 @@ class AlertTable:
                 "commit_properties": CommitProperties(app_transactions=txns),
             } | merge,
         )  # fmt: skip
+
+    def append_unwritten(
+        self, cut: Mapping[int, tuple[Sequence[Mapping[str, Any]], int]], *, writer: str,
+        topic: str, epoch: int,
+    ) -> int:  # fmt: skip
+        """Append the rows of ``cut`` (per source partition: its alert rows, each with
+        the ``offset`` of its event, and the partition's next offset) that the table does
+        not hold yet (an event at or past the partition's stored next offset), with the
+        next offsets, in one commit; none when there is no such row. How many it wrote."""
+        rows: list[Mapping[str, Any]] = []
+        for p, (pending, _) in cut.items():
+            through = self.written_through(writer, topic, p, epoch)
+            rows += [r for r in pending if r["offset"] >= through]
+        if rows:
+            points = {p: next_offset for p, (_, next_offset) in cut.items()}
+            self.append(rows, points, writer=writer, topic=topic, epoch=epoch)
+        return len(rows)
+
+    def still_open(self, rules: Collection[str], partitions: Collection[int],
+                   since_ms: int) -> list[dict[str, Any]]:  # fmt: skip
+        """The latest versions, not resolved, of the alerts of ``rules`` raised from
+        ``partitions`` and updated since ``since_ms``, as alert fields (``*_ms`` times;
+        without ``metrics``) with their ``partition`` and ``offset``."""
+        rows = self.latest(since_ms).filter(
+            pl.col("rule").is_in(list(rules)) & pl.col("partition").is_in(list(partitions))
+            & (pl.col("status") != "resolved")
+        )  # fmt: skip
+        out = []
+        for r in rows.iter_rows(named=True):
+            fields = {k: v for k, v in r.items() if k not in ("date", "container", "started",
+                      "updated", "resolved", "related", "metrics")}  # fmt: skip
+            out.append(fields | {
+                "identity": r["container"], "related": json.loads(r["related"] or "{}"),
+                "started_ms": _ms(r["started"]), "updated_ms": _ms(r["updated"]),
+                "direction": r["direction"] or "spike",
+            })  # fmt: skip
+        return out
 
     def _has_current_schema(self) -> bool:
         if not self._schema_current:

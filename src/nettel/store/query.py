@@ -22,7 +22,7 @@ from __future__ import annotations
 import datetime as dt
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 from urllib.parse import unquote
@@ -302,11 +302,23 @@ class Series:
         >>> Series("web", "bytes", "sum", 60_000, [0, 60_000, 120_000], [1, None, 3]).summary()
         {'min': 1.0, 'max': 3.0, 'avg': 2.0, 'p95': 3.0}
         """
-        xs = sorted(float(v) for v in self.values if v is not None)
-        if not xs:
-            return {"min": None, "max": None, "avg": None, "p95": None}
-        rank = max(1, -(-95 * len(xs) // 100))
-        return {"min": xs[0], "max": xs[-1], "avg": sum(xs) / len(xs), "p95": xs[rank - 1]}
+        return summarize(self.values)
+
+
+def summarize(values: Iterable[float | int | None]) -> dict[str, float | None]:
+    """min, max, avg and p95 (nearest rank) of the values that are not None (all None
+    when none is).
+
+    Examples
+    --------
+    >>> summarize([1, None, 3, 2]), summarize([None])["p95"]
+    ({'min': 1.0, 'max': 3.0, 'avg': 2.0, 'p95': 3.0}, None)
+    """
+    xs = sorted(float(v) for v in values if v is not None)
+    if not xs:
+        return {"min": None, "max": None, "avg": None, "p95": None}
+    rank = max(1, -(-95 * len(xs) // 100))
+    return {"min": xs[0], "max": xs[-1], "avg": sum(xs) / len(xs), "p95": xs[rank - 1]}
 
 
 @dataclass(frozen=True, slots=True)

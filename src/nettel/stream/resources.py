@@ -19,12 +19,31 @@ partition's resume point, so on assignment the worker reads up to
 
 It runs apart from the network stream so that the network hot path (its event format,
 its worker) stays exactly as it is, and a slow resource commit never delays it.
+
+Given an ``alerts`` table, it also **detects**: every event goes through its partition's
+:class:`~nettel.detect.resources.ResourceAlerts` (a memory leak with its time to the
+limit, OOM kills, CPU throttling), whose alert versions are published on the alerts
+topic as they happen (key: the container) and written to ``alerts`` at each flush,
+before the windows' commit, with each partition's next offset as an app transaction
+(writer ``nettel-resources``), so a replay writes none twice. This worker, not the
+detector worker, runs it because it already reads every resource event once, keyed by
+container, and the signals need only the last ``window_s`` of samples: a second
+consumer group would read and decode the topic again for three small signals, and the
+detector's checkpointed per-partition models are built for the network metrics. The
+signals' short history is not checkpointed: after a restart it is rebuilt from the
+replayed events (those of the open windows), and the incidents the table holds open
+for the partition are adopted (:meth:`~nettel.detect.resources.ResourceAlerts.adopt`:
+carried on under their id when found again, else resolved); alerts of events read
+before the last stored point are not published again, those after it may be (same ids
+while the history is the same: a consumer de-duplicates by ``id``, ``status``,
+``updated_ms``).
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import msgspec
@@ -32,7 +51,10 @@ import structlog
 from aiokafka import AIOKafkaProducer
 
 from nettel import metrics
+from nettel.detect.alerts import Alert, encode_alert
+from nettel.detect.resources import KIND_METRICS, ResourceAlerts
 from nettel.models import ReplayPoint, ResourceAggregate, ResourceEvent, decode_resource_event
+from nettel.store.alerts import AlertTable
 from nettel.store.minute import MinuteTable, PartitionPoint
 from nettel.store.rollup import RollupTable
 from nettel.stream.dedupe import LastFolded
@@ -112,7 +134,9 @@ class ResourceStreamWorker:
     ``fresh_log``: the log began empty with this worker (the embedded broker), so points
     stored under its epoch before this worker wrote any are an earlier log's (one with the
     same epoch number) and are ignored, as :class:`~nettel.stream.worker.StreamWorker`
-    does; the same holds for the log of every epoch a rotation announces.
+    does; the same holds for the log of every epoch a rotation announces. ``alerts``:
+    the table resource alerts go to (None: no detection), ``detector_factory`` makes
+    each partition's :class:`~nettel.detect.resources.ResourceAlerts`.
     """
 
     def __init__(
@@ -131,6 +155,9 @@ class ResourceStreamWorker:
         seal_on_stop: bool = False,
         idle_timeout_s: float = 2.0,
         fresh_log: bool = False,
+        alerts: AlertTable | None = None,
+        alerts_topic: str = "nettel.alerts",
+        detector_factory: Callable[[], ResourceAlerts] = ResourceAlerts,
     ) -> None:
         self.bootstrap_servers = bootstrap_servers
         self.table = table
@@ -142,8 +169,16 @@ class ResourceStreamWorker:
         self.epoch = epoch
         self.rollups = list(rollups)
         self.rollup_interval_s = rollup_interval_s
+        self.alerts = alerts
+        self.alerts_topic = alerts_topic
+        self.detector_factory = detector_factory
         self.consumed = 0
         self.dead_lettered = 0
+        self.alerts_published = 0
+        self._detectors: dict[int, ResourceAlerts] = {}
+        #: per partition: the first offset whose alerts were not published before a restart
+        self._live_from: dict[int, int] = {}
+        self._alert_rows: dict[int, list[dict[str, Any]]] = {}
         self.windows_written = 0
         self.duplicates = 0
         self._next_roll = 0.0
@@ -178,11 +213,11 @@ class ResourceStreamWorker:
     # -- the job the runtime runs ------------------------------------------------------
 
     async def open(self) -> None:
-        """Start the dead-letter producer."""
+        """Start the producer (dead letters and alerts)."""
         self._windows.clear()
         self._seen.clear()
         self._resume.clear()
-        self._dlq = AIOKafkaProducer(bootstrap_servers=self.bootstrap_servers)
+        self._dlq = AIOKafkaProducer(bootstrap_servers=self.bootstrap_servers, acks="all")
         await self._dlq.start()
         log.info("resource_stream_started", group=self.group, topic=self.topic)
 
@@ -195,6 +230,12 @@ class ResourceStreamWorker:
                  windows_written=self.windows_written,
                  dead_lettered=self.dead_lettered)  # fmt: skip
 
+    def new_windows(self, replay: ReplayPoint | None = None) -> ResourceWindows:
+        """A partition's windows as this worker folds them (its grace), resuming from
+        ``replay`` if given: what :meth:`restore` and :meth:`reset` give each partition,
+        and what a benchmark folds with."""
+        return ResourceWindows(self.grace_ms, replay=replay)
+
     async def restore(self, partitions: list[int]) -> dict[int, int]:
         """Restore ``partitions`` from the points stored with the rows."""
         async with self._flush_lock:
@@ -203,18 +244,26 @@ class ResourceStreamWorker:
             )
             if self.epoch in self._fresh_epochs:  # an earlier log's points: not ours
                 points = {p: v for p, v in points.items() if (self.epoch, p) in self._written}
+            still_open = await asyncio.to_thread(self._still_open, partitions)
             for p in partitions:
-                self._windows[p] = ResourceWindows(self.grace_ms, replay=points.get(p))
+                self._windows[p] = self.new_windows(points.get(p))
                 self._seen[p] = LastFolded()
                 self._resume[p] = 0 if p not in points else points[p].resume_offset
+                self._detectors[p] = self.detector_factory()
+                self._detectors[p].adopt(a for q, a in still_open if q == p)
+                self._live_from[p] = points[p].next_offset if p in points else 0
+                self._alert_rows[p] = []
             return {p: max(0, self._resume[p] - DEDUPE_LOOKBACK_RECORDS) for p in partitions}
 
     async def revoked(self, partitions: list[int]) -> None:
         """Write what closed, then forget ``partitions``."""
         await self._flush()
         for p in partitions:
-            for state in (self._windows, self._seen, self._resume):
-                state.pop(p, None)
+            self._windows.pop(p, None)
+            self._seen.pop(p, None)
+            self._resume.pop(p, None)
+            self._detectors.pop(p, None)
+            self._alert_rows.pop(p, None)
 
     async def tick(self) -> None:
         """Write what closed."""
@@ -242,8 +291,9 @@ class ResourceStreamWorker:
             self.epoch = epoch
             self._fresh_epochs.add(epoch)
             for p in self._windows:
-                self._windows[p] = ResourceWindows(self.grace_ms)
+                self._windows[p] = self.new_windows()
                 self._resume[p] = 0
+                self._live_from[p] = 0  # the signals' history stays; the log starts anew
             return list(self._windows)
 
     async def process(self, batch: Mapping[int, Sequence[Any]], now_ms: int) -> None:
@@ -272,6 +322,8 @@ class ResourceStreamWorker:
                     continue  # folded and written before the resume point: times only
                 if ev is not None:
                     reason = pw.add(ev, record.offset)
+                if ev is not None and reason is None and self.alerts is not None:
+                    await self._detect(partition, ev, record.offset)
                 if reason is not None:
                     await self._dead_letter(record, reason)
                     if self._windows.get(partition) is not pw:
@@ -306,6 +358,11 @@ class ResourceStreamWorker:
                 points.append(PartitionPoint(self.topic, partition, point))
         if not points:
             return
+        cut = {p.partition: (list(self._alert_rows.get(p.partition, ())), p.point.next_offset)
+               for p in points}  # fmt: skip
+        await asyncio.to_thread(self._write_alert_rows, cut)
+        for p, (written, _) in cut.items():
+            del self._alert_rows[p][: len(written)]
         await asyncio.to_thread(
             self.table.append, rows, points, writer=self.group, epoch=self.epoch
         )
@@ -317,6 +374,44 @@ class ResourceStreamWorker:
             await asyncio.to_thread(self._roll, [p.partition for p in points])
             self._next_roll = loop.time() + self.rollup_interval_s
         await self.runtime.commit({p.partition: p.point.next_offset for p in points})
+
+    def _still_open(self, partitions: list[int]) -> list[tuple[int, Alert]]:
+        """(partition, alert) of the resource alerts a previous run left open (a day back)."""
+        if self.alerts is None:
+            return []
+        since_ms = time.time_ns() // 1_000_000 - 86_400_000
+        rows = self.alerts.still_open(KIND_METRICS, partitions, since_ms)
+        return [(r["partition"], msgspec.convert(r, Alert)) for r in rows]
+
+    async def _detect(self, partition: int, ev: ResourceEvent, offset: int) -> None:
+        """Run the partition's signals on ``ev``; publish and keep the alerts it raises
+        (not again those of an event read before the last stored point)."""
+        detector = self._detectors.get(partition)
+        if detector is None:
+            return
+        for a in detector.update(ev):
+            if offset < self._live_from.get(partition, 0):
+                continue
+            self._alert_rows[partition].append(
+                msgspec.to_builtins(a) | {"partition": partition, "offset": offset}
+            )
+            await self._publish(a)
+
+    async def _publish(self, a: Alert) -> None:
+        await self._dlq.send_and_wait(self.alerts_topic, encode_alert(a),
+                                      key=a.identity.encode())  # fmt: skip
+        self.alerts_published += 1
+        metrics.ALERTS_PUBLISHED.inc()
+        log.info("alert", id=a.id, status=a.status, container=a.identity, metric=a.metric,
+                 rule=a.rule, severity=a.severity, explanation=a.explanation)  # fmt: skip
+
+    def _write_alert_rows(self, cut: dict[int, tuple[list[dict[str, Any]], int]]) -> None:
+        """Alert rows not yet in the table, with each partition's next offset, one commit
+        (none without rows)."""
+        if self.alerts is not None:
+            written = self.alerts.append_unwritten(cut, writer=self.group, topic=self.topic,
+                                                   epoch=self.epoch)  # fmt: skip
+            metrics.ROWS_WRITTEN.labels("alerts").inc(written)
 
     def _roll(self, partitions: list[int]) -> None:
         for table in self.rollups:
