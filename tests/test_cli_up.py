@@ -240,7 +240,8 @@ def test_up_fills_the_tables_from_real_traffic_exactly(engine: Engine, tmp_path:
     assert passes
     assert all(r["exit_code"] == 0 and r["pid"] != proc.pid for r in passes)
     done = [r for r in records if r["event"] == "store_maintenance_done"]
-    assert len(done) == len(passes)
+    # a pass stopped (SIGTERM) before its child could take the signal says began=False
+    assert len(done) == len([r for r in passes if r["began"]])
     assert all(r["peak_rss_bytes"] > 0 for r in done)
     # stopped: the open windows were sealed, so samples and minute hold every event
     samples = pl.scan_delta(str(data / "samples")).collect()

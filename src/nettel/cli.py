@@ -528,7 +528,8 @@ async def maintenance_pass(settings: Settings, stop: asyncio.Event) -> int:
                 child.send_signal(signal.SIGTERM)
             await relaying
         code = await child.wait()
-        if stop.is_set() and code == -signal.SIGTERM:
+        began = not (stop.is_set() and code == -signal.SIGTERM)
+        if not began:
             code = 0  # asked to stop before it could take the signal: it had begun nothing
     finally:
         stopping.cancel()
@@ -537,7 +538,7 @@ async def maintenance_pass(settings: Settings, stop: asyncio.Event) -> int:
             with contextlib.suppress(ProcessLookupError):
                 child.send_signal(signal.SIGTERM)
     (log.info if code == 0 else log.error)(
-        "store_maintenance_pass", pid=child.pid, exit_code=code,
+        "store_maintenance_pass", pid=child.pid, exit_code=code, began=began,
         seconds=round(time.monotonic() - started, 2),
     )  # fmt: skip
     return code
