@@ -52,7 +52,7 @@ DEFAULT_SEASONS: Final = ((DAY_MS, 15 * MINUTE_MS), (WEEK_MS, HOUR_MS))
 BUCKET_MS: Final = 5 * MINUTE_MS
 #: A seasonal excess is measured in this many spans of the row's slot levels (when that is
 #: less than the row's whole range; see ``BaselineStore._seasonal``).
-CYCLE_UNITS: Final = 2.0
+CYCLE_UNITS: Final = 2.5
 #: "No timestamp yet" in the int64 time columns.
 NO_TS: Final = np.iinfo(np.int64).min
 
