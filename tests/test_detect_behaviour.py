@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 
 import msgspec
@@ -182,3 +183,32 @@ def test_a_fleet_forgets_containers_gone_for_a_week_but_not_one_with_an_open_ale
     batches = sorted(int(i.split("-")[1]) for i in kept if i.startswith("batch-"))
     assert batches == list(range(22, 30))  # the last 7 days' and today's, no older one
     assert all(fleet.detector(f"batch-{d}") is None for d in range(22))
+
+
+def test_a_level_shift_at_a_quiet_hour_is_seen_after_a_spike_widened_the_range() -> None:
+    """A spike learned in the warm-up makes the metric's range 14x its daily peak; a 4x
+    shift from the daily trough is still evidence (an excess over its slot counts in the
+    metric's usual cycle, not its whole range: the live bench's missed level shifts).
+    Without that, the shift's evidence is 0.6 of the threshold."""
+    from nettel.detect.container import GUARD_THRESHOLD, SHIPPED_THRESHOLD
+
+    step = 60_000
+    spike_at, trough = 30 * step, 2 * DAY_MS + 12 * HOUR_MS
+
+    def rate(ts: int) -> float:
+        hour = (ts % DAY_MS) / HOUR_MS
+        wobble = 1.0 + 0.05 * ((ts // step) * 7919 % 11 - 5) / 5  # +-5 %, deterministic
+        return 1e5 * (1.0 + 0.8 * math.cos(2 * math.pi * hour / 24)) * wobble
+
+    def evidence(factor: float) -> float:
+        """The largest evidence over the hour from the trough, shifted by ``factor``."""
+        model, most = TrafficBaseline(), 0.0
+        for ts in range(0, trough + HOUR_MS, step):
+            x = rate(ts) * (15.0 if ts == spike_at else factor if ts >= trough else 1.0)
+            model.score_learn({"value": x, "ts_ms": ts}, learn_below=GUARD_THRESHOLD)
+            most = max(most, model.last_raw) if ts >= trough else 0.0
+        assert model.highest > 10 * rate(DAY_MS)  # the spike was learned: a wide range
+        return most
+
+    assert evidence(4.0) >= 2 * SHIPPED_THRESHOLD
+    assert evidence(1.0) < SHIPPED_THRESHOLD

@@ -17,7 +17,10 @@ gathered into 5-minute buckets (a slower sample is a bucket of its own, so for h
 data the averages below span 6 and 24 samples): the level is checked at the sample itself and at
 30-minute and 2-hour moving averages of buckets, and the 30-minute average against its
 15-minute slot of the day and hour of the week (a season scores only once the history
-spans it: the week's after two weeks). When samples come faster than buckets, two more
+spans it: the week's after two weeks). An excess over a slot is measured in units of the
+metric's usual cycle (2.5 times the span of its slot levels) where that is less than its
+whole range: one past spike, learned into the range, would otherwise hide a level shift
+at a quiet hour. When samples come faster than buckets, two more
 checks apply to single samples: a new record must beat the old one by more than the
 sample noise, and a sample far from its slot's level (in units of the noise at that
 level) is unusual too (a few seconds' burst at a quiet hour, which no average shows).

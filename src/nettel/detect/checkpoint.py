@@ -64,10 +64,10 @@ from nettel.errors import NettelError
 MAGIC: Final = b"NTCK"
 #: The format written; :func:`decode_checkpoint` reads exactly these versions. Version 2:
 #: a fleet's models are rows of one :class:`~nettel.detect.store.BaselineStore` (numpy
-#: arrays); a version-1 blob (one object per metric model) is refused, and its partition
-#: starts cold and reads its log again.
-VERSION: Final = 2
-READABLE_VERSIONS: Final = frozenset({2})
+#: arrays); version 3: the store has a ``cycle`` column (the span of each row's slot
+#: levels). An older blob is refused, and its partition starts cold and reads its log again.
+VERSION: Final = 3
+READABLE_VERSIONS: Final = frozenset({3})
 
 #: Modules whose classes a checkpoint may hold (exact names, or prefixes ending in ".").
 ALLOWED_MODULES: Final = ("nettel.detect.", "nettel.models", "river.stats.")
@@ -411,7 +411,7 @@ def decode_checkpoint(blob: bytes, expect: type[T] | None = None) -> Any:
     ...         decode_checkpoint(blob, expect=dict)
     ...     except CheckpointError as e:
     ...         print(e)
-    checkpoint format version 9 is not one this nettel reads (2)
+    checkpoint format version 9 is not one this nettel reads (3)
     the checkpoint holds a list, not a dict
     """
     if blob[:4] != MAGIC or len(blob) < 5:

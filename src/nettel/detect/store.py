@@ -50,6 +50,9 @@ RECURRING_AFTER: Final = 100
 DEFAULT_SEASONS: Final = ((DAY_MS, 15 * MINUTE_MS), (WEEK_MS, HOUR_MS))
 #: Samples are gathered into buckets of this length for the moving averages.
 BUCKET_MS: Final = 5 * MINUTE_MS
+#: A seasonal excess is measured in this many spans of the row's slot levels (when that is
+#: less than the row's whole range; see ``BaselineStore._seasonal``).
+CYCLE_UNITS: Final = 2.5
 #: "No timestamp yet" in the int64 time columns.
 NO_TS: Final = np.iinfo(np.int64).min
 
@@ -95,7 +98,7 @@ _SCALARS: Final = {
     "fine_last": (np.float64, 0.0), "pos": (np.int64, -1), "filled": (np.int64, 0),
     "bucket_sum": (np.float64, 0.0), "bucket_n": (np.int64, 0),
     "bucket_peak": (np.float64, 0.0), "level_row": (np.int32, -1), "flag_row": (np.int32, -1),
-    "flagged_since": (np.int64, -1), "flagged_run": (np.int64, 0),
+    "flagged_since": (np.int64, -1), "flagged_run": (np.int64, 0), "cycle": (np.float64, 0.0),
 }  # fmt: skip
 
 
@@ -451,6 +454,11 @@ class BaselineStore:
         res_lo, res_hi = c["res_lo"][rows], c["res_hi"][rows]
         noise = (self.fine_margin * c["rel_noise"][rows])[:, None]
         per = unit[:, None]
+        # Against its slot, a value's excess is measured in units of the metric's usual
+        # cycle (the span of its slot levels), not of its whole range: one past spike,
+        # learned into the range, would otherwise hide every later shift at a quiet hour.
+        cycle = CYCLE_UNITS * c["cycle"][rows]
+        per = np.where(cycle > 0, np.minimum(unit, cycle), unit)[:, None]
         d = smooth - level
         below = np.where(d < res_lo, (res_lo - smooth + level) / per, 0.0)
         excess = np.where(d > res_hi, (d - res_hi) / per, below)
@@ -612,8 +620,20 @@ class BaselineStore:
         c["bucket_sum"][rows] = 0.0
         c["bucket_n"][rows] = 0
         c["bucket_peak"][rows] = 0.0
+        self._update_cycle(rows)
         for row in rows[pos == 0]:  # once per turn of the ring, sum afresh (no drift)
             self._resum(int(row))
+
+    def _update_cycle(self, rows: Ints) -> None:
+        """Each row's ``cycle``: the span of its slot levels (0 while it has none), once per
+        bucket (the levels move little within one)."""
+        level_rows = self.cols["level_row"][rows]
+        made = level_rows >= 0
+        if not made.any():
+            return
+        levels = self.levels[level_rows[made]]
+        span = np.fmax.reduce(levels, axis=1) - np.fmin.reduce(levels, axis=1)
+        self.cols["cycle"][rows[made]] = np.where(np.isnan(span), 0.0, span)
 
     def _resum(self, row: int) -> None:
         c = self.cols
@@ -690,6 +710,7 @@ class BaselineStore:
             c["res_lo"][row] = np.minimum(c["res_lo"][row], low - mean)
             c["res_hi"][row] = np.maximum(c["res_hi"][row], high - mean)
             c["n"][row] = max(int(c["n"][row]), self.warmup)
+        self._update_cycle(r)
 
     def accept(self, row: int, value: float, ts_ms: int) -> None:
         """``value`` at ``ts_ms`` was normal: learn it and widen its slots to hold it."""
