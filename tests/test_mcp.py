@@ -35,8 +35,16 @@ from nettel.detect.alerts import Alert
 from nettel.detect.fleet import FleetDetector
 from nettel.errors import BrokerUnavailableError
 from nettel.ingest.simulate import TrafficSimulator
+from nettel.mcp.answers import ToolInputError
 from nettel.mcp.server import build_server
-from nettel.mcp.tools import STORE_METRIC, TelemetryTools, hour_of_week, iso, window
+from nettel.mcp.tools import (
+    RULE_KIND,
+    STORE_METRIC,
+    TelemetryTools,
+    hour_of_week,
+    iso,
+    window,
+)
 from nettel.models import StatEvent, decode_stat_event, window_start
 from nettel.store.directory import ContainerDirectory
 from nettel.store.minute import MinuteTable
@@ -288,6 +296,57 @@ async def every_alert(client: Client, args: dict[str, Any]) -> dict[str, Any]:
     raise AssertionError("get_anomalies' cursor never ended")
 
 
+async def test_anomalies_list_the_most_severe_first_and_network_by_default(
+    tmp_path: Path,
+) -> None:
+    """get_anomalies ranks as an operator triages (severity, score, then newest), pages
+    that order without a gap or a repeat, and lists resource alerts and restart audit
+    rows only when asked for (``kind``)."""
+    from nettel.detect.resources import KIND_METRICS
+    from nettel.mcp.actions import RESTART_RULE
+    from nettel.store.alerts import AlertTable
+    from test_store_alerts import alert
+
+    assert {r for r, k in RULE_KIND.items() if k == "resource"} == set(KIND_METRICS)
+    assert RULE_KIND[RESTART_RULE] == "action"
+
+    now_ms = 1_800_000_000_000
+    rows = [  # newest first: the order get_anomalies used to answer in
+        alert("info-newest", "open", now_ms - 60_000, severity="info", score=9.0),
+        alert("leak", "open", now_ms - 120_000, rule="memory_leak", severity="critical",
+              score=99.0),
+        alert("restart", "resolved", now_ms - 180_000, rule="restart_container",
+              severity="warning", score=0.0),
+        alert("warn", "open", now_ms - 240_000, severity="warning", score=50.0),
+        alert("crit-low", "resolved", now_ms - 300_000, severity="critical", score=5.0),
+        alert("crit-low-older", "open", now_ms - 360_000, severity="critical", score=5.0),
+        alert("crit-high", "open", now_ms - 420_000, severity="critical", score=30.0),
+        alert("custom", "open", now_ms - 480_000, rule="syn_flood", severity="warning",
+              score=60.0),
+    ]  # fmt: skip
+    for r in rows:
+        r["started_ms"] = r["updated_ms"] - 60_000
+    table = AlertTable(str(tmp_path / "alerts"))
+    table.append(rows, {0: 1}, writer="w", topic="t", epoch=1)
+    tools = TelemetryTools(TrafficQuery(str(tmp_path), partitions=1), alerts=table,
+                           clock=lambda: now_ms / 1000)  # fmt: skip
+    network = ["crit-high", "crit-low", "crit-low-older", "custom", "warn", "info-newest"]
+    first = tools.anomalies(None, "24h", None, "any", 4)
+    assert [a.id for a in first.alerts] == network[:4]
+    assert "most severe first" in (first.hint or "")
+    rest = tools.anomalies(None, "24h", None, "any", 4, first.next)
+    assert [a.id for a in rest.alerts] == network[4:]
+    assert (rest.next, rest.omitted) == (None, 0)
+    resource = tools.anomalies(None, "24h", None, "any", 10, kind="resource")
+    assert [a.id for a in resource.alerts] == ["leak"]
+    assert [a.id for a in tools.anomalies(None, "24h", None, "any", 10, kind="action").alerts
+            ] == ["restart"]  # fmt: skip
+    every = tools.anomalies(None, "24h", None, "any", 10, kind="any")
+    assert [a.id for a in every.alerts] == ["leak", *network[:5], "restart", network[5]]
+    with pytest.raises(ToolInputError, match="network, resource, action, any"):
+        tools.anomalies(None, "24h", None, "any", 10, kind="disk")
+
+
 async def check_alert_tools(client: Client, store: Store) -> None:
     """Alerts, their explanation, baselines and feedback equal a replay of the events."""
     want = store.alerts
@@ -308,8 +367,10 @@ async def check_alert_tools(client: Client, store: Store) -> None:
         for got_m, want_m in zip(a["metrics"], w.metrics, strict=True):  # rates: 4 digits
             for k in ("peak", "band_low", "band_high"):
                 assert close(got_m[k], getattr(want_m, k)), (want_m.metric, k)
-    assert [a["updated"] for a in got["alerts"]] == sorted(
-        (a["updated"] for a in got["alerts"]), reverse=True)  # fmt: skip
+    rank = {"info": 0, "warning": 1, "critical": 2}
+    triage = sorted(want.values(), key=lambda w: (-rank[w.severity], -w.score, -w.updated_ms,
+                                                  w.id))  # fmt: skip
+    assert [a["id"] for a in got["alerts"]] == [w.id for w in triage]
     one, _ = await call(client, "get_anomalies", {"since": "48h", "limit": 1})
     assert len(one["alerts"]) == 1
     assert one["omitted"] == len(want) - 1
@@ -508,7 +569,7 @@ TOOL_ARGS = {
     "list_containers": [],
     "get_top_consumers": ["timeframe", "metric", "direction", "limit", "aggregation"],
     "get_traffic_timeseries": ["container", "timeframe", "metric", "max_points", "aggregation"],
-    "get_anomalies": ["container", "since", "severity", "status", "limit"],
+    "get_anomalies": ["container", "since", "severity", "status", "limit", "kind"],
     "explain_anomaly": ["alert_id"],
     "get_baseline": ["container", "metric"],
     "mark_alert": ["alert_id", "verdict", "note"],
@@ -526,6 +587,7 @@ VALID = {
     "since": st.sampled_from(["24h", "7d", "2026-11-01", "soon", "", "99999d"]),
     "severity": st.sampled_from(["info", "warning", "critical", "high"]),
     "status": st.sampled_from(["open", "resolved", "any", "closed"]),
+    "kind": st.sampled_from(["network", "resource", "action", "any", "disk"]),
     "alert_id": st.sampled_from(["", "0" * 20, "nope"]),
     "verdict": st.sampled_from(["false_positive", "confirmed", "maybe"]),
     "note": st.text(max_size=600),

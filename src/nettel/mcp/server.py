@@ -52,6 +52,7 @@ from nettel.mcp.answers import compact, fit, one_line_error, quoted, to_text
 from nettel.mcp.tools import (
     Aggregation,
     AlertDetail,
+    AlertKind,
     AlertList,
     Baseline,
     Changes,
@@ -286,12 +287,19 @@ def build_server(tools: TelemetryTools, data_dir: str | None = None) -> Telemetr
         status: Annotated[Literal["open", "resolved", "any"], Field(description="")] = "any",
         limit: Limit100 = 10,
         cursor: CursorArg = None,
+        kind: Annotated[
+            AlertKind,
+            Field(
+                description="resource: memory leak, OOM kill, CPU throttling; action: restarts done"
+            ),
+        ] = "network",
     ) -> AlertList:
-        """Alerts, newest first: incidents (a container's metrics that broke their bands
-        together, each with its peak and band) and custom rules' alerts, with severity,
-        status and a one-line explanation. explain_anomaly gives the traffic around one."""
+        """Alerts, most severe first (then highest score, then newest): incidents (a
+        container's metrics that broke their bands together, each with its peak and band)
+        and custom rules' alerts, with severity, status and a one-line explanation.
+        explain_anomaly gives the traffic around one."""
         return await _answer(
-            lambda: tools.anomalies(container, since, severity, status, limit, cursor)
+            lambda: tools.anomalies(container, since, severity, status, limit, cursor, kind)
         )
 
     @server.tool()
@@ -379,12 +387,12 @@ def build_server(tools: TelemetryTools, data_dir: str | None = None) -> Telemetr
 
     @server.resource("nettel://alerts/open", mime_type="application/json")
     async def open_alerts_resource() -> str:
-        """Alerts open now (up to 100, every page)."""
+        """Alerts of every kind open now (up to 100, every page)."""
 
         def every_page() -> AlertList:
-            first = tools.anomalies(None, None, None, "open", 100)
+            first = tools.anomalies(None, None, None, "open", 100, kind="any")
             while first.next is not None and len(first.alerts) < 100:
-                more = tools.anomalies(None, None, None, "open", 100, first.next)
+                more = tools.anomalies(None, None, None, "open", 100, first.next, "any")
                 first = first.model_copy(update={"alerts": first.alerts + more.alerts,
                                                  "next": more.next, "hint": None,
                                                  "omitted": more.omitted})  # fmt: skip

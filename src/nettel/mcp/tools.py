@@ -58,6 +58,36 @@ DAY_MS = 86_400_000
 #: Characters of a daily report's Markdown an answer carries (the resource has it all).
 REPORT_CHARS = 4_000
 ACTIVE_WITHIN_MS = 3 * 60_000
+#: The kind of an alert by its rule (get_anomalies' ``kind``); any other rule, and the
+#: model's alerts (no rule), are ``network``. The resource rules are
+#: :data:`nettel.detect.resources.KIND_METRICS`' keys (not imported here: that loads
+#: River), ``restart_container`` the audit rows of :mod:`nettel.mcp.actions`.
+RULE_KIND: dict[str, str] = {
+    "memory_leak": "resource", "oom_kill": "resource", "cpu_throttling": "resource",
+    "restart_container": "action",
+}  # fmt: skip
+AlertKind = Literal["network", "resource", "action", "any"]
+SEVERITY_RANK: dict[str, int] = {"info": 0, "warning": 1, "critical": 2}
+
+
+def triage_key(a: AlertOut) -> tuple[int, float, float, str]:
+    """Sort key of an alert as an operator triages: most severe first, then the highest
+    score (how far past its band), then the newest; the id breaks ties, so pages
+    cut from this order are stable.
+
+    Examples
+    --------
+    >>> mk = lambda i, sev, score, upd: AlertOut.model_construct(
+    ...     id=i, severity=sev, score=score, updated=upd)
+    >>> alerts = [mk("a", "warning", 90.0, "2026-01-02T00:00:00Z"),
+    ...           mk("b", "critical", 5.0, "2026-01-01T00:00:00Z"),
+    ...           mk("c", "critical", 50.0, "2026-01-01T00:00:00Z"),
+    ...           mk("d", "critical", 5.0, "2026-01-03T00:00:00Z")]
+    >>> [a.id for a in sorted(alerts, key=triage_key)]
+    ['c', 'd', 'b', 'a']
+    """
+    updated_s = dt.datetime.fromisoformat(a.updated).timestamp()
+    return -SEVERITY_RANK[a.severity], -a.score, -updated_s, a.id
 
 
 def window(timeframe: str, now_ms: int) -> tuple[int, int]:
@@ -279,7 +309,7 @@ class AlertOut(BaseModel):
 
 
 class AlertList(BaseModel):
-    """Alerts, newest first."""
+    """Alerts, most severe first (severity, then score, then newest)."""
 
     alerts: list[AlertOut]
     omitted: int = Field(description="matching alerts after this page")
@@ -901,26 +931,35 @@ class TelemetryTools:
         )  # fmt: skip
 
     def anomalies(self, container: str | None, since: str | None, severity: str | None,
-                  status: str, limit: int, cursor: str | None = None) -> AlertList:  # fmt: skip
-        """``get_anomalies``."""
+                  status: str, limit: int, cursor: str | None = None,
+                  kind: str = "network") -> AlertList:  # fmt: skip
+        """``get_anomalies``: alerts of ``kind`` (:data:`RULE_KIND`; ``any``: every kind)
+        in :func:`triage_key` order, one incident per item."""
+        if kind not in ("network", "resource", "action", "any"):
+            raise ToolInputError(
+                f"unknown kind {quoted(kind)}: expected one of network, resource, action, any"
+            )
         since_ms = parse_since(since, self.now_ms())
         identity = self.resolve(container) if container else None
-        order = {"info": 0, "warning": 1, "critical": 2}
         verdicts = self._verdicts()
         out = []
         for r in self._alert_rows(since_ms):
+            if kind != "any" and RULE_KIND.get(r["rule"] or "", "network") != kind:
+                continue
             a = self._alert_out(r, verdicts)
             if identity is not None and a.container != identity:
                 continue
-            if severity is not None and order[a.severity] < order[severity]:
+            if severity is not None and SEVERITY_RANK[a.severity] < SEVERITY_RANK[severity]:
                 continue
             if status != "any" and a.status != status:
                 continue
             out.append(a)
+        out.sort(key=triage_key)
         shown = page("get_anomalies", out, cursor, limit, size=lambda a: len(a.model_dump_json()))
         return AlertList(alerts=shown.items,
                          omitted=shown.total - shown.offset - len(shown.items),
-                         next=shown.next_cursor, hint=shown.hint("newest first"))  # fmt: skip
+                         next=shown.next_cursor,
+                         hint=shown.hint("most severe first"))  # fmt: skip
 
     def _alert(self, alert_id: str) -> dict[str, Any]:
         alert_id = alert_id.strip()
