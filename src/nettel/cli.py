@@ -990,7 +990,8 @@ def mcp_server(settings: Settings, name: str = "network-telemetry",
     if name == "health-check":
         from nettel.mcp.health import HealthTools, build_health_server
 
-        return build_health_server(HealthTools.for_data_dir(settings.data_dir))
+        return build_health_server(HealthTools.for_data_dir(settings.data_dir),
+                                   container_actions(settings, bootstrap))  # fmt: skip
     from nettel.mcp.server import build_server
     from nettel.mcp.tools import TelemetryTools
 
@@ -1103,7 +1104,7 @@ def more_mcp_servers(settings: Settings,
     from nettel.mcp import health, resources
 
     return {resources.HTTP_PATH: mcp_server(settings, "resource-monitor", bootstrap),
-            health.HTTP_PATH: mcp_server(settings, "health-check")}  # fmt: skip
+            health.HTTP_PATH: mcp_server(settings, "health-check", bootstrap)}  # fmt: skip
 
 
 def mcp_http_options(settings: Settings) -> HttpOptions:
