@@ -36,12 +36,17 @@ from nettel.models import WireFormat
 if TYPE_CHECKING:
     from mcp.server import MCPServer
 
+    from nettel.models import HealthRecord
+
+    #: What the health writer calls with the records it wrote.
+    OnHealthWritten = Callable[[list[HealthRecord]], Awaitable[None]]
+
     from nettel.broker import EmbeddedBroker, Producing
     from nettel.detect.rules import Rule
     from nettel.ingest.health import HealthWatcher
     from nettel.ingest.service import IngestService
     from nettel.ingest.sources import Source
-    from nettel.mcp.actions import ContainerActions
+    from nettel.mcp.actions import ActionPolicy, ContainerActions
     from nettel.mcp.resources import ListProcesses
     from nettel.mcp.server import HttpOptions
     from nettel.models import StatEvent
@@ -385,7 +390,8 @@ def make_resource_stream(settings: Settings, bootstrap: str, *, epoch: int = 0,
 
 def make_health_stream(settings: Settings, bootstrap: str, *, epoch: int = 0,
                        embedded: bool = False) -> HealthStreamWorker:  # fmt: skip
-    """The health stream worker: ``nettel.health`` into the ``health`` table."""
+    """The health stream worker: ``nettel.health`` into the ``health`` table; it runs the
+    rules file's restart triggers on what it wrote (:func:`restart_triggers`)."""
     from nettel.store.health import HealthTable
     from nettel.stream.health import HealthStreamWorker
 
@@ -393,7 +399,46 @@ def make_health_stream(settings: Settings, bootstrap: str, *, epoch: int = 0,
         bootstrap, HealthTable(table_uri(settings, "health")), topic=settings.topic_health,
         dlq_topic=settings.topic_dlq, flush_interval_s=settings.flush_interval_s, epoch=epoch,
         seal_on_stop=embedded, fresh_log=embedded,
+        on_written=restart_triggers(settings, bootstrap),
     )  # fmt: skip
+
+
+def restart_triggers(settings: Settings, bootstrap: str) -> OnHealthWritten | None:
+    """The ``[[restart]]`` tables of ``NETTEL_RULES_FILE`` as the health writer's
+    ``on_written`` (None without any): each rule that fires on a health record restarts
+    its container through :class:`~nettel.mcp.actions.ContainerActions` (the checks,
+    engine call, audit row and alerts-topic event of ``restart_container``), allowed
+    only the rules' containers, within the rule's cooldown and hourly cap; a dry-run
+    rule leaves the audit row and event of what it would do and restarts nothing."""
+    from nettel.detect.restarts import RestartTriggers, load_restarts
+    from nettel.mcp.actions import ActionPolicy
+
+    rules = [] if settings.rules_file is None else load_restarts(settings.rules_file)
+    if not rules:
+        return None
+    triggers = RestartTriggers(rules)
+    actions = container_actions(settings, bootstrap, ActionPolicy(triggers.containers))
+    if actions is None:  # the policy names the rules' containers: never
+        return None
+
+    async def on_written(records: list[HealthRecord]) -> None:
+        for record in records:
+            for rule in triggers.observe(record):
+                by = (f"restart rule {rule.name!r} of the rules file: {rule.after_failures} "
+                      "failed health check(s) in a row")  # fmt: skip
+                try:
+                    done = await asyncio.to_thread(
+                        actions.restart, rule.container, True, dry_run=rule.dry_run, by=by,
+                        limits=(rule.cooldown_ms / 1000, rule.max_per_hour))  # fmt: skip
+                except NettelError as e:  # held by a limit, or refused by the engine
+                    log.warning("restart_trigger_held", rule=rule.name,
+                                container=rule.container, reason=str(e))  # fmt: skip
+                    continue
+                log.info("restart_trigger_dry_run" if rule.dry_run else "restart_triggered",
+                         rule=rule.name, container=rule.container, audit_id=done.audit_id,
+                         published=done.published)  # fmt: skip
+
+    return on_written
 
 
 def make_health_watcher(settings: Settings, bootstrap: str) -> HealthWatcher | None:
@@ -635,10 +680,15 @@ async def up_roles(settings: Settings, bootstrap: str, broker: EmbeddedBroker | 
 
 
 def load_rules_checked(settings: Settings) -> list[Rule]:
-    """The custom rules of ``NETTEL_RULES_FILE`` (none when unset); a bad file stops nettel."""
+    """The custom rules of ``NETTEL_RULES_FILE`` (none when unset), its restart triggers
+    checked too; a bad file stops nettel."""
+    from nettel.detect.restarts import load_restarts
     from nettel.detect.rules import load_rules
 
-    return [] if settings.rules_file is None else load_rules(settings.rules_file)
+    if settings.rules_file is None:
+        return []
+    load_restarts(settings.rules_file)
+    return load_rules(settings.rules_file)
 
 
 def make_detect(settings: Settings, bootstrap: str, *, epoch: int = 0) -> DetectWorker:
@@ -949,12 +999,19 @@ async def cmd_detect(settings: Settings) -> int:
 
 def cmd_rules_check(path: str) -> int:
     """Validate a rules file: print its rules, or every problem with its line."""
+    from nettel.detect.restarts import load_restarts
     from nettel.detect.rules import load_rules
 
     rules = load_rules(path)
+    restarts = load_restarts(path)
     for r in rules:
         print(f"{r.name}: {r.describe_limit()}")
-    print(f"{path}: {len(rules)} rule(s), valid")
+    for t in restarts:
+        print(f"{t.name}: restart {t.container} after {t.after_failures} failed check(s), "
+              f"at most 1 per {t.cooldown_ms // 1000} s and {t.max_per_hour} an hour"
+              + (" (dry run)" if t.dry_run else ""))  # fmt: skip
+    triggers = f", {len(restarts)} restart trigger(s)" if restarts else ""
+    print(f"{path}: {len(rules)} rule(s){triggers}, valid")
     return 0
 
 
@@ -1046,16 +1103,17 @@ def engine_processes(settings: Settings) -> ListProcesses:
     return processes
 
 
-def container_actions(settings: Settings,
-                      bootstrap: str | None = None) -> ContainerActions | None:  # fmt: skip
-    """The acting MCP tools' checks and means, when ``NETTEL_ACTIONS_CONTAINERS`` names
-    containers (else None: the tools are not offered): restarts through the engine API
-    (``DOCKER_HOST`` or the first engine socket found), audit rows in ``alerts``, events
-    on the alerts topic of ``bootstrap`` (default ``KAFKA_BOOTSTRAP_SERVERS``) if any."""
+def container_actions(settings: Settings, bootstrap: str | None = None,
+                      policy: ActionPolicy | None = None) -> ContainerActions | None:  # fmt: skip
+    """The acting MCP tools' checks and means, when ``NETTEL_ACTIONS_CONTAINERS`` (or
+    ``policy``) names containers (else None: the tools are not offered): restarts
+    through the engine API (``DOCKER_HOST`` or the first engine socket found), audit
+    rows in ``alerts``, events on the alerts topic of ``bootstrap`` (default
+    ``KAFKA_BOOTSTRAP_SERVERS``) if any."""
     from nettel.mcp.actions import ActionPolicy, ContainerActions
     from nettel.store.alerts import AlertTable
 
-    policy = ActionPolicy.parse(settings.actions_containers)
+    policy = policy or ActionPolicy.parse(settings.actions_containers)
     if not policy.enabled:
         return None
     urls = engine_candidates(settings)

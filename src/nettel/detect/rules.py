@@ -31,6 +31,9 @@ first where it does not.
 :func:`load_rules` validates everything at once and raises :class:`RulesError` naming
 the line, the rule and the reason.
 
+The same file's ``[[restart]]`` tables are restart triggers
+(:mod:`nettel.detect.restarts`), read by :func:`~nettel.detect.restarts.parse_restarts`.
+
 Examples
 --------
 >>> rules = parse_rules('''
@@ -118,10 +121,10 @@ def _duration_text(ms: int) -> str:
     return f"{ms / 1000:g}s"
 
 
-def _rule_lines(text: str) -> list[int]:
-    return [
-        i + 1 for i, ln in enumerate(text.splitlines()) if re.match(r"^\s*\[\[\s*rule\s*\]\]", ln)
-    ]
+def _rule_lines(text: str, table: str = "rule") -> list[int]:
+    """The line (1-based) of each ``[[table]]`` header."""
+    header = re.compile(rf"^\s*\[\[\s*{table}\s*\]\]")
+    return [i + 1 for i, ln in enumerate(text.splitlines()) if header.match(ln)]
 
 
 def _key_line(text: str, start: int, key: str) -> int:
@@ -154,9 +157,10 @@ def parse_rules(text: str, source: str = "<rules>") -> list[Rule]:
     except tomllib.TOMLDecodeError as e:
         raise RulesError(f"{source}: not valid TOML: {e}") from None
     problems: list[str] = []
-    extra = sorted(set(doc) - {"rule"})
+    extra = sorted(set(doc) - {"rule", "restart"})
     if extra:
-        problems.append(f"{source}: unknown top-level key(s) {extra}; a file holds [[rule]] tables")
+        problems.append(f"{source}: unknown top-level key(s) {extra}; a file holds [[rule]] "
+                        "and [[restart]] tables")  # fmt: skip
     raw = doc.get("rule", [])
     if not isinstance(raw, list):
         raise RulesError(f"{source}: 'rule' must be [[rule]] tables")

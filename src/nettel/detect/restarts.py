@@ -1,0 +1,175 @@
+"""Restart triggers: ``[[restart]]`` tables of the rules file, and when they fire.
+
+A trigger names one container (its identity, exactly) and restarts it after its
+healthcheck failed ``after_failures`` times in a row::
+
+    [[restart]]
+    name = "heal web"
+    container = "web"
+    after_failures = 3       # unhealthy health records in a row (1 or more)
+    cooldown = "5m"          # optional (default 5m): at most one restart per cooldown
+    max_per_hour = 6         # optional (default 6): at most this many an hour
+    dry_run = false          # optional (default true: say what it would do, do nothing)
+
+Nothing restarts unless a table names the container, and a new table is a dry run
+until it says ``dry_run = false``. Failures are counted from the health records
+(:class:`~nettel.models.HealthRecord`): each ``health`` record whose ``health`` is
+``unhealthy`` is one failed check; a ``healthy`` one, or a ``start`` or ``restart`` of
+the container, starts the count again, and so does the trigger firing. This module
+only decides; the health writer acts (through the same checks, audit rows and events
+as the ``restart_container`` tool), and its cooldown and hourly cap hold there.
+
+Examples
+--------
+>>> rules = parse_restarts('''
+... [[restart]]
+... name = "heal web"
+... container = "web"
+... after_failures = 2
+... ''')
+>>> rules[0].dry_run, rules[0].cooldown_ms, rules[0].max_per_hour
+(True, 300000, 6)
+>>> t = RestartTriggers(rules)
+>>> def check(health):
+...     return HealthRecord(ts_ms=1, host="h", kind="health", container="web", health=health)
+>>> [[r.name for r in t.observe(check(h))] for h in ("unhealthy", "healthy", "unhealthy",
+...                                                  "unhealthy", "unhealthy")]
+[[], [], [], ['heal web'], []]
+>>> parse_restarts('[[restart]]\\nname = "x"\\ncontainer = "web"\\n')  # doctest: +ELLIPSIS
+Traceback (most recent call last):
+...
+nettel.detect.rules.RulesError: <rules> line 1 (restart "x"): needs after_failures...
+"""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+from nettel.detect.rules import RulesError, _duration, _key_line, _rule_lines
+from nettel.models import HealthRecord
+
+_KEYS: Final = {"name", "container", "after_failures", "cooldown", "max_per_hour", "dry_run"}
+
+
+@dataclass(frozen=True, slots=True)
+class RestartRule:
+    """One validated ``[[restart]]`` table; see the module docstring for each field."""
+
+    name: str
+    container: str
+    after_failures: int
+    cooldown_ms: int = 300_000
+    max_per_hour: int = 6
+    dry_run: bool = True
+    line: int = 0
+
+
+def parse_restarts(text: str, source: str = "<rules>") -> list[RestartRule]:
+    """The ``[[restart]]`` tables of a rules file's text, validated (every problem is
+    reported, first line first); ``[[rule]]`` tables are left to
+    :func:`~nettel.detect.rules.parse_rules`."""
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise RulesError(f"{source}: not valid TOML: {e}") from None
+    raw = doc.get("restart", [])
+    if not isinstance(raw, list):
+        raise RulesError(f"{source}: 'restart' must be [[restart]] tables")
+    starts = _rule_lines(text, "restart")
+    problems: list[str] = []
+    out: list[RestartRule] = []
+    names: set[str] = set()
+    for n, table in enumerate(raw):
+        line = starts[n] if n < len(starts) else 0
+        name = table.get("name")
+        label = f'restart "{name}"' if isinstance(name, str) and name else f"restart #{n + 1}"
+
+        def bad(key: str, reason: str, *, _line: int = line, _label: str = label) -> None:
+            at = _key_line(text, _line, key) if key else _line
+            problems.append(f"{source} line {at} ({_label}): {reason}")
+
+        for key in sorted(set(table) - _KEYS):
+            bad(key, f"unknown key {key!r}; valid: {', '.join(sorted(_KEYS))}")
+        if not isinstance(name, str) or not name.strip():
+            bad("name", "needs a name (a non-empty string)")
+        elif name in names:
+            bad("name", f"the name {name!r} is used twice")
+        else:
+            names.add(name)
+        container = table.get("container")
+        if not isinstance(container, str) or not container.strip():
+            bad("container", "needs the container (its identity, exactly) it may restart")
+        failures = table.get("after_failures")
+        if failures is None:
+            bad("", "needs after_failures: how many failed health checks in a row restart it")
+        elif isinstance(failures, bool) or not isinstance(failures, int) or failures < 1:
+            bad("after_failures", f"after_failures must be a whole number >= 1, not {failures!r}")
+        cooldown_ms = 300_000
+        if "cooldown" in table:
+            c = _duration(table["cooldown"])
+            if c is None:
+                bad("cooldown", f'cooldown {table["cooldown"]!r} is not a duration like "10m"')
+            else:
+                cooldown_ms = c
+        cap = table.get("max_per_hour", 6)
+        if isinstance(cap, bool) or not isinstance(cap, int) or cap < 1:
+            bad("max_per_hour", f"max_per_hour must be a whole number >= 1, not {cap!r}")
+        dry_run = table.get("dry_run", True)
+        if not isinstance(dry_run, bool):
+            bad("dry_run", f"dry_run must be true or false, not {dry_run!r}")
+        if not problems:
+            out.append(RestartRule(name=str(name), container=str(container),
+                                   after_failures=int(failures or 1), cooldown_ms=cooldown_ms,
+                                   max_per_hour=int(cap), dry_run=bool(dry_run),
+                                   line=line))  # fmt: skip
+    if problems:
+        raise RulesError("\n".join(problems))
+    return out
+
+
+def load_restarts(path: str | Path) -> list[RestartRule]:
+    """Read a rules file and validate its ``[[restart]]`` tables (:func:`parse_restarts`)."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as e:
+        raise RulesError(f"{p}: cannot read the rules file: {e.strerror}") from None
+    return parse_restarts(text, str(p))
+
+
+class RestartTriggers:
+    """Counts each container's failed checks in a row from its health records and says
+    which restart rules fire (the count starts again when one does)."""
+
+    def __init__(self, rules: Sequence[RestartRule]) -> None:
+        self.rules = list(rules)
+        self._by_container: dict[str, list[RestartRule]] = {}
+        for r in self.rules:
+            self._by_container.setdefault(r.container, []).append(r)
+        self._failures: dict[str, int] = {}
+
+    @property
+    def containers(self) -> frozenset[str]:
+        """Every container a rule may restart."""
+        return frozenset(self._by_container)
+
+    def observe(self, record: HealthRecord) -> list[RestartRule]:
+        """The rules that fire on ``record`` (usually none)."""
+        rules = self._by_container.get(record.container)
+        if not rules:
+            return []
+        if record.kind in ("start", "restart") or (
+            record.kind == "health" and record.health == "healthy"
+        ):
+            self._failures.pop(record.container, None)
+            return []
+        if record.kind != "health" or record.health != "unhealthy":
+            return []
+        n = self._failures.get(record.container, 0) + 1
+        fired = [r for r in rules if n >= r.after_failures]
+        self._failures[record.container] = 0 if fired else n
+        return fired
