@@ -91,7 +91,8 @@ dry_run = false
     watcher = make_health_watcher(settings, broker.bootstrap_servers)
     assert watcher is not None
     stream = make_health_stream(settings, broker.bootstrap_servers)
-    triggered, fails = stream.on_written, []  # the shipped triggers, counted
+    triggered = stream.on_written  # the shipped triggers, counted
+    fails: list[HealthRecord] = []
     assert triggered is not None
 
     async def counted(records: list[HealthRecord]) -> None:
