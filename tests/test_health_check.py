@@ -34,7 +34,7 @@ from nettel.broker import EmbeddedBroker, ensure_topics
 from nettel.cli import make_health_stream, make_health_watcher, topic_partitions
 from nettel.config import Settings
 from nettel.detect.alerts import decode_alert
-from nettel.ingest.health import HealthWatcher
+from nettel.ingest.health import EdgeCounter, HealthWatcher
 from nettel.mcp.actions import DRY_RUN_RULE, RESTART_RULE
 from nettel.mcp.health import HealthTools, build_health_server
 from nettel.models import HealthRecord, encode_health_record
@@ -324,3 +324,30 @@ def test_a_quiet_container_state_is_recorded_again_each_day() -> None:
         kinds.append([r.kind for r in watcher.poll()])
     assert kinds == [["state"], [], [], ["state"], []]
     assert api.inspected == 2
+
+
+def test_edges_that_appear_or_vanish_are_events_kept_apart_from_health(tmp_path: Path) -> None:
+    """Unit (pure counting, a real Delta table): after the watcher's first ``vanish_ms``,
+    an edge seen for the first time is an ``edge_new`` record and one unseen for
+    ``vanish_ms`` an ``edge_gone``; in the table they are dependency changes, never a
+    container's health (its summary stays that of its events)."""
+    counter = EdgeCounter(vanish_ms=120_000)
+    records = [HealthRecord(ts_ms=0, host="h", kind="start", container="web", status="running")]
+    for minute in range(12):  # web -> db throughout; worker -> db minutes 4-5, again at 9
+        counts = {("web", "db", 5432): 1}
+        if minute in (4, 5, 9):
+            counts[("worker", "db", 5432)] = 2
+        counter.add(minute * 60_000 + 5_000, counts)
+        records += counter.closed(minute * 60_000 + 5_000, "h")
+    assert len(counter._seen) == 2  # what it remembers is bounded by vanish_ms
+    table = HealthTable(f"{tmp_path}/health")
+    table.append([(r, 0, i) for i, r in enumerate(records)], {0: len(records)}, writer="t",
+                 topic="nettel.health", epoch=0)  # fmt: skip
+    changes = table.dependency_changes(0)
+    assert [(r["kind"], r["container"], r["server"], r["port"], r["ts"].minute)
+            for r in changes.iter_rows(named=True)] == [
+        ("edge_new", "worker", "db", 5432, 4), ("edge_gone", "worker", "db", 5432, 6),
+        ("edge_new", "worker", "db", 5432, 9)]  # fmt: skip
+    assert table.events(0)["kind"].to_list() == ["start"]
+    assert table.summary(0)["state"].to_list() == ["running"]
+    assert table.edges(0).height == 2
