@@ -43,13 +43,18 @@ nettel.detect.rules.RulesError: <rules> line 1 (restart "x"): needs after_failur
 
 from __future__ import annotations
 
-import tomllib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-from nettel.detect.rules import RulesError, _duration, _key_line, _rule_lines
+from nettel.detect.rules import (
+    RulesError,
+    load_toml,
+    read_rules_file,
+    read_tables,
+    table_cooldown_ms,
+)
 from nettel.models import HealthRecord
 
 _KEYS: Final = {"name", "container", "after_failures", "cooldown", "max_per_hour", "dry_run"}
@@ -72,34 +77,10 @@ def parse_restarts(text: str, source: str = "<rules>") -> list[RestartRule]:
     """The ``[[restart]]`` tables of a rules file's text, validated (every problem is
     reported, first line first); ``[[rule]]`` tables are left to
     :func:`~nettel.detect.rules.parse_rules`."""
-    try:
-        doc = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as e:
-        raise RulesError(f"{source}: not valid TOML: {e}") from None
-    raw = doc.get("restart", [])
-    if not isinstance(raw, list):
-        raise RulesError(f"{source}: 'restart' must be [[restart]] tables")
-    starts = _rule_lines(text, "restart")
+    doc = load_toml(text, source)
     problems: list[str] = []
     out: list[RestartRule] = []
-    names: set[str] = set()
-    for n, table in enumerate(raw):
-        line = starts[n] if n < len(starts) else 0
-        name = table.get("name")
-        label = f'restart "{name}"' if isinstance(name, str) and name else f"restart #{n + 1}"
-
-        def bad(key: str, reason: str, *, _line: int = line, _label: str = label) -> None:
-            at = _key_line(text, _line, key) if key else _line
-            problems.append(f"{source} line {at} ({_label}): {reason}")
-
-        for key in sorted(set(table) - _KEYS):
-            bad(key, f"unknown key {key!r}; valid: {', '.join(sorted(_KEYS))}")
-        if not isinstance(name, str) or not name.strip():
-            bad("name", "needs a name (a non-empty string)")
-        elif name in names:
-            bad("name", f"the name {name!r} is used twice")
-        else:
-            names.add(name)
+    for table, name, line, bad in read_tables(doc, text, source, "restart", _KEYS, problems):
         container = table.get("container")
         if not isinstance(container, str) or not container.strip():
             bad("container", "needs the container (its identity, exactly) it may restart")
@@ -108,13 +89,7 @@ def parse_restarts(text: str, source: str = "<rules>") -> list[RestartRule]:
             bad("", "needs after_failures: how many failed health checks in a row restart it")
         elif isinstance(failures, bool) or not isinstance(failures, int) or failures < 1:
             bad("after_failures", f"after_failures must be a whole number >= 1, not {failures!r}")
-        cooldown_ms = 300_000
-        if "cooldown" in table:
-            c = _duration(table["cooldown"])
-            if c is None:
-                bad("cooldown", f'cooldown {table["cooldown"]!r} is not a duration like "10m"')
-            else:
-                cooldown_ms = c
+        cooldown_ms = table_cooldown_ms(table, bad, 300_000)
         cap = table.get("max_per_hour", 6)
         if isinstance(cap, bool) or not isinstance(cap, int) or cap < 1:
             bad("max_per_hour", f"max_per_hour must be a whole number >= 1, not {cap!r}")
@@ -133,12 +108,7 @@ def parse_restarts(text: str, source: str = "<rules>") -> list[RestartRule]:
 
 def load_restarts(path: str | Path) -> list[RestartRule]:
     """Read a rules file and validate its ``[[restart]]`` tables (:func:`parse_restarts`)."""
-    p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except OSError as e:
-        raise RulesError(f"{p}: cannot read the rules file: {e.strerror}") from None
-    return parse_restarts(text, str(p))
+    return parse_restarts(read_rules_file(path), str(path))
 
 
 class RestartTriggers:
