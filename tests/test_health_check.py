@@ -21,10 +21,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import subprocess
+import time
 import uuid
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 from aiokafka import AIOKafkaProducer
 from mcp import Client
@@ -33,7 +35,7 @@ from conftest import Engine, consume_all, wait_for
 from nettel.broker import EmbeddedBroker, ensure_topics
 from nettel.cli import make_health_stream, make_health_watcher, topic_partitions
 from nettel.config import Settings
-from nettel.detect.alerts import decode_alert
+from nettel.detect.alerts import Alert, decode_alert
 from nettel.ingest.health import EdgeCounter, HealthWatcher
 from nettel.mcp.actions import DRY_RUN_RULE, RESTART_RULE
 from nettel.mcp.health import HealthTools, build_health_server
@@ -65,7 +67,7 @@ async def test_health_events_and_dependency_map_from_real_containers(
     web = run(engine, f"hc-web-{tag}", f"{hold_db}; exec httpd -f -p 8080", healthcheck=check)
     web_ip = engine.ip(web)
     hold_web = f"(sleep 600 | nc {web_ip} 8080 &)"
-    run(engine, f"hc-client-{tag}", f"{hold_web}; {hold_web}; exec sleep 600")
+    client = run(engine, f"hc-client-{tag}", f"{hold_web}; {hold_web}; exec sleep 600")
     failing = {"test": ["CMD-SHELL", "exit 1"], "retries": 1, "interval": 3_600_000_000_000}
     sick = run(engine, f"hc-sick-{tag}", "trap 'exit 0' TERM; while :; do sleep 0.2; done",
                healthcheck=failing)  # fmt: skip
@@ -75,6 +77,11 @@ async def test_health_events_and_dependency_map_from_real_containers(
 name = "heal web"
 container = "hc-web-{tag}"
 after_failures = 1
+
+[[restart]]
+name = "reset client"
+container = "hc-client-{tag}"
+on_rule = "client flood"
 
 [[restart]]
 name = "heal sick"
@@ -122,12 +129,40 @@ dry_run = false
     web_started, sick_started = started_at(web), started_at(sick)
     assert check_health(sick) == "unhealthy"
     audit = AlertTable(f"{tmp_path}/alerts")
+    now_ms = time.time_ns() // 1_000_000
+    flood = Alert(
+        id="flood-1",
+        status="open",
+        identity=client.name,
+        metric="syn_recv",
+        rule="client flood",
+        host="h",
+        container_id="",
+        started_ms=now_ms,
+        updated_ms=now_ms,
+        observed=500.0,
+        peak=500.0,
+        expected=0.0,
+        band_low=0.0,
+        band_high=200.0,
+        score=0.0,
+        severity="warning",
+        explanation="> 200",
+    )
+    audit.append(
+        [msgspec.to_builtins(flood) | {"partition": 0, "offset": 0}],
+        {},
+        writer="nettel-detect",
+        topic="nettel.stats",
+        epoch=0,
+    )  # as detect does
 
     def audited(rule: str) -> list[str]:
         return audit.latest().filter(rule=rule)["container"].to_list()
 
     await wait_for(lambda: audited(RESTART_RULE) == [sick.name]
-                   and audited(DRY_RUN_RULE) == [web.name], 30, "both triggers acted")  # fmt: skip
+                   and sorted(audited(DRY_RUN_RULE)) == sorted([web.name, client.name]),
+                   30, "every trigger acted")  # fmt: skip
     restarted = started_at(sick)
     assert restarted != sick_started  # the enabled rule restarted it
     assert started_at(web) == web_started  # the dry run restarted nothing
@@ -135,13 +170,18 @@ dry_run = false
     await wait_for(lambda: len(fails) >= 2, 30, "the second failure seen by the triggers")
     assert audited(RESTART_RULE) == [sick.name]
     assert started_at(sick) == restarted
-    acts = {decode_alert(m.value).rule: decode_alert(m.value).explanation
+    acts = {decode_alert(m.value).identity: decode_alert(m.value)
             for m in await consume_all(broker.bootstrap_servers, "nettel.alerts")
             if tag in m.key.decode()}  # fmt: skip
-    assert acts.keys() == {RESTART_RULE, DRY_RUN_RULE}
-    assert "restart rule 'heal web'" in acts[DRY_RUN_RULE]
-    assert "would be restarted (dry run: nothing done)" in acts[DRY_RUN_RULE]
-    assert "restarted through the engine API" in acts[RESTART_RULE]
+    assert {k: a.rule for k, a in acts.items()} == {
+        web.name: DRY_RUN_RULE,
+        client.name: DRY_RUN_RULE,
+        sick.name: RESTART_RULE,
+    }
+    assert "restart rule 'heal web'" in acts[web.name].explanation
+    assert "would be restarted (dry run: nothing done)" in acts[web.name].explanation
+    assert "alert flood-1 of rule 'client flood'" in acts[client.name].explanation
+    assert "restarted through the engine API" in acts[sick.name].explanation
     await wait_for(lambda: watcher.published > published + 1, 20, "die and health published")
     stop_watch.set()
     await tasks[0]

@@ -409,9 +409,15 @@ def restart_triggers(settings: Settings, bootstrap: str) -> OnHealthWritten | No
     its container through :class:`~nettel.mcp.actions.ContainerActions` (the checks,
     engine call, audit row and alerts-topic event of ``restart_container``), allowed
     only the rules' containers, within the rule's cooldown and hourly cap; a dry-run
-    rule leaves the audit row and event of what it would do and restarts nothing."""
-    from nettel.detect.restarts import RestartTriggers, load_restarts
+    rule leaves the audit row and event of what it would do and restarts nothing. A
+    rule with ``on_rule`` fires on an alert of that rule opened for its container after
+    the role started (read from the ``alerts`` table at each write pass: within
+    ``NETTEL_FLUSH_INTERVAL_S`` of the detector's write)."""
+    import polars as pl
+
+    from nettel.detect.restarts import RestartRule, RestartTriggers, load_restarts
     from nettel.mcp.actions import ActionPolicy
+    from nettel.store.alerts import AlertTable
 
     rules = [] if settings.rules_file is None else load_restarts(settings.rules_file)
     if not rules:
@@ -421,22 +427,42 @@ def restart_triggers(settings: Settings, bootstrap: str) -> OnHealthWritten | No
     if actions is None:  # the policy names the rules' containers: never
         return None
 
+    alerts = AlertTable(table_uri(settings, "alerts"))
+    began_ms = time.time_ns() // 1_000_000
+    acted: dict[str, int] = {}  # alert id -> started ms (the last two hours' only)
+
+    async def act(rule: RestartRule, why: str) -> None:
+        by = f"restart rule {rule.name!r} of the rules file: {why}"
+        try:
+            done = await asyncio.to_thread(
+                actions.restart, rule.container, True, dry_run=rule.dry_run, by=by,
+                limits=(rule.cooldown_ms / 1000, rule.max_per_hour))  # fmt: skip
+        except NettelError as e:  # held by a limit, or refused by the engine
+            log.warning("restart_trigger_held", rule=rule.name, container=rule.container,
+                        reason=str(e))  # fmt: skip
+            return
+        log.info("restart_trigger_dry_run" if rule.dry_run else "restart_triggered",
+                 rule=rule.name, container=rule.container, audit_id=done.audit_id,
+                 published=done.published)  # fmt: skip
+
     async def on_written(records: list[HealthRecord]) -> None:
         for record in records:
             for rule in triggers.observe(record):
-                by = (f"restart rule {rule.name!r} of the rules file: {rule.after_failures} "
-                      "failed health check(s) in a row")  # fmt: skip
-                try:
-                    done = await asyncio.to_thread(
-                        actions.restart, rule.container, True, dry_run=rule.dry_run, by=by,
-                        limits=(rule.cooldown_ms / 1000, rule.max_per_hour))  # fmt: skip
-                except NettelError as e:  # held by a limit, or refused by the engine
-                    log.warning("restart_trigger_held", rule=rule.name,
-                                container=rule.container, reason=str(e))  # fmt: skip
-                    continue
-                log.info("restart_trigger_dry_run" if rule.dry_run else "restart_triggered",
-                         rule=rule.name, container=rule.container, audit_id=done.audit_id,
-                         published=done.published)  # fmt: skip
+                await act(rule, f"{rule.after_failures} failed health check(s) in a row")
+        if not triggers.alert_rules:
+            return
+        now_ms = time.time_ns() // 1_000_000
+        rows = await asyncio.to_thread(alerts.latest, now_ms - 3_600_000)
+        wanted = rows.filter(pl.col("rule").is_in(sorted(triggers.alert_rules)))
+        for a in wanted.sort("started").iter_rows(named=True):
+            started = int(a["started"].timestamp() * 1000)
+            if started < began_ms or a["id"] in acted:
+                continue
+            acted[a["id"]] = started
+            for rule in triggers.on_alert(a["rule"], a["container"]):
+                await act(rule, f"alert {a['id']} of rule {a['rule']!r}")
+        for old in [i for i, t in acted.items() if t < now_ms - 7_200_000]:
+            del acted[old]
 
     return on_written
 
@@ -1007,8 +1033,10 @@ def cmd_rules_check(path: str) -> int:
     for r in rules:
         print(f"{r.name}: {r.describe_limit()}")
     for t in restarts:
-        print(f"{t.name}: restart {t.container} after {t.after_failures} failed check(s), "
-              f"at most 1 per {t.cooldown_ms // 1000} s and {t.max_per_hour} an hour"
+        when = [f"after {t.after_failures} failed check(s)"] if t.after_failures else []
+        when += [f"when rule {t.on_rule!r} fires"] if t.on_rule else []
+        print(f"{t.name}: restart {t.container} {' or '.join(when)}, at most 1 per "
+              f"{t.cooldown_ms // 1000} s and {t.max_per_hour} an hour"
               + (" (dry run)" if t.dry_run else ""))  # fmt: skip
     triggers = f", {len(restarts)} restart trigger(s)" if restarts else ""
     print(f"{path}: {len(rules)} rule(s){triggers}, valid")

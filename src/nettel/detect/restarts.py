@@ -1,12 +1,14 @@
 """Restart triggers: ``[[restart]]`` tables of the rules file, and when they fire.
 
 A trigger names one container (its identity, exactly) and restarts it after its
-healthcheck failed ``after_failures`` times in a row::
+healthcheck failed ``after_failures`` times in a row, or when the alert rule
+``on_rule`` (a ``[[rule]]`` name) opens an alert for it (either, or both)::
 
     [[restart]]
     name = "heal web"
     container = "web"
     after_failures = 3       # unhealthy health records in a row (1 or more)
+    on_rule = "web stuck"    # and/or: when this rule fires for web
     cooldown = "5m"          # optional (default 5m): at most one restart per cooldown
     max_per_hour = 6         # optional (default 6): at most this many an hour
     dry_run = false          # optional (default true: say what it would do, do nothing)
@@ -57,7 +59,8 @@ from nettel.detect.rules import (
 )
 from nettel.models import HealthRecord
 
-_KEYS: Final = {"name", "container", "after_failures", "cooldown", "max_per_hour", "dry_run"}
+_KEYS: Final = {"name", "container", "after_failures", "on_rule", "cooldown", "max_per_hour",
+                "dry_run"}  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,7 +69,8 @@ class RestartRule:
 
     name: str
     container: str
-    after_failures: int
+    after_failures: int = 0  # 0: not on failures
+    on_rule: str = ""  # "": not on an alert rule
     cooldown_ms: int = 300_000
     max_per_hour: int = 6
     dry_run: bool = True
@@ -84,9 +88,14 @@ def parse_restarts(text: str, source: str = "<rules>") -> list[RestartRule]:
         container = table.get("container")
         if not isinstance(container, str) or not container.strip():
             bad("container", "needs the container (its identity, exactly) it may restart")
-        failures = table.get("after_failures")
-        if failures is None:
-            bad("", "needs after_failures: how many failed health checks in a row restart it")
+        failures, on_rule = table.get("after_failures"), table.get("on_rule", "")
+        if not isinstance(on_rule, str):
+            bad("on_rule", f"on_rule must be the name of a [[rule]], not {on_rule!r}")
+        if failures is None and not on_rule:
+            bad("", "needs after_failures (how many failed health checks in a row restart "
+                    "it) or on_rule (the [[rule]] whose alert restarts it)")  # fmt: skip
+        elif failures is None:
+            pass
         elif isinstance(failures, bool) or not isinstance(failures, int) or failures < 1:
             bad("after_failures", f"after_failures must be a whole number >= 1, not {failures!r}")
         cooldown_ms = table_cooldown_ms(table, bad, 300_000)
@@ -98,7 +107,8 @@ def parse_restarts(text: str, source: str = "<rules>") -> list[RestartRule]:
             bad("dry_run", f"dry_run must be true or false, not {dry_run!r}")
         if not problems:
             out.append(RestartRule(name=str(name), container=str(container),
-                                   after_failures=int(failures or 1), cooldown_ms=cooldown_ms,
+                                   after_failures=int(failures or 0), on_rule=str(on_rule),
+                                   cooldown_ms=cooldown_ms,
                                    max_per_hour=int(cap), dry_run=bool(dry_run),
                                    line=line))  # fmt: skip
     if problems:
@@ -123,6 +133,15 @@ class RestartTriggers:
         self._failures: dict[str, int] = {}
 
     @property
+    def alert_rules(self) -> frozenset[str]:
+        """The alert rules any trigger waits for."""
+        return frozenset(r.on_rule for r in self.rules if r.on_rule)
+
+    def on_alert(self, rule: str, container: str) -> list[RestartRule]:
+        """The triggers that fire when alert rule ``rule`` opens for ``container``."""
+        return [r for r in self._by_container.get(container, []) if r.on_rule == rule]
+
+    @property
     def containers(self) -> frozenset[str]:
         """Every container a rule may restart."""
         return frozenset(self._by_container)
@@ -140,6 +159,6 @@ class RestartTriggers:
         if record.kind != "health" or record.health != "unhealthy":
             return []
         n = self._failures.get(record.container, 0) + 1
-        fired = [r for r in rules if n >= r.after_failures]
+        fired = [r for r in rules if r.after_failures and n >= r.after_failures]
         self._failures[record.container] = 0 if fired else n
         return fired

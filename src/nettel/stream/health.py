@@ -8,10 +8,11 @@ and only then commits the offsets to Kafka. A restart resumes from the offsets s
 in the table: nothing buffered is lost (it is read again), nothing written is written
 twice. Records that do not decode go to the dead-letter topic with the reason.
 
-``on_written``, if given, sees every record once it is durable in the table, outside
-the write lock (the restart triggers: :func:`~nettel.cli.restart_triggers`); records
-written just before a crash are not seen again (a trigger is an act, not data: the
-next failed check fires it).
+``on_written``, if given, is called after every write pass (each tick, outside the
+write lock) with the records made durable since its last call, maybe none (the
+restart triggers: :func:`~nettel.cli.restart_triggers`, which also look at new alerts
+then); records written just before a crash are not seen again (a trigger is an act,
+not data: the next failed check fires it).
 """
 
 from __future__ import annotations
@@ -173,7 +174,7 @@ class HealthStreamWorker:
     async def _flush(self) -> None:
         async with self._flush_lock:
             await completed(self._flush_locked())
-        if self.on_written is not None and self._unseen:
+        if self.on_written is not None:
             records, self._unseen = self._unseen, []
             try:
                 await self.on_written(records)
