@@ -174,11 +174,16 @@ def test_restart_triggers_are_checked_with_the_rules_and_count_failures_in_a_row
     assert (rule.container, rule.after_failures, rule.dry_run) == ("shop/db", 2, True)
     bad = '[[restart]]\nname = "x"\ncontainer = "db"\nafter_failures = 0\ndry_run = "no"\n'
     with pytest.raises(RulesError) as e:
-        parse_restarts(bad)
+        parse_restarts(bad + 'on_rule = "big sendr"\n')
     assert str(e.value).splitlines() == [
+        "<rules> line 6 (restart \"x\"): no [[rule]] is named 'big sendr'; rules: none",
         '<rules> line 4 (restart "x"): after_failures must be a whole number >= 1, not 0',
         "<rules> line 5 (restart \"x\"): dry_run must be true or false, not 'no'",
     ]
+    (on_alert,) = parse_restarts(
+        RULES + '[[restart]]\nname = "y"\ncontainer = "web"\non_rule = "big sender"\n'
+    )
+    assert RestartTriggers([on_alert]).on_alert("big sender", "web") == [on_alert]
     triggers = RestartTriggers([rule])
 
     def rec(kind: HealthKind, health: str = "", container: str = "shop/db") -> HealthRecord:

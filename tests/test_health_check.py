@@ -73,6 +73,12 @@ async def test_health_events_and_dependency_map_from_real_containers(
                healthcheck=failing)  # fmt: skip
     rules = tmp_path / "rules.toml"
     rules.write_text(f"""
+[[rule]]
+name = "client flood"
+container = "hc-client-{tag}"
+metric = "syn_recv"
+above = 200
+
 [[restart]]
 name = "heal web"
 container = "hc-web-{tag}"

@@ -84,6 +84,9 @@ def parse_restarts(text: str, source: str = "<rules>") -> list[RestartRule]:
     doc = load_toml(text, source)
     problems: list[str] = []
     out: list[RestartRule] = []
+    raw_rules = doc.get("rule", [])
+    known = sorted({str(t.get("name")) for t in raw_rules if isinstance(t, dict)}
+                   if isinstance(raw_rules, list) else [])  # fmt: skip
     for table, name, line, bad in read_tables(doc, text, source, "restart", _KEYS, problems):
         container = table.get("container")
         if not isinstance(container, str) or not container.strip():
@@ -91,6 +94,9 @@ def parse_restarts(text: str, source: str = "<rules>") -> list[RestartRule]:
         failures, on_rule = table.get("after_failures"), table.get("on_rule", "")
         if not isinstance(on_rule, str):
             bad("on_rule", f"on_rule must be the name of a [[rule]], not {on_rule!r}")
+        elif on_rule and on_rule not in known:
+            bad("on_rule", f"no [[rule]] is named {on_rule!r}; rules: "
+                           f"{', '.join(known) or 'none'}")  # fmt: skip
         if failures is None and not on_rule:
             bad("", "needs after_failures (how many failed health checks in a row restart "
                     "it) or on_rule (the [[rule]] whose alert restarts it)")  # fmt: skip
