@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 
 from nettel.detect.fleet import FleetDetector
+from nettel.detect.restarts import RestartTriggers, parse_restarts
 from nettel.detect.rules import RulesError, load_rules, parse_rules
-from nettel.models import StatEvent, TcpStates
+from nettel.models import HealthKind, HealthRecord, StatEvent, TcpStates
 
 RULES = """
 # Users' own alerts.
@@ -161,3 +162,34 @@ def test_a_valid_file_loads(tmp_path: Path) -> None:
 def test_missing_file_says_so(tmp_path: Path) -> None:
     with pytest.raises(RulesError, match="cannot read the rules file"):
         load_rules(tmp_path / "nope.toml")
+
+
+def test_restart_triggers_are_checked_with_the_rules_and_count_failures_in_a_row() -> None:
+    """Unit (pure logic): ``[[restart]]`` tables sit beside ``[[rule]]`` ones; each bad
+    key is named with its line; failures count in a row (a healthy check, a start or a
+    firing starts again), for the named container only."""
+    text = RULES + '\n[[restart]]\nname = "heal db"\ncontainer = "shop/db"\nafter_failures = 2\n'
+    assert len(parse_rules(text)) == len(parse_rules(RULES))
+    (rule,) = parse_restarts(text)
+    assert (rule.container, rule.after_failures, rule.dry_run) == ("shop/db", 2, True)
+    bad = '[[restart]]\nname = "x"\ncontainer = "db"\nafter_failures = 0\ndry_run = "no"\n'
+    with pytest.raises(RulesError) as e:
+        parse_restarts(bad + 'on_rule = "big sendr"\n')
+    assert str(e.value).splitlines() == [
+        "<rules> line 6 (restart \"x\"): no [[rule]] is named 'big sendr'; rules: none",
+        '<rules> line 4 (restart "x"): after_failures must be a whole number >= 1, not 0',
+        "<rules> line 5 (restart \"x\"): dry_run must be true or false, not 'no'",
+    ]
+    (on_alert,) = parse_restarts(
+        RULES + '[[restart]]\nname = "y"\ncontainer = "web"\non_rule = "big sender"\n'
+    )
+    assert RestartTriggers([on_alert]).on_alert("big sender", "web") == [on_alert]
+    triggers = RestartTriggers([rule])
+
+    def rec(kind: HealthKind, health: str = "", container: str = "shop/db") -> HealthRecord:
+        return HealthRecord(ts_ms=1, host="h", kind=kind, container=container, health=health)
+
+    seq = [rec("health", "unhealthy"), rec("start"), rec("health", "unhealthy"),
+           rec("health", "unhealthy", "other"), rec("health", "unhealthy"),
+           rec("health", "unhealthy"), rec("health", "unhealthy")]  # fmt: skip
+    assert [len(triggers.observe(r)) for r in seq] == [0, 0, 0, 0, 1, 0, 1]

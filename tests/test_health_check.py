@@ -9,6 +9,11 @@ connections to web). The map must show client -> web:8080 (2) and web -> db:5432
 stopping db gives a ``die`` event with its exit code, and the healthcheck run by hand
 (Podman here runs none by itself: no systemd timers) turns web unhealthy; the loop
 shows three exits with their code and a restart count of 2.
+
+The rules file's restart triggers run in the same health writer: a dry-run rule on web
+leaves its audit row and event and restarts nothing; an enabled rule on ``sick`` (a
+healthcheck that always fails) restarts it once through the engine, and its next
+failure, inside the cooldown, restarts nothing.
 """
 
 from __future__ import annotations
@@ -16,10 +21,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import subprocess
+import time
 import uuid
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 from aiokafka import AIOKafkaProducer
 from mcp import Client
@@ -28,9 +35,12 @@ from conftest import Engine, consume_all, wait_for
 from nettel.broker import EmbeddedBroker, ensure_topics
 from nettel.cli import make_health_stream, make_health_watcher, topic_partitions
 from nettel.config import Settings
-from nettel.ingest.health import HealthWatcher
+from nettel.detect.alerts import Alert, decode_alert
+from nettel.ingest.health import EdgeCounter, HealthWatcher
+from nettel.mcp.actions import DRY_RUN_RULE, RESTART_RULE
 from nettel.mcp.health import HealthTools, build_health_server
 from nettel.models import HealthRecord, encode_health_record
+from nettel.store.alerts import AlertTable
 from nettel.store.health import HealthTable
 
 IMAGE = "localhost/nettel-test:latest"
@@ -57,13 +67,52 @@ async def test_health_events_and_dependency_map_from_real_containers(
     web = run(engine, f"hc-web-{tag}", f"{hold_db}; exec httpd -f -p 8080", healthcheck=check)
     web_ip = engine.ip(web)
     hold_web = f"(sleep 600 | nc {web_ip} 8080 &)"
-    run(engine, f"hc-client-{tag}", f"{hold_web}; {hold_web}; exec sleep 600")
+    client = run(engine, f"hc-client-{tag}", f"{hold_web}; {hold_web}; exec sleep 600")
+    failing = {"test": ["CMD-SHELL", "exit 1"], "retries": 1, "interval": 3_600_000_000_000}
+    sick = run(engine, f"hc-sick-{tag}", "trap 'exit 0' TERM; while :; do sleep 0.2; done",
+               healthcheck=failing)  # fmt: skip
+    rules = tmp_path / "rules.toml"
+    rules.write_text(f"""
+[[rule]]
+name = "client flood"
+container = "hc-client-{tag}"
+metric = "syn_recv"
+above = 200
+
+[[restart]]
+name = "heal web"
+container = "hc-web-{tag}"
+after_failures = 1
+
+[[restart]]
+name = "reset client"
+container = "hc-client-{tag}"
+on_rule = "client flood"
+
+[[restart]]
+name = "heal sick"
+container = "hc-sick-{tag}"
+after_failures = 1
+cooldown = "10m"
+max_per_hour = 2
+dry_run = false
+""")
     settings = Settings.from_env({
         "NETTEL_DATA_DIR": str(tmp_path), "NETTEL_PARTITIONS": "3", "DOCKER_HOST": engine.url,
-        "NETTEL_HEALTH_INTERVAL_S": "0.3", "NETTEL_FLUSH_INTERVAL_S": "0.5"})  # fmt: skip
+        "NETTEL_HEALTH_INTERVAL_S": "0.3", "NETTEL_FLUSH_INTERVAL_S": "0.5",
+        "NETTEL_RULES_FILE": str(rules)})  # fmt: skip
     watcher = make_health_watcher(settings, broker.bootstrap_servers)
     assert watcher is not None
     stream = make_health_stream(settings, broker.bootstrap_servers)
+    triggered = stream.on_written  # the shipped triggers, counted
+    fails: list[HealthRecord] = []
+    assert triggered is not None
+
+    async def counted(records: list[HealthRecord]) -> None:
+        await triggered(records)
+        fails.extend(r for r in records if r.container == sick.name and r.health == "unhealthy")
+
+    stream.on_written = counted
     stop_watch, stop_stream = asyncio.Event(), asyncio.Event()
     tasks = [asyncio.create_task(watcher.run(stop_watch)),
              asyncio.create_task(stream.runtime.run(stop_stream))]  # fmt: skip
@@ -80,11 +129,65 @@ async def test_health_events_and_dependency_map_from_real_containers(
     loop.reload()
     await wait_for(lambda: loop.reload() or (loop.attrs["State"]["Status"], loop.attrs[
         "RestartCount"]) == ("exited", 2), 20, "the restart loop's end")  # fmt: skip
-    db.stop(timeout=0)
-    health = subprocess.run(["podman", "healthcheck", "run", web.id], capture_output=True,
-                            text=True, timeout=30, check=False)  # fmt: skip
-    assert health.stdout.strip() == "unhealthy", health
     published = watcher.published
+    db.stop(timeout=0)
+    assert check_health(web) == "unhealthy"
+    web_started, sick_started = started_at(web), started_at(sick)
+    assert check_health(sick) == "unhealthy"
+    audit = AlertTable(f"{tmp_path}/alerts")
+    now_ms = time.time_ns() // 1_000_000
+    flood = Alert(
+        id="flood-1",
+        status="open",
+        identity=client.name,
+        metric="syn_recv",
+        rule="client flood",
+        host="h",
+        container_id="",
+        started_ms=now_ms,
+        updated_ms=now_ms,
+        observed=500.0,
+        peak=500.0,
+        expected=0.0,
+        band_low=0.0,
+        band_high=200.0,
+        score=0.0,
+        severity="warning",
+        explanation="> 200",
+    )
+    audit.append(
+        [msgspec.to_builtins(flood) | {"partition": 0, "offset": 0}],
+        {},
+        writer="nettel-detect",
+        topic="nettel.stats",
+        epoch=0,
+    )  # as detect does
+
+    def audited(rule: str) -> list[str]:
+        return audit.latest().filter(rule=rule)["container"].to_list()
+
+    await wait_for(lambda: audited(RESTART_RULE) == [sick.name]
+                   and sorted(audited(DRY_RUN_RULE)) == sorted([web.name, client.name]),
+                   30, "every trigger acted")  # fmt: skip
+    restarted = started_at(sick)
+    assert restarted != sick_started  # the enabled rule restarted it
+    assert started_at(web) == web_started  # the dry run restarted nothing
+    assert check_health(sick) == "unhealthy"  # failed again, inside the cooldown
+    await wait_for(lambda: len(fails) >= 2, 30, "the second failure seen by the triggers")
+    assert audited(RESTART_RULE) == [sick.name]
+    assert started_at(sick) == restarted
+    acts = {decode_alert(m.value).identity: decode_alert(m.value)
+            for m in await consume_all(broker.bootstrap_servers, "nettel.alerts")
+            if tag in m.key.decode()}  # fmt: skip
+    assert {k: a.rule for k, a in acts.items()} == {
+        web.name: DRY_RUN_RULE,
+        client.name: DRY_RUN_RULE,
+        sick.name: RESTART_RULE,
+    }
+    assert "restart rule 'heal web'" in acts[web.name].explanation
+    assert "would be restarted (dry run: nothing done)" in acts[web.name].explanation
+    assert "alert flood-1 of rule 'client flood'" in acts[client.name].explanation
+    assert "restarted through the engine API" in acts[sick.name].explanation
     await wait_for(lambda: watcher.published > published + 1, 20, "die and health published")
     stop_watch.set()
     await tasks[0]
@@ -131,6 +234,18 @@ async def test_health_events_and_dependency_map_from_real_containers(
         (incident,) = [i for i in doc["incidents"] if i["root"] == f"hc-db-{tag}"]
         assert incident["containers"] == [f"hc-db-{tag}", f"hc-web-{tag}"]
         assert f"depends on hc-db-{tag}:5432, which died (exit" in incident["explanation"]
+
+
+def check_health(container: Any) -> str:
+    """Run the container's healthcheck as the engine's timer would (none runs here)."""
+    done = subprocess.run(["podman", "healthcheck", "run", container.id], capture_output=True,
+                          text=True, timeout=30, check=False)  # fmt: skip
+    return done.stdout.strip()
+
+
+def started_at(container: Any) -> str:
+    container.reload()
+    return str(container.attrs["State"]["StartedAt"])
 
 
 async def call(client: Client, tool: str, args: dict[str, Any]) -> dict[str, Any]:
@@ -255,3 +370,30 @@ def test_a_quiet_container_state_is_recorded_again_each_day() -> None:
         kinds.append([r.kind for r in watcher.poll()])
     assert kinds == [["state"], [], [], ["state"], []]
     assert api.inspected == 2
+
+
+def test_edges_that_appear_or_vanish_are_events_kept_apart_from_health(tmp_path: Path) -> None:
+    """Unit (pure counting, a real Delta table): after the watcher's first ``vanish_ms``,
+    an edge seen for the first time is an ``edge_new`` record and one unseen for
+    ``vanish_ms`` an ``edge_gone``; in the table they are dependency changes, never a
+    container's health (its summary stays that of its events)."""
+    counter = EdgeCounter(vanish_ms=120_000)
+    records = [HealthRecord(ts_ms=0, host="h", kind="start", container="web", status="running")]
+    for minute in range(12):  # web -> db throughout; worker -> db minutes 4-5, again at 9
+        counts = {("web", "db", 5432): 1}
+        if minute in (4, 5, 9):
+            counts[("worker", "db", 5432)] = 2
+        counter.add(minute * 60_000 + 5_000, counts)
+        records += counter.closed(minute * 60_000 + 5_000, "h")
+    assert len(counter._seen) == 2  # what it remembers is bounded by vanish_ms
+    table = HealthTable(f"{tmp_path}/health")
+    table.append([(r, 0, i) for i, r in enumerate(records)], {0: len(records)}, writer="t",
+                 topic="nettel.health", epoch=0)  # fmt: skip
+    changes = table.dependency_changes(0)
+    assert [(r["kind"], r["container"], r["server"], r["port"], r["ts"].minute)
+            for r in changes.iter_rows(named=True)] == [
+        ("edge_new", "worker", "db", 5432, 4), ("edge_gone", "worker", "db", 5432, 6),
+        ("edge_new", "worker", "db", 5432, 9)]  # fmt: skip
+    assert table.events(0)["kind"].to_list() == ["start"]
+    assert table.summary(0)["state"].to_list() == ["running"]
+    assert table.edges(0).height == 2

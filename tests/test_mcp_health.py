@@ -30,6 +30,8 @@ from test_mcp import nettel_http
 NETTEL = str(Path(sys.executable).with_name("nettel"))
 CONTAINERS = 500
 BUDGET = 8_000
+#: the container restart_container may restart over HTTP (none such runs: never called)
+ACTS_ON = "hc-never-created"
 DAY_MS = 86_400_000
 
 
@@ -87,12 +89,21 @@ async def call(client: Client, tool: str, args: dict[str, Any]) -> dict[str, Any
     return doc
 
 
-async def check_tools(client: Client) -> None:
-    """Every tool's answers match the records written; bad input is refused on one line."""
+async def check_tools(client: Client, actions: str = "") -> None:
+    """Every tool's answers match the records written; bad input is refused on one line.
+    ``actions``: the container NETTEL_ACTIONS_CONTAINERS names (else restart_container,
+    the tool shared with resource-monitor, is absent)."""
     assert client.server_info is not None
     assert client.server_info.name == "health-check"
     names = {t.name for t in (await client.list_tools()).tools}
-    assert names == {"get_health", "get_dependencies", "get_incidents"}
+    reading = {"get_health", "get_dependencies", "get_incidents"}
+    assert names == (reading | {"restart_container"} if actions else reading)
+    if actions:  # the shared guard: refused before anything happens
+        for args in ({"container": "db", "confirm": True}, {"container": actions}):
+            refused = await client.call_tool("restart_container", args)
+            text = " ".join(getattr(c, "text", "") for c in refused.content)
+            assert refused.is_error
+            assert "not in NETTEL_ACTIONS_CONTAINERS" in text or "confirm=true" in text, text
     doc = await call(client, "get_health", {"container": "svc-50"})
     (entry,) = doc["containers"]
     assert (entry["status"], entry["output"]) == ("unhealthy", "connect to db:5432 refused")
@@ -140,7 +151,7 @@ def http_server(data_dir: str) -> Iterator[tuple[str, str]]:
     port = free_port()
     token = "a-test-token-of-at-least-32-characters"
     env = {**os.environ, "NETTEL_DATA_DIR": data_dir, "NETTEL_MCP_TOKEN": token,
-           "NETTEL_MCP_PORT": str(port)}  # fmt: skip
+           "NETTEL_MCP_PORT": str(port), "NETTEL_ACTIONS_CONTAINERS": ACTS_ON}  # fmt: skip
     with nettel_http(env, port):
         yield f"http://127.0.0.1:{port}", token
 
@@ -150,7 +161,7 @@ async def test_health_check_over_http(http_server: tuple[str, str]) -> None:
     async with httpx.AsyncClient(headers={"Authorization": f"Bearer {token}"}, timeout=60) as h:
         transport = streamable_http_client(f"{base}/health-check/mcp", http_client=h)
         async with Client(transport, read_timeout_seconds=60) as client:
-            await check_tools(client)
+            await check_tools(client, actions=ACTS_ON)
     async with httpx.AsyncClient(timeout=10) as anonymous:  # the same guard on every path
         assert (await anonymous.post(f"{base}/health-check/mcp")).status_code == 401
 

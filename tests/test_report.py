@@ -20,6 +20,7 @@ from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import polars as pl
@@ -35,7 +36,13 @@ from nettel.detect.alerts import Alert, Status
 from nettel.errors import BrokerUnavailableError, QueryError
 from nettel.ingest.publisher import EventPublisher
 from nettel.ingest.simulate import Spike, TrafficSimulator
-from nettel.models import ResourceEvent, StatEvent, encode_resource_event
+from nettel.models import (
+    HealthKind,
+    HealthRecord,
+    ResourceEvent,
+    StatEvent,
+    encode_resource_event,
+)
 from nettel.report import (
     Prices,
     build_daily_report,
@@ -49,9 +56,10 @@ from nettel.report import (
     render_markdown,
     report_on_schedule,
 )
-from nettel.report.daily import RESOURCE_RULES, day_bounds_ms
+from nettel.report.daily import RESOURCE_RULES, availability_day, day_bounds_ms
 from nettel.report.publish import stored_alerts
 from nettel.store.alerts import AlertTable
+from nettel.store.health import HealthTable
 from nettel.store.minute import MinuteTable
 from nettel.store.query import TrafficQuery
 from nettel.store.reports import ReportsTable
@@ -870,3 +878,58 @@ async def test_a_backlog_day_is_reported_once_the_stream_passes_it_and_again_whe
     finally:
         stop.set()
         await asyncio.wait_for(task, 30)
+
+
+def test_the_availability_section_from_the_health_table(tmp_path: Path) -> None:
+    """Unit (a real ``health`` Delta table, no broker): share of the day healthy from the
+    state each record begins (the day starting in the state recorded before it),
+    restarts by the engine and by nettel (audit rows), the dependency changes; a
+    container stopped before the day is left out; both renderings carry the section."""
+    day = dt.date(2026, 11, 25)
+    start, end = day_bounds_ms(day)
+    h = 3_600_000
+
+    def rec(at: int, kind: HealthKind, name: str, status: str = "running", health: str = "",
+            **kw: Any) -> HealthRecord:  # fmt: skip
+        return HealthRecord(ts_ms=at, host="h", kind=kind, container=name, status=status,
+                            health=health, **kw)  # fmt: skip
+
+    records = [
+        rec(start - h, "state", "web", health="healthy"), rec(start - h, "state", "db"),
+        rec(start - 5 * h, "die", "old", status="exited", exit_code=0),
+        rec(start + 6 * h, "health", "web", health="unhealthy"),
+        rec(start + 11 * h, "restart", "web", health="starting", restarts=1),
+        rec(start + 12 * h, "health", "web", health="healthy", restarts=1),
+        rec(start + 8 * h, "edge_new", "worker", server="db", port=5432, connections=2),
+        rec(start + 9 * h, "edge_gone", "worker", server="db", port=5432),
+        rec(end + h, "edge_gone", "web", server="db", port=5432),  # the next day's
+    ]  # fmt: skip
+    table = HealthTable(f"{tmp_path}/health")
+    table.append([(r, 0, i) for i, r in enumerate(records)], {0: len(records)}, writer="t",
+                 topic="nettel.health", epoch=0)  # fmt: skip
+    audit = [Alert(id="a1", status="resolved", identity="web", metric="restart",
+                   rule="restart_container", host="h", container_id="", started_ms=start + 11 * h,
+                   updated_ms=start + 11 * h, resolved_ms=start + 11 * h, observed=1.0, peak=1.0,
+                   expected=0.0, band_low=0.0, band_high=0.0, score=0.0, severity="warning",
+                   explanation="restart_container (restart rule 'heal web')")]  # fmt: skip
+    av = availability_day(table, audit, start, end, end + 2 * h)
+    assert (av.containers, av.fully_healthy) == (2, 1)  # web and db; old left out
+    (web,) = av.least_available
+    assert (web.container, web.healthy_share, web.observed_s) == ("web", round(19 / 24, 4), 86_400)
+    assert (web.restarts, web.restarted_by_nettel) == (1, 1)
+    assert [(d.change, d.client, d.server, d.port, (d.at_ms - start) // h)
+            for d in av.dependency_changes] == [("new", "worker", "db", 5432, 8),
+                                                ("gone", "worker", "db", 5432, 9)]  # fmt: skip
+    partial = availability_day(table, [], start, end, start + 12 * h)  # the day so far
+    assert partial.least_available[0].healthy_share == round(7 / 12, 4)
+    report = build_daily_report(TrafficQuery(str(tmp_path), partitions=PARTITIONS), day,
+                                health=table, now_ms=end + h)  # fmt: skip
+    assert decode_report(encode_report(report)) == report
+    md = render_markdown(report)
+    assert "## Availability: least healthy containers and restarts" in md
+    assert "| web | 79.17% | 24.0 h | 1 | 0 |" in md
+    assert "| worker | db:5432 |" in md
+    assert "<h2>Dependency changes</h2>" in render_html(report)
+    empty = availability_day(None, None, start, end, end)
+    assert (empty.available, empty.note) == (
+        False, "no health data for the day (the health roles of nettel up write it)")  # fmt: skip

@@ -36,12 +36,17 @@ from nettel.models import WireFormat
 if TYPE_CHECKING:
     from mcp.server import MCPServer
 
+    from nettel.models import HealthRecord
+
+    #: What the health writer calls with the records it wrote.
+    OnHealthWritten = Callable[[list[HealthRecord]], Awaitable[None]]
+
     from nettel.broker import EmbeddedBroker, Producing
     from nettel.detect.rules import Rule
     from nettel.ingest.health import HealthWatcher
     from nettel.ingest.service import IngestService
     from nettel.ingest.sources import Source
-    from nettel.mcp.actions import ContainerActions
+    from nettel.mcp.actions import ActionPolicy, ContainerActions
     from nettel.mcp.resources import ListProcesses
     from nettel.mcp.server import HttpOptions
     from nettel.models import StatEvent
@@ -385,7 +390,8 @@ def make_resource_stream(settings: Settings, bootstrap: str, *, epoch: int = 0,
 
 def make_health_stream(settings: Settings, bootstrap: str, *, epoch: int = 0,
                        embedded: bool = False) -> HealthStreamWorker:  # fmt: skip
-    """The health stream worker: ``nettel.health`` into the ``health`` table."""
+    """The health stream worker: ``nettel.health`` into the ``health`` table; it runs the
+    rules file's restart triggers on what it wrote (:func:`restart_triggers`)."""
     from nettel.store.health import HealthTable
     from nettel.stream.health import HealthStreamWorker
 
@@ -393,7 +399,72 @@ def make_health_stream(settings: Settings, bootstrap: str, *, epoch: int = 0,
         bootstrap, HealthTable(table_uri(settings, "health")), topic=settings.topic_health,
         dlq_topic=settings.topic_dlq, flush_interval_s=settings.flush_interval_s, epoch=epoch,
         seal_on_stop=embedded, fresh_log=embedded,
+        on_written=restart_triggers(settings, bootstrap),
     )  # fmt: skip
+
+
+def restart_triggers(settings: Settings, bootstrap: str) -> OnHealthWritten | None:
+    """The ``[[restart]]`` tables of ``NETTEL_RULES_FILE`` as the health writer's
+    ``on_written`` (None without any): each rule that fires on a health record restarts
+    its container through :class:`~nettel.mcp.actions.ContainerActions` (the checks,
+    engine call, audit row and alerts-topic event of ``restart_container``), allowed
+    only the rules' containers, within the rule's cooldown and hourly cap; a dry-run
+    rule leaves the audit row and event of what it would do and restarts nothing. A
+    rule with ``on_rule`` fires on an alert of that rule opened for its container after
+    the role started (read from the ``alerts`` table at each write pass: within
+    ``NETTEL_FLUSH_INTERVAL_S`` of the detector's write)."""
+    import polars as pl
+
+    from nettel.detect.restarts import RestartRule, RestartTriggers, load_restarts
+    from nettel.mcp.actions import ActionPolicy
+    from nettel.store.alerts import AlertTable
+
+    rules = [] if settings.rules_file is None else load_restarts(settings.rules_file)
+    if not rules:
+        return None
+    triggers = RestartTriggers(rules)
+    actions = container_actions(settings, bootstrap, ActionPolicy(triggers.containers))
+    if actions is None:  # the policy names the rules' containers: never
+        return None
+
+    alerts = AlertTable(table_uri(settings, "alerts"))
+    began_ms = time.time_ns() // 1_000_000
+    acted: dict[str, int] = {}  # alert id -> started ms (the last two hours' only)
+
+    async def act(rule: RestartRule, why: str) -> None:
+        by = f"restart rule {rule.name!r} of the rules file: {why}"
+        try:
+            done = await asyncio.to_thread(
+                actions.restart, rule.container, True, dry_run=rule.dry_run, by=by,
+                limits=(rule.cooldown_ms / 1000, rule.max_per_hour))  # fmt: skip
+        except NettelError as e:  # held by a limit, or refused by the engine
+            log.warning("restart_trigger_held", rule=rule.name, container=rule.container,
+                        reason=str(e))  # fmt: skip
+            return
+        log.info("restart_trigger_dry_run" if rule.dry_run else "restart_triggered",
+                 rule=rule.name, container=rule.container, audit_id=done.audit_id,
+                 published=done.published)  # fmt: skip
+
+    async def on_written(records: list[HealthRecord]) -> None:
+        for record in records:
+            for rule in triggers.observe(record):
+                await act(rule, f"{rule.after_failures} failed health check(s) in a row")
+        if not triggers.alert_rules:
+            return
+        now_ms = time.time_ns() // 1_000_000
+        rows = await asyncio.to_thread(alerts.latest, now_ms - 3_600_000)
+        wanted = rows.filter(pl.col("rule").is_in(sorted(triggers.alert_rules)))
+        for a in wanted.sort("started").iter_rows(named=True):
+            started = int(a["started"].timestamp() * 1000)
+            if started < began_ms or a["id"] in acted:
+                continue
+            acted[a["id"]] = started
+            for rule in triggers.on_alert(a["rule"], a["container"]):
+                await act(rule, f"alert {a['id']} of rule {a['rule']!r}")
+        for old in [i for i, t in acted.items() if t < now_ms - 7_200_000]:
+            del acted[old]
+
+    return on_written
 
 
 def make_health_watcher(settings: Settings, bootstrap: str) -> HealthWatcher | None:
@@ -635,10 +706,15 @@ async def up_roles(settings: Settings, bootstrap: str, broker: EmbeddedBroker | 
 
 
 def load_rules_checked(settings: Settings) -> list[Rule]:
-    """The custom rules of ``NETTEL_RULES_FILE`` (none when unset); a bad file stops nettel."""
+    """The custom rules of ``NETTEL_RULES_FILE`` (none when unset), its restart triggers
+    checked too; a bad file stops nettel."""
+    from nettel.detect.restarts import load_restarts
     from nettel.detect.rules import load_rules
 
-    return [] if settings.rules_file is None else load_rules(settings.rules_file)
+    if settings.rules_file is None:
+        return []
+    load_restarts(settings.rules_file)
+    return load_rules(settings.rules_file)
 
 
 def make_detect(settings: Settings, bootstrap: str, *, epoch: int = 0) -> DetectWorker:
@@ -949,12 +1025,21 @@ async def cmd_detect(settings: Settings) -> int:
 
 def cmd_rules_check(path: str) -> int:
     """Validate a rules file: print its rules, or every problem with its line."""
+    from nettel.detect.restarts import load_restarts
     from nettel.detect.rules import load_rules
 
     rules = load_rules(path)
+    restarts = load_restarts(path)
     for r in rules:
         print(f"{r.name}: {r.describe_limit()}")
-    print(f"{path}: {len(rules)} rule(s), valid")
+    for t in restarts:
+        when = [f"after {t.after_failures} failed check(s)"] if t.after_failures else []
+        when += [f"when rule {t.on_rule!r} fires"] if t.on_rule else []
+        print(f"{t.name}: restart {t.container} {' or '.join(when)}, at most 1 per "
+              f"{t.cooldown_ms // 1000} s and {t.max_per_hour} an hour"
+              + (" (dry run)" if t.dry_run else ""))  # fmt: skip
+    triggers = f", {len(restarts)} restart trigger(s)" if restarts else ""
+    print(f"{path}: {len(rules)} rule(s){triggers}, valid")
     return 0
 
 
@@ -990,7 +1075,8 @@ def mcp_server(settings: Settings, name: str = "network-telemetry",
     if name == "health-check":
         from nettel.mcp.health import HealthTools, build_health_server
 
-        return build_health_server(HealthTools.for_data_dir(settings.data_dir))
+        return build_health_server(HealthTools.for_data_dir(settings.data_dir),
+                                   container_actions(settings, bootstrap))  # fmt: skip
     from nettel.mcp.server import build_server
     from nettel.mcp.tools import TelemetryTools
 
@@ -1045,16 +1131,17 @@ def engine_processes(settings: Settings) -> ListProcesses:
     return processes
 
 
-def container_actions(settings: Settings,
-                      bootstrap: str | None = None) -> ContainerActions | None:  # fmt: skip
-    """The acting MCP tools' checks and means, when ``NETTEL_ACTIONS_CONTAINERS`` names
-    containers (else None: the tools are not offered): restarts through the engine API
-    (``DOCKER_HOST`` or the first engine socket found), audit rows in ``alerts``, events
-    on the alerts topic of ``bootstrap`` (default ``KAFKA_BOOTSTRAP_SERVERS``) if any."""
+def container_actions(settings: Settings, bootstrap: str | None = None,
+                      policy: ActionPolicy | None = None) -> ContainerActions | None:  # fmt: skip
+    """The acting MCP tools' checks and means, when ``NETTEL_ACTIONS_CONTAINERS`` (or
+    ``policy``) names containers (else None: the tools are not offered): restarts
+    through the engine API (``DOCKER_HOST`` or the first engine socket found), audit
+    rows in ``alerts``, events on the alerts topic of ``bootstrap`` (default
+    ``KAFKA_BOOTSTRAP_SERVERS``) if any."""
     from nettel.mcp.actions import ActionPolicy, ContainerActions
     from nettel.store.alerts import AlertTable
 
-    policy = ActionPolicy.parse(settings.actions_containers)
+    policy = policy or ActionPolicy.parse(settings.actions_containers)
     if not policy.enabled:
         return None
     urls = engine_candidates(settings)
@@ -1103,7 +1190,7 @@ def more_mcp_servers(settings: Settings,
     from nettel.mcp import health, resources
 
     return {resources.HTTP_PATH: mcp_server(settings, "resource-monitor", bootstrap),
-            health.HTTP_PATH: mcp_server(settings, "health-check")}  # fmt: skip
+            health.HTTP_PATH: mcp_server(settings, "health-check", bootstrap)}  # fmt: skip
 
 
 def mcp_http_options(settings: Settings) -> HttpOptions:

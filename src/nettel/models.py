@@ -879,8 +879,10 @@ class ResourceAggregate(ContainerWindow):
 HEALTH_SCHEMA_VERSION = 1
 #: What a :class:`HealthRecord` reports: an engine event (``start``, ``die``, ``oom``,
 #: ``health``: the healthcheck's status changed, ``restart``), a container's state as
-#: first seen (``state``), or one minute of a dependency edge (``edge``).
-HealthKind = Literal["start", "die", "oom", "health", "restart", "state", "edge"]
+#: first seen (``state``), one minute of a dependency edge (``edge``), or an edge that
+#: appeared (``edge_new``) or vanished (``edge_gone``).
+HealthKind = Literal["start", "die", "oom", "health", "restart", "state", "edge", "edge_new",
+                     "edge_gone"]  # fmt: skip
 
 
 class HealthRecord(msgspec.Struct, frozen=True, kw_only=True):

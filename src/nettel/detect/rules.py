@@ -31,6 +31,9 @@ first where it does not.
 :func:`load_rules` validates everything at once and raises :class:`RulesError` naming
 the line, the rule and the reason.
 
+The same file's ``[[restart]]`` tables are restart triggers
+(:mod:`nettel.detect.restarts`), read by :func:`~nettel.detect.restarts.parse_restarts`.
+
 Examples
 --------
 >>> rules = parse_rules('''
@@ -53,7 +56,7 @@ from __future__ import annotations
 import re
 import tomllib
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
@@ -118,10 +121,10 @@ def _duration_text(ms: int) -> str:
     return f"{ms / 1000:g}s"
 
 
-def _rule_lines(text: str) -> list[int]:
-    return [
-        i + 1 for i, ln in enumerate(text.splitlines()) if re.match(r"^\s*\[\[\s*rule\s*\]\]", ln)
-    ]
+def _rule_lines(text: str, table: str = "rule") -> list[int]:
+    """The line (1-based) of each ``[[table]]`` header."""
+    header = re.compile(rf"^\s*\[\[\s*{table}\s*\]\]")
+    return [i + 1 for i, ln in enumerate(text.splitlines()) if header.match(ln)]
 
 
 def _key_line(text: str, start: int, key: str) -> int:
@@ -147,39 +150,68 @@ def _duration(value: Any) -> int | None:
     return None
 
 
-def parse_rules(text: str, source: str = "<rules>") -> list[Rule]:
-    """Validate the text of a rules file; every problem is reported, first line first."""
+#: ``bad(key, reason)``: note a problem of a table (at ``key``'s line; "": the table's).
+Bad = Callable[[str, str], None]
+
+
+def load_toml(text: str, source: str) -> dict[str, Any]:
+    """The document of a rules file's text (or :class:`RulesError` saying why not)."""
     try:
-        doc = tomllib.loads(text)
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise RulesError(f"{source}: not valid TOML: {e}") from None
-    problems: list[str] = []
-    extra = sorted(set(doc) - {"rule"})
-    if extra:
-        problems.append(f"{source}: unknown top-level key(s) {extra}; a file holds [[rule]] tables")
-    raw = doc.get("rule", [])
+
+
+def read_tables(doc: dict[str, Any], text: str, source: str, kind: str, keys: set[str],
+                problems: list[str]) -> Iterator[tuple[dict[str, Any], Any, int, Bad]]:  # fmt: skip
+    """Each ``[[kind]]`` table of a rules file, with its name, its line and a ``bad``
+    that adds a problem naming the line, the table and the reason to ``problems``
+    (unknown keys and missing or repeated names are added already)."""
+    raw = doc.get(kind, [])
     if not isinstance(raw, list):
-        raise RulesError(f"{source}: 'rule' must be [[rule]] tables")
-    starts = _rule_lines(text)
-    rules: list[Rule] = []
+        raise RulesError(f"{source}: '{kind}' must be [[{kind}]] tables")
+    starts = _rule_lines(text, kind)
     names: set[str] = set()
     for n, table in enumerate(raw):
         line = starts[n] if n < len(starts) else 0
         name = table.get("name")
-        label = f'rule "{name}"' if isinstance(name, str) and name else f"rule #{n + 1}"
+        label = f'{kind} "{name}"' if isinstance(name, str) and name else f"{kind} #{n + 1}"
 
         def bad(key: str, reason: str, *, _line: int = line, _label: str = label) -> None:
             at = _key_line(text, _line, key) if key else _line
             problems.append(f"{source} line {at} ({_label}): {reason}")
 
-        for key in sorted(set(table) - _KEYS):
-            bad(key, f"unknown key {key!r}; valid: {', '.join(sorted(_KEYS))}")
+        for key in sorted(set(table) - keys):
+            bad(key, f"unknown key {key!r}; valid: {', '.join(sorted(keys))}")
         if not isinstance(name, str) or not name.strip():
             bad("name", "needs a name (a non-empty string)")
         elif name in names:
             bad("name", f"the name {name!r} is used twice")
         else:
             names.add(name)
+        yield table, name, line, bad
+
+
+def table_cooldown_ms(table: dict[str, Any], bad: Bad, default_ms: int) -> int:
+    """The table's ``cooldown`` in ms (``default_ms`` without one; a bad one is noted)."""
+    if "cooldown" not in table:
+        return default_ms
+    c = _duration(table["cooldown"])
+    if c is None:
+        bad("cooldown", f'cooldown {table["cooldown"]!r} is not a duration like "10m"')
+    return default_ms if c is None else c
+
+
+def parse_rules(text: str, source: str = "<rules>") -> list[Rule]:
+    """Validate the text of a rules file; every problem is reported, first line first."""
+    doc = load_toml(text, source)
+    problems: list[str] = []
+    extra = sorted(set(doc) - {"rule", "restart"})
+    if extra:
+        problems.append(f"{source}: unknown top-level key(s) {extra}; a file holds [[rule]] "
+                        "and [[restart]] tables")  # fmt: skip
+    rules: list[Rule] = []
+    for table, name, line, bad in read_tables(doc, text, source, "rule", _KEYS, problems):
         metric = table.get("metric")
         if metric not in METRICS:
             bad("metric", f"unknown metric {metric!r}; valid: {', '.join(METRICS)}")
@@ -198,13 +230,7 @@ def parse_rules(text: str, source: str = "<rules>") -> list[Rule]:
                 )
             else:
                 window_ms = w
-        cooldown_ms = 0
-        if "cooldown" in table:
-            c = _duration(table["cooldown"])
-            if c is None:
-                bad("cooldown", f'cooldown {table["cooldown"]!r} is not a duration like "10m"')
-            else:
-                cooldown_ms = c
+        cooldown_ms = table_cooldown_ms(table, bad, 0)
         limits: dict[str, float | None] = {}
         for key in ("above", "below", "change"):
             value = table.get(key)
@@ -238,14 +264,18 @@ def parse_rules(text: str, source: str = "<rules>") -> list[Rule]:
     return rules
 
 
-def load_rules(path: str | Path) -> list[Rule]:
-    """Read and validate a rules file (see :func:`parse_rules`)."""
+def read_rules_file(path: str | Path) -> str:
+    """The text of a rules file (or :class:`RulesError` saying why it cannot be read)."""
     p = Path(path)
     try:
-        text = p.read_text(encoding="utf-8")
+        return p.read_text(encoding="utf-8")
     except OSError as e:
         raise RulesError(f"{p}: cannot read the rules file: {e.strerror}") from None
-    return parse_rules(text, str(p))
+
+
+def load_rules(path: str | Path) -> list[Rule]:
+    """Read and validate a rules file (see :func:`parse_rules`)."""
+    return parse_rules(read_rules_file(path), str(path))
 
 
 def _sample_value(rule: Rule, ev: StatEvent) -> float | None:

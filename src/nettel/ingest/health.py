@@ -14,7 +14,10 @@
 - each running container's TCP sockets (``/proc/<pid>/net/tcp`` and ``tcp6``, at most
   ``max_sockets`` lines: the work per poll is bounded), whose established connections
   are mapped to containers by their addresses, to ``host`` (a gateway of their networks)
-  or ``external``, and counted per minute into edges ``client -> server:port``.
+  or ``external``, and counted per minute into edges ``client -> server:port``; an edge
+  not seen in the ``vanish_ms`` before its minute is also an ``edge_new`` record, one not
+  seen for ``vanish_ms`` an ``edge_gone`` record (none in the first ``vanish_ms`` after
+  the watcher starts: it does not know yet what was there before it).
 
 A connection is counted once: from its client's side (the local port is not one the
 container listens on), or from the server's side when the client is not a container.
@@ -46,6 +49,8 @@ log = structlog.get_logger(__name__)
 ACTIONS: dict[str, HealthKind] = {"start": "start", "die": "die", "oom": "oom",
                                   "health_status": "health", "restart": "restart"}  # fmt: skip
 MINUTE_MS = 60_000
+#: How long an edge goes unseen before it is reported gone (and a returning one new).
+EDGE_VANISH_MS = 5 * MINUTE_MS
 #: How far ahead of now an events query ends (and so how long it waits).
 EVENTS_AHEAD_S = 0.2
 #: How often a running container's state is recorded even when nothing happened to it.
@@ -83,13 +88,30 @@ class EdgeCounter:
     [(60000, 3, 2)]
     >>> [(e.ts_ms, e.connections) for e in c.closed(125_000, "h", everything=True)]
     [(120000, 1)]
+
+    Appearing and vanishing, once ``vanish_ms`` has passed since the first sample:
+
+    >>> c = EdgeCounter(vanish_ms=120_000)
+    >>> for minute in range(8):  # web -> db throughout; worker -> db from minute 3 to 4
+    ...     c.add(minute * 60_000, {("web", "db", 5432): 1}
+    ...           | ({("worker", "db", 5432): 1} if 3 <= minute <= 4 else {}))
+    ...     for r in c.closed(minute * 60_000 + 1, "h"):
+    ...         if r.kind != "edge":
+    ...             print(r.kind, r.container, r.ts_ms // 60_000)
+    edge_new worker 3
+    edge_gone worker 5
     """
 
     edges: dict[tuple[int, str, str, int], _Edge] = field(default_factory=dict)
+    vanish_ms: int = EDGE_VANISH_MS
+    _seen: dict[tuple[str, str, int], int] = field(default_factory=dict)  # -> last minute
+    _since_ms: int | None = None  # the first sample's minute
 
     def add(self, now_ms: int, counts: Mapping[tuple[str, str, int], int]) -> None:
         """Fold one sample (connections per (client, server, port)) into its minute."""
         minute = now_ms - now_ms % MINUTE_MS
+        if self._since_ms is None:
+            self._since_ms = minute
         for (client, server, port), n in counts.items():
             edge = self.edges.get((minute, client, server, port))
             if edge is None:
@@ -100,10 +122,12 @@ class EdgeCounter:
 
     def closed(self, now_ms: int, host: str, *, everything: bool = False) -> list[HealthRecord]:
         """Edge records of the minutes before ``now_ms``'s (every minute: ``everything``),
-        forgotten once returned."""
+        forgotten once returned, with the edges that appeared in them and those unseen
+        for ``vanish_ms`` (the edges remembered for that are at most a ``vanish_ms``'s)."""
         current = now_ms - now_ms % MINUTE_MS
         done = [k for k in self.edges if everything or k[0] < current]
         out = []
+        warm = self._since_ms is not None
         for key in sorted(done):
             minute, client, server, port = key
             e = self.edges.pop(key)
@@ -112,6 +136,20 @@ class EdgeCounter:
                 port=port, connections=e.connections, samples=e.samples,
                 first_seen_ms=e.first_seen_ms, last_seen_ms=e.last_seen_ms,
             ))  # fmt: skip
+            last = self._seen.get((client, server, port))
+            fresh = last is None or minute - last > self.vanish_ms
+            if fresh and warm and minute - (self._since_ms or 0) >= self.vanish_ms:
+                out.append(HealthRecord(ts_ms=minute, host=host, kind="edge_new",
+                                        container=client, server=server, port=port,
+                                        connections=e.connections))  # fmt: skip
+            self._seen[(client, server, port)] = max(minute, last or minute)
+        if not everything:
+            for edge, last in sorted(self._seen.items(), key=lambda kv: kv[1]):
+                if current - last > self.vanish_ms:
+                    del self._seen[edge]
+                    out.append(HealthRecord(ts_ms=last + MINUTE_MS, host=host,
+                                            kind="edge_gone", container=edge[0],
+                                            server=edge[1], port=edge[2]))  # fmt: skip
         return out
 
 

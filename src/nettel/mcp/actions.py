@@ -20,6 +20,13 @@ record on the alerts topic when a broker is configured. A restart the engine ref
 is audited too, then reported as the tool's error. The mcp layer imports neither the
 engine SDK nor Kafka: both come in as callables.
 
+The restart rules of the rules file (:mod:`nettel.detect.restarts`, run by the health
+writer) act through the same class with their own allowlist, passing each rule's
+``limits`` (cooldown and hourly cap of that container), ``by`` (what asked) and
+``dry_run``: a dry run goes through the same checks and leaves the same audit row and
+event with ``rule`` ``restart_container_dry_run`` and ``done`` false, and restarts
+nothing (its rows are not restarts: they never count against a real one's limits).
+
 Examples
 --------
 >>> p = ActionPolicy.parse(" web, shop-db ,")
@@ -50,6 +57,10 @@ from nettel.store.alerts import AlertTable
 
 #: The ``rule`` of an audit row of a restart.
 RESTART_RULE = "restart_container"
+#: The ``rule`` of an audit row of a restart a dry-run rule would have done.
+DRY_RUN_RULE = "restart_container_dry_run"
+#: Who asked, in the audit row of an MCP call.
+MCP_CALL = "MCP, confirmed, allowed by NETTEL_ACTIONS_CONTAINERS"
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,13 +111,17 @@ class ContainerActions:
         self.publish = publish
         self.clock = clock
         self.host = host
-        self._last: dict[str, float] = {}
-        self._recent: deque[float] = deque()
+        self._last: dict[tuple[str, bool], float] = {}  # (container, dry run) -> last
+        self._recent: deque[tuple[float, str, bool]] = deque()  # the last hour's
         self._lock = threading.Lock()  # calls run in threads: check and reserve at once
         self._loaded = False
 
-    def check(self, container: str, confirm: bool) -> None:
-        """Raise (with what would be accepted) unless ``container`` may be acted on now."""
+    def check(self, container: str, confirm: bool, *, limits: tuple[float, int] | None = None,
+              dry_run: bool = False) -> None:  # fmt: skip
+        """Raise (with what would be accepted) unless ``container`` may be acted on now.
+
+        ``limits``: (cooldown s, most an hour) of this container alone, instead of the
+        policy's (whose hourly cap counts every container's restarts)."""
         allowed = ", ".join(sorted(self.policy.allowed))
         if container not in self.policy.allowed:
             raise ToolInputError(f"container {container!r} is not in NETTEL_ACTIONS_CONTAINERS;"
@@ -116,60 +131,76 @@ class ContainerActions:
         now = self.clock()
         if not self._loaded:
             self._load_history(now)
-        while self._recent and self._recent[0] <= now - 3600:
+        while self._recent and self._recent[0][0] <= now - 3600:
             self._recent.popleft()
-        last = self._last.get(container)
-        if last is not None and now - last < self.policy.cooldown_s:
-            wait = self.policy.cooldown_s - (now - last)
+        cooldown_s, cap = limits or (self.policy.cooldown_s, self.policy.max_per_hour)
+        last = self._last.get((container, dry_run))
+        if last is not None and now - last < cooldown_s:
+            wait = cooldown_s - (now - last)
             raise ToolInputError(f"{container!r} was restarted {now - last:.0f} s ago; "
                                  f"try again in {wait:.0f} s (one restart per "
-                                 f"{self.policy.cooldown_s:.0f} s)")  # fmt: skip
-        if len(self._recent) >= self.policy.max_per_hour:
-            raise ToolInputError(f"{self.policy.max_per_hour} restarts in the last hour: the "
+                                 f"{cooldown_s:.0f} s)")  # fmt: skip
+        counted = sum(d == dry_run and (limits is None or c == container)
+                      for _, c, d in self._recent)  # fmt: skip
+        if counted >= cap:
+            raise ToolInputError(f"{cap} restarts in the last hour: the "
                                  "cap is reached; try again later")  # fmt: skip
 
     def _load_history(self, now: float) -> None:
         """The last hour's restarts from the audit rows, so the limits hold across
         processes (each stdio client starts its own server) and restarts of nettel."""
         rows = self.audit.latest(since_ms=int((now - 3600) * 1000))
-        for r in rows.filter(pl.col("rule") == RESTART_RULE).sort("started").iter_rows(named=True):
-            at = r["started"].timestamp()
-            self._recent.append(at)
-            self._last[r["container"]] = max(at, self._last.get(r["container"], at))
+        done = rows.filter(pl.col("rule").is_in([RESTART_RULE, DRY_RUN_RULE]))
+        for r in done.sort("started").iter_rows(named=True):
+            at, key = r["started"].timestamp(), (r["container"], r["rule"] == DRY_RUN_RULE)
+            self._recent.append((at, *key))
+            self._last[key] = max(at, self._last.get(key, at))
         self._loaded = True
 
-    def restart(self, container: str, confirm: bool, timeout_s: int = 10) -> ActionDone:
-        """``restart_container``: checked, done through the engine, audited, published."""
+    def restart(self, container: str, confirm: bool, timeout_s: int = 10, *,
+                limits: tuple[float, int] | None = None, dry_run: bool = False,
+                by: str = MCP_CALL) -> ActionDone:  # fmt: skip
+        """``restart_container``: checked, done through the engine, audited, published
+        (a dry run: checked, audited and published as what would be done)."""
         with self._lock:
-            self.check(container, confirm)
+            self.check(container, confirm, limits=limits, dry_run=dry_run)
             started = self.clock()
-            self._last[container] = started
-            self._recent.append(started)
+            self._last[(container, dry_run)] = started
+            self._recent.append((started, container, dry_run))
+        rule = DRY_RUN_RULE if dry_run else RESTART_RULE
+        if dry_run:
+            audit_id, published = self._record(container, "", started,
+                                               "would be restarted (dry run: nothing done)",
+                                               by, rule)  # fmt: skip
+            return ActionDone(container=container, action="restart", done=False,
+                              container_id="", seconds=0.0, audit_id=audit_id,
+                              published=published, at=iso(int(started * 1000)))  # fmt: skip
         try:
             cid = self.restart_fn(container, timeout_s)
         except Exception as e:
-            self._record(container, "", started, f"failed: {str(e)[:200]}")
+            self._record(container, "", started, f"failed: {str(e)[:200]}", by, rule)
             raise ToolInputError(f"the engine did not restart {container!r}: "
                                  f"{str(e)[:200]}") from e  # fmt: skip
         seconds = round(self.clock() - started, 2)
         what = f"restarted through the engine API in {seconds} s"
-        audit_id, published = self._record(container, cid, started, what)
+        audit_id, published = self._record(container, cid, started, what, by, rule)
         return ActionDone(container=container, action="restart", done=True, container_id=cid,
                           seconds=seconds, audit_id=audit_id, published=published,
                           at=iso(int(started * 1000)))  # fmt: skip
 
-    def _record(self, container: str, cid: str, started: float, what: str) -> tuple[str, bool]:
-        """The audit row (and the event): an alert version of rule ``restart_container``."""
+    def _record(self, container: str, cid: str, started: float, what: str, by: str,
+                rule: str) -> tuple[str, bool]:  # fmt: skip
+        """The audit row (and the event): an alert version of rule ``rule``."""
         ms = int(started * 1000)
         done = self.clock()
         a = Alert(
-            id=alert_id(container, "restart", RESTART_RULE, ms), status="resolved",
-            identity=container, metric="restart", rule=RESTART_RULE, host=self.host,
+            id=alert_id(container, "restart", rule, ms), status="resolved",
+            identity=container, metric="restart", rule=rule, host=self.host,
             container_id=cid, started_ms=ms, updated_ms=int(done * 1000),
-            resolved_ms=int(done * 1000), observed=1.0, peak=1.0, expected=0.0,
+            resolved_ms=int(done * 1000), observed=float(rule == RESTART_RULE),
+            peak=float(rule == RESTART_RULE), expected=0.0,
             band_low=0.0, band_high=0.0, score=0.0, severity="warning",
-            explanation=f"restart_container (MCP, confirmed, allowed by "
-                        f"NETTEL_ACTIONS_CONTAINERS): {container} {what}",
+            explanation=f"restart_container ({by}): {container} {what}",
         )  # fmt: skip
         row: dict[str, Any] = msgspec.to_builtins(a) | {"partition": -1, "offset": -1}
         self.audit.append([row], {}, writer="nettel-mcp", topic="actions", epoch=0)

@@ -25,6 +25,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, Field, model_serializer
 
+from nettel.mcp.actions import ContainerActions, register_actions
 from nettel.mcp.answers import BUDGET_CHARS, page
 from nettel.mcp.server import CursorArg, Limit50, TelemetryServer, TimeframeArg, _answer
 from nettel.mcp.tools import Timeframe, _drop_none, iso, resolve_container, window
@@ -391,8 +392,10 @@ def _walk(edges: list[Edge], start: str, depth: int, *, upstream: bool) -> list[
     return out
 
 
-def build_health_server(tools: HealthTools) -> TelemetryServer:
-    """The ``health-check`` MCP server over ``tools``."""
+def build_health_server(tools: HealthTools,
+                        actions: ContainerActions | None = None) -> TelemetryServer:  # fmt: skip
+    """The ``health-check`` MCP server over ``tools``; with ``actions`` enabled, also the
+    acting tools shared with resource-monitor (:func:`~nettel.mcp.actions.register_actions`)."""
     from nettel import version
 
     server = TelemetryServer(SERVER_NAME, instructions=INSTRUCTIONS, as_of=tools.as_of,
@@ -433,4 +436,5 @@ def build_health_server(tools: HealthTools) -> TelemetryServer:
         that lost all their clients."""
         return await _answer(lambda: tools.incidents(since, limit, cursor))
 
+    register_actions(server, actions)
     return server

@@ -46,6 +46,7 @@ import polars as pl
 from nettel.detect.resources import KIND_METRICS
 from nettel.errors import QueryError
 from nettel.report.forecast import HOUR_MS, WEEKLY_MIN_HOURS, forecast_hourly, hourly_values
+from nettel.store.health import HealthTable
 from nettel.store.query import ContainerStats, TrafficQuery
 from nettel.store.resource_query import ResourceQuery, ResourceStats
 
@@ -255,6 +256,121 @@ class ResourceDay(msgspec.Struct, frozen=True, kw_only=True):
     alerts: list[Anomaly]
 
 
+class ContainerAvailability(msgspec.Struct, frozen=True, kw_only=True):
+    """One container's day: ``healthy_share`` of the time nettel observed it in the day
+    (running and not unhealthy), that time, the engine's restarts and nettel's."""
+
+    container: str
+    healthy_share: float
+    observed_s: int
+    restarts: int
+    restarted_by_nettel: int
+
+
+class DependencyChange(msgspec.Struct, frozen=True, kw_only=True):
+    """An edge ``client -> server:port`` that appeared (``new``) or vanished (``gone``)."""
+
+    change: Literal["new", "gone"]
+    at_ms: int
+    client: str
+    server: str
+    port: int
+
+
+class AvailabilityDay(msgspec.Struct, frozen=True, kw_only=True):
+    """The day's availability from the ``health`` table: the ``top_n`` least available
+    containers (lowest healthy share, then most restarts), and the dependency changes
+    (at most ``MAX_CHANGES``); ``available`` is False without health data."""
+
+    available: bool
+    note: str
+    containers: int
+    fully_healthy: int
+    least_available: list[ContainerAvailability]
+    dependency_changes: list[DependencyChange]
+
+
+#: How far before the day the state it begins in is looked for (the health watcher
+#: records each running container's state at least once a day).
+AVAILABILITY_LOOKBACK_MS: Final = 2 * 86_400_000
+#: The most dependency changes a report lists.
+MAX_CHANGES: Final = 50
+
+
+def availability_day(health: HealthTable | None, alerts: Sequence[AlertRecord] | None,
+                     start_ms: int, end_ms: int, now_ms: int,
+                     top_n: int = 10) -> AvailabilityDay:  # fmt: skip
+    """The availability section of [start, end): see :class:`AvailabilityDay`.
+
+    A container's time counts from its first record (or the day's start, when a record
+    before it says how it began) to the day's end (or ``now_ms``); each stretch has the
+    state of the record that began it. A container whose last record, before the day,
+    says it was not running is left out (stopped or removed). Restarts by nettel are
+    the audit rows of ``restart_container`` (the tool or a restart trigger).
+    """
+    lookback = start_ms - AVAILABILITY_LOOKBACK_MS
+    events = pl.DataFrame() if health is None else health.events(lookback)
+    stop = min(end_ms, now_ms)
+    by_nettel: dict[str, int] = {}
+    for a in alerts or ():
+        if a.rule == "restart_container" and start_ms <= a.started_ms < end_ms:
+            by_nettel[a.identity] = by_nettel.get(a.identity, 0) + 1
+    rows: list[ContainerAvailability] = []
+    if events.height:
+        frame = events.select(
+            "container", "kind", "status", "health",
+            (pl.col("ts").dt.epoch("ms")).alias("ms"),
+        ).filter(pl.col("ms") < stop)  # fmt: skip
+        for (name,), part in frame.group_by("container", maintain_order=True):
+            marks = part.sort("ms").iter_rows(named=True)
+            observed = healthy = 0
+            restarts = 0
+            state: tuple[int, bool] | None = None  # (since, healthy)
+            for r in marks:
+                if r["kind"] == "restart" and r["ms"] >= start_ms:
+                    restarts += 1
+                ok = r["status"] == "running" and r["health"] != "unhealthy"
+                if state is not None:
+                    lo, hi = max(state[0], start_ms), r["ms"]
+                    if hi > lo:
+                        observed += hi - lo
+                        healthy += (hi - lo) * state[1]
+                state = (r["ms"], ok)
+            if state is not None and stop > max(state[0], start_ms):
+                span = stop - max(state[0], start_ms)
+                observed += span
+                healthy += span * state[1]
+            gone = state is not None and state[0] < start_ms and not state[1]
+            if observed <= 0 or gone:  # nothing seen, or stopped before the day and since
+                continue
+            rows.append(ContainerAvailability(
+                container=str(name), healthy_share=round(healthy / observed, 4),
+                observed_s=observed // 1000, restarts=restarts,
+                restarted_by_nettel=by_nettel.get(str(name), 0)))  # fmt: skip
+    changes = [] if health is None else [
+        DependencyChange(change="new" if r["kind"] == "edge_new" else "gone",
+                         at_ms=int(r["ts"].timestamp() * 1000), client=r["container"],
+                         server=r["server"], port=int(r["port"]))
+        for r in health.dependency_changes(start_ms).iter_rows(named=True)
+        if r["ts"].timestamp() * 1000 < end_ms
+    ]  # fmt: skip
+    rows.sort(key=lambda c: (c.healthy_share, -c.restarts - c.restarted_by_nettel, c.container))
+    whole = sum(c.healthy_share >= 1 for c in rows)
+    if not rows:
+        note = "no health data for the day (the health roles of nettel up write it)"
+    else:
+        note = (f"{whole} of {len(rows)} containers healthy all the time observed; "
+                f"{sum(c.restarts for c in rows)} restarts by the engine, "
+                f"{sum(by_nettel.values())} by nettel; "
+                f"{len(changes)} dependency changes")  # fmt: skip
+    return AvailabilityDay(
+        available=bool(rows), note=note, containers=len(rows), fully_healthy=whole,
+        least_available=[c for c in rows if c.healthy_share < 1 or c.restarts
+                         or c.restarted_by_nettel][:top_n],
+        dependency_changes=changes[:MAX_CHANGES],
+    )  # fmt: skip
+
+
 class Anomalies(msgspec.Struct, frozen=True, kw_only=True):
     """The day's anomalies; ``available`` is False when no detection data was given."""
 
@@ -344,6 +460,8 @@ class DailyReport(msgspec.Struct, frozen=True, kw_only=True):
     forecast: Forecast
     #: None in reports written before the resources section
     resources: ResourceDay | None = None
+    #: None in reports written before the availability section
+    availability: AvailabilityDay | None = None
 
 
 def change_pct(value: float, before: float) -> float | None:
@@ -712,12 +830,14 @@ def build_daily_report(
     budgets: Mapping[str, float] | None = None,
     now_ms: int | None = None,
     resources: ResourceQuery | None = None,
+    health: HealthTable | None = None,
 ) -> DailyReport:
     """The report of calendar ``day`` in ``tz`` from the store behind ``query``.
 
     ``alerts``: alert records (any that overlap the day are listed; ``None``: no
     detection data). ``resources``: the resource tables' query (the resources section;
-    None: no resource data). ``budget_bytes_per_day``: every container's daily budget for the
+    None: no resource data). ``health``: the ``health`` table (the availability section;
+    None: no health data). ``budget_bytes_per_day``: every container's daily budget for the
     capacity line, ``budgets`` per container (overrides it). Forecasts cover the
     ``max_forecasts`` containers with the most bytes on the day.
     """
@@ -874,6 +994,14 @@ def build_daily_report(
             capacity=capacity,
         ),
         resources=resource_day(resources, alerts, start, end, top_n),
+        availability=availability_day(
+            health,
+            alerts,
+            start,
+            end,
+            time.time_ns() // 1_000_000 if now_ms is None else now_ms,
+            top_n,
+        ),
     )
 
 

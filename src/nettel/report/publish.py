@@ -37,6 +37,7 @@ from nettel.report.daily import (
 )
 from nettel.report.render import render_html, render_markdown
 from nettel.store.alerts import AlertTable
+from nettel.store.health import HealthTable
 from nettel.store.query import TrafficQuery
 from nettel.store.reports import ReportsTable
 from nettel.store.resource_query import ResourceQuery
@@ -229,6 +230,7 @@ def daily_report(
         budget_bytes_per_day=budget_bytes_per_day,
         budgets=budgets,
         resources=ResourceQuery(settings.data_dir),
+        health=HealthTable(f"{settings.data_dir.rstrip('/')}/health"),
     )
     files: dict[str, Path] = {}
     if write:

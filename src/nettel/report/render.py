@@ -179,6 +179,7 @@ def _tables(r: DailyReport) -> dict[str, Table]:
         ),
     }
     out |= _resource_tables(r)
+    out |= _availability_tables(r)
     if len(r.containers) > MAX_ROWS:
         more = len(r.containers) - MAX_ROWS
         out["containers"][1].append([f"... and {more} more (in the JSON report)"] + [""] * 7)
@@ -232,6 +233,25 @@ def _resource_tables(r: DailyReport) -> dict[str, Table]:
     }  # fmt: skip
 
 
+def _availability_tables(r: DailyReport) -> dict[str, Table]:
+    """The availability section: the least available containers, dependency changes."""
+    av = r.availability
+    if av is None:
+        return {"availability": ([], []), "dependency_changes": ([], [])}
+    return {
+        "availability": (
+            ["container", "healthy", "observed", "restarts (engine)", "restarts (nettel)"],
+            [[c.container, f"{c.healthy_share:.2%}", f"{c.observed_s / 3600:.1f} h",
+              f"{c.restarts:,}", f"{c.restarted_by_nettel:,}"] for c in av.least_available],
+        ),
+        "dependency_changes": (
+            ["at", "change", "client", "server:port"],
+            [[_when(d.at_ms, r.timezone), d.change, d.client, f"{d.server}:{d.port}"]
+             for d in av.dependency_changes],
+        ),
+    }  # fmt: skip
+
+
 def _md_table(table: Table, empty: str) -> str:
     header, rows = table
     if not rows:
@@ -253,6 +273,12 @@ _SECTIONS: list[tuple[str, str, str]] = [
         "resource_alerts",
         "no leak, OOM-kill or throttling alert during the day",
     ),
+    (
+        "Availability: least healthy containers and restarts",
+        "availability",
+        "every container observed was healthy all day, with no restart",
+    ),
+    ("Dependency changes", "dependency_changes", "no edge appeared or vanished"),
     ("Error and drop hot spots", "hot_spots", "no errors or drops"),
     ("Peak hours", "peak_hours", "no traffic on this day"),
     ("Trend, last 30 days (top containers)", "trend", "no traffic on this day"),
@@ -292,6 +318,8 @@ def render_markdown(r: DailyReport) -> str:
                 continue
         if key == "resources" and r.resources is not None:
             parts += [f"_{r.resources.note}_", ""]
+        if key == "availability" and r.availability is not None:
+            parts += [f"_{r.availability.note}_", ""]
         if key == "totals":
             parts += [_cost_line(r), ""]
         if key == "forecast":
@@ -364,6 +392,8 @@ def render_html(r: DailyReport) -> str:
                 continue
         if key == "resources" and r.resources is not None:
             parts.append(f"<p>{esc(r.resources.note)}</p>")
+        if key == "availability" and r.availability is not None:
+            parts.append(f"<p>{esc(r.availability.note)}</p>")
         if key == "totals":
             parts.append(f"<p>{esc(_cost_line(r))}</p>")
         if key == "forecast":

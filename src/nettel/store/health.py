@@ -5,8 +5,8 @@ with each source partition's next offset as a Delta app transaction in the same 
 (the rule of ``alerts``): a worker that restarts resumes where the table ends, so no
 record is lost or written twice. Partitioned by ``date`` and kept for
 ``NETTEL_RETENTION_HEALTH_DAYS`` by the maintenance pass (whole partitions), so it is
-bounded. Events (``kind`` other than ``edge``) and edges share the table; readers
-filter on ``kind``.
+bounded. Events, edges (``edge``) and the edges' changes (``edge_new``,
+``edge_gone``) share the table; readers filter on ``kind``.
 
 Examples
 --------
@@ -30,6 +30,8 @@ from nettel.models import HealthRecord
 from nettel.store.minute import writer_properties
 
 _TS = pl.Datetime("us", "UTC")
+#: The kinds of the dependency map's rows: its minutes and its changes.
+EDGE_KINDS = ("edge", "edge_new", "edge_gone")
 
 
 def health_schema() -> dict[str, pl.DataType]:
@@ -65,7 +67,7 @@ def health_rows_frame(rows: Sequence[tuple[HealthRecord, int, int]]) -> pl.DataF
                   "exit_code", "oom_killed", "output"):  # fmt: skip
             cols[k].append(getattr(r, k))
         for k in ("server", "port", "connections", "samples"):
-            cols[k].append(getattr(r, k) if edge else None)
+            cols[k].append(getattr(r, k) if r.kind in EDGE_KINDS else None)
     return pl.DataFrame(cols, schema=schema)
 
 
@@ -124,14 +126,21 @@ class HealthTable:
             (pl.col("date") >= since.strftime("%Y-%m-%d")) & (pl.col("ts") >= since)
         )
         kind = pl.col("kind")
-        frame = frame.filter(kind == "edge" if edges else kind != "edge")
-        if kinds is not None:
-            frame = frame.filter(kind.is_in(list(kinds)))
-        return frame.collect()
+        if kinds is not None:  # these kinds only
+            return frame.filter(kind.is_in(list(kinds))).collect()
+        return frame.filter(kind == "edge" if edges else ~kind.is_in(EDGE_KINDS)).collect()
 
     def events(self, since_ms: int, kinds: Sequence[str] | None = None) -> pl.DataFrame:
-        """Health events (every kind but ``edge``) at or after ``since_ms``, oldest first."""
+        """Health events (no edge kinds) at or after ``since_ms``, oldest first."""
         return self._scan(since_ms, kinds, edges=False).sort("ts", "container", "offset")
+
+    def dependency_changes(self, since_ms: int) -> pl.DataFrame:
+        """Edges that appeared (``edge_new``) or vanished (``edge_gone``) at or after
+        ``since_ms``, oldest first: ``kind``, ``ts``, ``container`` (the client),
+        ``server``, ``port``."""
+        changes = self._scan(since_ms, ["edge_new", "edge_gone"], edges=False)
+        return changes.sort("ts", "container", "offset").select("kind", "ts", "container",
+                                                                "server", "port")  # fmt: skip
 
     def edges(self, since_ms: int) -> pl.DataFrame:
         """Dependency edges seen since ``since_ms``, one row per (client, server, port):

@@ -7,12 +7,18 @@ also holds each partition's next offset (:class:`~nettel.store.health.HealthTabl
 and only then commits the offsets to Kafka. A restart resumes from the offsets stored
 in the table: nothing buffered is lost (it is read again), nothing written is written
 twice. Records that do not decode go to the dead-letter topic with the reason.
+
+``on_written``, if given, is called after every write pass (each tick, outside the
+write lock) with the records made durable since its last call, maybe none (the
+restart triggers: :func:`~nettel.cli.restart_triggers`, which also look at new alerts
+then); records written just before a crash are not seen again (a trigger is an act,
+not data: the next failed check fires it).
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 import msgspec
@@ -52,6 +58,7 @@ class HealthStreamWorker:
         seal_on_stop: bool = False,
         idle_timeout_s: float = 2.0,
         fresh_log: bool = False,
+        on_written: Callable[[list[HealthRecord]], Awaitable[None]] | None = None,
     ) -> None:
         self.bootstrap_servers = bootstrap_servers
         self.table = table
@@ -70,6 +77,8 @@ class HealthStreamWorker:
         self._written: set[tuple[int, int]] = set()
         self._dlq: Any = None
         self._flush_lock = asyncio.Lock()
+        self.on_written = on_written
+        self._unseen: list[HealthRecord] = []  # written, not yet shown to on_written
         self.runtime = ConsumerRuntime(
             bootstrap_servers, self,
             ConsumerSettings(group=group, topic=topic, tick_interval_s=flush_interval_s,
@@ -165,6 +174,12 @@ class HealthStreamWorker:
     async def _flush(self) -> None:
         async with self._flush_lock:
             await completed(self._flush_locked())
+        if self.on_written is not None:
+            records, self._unseen = self._unseen, []
+            try:
+                await self.on_written(records)
+            except Exception as e:  # an act that failed must not stop the writing
+                log.warning("health_on_written_failed", error=str(e))
 
     async def _flush_locked(self) -> None:
         rows = [r for p in self._rows for r in self._rows[p]]
@@ -178,6 +193,8 @@ class HealthStreamWorker:
         self._stored.update(points)
         self._written.update((self.epoch, p) for p in points)
         self.written += len(rows)
+        if self.on_written is not None:
+            self._unseen.extend(r for r, _, _ in rows)
         metrics.ROWS_WRITTEN.labels("health").inc(len(rows))
         await self.runtime.commit(points)
 
