@@ -21,7 +21,7 @@ At the end it stops nettel with SIGTERM and writes bench/results/soak.json (``--
 with every sample, each series' growth per hour after the warm-up (least squares),
 whether each long-lived process's RSS stayed within +-15 % of its post-warm-up median
 (over every 5-s sample), the state tables' growth once their vacuum window has passed
-(1 h + one maintenance interval: the plateau), and a 30-day disk projection for 100
+(10 min + one maintenance interval: the plateau), and a 30-day disk projection for 100
 containers: per data table, the growth of its live files (those of its current
 snapshot) per container-hour, times 100 containers, 24 h and the days the table keeps
 (at most 30), plus what awaited vacuum at the end; the state tables as they ended,
@@ -71,7 +71,7 @@ RSS_BAND = 0.15
 #: the name of a maintenance pass's process in the RSS samples
 MAINTENANCE = "maintenance"
 #: state tables keep removed files this long (their vacuum window), in seconds
-STATE_VACUUM_S = 3600
+STATE_VACUUM_S = 600
 
 
 def children(pid: int) -> list[int]:

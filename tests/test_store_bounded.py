@@ -21,7 +21,7 @@ from nettel.detect.fleet import FleetDetector
 from nettel.ingest.simulate import TrafficSimulator
 from nettel.models import ReplayPoint, StatEvent
 from nettel.store.alerts import DetectState, DetectStateTable, FeedbackTable
-from nettel.store.bands import BandTable
+from nettel.store.bands import STATE_TABLE_CONFIGURATION, BandTable
 from nettel.store.maintenance import TABLE_RULES, maintain_table
 from nettel.store.minute import MinuteTable, PartitionPoint
 from nettel.store.reports import ReportsTable
@@ -134,6 +134,45 @@ async def test_ticks_merge_bands_only_every_bands_interval(tmp_path: Path) -> No
     feed(chunks[3])
     await worker.finish()
     assert DeltaTable(f"{data}/bands").version() == 1, "a stop writes the bands"
+
+
+async def test_the_detector_vacuums_its_state_every_few_checkpoints(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Between maintenance passes (an hour by default) ``detect_state`` stays bounded:
+    every ``state_vacuum_every`` checkpoints the detector deletes the files its
+    checkpoints replaced more than the table's window ago (minutes; none here), so the
+    table holds its live files and at most the last checkpoints' ones. A tick with
+    nothing changed commits nothing, a vacuum included."""
+    monkeypatch.setitem(STATE_TABLE_CONFIGURATION, "delta.deletedFileRetentionDuration",
+                        "interval 0 seconds")  # fmt: skip
+    data = str(tmp_path)
+    uri = f"{data}/detect_state"
+    worker = DetectWorker("127.0.0.1:1", data, checkpoint_interval_s=0.1,
+                          bands_interval_s=3600.0, state_vacuum_every=3)  # fmt: skip
+    parts = [_Partition(FleetDetector(), 0, 0) for _ in range(2)]
+    worker._parts = dict(enumerate(parts))
+    events = list(TrafficSimulator(4, seed=3, interval_ms=60_000).events(1_795_392_000_000,
+                                                                       3_600_000))  # fmt: skip
+    for i in range(12):
+        for part in parts:
+            for ev in events[i * 20 : (i + 1) * 20]:
+                part.fleet.process(ev)
+                part.next_offset += 1
+            part.changed = True
+        await worker.tick()
+        files, size = on_disk(uri)
+        # each checkpoint replaces 2 files: at most 2 checkpoints' since the last vacuum
+        assert files <= 2 + 2 * ((i + 1) % 3), (i, files)
+        if i % 3 == 2:
+            assert (files, size) == (2, live_bytes(uri)), "a vacuum left replaced files"
+    assert worker.stats.checkpoints == 12
+    version = DeltaTable(uri).version()
+    for _ in range(4):  # idle ticks: no checkpoint, no vacuum
+        await worker.tick()
+    assert DeltaTable(uri).version() == version
+    states = DetectStateTable(uri).load([0, 1])
+    assert {p: s.next_offset for p, s in states.items()} == {0: 240, 1: 240}
 
 
 def test_feedback_reports_and_bands_lose_only_expired_rows(tmp_path: Path) -> None:
