@@ -1,11 +1,13 @@
 """Every table stays bounded: the detector's state tables hold what a restart needs after
-many checkpoints and a maintenance pass, and an idle service commits nothing (neither
-the detector nor maintenance)."""
+many checkpoints (the detector vacuums ``detect_state`` itself) and a maintenance pass,
+and an idle service commits nothing (neither the stream worker, the detector nor
+maintenance)."""
 
 from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import time
 from pathlib import Path
 
 import polars as pl
@@ -14,7 +16,7 @@ from deltalake import DeltaTable
 
 from conftest import wait_for
 from nettel.broker import EmbeddedBroker, ensure_topics
-from nettel.cli import maintenance_plan
+from nettel.cli import maintenance_plan, make_stream
 from nettel.config import Settings
 from nettel.detect.checkpoint import decode_checkpoint
 from nettel.detect.fleet import FleetDetector
@@ -37,6 +39,24 @@ def versions(data: str) -> dict[str, int]:
     return {name: DeltaTable(f"{data}/{name}").version() for name in STATE_TABLES}
 
 
+def service_versions(data: str) -> dict[str, int]:
+    """The version of every table the stream worker and the detector have written."""
+    return {p.name: DeltaTable(str(p)).version() for p in Path(data).iterdir()
+            if (p / "_delta_log").is_dir()}  # fmt: skip
+
+
+async def settled(data: str, quiet_s: float = 1.0) -> dict[str, int]:
+    """The tables' versions once none has changed for ``quiet_s`` (five flush, roll and
+    checkpoint intervals: a job committing at every one of them never settles)."""
+    seen, since = service_versions(data), time.monotonic()
+    while time.monotonic() - since < quiet_s:
+        await asyncio.sleep(0.1)
+        now = service_versions(data)
+        if now != seen:
+            seen, since = now, time.monotonic()
+    return seen
+
+
 def on_disk(uri: str) -> tuple[int, int]:
     """Parquet files and their bytes under a table's folder (live or not)."""
     files = [p for p in Path(uri).rglob("*.parquet") if "_delta_log" not in p.parts]
@@ -48,7 +68,7 @@ def live_bytes(uri: str) -> int:
 
 
 @pytest.mark.broker
-async def test_state_tables_stay_bounded_and_an_idle_detector_commits_nothing(
+async def test_state_tables_stay_bounded_and_an_idle_service_commits_nothing(
     broker: EmbeddedBroker, tmp_path: Path
 ) -> None:
     bootstrap = broker.bootstrap_servers
@@ -60,8 +80,15 @@ async def test_state_tables_stay_bounded_and_an_idle_detector_commits_nothing(
     data = str(tmp_path)
     # bands at every checkpoint too (default: every 5 minutes), so both tables churn
     worker = DetectWorker(bootstrap, data, checkpoint_interval_s=0.2, bands_interval_s=0.0)
+    # the stream worker as `nettel up` builds it (samples, minute, hour, day, directory),
+    # flushing and rolling every 0.2 s: idle, it must commit nothing either
+    settings = Settings.from_env({"NETTEL_DATA_DIR": data, "NETTEL_FLUSH_INTERVAL_S": "0.2",
+                                  "NETTEL_ROLLUP_INTERVAL_S": "0.2",
+                                  "NETTEL_WINDOW_GRACE_S": "0"})  # fmt: skip
+    stream = make_stream(settings, bootstrap)
     stop = asyncio.Event()
     task = asyncio.create_task(worker.run(stop))
+    stream_task = asyncio.create_task(stream.run(stop))
     chunks = 8
     for i in range(chunks):  # traffic in bursts: a checkpoint after each
         part = events[i * len(events) // chunks : (i + 1) * len(events) // chunks]
@@ -71,14 +98,18 @@ async def test_state_tables_stay_bounded_and_an_idle_detector_commits_nothing(
         checkpoints = worker.stats.checkpoints
         await wait_for(lambda: worker.stats.checkpoints > checkpoints, 30, "a checkpoint")  # noqa: B023
     assert worker.stats.alerts_published, "the spikes raised no alert"
-    before, checkpoints = versions(data), worker.stats.checkpoints
+    # every window closed (the last ones by the wall clock: the events are days old)
+    windows = len({(e.identity, e.ts_ms // 60_000) for e in events})
+    await wait_for(lambda: stream.stats.windows_written == windows, 60, "every window")
+    before, checkpoints = service_versions(data), worker.stats.checkpoints
     assert before["detect_state"] >= chunks - 1
-    await asyncio.sleep(2.0)  # ten checkpoint intervals with nothing to read
-    assert versions(data) == before, "an idle detector committed"
+    before = await settled(data)  # a roll of the last flush may still be on its way
+    await asyncio.sleep(2.0)  # ten flush, roll and checkpoint intervals with nothing to read
+    assert service_versions(data) == before, "an idle service committed"
     assert worker.stats.checkpoints == checkpoints
     stop.set()
-    await asyncio.wait_for(task, 30)
-    assert versions(data) == before, "a stop with nothing new committed"
+    await asyncio.wait_for(asyncio.gather(task, stream_task), 30)
+    assert versions(data) == {t: before[t] for t in STATE_TABLES}, "a stop committed"
 
     # a maintenance pass (an hour later: vacuum with no retention) leaves what a restart
     # needs: one file per partition of detect_state, and nothing not live in any table
