@@ -16,7 +16,7 @@ from deltalake import DeltaTable
 
 from conftest import wait_for
 from nettel.broker import EmbeddedBroker, ensure_topics
-from nettel.cli import maintenance_plan, make_stream
+from nettel.cli import cmd_store_maintain, maintenance_plan, make_stream
 from nettel.config import Settings
 from nettel.detect.checkpoint import decode_checkpoint
 from nettel.detect.fleet import FleetDetector
@@ -270,3 +270,20 @@ def test_detect_state_of_the_earlier_layout_is_replaced_whole(tmp_path: Path) ->
     assert {p: s.next_offset for p, s in table.load([0, 1]).items()} == {0: 9}
     table.save([DetectState(1, 0, 7, 0, -1, b"NTCK\x01")])
     assert {p: s.next_offset for p, s in table.load([0, 1]).items()} == {0: 9, 1: 7}
+
+
+async def test_a_maintenance_pass_deletes_the_files_of_expired_reports(tmp_path: Path) -> None:
+    """The report files beside ``reports_table`` go with its retention (a pass of
+    ``nettel store maintain``, as ``nettel up`` runs it, on a data dir without tables)."""
+    folder = tmp_path / "reports"
+    folder.mkdir()
+    today = dt.datetime.now(dt.UTC).date()
+    days = [(today - dt.timedelta(days=n)).isoformat() for n in (401, 1)]
+    for day in days:
+        for fmt in ("json", "md", "html"):
+            (folder / f"{day}.{fmt}").write_text("report")
+    settings = Settings.from_env({"NETTEL_DATA_DIR": str(tmp_path)})
+    assert settings.retention_reports_days == 400
+    assert await cmd_store_maintain(settings) == 0
+    assert sorted(p.name for p in folder.iterdir()) == [f"{days[1]}.{f}" for f in
+                                                        ("html", "json", "md")]  # fmt: skip
