@@ -22,9 +22,10 @@ from conftest import (
     wait_for,
 )
 from nettel.broker import EmbeddedBroker
+from nettel.errors import SampleError
 from nettel.ingest import procfs
 from nettel.ingest.sampler import Sampler
-from nettel.ingest.sources import EngineSource, SampleError
+from nettel.ingest.sources import EngineSource
 from nettel.ingest.units import Unit
 from nettel.models import StatEvent
 
