@@ -363,6 +363,18 @@ def analyse(samples: list[dict[str, Any]], warmup_s: float, containers: int,
                     "awaiting_vacuum_flat": bool(extra_mean)
                     and abs(extra_slope) <= 0.10 * extra_mean,
                 }
+                # the same in copies of the live snapshot: what the vacuum window holds
+                # (window / checkpoint interval), flat even while each copy grows
+                live_at = dict(live)
+                copies = [(ts, v / live_at[ts]) for ts, v in extra if live_at[ts] > 0]
+                if copies:
+                    copies_mean = statistics.fmean(v for _, v in copies)
+                    copies_slope = slope_per_hour(copies) or 0.0
+                    state[t] |= {
+                        "plateau_copies_awaiting_vacuum_mean": round(copies_mean, 1),
+                        "plateau_copies_awaiting_vacuum_per_h": round(copies_slope, 1),
+                        "copies_flat": abs(copies_slope) <= 0.10 * copies_mean,
+                    }
     disk: dict[str, Any] = {"after_warmup_bytes_per_h": slope_per_hour(
         [(s["t_s"], float(s["disk_bytes"])) for s in after if "disk_bytes" in s])}  # fmt: skip
     if long_enough:
