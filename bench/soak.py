@@ -21,7 +21,7 @@ At the end it stops nettel with SIGTERM and writes bench/results/soak.json (``--
 with every sample, each series' growth per hour after the warm-up (least squares),
 whether each long-lived process's RSS stayed within +-15 % of its post-warm-up median
 (over every 5-s sample), the state tables' growth once their vacuum window has passed
-(1 h + one maintenance interval: the plateau), and a 30-day disk projection for 100
+(10 min + one maintenance interval: the plateau), and a 30-day disk projection for 100
 containers: per data table, the growth of its live files (those of its current
 snapshot) per container-hour, times 100 containers, 24 h and the days the table keeps
 (at most 30), plus what awaited vacuum at the end; the state tables as they ended,
@@ -66,12 +66,14 @@ from common import write_result
 
 NETTEL = str(Path(sys.executable).with_name("nettel"))
 #: tables of data that grows with the time retained; every other table holds state
-DATA_TABLES = ("samples", "minute", "hour", "day", "alerts")
+DATA_TABLES = ("samples", "minute", "hour", "day", "alerts",
+               "resource_minute", "resource_hour", "resource_day")  # fmt: skip
 RSS_BAND = 0.15
 #: the name of a maintenance pass's process in the RSS samples
 MAINTENANCE = "maintenance"
-#: state tables keep removed files this long (their vacuum window), in seconds
-STATE_VACUUM_S = 3600
+#: state tables keep removed files this long (their vacuum window), in seconds: the
+#: ``delta.deletedFileRetentionDuration`` of STATE_TABLE_CONFIGURATION
+STATE_VACUUM_S = 600
 
 
 def children(pid: int) -> list[int]:
@@ -293,7 +295,8 @@ def maintenance_passes(log_lines: list[str], rss_samples: list[dict[str, Any]]) 
 
 def analyse(samples: list[dict[str, Any]], warmup_s: float, containers: int,
             settings: Settings, rss_samples: list[dict[str, Any]] | None = None,
-            log_lines: list[str] | None = None) -> dict[str, Any]:  # fmt: skip
+            log_lines: list[str] | None = None,
+            state_vacuum_s: float = STATE_VACUUM_S) -> dict[str, Any]:  # fmt: skip
     """Growth per hour after warm-up, RSS bands, the state tables' plateau, and the 30-day
     projection. Without ``rss_samples`` (a result of an older soak), the per-minute RSS."""
     after = [s for s in samples if s["t_s"] >= warmup_s]
@@ -306,7 +309,10 @@ def analyse(samples: list[dict[str, Any]], warmup_s: float, containers: int,
         growth[t]["end"] = last
     keep_days = {"samples": settings.retention_samples_days,
                  "minute": settings.retention_minute_days, "hour": settings.retention_hour_days,
-                 "day": settings.retention_day_days, "alerts": 0}  # fmt: skip
+                 "day": settings.retention_day_days, "alerts": 0,
+                 "resource_minute": settings.retention_minute_days,
+                 "resource_hour": settings.retention_hour_days,
+                 "resource_day": settings.retention_day_days}  # fmt: skip
     projected: dict[str, float] = {}
     for t in tables:
         end = growth[t]["end"] or {}
@@ -322,7 +328,7 @@ def analyse(samples: list[dict[str, Any]], warmup_s: float, containers: int,
             projected[t] = end.get("bytes", 0) * scale
     # the plateau: once removed files older than the vacuum window have gone (and one
     # more maintenance pass), a state table's bytes on disk stay flat
-    plateau_s = STATE_VACUUM_S + settings.maintenance_interval_s
+    plateau_s = state_vacuum_s + settings.maintenance_interval_s
     late = [s for s in samples if s["t_s"] >= plateau_s]
     long_enough = len(late) >= 10
     state: dict[str, Any] = {}
@@ -341,6 +347,34 @@ def analyse(samples: list[dict[str, Any]], warmup_s: float, containers: int,
             state[t] |= {"plateau_bytes_mean": round(mean), "plateau_bytes_per_h": round(slope),
                          "plateau_min_max": [min(sizes), max(sizes)] if sizes else None,
                          "flat": bool(mean) and abs(slope) <= 0.10 * mean}  # fmt: skip
+            # what the table holds beyond its current snapshot (files awaiting vacuum):
+            # flat once the vacuum keeps up, even while the live state itself still grows
+            live = series(late, "tables", t, "live_bytes")
+            if live:
+                by_t = dict(series(late, "tables", t, "bytes"))
+                extra = [(ts, by_t[ts] - v) for ts, v in live if ts in by_t]
+                extra_mean = statistics.fmean(v for _, v in extra) if extra else 0.0
+                extra_slope = slope_per_hour(extra) or 0.0
+                state[t] |= {
+                    "plateau_live_bytes_per_h": round(slope_per_hour(live) or 0.0),
+                    "plateau_live_min_max": [min(v for _, v in live), max(v for _, v in live)],
+                    "plateau_awaiting_vacuum_mean": round(extra_mean),
+                    "plateau_awaiting_vacuum_per_h": round(extra_slope),
+                    "awaiting_vacuum_flat": bool(extra_mean)
+                    and abs(extra_slope) <= 0.10 * extra_mean,
+                }
+                # the same in copies of the live snapshot: what the vacuum window holds
+                # (window / checkpoint interval), flat even while each copy grows
+                live_at = dict(live)
+                copies = [(ts, v / live_at[ts]) for ts, v in extra if live_at[ts] > 0]
+                if copies:
+                    copies_mean = statistics.fmean(v for _, v in copies)
+                    copies_slope = slope_per_hour(copies) or 0.0
+                    state[t] |= {
+                        "plateau_copies_awaiting_vacuum_mean": round(copies_mean, 1),
+                        "plateau_copies_awaiting_vacuum_per_h": round(copies_slope, 1),
+                        "copies_flat": abs(copies_slope) <= 0.10 * copies_mean,
+                    }
     disk: dict[str, Any] = {"after_warmup_bytes_per_h": slope_per_hour(
         [(s["t_s"], float(s["disk_bytes"])) for s in after if "disk_bytes" in s])}  # fmt: skip
     if long_enough:
@@ -448,6 +482,7 @@ def soak(args: argparse.Namespace, data_dir: str) -> dict[str, Any]:
         "maintenance_interval_s": args.maintenance_s,
         "detect_checkpoint_s": args.checkpoint_s,
         "rollup_interval_s": args.rollup_s,
+        "state_vacuum_s": STATE_VACUUM_S,
         "up_exit_code": up.returncode,
         "error_log_lines": len(errors),
         "first_errors": errors[:5],
@@ -460,8 +495,9 @@ def soak(args: argparse.Namespace, data_dir: str) -> dict[str, Any]:
 
 #: what a soak's result keeps of its run (the rest is the analysis, recomputed)
 RUN_KEYS = ("minutes", "containers_simulated", "sample_interval_s", "maintenance_interval_s",
-            "detect_checkpoint_s", "rollup_interval_s", "up_exit_code", "error_log_lines",
-            "first_errors", "samples", "rss_samples", "maintenance_log")  # fmt: skip
+            "detect_checkpoint_s", "rollup_interval_s", "state_vacuum_s", "up_exit_code",
+            "error_log_lines", "first_errors", "samples", "rss_samples",
+            "maintenance_log")  # fmt: skip
 
 
 def reanalyse(path: str) -> None:
@@ -473,7 +509,8 @@ def reanalyse(path: str) -> None:
     )
     warmup = min(600.0, run["minutes"] * 60 / 3)
     figures = analyse(run["samples"], warmup, run["containers_simulated"], settings,
-                      run.get("rss_samples"), run.get("maintenance_log"))  # fmt: skip
+                      run.get("rss_samples"), run.get("maintenance_log"),
+                      run.get("state_vacuum_s", STATE_VACUUM_S))  # fmt: skip
     kept = ("samples", "rss_samples", "maintenance_log")
     doc["figures"] = {k: v for k, v in run.items() if k not in kept}
     doc["figures"] |= figures | {k: run[k] for k in kept if k in run}

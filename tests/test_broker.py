@@ -16,6 +16,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from structlog.testing import capture_logs
 
 from conftest import free_port, require, wait_for
+from nettel import broker as broker_module
 from nettel.broker import (
     EPOCH_HEADER,
     BrokerRotation,
@@ -141,14 +142,26 @@ async def test_rotation_replaces_the_broker_and_loses_no_event(tmp_path: Path) -
     assert int((tmp_path / "epoch").read_text()) == broker.epoch
 
 
-async def test_a_second_start_gets_the_next_epoch(tmp_path: Path) -> None:
+async def test_a_second_start_gets_the_next_epoch_and_a_full_log_is_moved_aside(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each start takes the next epoch; the broker log (appended to across starts) is
+    moved to ``broker.log.1`` once past its bound, so it holds at most two files."""
+    monkeypatch.setattr(broker_module, "BROKER_LOG_MAX_BYTES", 512)
+    log = tmp_path / "logs" / "broker.log"
+    log.parent.mkdir()
+    log.write_bytes(b"an earlier run's lines\n" * 30)
     epochs = []
     for _ in range(2):
-        b = EmbeddedBroker(free_port(), epoch_path=tmp_path / "epoch")
+        b = EmbeddedBroker(free_port(), epoch_path=tmp_path / "epoch", log_path=log)
         await b.start()
         epochs.append(b.epoch)
         await b.stop()
     assert epochs[1] == epochs[0] + 1
+    assert sorted(p.name for p in log.parent.iterdir()) == ["broker.log", "broker.log.1"]
+    assert log.with_name("broker.log.1").read_bytes().startswith(b"an earlier run's")
+    assert b"an earlier run's" not in log.read_bytes()
+    assert log.read_bytes().count(b"tansu broker") == 2  # under the bound: appended
 
 
 def tansu_processes_advertising(port: int) -> list[int]:

@@ -136,6 +136,35 @@ def process_start_ticks(pid: int) -> int | None:
         return None
 
 
+#: The broker log is moved aside (``<name>.1``, replacing the previous one) once past
+#: this size when a Tansu starts (at ``nettel up`` and at each rotation): two files.
+BROKER_LOG_MAX_BYTES = 8 << 20
+
+
+def rotate_log(path: str | os.PathLike[str], max_bytes: int) -> bool:
+    """Move the file at ``path`` to ``<path>.1`` (replacing it) when it holds more than
+    ``max_bytes``; whether it was moved.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> log = Path(tempfile.mkdtemp()) / "broker.log"
+    >>> _ = log.write_bytes(b"x" * 10)
+    >>> rotate_log(log, 10), rotate_log(log, 5), log.exists()
+    (False, True, False)
+    >>> log.with_name("broker.log.1").read_bytes()
+    b'xxxxxxxxxx'
+    """
+    target = Path(path)
+    try:
+        if target.stat().st_size <= max_bytes:
+            return False
+        target.replace(target.with_name(target.name + ".1"))
+    except OSError:
+        return False
+    return True
+
+
 def reap_orphan_broker(pid_path: str | os.PathLike[str]) -> int | None:
     """Kill the Tansu broker an earlier nettel left running (its PID file says which).
 
@@ -290,10 +319,20 @@ class EmbeddedBroker:
         return 0 if self._tansu is None else process_rss_bytes(self._tansu.proc.pid)
 
     def _out(self) -> IO[bytes] | int:
-        if self.log_path is not None and self._log_file is None:
+        """The broker log for a Tansu about to start: moved aside first when it outgrew
+        :data:`BROKER_LOG_MAX_BYTES` (:func:`rotate_log`)."""
+        if self.log_path is None:
+            return subprocess.DEVNULL
+        if self._log_file is not None and os.fstat(self._log_file.fileno()).st_size > (
+            BROKER_LOG_MAX_BYTES
+        ):
+            self._log_file.close()  # a running Tansu keeps writing to its own descriptor
+            self._log_file = None
+        if self._log_file is None:
             Path(self.log_path).parent.mkdir(parents=True, exist_ok=True)
+            rotate_log(self.log_path, BROKER_LOG_MAX_BYTES)
             self._log_file = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
-        return self._log_file or subprocess.DEVNULL
+        return self._log_file
 
     def _next_epoch(self) -> int:
         epoch = self.epoch + 1

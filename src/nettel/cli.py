@@ -1364,7 +1364,9 @@ def peak_rss_bytes() -> int:
 
 
 async def cmd_store_maintain(settings: Settings) -> int:
-    """Retention, compaction and vacuum of every table, with a progress bar on a terminal.
+    """Retention, compaction and vacuum of every table, with a progress bar on a terminal;
+    then the report files (``reports/<date>.*``) of days the ``reports`` table no longer
+    keeps are deleted (a local data dir).
 
     A table that fails is logged and the others are still maintained (exit code 1). On
     SIGTERM or SIGINT the table under way is finished and the rest left for the next
@@ -1398,6 +1400,13 @@ async def cmd_store_maintain(settings: Settings) -> int:
             bar.advance(max(0, 3 - steps), f"{name}: done")
             _log_maintained(report, time.monotonic() - started)
             done.append(name)
+    if "://" not in settings.data_dir and not stop.is_set():
+        from nettel.store.reports import prune_report_files
+
+        folder = os.path.join(settings.data_dir, "reports")  # the files beside reports_table
+        pruned = prune_report_files(folder, settings.retention_reports_days)
+        if pruned:
+            log.info("report_files_pruned", files=pruned, keep_days=settings.retention_reports_days)
     seconds = round(time.monotonic() - began, 2)
     log.info("store_maintenance_done", tables=len(done), failed=failed, stopped=stop.is_set(),
              seconds=seconds, peak_rss_bytes=peak_rss_bytes())  # fmt: skip

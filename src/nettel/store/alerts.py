@@ -34,6 +34,7 @@ from deltalake.exceptions import TableNotFoundError
 
 from nettel.store.bands import STATE_TABLE_CONFIGURATION, state_writer_properties
 from nettel.store.minute import writer_properties
+from nettel.store.vacuum import ensure_properties, vacuum
 
 _TS = pl.Datetime("us", "UTC")
 
@@ -291,14 +292,29 @@ class DetectStateTable:
 
     Partitioned by ``partition``: a checkpoint rewrites only the files of the partitions
     it saves, and two workers (owning different partitions) never rewrite the same
-    file. Old versions are removed by maintenance (vacuum after an hour, logs after a
-    day: :data:`~nettel.store.bands.STATE_TABLE_CONFIGURATION`). A table of the earlier
+    file. Its replaced files go at a vacuum (:meth:`vacuum`: the detector's, every few
+    checkpoints, and maintenance's) once older than the table's
+    ``delta.deletedFileRetentionDuration``, minutes
+    (:data:`~nettel.store.bands.STATE_TABLE_CONFIGURATION`). A table of the earlier
     layout (one file for every partition) is replaced whole at the first save.
     """
 
     def __init__(self, uri: str, *, storage_options: dict[str, str] | None = None) -> None:
         self.uri = uri
         self.storage_options = storage_options
+
+    def vacuum(self) -> int:
+        """Delete the files replaced more than the table's retention ago, and its expired
+        logs; how many files went. A table with none to delete commits nothing; one with
+        the log settings of an earlier version gets the current ones (one commit)."""
+        try:
+            table = DeltaTable(self.uri, storage_options=self.storage_options)
+        except TableNotFoundError:
+            return 0
+        ensure_properties(table, STATE_TABLE_CONFIGURATION)
+        removed = vacuum(table, self.uri, None)
+        table.cleanup_metadata()
+        return removed
 
     def save(self, states: Sequence[DetectState]) -> None:
         """Replace the rows of ``states``' partitions in one commit (none: no commit)."""

@@ -44,12 +44,13 @@ WEEK_SLOTS: Final = 168
 #: Rows of a container not rewritten for this long are dropped by maintenance (each
 #: live slot changes at least once a week, when its hour comes round).
 BANDS_RETENTION_DAYS: Final = 35
-#: Delta settings of the state tables (``bands``, ``detect_state``): a restart needs
-#: only the latest version, so old files and logs go after hours, not days.
+#: Delta settings of the state tables (``bands``, ``detect_state``, ``directory``): a
+#: restart needs only the latest version, and a reader's snapshot lives for seconds, so
+#: removed files go after minutes (vacuum honours it) and logs after an hour.
 STATE_TABLE_CONFIGURATION: Final = {
     "delta.checkpointInterval": "100",
-    "delta.logRetentionDuration": "interval 1 days",
-    "delta.deletedFileRetentionDuration": "interval 1 hours",
+    "delta.logRetentionDuration": "interval 1 hours",
+    "delta.deletedFileRetentionDuration": "interval 10 minutes",
 }
 _TS = pl.Datetime("us", "UTC")
 

@@ -19,13 +19,12 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import os
 import shutil
-import threading
 import time
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 from urllib.parse import unquote
 
@@ -46,6 +45,7 @@ from nettel.store.directory import DIRECTORY_RETENTION_DAYS
 from nettel.store.minute import round_rates, writer_properties
 from nettel.store.resources import RESOURCE_ROLLUP
 from nettel.store.rollup import DAY_MS, HOUR_MS, NETWORK_ROLLUP, RollupSpec, rollup_frame
+from nettel.store.vacuum import ensure_properties, vacuum
 
 #: Window tables whose partitions maintenance rewrites into one ordered file, and the
 #: period their partial rows are merged to (None: rows kept as they are).
@@ -59,6 +59,8 @@ WINDOW_SPECS: Mapping[str, RollupSpec] = dict.fromkeys(
 )
 #: File-name prefix of a partition's rewritten file (one per partition after a rewrite).
 LAYOUT_PREFIX = "sorted-"
+#: Folder-name prefix of a rewrite's staging table (beside the table's files).
+STAGING_PREFIX = "_nettel_rewrite_"
 #: Rows are ordered by (hour, container, ts): row groups of about this many rows then
 #: cover a few hours each, so a range's edges read a row group, not the whole day.
 ROW_GROUP_ROWS = 32_768
@@ -88,19 +90,22 @@ class TableRule:
     ``"column"`` deletes the rows whose ``column`` (a timestamp or a ``YYYY-MM-DD``
     string) is before it, or with ``group``, every row of a ``group`` value (e.g. a
     container) none of whose rows is newer; ``"none"``: the table replaces its rows
-    itself (state).
+    itself (state). ``vacuum_retention_hours``: how long removed files are kept (None:
+    the table's own ``delta.deletedFileRetentionDuration``, minutes for state tables).
     """
 
     retention: Literal["partition", "column", "none"]
     column: str = ""
-    vacuum_retention_hours: int = 6
+    vacuum_retention_hours: int | None = 6
     properties: Mapping[str, str] = field(default_factory=lambda: dict(DATA_TABLE_PROPERTIES))
     group: str = ""
 
 
 #: Every table nettel writes and how it is kept bounded. State tables (``detect_state``,
-#: ``bands``) hold only what a restart or a reader needs now: their old files are
-#: vacuumed after an hour (a reader's snapshot lives for seconds), their logs after a day.
+#: ``bands``, ``directory``) hold only what a restart or a reader needs now: their old
+#: files are vacuumed after the minutes of their ``delta.deletedFileRetentionDuration``
+#: (a reader's snapshot lives for seconds), their logs after an hour
+#: (:data:`~nettel.store.bands.STATE_TABLE_CONFIGURATION`).
 TABLE_RULES: Mapping[str, TableRule] = {
     "samples": TableRule("partition"),
     "minute": TableRule("partition"),
@@ -110,10 +115,10 @@ TABLE_RULES: Mapping[str, TableRule] = {
     "alert_feedback": TableRule("column", "ts"),
     "reports_table": TableRule("column", "date"),
     # a container's constant slots never change: only a container gone as a whole goes
-    "bands": TableRule("column", "updated", 1, STATE_TABLE_CONFIGURATION, group="container"),
-    "detect_state": TableRule("none", "", 1, STATE_TABLE_CONFIGURATION),
+    "bands": TableRule("column", "updated", None, STATE_TABLE_CONFIGURATION, group="container"),
+    "detect_state": TableRule("none", "", None, STATE_TABLE_CONFIGURATION),
     # one row per container, merged: a container unseen for the retention goes
-    "directory": TableRule("column", "last_seen", 1, STATE_TABLE_CONFIGURATION),
+    "directory": TableRule("column", "last_seen", None, STATE_TABLE_CONFIGURATION),
     "resource_minute": TableRule("partition"),
     "resource_hour": TableRule("partition"),
     "resource_day": TableRule("partition"),
@@ -161,7 +166,7 @@ def maintain_table(
     except TableNotFoundError:
         return report
     report.files_before = len(table.file_uris())
-    _ensure_properties(table, rule.properties)
+    ensure_properties(table, rule.properties)
     if retention_days is not None and rule.retention != "none":
         today = today or dt.datetime.now(dt.UTC).date()
         cutoff = (today - dt.timedelta(days=retention_days)).isoformat()
@@ -178,6 +183,7 @@ def maintain_table(
             report.rows_deleted = _delete_before(table, rule.column, cutoff, rule.group)
     say(f"{name}: compacting")
     if name in LAYOUT_TABLES:
+        remove_stale_staging(uri.removeprefix("file://"))
         report.partitions_rewritten = rewrite_partitions(
             table, uri.removeprefix("file://"), name, storage_options
         )
@@ -199,14 +205,6 @@ def _writer_props(name: str) -> WriterProperties:
     if name == "alerts":
         return writer_properties(alerts_schema())
     return writer_properties(WINDOW_SPECS.get(name, NETWORK_ROLLUP).schema())
-
-
-def _ensure_properties(table: DeltaTable, wanted: Mapping[str, str]) -> None:
-    """Set the table's log settings where they differ (one commit, the first time only)."""
-    have = table.metadata().configuration
-    missing = {k: v for k, v in wanted.items() if have.get(k) != v}
-    if missing:
-        table.alter.set_table_properties(missing)
 
 
 def _delete_before(table: DeltaTable, column: str, cutoff: str, group: str = "") -> int:
@@ -235,36 +233,6 @@ def _delete_before(table: DeltaTable, column: str, cutoff: str, group: str = "")
     return int(expired)
 
 
-#: Per table URI, the files a vacuum of a remote table last deleted (a remote store
-#: has no cheap existence check; they are listed again until their tombstones expire).
-_VACUUMED: dict[str, frozenset[str]] = {}
-_VACUUMED_LOCK = threading.Lock()
-
-
-def vacuum(table: DeltaTable, uri: str, retention_hours: int) -> int:
-    """Delete files removed more than ``retention_hours`` ago; returns how many.
-
-    Vacuum commits (start and end) even when the files it lists are long gone (it lists
-    them until their tombstones expire), so it runs only when one of them still exists:
-    a table with nothing to delete keeps its version.
-    """
-    listed = table.vacuum(retention_hours=retention_hours, dry_run=True,
-                          enforce_retention_duration=False)  # fmt: skip
-    if "://" not in uri or uri.startswith("file://"):
-        root = uri.removeprefix("file://").rstrip("/")
-        present = [f for f in listed if os.path.exists(f if f.startswith("/") else f"{root}/{f}")]
-    else:
-        with _VACUUMED_LOCK:
-            present = [f for f in listed if f not in _VACUUMED.get(uri, frozenset())]
-    if not present:
-        return 0
-    removed = table.vacuum(retention_hours=retention_hours, dry_run=False,
-                           enforce_retention_duration=False)  # fmt: skip
-    with _VACUUMED_LOCK:
-        _VACUUMED[uri] = frozenset(listed) | frozenset(removed)
-    return len(present)
-
-
 def _stats(frame: pl.DataFrame) -> str:
     """Delta file statistics for the columns queries skip files by."""
     cols = ("container", "partition", "ts")
@@ -280,6 +248,34 @@ def _stats(frame: pl.DataFrame) -> str:
         "maxValues": {c: value(frame[c].max()) for c in cols},
         "nullCount": {c: frame[c].null_count() for c in cols},
     })  # fmt: skip
+
+
+#: A rewrite's staging folder older than this was left by a pass that died (a pass takes
+#: seconds; vacuum skips ``_``-prefixed folders, so nothing else deletes it).
+STALE_STAGING_S = 3600
+
+
+def remove_stale_staging(path: str, *, older_than_s: float = STALE_STAGING_S) -> int:
+    """Delete the ``_nettel_rewrite_*`` staging folders of a local table that were left
+    by a rewrite that died (older than ``older_than_s``); how many. A remote table's
+    are left (its store has no cheap listing here).
+
+    Examples
+    --------
+    >>> import tempfile, pathlib
+    >>> root = pathlib.Path(tempfile.mkdtemp())
+    >>> (root / "_nettel_rewrite_0" / "date=x").mkdir(parents=True)
+    >>> remove_stale_staging(str(root), older_than_s=0), list(root.iterdir())
+    (1, [])
+    """
+    if is_remote(path):
+        return 0
+    cutoff = time.time() - older_than_s
+    stale = [d for d in Path(path).glob(f"{STAGING_PREFIX}*")
+             if d.is_dir() and d.stat().st_mtime <= cutoff]  # fmt: skip
+    for d in stale:
+        shutil.rmtree(d, ignore_errors=True)
+    return len(stale)
 
 
 def rewrite_partitions(table: DeltaTable, path: str, name: str,
@@ -328,7 +324,7 @@ def rewrite_partitions(table: DeltaTable, path: str, name: str,
             rows = rollup_frame(rows, period_ms, spec)
         hour = pl.col("ts").dt.truncate("1h")
         rows = round_rates(rows.sort(hour, "container", "ts"))
-        staging = f"_nettel_rewrite_{uuid.uuid4().hex}"
+        staging = f"{STAGING_PREFIX}{uuid.uuid4().hex}"
         rel = f"date={date}/{LAYOUT_PREFIX}{uuid.uuid4().hex}.parquet"
         try:
             rows.write_delta(f"{path}/{staging}", mode="overwrite",

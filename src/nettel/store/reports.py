@@ -22,6 +22,8 @@ b'{"a": 2}'
 from __future__ import annotations
 
 import datetime as dt
+import os
+from pathlib import Path
 
 import polars as pl
 from deltalake import DeltaTable
@@ -102,3 +104,35 @@ class ReportsTable:
     def dates(self) -> list[str]:
         """Days that have a report, oldest first."""
         return sorted(self._frame()["date"].unique().to_list())
+
+
+def prune_report_files(folder: str | os.PathLike[str], keep_days: int,
+                       today: dt.date | None = None) -> int:  # fmt: skip
+    """Delete the report files (``<date>.json``, ``.md``, ``.html``) in ``folder`` of
+    days more than ``keep_days`` before ``today`` (0: keep all), as the ``reports``
+    table's retention drops their rows; how many went.
+
+    Examples
+    --------
+    >>> import tempfile, pathlib
+    >>> d = pathlib.Path(tempfile.mkdtemp())
+    >>> for name in ("2024-01-01.md", "2024-01-01.json", "2026-11-30.md", "notes.txt"):
+    ...     _ = (d / name).write_text("r")
+    >>> prune_report_files(d, 400, dt.date(2026, 12, 1))
+    2
+    >>> sorted(p.name for p in d.iterdir())
+    ['2026-11-30.md', 'notes.txt']
+    """
+    if not keep_days or not os.path.isdir(folder):
+        return 0
+    cutoff = (today or dt.datetime.now(dt.UTC).date()) - dt.timedelta(days=keep_days)
+    removed = 0
+    for path in Path(folder).iterdir():
+        try:
+            day = dt.date.fromisoformat(path.name.partition(".")[0])
+        except ValueError:
+            continue  # not a report's file
+        if day < cutoff and path.is_file():
+            path.unlink(missing_ok=True)
+            removed += 1
+    return removed

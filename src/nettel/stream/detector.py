@@ -10,7 +10,10 @@ there is no new alert), then the detector as a typed checkpoint
 (:mod:`nettel.detect.checkpoint`, never pickle) with that offset and the alerts topic's
 position (``detect_state``), then, every ``bands_interval_s`` and at the checkpoint of a
 stop or a rebalance, the hourly bands that changed (``bands``, what the MCP server
-reads; computing them costs more than the checkpoint). An idle service writes nothing.
+reads; computing them costs more than the checkpoint). Every ``state_vacuum_every``
+checkpoints it vacuums ``detect_state`` (the files replaced more than its window of
+minutes ago), so the table stays bounded between maintenance passes. An idle service
+writes nothing.
 
 A checkpoint that cannot be read (an unknown format version, a malformed or forged
 blob) is refused and logged (``detect_checkpoint_refused``); that partition starts cold:
@@ -111,6 +114,7 @@ class DetectWorker:
         fleet_factory: Callable[[], FleetDetector] = FleetDetector,
         storage_options: dict[str, str] | None = None,
         bands_interval_s: float = 300.0,
+        state_vacuum_every: int = 10,
     ) -> None:
         base = data_dir.rstrip("/")
         self.bootstrap_servers = bootstrap_servers
@@ -121,6 +125,7 @@ class DetectWorker:
         self.epoch = epoch
         self.fleet_factory = fleet_factory
         self.bands_interval_s = bands_interval_s
+        self.state_vacuum_every = state_vacuum_every
         self._bands_due = 0.0  # monotonic time from which the next checkpoint writes bands
         self.alerts = AlertTable(f"{base}/alerts", storage_options=storage_options)
         self.state = DetectStateTable(f"{base}/detect_state", storage_options=storage_options)
@@ -306,7 +311,22 @@ class DetectWorker:
             self._bands_due = time.monotonic() + self.bands_interval_s
         if parts:
             self.stats.checkpoints += 1
+            if self.stats.checkpoints % self.state_vacuum_every == 0:
+                await self._vacuum_state()
         metrics.JOBS.done("detect_checkpoint", self.checkpoint_interval_s)
+
+    async def _vacuum_state(self) -> None:
+        """Vacuum ``detect_state`` (the files its checkpoints replaced, once older than
+        its window of minutes), so it stays bounded whatever the maintenance interval:
+        at a checkpoint every 30 s, about 30 checkpoints' files. A failure is logged and
+        the checkpoint stands (the next vacuum, or maintenance, deletes the files)."""
+        try:
+            removed = await asyncio.to_thread(self.state.vacuum)
+        except Exception as e:
+            log.warning("detect_state_not_vacuumed", error=repr(e))
+            return
+        if removed:
+            log.info("detect_state_vacuumed", files=removed)
 
     def _snapshot(self, parts: dict[int, _Partition]) -> list[DetectState]:
         """The checkpoint of each of ``parts``."""
