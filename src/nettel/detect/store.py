@@ -681,6 +681,40 @@ class BaselineStore:
             return 0.0, 0.0, ""
         return mean, float(c["spread"][row]), "recent"
 
+    def bands(self, rows: Ints, ts_ms: Ints) -> tuple[Floats, Floats]:
+        """(expected, spread) of :meth:`band` for each of ``rows`` at its ``ts_ms``, at once
+        (the same numbers, without the basis).
+
+        Examples
+        --------
+        >>> from nettel.detect.baseline import TrafficBaseline
+        >>> store = TrafficBaseline(warmup=2).new_store()
+        >>> rows = np.array([store.add_row(), store.add_row()])
+        >>> for i in range(50):
+        ...     _ = store.score_learn(rows, np.array([10.0 + i % 3, 0.0]),
+        ...                           np.full(2, i * 300_000, dtype=np.int64))
+        >>> ts = np.full(2, 49 * 300_000, dtype=np.int64)
+        >>> [store.band(r, 49 * 300_000)[:2] for r in rows.tolist()] == list(
+        ...     zip(*(a.tolist() for a in store.bands(rows, ts))))
+        True
+        """
+        c = self.cols
+        level, spread = np.full(len(ts_ms), np.nan), np.zeros(len(ts_ms))
+        if self.seasons:
+            levels, spreads = self._slot_values(rows, self._slot_columns(ts_ms))
+            for j in self._by_period:  # the longest period's slot that was seen
+                take = np.isnan(level) & ~np.isnan(levels[:, j])
+                level = np.where(take, levels[:, j], level)
+                spread = np.where(take, spreads[:, j], spread)
+            floor = c["spread"][rows] * 0.25
+            spread = np.where(floor > spread, floor, spread)  # max(spread, floor), NaN kept
+        mean = c["mean"][rows]
+        recent = np.isnan(level)
+        known = ~np.isnan(mean)
+        level = np.where(recent, np.where(known, mean, 0.0), level)
+        spread = np.where(recent, np.where(known, c["spread"][rows], 0.0), spread)
+        return level, spread
+
     def value(self, name: str, row: int) -> float:
         """One per-row number (``n``, ``hi``, ``dt``, ``last_raw`` ...) as a float."""
         return float(self.cols[name][row])
