@@ -93,5 +93,5 @@ def test_rounds_of_a_batch_equal_each_series_alone_and_one_event_at_a_time() -> 
     rows = np.repeat(np.arange(fresh + 1, dtype=np.int64), len(hours))
     ts = np.tile(hours, fresh + 1)
     expected, spread = store.bands(rows, ts)
-    one_by_one = [store.band(r, t)[:2] for r, t in zip(rows.tolist(), ts.tolist(), strict=True)]
-    assert list(zip(expected.tolist(), spread.tolist(), strict=True)) == one_by_one
+    by_row = [store.band(r, t)[:2] for r, t in zip(rows.tolist(), ts.tolist(), strict=True)]
+    assert list(zip(expected.tolist(), spread.tolist(), strict=True)) == by_row
