@@ -498,8 +498,11 @@ class BaselineStore:
             return np.where(raw > 0, raw, 0.0)
         c = self.cols
         filled = np.minimum(c["filled"][rows], self._rest)
-        age = (c["pos"][rows][:, None] - np.arange(self._depth)) % self._depth
-        peaks = np.where(age < filled[:, None], c["peaks"][rows], 0.0).max(axis=1)
+        if self._rest == self._depth and bool((filled == self._depth).all()):
+            peaks = c["peaks"][rows].max(axis=1)  # every bucket of the ring is recent
+        else:
+            age = (c["pos"][rows][:, None] - np.arange(self._depth)) % self._depth
+            peaks = np.where(age < filled[:, None], c["peaks"][rows], 0.0).max(axis=1)
         recent = np.maximum(peaks, c["bucket_peak"][rows])
         return np.where((raw > 0) & (self.refire_ratio * recent < raw), raw, 0.0)
 
