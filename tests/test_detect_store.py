@@ -85,3 +85,13 @@ def test_rounds_of_a_batch_equal_each_series_alone_and_one_event_at_a_time() -> 
     assert mid is not None
     assert level_rows[mid.row("errors")] == -1
     assert level_rows[mid.row("rx_bytes")] >= 0
+    # The alert layer's outage check reads the bands of a round's rows at once: the same
+    # (expected, spread) as one row at a time, for rows with and without slot levels and
+    # one that never learned, at every hour of a week.
+    fresh = store.add_row()
+    hours = np.arange(168, dtype=np.int64) * 3_600_000 + START_MS + 1_800_000
+    rows = np.repeat(np.arange(fresh + 1, dtype=np.int64), len(hours))
+    ts = np.tile(hours, fresh + 1)
+    expected, spread = store.bands(rows, ts)
+    by_row = [store.band(r, t)[:2] for r, t in zip(rows.tolist(), ts.tolist(), strict=True)]
+    assert list(zip(expected.tolist(), spread.tolist(), strict=True)) == by_row

@@ -72,12 +72,14 @@ from nettel.detect.store import (
     RECURRING_AFTER,
     WEEK_MS,
     BaselineStore,
+    Floats,
+    Ints,
 )
 
 __all__ = [
     "BUCKET_MS", "DAY_MS", "DEFAULT_SEASONS", "HOUR_MS", "MINUTE_MS", "MONDAY_OFFSET_MS",
     "RECURRING_AFTER", "WEEK_MS", "Band", "Features", "LearningGuard", "TrafficBaseline",
-    "band_of", "slot_of",
+    "band_of", "bands_of", "slot_of",
 ]  # fmt: skip
 
 #: What River detectors take: a dict of features.
@@ -426,6 +428,23 @@ def band_of(store: BaselineStore, row: int, ts_ms: int, width: float = 3.0) -> B
     """
     level, spread, basis = store.band(row, ts_ms)
     return Band(max(0.0, level - width * spread), level, level + width * spread, basis)
+
+
+def bands_of(
+    store: BaselineStore, rows: Ints, ts_ms: Ints, width: float = 3.0
+) -> tuple[Floats, Floats]:
+    """(low, expected) of :func:`band_of` for each of ``rows`` at its ``ts_ms``, at once.
+
+    Examples
+    --------
+    >>> store = TrafficBaseline().new_store()
+    >>> low, expected = bands_of(store, np.array([store.add_row()]), np.array([0]))
+    >>> low.tolist(), expected.tolist()
+    ([0.0], [0.0])
+    """
+    level, spread = store.bands(rows, ts_ms)
+    low = level - width * spread
+    return np.where(low > 0.0, low, 0.0), level  # max(0.0, low): NaN gives 0.0 as there
 
 
 class LearningGuard(AnomalyFilter):

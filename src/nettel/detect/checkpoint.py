@@ -211,7 +211,7 @@ def encode_checkpoint(obj: Any) -> bytes:
     --------
     >>> blob = encode_checkpoint({"n": 1})
     >>> blob[:4], blob[4]
-    (b'NTCK', 2)
+    (b'NTCK', 3)
     >>> try:
     ...     encode_checkpoint({"f": len})
     ... except CheckpointError as e:

@@ -50,7 +50,7 @@ from typing import Final
 import numpy as np
 
 from nettel.detect.alerts import Alert, AlertTracker, Direction, Signal, related_moves
-from nettel.detect.baseline import DAY_MS, HOUR_MS, Band
+from nettel.detect.baseline import DAY_MS, HOUR_MS, Band, bands_of
 from nettel.detect.container import (
     GAUGE_METRICS,
     METRICS,
@@ -314,13 +314,18 @@ class FleetDetector:
                 score[order], evidence[order] = self.template.score_rows(
                     at[order], np.array(values)[order], ts[order], np.array(floors)[order],
                     self._store)  # fmt: skip
-            # hot: evidence to act on, or a traffic metric below its minimum volume (an
-            # outage is judged against its band, see _alert_evidence)
-            value_of = np.array(values)
-            hot = np.flatnonzero(
-                (evidence >= self.tracker.close_at)
-                | (np.array(outage, dtype=bool) & (value_of < np.array(floors)))
-            )
+            # hot: evidence to act on, or an outage (_alert_evidence's test, at once)
+            hot_rows = evidence >= self.tracker.close_at
+            value_of, floor_of = np.array(values), np.array(floors)
+            low = np.flatnonzero(
+                np.array(outage, dtype=bool) & (value_of < floor_of)
+                & (evidence < self.tracker.open_at)
+            )  # fmt: skip
+            if len(low):
+                band_low, expected = bands_of(self._store, at[low], ts[low])
+                hot_rows[low[(expected >= floor_of[low])
+                             & (value_of[low] <= OUTAGE_FRACTION * band_low)]] = True  # fmt: skip
+            hot = np.flatnonzero(hot_rows)
             if len(hot):
                 owner = np.repeat(np.arange(len(indices)), sets)
                 for k in set(owner[hot].tolist()):

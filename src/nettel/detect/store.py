@@ -62,6 +62,9 @@ Ints = npt.NDArray[np.int64]
 #: usual case: a container's rows are made together, and a round has every container),
 #: where reading a column is a view and writing it costs no gather.
 Index = slice | Ints
+#: Each row's slot columns and, before this point learns, their (level, spread):
+#: ``[rows, seasons]`` arrays read once per batch by scoring and learning alike.
+Slots = tuple[Ints, Floats, Floats]
 
 
 def row_index(rows: Ints) -> Index:
@@ -82,6 +85,10 @@ def _array(rows: Index) -> Ints:
     if isinstance(rows, slice):
         return np.arange(rows.start, rows.stop, dtype=np.int64)
     return rows
+
+
+def _subset(slots: Slots | None, keep: npt.NDArray[np.bool_]) -> Slots | None:
+    return None if slots is None else (slots[0][keep], slots[1][keep], slots[2][keep])
 
 
 def _buckets(duration_ms: int, bucket_ms: int) -> int:
@@ -350,7 +357,8 @@ class BaselineStore:
         c = self.cols
         rows = row_index(arr)
         n = c["n"][rows]
-        raw, averages, valid, fine = self._raw(rows, values, ts_ms, n)
+        slots = self._slots_of(rows, ts_ms)
+        raw, averages, valid, fine = self._raw(rows, values, ts_ms, n, slots)
         warm = n >= max(self.warmup, 1)
         score = np.where(warm & self.scores_at(rows, raw, ts_ms), self._suppressed(rows, raw), 0.0)
         last_raw = np.where(warm, raw, 0.0)
@@ -362,17 +370,18 @@ class BaselineStore:
                 if self._recurring_flag(int(arr[i]), int(ts_ms[i])):
                     learn[i] = True
         if learn.all():
-            self._learn(rows, values, ts_ms, averages, valid)
+            self._learn(rows, values, ts_ms, averages, valid, slots)
         elif learn.any():
             self._learn(arr[learn], values[learn], ts_ms[learn],
-                        [a[learn] for a in averages], [v[learn] for v in valid])  # fmt: skip
+                        [a[learn] for a in averages], [v[learn] for v in valid],
+                        _subset(slots, learn))  # fmt: skip
         self._push(rows, values, ts_ms, raw, fine)
         return score, last_raw
 
     def score_only(self, rows: Ints, values: Floats, ts_ms: Ints) -> Floats:
         """Scores, learning nothing (0 while warming up)."""
         n = self.cols["n"][rows]
-        raw, _, _, _ = self._raw(rows, values, ts_ms, n)
+        raw, _, _, _ = self._raw(rows, values, ts_ms, n, self._slots_of(rows, ts_ms))
         warm = n >= max(self.warmup, 1)
         return np.where(warm & self.scores_at(rows, raw, ts_ms), self._suppressed(rows, raw), 0.0)
 
@@ -402,8 +411,16 @@ class BaselineStore:
         valid = [filled >= m - 1 for m in self._ms]
         return averages, valid
 
+    def _slots_of(self, rows: Index, ts_ms: Ints) -> Slots | None:
+        """The :data:`Slots` of ``rows`` at ``ts_ms`` (None without seasons). A level row
+        made later by learning starts from these same values (see ``_pooled``)."""
+        if not self.seasons:
+            return None
+        cols = self._slot_columns(ts_ms)
+        return (cols, *self._slot_values(rows, cols))
+
     def _raw(
-        self, rows: Index, values: Floats, ts_ms: Ints, n: Ints
+        self, rows: Index, values: Floats, ts_ms: Ints, n: Ints, slots: Slots | None
     ) -> tuple[Floats, list[Floats], list[Any], Floats]:
         """(evidence, moving averages, which are filled, fine excess) of each row."""
         c = self.cols
@@ -423,8 +440,8 @@ class BaselineStore:
                               np.where(v < low, (low - v) / unit, 0.0))  # fmt: skip
             raw = np.where(valid[j] & (high >= low), np.maximum(raw, excess), raw)
         fine = np.zeros(len(ts_ms))
-        if self.seasons:
-            seasonal, fine, any_on = self._seasonal(rows, values, ts_ms, averages, unit)
+        if slots is not None:
+            seasonal, fine, any_on = self._seasonal(rows, values, ts_ms, averages, unit, slots)
             smooth_ok = valid[self._smooth_at] & any_on
             raw = np.where(smooth_ok, np.maximum(raw, self.seasonal_weight * seasonal), raw)
             fine = np.where(fast & ranged & (n > 0), fine, 0.0)
@@ -437,7 +454,13 @@ class BaselineStore:
         return raw, averages, valid, fine
 
     def _seasonal(
-        self, rows: Index, values: Floats, ts_ms: Ints, averages: list[Floats], unit: Floats
+        self,
+        rows: Index,
+        values: Floats,
+        ts_ms: Ints,
+        averages: list[Floats],
+        unit: Floats,
+        slots: Slots,
     ) -> tuple[Floats, Floats, Any]:
         """(seasonal excess of the smoothed level, fine excess of the sample, whether any
         season scores) over the seasons that score and have a level at ts_ms's slot."""
@@ -449,7 +472,7 @@ class BaselineStore:
         if not on.any():
             zero = np.zeros(len(ts_ms))
             return zero, zero, np.zeros(len(ts_ms), dtype=bool)
-        level, spread = self._slot_values(rows, self._slot_columns(ts_ms))
+        _, level, spread = slots
         on &= ~np.isnan(level)
         res_lo, res_hi = c["res_lo"][rows], c["res_hi"][rows]
         noise = (self.fine_margin * c["rel_noise"][rows])[:, None]
@@ -475,8 +498,11 @@ class BaselineStore:
             return np.where(raw > 0, raw, 0.0)
         c = self.cols
         filled = np.minimum(c["filled"][rows], self._rest)
-        age = (c["pos"][rows][:, None] - np.arange(self._depth)) % self._depth
-        peaks = np.where(age < filled[:, None], c["peaks"][rows], 0.0).max(axis=1)
+        if self._rest == self._depth and bool((filled == self._depth).all()):
+            peaks = c["peaks"][rows].max(axis=1)  # every bucket of the ring is recent
+        else:
+            age = (c["pos"][rows][:, None] - np.arange(self._depth)) % self._depth
+            peaks = np.where(age < filled[:, None], c["peaks"][rows], 0.0).max(axis=1)
         recent = np.maximum(peaks, c["bucket_peak"][rows])
         return np.where((raw > 0) & (self.refire_ratio * recent < raw), raw, 0.0)
 
@@ -499,7 +525,13 @@ class BaselineStore:
     # -- learning -----------------------------------------------------------------------
 
     def _learn(
-        self, rows: Index, values: Floats, ts_ms: Ints, averages: list[Floats], valid: list[Any]
+        self,
+        rows: Index,
+        values: Floats,
+        ts_ms: Ints,
+        averages: list[Floats],
+        valid: list[Any],
+        slots: Slots | None,
     ) -> None:
         c = self.cols
         lows, highs = c["scale_lo"][rows], c["scale_hi"][rows]
@@ -529,23 +561,29 @@ class BaselineStore:
         c["spread"][rows] = np.where(fresh, spread, spread + a * (np.abs(level - mean) - spread))
         c["mean"][rows] = np.where(fresh, level, mean + a * (level - mean))
         smooth_ok = valid[self._smooth_at]
-        if self.seasons and smooth_ok.any():
+        if slots is not None and smooth_ok.any():
             if smooth_ok.all():
-                self._learn_seasons(rows, level, ts_ms, dt)
+                self._learn_seasons(rows, level, ts_ms, dt, slots)
             else:
                 self._learn_seasons(_array(rows)[smooth_ok], level[smooth_ok], ts_ms[smooth_ok],
-                                    dt[smooth_ok])  # fmt: skip
+                                    dt[smooth_ok], _subset(slots, smooth_ok))  # fmt: skip
         c["n"][rows] = n + 1
 
-    def _learn_seasons(self, rows: Index, v: Floats, ts_ms: Ints, dt: Floats) -> None:
+    def _learn_seasons(
+        self, rows: Index, v: Floats, ts_ms: Ints, dt: Floats, slots: Slots | None = None
+    ) -> None:
         c = self.cols
         dt = np.where(dt != 0, dt, float(self.seasons[0][1]))[:, None]
         level_rows = c["level_row"][rows]
         need = (level_rows < 0) & (v != 0)
         for i in np.flatnonzero(need):
             level_rows[i] = self._level_row(int(_array(rows)[i]))
-        cols = self._slot_columns(ts_ms)
-        level, spread = self._slot_values(rows, cols)  # before the visit is counted
+        # before the visit is counted (a level row made just now holds the same values)
+        if slots is None:
+            cols = self._slot_columns(ts_ms)
+            level, spread = self._slot_values(rows, cols)
+        else:
+            cols, level, spread = slots
         at = _array(rows)[:, None]
         count = c["visits"][at, cols].astype(np.int64)
         count = np.where(count < 0xFFFF, count + 1, count)
@@ -680,6 +718,40 @@ class BaselineStore:
         if math.isnan(mean):
             return 0.0, 0.0, ""
         return mean, float(c["spread"][row]), "recent"
+
+    def bands(self, rows: Ints, ts_ms: Ints) -> tuple[Floats, Floats]:
+        """(expected, spread) of :meth:`band` for each of ``rows`` at its ``ts_ms``, at once
+        (the same numbers, without the basis).
+
+        Examples
+        --------
+        >>> from nettel.detect.baseline import TrafficBaseline
+        >>> store = TrafficBaseline(warmup=2).new_store()
+        >>> rows = np.array([store.add_row(), store.add_row()])
+        >>> for i in range(50):
+        ...     _ = store.score_learn(rows, np.array([10.0 + i % 3, 0.0]),
+        ...                           np.full(2, i * 300_000, dtype=np.int64))
+        >>> ts = np.full(2, 49 * 300_000, dtype=np.int64)
+        >>> [store.band(r, 49 * 300_000)[:2] for r in rows.tolist()] == list(
+        ...     zip(*(a.tolist() for a in store.bands(rows, ts))))
+        True
+        """
+        c = self.cols
+        level, spread = np.full(len(ts_ms), np.nan), np.zeros(len(ts_ms))
+        if self.seasons:
+            levels, spreads = self._slot_values(rows, self._slot_columns(ts_ms))
+            for j in self._by_period:  # the longest period's slot that was seen
+                take = np.isnan(level) & ~np.isnan(levels[:, j])
+                level = np.where(take, levels[:, j], level)
+                spread = np.where(take, spreads[:, j], spread)
+            floor = c["spread"][rows] * 0.25
+            spread = np.where(floor > spread, floor, spread)  # max(spread, floor), NaN kept
+        mean = c["mean"][rows]
+        recent = np.isnan(level)
+        known = ~np.isnan(mean)
+        level = np.where(recent, np.where(known, mean, 0.0), level)
+        spread = np.where(recent, np.where(known, c["spread"][rows], 0.0), spread)
+        return level, spread
 
     def value(self, name: str, row: int) -> float:
         """One per-row number (``n``, ``hi``, ``dt``, ``last_raw`` ...) as a float."""
