@@ -64,7 +64,7 @@ ACTIVE_WITHIN_MS = 3 * 60_000
 #: River), ``restart_container`` the audit rows of :mod:`nettel.mcp.actions`.
 RULE_KIND: dict[str, str] = {
     "memory_leak": "resource", "oom_kill": "resource", "cpu_throttling": "resource",
-    "restart_container": "action",
+    "restart_container": "action", "stop_container": "action",
 }  # fmt: skip
 AlertKind = Literal["network", "resource", "action", "any"]
 SEVERITY_RANK: dict[str, int] = {"info": 0, "warning": 1, "critical": 2}
