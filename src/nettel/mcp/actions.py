@@ -241,6 +241,9 @@ class ContainerActions:
         return a.id, published
 
 
+AllowedName = Annotated[str, Field(description="exact name from NETTEL_ACTIONS_CONTAINERS")]
+
+
 def register_actions(server: TelemetryServer, actions: ContainerActions | None) -> None:
     """Add the acting tools to ``server`` when ``actions`` is enabled (else none)."""
     if actions is None or not actions.policy.enabled:
@@ -248,7 +251,7 @@ def register_actions(server: TelemetryServer, actions: ContainerActions | None) 
 
     @server.tool()
     async def restart_container(
-        container: Annotated[str, Field(description="exact name from NETTEL_ACTIONS_CONTAINERS")],
+        container: AllowedName,
         confirm: Annotated[bool, Field(description="must be true: the container restarts")] = False,
     ) -> ActionDone:
         """Restart one allowed container through the engine (needs confirm=true; at most
@@ -259,9 +262,7 @@ def register_actions(server: TelemetryServer, actions: ContainerActions | None) 
 
         @server.tool()
         async def stop_container(
-            container: Annotated[
-                str, Field(description="exact name from NETTEL_ACTIONS_CONTAINERS")
-            ],
+            container: AllowedName,
             confirm: Annotated[
                 bool, Field(description="must be true: the container stops")
             ] = False,

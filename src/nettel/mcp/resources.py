@@ -23,6 +23,8 @@ from nettel.mcp.server import (
     ContainerArg,
     CursorArg,
     Limit50,
+    SinceArg,
+    StatusArg,
     TelemetryServer,
     TimeframeArg,
     _answer,
@@ -456,10 +458,8 @@ def build_resource_server(
     @server.tool()
     async def get_resource_anomalies(
         container: Annotated[str | None, Field(description="only this container")] = None,
-        since: Annotated[
-            str | None, Field(description="ISO time (UTC) or duration back: 30m, 24h, 7d")
-        ] = "24h",
-        status: Annotated[Literal["open", "resolved", "any"], Field(description="")] = "any",
+        since: SinceArg = "24h",
+        status: StatusArg = "any",
         limit: Limit50 = 10,
         cursor: CursorArg = None,
     ) -> ResourceAlertList:
