@@ -21,7 +21,7 @@ from mcp import Client
 from mcp.client.stdio import StdioServerParameters
 from mcp.client.streamable_http import streamable_http_client
 
-from conftest import free_port
+from conftest import engine_url, free_port, require
 from nettel.detect.alerts import Alert
 from nettel.mcp.resources import ProcessEntry, ResourceTools, build_resource_server
 from nettel.mcp.tools import window
@@ -259,10 +259,13 @@ async def test_resource_monitor_over_stdio(store: tuple[str, list[ResourceEvent]
 
 @pytest.fixture
 def http_server(store: tuple[str, list[ResourceEvent]]) -> Iterator[tuple[str, str]]:
+    socket = engine_url().removeprefix("unix://")  # list_processes reads the engine
+    require(os.path.exists(socket), f"a container engine at {socket}")
     port = free_port()
     token = "a-test-token-of-at-least-32-characters"
     env = {**os.environ, "NETTEL_DATA_DIR": store[0], "NETTEL_MCP_TOKEN": token,
-           "NETTEL_MCP_PORT": str(port), "NETTEL_ACTIONS_CONTAINERS": ACTS_ON}  # fmt: skip
+           "NETTEL_MCP_PORT": str(port), "NETTEL_ACTIONS_CONTAINERS": ACTS_ON,
+           "DOCKER_HOST": engine_url()}  # fmt: skip
     with nettel_http(env, port):
         yield f"http://127.0.0.1:{port}", token
 
@@ -275,6 +278,14 @@ async def test_both_servers_over_http_on_one_port(
         transport = streamable_http_client(f"{base}/resource-monitor/mcp", http_client=h)
         async with Client(transport, read_timeout_seconds=60) as client:
             await check_tools(client, store[1], actions=ACTS_ON)
+            # list_processes reaches the engine over HTTP too: a name no container has is
+            # answered with the running ones (one engine list; no container of our own:
+            # a real one's processes are checked over stdio in tests/test_resources.py)
+            listed = await client.call_tool("list_processes", {"container": ACTS_ON})
+            text = " ".join(getattr(c, "text", "") for c in listed.content)
+            assert listed.is_error
+            assert f"no container '{ACTS_ON}'; running: " in text, text
+            assert len(text) <= BUDGET
         async with Client(streamable_http_client(f"{base}/mcp", http_client=h)) as client:
             assert client.server_info is not None
             assert client.server_info.name == "network-telemetry"
