@@ -91,19 +91,20 @@ async def call(client: Client, tool: str, args: dict[str, Any]) -> dict[str, Any
 
 async def check_tools(client: Client, actions: str = "") -> None:
     """Every tool's answers match the records written; bad input is refused on one line.
-    ``actions``: the container NETTEL_ACTIONS_CONTAINERS names (else restart_container,
-    the tool shared with resource-monitor, is absent)."""
+    ``actions``: the container NETTEL_ACTIONS_CONTAINERS names (else restart_container
+    and stop_container, the tools shared with resource-monitor, are absent)."""
     assert client.server_info is not None
     assert client.server_info.name == "health-check"
     names = {t.name for t in (await client.list_tools()).tools}
     reading = {"get_health", "get_dependencies", "get_incidents"}
-    assert names == (reading | {"restart_container"} if actions else reading)
+    assert names == (reading | {"restart_container", "stop_container"} if actions else reading)
     if actions:  # the shared guard: refused before anything happens
-        for args in ({"container": "db", "confirm": True}, {"container": actions}):
-            refused = await client.call_tool("restart_container", args)
-            text = " ".join(getattr(c, "text", "") for c in refused.content)
-            assert refused.is_error
-            assert "not in NETTEL_ACTIONS_CONTAINERS" in text or "confirm=true" in text, text
+        for tool in ("restart_container", "stop_container"):
+            for args in ({"container": "db", "confirm": True}, {"container": actions}):
+                refused = await client.call_tool(tool, args)
+                text = " ".join(getattr(c, "text", "") for c in refused.content)
+                assert refused.is_error
+                assert "not in NETTEL_ACTIONS_CONTAINERS" in text or "confirm=true" in text, text
     doc = await call(client, "get_health", {"container": "svc-50"})
     (entry,) = doc["containers"]
     assert (entry["status"], entry["output"]) == ("unhealthy", "connect to db:5432 refused")

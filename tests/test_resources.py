@@ -405,7 +405,7 @@ async def test_resource_stream_restarted_midway_counts_every_event_once(
         for r in versions.iter_rows(named=True))  # fmt: skip
 
 
-# -- restart_container: allowed, confirmed, rate-limited, audited, published -----------
+# -- restart_container, stop_container: allowed, confirmed, rate-limited, audited -------
 
 
 def answer_text(result: Any) -> str:
@@ -414,7 +414,7 @@ def answer_text(result: Any) -> str:
 
 @pytest.mark.engine
 @pytest.mark.broker
-async def test_restart_container_over_stdio_restarts_only_what_is_allowed_and_audits_it(
+async def test_restart_and_stop_container_over_stdio_act_only_on_what_is_allowed_and_audit(
     engine: Engine, broker: EmbeddedBroker, tmp_path: Path
 ) -> None:
     tag = os.urandom(3).hex()
@@ -432,7 +432,7 @@ async def test_restart_container_over_stdio_restarts_only_what_is_allowed_and_au
                                    env=env)  # fmt: skip
     async with Client(params, read_timeout_seconds=60) as client:
         names = {t.name for t in (await client.list_tools()).tools}
-        assert "restart_container" in names
+        assert {"restart_container", "stop_container"} <= names
         refused = [
             await client.call_tool("restart_container", {"container": other.name, "confirm": True}),
             await client.call_tool("restart_container", {"container": allowed.name}),
@@ -451,13 +451,28 @@ async def test_restart_container_over_stdio_restarts_only_what_is_allowed_and_au
         done = await client.call_tool("restart_container",
                                       {"container": allowed.name, "confirm": True})  # fmt: skip
         assert not done.is_error, answer_text(done)
-    # another client (its own server process): the cooldown holds, read from the audit row
+        allowed.reload()
+        assert allowed.status == "running"
+        assert (engine.pid(allowed), allowed.attrs["State"]["StartedAt"]) != before[allowed.name]
+    # another client (its own server process): the cooldown holds, read from the audit row;
+    # a stop has its own cooldown, refused as a restart is, then done
     async with Client(params, read_timeout_seconds=60) as client:
         again = await client.call_tool("restart_container",
                                        {"container": allowed.name, "confirm": True})  # fmt: skip
+        no_stop = [
+            await client.call_tool("stop_container", {"container": other.name, "confirm": True}),
+            await client.call_tool("stop_container", {"container": allowed.name}),
+        ]  # fmt: skip
+        stopped = await client.call_tool("stop_container",
+                                         {"container": allowed.name, "confirm": True})  # fmt: skip
     assert again.is_error
     assert "try again in" in answer_text(again)
-    for r in (*refused, done, again, listed, *wrong):
+    assert [r.is_error for r in no_stop] == [True, True]
+    assert "not in NETTEL_ACTIONS_CONTAINERS" in answer_text(no_stop[0])
+    assert "stopping" in answer_text(no_stop[1])
+    assert "confirm=true" in answer_text(no_stop[1])
+    assert not stopped.is_error, answer_text(stopped)
+    for r in (*refused, done, again, listed, *wrong, *no_stop, stopped):
         assert len(answer_text(r)) <= 8_000
     processes = listed.structured_content
     assert processes is not None, answer_text(listed)
@@ -481,16 +496,21 @@ async def test_restart_container_over_stdio_restarts_only_what_is_allowed_and_au
     assert (doc["container"], doc["done"], doc["published"]) == (allowed.name, True, True)
     for c in (allowed, other):
         c.reload()
-    assert allowed.status == "running"
-    assert (engine.pid(allowed), allowed.attrs["State"]["StartedAt"]) != before[allowed.name]
+    assert allowed.status == "exited"
     assert (engine.pid(other), other.attrs["State"]["StartedAt"]) == before[other.name]
+    assert other.status == "running"
     assert doc["container_id"] == allowed.id
-    # one audit row (the refused calls change nothing) and the same record on the topic
-    rows = pl.scan_delta(str(tmp_path / "alerts")).collect()
-    assert rows["rule"].to_list() == ["restart_container"]
-    assert rows["id"].to_list() == [doc["audit_id"]]
-    assert rows["container"].to_list() == [allowed.name]
+    stop = stopped.structured_content
+    assert stop is not None
+    assert (stop["container"], stop["action"], stop["done"], stop["container_id"]) == (
+        allowed.name, "stop", True, allowed.id)  # fmt: skip
+    # one audit row per action done (the refused calls change nothing), the same on the topic
+    rows = pl.scan_delta(str(tmp_path / "alerts")).collect().sort("started")
+    assert rows["rule"].to_list() == ["restart_container", "stop_container"]
+    assert rows["id"].to_list() == [doc["audit_id"], stop["audit_id"]]
+    assert rows["container"].to_list() == [allowed.name] * 2
     events = [decode_alert(m.value) for m in await consume_all(broker.bootstrap_servers,
                                                                "nettel.alerts")]  # fmt: skip
-    assert [(a.id, a.rule, a.identity) for a in events] == [
-        (doc["audit_id"], "restart_container", allowed.name)]  # fmt: skip
+    assert sorted((a.id, a.rule, a.identity) for a in events) == sorted([
+        (doc["audit_id"], "restart_container", allowed.name),
+        (stop["audit_id"], "stop_container", allowed.name)])  # fmt: skip

@@ -1135,7 +1135,7 @@ def container_actions(settings: Settings, bootstrap: str | None = None,
                       policy: ActionPolicy | None = None) -> ContainerActions | None:  # fmt: skip
     """The acting MCP tools' checks and means, when ``NETTEL_ACTIONS_CONTAINERS`` (or
     ``policy``) names containers (else None: the tools are not offered): restarts
-    through the engine API (``DOCKER_HOST`` or the first engine socket found), audit
+    and stops through the engine API (``DOCKER_HOST`` or the first engine socket found), audit
     rows in ``alerts``, events on the alerts topic of ``bootstrap`` (default
     ``KAFKA_BOOTSTRAP_SERVERS``) if any."""
     from nettel.mcp.actions import ActionPolicy, ContainerActions
@@ -1146,18 +1146,21 @@ def container_actions(settings: Settings, bootstrap: str | None = None,
         return None
     urls = engine_candidates(settings)
 
-    def restart(name: str, timeout_s: int) -> str:
-        import docker
+    def engine_call(action: str) -> Callable[[str, int], str]:
+        def call(name: str, timeout_s: int) -> str:
+            import docker
 
-        if not urls:
-            raise EngineUnavailableError("no engine socket found: set DOCKER_HOST")
-        client = docker.DockerClient(base_url=urls[0], timeout=timeout_s + 30)
-        try:
-            container = client.containers.get(name)
-            container.restart(timeout=timeout_s)
-            return str(container.id)
-        finally:
-            client.close()
+            if not urls:
+                raise EngineUnavailableError("no engine socket found: set DOCKER_HOST")
+            client = docker.DockerClient(base_url=urls[0], timeout=timeout_s + 30)
+            try:
+                container = client.containers.get(name)
+                getattr(container, action)(timeout=timeout_s)  # restart or stop
+                return str(container.id)
+            finally:
+                client.close()
+
+        return call
 
     publish = None
     broker = bootstrap or settings.kafka_bootstrap_servers
@@ -1168,7 +1171,8 @@ def container_actions(settings: Settings, bootstrap: str | None = None,
             asyncio.run(_send_one(broker, topic, key, value))
 
     audit = AlertTable(table_uri(settings, "alerts"))
-    return ContainerActions(policy, restart=restart, audit=audit, publish=publish,
+    return ContainerActions(policy, restart=engine_call("restart"), stop=engine_call("stop"),
+                            audit=audit, publish=publish,
                             host=settings.host)  # fmt: skip
 
 

@@ -1,4 +1,5 @@
-"""Tools that act on containers (``restart_container``), for any nettel MCP server.
+"""Tools that act on containers (``restart_container``, ``stop_container``), for any
+nettel MCP server.
 
 Off by default: a server gets them only when the ``NETTEL_ACTIONS_CONTAINERS`` setting
 names the containers they may touch (:func:`register_actions`); without it they are not
@@ -6,18 +7,20 @@ listed at all. Every call is checked before anything happens:
 
 - the container must be named in the allowlist exactly (no fuzzy match, no ids);
 - ``confirm`` must be true (an agent says it means it);
-- rate limits: a container is restarted at most once per ``cooldown_s`` and all of them
-  together at most ``max_per_hour`` times an hour (restart loops are what go wrong with
-  auto-healers; these caps bound the damage a confused agent can do). The first call
-  reads the last hour's restarts from the audit rows, so the limits hold across server
-  processes and restarts.
+- rate limits, per action: a container is restarted (or stopped) at most once per
+  ``cooldown_s`` and all of them together at most ``max_per_hour`` times an hour
+  (restart loops are what go wrong with auto-healers; these caps bound the damage a
+  confused agent can do). The first call reads the last hour's actions from the audit
+  rows, so the limits hold across server processes and restarts.
 
 A permitted call restarts the container through the engine API (the ``restart``
 callable the composition root gives: the engine's ``POST /containers/{name}/restart``),
 then leaves an audit row in the ``alerts`` table (an alert version with ``rule``
 ``restart_container``, status ``resolved``: an action done) and publishes the same
 record on the alerts topic when a broker is configured. A restart the engine refuses
-is audited too, then reported as the tool's error. The mcp layer imports neither the
+is audited too, then reported as the tool's error. ``stop_container`` is the same
+with the engine's ``POST /containers/{name}/stop`` (the ``stop`` callable) and audit
+rows of ``rule`` ``stop_container``. The mcp layer imports neither the
 engine SDK nor Kafka: both come in as callables.
 
 The restart rules of the rules file (:mod:`nettel.detect.restarts`, run by the health
@@ -59,6 +62,13 @@ from nettel.store.alerts import AlertTable
 RESTART_RULE = "restart_container"
 #: The ``rule`` of an audit row of a restart a dry-run rule would have done.
 DRY_RUN_RULE = "restart_container_dry_run"
+#: The ``rule`` of an audit row of a stop.
+STOP_RULE = "stop_container"
+#: Each action's audit rule, past participle and gerund (for answers and refusals).
+ACTIONS: dict[str, tuple[str, str, str]] = {
+    "restart": (RESTART_RULE, "restarted", "restarting"),
+    "stop": (STOP_RULE, "stopped", "stopping"),
+}
 #: Who asked, in the audit row of an MCP call.
 MCP_CALL = "MCP, confirmed, allowed by NETTEL_ACTIONS_CONTAINERS"
 
@@ -99,60 +109,66 @@ class ContainerActions:
     """The checks, the engine call, the audit row and the event of every action.
 
     ``restart(name, timeout_s)`` restarts a container through the engine and returns
-    its id; ``publish(key, value)``, if given, puts a record on the alerts topic.
+    its id, ``stop(name, timeout_s)`` (if given: else no stops) stops one;
+    ``publish(key, value)``, if given, puts a record on the alerts topic.
     """
 
     def __init__(self, policy: ActionPolicy, *, restart: Callable[[str, int], str],
-                 audit: AlertTable, publish: Callable[[bytes, bytes], None] | None = None,
+                 audit: AlertTable, stop: Callable[[str, int], str] | None = None,
+                 publish: Callable[[bytes, bytes], None] | None = None,
                  clock: Callable[[], float] = time.time, host: str = "") -> None:  # fmt: skip
         self.policy = policy
-        self.restart_fn = restart
+        self.engine = {"restart": restart} | ({"stop": stop} if stop is not None else {})
         self.audit = audit
         self.publish = publish
         self.clock = clock
         self.host = host
-        self._last: dict[tuple[str, bool], float] = {}  # (container, dry run) -> last
-        self._recent: deque[tuple[float, str, bool]] = deque()  # the last hour's
+        self._last: dict[tuple[str, str], float] = {}  # (container, rule) -> last
+        self._recent: deque[tuple[float, str, str]] = deque()  # the last hour's
         self._lock = threading.Lock()  # calls run in threads: check and reserve at once
         self._loaded = False
 
     def check(self, container: str, confirm: bool, *, limits: tuple[float, int] | None = None,
-              dry_run: bool = False) -> None:  # fmt: skip
-        """Raise (with what would be accepted) unless ``container`` may be acted on now.
+              dry_run: bool = False, action: str = "restart") -> None:  # fmt: skip
+        """Raise (with what would be accepted) unless ``action`` may be done to
+        ``container`` now.
 
         ``limits``: (cooldown s, most an hour) of this container alone, instead of the
-        policy's (whose hourly cap counts every container's restarts)."""
+        policy's (whose hourly cap counts every container's actions of this kind)."""
+        rule, done, doing = ACTIONS[action]
+        rule = DRY_RUN_RULE if dry_run else rule
         allowed = ", ".join(sorted(self.policy.allowed))
         if container not in self.policy.allowed:
             raise ToolInputError(f"container {container!r} is not in NETTEL_ACTIONS_CONTAINERS;"
                                  f" allowed: {allowed}")  # fmt: skip
         if confirm is not True:
-            raise ToolInputError(f"restarting {container!r} needs confirm=true; nothing done")
+            raise ToolInputError(f"{doing} {container!r} needs confirm=true; nothing done")
         now = self.clock()
         if not self._loaded:
             self._load_history(now)
         while self._recent and self._recent[0][0] <= now - 3600:
             self._recent.popleft()
         cooldown_s, cap = limits or (self.policy.cooldown_s, self.policy.max_per_hour)
-        last = self._last.get((container, dry_run))
+        last = self._last.get((container, rule))
         if last is not None and now - last < cooldown_s:
             wait = cooldown_s - (now - last)
-            raise ToolInputError(f"{container!r} was restarted {now - last:.0f} s ago; "
-                                 f"try again in {wait:.0f} s (one restart per "
+            raise ToolInputError(f"{container!r} was {done} {now - last:.0f} s ago; "
+                                 f"try again in {wait:.0f} s (one {action} per "
                                  f"{cooldown_s:.0f} s)")  # fmt: skip
-        counted = sum(d == dry_run and (limits is None or c == container)
-                      for _, c, d in self._recent)  # fmt: skip
+        counted = sum(r == rule and (limits is None or c == container)
+                      for _, c, r in self._recent)  # fmt: skip
         if counted >= cap:
-            raise ToolInputError(f"{cap} restarts in the last hour: the "
+            raise ToolInputError(f"{cap} {action}s in the last hour: the "
                                  "cap is reached; try again later")  # fmt: skip
 
     def _load_history(self, now: float) -> None:
-        """The last hour's restarts from the audit rows, so the limits hold across
+        """The last hour's actions from the audit rows, so the limits hold across
         processes (each stdio client starts its own server) and restarts of nettel."""
         rows = self.audit.latest(since_ms=int((now - 3600) * 1000))
-        done = rows.filter(pl.col("rule").is_in([RESTART_RULE, DRY_RUN_RULE]))
+        rules = [DRY_RUN_RULE, *(rule for rule, _, _ in ACTIONS.values())]
+        done = rows.filter(pl.col("rule").is_in(rules))
         for r in done.sort("started").iter_rows(named=True):
-            at, key = r["started"].timestamp(), (r["container"], r["rule"] == DRY_RUN_RULE)
+            at, key = r["started"].timestamp(), (r["container"], r["rule"])
             self._recent.append((at, *key))
             self._last[key] = max(at, self._last.get(key, at))
         self._loaded = True
@@ -162,45 +178,59 @@ class ContainerActions:
                 by: str = MCP_CALL) -> ActionDone:  # fmt: skip
         """``restart_container``: checked, done through the engine, audited, published
         (a dry run: checked, audited and published as what would be done)."""
+        return self.act("restart", container, confirm, timeout_s, limits=limits,
+                        dry_run=dry_run, by=by)  # fmt: skip
+
+    def stop(self, container: str, confirm: bool, timeout_s: int = 10) -> ActionDone:
+        """``stop_container``: checked, done through the engine, audited, published."""
+        return self.act("stop", container, confirm, timeout_s)
+
+    def act(self, action: str, container: str, confirm: bool, timeout_s: int = 10, *,
+            limits: tuple[float, int] | None = None, dry_run: bool = False,
+            by: str = MCP_CALL) -> ActionDone:  # fmt: skip
+        """``action`` (a key of :data:`ACTIONS` this instance has an engine call for) on
+        ``container``: checked, done, audited, published."""
+        engine_call = self.engine[action]
         with self._lock:
-            self.check(container, confirm, limits=limits, dry_run=dry_run)
+            self.check(container, confirm, limits=limits, dry_run=dry_run, action=action)
             started = self.clock()
-            self._last[(container, dry_run)] = started
-            self._recent.append((started, container, dry_run))
-        rule = DRY_RUN_RULE if dry_run else RESTART_RULE
+            rule, done, _ = ACTIONS[action]
+            rule = DRY_RUN_RULE if dry_run else rule
+            self._last[(container, rule)] = started
+            self._recent.append((started, container, rule))
         if dry_run:
             audit_id, published = self._record(container, "", started,
-                                               "would be restarted (dry run: nothing done)",
-                                               by, rule)  # fmt: skip
-            return ActionDone(container=container, action="restart", done=False,
+                                               f"would be {done} (dry run: nothing done)",
+                                               by, rule, action)  # fmt: skip
+            return ActionDone(container=container, action=action, done=False,
                               container_id="", seconds=0.0, audit_id=audit_id,
                               published=published, at=iso(int(started * 1000)))  # fmt: skip
         try:
-            cid = self.restart_fn(container, timeout_s)
+            cid = engine_call(container, timeout_s)
         except Exception as e:
-            self._record(container, "", started, f"failed: {str(e)[:200]}", by, rule)
-            raise ToolInputError(f"the engine did not restart {container!r}: "
+            self._record(container, "", started, f"failed: {str(e)[:200]}", by, rule, action)
+            raise ToolInputError(f"the engine did not {action} {container!r}: "
                                  f"{str(e)[:200]}") from e  # fmt: skip
         seconds = round(self.clock() - started, 2)
-        what = f"restarted through the engine API in {seconds} s"
-        audit_id, published = self._record(container, cid, started, what, by, rule)
-        return ActionDone(container=container, action="restart", done=True, container_id=cid,
+        what = f"{done} through the engine API in {seconds} s"
+        audit_id, published = self._record(container, cid, started, what, by, rule, action)
+        return ActionDone(container=container, action=action, done=True, container_id=cid,
                           seconds=seconds, audit_id=audit_id, published=published,
                           at=iso(int(started * 1000)))  # fmt: skip
 
     def _record(self, container: str, cid: str, started: float, what: str, by: str,
-                rule: str) -> tuple[str, bool]:  # fmt: skip
+                rule: str, action: str) -> tuple[str, bool]:  # fmt: skip
         """The audit row (and the event): an alert version of rule ``rule``."""
         ms = int(started * 1000)
         done = self.clock()
         a = Alert(
-            id=alert_id(container, "restart", rule, ms), status="resolved",
-            identity=container, metric="restart", rule=rule, host=self.host,
+            id=alert_id(container, action, rule, ms), status="resolved",
+            identity=container, metric=action, rule=rule, host=self.host,
             container_id=cid, started_ms=ms, updated_ms=int(done * 1000),
-            resolved_ms=int(done * 1000), observed=float(rule == RESTART_RULE),
-            peak=float(rule == RESTART_RULE), expected=0.0,
+            resolved_ms=int(done * 1000), observed=float(rule != DRY_RUN_RULE),
+            peak=float(rule != DRY_RUN_RULE), expected=0.0,
             band_low=0.0, band_high=0.0, score=0.0, severity="warning",
-            explanation=f"restart_container ({by}): {container} {what}",
+            explanation=f"{ACTIONS[action][0]} ({by}): {container} {what}",
         )  # fmt: skip
         row: dict[str, Any] = msgspec.to_builtins(a) | {"partition": -1, "offset": -1}
         self.audit.append([row], {}, writer="nettel-mcp", topic="actions", epoch=0)
@@ -211,6 +241,9 @@ class ContainerActions:
         return a.id, published
 
 
+AllowedName = Annotated[str, Field(description="exact name from NETTEL_ACTIONS_CONTAINERS")]
+
+
 def register_actions(server: TelemetryServer, actions: ContainerActions | None) -> None:
     """Add the acting tools to ``server`` when ``actions`` is enabled (else none)."""
     if actions is None or not actions.policy.enabled:
@@ -218,9 +251,22 @@ def register_actions(server: TelemetryServer, actions: ContainerActions | None) 
 
     @server.tool()
     async def restart_container(
-        container: Annotated[str, Field(description="exact name from NETTEL_ACTIONS_CONTAINERS")],
+        container: AllowedName,
         confirm: Annotated[bool, Field(description="must be true: the container restarts")] = False,
     ) -> ActionDone:
         """Restart one allowed container through the engine (needs confirm=true; at most
         once per 5 min per container, 6 an hour in all); audited in the alerts table."""
         return await _answer(lambda: actions.restart(container, confirm))
+
+    if "stop" in actions.engine:
+
+        @server.tool()
+        async def stop_container(
+            container: AllowedName,
+            confirm: Annotated[
+                bool, Field(description="must be true: the container stops")
+            ] = False,
+        ) -> ActionDone:
+            """Stop one allowed container through the engine (needs confirm=true; same
+            limits as restart_container); audited in the alerts table."""
+            return await _answer(lambda: actions.stop(container, confirm))

@@ -12,31 +12,39 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field
 
 from nettel.mcp.actions import ContainerActions, register_actions
-from nettel.mcp.answers import page
+from nettel.mcp.answers import ToolInputError, page
 from nettel.mcp.server import (
     AggregationArg,
     ContainerArg,
     CursorArg,
     Limit50,
+    SinceArg,
+    StatusArg,
     TelemetryServer,
     TimeframeArg,
     _answer,
 )
 from nettel.mcp.tools import (
+    AlertList,
+    AlertOut,
     Compact,
     Point,
+    TelemetryTools,
     Timeframe,
     _combine,
     _matches,
     iso,
+    parse_since,
+    ranked_alerts,
     resolve_container,
     window,
 )
+from nettel.store.alerts import AlertTable
 from nettel.store.query import Aggregation, summarize
 from nettel.store.resource_query import ResourceQuery
 
@@ -186,6 +194,43 @@ def rank_processes(container: str, found: Sequence[ProcessEntry], sort_by: Proce
                        total=len(found), as_of=iso(now_ms))  # fmt: skip
 
 
+class ResourceAlert(AlertOut):
+    """A resource alert (a memory leak, an OOM kill, CPU throttling)."""
+
+    time_to_limit_s: float | None = Field(
+        default=None, description="memory leak: projected seconds until the memory limit"
+    )
+
+
+class ResourceAlertList(AlertList):
+    """Resource alerts, most severe first (severity, then score, then newest)."""
+
+    alerts: list[ResourceAlert]  # type: ignore[assignment]  # pydantic: narrowed on purpose
+
+
+Outlook = Literal["reaches limit", "not growing", "no limit"]
+
+
+class MemoryForecast(Compact):
+    """Where a container's memory is heading: the trend of its last hour of minutes and,
+    if it keeps growing, when it reaches its limit."""
+
+    container: str
+    outlook: Outlook
+    memory_bytes: int = Field(description="the newest minute's peak")
+    memory_limit_bytes: int | None
+    slope_bytes_per_s: float = Field(description="the fitted line's slope")
+    r2: float = Field(description="how well the line fits, 0-1")
+    minutes: int = Field(description="minutes the line is fitted to")
+    time_to_limit_s: float | None = None
+    explanation: str
+    as_of: str
+
+
+#: The minutes of ``resource_minute`` a memory forecast fits its line to.
+FORECAST_MINUTES = 60
+
+
 def _data(values: dict[str, float | int | None]) -> ResourceData:
     return ResourceData.model_validate(values)
 
@@ -193,15 +238,18 @@ def _data(values: dict[str, float | int | None]) -> ResourceData:
 class ResourceTools:
     """The answers behind the resource-monitor tools."""
 
-    def __init__(self, query: ResourceQuery, *, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, query: ResourceQuery, *, alerts: AlertTable | None = None,
+                 clock: Callable[[], float] = time.time) -> None:  # fmt: skip
         self.query = query
+        self.alerts = alerts
         self.clock = clock
 
     @classmethod
     def for_data_dir(cls, data_dir: str, *,
                      storage_options: dict[str, str] | None = None) -> ResourceTools:  # fmt: skip
-        """Tools over the resource tables under ``data_dir``."""
-        return cls(ResourceQuery(data_dir, storage_options=storage_options))
+        """Tools over the resource tables (and the alerts table) under ``data_dir``."""
+        alerts = AlertTable(f"{data_dir.rstrip('/')}/alerts", storage_options=storage_options)
+        return cls(ResourceQuery(data_dir, storage_options=storage_options), alerts=alerts)
 
     def now_ms(self) -> int:
         """Now, in ms since the epoch."""
@@ -270,6 +318,60 @@ class ResourceTools:
             bucket_seconds=bucket_ms // 1000, points=[Point(ts=iso(t), value=v) for t, v in points],
             summary=summarize(v for _, v in points),
             as_of=None if newest is None else iso(min(newest, end)),
+        )  # fmt: skip
+
+    def anomalies(self, container: str | None, since: str | None, status: str, limit: int,
+                  cursor: str | None = None) -> ResourceAlertList:  # fmt: skip
+        """``get_resource_anomalies``: the resource alerts (``kind`` ``resource`` of
+        ``get_anomalies``), ranked and paged the same way, each with its time to the limit."""
+        since_ms = parse_since(since, self.now_ms())
+        identity = self.resolve(container) if container else None
+        rows = [] if self.alerts is None else self.alerts.latest(since_ms).iter_rows(named=True)
+
+        def out(r: dict[str, Any]) -> ResourceAlert:
+            a = TelemetryTools.alert_out(r, {})
+            return ResourceAlert(**dict(a), time_to_limit_s=r.get("time_to_limit_s"))
+
+        return ranked_alerts("get_resource_anomalies", rows, out, kind="resource",
+                             identity=identity, severity=None, status=status, limit=limit,
+                             cursor=cursor, as_list=ResourceAlertList)  # fmt: skip
+
+    def forecast_memory(self, container: str) -> MemoryForecast:
+        """``forecast_memory``: the leak detector's line (:func:`~nettel.detect.resources.
+        fit_line`, its R² floor) through the last hour's per-minute peaks, carried on to
+        the newest limit: "reaches limit" (with ``time_to_limit_s``), "not growing" (a
+        slope of 0 or less, or a line that explains too little) or "no limit"."""
+        from nettel.detect.resources import ResourceSignals, fit_line
+
+        identity = self.resolve(container)
+        end = self.now_ms() + 60_000
+        start = end - (FORECAST_MINUTES + 1) * 60_000
+        _, points = self.query.series(identity, start, end, "memory_bytes", FORECAST_MINUTES + 1)
+        mem = [(t / 1000, v) for t, v in points if v is not None]
+        if len(mem) < 3:
+            raise ToolInputError(f"{identity!r} has {len(mem)} minute(s) of memory in the last "
+                                 "hour: a forecast needs 3; try again later")  # fmt: skip
+        stats = self.query.stats(start, end, containers=[identity])
+        limit = int(stats[0].values["memory_limit_bytes"] or 0) if stats else 0
+        slope, r2 = fit_line(mem)
+        now_bytes = int(mem[-1][1])
+        min_r2 = ResourceSignals().min_r2
+        eta: float | None = None
+        outlook: Outlook = "no limit"
+        if not limit:
+            why = "no memory limit: nothing to run into"
+        elif slope <= 0 or r2 < min_r2:
+            outlook = "not growing"
+            why = f"no steady rise (slope {slope:.3g} B/s, R² {r2:.2f}; a leak needs R² {min_r2})"
+        else:
+            outlook, eta = "reaches limit", max(0.0, (limit - now_bytes) / slope)
+            why = (f"memory rises {slope / (1 << 20):.3g} MiB/s (R² {r2:.2f}); at this pace "
+                   f"it reaches its limit of {limit} bytes in {eta:.0f} s")  # fmt: skip
+        return MemoryForecast(
+            container=identity, outlook=outlook, memory_bytes=now_bytes,
+            memory_limit_bytes=limit or None, slope_bytes_per_s=round(slope, 3),
+            r2=round(r2, 4), minutes=len(mem), time_to_limit_s=eta, explanation=why,
+            as_of=iso(min(int(mem[-1][0] * 1000) + 60_000, self.now_ms())),
         )  # fmt: skip
 
     def top_consumers(self, timeframe: Timeframe, resource: Resource, aggregation: Aggregation,
@@ -352,6 +454,24 @@ def build_resource_server(
         peak memory_bytes and pids, disk bytes per bucket; with min/max/avg/p95. Empty
         buckets left out."""
         return await _answer(lambda: tools.series(container, timeframe, metric, max_points))
+
+    @server.tool()
+    async def get_resource_anomalies(
+        container: Annotated[str | None, Field(description="only this container")] = None,
+        since: SinceArg = "24h",
+        status: StatusArg = "any",
+        limit: Limit50 = 10,
+        cursor: CursorArg = None,
+    ) -> ResourceAlertList:
+        """Memory leaks (with time_to_limit_s), OOM kills and CPU throttling, most severe
+        first, each with a one-line explanation."""
+        return await _answer(lambda: tools.anomalies(container, since, status, limit, cursor))
+
+    @server.tool()
+    async def forecast_memory(container: ContainerArg) -> MemoryForecast:
+        """When a container's memory reaches its limit at the last hour's pace (or "not
+        growing" / "no limit"), with the fitted slope."""
+        return await _answer(lambda: tools.forecast_memory(container))
 
     if processes is not None:
 

@@ -84,6 +84,8 @@ AggregationArg = Annotated[
     Aggregation, Field(description="sum: totals; avg/max/min: per-second mean/peak/lowest")
 ]
 CursorArg = Annotated[str | None, Field(description="'next' of the previous page")]
+SinceArg = Annotated[str | None, Field(description="ISO time (UTC) or duration back: 30m, 24h, 7d")]
+StatusArg = Annotated[Literal["open", "resolved", "any"], Field(description="")]
 
 
 Limit50 = Annotated[int, Field(ge=1, le=50, description="items per page, 1-50")]
@@ -278,13 +280,11 @@ def build_server(tools: TelemetryTools, data_dir: str | None = None) -> Telemetr
     @server.tool()
     async def get_anomalies(
         container: Annotated[str | None, Field(description="only this container")] = None,
-        since: Annotated[
-            str | None, Field(description="ISO time (UTC) or duration back: 30m, 24h, 7d")
-        ] = "24h",
+        since: SinceArg = "24h",
         severity: Annotated[
             Literal["info", "warning", "critical"] | None, Field(description="at least this")
         ] = None,
-        status: Annotated[Literal["open", "resolved", "any"], Field(description="")] = "any",
+        status: StatusArg = "any",
         limit: Limit100 = 10,
         cursor: CursorArg = None,
         kind: Annotated[

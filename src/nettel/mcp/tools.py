@@ -16,9 +16,9 @@ import difflib
 import json
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import msgspec
 from pydantic import BaseModel, Field, model_serializer
@@ -64,7 +64,7 @@ ACTIVE_WITHIN_MS = 3 * 60_000
 #: River), ``restart_container`` the audit rows of :mod:`nettel.mcp.actions`.
 RULE_KIND: dict[str, str] = {
     "memory_leak": "resource", "oom_kill": "resource", "cpu_throttling": "resource",
-    "restart_container": "action",
+    "restart_container": "action", "stop_container": "action",
 }  # fmt: skip
 AlertKind = Literal["network", "resource", "action", "any"]
 SEVERITY_RANK: dict[str, int] = {"info": 0, "warning": 1, "critical": 2}
@@ -907,7 +907,9 @@ class TelemetryTools:
         return list(self.alerts.latest(since_ms).iter_rows(named=True))
 
     @staticmethod
-    def _alert_out(r: dict[str, Any], verdicts: dict[str, str]) -> AlertOut:
+    def alert_out(r: dict[str, Any], verdicts: dict[str, str]) -> AlertOut:
+        """The answer of an alert row (``verdicts``: the verdicts marked, by alert id)."""
+
         def ms(t: Any) -> int:
             return int(t.timestamp() * 1000)
 
@@ -942,24 +944,10 @@ class TelemetryTools:
         since_ms = parse_since(since, self.now_ms())
         identity = self.resolve(container) if container else None
         verdicts = self._verdicts()
-        out = []
-        for r in self._alert_rows(since_ms):
-            if kind != "any" and RULE_KIND.get(r["rule"] or "", "network") != kind:
-                continue
-            a = self._alert_out(r, verdicts)
-            if identity is not None and a.container != identity:
-                continue
-            if severity is not None and SEVERITY_RANK[a.severity] < SEVERITY_RANK[severity]:
-                continue
-            if status != "any" and a.status != status:
-                continue
-            out.append(a)
-        out.sort(key=triage_key)
-        shown = page("get_anomalies", out, cursor, limit, size=lambda a: len(a.model_dump_json()))
-        return AlertList(alerts=shown.items,
-                         omitted=shown.total - shown.offset - len(shown.items),
-                         next=shown.next_cursor,
-                         hint=shown.hint("most severe first"))  # fmt: skip
+        return ranked_alerts("get_anomalies", self._alert_rows(since_ms),
+                             lambda r: self.alert_out(r, verdicts), kind=kind,
+                             identity=identity, severity=severity, status=status,
+                             limit=limit, cursor=cursor, as_list=AlertList)  # fmt: skip
 
     def _alert(self, alert_id: str) -> dict[str, Any]:
         alert_id = alert_id.strip()
@@ -973,7 +961,7 @@ class TelemetryTools:
     def explain(self, alert_id: str) -> AlertDetail:
         """``explain_anomaly``."""
         r = self._alert(alert_id)
-        a = self._alert_out(r, self._verdicts())
+        a = self.alert_out(r, self._verdicts())
         start = int(r["started"].timestamp() * 1000) - 30 * 60_000
         end_at = r["resolved"] or r["updated"]
         end = min(int(end_at.timestamp() * 1000) + 30 * 60_000, self.now_ms() + 60_000)
@@ -1157,6 +1145,45 @@ def _alert_records(tools: TelemetryTools, day: dt.date) -> list[Any] | None:
     base = tools.alerts.uri.rsplit("/", 1)[0]
     found = stored_alerts(base)(start, start + DAY_MS)
     return None if found is None else list(found)
+
+
+L = TypeVar("L", bound=AlertList)
+
+
+def ranked_alerts(
+    tool: str,
+    rows: Iterable[dict[str, Any]],
+    out: Callable[[dict[str, Any]], AlertOut],
+    *,
+    kind: str,
+    identity: str | None,
+    severity: str | None,
+    status: str,
+    limit: int,
+    cursor: str | None,
+    as_list: type[L],
+) -> L:
+    """The page ``cursor`` designates of the alert ``rows`` (latest versions, as
+    :meth:`~nettel.store.alerts.AlertTable.latest` gives them) of ``kind`` (``any``: all),
+    of container ``identity`` (None: any), at least ``severity``, of ``status`` (``any``:
+    both), each made an answer by ``out``, in :func:`triage_key` order and within the
+    answer budget; the list of tool ``tool`` (its cursors), as ``as_list``."""
+    found = []
+    for r in rows:
+        if kind != "any" and RULE_KIND.get(r["rule"] or "", "network") != kind:
+            continue
+        a = out(r)
+        if identity is not None and a.container != identity:
+            continue
+        if severity is not None and SEVERITY_RANK[a.severity] < SEVERITY_RANK[severity]:
+            continue
+        if status != "any" and a.status != status:
+            continue
+        found.append(a)
+    found.sort(key=triage_key)
+    shown = page(tool, found, cursor, limit, size=lambda a: len(a.model_dump_json()))
+    return as_list(alerts=shown.items, omitted=shown.total - shown.offset - len(shown.items),
+                   next=shown.next_cursor, hint=shown.hint("most severe first"))  # fmt: skip
 
 
 def parse_since(since: str | None, now_ms: int) -> int | None:
